@@ -1,0 +1,234 @@
+//! [`Engine`]: a loaded model with its tokenizer, chat format and fingerprint.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::{EngineError, Result};
+use crate::generate::{GenerateParams, Generation, generate};
+use crate::gguf::{GgufFile, ModelFingerprint};
+use crate::kv::{KvCache, KvRange};
+use crate::models::llama::{Llama, LlamaConfig, Logits};
+use crate::tokenizer::Tokenizer;
+
+/// Where the engine computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The CPU (always available).
+    #[default]
+    Cpu,
+    /// A CUDA GPU by ordinal; needs the `cuda` feature.
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// The candle device, or an error when this build cannot use it.
+    pub fn device(&self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(ordinal) => Ok(Device::new_cuda(*ordinal)?),
+            #[cfg(not(feature = "cuda"))]
+            Self::Cuda(_) => Err(EngineError::UnsupportedFeature(
+                "CUDA device requested but this build has no `cuda` feature".into(),
+            )),
+        }
+    }
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// Where to compute.
+    pub device: DeviceChoice,
+    /// Compute dtype; f32 when unset (CPU matrix kernels are fastest in f32).
+    pub dtype: Option<DTypeChoice>,
+}
+
+/// Compute precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DTypeChoice {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl From<DTypeChoice> for DType {
+    fn from(d: DTypeChoice) -> Self {
+        match d {
+            DTypeChoice::F32 => DType::F32,
+            DTypeChoice::F16 => DType::F16,
+            DTypeChoice::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// A loaded model ready to prefill and generate.
+#[derive(Debug)]
+pub struct Engine {
+    model: Llama,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    fingerprint: ModelFingerprint,
+    path: PathBuf,
+}
+
+/// The result of [`Engine::complete`]: the generation and where the time went.
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// What was generated.
+    pub generation: Generation,
+    /// Time to the first token: prefill of the whole prompt plus the first sample.
+    pub ttft: Duration,
+}
+
+impl Engine {
+    /// Loads a llama-family GGUF model.
+    pub fn load(path: impl AsRef<Path>, config: &EngineConfig) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let device = config.device.device()?;
+        let dtype = config.dtype.map(DType::from).unwrap_or(DType::F32);
+        let mut gguf = GgufFile::open(&path)?;
+        // Architecture and tokenizer first: an unsupported file fails before weights load.
+        LlamaConfig::from_gguf(&gguf)?;
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let template = ChatTemplate::detect(gguf.opt_string("tokenizer.chat_template"));
+        let fingerprint = gguf.fingerprint()?;
+        let model = Llama::load(&mut gguf, &device, dtype)?;
+        if tokenizer.vocab_size() > model.config().vocab_size {
+            return Err(EngineError::Tokenizer(format!(
+                "{} tokens but the model embeds only {}",
+                tokenizer.vocab_size(),
+                model.config().vocab_size
+            )));
+        }
+        tracing::info!(
+            path = %path.display(),
+            fingerprint = %fingerprint.short(),
+            layers = model.config().n_layers,
+            "model loaded"
+        );
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            fingerprint,
+            path,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat format.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// The model's fingerprint, which KV caches are tagged with.
+    pub fn fingerprint(&self) -> ModelFingerprint {
+        self.fingerprint
+    }
+
+    /// The GGUF file the model came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// An empty KV cache starting at position 0.
+    pub fn new_cache(&self) -> KvCache {
+        self.model.new_cache(0)
+    }
+
+    /// Tokenizes a conversation in the model's chat format, ready for the assistant's reply.
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, true);
+        let mut ids = Vec::new();
+        if self.tokenizer.add_bos()
+            && let Some(bos) = self.tokenizer.bos()
+        {
+            ids.push(bos);
+        }
+        ids.extend(self.tokenizer.encode(&text, true)?);
+        Ok(ids)
+    }
+
+    /// Appends `tokens` to `cache` in pieces of at most `chunk_size` tokens and returns the
+    /// logits of the last one. Equal, within float tolerance, to one pass over all of them.
+    pub fn prefill(&self, cache: &mut KvCache, tokens: &[u32], chunk_size: usize) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let needed = cache.next_position() + tokens.len();
+        let max = self.model.config().context_length;
+        if needed > max {
+            // Checked up front so a too-long prompt leaves the cache untouched.
+            return Err(EngineError::ContextOverflow { needed, max });
+        }
+        let chunk_size = chunk_size.max(1);
+        let mut logits = None;
+        let chunks: Vec<&[u32]> = tokens.chunks(chunk_size).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let want = if i + 1 == chunks.len() {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            logits = self.model.forward(chunk, cache, want)?;
+        }
+        logits.ok_or(EngineError::EmptyInput)
+    }
+
+    /// Appends a stored KV range to `cache`, moving its keys to the cache's next position.
+    pub fn import(&self, cache: &mut KvCache, range: &KvRange) -> Result<()> {
+        cache.import(range, self.model.rope())
+    }
+
+    /// Generates after a prefill; see [`generate`].
+    pub fn generate(
+        &self,
+        cache: &mut KvCache,
+        first_logits: &Tensor,
+        params: &GenerateParams,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        generate(&self.model, &self.tokenizer, cache, first_logits, params, on_text)
+    }
+
+    /// Prefills `prompt` (token ids) into a fresh cache and generates, measuring TTFT.
+    pub fn complete(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Completion> {
+        let started = Instant::now();
+        let mut cache = self.new_cache();
+        let logits = self.prefill(&mut cache, prompt, 512)?;
+        let ttft = started.elapsed();
+        let generation = self.generate(&mut cache, &logits, params, on_text)?;
+        Ok(Completion {
+            prompt_tokens: prompt.len(),
+            generation,
+            ttft,
+        })
+    }
+}

@@ -1,0 +1,292 @@
+//! Reading GGUF model files: metadata, tensors and the model fingerprint.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{EngineError, Result};
+
+/// An opened GGUF file whose header has been read and whose tensor data is known to be complete.
+pub struct GgufFile {
+    path: PathBuf,
+    reader: BufReader<File>,
+    content: Content,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("tensors", &self.content.tensor_infos.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Opens a GGUF file, reads its header and checks that every tensor's data lies inside it.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let io_err = |source| EngineError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(io_err)?;
+        let file_len = file.metadata().map_err(io_err)?.len();
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| EngineError::InvalidGguf {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        // Check all tensor extents up front: a truncated download must fail with a clear
+        // error before any weight is loaded, not halfway through with an I/O error.
+        let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+        infos.sort_by_key(|(_, info)| info.offset);
+        for (name, info) in infos {
+            let elems = info.shape.elem_count();
+            let block = info.ggml_dtype.block_size();
+            if !elems.is_multiple_of(block) {
+                return Err(EngineError::Tensor {
+                    name: name.clone(),
+                    reason: format!("{elems} elements is not a multiple of the block size {block}"),
+                });
+            }
+            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let end = content
+                .tensor_data_offset
+                .saturating_add(info.offset)
+                .saturating_add(bytes);
+            if end > file_len {
+                return Err(EngineError::Truncated {
+                    path,
+                    tensor: name.clone(),
+                    needed: end,
+                    actual: file_len,
+                });
+            }
+        }
+        Ok(Self {
+            path,
+            reader,
+            content,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The raw metadata value of `key`, if present.
+    pub fn metadata(&self, key: &str) -> Option<&Value> {
+        self.content.metadata.get(key)
+    }
+
+    fn required(&self, key: &str) -> Result<&Value> {
+        self.metadata(key).ok_or_else(|| EngineError::Metadata {
+            key: key.to_string(),
+            reason: "missing".into(),
+        })
+    }
+
+    /// A required string value.
+    pub fn string(&self, key: &str) -> Result<&str> {
+        self.required(key)?
+            .to_string()
+            .map(String::as_str)
+            .map_err(|e| metadata_error(key, e))
+    }
+
+    /// An optional string value.
+    pub fn opt_string(&self, key: &str) -> Option<&str> {
+        self.metadata(key)?.to_string().ok().map(String::as_str)
+    }
+
+    /// A required unsigned integer value (any integer width is accepted).
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        value_as_u64(self.required(key)?)
+            .map(|v| v as usize)
+            .ok_or_else(|| metadata_error(key, "not an unsigned integer"))
+    }
+
+    /// An optional unsigned integer value.
+    pub fn opt_usize(&self, key: &str) -> Option<usize> {
+        self.metadata(key).and_then(value_as_u64).map(|v| v as usize)
+    }
+
+    /// An optional float value (f32 or f64).
+    pub fn opt_f64(&self, key: &str) -> Option<f64> {
+        match self.metadata(key)? {
+            Value::F32(v) => Some(*v as f64),
+            Value::F64(v) => Some(*v),
+            other => value_as_u64(other).map(|v| v as f64),
+        }
+    }
+
+    /// An optional boolean value.
+    pub fn opt_bool(&self, key: &str) -> Option<bool> {
+        self.metadata(key)?.to_bool().ok()
+    }
+
+    /// A required array value.
+    pub fn array(&self, key: &str) -> Result<&[Value]> {
+        self.required(key)?
+            .to_vec()
+            .map(Vec::as_slice)
+            .map_err(|e| metadata_error(key, e))
+    }
+
+    /// Whether the file has a tensor called `name`.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// The shape of tensor `name` in candle's (row-major) order.
+    pub fn tensor_dims(&self, name: &str) -> Result<Vec<usize>> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|info| info.shape.dims().to_vec())
+            .ok_or_else(|| EngineError::Tensor {
+                name: name.to_string(),
+                reason: "missing".into(),
+            })
+    }
+
+    /// Loads tensor `name`, dequantized to `dtype` on `device`.
+    pub fn dequantized(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
+        if !self.has_tensor(name) {
+            return Err(EngineError::Tensor {
+                name: name.to_string(),
+                reason: "missing".into(),
+            });
+        }
+        let qtensor = self
+            .content
+            .tensor(&mut self.reader, name, device)
+            .map_err(|e| EngineError::Tensor {
+                name: name.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(qtensor.dequantize(device)?.to_dtype(dtype)?)
+    }
+
+    /// A hash identifying the model: its metadata that shapes computation and all of its
+    /// tensor data. Two files with equal fingerprints produce the same KV caches.
+    pub fn fingerprint(&mut self) -> Result<ModelFingerprint> {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"ragcake-model-fingerprint-v1\0");
+        let mut keys: Vec<&String> = self
+            .content
+            .metadata
+            .keys()
+            // Names, licenses and the like do not change what the model computes.
+            .filter(|k| !k.starts_with("general.") && !k.starts_with("tokenizer.chat_template"))
+            .collect();
+        keys.sort();
+        for key in keys {
+            hasher.update(key.as_bytes());
+            hasher.update(&[0]);
+            hash_value(&mut hasher, &self.content.metadata[key]);
+        }
+        let mut infos: Vec<_> = self.content.tensor_infos.iter().collect();
+        infos.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, info) in &infos {
+            hasher.update(name.as_bytes());
+            hasher.update(&[0]);
+            hasher.update(format!("{:?}{:?}", info.ggml_dtype, info.shape.dims()).as_bytes());
+        }
+        // The tensor data region, in file order.
+        let io_err = |source| EngineError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.reader
+            .seek(SeekFrom::Start(self.content.tensor_data_offset))
+            .map_err(io_err)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = self.reader.read(&mut buf).map_err(io_err)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(ModelFingerprint(*hasher.finalize().as_bytes()))
+    }
+}
+
+fn metadata_error(key: &str, reason: impl std::fmt::Display) -> EngineError {
+    EngineError::Metadata {
+        key: key.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn value_as_u64(value: &Value) -> Option<u64> {
+    match value {
+        Value::U8(v) => Some(*v as u64),
+        Value::U16(v) => Some(*v as u64),
+        Value::U32(v) => Some(*v as u64),
+        Value::U64(v) => Some(*v),
+        Value::I8(v) => u64::try_from(*v).ok(),
+        Value::I16(v) => u64::try_from(*v).ok(),
+        Value::I32(v) => u64::try_from(*v).ok(),
+        Value::I64(v) => u64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+fn hash_value(hasher: &mut blake3::Hasher, value: &Value) {
+    match value {
+        Value::U8(v) => hasher.update(&v.to_le_bytes()),
+        Value::I8(v) => hasher.update(&v.to_le_bytes()),
+        Value::U16(v) => hasher.update(&v.to_le_bytes()),
+        Value::I16(v) => hasher.update(&v.to_le_bytes()),
+        Value::U32(v) => hasher.update(&v.to_le_bytes()),
+        Value::I32(v) => hasher.update(&v.to_le_bytes()),
+        Value::U64(v) => hasher.update(&v.to_le_bytes()),
+        Value::I64(v) => hasher.update(&v.to_le_bytes()),
+        Value::F32(v) => hasher.update(&v.to_le_bytes()),
+        Value::F64(v) => hasher.update(&v.to_le_bytes()),
+        Value::Bool(v) => hasher.update(&[*v as u8]),
+        Value::String(v) => hasher.update(v.as_bytes()).update(&[0]),
+        Value::Array(values) => {
+            hasher.update(&(values.len() as u64).to_le_bytes());
+            for v in values {
+                hash_value(hasher, v);
+            }
+            hasher
+        }
+    };
+}
+
+/// A 32-byte hash identifying a model's weights and architecture; KV caches are tagged with it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModelFingerprint(pub [u8; 32]);
+
+impl ModelFingerprint {
+    /// Lower-case hex form.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The first 16 hex digits, enough to tell models apart in logs and paths.
+    pub fn short(&self) -> String {
+        self.to_hex()[..16].to_string()
+    }
+}
+
+impl std::fmt::Debug for ModelFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ModelFingerprint({})", self.short())
+    }
+}
+
+impl std::fmt::Display for ModelFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}

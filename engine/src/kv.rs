@@ -1,0 +1,323 @@
+//! The KV cache: per-layer keys and values that can be appended to, exported and imported.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{EngineError, Result};
+use crate::rope::Rope;
+
+/// The dimensions of a model's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KvShape {
+    /// Transformer layers.
+    pub n_layers: usize,
+    /// Key/value heads per layer.
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Values stored per token: layers × (K and V) × heads × head width.
+    pub fn values_per_token(&self) -> usize {
+        self.n_layers * 2 * self.n_kv_heads * self.head_dim
+    }
+}
+
+/// Keys and values of a contiguous run of positions, detached from any cache.
+///
+/// Each layer holds `(k, v)`, both `[n_kv_heads, tokens, head_dim]`. Keys are rotated for the
+/// positions `base_position..base_position + len`.
+#[derive(Debug, Clone)]
+pub struct KvRange {
+    base_position: usize,
+    len: usize,
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvRange {
+    /// Builds a range from per-layer `(k, v)` tensors, checking that their shapes agree.
+    pub fn new(base_position: usize, layers: Vec<(Tensor, Tensor)>) -> Result<Self> {
+        let first = layers
+            .first()
+            .ok_or_else(|| EngineError::KvMismatch("a KV range needs at least one layer".into()))?;
+        let dims = first.0.dims3()?;
+        for (i, (k, v)) in layers.iter().enumerate() {
+            if k.dims() != [dims.0, dims.1, dims.2] || v.dims() != [dims.0, dims.1, dims.2] {
+                return Err(EngineError::KvMismatch(format!(
+                    "layer {i}: k {:?} / v {:?} differ from layer 0's {:?}",
+                    k.dims(),
+                    v.dims(),
+                    dims
+                )));
+            }
+        }
+        Ok(Self {
+            base_position,
+            len: dims.1,
+            layers,
+        })
+    }
+
+    /// Position of the first token.
+    pub fn base_position(&self) -> usize {
+        self.base_position
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the range holds no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The per-layer `(k, v)` tensors.
+    pub fn layers(&self) -> &[(Tensor, Tensor)] {
+        &self.layers
+    }
+
+    /// Consumes the range, returning its per-layer `(k, v)` tensors.
+    pub fn into_layers(self) -> Vec<(Tensor, Tensor)> {
+        self.layers
+    }
+
+    /// The cache shape this range fits.
+    pub fn shape(&self) -> KvShape {
+        let (n_kv_heads, _, head_dim) = self.layers[0].0.dims3().unwrap_or((0, 0, 0));
+        KvShape {
+            n_layers: self.layers.len(),
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    /// The element type of the tensors.
+    pub fn dtype(&self) -> DType {
+        self.layers[0].0.dtype()
+    }
+
+    /// Bytes held by the tensors.
+    pub fn bytes(&self) -> usize {
+        self.shape().values_per_token() * self.len * self.dtype().size_in_bytes()
+    }
+
+    /// The same range with its tensors converted to `dtype` (f16 for storage, say).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            layers,
+            ..self.clone()
+        })
+    }
+
+    /// The same range with its keys re-rotated to start at `position`.
+    pub fn moved_to(&self, position: usize, rope: &Rope) -> Result<Self> {
+        let delta = position as i64 - self.base_position as i64;
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((rope.shift(k, delta)?, v.clone())))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            base_position: position,
+            len: self.len,
+            layers,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerBuffer {
+    /// `[n_kv_heads, capacity, head_dim]`; slots `len..capacity` are unused.
+    k: Tensor,
+    v: Tensor,
+}
+
+/// A model's KV cache for one sequence: a contiguous run of positions starting at
+/// `base_position`, stored in buffers that grow geometrically so appending is amortised O(1).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    shape: KvShape,
+    dtype: DType,
+    device: Device,
+    base_position: usize,
+    len: usize,
+    capacity: usize,
+    layers: Vec<LayerBuffer>,
+}
+
+const MIN_CAPACITY: usize = 256;
+
+impl KvCache {
+    /// An empty cache whose first token will sit at `base_position`.
+    pub fn new(shape: KvShape, base_position: usize, dtype: DType, device: &Device) -> Self {
+        Self {
+            shape,
+            dtype,
+            device: device.clone(),
+            base_position,
+            len: 0,
+            capacity: 0,
+            layers: Vec::new(),
+        }
+    }
+
+    /// The cache's dimensions.
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
+    /// The element type of the stored keys and values.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the cache lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Position of the first token.
+    pub fn base_position(&self) -> usize {
+        self.base_position
+    }
+
+    /// Position the next appended token will take.
+    pub fn next_position(&self) -> usize {
+        self.base_position + self.len
+    }
+
+    /// Bytes of keys and values held by the tokens in the cache.
+    pub fn bytes_used(&self) -> usize {
+        self.len * self.shape.values_per_token() * self.dtype.size_in_bytes()
+    }
+
+    /// Bytes allocated, used or not.
+    pub fn bytes_reserved(&self) -> usize {
+        self.capacity * self.shape.values_per_token() * self.dtype.size_in_bytes()
+    }
+
+    /// Makes room for `additional` more tokens without reallocating on the way.
+    pub fn reserve(&mut self, additional: usize) -> Result<()> {
+        let needed = self.len + additional;
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        let capacity = needed.max(self.capacity * 2).max(MIN_CAPACITY);
+        let dims = (self.shape.n_kv_heads, capacity, self.shape.head_dim);
+        let mut layers = Vec::with_capacity(self.shape.n_layers);
+        for i in 0..self.shape.n_layers {
+            let k = Tensor::zeros(dims, self.dtype, &self.device)?;
+            let v = Tensor::zeros(dims, self.dtype, &self.device)?;
+            if self.len > 0 {
+                let old = &self.layers[i];
+                k.slice_set(&old.k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                v.slice_set(&old.v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            }
+            layers.push(LayerBuffer { k, v });
+        }
+        self.layers = layers;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Writes `k`, `v` (`[n_kv_heads, tokens, head_dim]`) of `layer` into the slots after the
+    /// committed tokens and returns views of keys and values up to and including them.
+    /// The tokens count only once [`KvCache::commit`] is called after the last layer.
+    pub(crate) fn write_layer(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let tokens = k.dim(1)?;
+        self.reserve(tokens)?;
+        let buf = &self.layers[layer];
+        buf.k.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
+        buf.v.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
+        let total = self.len + tokens;
+        Ok((buf.k.narrow(1, 0, total)?, buf.v.narrow(1, 0, total)?))
+    }
+
+    /// Counts `tokens` written by [`KvCache::write_layer`] into every layer.
+    pub(crate) fn commit(&mut self, tokens: usize) {
+        self.len += tokens;
+    }
+
+    /// Views `[n_kv_heads, len, head_dim]` of one layer's keys and values.
+    pub fn layer(&self, layer: usize) -> Result<(Tensor, Tensor)> {
+        if self.len == 0 {
+            return Err(EngineError::EmptyInput);
+        }
+        let buf = self.layers.get(layer).ok_or_else(|| {
+            EngineError::KvMismatch(format!("layer {layer} of {}", self.shape.n_layers))
+        })?;
+        Ok((buf.k.narrow(1, 0, self.len)?, buf.v.narrow(1, 0, self.len)?))
+    }
+
+    /// Copies out the tokens in `range` (indices into this cache, not positions).
+    pub fn export(&self, range: Range<usize>) -> Result<KvRange> {
+        if range.start >= range.end || range.end > self.len {
+            return Err(EngineError::KvMismatch(format!(
+                "cannot export {range:?} from a cache of {} tokens",
+                self.len
+            )));
+        }
+        let n = range.end - range.start;
+        // `copy` so the exported tensors never alias buffers a later write may reuse.
+        let layers = self
+            .layers
+            .iter()
+            .map(|b| Ok((b.k.narrow(1, range.start, n)?.copy()?, b.v.narrow(1, range.start, n)?.copy()?)))
+            .collect::<Result<Vec<_>>>()?;
+        KvRange::new(self.base_position + range.start, layers)
+    }
+
+    /// Appends `range` at [`KvCache::next_position`], re-rotating its keys by the position
+    /// difference when it was computed elsewhere (a position-independent chunk cache).
+    pub fn import(&mut self, range: &KvRange, rope: &Rope) -> Result<()> {
+        if range.shape() != self.shape {
+            return Err(EngineError::KvMismatch(format!(
+                "range shape {:?} does not match cache shape {:?}",
+                range.shape(),
+                self.shape
+            )));
+        }
+        let moved;
+        let range = if range.base_position() == self.next_position() {
+            range
+        } else {
+            moved = range.moved_to(self.next_position(), rope)?;
+            &moved
+        };
+        self.reserve(range.len())?;
+        for (i, (k, v)) in range.layers().iter().enumerate() {
+            self.write_layer(i, k, v)?;
+        }
+        self.commit(range.len());
+        Ok(())
+    }
+
+    /// Drops every token from index `len` on, keeping the buffers for reuse.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}

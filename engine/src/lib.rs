@@ -1,0 +1,34 @@
+//! ragcake's inference engine: llama-family models from GGUF on candle, with a KV cache that
+//! can be computed in chunks at explicit positions, exported, stored, imported (re-rotated
+//! to a new position when needed) and continued from.
+//!
+//! ```no_run
+//! use ragcake_engine::{ChatMessage, Engine, EngineConfig, GenerateParams, Role};
+//! # fn main() -> Result<(), ragcake_engine::EngineError> {
+//! let engine = Engine::load("SmolLM2-135M-Instruct.Q4_1.gguf", &EngineConfig::default())?;
+//! let prompt = engine.chat_tokens(&[ChatMessage::new(Role::User, "What is the capital of France?")])?;
+//! let done = engine.complete(&prompt, &GenerateParams::default(), |_| std::ops::ControlFlow::Continue(()))?;
+//! println!("{} (TTFT {:?})", done.generation.text, done.ttft);
+//! # Ok(()) }
+//! ```
+
+pub mod chat;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod kv;
+pub mod models;
+pub mod rope;
+pub mod tokenizer;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use engine::{Completion, DTypeChoice, DeviceChoice, Engine, EngineConfig};
+pub use error::{EngineError, Result};
+pub use generate::{FinishReason, GenerateParams, Generation, Sampler, Sampling};
+pub use gguf::{GgufFile, ModelFingerprint};
+pub use kv::{KvCache, KvRange, KvShape};
+pub use models::llama::{Llama, LlamaConfig, Logits};
+pub use rope::Rope;
+pub use tokenizer::{StreamDecoder, TokenKind, Tokenizer};

@@ -1,0 +1,3 @@
+//! Model implementations, one family per file.
+
+pub mod llama;

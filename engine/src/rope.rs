@@ -1,0 +1,106 @@
+//! Rotary position embeddings (interleaved pairs, as GGUF llama weights expect).
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Precomputed rotation tables for positions `0..max_positions`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// Angular frequency of each rotated pair, already divided by any scaling factors.
+    inv_freq: Vec<f64>,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+}
+
+impl Rope {
+    /// Builds tables for `head_dim`-wide heads with base `theta`, optional per-pair frequency
+    /// factors (llama 3 style `rope_freqs`) and a linear position scale (positions are divided
+    /// by `linear_scale`).
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        freq_factors: Option<&[f32]>,
+        linear_scale: f64,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| {
+                let base = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+                let factor = freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0) as f64;
+                base / factor / linear_scale
+            })
+            .collect();
+        let (cos, sin) = Self::angles(&inv_freq, (0..max_positions).map(|p| p as f64))?;
+        let shape = (max_positions, half);
+        Ok(Self {
+            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+            inv_freq,
+            dtype,
+        })
+    }
+
+    /// cos and sin of `position × inv_freq` for each position, row-major, computed in f64.
+    fn angles(
+        inv_freq: &[f64],
+        positions: impl Iterator<Item = f64>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut cos = Vec::new();
+        let mut sin = Vec::new();
+        for p in positions {
+            for f in inv_freq {
+                let (s, c) = (p * f).sin_cos();
+                cos.push(c as f32);
+                sin.push(s as f32);
+            }
+        }
+        Ok((cos, sin))
+    }
+
+    /// Number of positions the tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// Rotates `xs` of shape `[tokens, heads, head_dim]`; token `i` is at position `start + i`.
+    pub fn apply(&self, xs: &Tensor, start: usize) -> Result<Tensor> {
+        let (tokens, heads, head_dim) = xs.dims3()?;
+        let cos = self.cos.narrow(0, start, tokens)?.unsqueeze(1)?;
+        let sin = self.sin.narrow(0, start, tokens)?.unsqueeze(1)?;
+        // Viewed as (batch = tokens, heads, 1, head_dim) so every token gets its own row.
+        let xs = xs.contiguous()?.reshape((tokens, heads, 1, head_dim))?;
+        let out = candle_nn::rotary_emb::rope_i(&xs, &cos, &sin)?;
+        Ok(out.reshape((tokens, heads, head_dim))?)
+    }
+
+    /// Moves keys of shape `[heads, tokens, head_dim]` by `delta` positions: a key rotated for
+    /// position `p` becomes the key for position `p + delta` (R(p + d) = R(d)·R(p)).
+    pub fn shift(&self, keys: &Tensor, delta: i64) -> Result<Tensor> {
+        if delta == 0 {
+            return Ok(keys.clone());
+        }
+        let (heads, tokens, head_dim) = keys.dims3()?;
+        let (cos, sin) = Self::angles(&self.inv_freq, std::iter::once(delta as f64))?;
+        let device = keys.device();
+        let half = head_dim / 2;
+        let cos = Tensor::from_vec(cos, (1, half), device)?
+            .to_dtype(self.dtype)?
+            .broadcast_as((tokens, half))?
+            .contiguous()?;
+        let sin = Tensor::from_vec(sin, (1, half), device)?
+            .to_dtype(self.dtype)?
+            .broadcast_as((tokens, half))?
+            .contiguous()?;
+        let keys = keys
+            .to_dtype(self.dtype)?
+            .contiguous()?
+            .reshape((1, heads, tokens, head_dim))?;
+        let out = candle_nn::rotary_emb::rope_i(&keys, &cos, &sin)?;
+        Ok(out.reshape((heads, tokens, head_dim))?)
+    }
+}

