@@ -68,11 +68,12 @@ impl ChatTemplate {
             return Self::Plain;
         };
         if t.contains("<|im_start|>") {
-            const MARK: &str = "<|im_start|>system\\n";
-            let default_system = t.find(MARK).and_then(|at| {
-                let rest = &t[at + MARK.len()..];
-                rest.find("<|im_end|>").map(|end| rest[..end].to_string())
-            });
+            // The template's default system prompt, written with a real or an escaped newline.
+            let default_system = ["<|im_start|>system\n", "<|im_start|>system\\n"]
+                .iter()
+                .find_map(|mark| t.find(mark).map(|at| &t[at + mark.len()..]))
+                .and_then(|rest| rest.find("<|im_end|>").map(|end| rest[..end].to_string()))
+                .filter(|s| !s.contains("{{") && !s.contains("{%") && !s.contains("message"));
             Self::ChatMl { default_system }
         } else if t.contains("<|start_header_id|>") {
             Self::Llama3

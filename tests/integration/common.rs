@@ -1,0 +1,69 @@
+//! Shared fixtures: the default model, loaded once per test binary.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use ragcake::engine::{Engine, EngineConfig, Tensor};
+use ragcake::models::{ModelCache, SMOLLM2};
+
+/// Path of the default GGUF model (`RAGCAKE_MODEL` overrides it).
+pub fn model_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("RAGCAKE_MODEL") {
+        return PathBuf::from(path);
+    }
+    ModelCache::default()
+        .require(&SMOLLM2)
+        .unwrap_or_else(|e| panic!("{e} (the test script fetches it)"))
+}
+
+/// The default model, loaded on first use and shared by every test.
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| Engine::load(model_path(), &EngineConfig::default()).expect("load model"))
+}
+
+/// A few hundred tokens of ordinary English prose.
+pub fn prose_tokens(min_tokens: usize) -> Vec<u32> {
+    const TEXT: &str = "The history of the lighthouse is a history of coastal trade. Before \
+        electric lamps, keepers trimmed wicks through the night, and a lens the size of a \
+        small room gathered the flame into a beam that ships could see twenty miles out. \
+        Each light had its own rhythm of flashes so that a navigator could tell one headland \
+        from the next. When radio beacons arrived, many towers were automated, and the \
+        keepers' cottages became museums, guest houses or ruins. ";
+    let tokenizer = engine().tokenizer();
+    let mut tokens = Vec::new();
+    while tokens.len() < min_tokens {
+        tokens.extend(tokenizer.encode(TEXT, false).unwrap());
+    }
+    tokens.truncate(min_tokens);
+    tokens
+}
+
+/// Largest absolute element-wise difference of two tensors of equal shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(ragcake::engine::DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(ragcake::engine::DType::F32).unwrap().flatten_all().unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Largest absolute value of a tensor (for relative tolerances).
+pub fn max_abs(a: &Tensor) -> f32 {
+    a.to_dtype(ragcake::engine::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

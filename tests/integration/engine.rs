@@ -1,0 +1,344 @@
+//! The engine on the real model: chunked prefill, KV export/import, RoPE shifts,
+//! generation and bad input.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+
+use ragcake::engine::{
+    ChatMessage, Engine, EngineConfig, EngineError, GenerateParams, GgufFile, Logits, Role,
+    Sampling, Tensor,
+};
+
+use crate::common::{engine, max_abs, max_abs_diff, model_path, prose_tokens};
+
+/// Logits of SmolLM2 span roughly ±30; f32 prefill in different chunkings reorders sums, so
+/// results agree to about 1e-4. 2e-3 is tight enough that any real mistake (a wrong position,
+/// a missing key, a mask off by one) shows up as differences of 0.1 or more.
+const LOGIT_TOLERANCE: f32 = 2e-3;
+
+fn one_shot_logits(tokens: &[u32]) -> Tensor {
+    let engine = engine();
+    let mut cache = engine.new_cache();
+    engine
+        .model()
+        .forward(tokens, &mut cache, Logits::All)
+        .unwrap()
+        .unwrap()
+}
+
+#[test]
+fn chunked_prefill_gives_the_same_logits_as_one_shot_prefill() {
+    let engine = engine();
+    let tokens = prose_tokens(300);
+    let reference = one_shot_logits(&tokens);
+    for chunk in [1, 7, 64, 100, 256] {
+        // Chunk size 1 is token-by-token decoding: checked over the last 24 tokens only.
+        let (prefix, checked) = if chunk == 1 { (276, 276) } else { (0, 0) };
+        let mut cache = engine.new_cache();
+        if prefix > 0 {
+            engine.model().forward(&tokens[..prefix], &mut cache, Logits::None).unwrap();
+        }
+        let mut rows = Vec::new();
+        for piece in tokens[prefix..].chunks(chunk) {
+            rows.push(engine.model().forward(piece, &mut cache, Logits::All).unwrap().unwrap());
+        }
+        let chunked = Tensor::cat(&rows, 0).unwrap();
+        let diff = max_abs_diff(&chunked, &reference.narrow(0, checked, 300 - checked).unwrap());
+        assert!(diff < LOGIT_TOLERANCE, "chunk {chunk}: max |Δlogit| = {diff}");
+        assert_eq!(cache.len(), 300);
+    }
+    // Engine::prefill returns the last position's logits.
+    let mut cache = engine.new_cache();
+    let last = engine.prefill(&mut cache, &tokens, 128).unwrap();
+    let diff = max_abs_diff(&last, &reference.get(299).unwrap());
+    assert!(diff < LOGIT_TOLERANCE, "prefill: {diff}");
+}
+
+#[test]
+fn long_context_prefill_in_chunks_matches_one_shot_at_the_end() {
+    // Past several attention query blocks, so block boundaries and masks are exercised.
+    let engine = engine();
+    let tokens = prose_tokens(1100);
+    let mut one = engine.new_cache();
+    let reference = engine.prefill(&mut one, &tokens, tokens.len()).unwrap();
+    let mut chunked = engine.new_cache();
+    let logits = engine.prefill(&mut chunked, &tokens, 333).unwrap();
+    let diff = max_abs_diff(&logits, &reference);
+    assert!(diff < LOGIT_TOLERANCE, "max |Δlogit| = {diff}");
+}
+
+#[test]
+fn exported_and_imported_kv_continues_with_the_same_logits() {
+    let engine = engine();
+    let tokens = prose_tokens(200);
+    let next = prose_tokens(210)[200..].to_vec();
+    let mut original = engine.new_cache();
+    engine.prefill(&mut original, &tokens, 64).unwrap();
+
+    // Export [0, 120) and [120, 200) separately and rebuild a fresh cache from them.
+    let head = original.export(0..120).unwrap();
+    let tail = original.export(120..200).unwrap();
+    assert_eq!((head.base_position(), head.len()), (0, 120));
+    assert_eq!((tail.base_position(), tail.len()), (120, 80));
+    assert_eq!(
+        tail.bytes(),
+        80 * engine.model().config().kv_shape().values_per_token() * 4
+    );
+    let mut rebuilt = engine.new_cache();
+    engine.import(&mut rebuilt, &head).unwrap();
+    engine.import(&mut rebuilt, &tail).unwrap();
+    assert_eq!(rebuilt.len(), 200);
+
+    let expected = engine.model().forward(&next, &mut original, Logits::All).unwrap().unwrap();
+    let got = engine.model().forward(&next, &mut rebuilt, Logits::All).unwrap().unwrap();
+    assert_eq!(max_abs_diff(&expected, &got), 0.0, "same KV must give identical logits");
+}
+
+#[test]
+fn kv_round_trip_through_f16_stays_close() {
+    // Stored caches are f16: continuing from them must stay close to the f32 original.
+    let engine = engine();
+    let tokens = prose_tokens(150);
+    let mut original = engine.new_cache();
+    engine.prefill(&mut original, &tokens, 150).unwrap();
+    let stored = original
+        .export(0..150)
+        .unwrap()
+        .to_dtype(ragcake::engine::DType::F16)
+        .unwrap();
+    let mut rebuilt = engine.new_cache();
+    engine.import(&mut rebuilt, &stored).unwrap();
+    let q = engine.tokenizer().encode(" The keepers", false).unwrap();
+    let a = engine.model().forward(&q, &mut original, Logits::Last).unwrap().unwrap();
+    let b = engine.model().forward(&q, &mut rebuilt, Logits::Last).unwrap().unwrap();
+    let diff = max_abs_diff(&a, &b);
+    assert!(diff < 0.15, "f16 storage moved logits by {diff}");
+    assert_eq!(argmax(&a), argmax(&b));
+}
+
+fn argmax(t: &Tensor) -> u32 {
+    t.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+#[test]
+fn chunk_computed_at_zero_and_moved_to_p_has_the_keys_of_the_chunk_computed_at_p() {
+    let engine = engine();
+    let chunk = prose_tokens(96);
+    for p in [1usize, 37, 500, 4000] {
+        let mut at_zero = engine.model().new_cache(0);
+        engine.model().forward(&chunk, &mut at_zero, Logits::None).unwrap();
+        let mut at_p = engine.model().new_cache(p);
+        engine.model().forward(&chunk, &mut at_p, Logits::None).unwrap();
+
+        let mut moved = engine.model().new_cache(p);
+        engine.import(&mut moved, &at_zero.export(0..96).unwrap()).unwrap();
+        for layer in [0, 14, 29] {
+            let (k_moved, v_moved) = moved.layer(layer).unwrap();
+            let (k_direct, v_direct) = at_p.layer(layer).unwrap();
+            let scale = max_abs(&k_direct).max(1.0);
+            let dk = max_abs_diff(&k_moved, &k_direct) / scale;
+            let dv = max_abs_diff(&v_moved, &v_direct) / max_abs(&v_direct).max(1.0);
+            assert!(dk < 1e-3, "p={p} layer {layer}: relative key error {dk}");
+            assert!(dv < 1e-3, "p={p} layer {layer}: relative value error {dv}");
+        }
+    }
+    // And the moved cache is not simply the unmoved one: the rotation did something.
+    let mut at_zero = engine.model().new_cache(0);
+    engine.model().forward(&chunk, &mut at_zero, Logits::None).unwrap();
+    let mut at_p = engine.model().new_cache(500);
+    engine.model().forward(&chunk, &mut at_p, Logits::None).unwrap();
+    let d = max_abs_diff(&at_zero.layer(0).unwrap().0, &at_p.layer(0).unwrap().0);
+    assert!(d > 0.1, "keys at 0 and 500 should differ, max diff {d}");
+}
+
+#[test]
+fn greedy_generation_answers_a_factual_question() {
+    let engine = engine();
+    let prompt = engine
+        .chat_tokens(&[ChatMessage::new(Role::User, "What is the capital of France?")])
+        .unwrap();
+    let mut streamed = String::new();
+    let done = engine
+        .complete(&prompt, &GenerateParams::default(), |piece| {
+            streamed += piece;
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert!(done.generation.text.contains("Paris"), "{:?}", done.generation.text);
+    assert_eq!(streamed, done.generation.text);
+    assert_eq!(done.generation.finish_reason, ragcake::engine::FinishReason::Stop);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_max_tokens_is_honoured() {
+    let engine = engine();
+    let prompt = engine
+        .chat_tokens(&[ChatMessage::new(Role::User, "Write a sentence about the sea.")])
+        .unwrap();
+    let params = |seed| GenerateParams {
+        max_tokens: 12,
+        sampling: Sampling {
+            temperature: 0.9,
+            top_p: 0.9,
+            seed,
+        },
+        stop_tokens: Vec::new(),
+    };
+    let run = |seed| {
+        engine
+            .complete(&prompt, &params(seed), |_| ControlFlow::Continue(()))
+            .unwrap()
+            .generation
+    };
+    let a = run(42);
+    let b = run(42);
+    assert_eq!(a.tokens, b.tokens);
+    assert!(a.tokens.len() <= 12);
+    let others: Vec<_> = (0..4).map(|s| run(1000 + s).tokens).collect();
+    assert!(others.iter().any(|t| *t != a.tokens), "different seeds all gave {:?}", a.text);
+}
+
+#[test]
+fn streaming_callback_can_stop_generation() {
+    let engine = engine();
+    let prompt = engine
+        .chat_tokens(&[ChatMessage::new(Role::User, "Count from one to twenty.")])
+        .unwrap();
+    let mut pieces = 0;
+    let done = engine
+        .complete(&prompt, &GenerateParams::default(), |_| {
+            pieces += 1;
+            if pieces == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        })
+        .unwrap();
+    assert_eq!(done.generation.finish_reason, ragcake::engine::FinishReason::Cancelled);
+    assert_eq!(pieces, 3);
+}
+
+#[test]
+fn empty_prompt_is_a_typed_error() {
+    let engine = engine();
+    let mut cache = engine.new_cache();
+    assert!(matches!(engine.prefill(&mut cache, &[], 64), Err(EngineError::EmptyInput)));
+    assert!(matches!(
+        engine.model().forward(&[], &mut cache, Logits::Last),
+        Err(EngineError::EmptyInput)
+    ));
+    assert!(cache.is_empty());
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_a_typed_error_and_leaves_the_cache_alone() {
+    let engine = engine();
+    let context = engine.model().config().context_length;
+    let mut cache = engine.new_cache();
+    engine.prefill(&mut cache, &prose_tokens(10), 10).unwrap();
+    let too_long = vec![100u32; context];
+    match engine.prefill(&mut cache, &too_long, 512) {
+        Err(EngineError::ContextOverflow { needed, max }) => {
+            assert_eq!((needed, max), (context + 10, context))
+        }
+        other => panic!("expected ContextOverflow, got {other:?}"),
+    }
+    assert_eq!(cache.len(), 10);
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_rejected() {
+    let engine = engine();
+    let mut cache = engine.new_cache();
+    let vocab = engine.model().config().vocab_size as u32;
+    assert!(matches!(
+        engine.model().forward(&[5, vocab + 3], &mut cache, Logits::Last),
+        Err(EngineError::TokenOutOfRange { id, .. }) if id == vocab + 3
+    ));
+}
+
+#[test]
+fn truncated_gguf_is_a_typed_error() {
+    let bytes = std::fs::read(model_path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for keep in [bytes.len() - 1, bytes.len() / 2, 4096, 10] {
+        let path = dir.path().join(format!("cut-{keep}.gguf"));
+        std::fs::write(&path, &bytes[..keep]).unwrap();
+        match Engine::load(&path, &EngineConfig::default()) {
+            Err(EngineError::Truncated { .. }) | Err(EngineError::InvalidGguf { .. }) => {}
+            other => panic!("{keep} bytes: expected a truncation error, got {other:?}"),
+        }
+    }
+    let path = dir.path().join("cut-half.gguf");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(
+        Engine::load(&path, &EngineConfig::default()),
+        Err(EngineError::Truncated { .. })
+    ));
+}
+
+#[test]
+fn files_that_are_not_gguf_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.gguf");
+    std::fs::write(&text, "this is not a model\n".repeat(100)).unwrap();
+    assert!(matches!(
+        Engine::load(&text, &EngineConfig::default()),
+        Err(EngineError::InvalidGguf { .. })
+    ));
+    assert!(matches!(
+        Engine::load(dir.path().join("missing.gguf"), &EngineConfig::default()),
+        Err(EngineError::Io { .. })
+    ));
+}
+
+#[test]
+fn gguf_of_an_unsupported_architecture_is_a_typed_error() {
+    use candle_core::quantized::{QTensor, gguf_file};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpt2.gguf");
+    let weight = Tensor::zeros((4, 8), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let qweight = QTensor::quantize(&weight, candle_core::quantized::GgmlDType::F32).unwrap();
+    let arch = gguf_file::Value::String("gpt2".into());
+    let mut file = std::fs::File::create(&path).unwrap();
+    gguf_file::write(
+        &mut file,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &qweight)],
+    )
+    .unwrap();
+    file.flush().unwrap();
+    match Engine::load(&path, &EngineConfig::default()) {
+        Err(EngineError::UnsupportedArchitecture(arch)) => assert_eq!(arch, "gpt2"),
+        other => panic!("expected UnsupportedArchitecture, got {other:?}"),
+    }
+}
+
+#[test]
+fn fingerprint_is_stable_and_changes_with_the_weights() {
+    let path = model_path();
+    let a = GgufFile::open(&path).unwrap().fingerprint().unwrap();
+    let b = GgufFile::open(&path).unwrap().fingerprint().unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a, engine().fingerprint());
+
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 100; // inside the last tensor's data
+    bytes[last] ^= 0x01;
+    let dir = tempfile::tempdir().unwrap();
+    let changed = dir.path().join("changed.gguf");
+    std::fs::write(&changed, &bytes).unwrap();
+    let c = GgufFile::open(&changed).unwrap().fingerprint().unwrap();
+    assert_ne!(a, c);
+}
+
+#[test]
+fn kv_import_rejects_a_range_of_another_shape() {
+    let engine = engine();
+    let mut cache = engine.new_cache();
+    engine.prefill(&mut cache, &prose_tokens(8), 8).unwrap();
+    let range = cache.export(0..8).unwrap();
+    let layers: Vec<_> = range.layers()[..10].to_vec();
+    let short = ragcake::engine::KvRange::new(0, layers).unwrap();
+    let mut fresh = engine.new_cache();
+    assert!(matches!(engine.import(&mut fresh, &short), Err(EngineError::KvMismatch(_))));
+    assert!(matches!(cache.export(5..20), Err(EngineError::KvMismatch(_))));
+    assert!(fresh.is_empty());
+}

@@ -1,0 +1,8 @@
+//! ragcake's integration tests: one binary, real models, no mocks.
+//!
+//! They need the default models in the model cache (`ragcake models fetch`, which the test
+//! script runs first); a missing model fails the tests with that instruction.
+
+mod common;
+mod engine;
+mod tokenizer;
