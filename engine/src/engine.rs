@@ -173,7 +173,12 @@ impl Engine {
 
     /// Appends `tokens` to `cache` in pieces of at most `chunk_size` tokens and returns the
     /// logits of the last one. Equal, within float tolerance, to one pass over all of them.
-    pub fn prefill(&self, cache: &mut KvCache, tokens: &[u32], chunk_size: usize) -> Result<Tensor> {
+    pub fn prefill(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        chunk_size: usize,
+    ) -> Result<Tensor> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }
@@ -210,7 +215,14 @@ impl Engine {
         params: &GenerateParams,
         on_text: impl FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        generate(&self.model, &self.tokenizer, cache, first_logits, params, on_text)
+        generate(
+            &self.model,
+            &self.tokenizer,
+            cache,
+            first_logits,
+            params,
+            on_text,
+        )
     }
 
     /// Prefills `prompt` (token ids) into a fresh cache and generates, measuring TTFT.

@@ -252,7 +252,9 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let draw = |s: Sampling| {
             let mut sampler = Sampler::new(s).unwrap();
-            (0..20).map(|_| sampler.sample_slice(&logits)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| sampler.sample_slice(&logits))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(sampling.clone()), draw(sampling.clone()));
         assert_ne!(

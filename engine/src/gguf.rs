@@ -113,7 +113,9 @@ impl GgufFile {
 
     /// An optional unsigned integer value.
     pub fn opt_usize(&self, key: &str) -> Option<usize> {
-        self.metadata(key).and_then(value_as_u64).map(|v| v as usize)
+        self.metadata(key)
+            .and_then(value_as_u64)
+            .map(|v| v as usize)
     }
 
     /// An optional float value (f32 or f64).

@@ -251,8 +251,10 @@ impl KvCache {
         let tokens = k.dim(1)?;
         self.reserve(tokens)?;
         let buf = &self.layers[layer];
-        buf.k.slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
-        buf.v.slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
+        buf.k
+            .slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
+        buf.v
+            .slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
         let total = self.len + tokens;
         Ok((buf.k.narrow(1, 0, total)?, buf.v.narrow(1, 0, total)?))
     }
@@ -286,7 +288,12 @@ impl KvCache {
         let layers = self
             .layers
             .iter()
-            .map(|b| Ok((b.k.narrow(1, range.start, n)?.copy()?, b.v.narrow(1, range.start, n)?.copy()?)))
+            .map(|b| {
+                Ok((
+                    b.k.narrow(1, range.start, n)?.copy()?,
+                    b.v.narrow(1, range.start, n)?.copy()?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         KvRange::new(self.base_position + range.start, layers)
     }

@@ -49,8 +49,7 @@ impl TokenKind {
 
 /// Text splitting rules before BPE, by `tokenizer.ggml.pre` name.
 fn pre_tokenizer_regexes(pre: &str) -> Option<(&'static [&'static str], bool)> {
-    const GPT2: &str =
-        r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+    const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
     const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     // (regexes, ignore_merges): the second says whether a word found whole in the vocabulary
@@ -64,12 +63,7 @@ fn pre_tokenizer_regexes(pre: &str) -> Option<(&'static [&'static str], bool)> {
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => (&[LLAMA3], true),
         "qwen2" | "stablelm2" => (&[QWEN2], false),
         "default" => (
-            &[
-                r"[\p{P}\$\+<=>\^~\|]+",
-                GPT2,
-                r"\p{N}+",
-                r"[0-9][0-9][0-9]",
-            ],
+            &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
             false,
         ),
         _ => return None,
@@ -81,9 +75,8 @@ fn unicode_to_byte() -> HashMap<char, u8> {
     let mut map = HashMap::with_capacity(256);
     let mut extra = 0u32;
     for b in 0u32..256 {
-        let printable = (0x21..=0x7e).contains(&b)
-            || (0xa1..=0xac).contains(&b)
-            || (0xae..=0xff).contains(&b);
+        let printable =
+            (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
         let c = if printable {
             b
         } else {
@@ -130,9 +123,8 @@ impl Tokenizer {
             )));
         }
         let pre = gguf.opt_string("tokenizer.ggml.pre").unwrap_or("default");
-        let (regexes, ignore_merges) = pre_tokenizer_regexes(pre).ok_or_else(|| {
-            EngineError::UnsupportedFeature(format!("pre-tokenizer {pre:?}"))
-        })?;
+        let (regexes, ignore_merges) = pre_tokenizer_regexes(pre)
+            .ok_or_else(|| EngineError::UnsupportedFeature(format!("pre-tokenizer {pre:?}")))?;
         let tokens: Vec<String> = gguf
             .array("tokenizer.ggml.tokens")?
             .iter()
@@ -157,7 +149,9 @@ impl Tokenizer {
             .array("tokenizer.ggml.merges")?
             .iter()
             .map(|v| {
-                let s = v.to_string().map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+                let s = v
+                    .to_string()
+                    .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
                 s.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
                     .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge {s:?}")))
@@ -226,11 +220,22 @@ impl Tokenizer {
             .unwrap_or(ignore_merges);
         // End-of-generation tokens: the declared ones plus the conventional turn enders
         // (the reference implementation recognises them by text too).
-        let mut end_of_generation: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
-            .iter()
-            .filter_map(|k| id_key(k))
-            .collect();
-        for text in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<end_of_turn>", "<|eom_id|>"] {
+        let mut end_of_generation: Vec<u32> = [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ]
+        .iter()
+        .filter_map(|k| id_key(k))
+        .collect();
+        for text in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|endoftext|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|eom_id|>",
+        ] {
             if let Some(&id) = token_to_id.get(text)
                 && kinds[id as usize] == TokenKind::Control
             {

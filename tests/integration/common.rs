@@ -42,8 +42,16 @@ pub fn prose_tokens(min_tokens: usize) -> Vec<u32> {
 /// Largest absolute element-wise difference of two tensors of equal shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(ragcake::engine::DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(ragcake::engine::DType::F32).unwrap().flatten_all().unwrap();
+    let a = a
+        .to_dtype(ragcake::engine::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let b = b
+        .to_dtype(ragcake::engine::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     (a - b)
         .unwrap()
         .abs()

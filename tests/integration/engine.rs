@@ -36,15 +36,30 @@ fn chunked_prefill_gives_the_same_logits_as_one_shot_prefill() {
         let (prefix, checked) = if chunk == 1 { (276, 276) } else { (0, 0) };
         let mut cache = engine.new_cache();
         if prefix > 0 {
-            engine.model().forward(&tokens[..prefix], &mut cache, Logits::None).unwrap();
+            engine
+                .model()
+                .forward(&tokens[..prefix], &mut cache, Logits::None)
+                .unwrap();
         }
         let mut rows = Vec::new();
         for piece in tokens[prefix..].chunks(chunk) {
-            rows.push(engine.model().forward(piece, &mut cache, Logits::All).unwrap().unwrap());
+            rows.push(
+                engine
+                    .model()
+                    .forward(piece, &mut cache, Logits::All)
+                    .unwrap()
+                    .unwrap(),
+            );
         }
         let chunked = Tensor::cat(&rows, 0).unwrap();
-        let diff = max_abs_diff(&chunked, &reference.narrow(0, checked, 300 - checked).unwrap());
-        assert!(diff < LOGIT_TOLERANCE, "chunk {chunk}: max |Δlogit| = {diff}");
+        let diff = max_abs_diff(
+            &chunked,
+            &reference.narrow(0, checked, 300 - checked).unwrap(),
+        );
+        assert!(
+            diff < LOGIT_TOLERANCE,
+            "chunk {chunk}: max |Δlogit| = {diff}"
+        );
         assert_eq!(cache.len(), 300);
     }
     // Engine::prefill returns the last position's logits.
@@ -89,9 +104,21 @@ fn exported_and_imported_kv_continues_with_the_same_logits() {
     engine.import(&mut rebuilt, &tail).unwrap();
     assert_eq!(rebuilt.len(), 200);
 
-    let expected = engine.model().forward(&next, &mut original, Logits::All).unwrap().unwrap();
-    let got = engine.model().forward(&next, &mut rebuilt, Logits::All).unwrap().unwrap();
-    assert_eq!(max_abs_diff(&expected, &got), 0.0, "same KV must give identical logits");
+    let expected = engine
+        .model()
+        .forward(&next, &mut original, Logits::All)
+        .unwrap()
+        .unwrap();
+    let got = engine
+        .model()
+        .forward(&next, &mut rebuilt, Logits::All)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        max_abs_diff(&expected, &got),
+        0.0,
+        "same KV must give identical logits"
+    );
 }
 
 #[test]
@@ -109,8 +136,16 @@ fn kv_round_trip_through_f16_stays_close() {
     let mut rebuilt = engine.new_cache();
     engine.import(&mut rebuilt, &stored).unwrap();
     let q = engine.tokenizer().encode(" The keepers", false).unwrap();
-    let a = engine.model().forward(&q, &mut original, Logits::Last).unwrap().unwrap();
-    let b = engine.model().forward(&q, &mut rebuilt, Logits::Last).unwrap().unwrap();
+    let a = engine
+        .model()
+        .forward(&q, &mut original, Logits::Last)
+        .unwrap()
+        .unwrap();
+    let b = engine
+        .model()
+        .forward(&q, &mut rebuilt, Logits::Last)
+        .unwrap()
+        .unwrap();
     let diff = max_abs_diff(&a, &b);
     assert!(diff < 0.15, "f16 storage moved logits by {diff}");
     assert_eq!(argmax(&a), argmax(&b));
@@ -126,12 +161,20 @@ fn chunk_computed_at_zero_and_moved_to_p_has_the_keys_of_the_chunk_computed_at_p
     let chunk = prose_tokens(96);
     for p in [1usize, 37, 500, 4000] {
         let mut at_zero = engine.model().new_cache(0);
-        engine.model().forward(&chunk, &mut at_zero, Logits::None).unwrap();
+        engine
+            .model()
+            .forward(&chunk, &mut at_zero, Logits::None)
+            .unwrap();
         let mut at_p = engine.model().new_cache(p);
-        engine.model().forward(&chunk, &mut at_p, Logits::None).unwrap();
+        engine
+            .model()
+            .forward(&chunk, &mut at_p, Logits::None)
+            .unwrap();
 
         let mut moved = engine.model().new_cache(p);
-        engine.import(&mut moved, &at_zero.export(0..96).unwrap()).unwrap();
+        engine
+            .import(&mut moved, &at_zero.export(0..96).unwrap())
+            .unwrap();
         for layer in [0, 14, 29] {
             let (k_moved, v_moved) = moved.layer(layer).unwrap();
             let (k_direct, v_direct) = at_p.layer(layer).unwrap();
@@ -144,9 +187,15 @@ fn chunk_computed_at_zero_and_moved_to_p_has_the_keys_of_the_chunk_computed_at_p
     }
     // And the moved cache is not simply the unmoved one: the rotation did something.
     let mut at_zero = engine.model().new_cache(0);
-    engine.model().forward(&chunk, &mut at_zero, Logits::None).unwrap();
+    engine
+        .model()
+        .forward(&chunk, &mut at_zero, Logits::None)
+        .unwrap();
     let mut at_p = engine.model().new_cache(500);
-    engine.model().forward(&chunk, &mut at_p, Logits::None).unwrap();
+    engine
+        .model()
+        .forward(&chunk, &mut at_p, Logits::None)
+        .unwrap();
     let d = max_abs_diff(&at_zero.layer(0).unwrap().0, &at_p.layer(0).unwrap().0);
     assert!(d > 0.1, "keys at 0 and 500 should differ, max diff {d}");
 }
@@ -155,7 +204,10 @@ fn chunk_computed_at_zero_and_moved_to_p_has_the_keys_of_the_chunk_computed_at_p
 fn greedy_generation_answers_a_factual_question() {
     let engine = engine();
     let prompt = engine
-        .chat_tokens(&[ChatMessage::new(Role::User, "What is the capital of France?")])
+        .chat_tokens(&[ChatMessage::new(
+            Role::User,
+            "What is the capital of France?",
+        )])
         .unwrap();
     let mut streamed = String::new();
     let done = engine
@@ -164,16 +216,26 @@ fn greedy_generation_answers_a_factual_question() {
             ControlFlow::Continue(())
         })
         .unwrap();
-    assert!(done.generation.text.contains("Paris"), "{:?}", done.generation.text);
+    assert!(
+        done.generation.text.contains("Paris"),
+        "{:?}",
+        done.generation.text
+    );
     assert_eq!(streamed, done.generation.text);
-    assert_eq!(done.generation.finish_reason, ragcake::engine::FinishReason::Stop);
+    assert_eq!(
+        done.generation.finish_reason,
+        ragcake::engine::FinishReason::Stop
+    );
 }
 
 #[test]
 fn seeded_sampling_is_reproducible_and_max_tokens_is_honoured() {
     let engine = engine();
     let prompt = engine
-        .chat_tokens(&[ChatMessage::new(Role::User, "Write a sentence about the sea.")])
+        .chat_tokens(&[ChatMessage::new(
+            Role::User,
+            "Write a sentence about the sea.",
+        )])
         .unwrap();
     let params = |seed| GenerateParams {
         max_tokens: 12,
@@ -195,7 +257,11 @@ fn seeded_sampling_is_reproducible_and_max_tokens_is_honoured() {
     assert_eq!(a.tokens, b.tokens);
     assert!(a.tokens.len() <= 12);
     let others: Vec<_> = (0..4).map(|s| run(1000 + s).tokens).collect();
-    assert!(others.iter().any(|t| *t != a.tokens), "different seeds all gave {:?}", a.text);
+    assert!(
+        others.iter().any(|t| *t != a.tokens),
+        "different seeds all gave {:?}",
+        a.text
+    );
 }
 
 #[test]
@@ -208,10 +274,17 @@ fn streaming_callback_can_stop_generation() {
     let done = engine
         .complete(&prompt, &GenerateParams::default(), |_| {
             pieces += 1;
-            if pieces == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            if pieces == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         })
         .unwrap();
-    assert_eq!(done.generation.finish_reason, ragcake::engine::FinishReason::Cancelled);
+    assert_eq!(
+        done.generation.finish_reason,
+        ragcake::engine::FinishReason::Cancelled
+    );
     assert_eq!(pieces, 3);
 }
 
@@ -219,7 +292,10 @@ fn streaming_callback_can_stop_generation() {
 fn empty_prompt_is_a_typed_error() {
     let engine = engine();
     let mut cache = engine.new_cache();
-    assert!(matches!(engine.prefill(&mut cache, &[], 64), Err(EngineError::EmptyInput)));
+    assert!(matches!(
+        engine.prefill(&mut cache, &[], 64),
+        Err(EngineError::EmptyInput)
+    ));
     assert!(matches!(
         engine.model().forward(&[], &mut cache, Logits::Last),
         Err(EngineError::EmptyInput)
@@ -338,7 +414,13 @@ fn kv_import_rejects_a_range_of_another_shape() {
     let layers: Vec<_> = range.layers()[..10].to_vec();
     let short = ragcake::engine::KvRange::new(0, layers).unwrap();
     let mut fresh = engine.new_cache();
-    assert!(matches!(engine.import(&mut fresh, &short), Err(EngineError::KvMismatch(_))));
-    assert!(matches!(cache.export(5..20), Err(EngineError::KvMismatch(_))));
+    assert!(matches!(
+        engine.import(&mut fresh, &short),
+        Err(EngineError::KvMismatch(_))
+    ));
+    assert!(matches!(
+        cache.export(5..20),
+        Err(EngineError::KvMismatch(_))
+    ));
     assert!(fresh.is_empty());
 }

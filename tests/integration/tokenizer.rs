@@ -75,11 +75,16 @@ fn chat_template_renders_chatml_with_the_models_default_system_prompt() {
         text,
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
     );
-    let ids = engine.chat_tokens(&[ChatMessage::new(Role::User, "Hi")]).unwrap();
+    let ids = engine
+        .chat_tokens(&[ChatMessage::new(Role::User, "Hi")])
+        .unwrap();
     let tokenizer = engine.tokenizer();
     let im_start = tokenizer.token_id("<|im_start|>").unwrap();
     let im_end = tokenizer.token_id("<|im_end|>").unwrap();
-    assert_eq!(ids[0], im_start, "no BOS for this model, ChatML opens the prompt");
+    assert_eq!(
+        ids[0], im_start,
+        "no BOS for this model, ChatML opens the prompt"
+    );
     assert_eq!(ids.iter().filter(|&&t| t == im_start).count(), 3);
     assert_eq!(ids.iter().filter(|&&t| t == im_end).count(), 2);
     assert!(tokenizer.is_end_of_generation(im_end));

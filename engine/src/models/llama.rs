@@ -56,17 +56,21 @@ impl LlamaConfig {
         let n_kv_heads = gguf
             .opt_usize("llama.attention.head_count_kv")
             .unwrap_or(n_heads);
-        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(EngineError::Metadata {
                 key: "llama.attention.head_count_kv".into(),
-                reason: format!("{n_heads} query heads cannot be grouped over {n_kv_heads} KV heads"),
+                reason: format!(
+                    "{n_heads} query heads cannot be grouped over {n_kv_heads} KV heads"
+                ),
             });
         }
         let head_dim = gguf
             .opt_usize("llama.attention.key_length")
             .unwrap_or(hidden_size / n_heads);
-        let rope_dim = gguf.opt_usize("llama.rope.dimension_count").unwrap_or(head_dim);
-        if rope_dim != head_dim || head_dim % 2 != 0 {
+        let rope_dim = gguf
+            .opt_usize("llama.rope.dimension_count")
+            .unwrap_or(head_dim);
+        if rope_dim != head_dim || !head_dim.is_multiple_of(2) {
             return Err(EngineError::UnsupportedFeature(format!(
                 "partial rotary embeddings ({rope_dim} of {head_dim} dimensions)"
             )));
@@ -166,10 +170,18 @@ impl Llama {
     pub fn load(gguf: &mut GgufFile, device: &Device, dtype: DType) -> Result<Self> {
         let config = LlamaConfig::from_gguf(gguf)?;
         let embed = gguf.dequantized("token_embd.weight", device, dtype)?;
-        expect_dims("token_embd.weight", &embed, &[config.vocab_size, config.hidden_size])?;
+        expect_dims(
+            "token_embd.weight",
+            &embed,
+            &[config.vocab_size, config.hidden_size],
+        )?;
         let lm_head = if gguf.has_tensor("output.weight") {
             let w = gguf.dequantized("output.weight", device, dtype)?;
-            expect_dims("output.weight", &w, &[config.vocab_size, config.hidden_size])?;
+            expect_dims(
+                "output.weight",
+                &w,
+                &[config.vocab_size, config.hidden_size],
+            )?;
             Some(w)
         } else {
             None
@@ -282,7 +294,10 @@ impl Llama {
                 max: self.config.context_length,
             });
         }
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+        if let Some(&id) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
             return Err(EngineError::TokenOutOfRange {
                 id,
                 vocab_size: self.config.vocab_size,
@@ -334,12 +349,13 @@ impl Llama {
         let qkv = h.matmul(&block.wqkv.t()?)?;
         let q = qkv.narrow(1, 0, nh * hd)?.reshape((t, nh, hd))?;
         let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((t, nkv, hd))?;
-        let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?.reshape((t, nkv, hd))?;
+        let v = qkv
+            .narrow(1, (nh + nkv) * hd, nkv * hd)?
+            .reshape((t, nkv, hd))?;
         let q = self.rope.apply(&q, start)?;
         let k = self.rope.apply(&k, start)?;
         let past = cache.len();
-        let (keys, values) =
-            cache.write_layer(layer, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
+        let (keys, values) = cache.write_layer(layer, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
         let attn = attention(&q, &keys, &values, past, (hd as f64).powf(-0.5))?;
         let x = (x + attn.matmul(&block.wo.t()?)?)?;
 
@@ -359,7 +375,13 @@ impl Llama {
 /// its own last position, so memory stays linear in the context and the upper triangle of
 /// the score matrix is never computed beyond one block. Key/value heads are never repeated:
 /// the query heads sharing one KV head are stacked as extra rows of one matrix product.
-fn attention(q: &Tensor, keys: &Tensor, values: &Tensor, past: usize, scale: f64) -> Result<Tensor> {
+fn attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    past: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let (t, nh, hd) = q.dims3()?;
     let nkv = keys.dim(0)?;
     let group = nh / nkv;
@@ -372,7 +394,10 @@ fn attention(q: &Tensor, keys: &Tensor, values: &Tensor, past: usize, scale: f64
     while s < t {
         let len = QUERY_BLOCK.min(t - s);
         let kv_end = past + s + len;
-        let qb = q.narrow(1, s, len)?.contiguous()?.reshape((nkv, len * group, hd))?;
+        let qb = q
+            .narrow(1, s, len)?
+            .contiguous()?
+            .reshape((nkv, len * group, hd))?;
         let kb = keys.narrow(1, 0, kv_end)?;
         let vb = values.narrow(1, 0, kv_end)?;
         let scores = qb.matmul(&kb.t()?)?;
@@ -417,4 +442,3 @@ fn expect_dims(name: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
         })
     }
 }
-

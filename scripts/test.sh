@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need (the models, into
+# the model cache outside the clone), checks formatting and lints, runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+need cargo "install Rust with rustup"
+need python3 "install Python 3 with pip (apt-get install python3 python3-pip)"
+
+echo "== models (cached in $RAGCAKE_HOME/models)"
+cargo run --quiet --bin ragcake -- models fetch
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== tests"
+cargo test --workspace
