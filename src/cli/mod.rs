@@ -44,6 +44,10 @@ pub struct ModelArgs {
     /// Run on CUDA GPU N (needs a build with the `cuda` feature).
     #[arg(long, value_name = "N")]
     cuda: Option<usize>,
+    /// Decode with the dense f32 weights instead of Q8_0 copies (slower, bit-for-bit the
+    /// prefill arithmetic).
+    #[arg(long)]
+    dense_decode: bool,
 }
 
 impl ModelArgs {
@@ -66,7 +70,8 @@ impl ModelArgs {
         let path = self.model_path()?;
         let config = EngineConfig {
             device: self.cuda.map(DeviceChoice::Cuda).unwrap_or_default(),
-            dtype: None,
+            quantized_decode: !self.dense_decode,
+            ..EngineConfig::default()
         };
         Ok(Engine::load(&path, &config)?)
     }

@@ -22,6 +22,19 @@ pub fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| Engine::load(model_path(), &EngineConfig::default()).expect("load model"))
 }
 
+/// The default model with decode steps on the dense f32 weights, so one-token forwards use
+/// exactly the prefill arithmetic.
+pub fn dense_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let config = EngineConfig {
+            quantized_decode: false,
+            ..EngineConfig::default()
+        };
+        Engine::load(model_path(), &config).expect("load model")
+    })
+}
+
 /// A few hundred tokens of ordinary English prose.
 pub fn prose_tokens(min_tokens: usize) -> Vec<u32> {
     const TEXT: &str = "The history of the lighthouse is a history of coastal trade. Before \

@@ -9,7 +9,7 @@ use ragcake::engine::{
     Sampling, Tensor,
 };
 
-use crate::common::{engine, max_abs, max_abs_diff, model_path, prose_tokens};
+use crate::common::{dense_engine, engine, max_abs, max_abs_diff, model_path, prose_tokens};
 
 /// Logits of SmolLM2 span roughly ±30; f32 prefill in different chunkings reorders sums, so
 /// results agree to about 1e-4. 2e-3 is tight enough that any real mistake (a wrong position,
@@ -17,7 +17,7 @@ use crate::common::{engine, max_abs, max_abs_diff, model_path, prose_tokens};
 const LOGIT_TOLERANCE: f32 = 2e-3;
 
 fn one_shot_logits(tokens: &[u32]) -> Tensor {
-    let engine = engine();
+    let engine = dense_engine();
     let mut cache = engine.new_cache();
     engine
         .model()
@@ -28,7 +28,7 @@ fn one_shot_logits(tokens: &[u32]) -> Tensor {
 
 #[test]
 fn chunked_prefill_gives_the_same_logits_as_one_shot_prefill() {
-    let engine = engine();
+    let engine = dense_engine();
     let tokens = prose_tokens(300);
     let reference = one_shot_logits(&tokens);
     for chunk in [1, 7, 64, 100, 256] {
@@ -67,6 +67,38 @@ fn chunked_prefill_gives_the_same_logits_as_one_shot_prefill() {
     let last = engine.prefill(&mut cache, &tokens, 128).unwrap();
     let diff = max_abs_diff(&last, &reference.get(299).unwrap());
     assert!(diff < LOGIT_TOLERANCE, "prefill: {diff}");
+}
+
+#[test]
+fn quantized_decode_steps_stay_close_to_dense_prefill() {
+    // Decode steps read Q8_0 copies of the weights: logits move by the Q8_0 rounding only.
+    let engine = engine();
+    let tokens = prose_tokens(140);
+    let reference = one_shot_logits(&tokens);
+    let mut cache = engine.new_cache();
+    engine.prefill(&mut cache, &tokens[..120], 120).unwrap();
+    let mut worst = 0f32;
+    for (i, &token) in tokens[120..].iter().enumerate() {
+        let step = engine
+            .model()
+            .forward(&[token], &mut cache, Logits::Last)
+            .unwrap()
+            .unwrap();
+        let expected = reference.get(120 + i).unwrap();
+        worst = worst.max(max_abs_diff(&step, &expected));
+        assert_eq!(
+            argmax(&step),
+            argmax(&expected),
+            "greedy choice changed at step {i}"
+        );
+    }
+    // Observed: ~0.7 at worst over 49k logits spanning about ±30, with the same greedy
+    // token at every step; a wrong position or cache would move them by several units.
+    assert!(worst < 1.0, "Q8_0 decode moved logits by {worst}");
+    assert!(
+        worst > 0.0,
+        "decode steps did not use the quantized weights"
+    );
 }
 
 #[test]
