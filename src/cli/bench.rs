@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use ragcake::engine::{Engine, Logits};
 use serde::Serialize;
 
-use super::ModelArgs;
+use super::{ModelArgs, plot};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -228,6 +228,40 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         }),
     };
     write_csv(&args.csv, &report)?;
+    let png = args.csv.with_extension("png");
+    let mut series = vec![plot::Series {
+        name: "ragcake".into(),
+        points: report
+            .prefill
+            .iter()
+            .map(|r| (r.context as f64, r.ragcake_tok_s.median))
+            .collect(),
+    }];
+    if llama.is_some() {
+        series.push(plot::Series {
+            name: "llama.cpp".into(),
+            points: report
+                .prefill
+                .iter()
+                .filter_map(|r| Some((r.context as f64, r.llama_cpp_tok_s.as_ref()?.median)))
+                .collect(),
+        });
+    }
+    let title = format!(
+        "Prefill throughput, {} threads (median of {})",
+        threads, args.repeats
+    );
+    match plot::line_plot(
+        &png,
+        &title,
+        "context (tokens)",
+        "prefill tokens/s",
+        &series,
+        false,
+    ) {
+        Ok(()) => eprintln!("plot written to {}", png.display()),
+        Err(e) => eprintln!("plot skipped: {e:#}"),
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod models;
+mod plot;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,0 +1,110 @@
+//! PNG line plots for the benchmarks (plotters, text drawn with a system TrueType font).
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use anyhow::Context;
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+
+/// One line of a plot.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Fonts looked for, in order; DejaVu ships with Debian-based images.
+const FONT_CANDIDATES: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+];
+
+fn ensure_font() -> anyhow::Result<()> {
+    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            let path = std::env::var("RAGCAKE_PLOT_FONT")
+                .ok()
+                .into_iter()
+                .chain(FONT_CANDIDATES.iter().map(|s| s.to_string()))
+                .find(|p| Path::new(p).is_file())
+                .ok_or("no TrueType font found (set RAGCAKE_PLOT_FONT)")?;
+            let bytes: &'static [u8] = Box::leak(
+                std::fs::read(&path)
+                    .map_err(|e| format!("{path}: {e}"))?
+                    .into_boxed_slice(),
+            );
+            register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| format!("{path} is not a usable font"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Draws `series` as lines with markers into a PNG at `path`; `log_x` for a log-scale x axis.
+pub fn line_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log_x: bool,
+) -> anyhow::Result<()> {
+    ensure_font()?;
+    let points = || series.iter().flat_map(|s| s.points.iter());
+    let (x_min, x_max) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+        (lo.min(p.0), hi.max(p.0))
+    });
+    let y_max = points().fold(0f64, |hi, p| hi.max(p.1)) * 1.1;
+    anyhow::ensure!(x_min.is_finite() && y_max > 0.0, "nothing to plot");
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64);
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .y_desc(y_label)
+                .label_style(("sans-serif", 14))
+                .draw()?;
+            for (i, s) in series.iter().enumerate() {
+                let color = colors[i % colors.len()];
+                chart
+                    .draw_series(LineSeries::new(
+                        s.points.iter().copied(),
+                        color.stroke_width(2),
+                    ))?
+                    .label(s.name.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .draw()?;
+        }};
+    }
+    if log_x {
+        draw!(builder.build_cartesian_2d((x_min * 0.9..x_max * 1.1).log_scale(), 0.0..y_max)?);
+    } else {
+        let pad = (x_max - x_min).max(1.0) * 0.05;
+        draw!(builder.build_cartesian_2d(x_min - pad..x_max + pad, 0.0..y_max)?);
+    }
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
