@@ -6,3 +6,4 @@
 pub mod models;
 
 pub use ragcake_engine as engine;
+pub use ragcake_kvstore as kvstore;

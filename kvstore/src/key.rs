@@ -1,0 +1,203 @@
+//! Content-addressed cache keys and their object paths.
+
+use ragcake_engine::ModelFingerprint;
+use serde::{Deserialize, Serialize};
+
+/// What a stored cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheKind {
+    /// KV of a chunk computed in context: exact, valid only after its parent chain.
+    Prefix,
+    /// KV of a chunk computed alone at position 0: position-independent, approximate.
+    Chunk,
+}
+
+impl CacheKind {
+    /// The name used in metadata and object paths.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Prefix => "prefix",
+            Self::Chunk => "chunk",
+        }
+    }
+
+    /// Parses [`CacheKind::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "prefix" => Some(Self::Prefix),
+            "chunk" => Some(Self::Chunk),
+            _ => None,
+        }
+    }
+}
+
+/// A cache key: a blake3 hash of the model fingerprint, the kind, (for prefix caches) the
+/// parent key, and the chunk's token ids. Deterministic across processes and machines.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey {
+    kind: CacheKind,
+    hash: [u8; 32],
+}
+
+impl std::fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CacheKey({}:{})",
+            self.kind.as_str(),
+            &self.to_hex()[..16]
+        )
+    }
+}
+
+impl std::fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// blake3 of token ids as little-endian u32s.
+pub fn tokens_hash(tokens: &[u32]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    for t in tokens {
+        hasher.update(&t.to_le_bytes());
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl CacheKey {
+    /// Key of the exact (in-context) cache of `tokens` following the chunk whose key is
+    /// `parent` (`None` for the first chunk of a prompt).
+    pub fn prefix(model: &ModelFingerprint, parent: Option<&CacheKey>, tokens: &[u32]) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"ragcake-kv-key-v1\0prefix\0");
+        hasher.update(&model.0);
+        match parent {
+            Some(p) => hasher.update(&[1]).update(&p.hash),
+            None => hasher.update(&[0]),
+        };
+        hasher.update(&tokens_hash(tokens));
+        Self {
+            kind: CacheKind::Prefix,
+            hash: *hasher.finalize().as_bytes(),
+        }
+    }
+
+    /// Key of the position-independent cache of `tokens` computed alone.
+    pub fn chunk(model: &ModelFingerprint, tokens: &[u32]) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"ragcake-kv-key-v1\0chunk\0");
+        hasher.update(&model.0);
+        hasher.update(&tokens_hash(tokens));
+        Self {
+            kind: CacheKind::Chunk,
+            hash: *hasher.finalize().as_bytes(),
+        }
+    }
+
+    /// The chain of prefix keys of consecutive chunks: key `i` covers chunks `0..=i`.
+    pub fn prefix_chain<'a>(
+        model: &ModelFingerprint,
+        chunks: impl IntoIterator<Item = &'a [u32]>,
+    ) -> Vec<CacheKey> {
+        let mut keys: Vec<CacheKey> = Vec::new();
+        for chunk in chunks {
+            let key = CacheKey::prefix(model, keys.last(), chunk);
+            keys.push(key);
+        }
+        keys
+    }
+
+    /// The kind of cache this key names.
+    pub fn kind(&self) -> CacheKind {
+        self.kind
+    }
+
+    /// Full hex form.
+    pub fn to_hex(&self) -> String {
+        hex(&self.hash)
+    }
+
+    /// The object path relative to the store's prefix:
+    /// `{model 16 hex}/{kind}/{first 2 hex}/{64 hex}.safetensors` — grouped by model and kind
+    /// in a bucket listing, and fanned out so no directory grows huge.
+    pub fn relative_path(&self, model: &ModelFingerprint) -> String {
+        let h = self.to_hex();
+        format!(
+            "{}/{}/{}/{}.safetensors",
+            model.short(),
+            self.kind.as_str(),
+            &h[..2],
+            h
+        )
+    }
+
+    /// Parses a key back from its kind and hex form.
+    pub fn from_hex(kind: CacheKind, hex: &str) -> Option<Self> {
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut hash = [0u8; 32];
+        for (i, byte) in hash.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Self { kind, hash })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODEL: ModelFingerprint = ModelFingerprint([7; 32]);
+
+    #[test]
+    fn keys_are_deterministic_and_known() {
+        // A fixed value: keys must not change between processes, machines or releases.
+        let key = CacheKey::chunk(&MODEL, &[1, 2, 3]);
+        assert_eq!(key, CacheKey::chunk(&MODEL, &[1, 2, 3]));
+        assert_eq!(
+            CacheKey::from_hex(CacheKind::Chunk, &key.to_hex()),
+            Some(key)
+        );
+        let again = blake3::Hasher::new()
+            .update(b"ragcake-kv-key-v1\0chunk\0")
+            .update(&[7; 32])
+            .update(&tokens_hash(&[1, 2, 3]))
+            .finalize();
+        assert_eq!(key.to_hex(), hex(again.as_bytes()));
+    }
+
+    #[test]
+    fn keys_separate_models_kinds_parents_and_tokens() {
+        let other = ModelFingerprint([8; 32]);
+        let a = CacheKey::prefix(&MODEL, None, &[1, 2]);
+        assert_ne!(a, CacheKey::prefix(&other, None, &[1, 2]));
+        assert_ne!(a, CacheKey::prefix(&MODEL, None, &[1, 3]));
+        assert_ne!(a.to_hex(), CacheKey::chunk(&MODEL, &[1, 2]).to_hex());
+        let b = CacheKey::prefix(&MODEL, Some(&a), &[5]);
+        let c = CacheKey::prefix(&MODEL, None, &[5]);
+        assert_ne!(b, c, "the parent is part of a prefix key");
+        assert_eq!(
+            CacheKey::prefix_chain(&MODEL, [&[1u32, 2][..], &[5][..]]),
+            vec![a, b]
+        );
+    }
+
+    #[test]
+    fn paths_are_readable_in_a_listing() {
+        let key = CacheKey::chunk(&MODEL, &[1]);
+        let path = key.relative_path(&MODEL);
+        let h = key.to_hex();
+        assert_eq!(
+            path,
+            format!("0707070707070707/chunk/{}/{h}.safetensors", &h[..2])
+        );
+    }
+}

@@ -1,0 +1,481 @@
+//! [`KvStore`]: put, get and look up chunk KV caches in any object store.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use ragcake_engine::{KvRange, KvShape, ModelFingerprint};
+use serde::Serialize;
+
+use crate::error::{KvStoreError, RejectReason, Result};
+use crate::format::{self, Expectation};
+use crate::key::{CacheKey, CacheKind};
+
+/// Counters of a store's traffic.
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    rejected: AtomicU64,
+    memory_hits: AtomicU64,
+    evictions: AtomicU64,
+    puts: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    read_micros: AtomicU64,
+}
+
+/// A snapshot of a store's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StoreStats {
+    /// Gets that returned a cache.
+    pub hits: u64,
+    /// Gets that found nothing usable (absent or rejected).
+    pub misses: u64,
+    /// Blobs that failed verification (also counted as misses).
+    pub rejected: u64,
+    /// Hits served by the memory tier.
+    pub memory_hits: u64,
+    /// Entries evicted from the memory tier.
+    pub evictions: u64,
+    /// Successful puts.
+    pub puts: u64,
+    /// Bytes read from the backend.
+    pub bytes_read: u64,
+    /// Bytes written to the backend.
+    pub bytes_written: u64,
+    /// Total time spent in backend reads, microseconds.
+    pub read_micros: u64,
+}
+
+/// A byte-bounded LRU of decoded caches, in front of the backend.
+struct MemoryTier {
+    capacity_bytes: usize,
+    used_bytes: usize,
+    entries: lru::LruCache<CacheKey, KvRange>,
+}
+
+impl MemoryTier {
+    fn get(&mut self, key: &CacheKey) -> Option<KvRange> {
+        self.entries.get(key).cloned()
+    }
+
+    /// Inserts and returns how many entries were evicted to make room.
+    fn insert(&mut self, key: CacheKey, range: KvRange) -> u64 {
+        let size = range.bytes();
+        if size > self.capacity_bytes {
+            return 0;
+        }
+        if let Some(old) = self.entries.pop(&key) {
+            self.used_bytes -= old.bytes();
+        }
+        let mut evicted = 0;
+        while self.used_bytes + size > self.capacity_bytes {
+            match self.entries.pop_lru() {
+                Some((_, old)) => {
+                    self.used_bytes -= old.bytes();
+                    evicted += 1;
+                }
+                None => break,
+            }
+        }
+        self.used_bytes += size;
+        self.entries.put(key, range);
+        evicted
+    }
+
+    fn remove(&mut self, key: &CacheKey) {
+        if let Some(old) = self.entries.pop(key) {
+            self.used_bytes -= old.bytes();
+        }
+    }
+}
+
+/// Chunk KV caches of one model in an object store, verified on every read.
+pub struct KvStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    model: ModelFingerprint,
+    shape: KvShape,
+    storage_dtype: DType,
+    device: Device,
+    tier: Option<Mutex<MemoryTier>>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore")
+            .field("store", &self.store.to_string())
+            .field("prefix", &self.prefix)
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+/// The result of a lookup that reads data: the cache, or why there is none.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// A verified cache.
+    Hit(KvRange),
+    /// No object under the key.
+    Absent,
+    /// An object that failed verification; never returned as data.
+    Rejected(RejectReason),
+}
+
+impl Lookup {
+    /// The cache, if this is a hit.
+    pub fn hit(self) -> Option<KvRange> {
+        match self {
+            Self::Hit(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+impl KvStore {
+    /// A store of caches of the model `model` (with cache dimensions `shape`) under `prefix`
+    /// of `store`. Loaded caches are placed on `device`.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        prefix: Path,
+        model: ModelFingerprint,
+        shape: KvShape,
+        device: Device,
+    ) -> Self {
+        Self {
+            store,
+            prefix,
+            model,
+            shape,
+            storage_dtype: DType::F16,
+            device,
+            tier: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Keeps up to `capacity_bytes` of decoded caches in memory (LRU).
+    pub fn with_memory_tier(mut self, capacity_bytes: usize) -> Self {
+        self.tier = Some(Mutex::new(MemoryTier {
+            capacity_bytes,
+            used_bytes: 0,
+            entries: lru::LruCache::unbounded(),
+        }));
+        self
+    }
+
+    /// Stores tensors in `dtype` (f16 by default).
+    pub fn with_storage_dtype(mut self, dtype: DType) -> Self {
+        self.storage_dtype = dtype;
+        self
+    }
+
+    /// The backend.
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The object path of `key`.
+    pub fn path_of(&self, key: &CacheKey) -> Path {
+        let relative = key.relative_path(&self.model);
+        if self.prefix.as_ref().is_empty() {
+            Path::from(relative)
+        } else {
+            Path::from(format!("{}/{relative}", self.prefix))
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StoreStats {
+            hits: l(&c.hits),
+            misses: l(&c.misses),
+            rejected: l(&c.rejected),
+            memory_hits: l(&c.memory_hits),
+            evictions: l(&c.evictions),
+            puts: l(&c.puts),
+            bytes_read: l(&c.bytes_read),
+            bytes_written: l(&c.bytes_written),
+            read_micros: l(&c.read_micros),
+        }
+    }
+
+    fn tier_get(&self, key: &CacheKey) -> Option<KvRange> {
+        let tier = self.tier.as_ref()?;
+        tier.lock().ok()?.get(key)
+    }
+
+    fn tier_insert(&self, key: CacheKey, range: &KvRange) {
+        if let Some(tier) = &self.tier
+            && let Ok(mut tier) = tier.lock()
+        {
+            let evicted = tier.insert(key, range.clone());
+            self.counters
+                .evictions
+                .fetch_add(evicted, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a cache is stored under `key`: a metadata request, no data read.
+    pub async fn contains(&self, key: &CacheKey) -> Result<bool> {
+        if self.tier_get(key).is_some() {
+            return Ok(true);
+        }
+        match self.store.head(&self.path_of(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores the KV of `tokens` under `key`. The object appears whole or not at all.
+    /// Returns the bytes written.
+    pub async fn put(&self, key: &CacheKey, tokens: &[u32], range: &KvRange) -> Result<usize> {
+        if range.shape() != self.shape {
+            return Err(KvStoreError::Encode(format!(
+                "range shape {:?} is not the store's {:?}",
+                range.shape(),
+                self.shape
+            )));
+        }
+        let blob = format::encode(key, &self.model, tokens, range, self.storage_dtype)?;
+        let len = blob.len();
+        self.store
+            .put(&self.path_of(key), PutPayload::from(blob))
+            .await?;
+        self.counters.puts.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_written
+            .fetch_add(len as u64, Ordering::Relaxed);
+        if let Ok(stored) = range.to_dtype(self.storage_dtype) {
+            self.tier_insert(*key, &stored);
+        }
+        Ok(len)
+    }
+
+    /// Loads the cache stored under `key`, verified against the model and (when given) the
+    /// token ids it must have been computed from. Absent and rejected blobs are misses.
+    pub async fn get(&self, key: &CacheKey, tokens: Option<&[u32]>) -> Result<Lookup> {
+        if let Some(range) = self.tier_get(key)
+            && tokens.is_none_or(|t| t.len() == range.len())
+        {
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+            self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Lookup::Hit(range));
+        }
+        let path = self.path_of(key);
+        let started = Instant::now();
+        let bytes = match self.store.get(&path).await {
+            Ok(got) => got.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                return Ok(Lookup::Absent);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.record_read(bytes.len(), started);
+        let expected = Expectation {
+            key,
+            model: &self.model,
+            shape: self.shape,
+            tokens,
+        };
+        match format::decode(&bytes, &expected, &self.device) {
+            Ok((_, range)) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                self.tier_insert(*key, &range);
+                Ok(Lookup::Hit(range))
+            }
+            Err(reason) => Ok(self.reject(&path, reason)),
+        }
+    }
+
+    fn record_read(&self, bytes: usize, started: Instant) {
+        self.counters
+            .bytes_read
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.counters
+            .read_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn reject(&self, path: &Path, reason: RejectReason) -> Lookup {
+        tracing::warn!(%path, %reason, "stored KV cache rejected, treated as a miss");
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        Lookup::Rejected(reason)
+    }
+
+    /// Loads only `layers` of the cache under `key` with ranged reads: the header, then the
+    /// keys and values of those layers (two byte ranges, one request batch).
+    pub async fn get_layers(
+        &self,
+        key: &CacheKey,
+        tokens: Option<&[u32]>,
+        layers: Range<usize>,
+    ) -> Result<Lookup> {
+        if layers.start >= layers.end || layers.end > self.shape.n_layers {
+            return Err(KvStoreError::LayerRange {
+                start: layers.start,
+                end: layers.end,
+                n_layers: self.shape.n_layers,
+            });
+        }
+        let path = self.path_of(key);
+        let started = Instant::now();
+        let len_bytes = match self.store.get_range(&path, 0..8).await {
+            Ok(b) => b,
+            Err(object_store::Error::NotFound { .. }) => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                return Ok(Lookup::Absent);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if len_bytes.len() < 8 {
+            return Ok(self.reject(
+                &path,
+                RejectReason::Malformed("shorter than 8 bytes".into()),
+            ));
+        }
+        let header_len = u64::from_le_bytes(len_bytes[..8].try_into().expect("8 bytes"));
+        if header_len > 16 << 20 {
+            return Ok(self.reject(&path, RejectReason::Malformed("oversized header".into())));
+        }
+        let header = self.store.get_range(&path, 8..8 + header_len).await?;
+        let parsed: Result<Header, _> = serde_json::from_slice(&header);
+        let Ok(header_map) = parsed else {
+            return Ok(self.reject(&path, RejectReason::Malformed("unparsable header".into())));
+        };
+        let expected = Expectation {
+            key,
+            model: &self.model,
+            shape: self.shape,
+            tokens,
+        };
+        let blob = match format::check_meta(&header_map.metadata, &expected) {
+            Ok(b) => b,
+            Err(reason) => return Ok(self.reject(&path, reason)),
+        };
+        let data_start = 8 + header_len;
+        let info = |name: &str| header_map.tensors.get(name).cloned();
+        let mut wanted = Vec::new();
+        for layer in layers.clone() {
+            for name in [format::k_name(layer), format::v_name(layer)] {
+                match info(&name) {
+                    Some(i) => wanted.push((name, i)),
+                    None => {
+                        let reason = RejectReason::Shape {
+                            name,
+                            reason: "missing".into(),
+                        };
+                        return Ok(self.reject(&path, reason));
+                    }
+                }
+            }
+        }
+        // Coalesce: keys of the layers are adjacent, so are values.
+        let ranges: Vec<Range<u64>> = wanted
+            .iter()
+            .map(|(_, i)| data_start + i.data_offsets.0..data_start + i.data_offsets.1)
+            .collect();
+        let chunks = self.store.get_ranges(&path, &ranges).await?;
+        self.record_read(
+            8 + header.len() + chunks.iter().map(|c| c.len()).sum::<usize>(),
+            started,
+        );
+        let mut tensors = Vec::with_capacity(wanted.len());
+        for ((name, info), bytes) in wanted.iter().zip(&chunks) {
+            if info.dtype != format::safetensors_dtype(blob.dtype) {
+                let reason = RejectReason::Dtype(format!("{:?} in {name}", info.dtype));
+                return Ok(self.reject(&path, reason));
+            }
+            match format::tensor_from_bytes(
+                name,
+                bytes,
+                &info.shape,
+                &header_map.metadata,
+                &blob,
+                &self.device,
+            ) {
+                Ok(t) => tensors.push(t),
+                Err(reason) => return Ok(self.reject(&path, reason)),
+            }
+        }
+        let mut pairs = Vec::with_capacity(layers.len());
+        let mut it = tensors.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            pairs.push((k, v));
+        }
+        let range = KvRange::new(blob.base_position, pairs)?;
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        Ok(Lookup::Hit(range))
+    }
+
+    /// Deletes the cache under `key` (absent is fine).
+    pub async fn delete(&self, key: &CacheKey) -> Result<()> {
+        if let Some(tier) = &self.tier
+            && let Ok(mut tier) = tier.lock()
+        {
+            tier.remove(key);
+        }
+        match self.store.delete(&self.path_of(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every key stored for this model, of both kinds.
+    pub async fn list(&self) -> Result<Vec<CacheKey>> {
+        let model_dir = self.path_of(&CacheKey::chunk(&self.model, &[]));
+        // `{prefix}/{model}/chunk/xx/…` → list under `{prefix}/{model}`.
+        let parts: Vec<_> = model_dir.parts().collect();
+        let model_prefix: Path = parts[..parts.len() - 3].iter().cloned().collect();
+        let metas: Vec<_> = self.store.list(Some(&model_prefix)).try_collect().await?;
+        let mut keys = Vec::new();
+        for meta in metas {
+            let parts: Vec<String> = meta
+                .location
+                .parts()
+                .map(|p| p.as_ref().to_string())
+                .collect();
+            let n = parts.len();
+            if n < 3 {
+                continue;
+            }
+            let (kind, file) = (&parts[n - 3], &parts[n - 1]);
+            if let (Some(kind), Some(hex)) =
+                (CacheKind::parse(kind), file.strip_suffix(".safetensors"))
+                && let Some(key) = CacheKey::from_hex(kind, hex)
+            {
+                keys.push(key);
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+/// A safetensors header, parsed on its own for ranged reads.
+#[derive(Debug, serde::Deserialize)]
+struct Header {
+    #[serde(rename = "__metadata__", default)]
+    metadata: std::collections::HashMap<String, String>,
+    #[serde(flatten)]
+    tensors: std::collections::HashMap<String, TensorEntry>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct TensorEntry {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}

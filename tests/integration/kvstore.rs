@@ -1,0 +1,397 @@
+//! The KV store: one conformance suite over every backend, real engine KV, corruption.
+
+use std::sync::Arc;
+
+use ragcake::engine::{DType, KvRange, Logits, ModelFingerprint};
+use ragcake::kvstore::object_store::ObjectStoreExt;
+use ragcake::kvstore::{CacheKey, KvStore, Lookup, RejectReason, format, open_url};
+
+use crate::common::{engine, max_abs_diff, prose_tokens};
+
+fn store_for(url: &str) -> KvStore {
+    let (store, prefix) = open_url(url, Vec::new()).unwrap();
+    let engine = engine();
+    KvStore::new(
+        store,
+        prefix,
+        engine.fingerprint(),
+        engine.model().config().kv_shape(),
+        engine.model().device().clone(),
+    )
+}
+
+/// KV of `tokens` computed from position 0, and the key it is stored under.
+fn chunk_kv(tokens: &[u32]) -> (CacheKey, KvRange) {
+    let engine = engine();
+    let mut cache = engine.new_cache();
+    engine.prefill(&mut cache, tokens, 256).unwrap();
+    (
+        CacheKey::chunk(&engine.fingerprint(), tokens),
+        cache.export(0..tokens.len()).unwrap(),
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The behaviour every backend must have.
+async fn conformance(store: KvStore) {
+    let tokens = prose_tokens(64);
+    let (key, range) = chunk_kv(&tokens);
+    assert!(!store.contains(&key).await.unwrap());
+    assert!(matches!(
+        store.get(&key, Some(&tokens)).await.unwrap(),
+        Lookup::Absent
+    ));
+
+    let written = store.put(&key, &tokens, &range).await.unwrap();
+    assert!(written > range.bytes() / 2, "f16 blob of {written} bytes");
+    assert!(store.contains(&key).await.unwrap());
+
+    let got = store
+        .get(&key, Some(&tokens))
+        .await
+        .unwrap()
+        .hit()
+        .expect("hit");
+    assert_eq!(got.len(), 64);
+    assert_eq!(got.dtype(), DType::F16);
+    let f16 = range.to_dtype(DType::F16).unwrap();
+    for (a, b) in got.layers().iter().zip(f16.layers()) {
+        assert_eq!(max_abs_diff(&a.0, &b.0), 0.0);
+        assert_eq!(max_abs_diff(&a.1, &b.1), 0.0);
+    }
+
+    // Ranged read of a few layers equals those layers of the full read.
+    let part = store
+        .get_layers(&key, Some(&tokens), 10..13)
+        .await
+        .unwrap()
+        .hit()
+        .unwrap();
+    assert_eq!(part.layers().len(), 3);
+    for (i, (k, v)) in part.layers().iter().enumerate() {
+        assert_eq!(max_abs_diff(k, &got.layers()[10 + i].0), 0.0);
+        assert_eq!(max_abs_diff(v, &got.layers()[10 + i].1), 0.0);
+    }
+
+    // The token ids are checked: same key, other tokens → rejected, never returned.
+    let mut other = tokens.clone();
+    other[5] += 1;
+    assert!(matches!(
+        store.get(&key, Some(&other)).await.unwrap(),
+        Lookup::Rejected(RejectReason::TokenMismatch)
+    ));
+
+    let second = CacheKey::prefix(&engine().fingerprint(), None, &tokens);
+    store.put(&second, &tokens, &range).await.unwrap();
+    let mut listed = store.list().await.unwrap();
+    listed.sort();
+    let mut expected = vec![key, second];
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    store.delete(&key).await.unwrap();
+    assert!(!store.contains(&key).await.unwrap());
+    store.delete(&key).await.unwrap(); // deleting twice is fine
+    let stats = store.stats();
+    assert_eq!(stats.puts, 2);
+    assert!(stats.hits >= 2 && stats.rejected >= 1, "{stats:?}");
+}
+
+#[test]
+fn memory_backend_passes_the_conformance_suite() {
+    runtime().block_on(conformance(store_for("memory://")));
+}
+
+#[test]
+fn local_directory_backend_passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("kv").display());
+    runtime().block_on(conformance(store_for(&url)));
+    // Objects are laid out by model and kind, readable in a listing.
+    let model_dir = dir.path().join("kv").join(engine().fingerprint().short());
+    assert!(model_dir.join("prefix").is_dir());
+}
+
+#[test]
+fn stored_kv_continues_with_the_same_logits_as_the_original() {
+    runtime().block_on(async {
+        let engine = engine();
+        let store = store_for("memory://");
+        let tokens = prose_tokens(120);
+        let next = engine.tokenizer().encode(" The keepers", false).unwrap();
+        let (key, range) = chunk_kv(&tokens);
+        store.put(&key, &tokens, &range).await.unwrap();
+        let loaded = store.get(&key, Some(&tokens)).await.unwrap().hit().unwrap();
+
+        // Reference: the same cache rounded to f16 in memory, without the store.
+        let mut reference = engine.new_cache();
+        engine
+            .import(&mut reference, &range.to_dtype(DType::F16).unwrap())
+            .unwrap();
+        let mut from_store = engine.new_cache();
+        engine.import(&mut from_store, &loaded).unwrap();
+        let a = engine
+            .model()
+            .forward(&next, &mut reference, Logits::All)
+            .unwrap()
+            .unwrap();
+        let b = engine
+            .model()
+            .forward(&next, &mut from_store, Logits::All)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            max_abs_diff(&a, &b),
+            0.0,
+            "storage must not change the cache"
+        );
+    });
+}
+
+fn valid_blob() -> (CacheKey, Vec<u32>, Vec<u8>) {
+    let tokens = prose_tokens(16);
+    let (key, range) = chunk_kv(&tokens);
+    let blob = format::encode(&key, &engine().fingerprint(), &tokens, &range, DType::F16).unwrap();
+    (key, tokens, blob)
+}
+
+fn decode(key: &CacheKey, tokens: &[u32], blob: &[u8]) -> Result<KvRange, RejectReason> {
+    let engine = engine();
+    let expected = format::Expectation {
+        key,
+        model: &engine.fingerprint(),
+        shape: engine.model().config().kv_shape(),
+        tokens: Some(tokens),
+    };
+    format::decode(blob, &expected, &ragcake::engine::Device::Cpu).map(|(_, r)| r)
+}
+
+/// Replaces `from` by `to` (same length) in the blob's header.
+fn patch(blob: &[u8], from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let at = blob
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap_or_else(|| panic!("{from} not in blob"));
+    let mut out = blob.to_vec();
+    out[at..at + to.len()].copy_from_slice(to.as_bytes());
+    out
+}
+
+#[test]
+fn every_kind_of_corrupt_or_foreign_blob_is_rejected_with_its_reason() {
+    let (key, tokens, blob) = valid_blob();
+    assert!(decode(&key, &tokens, &blob).is_ok());
+
+    // Truncated.
+    for keep in [0, 7, 100, blob.len() / 2, blob.len() - 1] {
+        assert!(
+            matches!(
+                decode(&key, &tokens, &blob[..keep]),
+                Err(RejectReason::Malformed(_))
+            ),
+            "{keep} bytes"
+        );
+    }
+    // A flipped byte in the tensor data.
+    let mut flipped = blob.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x10;
+    assert!(matches!(
+        decode(&key, &tokens, &flipped),
+        Err(RejectReason::Checksum(_))
+    ));
+    // Another model.
+    let other_model = ModelFingerprint([9; 32]);
+    let other = format::encode(
+        &key,
+        &other_model,
+        &tokens,
+        &decode(&key, &tokens, &blob).unwrap(),
+        DType::F16,
+    )
+    .unwrap();
+    assert!(matches!(
+        decode(&key, &tokens, &other),
+        Err(RejectReason::ModelMismatch { .. })
+    ));
+    // Another token count.
+    assert!(matches!(
+        decode(&key, &tokens[..10], &blob),
+        Err(RejectReason::TokenCountMismatch {
+            expected: 10,
+            found: 16
+        })
+    ));
+    // Unknown format version.
+    let v9 = patch(
+        &blob,
+        "\"format_version\":\"1\"",
+        "\"format_version\":\"9\"",
+    );
+    assert!(matches!(
+        decode(&key, &tokens, &v9),
+        Err(RejectReason::UnknownFormat { .. })
+    ));
+    // Metadata edited behind the checksum's back (a different base position).
+    let moved = patch(&blob, "\"base_position\":\"0\"", "\"base_position\":\"5\"");
+    assert!(matches!(
+        decode(&key, &tokens, &moved),
+        Err(RejectReason::Checksum(_))
+    ));
+    // Wrong dtype declared for the tensors (metadata says f32, data is f16).
+    let f32_meta = patch(&blob, "\"dtype\":\"f16\"", "\"dtype\":\"f32\"");
+    assert!(decode(&key, &tokens, &f32_meta).is_err());
+    // Wrong shape in a tensor header.
+    let wrong_shape = patch(&blob, "\"shape\":[3,16,64]", "\"shape\":[3,16,32]");
+    assert!(decode(&key, &tokens, &wrong_shape).is_err());
+    // A blob read under another key.
+    let other_key = CacheKey::chunk(&engine().fingerprint(), &[1, 2, 3]);
+    assert!(matches!(
+        decode(&other_key, &tokens, &blob),
+        Err(RejectReason::KeyMismatch { .. })
+    ));
+}
+
+#[test]
+fn random_corruptions_never_panic_and_never_pass() {
+    let (key, tokens, blob) = valid_blob();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 0..400 {
+        let mut bad = blob.clone();
+        match i % 3 {
+            0 => {
+                let at = (next() as usize) % bad.len();
+                bad[at] ^= 1 << (next() % 8);
+            }
+            1 => bad.truncate((next() as usize) % bad.len()),
+            _ => {
+                for _ in 0..8 {
+                    let at = (next() as usize) % bad.len();
+                    bad[at] = next() as u8;
+                }
+            }
+        }
+        if bad == blob {
+            continue;
+        }
+        // A change inside the header's space padding is harmless; anything else must fail.
+        if let Ok(range) = decode(&key, &tokens, &bad) {
+            let original = decode(&key, &tokens, &blob).unwrap();
+            for (a, b) in range.layers().iter().zip(original.layers()) {
+                assert_eq!(
+                    max_abs_diff(&a.0, &b.0),
+                    0.0,
+                    "case {i} returned different data"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_corrupt_object_in_the_store_is_a_counted_miss() {
+    runtime().block_on(async {
+        let store = store_for("memory://");
+        let (key, tokens, blob) = valid_blob();
+        let mut bad = blob.clone();
+        let at = bad.len() - 10;
+        bad[at] ^= 0xff;
+        store
+            .object_store()
+            .put(&store.path_of(&key), bad.into())
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.get(&key, Some(&tokens)).await.unwrap(),
+            Lookup::Rejected(RejectReason::Checksum(_))
+        ));
+        let stats = store.stats();
+        assert_eq!((stats.rejected, stats.misses, stats.hits), (1, 1, 0));
+    });
+}
+
+#[test]
+fn concurrent_puts_and_gets_of_one_key_never_see_a_torn_blob() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(store_for(&format!("file://{}", dir.path().display())));
+        let tokens = prose_tokens(32);
+        let (key, range) = chunk_kv(&tokens);
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let (store, tokens, range) = (store.clone(), tokens.clone(), range.clone());
+            tasks.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    store.put(&key, &tokens, &range).await.unwrap();
+                    None
+                } else {
+                    Some(store.get(&key, Some(&tokens)).await.unwrap())
+                }
+            }));
+        }
+        for task in tasks {
+            if let Some(lookup) = task.await.unwrap() {
+                assert!(
+                    matches!(lookup, Lookup::Hit(_) | Lookup::Absent),
+                    "a reader saw a partial object: {lookup:?}"
+                );
+            }
+        }
+        assert!(
+            store
+                .get(&key, Some(&tokens))
+                .await
+                .unwrap()
+                .hit()
+                .is_some()
+        );
+    });
+}
+
+#[test]
+fn memory_tier_serves_hits_and_evicts_by_bytes() {
+    runtime().block_on(async {
+        let tokens_a = prose_tokens(40);
+        let (key_a, range_a) = chunk_kv(&tokens_a);
+        let tokens_b = prose_tokens(41);
+        let (key_b, range_b) = chunk_kv(&tokens_b);
+        let one = range_a.to_dtype(DType::F16).unwrap().bytes();
+        let store = store_for("memory://").with_memory_tier(one + one / 2);
+        store.put(&key_a, &tokens_a, &range_a).await.unwrap();
+        assert!(
+            store
+                .get(&key_a, Some(&tokens_a))
+                .await
+                .unwrap()
+                .hit()
+                .is_some()
+        );
+        assert_eq!(store.stats().memory_hits, 1);
+        assert_eq!(store.stats().bytes_read, 0, "served from memory");
+        store.put(&key_b, &tokens_b, &range_b).await.unwrap(); // evicts a
+        assert_eq!(store.stats().evictions, 1);
+        assert!(
+            store
+                .get(&key_a, Some(&tokens_a))
+                .await
+                .unwrap()
+                .hit()
+                .is_some()
+        );
+        assert!(store.stats().bytes_read > 0, "a came from the backend");
+    });
+}
