@@ -8,6 +8,7 @@ pub mod error;
 pub mod format;
 pub mod key;
 pub mod store;
+pub mod throttle;
 pub mod url;
 
 pub use error::{KvStoreError, RejectReason, Result};
@@ -15,4 +16,5 @@ pub use key::{CacheKey, CacheKind};
 /// The object store crate, for building stores to pass to [`KvStore::new`].
 pub use object_store;
 pub use store::{KvStore, Lookup, StoreStats};
+pub use throttle::{Throttle, throttled};
 pub use url::open_url;

@@ -31,7 +31,24 @@ pub fn open_url(
             .map_err(|e| invalid(e.to_string()))?;
         return Ok((Arc::new(store), Path::default()));
     }
+    // object_store's URL parser starts from empty builders; take the usual environment
+    // variables first (as the builders' `from_env` would), then the explicit options.
+    let env_prefix = match parsed.scheme() {
+        "s3" | "s3a" => Some("aws_"),
+        "az" | "adl" | "azure" | "abfs" | "abfss" => Some("azure_"),
+        "gs" => Some("google_"),
+        _ => None,
+    };
+    let from_env: Vec<(String, String)> = env_prefix
+        .map(|p| {
+            std::env::vars()
+                .filter(|(k, _)| k.to_ascii_lowercase().starts_with(p))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect()
+        })
+        .unwrap_or_default();
     let (store, prefix) =
-        object_store::parse_url_opts(&parsed, options).map_err(|e| invalid(e.to_string()))?;
+        object_store::parse_url_opts(&parsed, from_env.into_iter().chain(options))
+            .map_err(|e| invalid(e.to_string()))?;
     Ok((Arc::from(store), prefix))
 }

@@ -17,6 +17,8 @@ pub enum BenchCommand {
     /// Prefill tokens/s at several context lengths and decode tokens/s, beside llama.cpp on
     /// the same GGUF, tokens and thread count.
     Prefill(PrefillArgs),
+    /// Load throughput of a 4k-token context from each KV store backend, beside raw GETs.
+    Kvstore(super::bench_kvstore::KvstoreArgs),
 }
 
 #[derive(Debug, Args)]
@@ -50,15 +52,16 @@ pub struct PrefillArgs {
     csv: PathBuf,
 }
 
+/// Median, min and max of repeated measurements.
 #[derive(Debug, Serialize)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
 }
 
 impl Stats {
-    fn of(mut xs: Vec<f64>) -> Self {
+    pub fn of(mut xs: Vec<f64>) -> Self {
         xs.sort_by(f64::total_cmp);
         let n = xs.len();
         let median = if n % 2 == 1 {
@@ -96,6 +99,10 @@ struct Report {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Prefill(args) => prefill(args),
+        BenchCommand::Kvstore(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(super::bench_kvstore::run(args)),
     }
 }
 

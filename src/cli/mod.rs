@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing and dispatch.
 
 mod bench;
+mod bench_kvstore;
 mod generate;
 mod models;
 mod plot;

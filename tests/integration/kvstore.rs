@@ -395,3 +395,19 @@ fn memory_tier_serves_hits_and_evicts_by_bytes() {
         assert!(store.stats().bytes_read > 0, "a came from the backend");
     });
 }
+
+#[test]
+fn s3_backend_passes_the_conformance_suite() {
+    // scripts/test.sh starts an S3-compatible server on loopback and sets these.
+    let Ok(url) = std::env::var("RAGCAKE_TEST_S3_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the S3 tests: run them through scripts/test.sh"
+        );
+        eprintln!("RAGCAKE_TEST_S3_URL unset: S3 conformance not run (scripts/test.sh sets it)");
+        return;
+    };
+    // A fresh prefix per run, so reruns against one server start empty.
+    let url = format!("{url}/{}", std::process::id());
+    runtime().block_on(conformance(store_for(&url)));
+}

@@ -1,0 +1,241 @@
+//! `ragcake bench kvstore`: load throughput of a 4k-token context from each backend,
+//! through the KV store (GET + verify + decode) and as raw object_store GETs of the same
+//! bytes, in one run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use futures::{StreamExt, TryStreamExt};
+use ragcake::engine::{Device, KvRange, Tensor};
+use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt};
+use ragcake::kvstore::{CacheKey, KvStore, format, open_url};
+use serde::Serialize;
+
+use super::ModelArgs;
+use super::bench::Stats;
+
+#[derive(Debug, Args)]
+pub struct KvstoreArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context length in tokens.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Tokens per stored chunk.
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Concurrent reads.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Timed repeats (median reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Also measure an S3 store (credentials and endpoint from AWS_* variables).
+    #[arg(long, env = "RAGCAKE_BENCH_S3_URL")]
+    s3_url: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// CSV output.
+    #[arg(long, default_value = "bench-results/kvstore.csv")]
+    csv: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    backend: String,
+    bytes: u64,
+    raw_mb_s: Stats,
+    kvstore_mb_s: Stats,
+    kvstore_tokens_s: f64,
+    ratio: f64,
+    decode_share: f64,
+}
+
+/// Synthetic KV of the model's shape: load throughput does not depend on the values, and
+/// computing 4k tokens of real KV would dominate the benchmark's run time.
+fn synthetic_chunk(
+    shape: ragcake::engine::KvShape,
+    base: usize,
+    n: usize,
+) -> anyhow::Result<KvRange> {
+    let layers = (0..shape.n_layers)
+        .map(|_| {
+            let dims = (shape.n_kv_heads, n, shape.head_dim);
+            Ok((
+                Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?,
+                Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(KvRange::new(base, layers)?)
+}
+
+pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.repeats > 0 && args.chunk > 0 && args.concurrency > 0);
+    let engine = args.model.load()?;
+    let shape = engine.model().config().kv_shape();
+    let model = engine.fingerprint();
+    let chunks: Vec<(Vec<u32>, KvRange)> = (0..args.context.div_ceil(args.chunk))
+        .map(|i| {
+            let n = args.chunk.min(args.context - i * args.chunk);
+            let tokens: Vec<u32> = (0..n as u32).map(|t| 1000 + t + 7 * i as u32).collect();
+            Ok((tokens, synthetic_chunk(shape, 0, n)?))
+        })
+        .collect::<anyhow::Result<_>>()?;
+
+    let dir = tempfile::tempdir()?;
+    let mut backends = vec![
+        ("memory".to_string(), "memory://".to_string(), false),
+        (
+            "local dir".to_string(),
+            format!("file://{}", dir.path().display()),
+            false,
+        ),
+        (
+            "local dir + memory tier".to_string(),
+            format!("file://{}", dir.path().join("tiered").display()),
+            true,
+        ),
+    ];
+    if let Some(url) = &args.s3_url {
+        backends.push((
+            "s3".to_string(),
+            format!("{url}/bench-{}", std::process::id()),
+            false,
+        ));
+    }
+
+    let mut rows = Vec::new();
+    for (name, url, tier) in backends {
+        let (object_store, prefix) = open_url(&url, Vec::new())?;
+        let mut store = KvStore::new(object_store.clone(), prefix, model, shape, Device::Cpu);
+        if tier {
+            store = store.with_memory_tier(usize::MAX);
+        }
+        let mut keys = Vec::new();
+        let mut total = 0u64;
+        for (tokens, range) in &chunks {
+            let key = CacheKey::chunk(&model, tokens);
+            total += store.put(&key, tokens, range).await? as u64;
+            keys.push((key, tokens.clone()));
+        }
+        let paths: Vec<_> = keys.iter().map(|(k, _)| store.path_of(k)).collect();
+        let mut raw = Vec::new();
+        let mut ours = Vec::new();
+        let mut decode_secs = Vec::new();
+        for _ in 0..args.repeats {
+            let t0 = Instant::now();
+            let blobs: Vec<_> = futures::stream::iter(paths.iter().cloned())
+                .map(|p| {
+                    let s: Arc<dyn ObjectStore> = object_store.clone();
+                    async move { s.get(&p).await?.bytes().await }
+                })
+                .buffered(args.concurrency)
+                .try_collect()
+                .await?;
+            raw.push(total as f64 / 1e6 / t0.elapsed().as_secs_f64());
+
+            let t0 = Instant::now();
+            let loaded: Vec<_> = futures::stream::iter(keys.iter())
+                .map(|(k, t)| store.get(k, Some(t)))
+                .buffered(args.concurrency)
+                .try_collect()
+                .await?;
+            ours.push(total as f64 / 1e6 / t0.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                loaded.into_iter().all(|l| l.hit().is_some()),
+                "a stored chunk did not load"
+            );
+
+            // Decode alone (verify + tensors), on bytes already in memory.
+            let t0 = Instant::now();
+            for ((key, tokens), blob) in keys.iter().zip(&blobs) {
+                let expected = format::Expectation {
+                    key,
+                    model: &model,
+                    shape,
+                    tokens: Some(tokens),
+                };
+                format::decode(blob, &expected, &Device::Cpu)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            decode_secs.push(t0.elapsed().as_secs_f64());
+        }
+        let raw = Stats::of(raw);
+        let ours = Stats::of(ours);
+        let load_secs = total as f64 / 1e6 / ours.median;
+        let decode = Stats::of(decode_secs).median;
+        eprintln!(
+            "{name}: raw {:.0} MB/s, kvstore {:.0} MB/s",
+            raw.median, ours.median
+        );
+        rows.push(Row {
+            backend: name,
+            bytes: total,
+            kvstore_tokens_s: args.context as f64 / load_secs,
+            ratio: ours.median / raw.median,
+            decode_share: if tier { 0.0 } else { decode / load_secs },
+            raw_mb_s: raw,
+            kvstore_mb_s: ours,
+        });
+    }
+    write_outputs(&args, &rows)
+}
+
+fn write_outputs(args: &KvstoreArgs, rows: &[Row]) -> anyhow::Result<()> {
+    if let Some(dir) = args.csv.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut csv = String::from(
+        "backend,context,chunk,concurrency,bytes,raw_mb_s,raw_min,raw_max,kvstore_mb_s,kvstore_min,kvstore_max,kvstore_tokens_s,ratio,decode_share\n",
+    );
+    for r in rows {
+        csv += &format!(
+            "{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.0},{:.3},{:.3}\n",
+            r.backend,
+            args.context,
+            args.chunk,
+            args.concurrency,
+            r.bytes,
+            r.raw_mb_s.median,
+            r.raw_mb_s.min,
+            r.raw_mb_s.max,
+            r.kvstore_mb_s.median,
+            r.kvstore_mb_s.min,
+            r.kvstore_mb_s.max,
+            r.kvstore_tokens_s,
+            r.ratio,
+            r.decode_share
+        );
+    }
+    std::fs::write(&args.csv, csv)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    } else {
+        println!(
+            "{}-token context in {}-token chunks, {} concurrent reads, median of {} (min–max)",
+            args.context, args.chunk, args.concurrency, args.repeats
+        );
+        println!(
+            "{:<24} {:>22} {:>22} {:>7} {:>12} {:>8}",
+            "backend", "raw GET MB/s", "kvstore MB/s", "ratio", "tokens/s", "decode"
+        );
+        for r in rows {
+            let f = |s: &Stats| format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max);
+            println!(
+                "{:<24} {:>22} {:>22} {:>6.2}x {:>12.0} {:>7.1}%",
+                r.backend,
+                f(&r.raw_mb_s),
+                f(&r.kvstore_mb_s),
+                r.ratio,
+                r.kvstore_tokens_s,
+                r.decode_share * 100.0
+            );
+        }
+    }
+    eprintln!("CSV written to {}", args.csv.display());
+    Ok(())
+}
