@@ -22,6 +22,9 @@ pub mod models;
 pub mod rope;
 pub mod tokenizer;
 
+#[cfg(test)]
+mod test_util;
+
 pub use candle_core::{DType, Device, Tensor};
 pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use engine::{Completion, DTypeChoice, DeviceChoice, Engine, EngineConfig};

@@ -109,18 +109,7 @@ impl Rope {
 mod tests {
     use super::*;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::test_util::max_abs_diff as max_diff;
 
     #[test]
     fn shifting_composes_with_rotation() {

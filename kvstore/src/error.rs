@@ -88,6 +88,9 @@ pub enum KvStoreError {
     /// Encoding the blob failed.
     #[error("encoding: {0}")]
     Encode(String),
+    /// A background decode task died (a bug, reported rather than propagated as a panic).
+    #[error("decode task failed: {0}")]
+    Task(String),
     /// A layer range outside the blob.
     #[error("layers {start}..{end} requested from a blob of {n_layers} layers")]
     LayerRange {

@@ -260,34 +260,40 @@ pub fn tensor_from_bytes(
 }
 
 /// Decodes and verifies a whole blob into a KV range on `device` (in the stored dtype).
+/// The header is parsed once and each tensor is copied once, from the blob into its tensor.
 pub fn decode(
     bytes: &[u8],
     expected: &Expectation<'_>,
     device: &Device,
 ) -> Result<(BlobMeta, KvRange), RejectReason> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| RejectReason::Malformed(e.to_string()))?;
-    let (_, header) =
+    // `read_metadata` checks that the tensors' offsets tile the data section exactly.
+    let (header_len, header) =
         SafeTensors::read_metadata(bytes).map_err(|e| RejectReason::Malformed(e.to_string()))?;
     let meta = header
         .metadata()
         .clone()
         .ok_or_else(|| RejectReason::Metadata("__metadata__".into()))?;
     let blob = check_meta(&meta, expected)?;
+    let data = &bytes[8 + header_len..];
     let mut layers = Vec::with_capacity(blob.shape.n_layers);
     for layer in 0..blob.shape.n_layers {
         let mut pair = Vec::with_capacity(2);
         for name in [k_name(layer), v_name(layer)] {
-            let view = st.tensor(&name).map_err(|_| RejectReason::Shape {
+            let info = header.info(&name).ok_or_else(|| RejectReason::Shape {
                 name: name.clone(),
                 reason: "missing".into(),
             })?;
-            if view.dtype() != safetensors_dtype(blob.dtype) {
-                return Err(RejectReason::Dtype(format!("{:?} in {name}", view.dtype())));
+            if info.dtype != safetensors_dtype(blob.dtype) {
+                return Err(RejectReason::Dtype(format!("{:?} in {name}", info.dtype)));
             }
+            let (start, end) = info.data_offsets;
+            let tensor_bytes = data
+                .get(start..end)
+                .ok_or_else(|| RejectReason::Malformed(format!("{name} lies outside the blob")))?;
             pair.push(tensor_from_bytes(
                 &name,
-                view.data(),
-                view.shape(),
+                tensor_bytes,
+                &info.shape,
                 &meta,
                 &blob,
                 device,

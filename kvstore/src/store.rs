@@ -283,13 +283,22 @@ impl KvStore {
             Err(e) => return Err(e.into()),
         };
         self.record_read(bytes.len(), started);
-        let expected = Expectation {
-            key,
-            model: &self.model,
-            shape: self.shape,
-            tokens,
-        };
-        match format::decode(&bytes, &expected, &self.device) {
+        // Verification and decoding are CPU work: off the async workers, so other reads
+        // keep flowing while this one is checked.
+        let (key_copy, model, shape, device) = (*key, self.model, self.shape, self.device.clone());
+        let tokens = tokens.map(<[u32]>::to_vec);
+        let decoded = tokio::task::spawn_blocking(move || {
+            let expected = Expectation {
+                key: &key_copy,
+                model: &model,
+                shape,
+                tokens: tokens.as_deref(),
+            };
+            format::decode(&bytes, &expected, &device)
+        })
+        .await
+        .map_err(|e| KvStoreError::Task(e.to_string()))?;
+        match decoded {
             Ok((_, range)) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 self.tier_insert(*key, &range);

@@ -55,24 +55,8 @@ pub fn prose_tokens(min_tokens: usize) -> Vec<u32> {
 /// Largest absolute element-wise difference of two tensors of equal shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a
-        .to_dtype(ragcake::engine::DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap();
-    let b = b
-        .to_dtype(ragcake::engine::DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    let f32 = |t: &Tensor| t.to_dtype(ragcake::engine::DType::F32).unwrap();
+    max_abs(&(f32(a) - f32(b)).unwrap())
 }
 
 /// Largest absolute value of a tensor (for relative tolerances).

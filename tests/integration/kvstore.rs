@@ -31,6 +31,11 @@ fn chunk_kv(tokens: &[u32]) -> (CacheKey, KvRange) {
     )
 }
 
+/// Whether `key` loads as a verified hit.
+async fn loads(store: &KvStore, key: &CacheKey, tokens: &[u32]) -> bool {
+    store.get(key, Some(tokens)).await.unwrap().hit().is_some()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -351,14 +356,7 @@ fn concurrent_puts_and_gets_of_one_key_never_see_a_torn_blob() {
                 );
             }
         }
-        assert!(
-            store
-                .get(&key, Some(&tokens))
-                .await
-                .unwrap()
-                .hit()
-                .is_some()
-        );
+        assert!(loads(&store, &key, &tokens).await);
     });
 }
 
@@ -372,26 +370,12 @@ fn memory_tier_serves_hits_and_evicts_by_bytes() {
         let one = range_a.to_dtype(DType::F16).unwrap().bytes();
         let store = store_for("memory://").with_memory_tier(one + one / 2);
         store.put(&key_a, &tokens_a, &range_a).await.unwrap();
-        assert!(
-            store
-                .get(&key_a, Some(&tokens_a))
-                .await
-                .unwrap()
-                .hit()
-                .is_some()
-        );
+        assert!(loads(&store, &key_a, &tokens_a).await);
         assert_eq!(store.stats().memory_hits, 1);
         assert_eq!(store.stats().bytes_read, 0, "served from memory");
         store.put(&key_b, &tokens_b, &range_b).await.unwrap(); // evicts a
         assert_eq!(store.stats().evictions, 1);
-        assert!(
-            store
-                .get(&key_a, Some(&tokens_a))
-                .await
-                .unwrap()
-                .hit()
-                .is_some()
-        );
+        assert!(loads(&store, &key_a, &tokens_a).await);
         assert!(store.stats().bytes_read > 0, "a came from the backend");
     });
 }

@@ -546,16 +546,7 @@ mod tests {
             .unwrap()
             .reshape((t, nh * hd))
             .unwrap();
-        let diff: f32 = (got - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = crate::test_util::max_abs_diff(&got, &expected);
         assert!(diff < 1e-5, "{diff}");
     }
 }
