@@ -128,14 +128,14 @@ impl CacheKey {
     /// `{model 16 hex}/{kind}/{first 2 hex}/{64 hex}.safetensors` — grouped by model and kind
     /// in a bucket listing, and fanned out so no directory grows huge.
     pub fn relative_path(&self, model: &ModelFingerprint) -> String {
+        format!("{}/{}", model.short(), self.object_name())
+    }
+
+    /// The object's path below its model's directory:
+    /// `{kind}/{first 2 hex}/{64 hex}.safetensors`.
+    pub fn object_name(&self) -> String {
         let h = self.to_hex();
-        format!(
-            "{}/{}/{}/{}.safetensors",
-            model.short(),
-            self.kind.as_str(),
-            &h[..2],
-            h
-        )
+        format!("{}/{}/{}.safetensors", self.kind.as_str(), &h[..2], h)
     }
 
     /// Parses a key back from its kind and hex form.

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::error::{KvStoreError, RejectReason, Result};
 use crate::format::{self, Expectation};
-use crate::key::{CacheKey, CacheKind};
+use crate::key::{CacheKey, CacheKind, tokens_hash};
 
 /// Counters of a store's traffic.
 #[derive(Debug, Default)]
@@ -57,27 +57,28 @@ pub struct StoreStats {
 struct MemoryTier {
     capacity_bytes: usize,
     used_bytes: usize,
-    entries: lru::LruCache<CacheKey, KvRange>,
+    /// Decoded caches with the blake3 of the token ids they were computed from.
+    entries: lru::LruCache<CacheKey, (KvRange, [u8; 32])>,
 }
 
 impl MemoryTier {
-    fn get(&mut self, key: &CacheKey) -> Option<KvRange> {
+    fn get(&mut self, key: &CacheKey) -> Option<(KvRange, [u8; 32])> {
         self.entries.get(key).cloned()
     }
 
     /// Inserts and returns how many entries were evicted to make room.
-    fn insert(&mut self, key: CacheKey, range: KvRange) -> u64 {
+    fn insert(&mut self, key: CacheKey, range: KvRange, tokens_hash: [u8; 32]) -> u64 {
         let size = range.bytes();
         if size > self.capacity_bytes {
             return 0;
         }
-        if let Some(old) = self.entries.pop(&key) {
+        if let Some((old, _)) = self.entries.pop(&key) {
             self.used_bytes -= old.bytes();
         }
         let mut evicted = 0;
         while self.used_bytes + size > self.capacity_bytes {
             match self.entries.pop_lru() {
-                Some((_, old)) => {
+                Some((_, (old, _))) => {
                     self.used_bytes -= old.bytes();
                     evicted += 1;
                 }
@@ -85,12 +86,12 @@ impl MemoryTier {
             }
         }
         self.used_bytes += size;
-        self.entries.put(key, range);
+        self.entries.put(key, (range, tokens_hash));
         evicted
     }
 
     fn remove(&mut self, key: &CacheKey) {
-        if let Some(old) = self.entries.pop(key) {
+        if let Some((old, _)) = self.entries.pop(key) {
             self.used_bytes -= old.bytes();
         }
     }
@@ -184,12 +185,12 @@ impl KvStore {
 
     /// The object path of `key`.
     pub fn path_of(&self, key: &CacheKey) -> Path {
-        let relative = key.relative_path(&self.model);
-        if self.prefix.as_ref().is_empty() {
-            Path::from(relative)
-        } else {
-            Path::from(format!("{}/{relative}", self.prefix))
-        }
+        Path::from(format!("{}/{}", self.model_dir(), key.object_name()))
+    }
+
+    /// The directory holding this model's caches: `{prefix}/{model fingerprint, 16 hex}`.
+    pub fn model_dir(&self) -> Path {
+        self.prefix.clone().join(self.model.short())
     }
 
     /// A snapshot of the counters.
@@ -209,16 +210,16 @@ impl KvStore {
         }
     }
 
-    fn tier_get(&self, key: &CacheKey) -> Option<KvRange> {
+    fn tier_get(&self, key: &CacheKey) -> Option<(KvRange, [u8; 32])> {
         let tier = self.tier.as_ref()?;
         tier.lock().ok()?.get(key)
     }
 
-    fn tier_insert(&self, key: CacheKey, range: &KvRange) {
+    fn tier_insert(&self, key: CacheKey, range: &KvRange, tokens_hash: [u8; 32]) {
         if let Some(tier) = &self.tier
             && let Ok(mut tier) = tier.lock()
         {
-            let evicted = tier.insert(key, range.clone());
+            let evicted = tier.insert(key, range.clone(), tokens_hash);
             self.counters
                 .evictions
                 .fetch_add(evicted, Ordering::Relaxed);
@@ -257,7 +258,7 @@ impl KvStore {
             .bytes_written
             .fetch_add(len as u64, Ordering::Relaxed);
         if let Ok(stored) = range.to_dtype(self.storage_dtype) {
-            self.tier_insert(*key, &stored);
+            self.tier_insert(*key, &stored, tokens_hash(tokens));
         }
         Ok(len)
     }
@@ -265,9 +266,11 @@ impl KvStore {
     /// Loads the cache stored under `key`, verified against the model and (when given) the
     /// token ids it must have been computed from. Absent and rejected blobs are misses.
     pub async fn get(&self, key: &CacheKey, tokens: Option<&[u32]>) -> Result<Lookup> {
-        if let Some(range) = self.tier_get(key)
-            && tokens.is_none_or(|t| t.len() == range.len())
-        {
+        if let Some((range, hash)) = self.tier_get(key) {
+            // The same token check as a read from the backend.
+            if tokens.is_some_and(|t| tokens_hash(t) != hash) {
+                return Ok(self.reject(&self.path_of(key), RejectReason::TokenMismatch));
+            }
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Lookup::Hit(range));
@@ -299,9 +302,9 @@ impl KvStore {
         .await
         .map_err(|e| KvStoreError::Task(e.to_string()))?;
         match decoded {
-            Ok((_, range)) => {
+            Ok((blob, range)) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                self.tier_insert(*key, &range);
+                self.tier_insert(*key, &range, blob.tokens_hash);
                 Ok(Lookup::Hit(range))
             }
             Err(reason) => Ok(self.reject(&path, reason)),
@@ -444,11 +447,11 @@ impl KvStore {
 
     /// Every key stored for this model, of both kinds.
     pub async fn list(&self) -> Result<Vec<CacheKey>> {
-        let model_dir = self.path_of(&CacheKey::chunk(&self.model, &[]));
-        // `{prefix}/{model}/chunk/xx/…` → list under `{prefix}/{model}`.
-        let parts: Vec<_> = model_dir.parts().collect();
-        let model_prefix: Path = parts[..parts.len() - 3].iter().cloned().collect();
-        let metas: Vec<_> = self.store.list(Some(&model_prefix)).try_collect().await?;
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&self.model_dir()))
+            .try_collect()
+            .await?;
         let mut keys = Vec::new();
         for meta in metas {
             let parts: Vec<String> = meta

@@ -373,6 +373,13 @@ fn memory_tier_serves_hits_and_evicts_by_bytes() {
         assert!(loads(&store, &key_a, &tokens_a).await);
         assert_eq!(store.stats().memory_hits, 1);
         assert_eq!(store.stats().bytes_read, 0, "served from memory");
+        // A memory hit checks the token ids like a read from the backend does.
+        let mut wrong = tokens_a.clone();
+        wrong[0] += 1;
+        assert!(matches!(
+            store.get(&key_a, Some(&wrong)).await.unwrap(),
+            Lookup::Rejected(RejectReason::TokenMismatch)
+        ));
         store.put(&key_b, &tokens_b, &range_b).await.unwrap(); // evicts a
         assert_eq!(store.stats().evictions, 1);
         assert!(loads(&store, &key_a, &tokens_a).await);
