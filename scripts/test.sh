@@ -27,13 +27,15 @@ moto_pid=$!
 trap 'kill "$moto_pid" 2>/dev/null || true' EXIT
 export AWS_ENDPOINT="http://127.0.0.1:$port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
     AWS_ACCESS_KEY_ID=ragcake-test AWS_SECRET_ACCESS_KEY=ragcake-test
+started=0
 for _ in $(seq 1 100); do   # up to 20 s
-    "$moto_venv/bin/python" - <<'PY' 2>/dev/null && break
+    if "$moto_venv/bin/python" - <<'PY' 2>/dev/null; then started=1; break; fi
 import os, boto3
 boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT"]).create_bucket(Bucket="ragcake-test")
 PY
     sleep 0.2
 done
+[ "$started" = 1 ] || { echo "error: moto_server did not start, see $RAGCAKE_HOME/moto.log" >&2; exit 1; }
 export RAGCAKE_TEST_S3_URL="s3://ragcake-test/kv"
 
 echo "== tests"
