@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use ragcake::engine::{Engine, EngineConfig, Tensor};
+use ragcake::engine::{Engine, EngineConfig, KvCache, Logits, Tensor};
 use ragcake::models::{ModelCache, SMOLLM2};
 
 /// Path of the default GGUF model (`RAGCAKE_MODEL` overrides it).
@@ -33,6 +33,15 @@ pub fn dense_engine() -> &'static Engine {
         };
         Engine::load(model_path(), &config).expect("load model")
     })
+}
+
+/// Runs `tokens` through `engine`'s model after `cache` and returns the requested logits.
+pub fn logits(engine: &Engine, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Tensor {
+    engine
+        .model()
+        .forward(tokens, cache, which)
+        .unwrap()
+        .expect("logits were requested")
 }
 
 /// A few hundred tokens of ordinary English prose.

@@ -9,7 +9,9 @@ use ragcake::engine::{
     Sampling, Tensor,
 };
 
-use crate::common::{dense_engine, engine, max_abs, max_abs_diff, model_path, prose_tokens};
+use crate::common::{
+    dense_engine, engine, logits, max_abs, max_abs_diff, model_path, prose_tokens,
+};
 
 /// Logits of SmolLM2 span roughly ±30; f32 prefill in different chunkings reorders sums, so
 /// results agree to about 1e-4. 2e-3 is tight enough that any real mistake (a wrong position,
@@ -19,11 +21,7 @@ const LOGIT_TOLERANCE: f32 = 2e-3;
 fn one_shot_logits(tokens: &[u32]) -> Tensor {
     let engine = dense_engine();
     let mut cache = engine.new_cache();
-    engine
-        .model()
-        .forward(tokens, &mut cache, Logits::All)
-        .unwrap()
-        .unwrap()
+    logits(engine, tokens, &mut cache, Logits::All)
 }
 
 #[test]
@@ -43,13 +41,7 @@ fn chunked_prefill_gives_the_same_logits_as_one_shot_prefill() {
         }
         let mut rows = Vec::new();
         for piece in tokens[prefix..].chunks(chunk) {
-            rows.push(
-                engine
-                    .model()
-                    .forward(piece, &mut cache, Logits::All)
-                    .unwrap()
-                    .unwrap(),
-            );
+            rows.push(logits(engine, piece, &mut cache, Logits::All));
         }
         let chunked = Tensor::cat(&rows, 0).unwrap();
         let diff = max_abs_diff(
@@ -79,11 +71,7 @@ fn quantized_decode_steps_stay_close_to_dense_prefill() {
     engine.prefill(&mut cache, &tokens[..120], 120).unwrap();
     let mut worst = 0f32;
     for (i, &token) in tokens[120..].iter().enumerate() {
-        let step = engine
-            .model()
-            .forward(&[token], &mut cache, Logits::Last)
-            .unwrap()
-            .unwrap();
+        let step = logits(engine, &[token], &mut cache, Logits::Last);
         let expected = reference.get(120 + i).unwrap();
         worst = worst.max(max_abs_diff(&step, &expected));
         assert_eq!(
@@ -136,16 +124,8 @@ fn exported_and_imported_kv_continues_with_the_same_logits() {
     engine.import(&mut rebuilt, &tail).unwrap();
     assert_eq!(rebuilt.len(), 200);
 
-    let expected = engine
-        .model()
-        .forward(&next, &mut original, Logits::All)
-        .unwrap()
-        .unwrap();
-    let got = engine
-        .model()
-        .forward(&next, &mut rebuilt, Logits::All)
-        .unwrap()
-        .unwrap();
+    let expected = logits(engine, &next, &mut original, Logits::All);
+    let got = logits(engine, &next, &mut rebuilt, Logits::All);
     assert_eq!(
         max_abs_diff(&expected, &got),
         0.0,
@@ -169,16 +149,8 @@ fn kv_round_trip_through_f16_stays_close() {
     let mut rebuilt = engine.new_cache();
     engine.import(&mut rebuilt, &stored).unwrap();
     let q = engine.tokenizer().encode(" The keepers", false).unwrap();
-    let a = engine
-        .model()
-        .forward(&q, &mut original, Logits::Last)
-        .unwrap()
-        .unwrap();
-    let b = engine
-        .model()
-        .forward(&q, &mut rebuilt, Logits::Last)
-        .unwrap()
-        .unwrap();
+    let a = logits(engine, &q, &mut original, Logits::Last);
+    let b = logits(engine, &q, &mut rebuilt, Logits::Last);
     let diff = max_abs_diff(&a, &b);
     assert!(diff < 0.15, "f16 storage moved logits by {diff}");
     assert_eq!(argmax(&a), argmax(&b));

@@ -6,7 +6,7 @@ use ragcake::engine::{DType, KvRange, Logits, ModelFingerprint};
 use ragcake::kvstore::object_store::ObjectStoreExt;
 use ragcake::kvstore::{CacheKey, KvStore, Lookup, RejectReason, format, open_url};
 
-use crate::common::{engine, max_abs_diff, prose_tokens};
+use crate::common::{engine, logits, max_abs_diff, prose_tokens};
 
 fn store_for(url: &str) -> KvStore {
     let (store, prefix) = open_url(url, Vec::new()).unwrap();
@@ -142,16 +142,8 @@ fn stored_kv_continues_with_the_same_logits_as_the_original() {
             .unwrap();
         let mut from_store = engine.new_cache();
         engine.import(&mut from_store, &loaded).unwrap();
-        let a = engine
-            .model()
-            .forward(&next, &mut reference, Logits::All)
-            .unwrap()
-            .unwrap();
-        let b = engine
-            .model()
-            .forward(&next, &mut from_store, Logits::All)
-            .unwrap()
-            .unwrap();
+        let a = logits(engine, &next, &mut reference, Logits::All);
+        let b = logits(engine, &next, &mut from_store, Logits::All);
         assert_eq!(
             max_abs_diff(&a, &b),
             0.0,
