@@ -6,10 +6,12 @@
 //! ranged-read call. Metadata (string map) records everything needed to refuse a wrong blob.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 use ragcake_engine::{KvRange, KvShape, ModelFingerprint};
 use safetensors::SafeTensors;
+use safetensors::tensor::{Metadata, TensorInfo};
 
 use crate::error::{KvStoreError, RejectReason, Result};
 use crate::key::{CacheKey, CacheKind, hex, tokens_hash};
@@ -259,6 +261,55 @@ pub fn tensor_from_bytes(
     })
 }
 
+/// The stored tensors of `layers`, keys and values in layer order (`k.i`, `v.i`, …), each
+/// checked to be present and of the blob's dtype.
+pub fn layer_tensors(
+    header: &Metadata,
+    blob: &BlobMeta,
+    layers: Range<usize>,
+) -> Result<Vec<(String, TensorInfo)>, RejectReason> {
+    let mut out = Vec::with_capacity(2 * layers.len());
+    for layer in layers {
+        for name in [k_name(layer), v_name(layer)] {
+            let info = header.info(&name).ok_or_else(|| RejectReason::Shape {
+                name: name.clone(),
+                reason: "missing".into(),
+            })?;
+            if info.dtype != safetensors_dtype(blob.dtype) {
+                return Err(RejectReason::Dtype(format!("{:?} in {name}", info.dtype)));
+            }
+            out.push((name, info.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Checks the bytes of tensors listed by [`layer_tensors`] (shapes, checksums) and builds
+/// the KV range they form on `device`.
+pub fn range_from_tensors<'b>(
+    tensors: &[(String, TensorInfo)],
+    bytes: impl IntoIterator<Item = &'b [u8]>,
+    meta: &HashMap<String, String>,
+    blob: &BlobMeta,
+    device: &Device,
+) -> Result<KvRange, RejectReason> {
+    let mut decoded = tensors
+        .iter()
+        .zip(bytes)
+        .map(|((name, info), b)| tensor_from_bytes(name, b, &info.shape, meta, blob, device));
+    let mut layers = Vec::with_capacity(tensors.len() / 2);
+    while let Some(k) = decoded.next() {
+        let v = decoded
+            .next()
+            .ok_or_else(|| RejectReason::Malformed("odd tensor count".into()))?;
+        layers.push((k?, v?));
+    }
+    KvRange::new(blob.base_position, layers).map_err(|e| RejectReason::Shape {
+        name: "range".into(),
+        reason: e.to_string(),
+    })
+}
+
 /// Decodes and verifies a whole blob into a KV range on `device` (in the stored dtype).
 /// The header is parsed once and each tensor is copied once, from the blob into its tensor.
 pub fn decode(
@@ -274,39 +325,16 @@ pub fn decode(
         .clone()
         .ok_or_else(|| RejectReason::Metadata("__metadata__".into()))?;
     let blob = check_meta(&meta, expected)?;
+    let tensors = layer_tensors(&header, &blob, 0..blob.shape.n_layers)?;
     let data = &bytes[8 + header_len..];
-    let mut layers = Vec::with_capacity(blob.shape.n_layers);
-    for layer in 0..blob.shape.n_layers {
-        let mut pair = Vec::with_capacity(2);
-        for name in [k_name(layer), v_name(layer)] {
-            let info = header.info(&name).ok_or_else(|| RejectReason::Shape {
-                name: name.clone(),
-                reason: "missing".into(),
-            })?;
-            if info.dtype != safetensors_dtype(blob.dtype) {
-                return Err(RejectReason::Dtype(format!("{:?} in {name}", info.dtype)));
-            }
-            let (start, end) = info.data_offsets;
-            let tensor_bytes = data
-                .get(start..end)
-                .ok_or_else(|| RejectReason::Malformed(format!("{name} lies outside the blob")))?;
-            pair.push(tensor_from_bytes(
-                &name,
-                tensor_bytes,
-                &info.shape,
-                &meta,
-                &blob,
-                device,
-            )?);
-        }
-        let v = pair.pop().expect("two tensors");
-        let k = pair.pop().expect("two tensors");
-        layers.push((k, v));
-    }
-    let range = KvRange::new(blob.base_position, layers).map_err(|e| RejectReason::Shape {
-        name: "range".into(),
-        reason: e.to_string(),
-    })?;
+    let slices = tensors
+        .iter()
+        .map(|(name, info)| {
+            data.get(info.data_offsets.0..info.data_offsets.1)
+                .ok_or_else(|| RejectReason::Malformed(format!("{name} lies outside the blob")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let range = range_from_tensors(&tensors, slices, &meta, &blob, device)?;
     Ok((blob, range))
 }
 

@@ -10,6 +10,7 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake_engine::{KvRange, KvShape, ModelFingerprint};
+use safetensors::tensor::Metadata;
 use serde::Serialize;
 
 use crate::error::{KvStoreError, RejectReason, Result};
@@ -248,7 +249,8 @@ impl KvStore {
                 self.shape
             )));
         }
-        let blob = format::encode(key, &self.model, tokens, range, self.storage_dtype)?;
+        let stored = range.to_dtype(self.storage_dtype)?;
+        let blob = format::encode(key, &self.model, tokens, &stored, self.storage_dtype)?;
         let len = blob.len();
         self.store
             .put(&self.path_of(key), PutPayload::from(blob))
@@ -257,9 +259,7 @@ impl KvStore {
         self.counters
             .bytes_written
             .fetch_add(len as u64, Ordering::Relaxed);
-        if let Ok(stored) = range.to_dtype(self.storage_dtype) {
-            self.tier_insert(*key, &stored, tokens_hash(tokens));
-        }
+        self.tier_insert(*key, &stored, tokens_hash(tokens));
         Ok(len)
     }
 
@@ -363,73 +363,44 @@ impl KvStore {
             return Ok(self.reject(&path, RejectReason::Malformed("oversized header".into())));
         }
         let header = self.store.get_range(&path, 8..8 + header_len).await?;
-        let parsed: Result<Header, _> = serde_json::from_slice(&header);
-        let Ok(header_map) = parsed else {
+        // safetensors' own header type: it also checks that the offsets tile the data.
+        let Ok(parsed) = serde_json::from_slice::<Metadata>(&header) else {
             return Ok(self.reject(&path, RejectReason::Malformed("unparsable header".into())));
         };
+        let meta = parsed.metadata().clone().unwrap_or_default();
         let expected = Expectation {
             key,
             model: &self.model,
             shape: self.shape,
             tokens,
         };
-        let blob = match format::check_meta(&header_map.metadata, &expected) {
-            Ok(b) => b,
+        let checked = format::check_meta(&meta, &expected)
+            .and_then(|blob| Ok((format::layer_tensors(&parsed, &blob, layers)?, blob)));
+        let (tensors, blob) = match checked {
+            Ok(found) => found,
             Err(reason) => return Ok(self.reject(&path, reason)),
         };
+        // Keys of consecutive layers are adjacent, and so are values.
         let data_start = 8 + header_len;
-        let info = |name: &str| header_map.tensors.get(name).cloned();
-        let mut wanted = Vec::new();
-        for layer in layers.clone() {
-            for name in [format::k_name(layer), format::v_name(layer)] {
-                match info(&name) {
-                    Some(i) => wanted.push((name, i)),
-                    None => {
-                        let reason = RejectReason::Shape {
-                            name,
-                            reason: "missing".into(),
-                        };
-                        return Ok(self.reject(&path, reason));
-                    }
-                }
-            }
-        }
-        // Coalesce: keys of the layers are adjacent, so are values.
-        let ranges: Vec<Range<u64>> = wanted
+        let ranges: Vec<Range<u64>> = tensors
             .iter()
-            .map(|(_, i)| data_start + i.data_offsets.0..data_start + i.data_offsets.1)
+            .map(|(_, i)| {
+                data_start + i.data_offsets.0 as u64..data_start + i.data_offsets.1 as u64
+            })
             .collect();
         let chunks = self.store.get_ranges(&path, &ranges).await?;
         self.record_read(
             8 + header.len() + chunks.iter().map(|c| c.len()).sum::<usize>(),
             started,
         );
-        let mut tensors = Vec::with_capacity(wanted.len());
-        for ((name, info), bytes) in wanted.iter().zip(&chunks) {
-            if info.dtype != format::safetensors_dtype(blob.dtype) {
-                let reason = RejectReason::Dtype(format!("{:?} in {name}", info.dtype));
-                return Ok(self.reject(&path, reason));
+        let slices = chunks.iter().map(|c| c.as_ref());
+        match format::range_from_tensors(&tensors, slices, &meta, &blob, &self.device) {
+            Ok(range) => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Lookup::Hit(range))
             }
-            match format::tensor_from_bytes(
-                name,
-                bytes,
-                &info.shape,
-                &header_map.metadata,
-                &blob,
-                &self.device,
-            ) {
-                Ok(t) => tensors.push(t),
-                Err(reason) => return Ok(self.reject(&path, reason)),
-            }
+            Err(reason) => Ok(self.reject(&path, reason)),
         }
-        let mut pairs = Vec::with_capacity(layers.len());
-        let mut it = tensors.into_iter();
-        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            pairs.push((k, v));
-        }
-        let range = KvRange::new(blob.base_position, pairs)?;
-        self.counters.hits.fetch_add(1, Ordering::Relaxed);
-        Ok(Lookup::Hit(range))
     }
 
     /// Deletes the cache under `key` (absent is fine).
@@ -474,20 +445,4 @@ impl KvStore {
         keys.sort();
         Ok(keys)
     }
-}
-
-/// A safetensors header, parsed on its own for ranged reads.
-#[derive(Debug, serde::Deserialize)]
-struct Header {
-    #[serde(rename = "__metadata__", default)]
-    metadata: std::collections::HashMap<String, String>,
-    #[serde(flatten)]
-    tensors: std::collections::HashMap<String, TensorEntry>,
-}
-
-#[derive(Debug, Clone, serde::Deserialize)]
-struct TensorEntry {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data_offsets: (u64, u64),
 }
