@@ -336,9 +336,7 @@ fn run_llama_cpp(
 }
 
 fn write_csv(path: &PathBuf, report: &Report) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
+    super::create_parent_dir(path)?;
     let mut out = String::from(
         "measure,context,threads,ragcake_median_tok_s,ragcake_min,ragcake_max,llama_cpp_median_tok_s,llama_cpp_min,llama_cpp_max,ratio\n",
     );

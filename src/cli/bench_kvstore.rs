@@ -186,9 +186,7 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
 }
 
 fn write_outputs(args: &KvstoreArgs, rows: &[Row]) -> anyhow::Result<()> {
-    if let Some(dir) = args.csv.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
+    super::create_parent_dir(&args.csv)?;
     let mut csv = String::from(
         "backend,context,chunk,concurrency,bytes,raw_mb_s,raw_min,raw_max,kvstore_mb_s,kvstore_min,kvstore_max,kvstore_tokens_s,ratio,decode_share\n",
     );

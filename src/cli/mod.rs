@@ -79,6 +79,14 @@ impl ModelArgs {
     }
 }
 
+/// Creates the directory an output file goes into, when it has one.
+fn create_parent_dir(path: &std::path::Path) -> std::io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir),
+        None => Ok(()),
+    }
+}
+
 /// Parses the command line and runs the command; errors are printed, not panicked.
 pub fn run() -> ExitCode {
     tracing_subscriber::fmt()

@@ -58,9 +58,7 @@ pub fn line_plot(
     });
     let y_max = points().fold(0f64, |hi, p| hi.max(p.1)) * 1.1;
     anyhow::ensure!(x_min.is_finite() && y_max > 0.0, "nothing to plot");
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
+    super::create_parent_dir(path)?;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut builder = ChartBuilder::on(&root);
