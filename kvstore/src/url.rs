@@ -52,3 +52,62 @@ pub fn open_url(
             .map_err(|e| invalid(e.to_string()))?;
     Ok((Arc::from(store), prefix))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_and_memory_urls_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}/kv", dir.path().display());
+        let (_, prefix) = open_url(&url, Vec::new()).unwrap();
+        assert_eq!(prefix, Path::default());
+        assert!(dir.path().join("kv").is_dir(), "the directory is created");
+        assert!(open_url("memory://", Vec::new()).is_ok());
+    }
+
+    #[test]
+    fn malformed_and_unknown_urls_are_invalid() {
+        for url in ["not a url", "file://relative/dir", "ftp://host/x"] {
+            let err = open_url(url, Vec::new()).unwrap_err();
+            assert!(
+                matches!(err, KvStoreError::InvalidUrl { .. }),
+                "{url}: {err}"
+            );
+        }
+    }
+
+    /// Cloud stores are built without touching the network; their bucket prefix is kept.
+    #[cfg(feature = "cloud")]
+    #[test]
+    fn cloud_urls_open_with_their_prefix() {
+        let opts = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let cases = [
+            (
+                "s3://bucket/a/b",
+                opts(&[
+                    ("aws_region", "us-east-1"),
+                    ("aws_endpoint", "http://127.0.0.1:1"),
+                ]),
+            ),
+            (
+                "az://container/a/b",
+                opts(&[("azure_storage_use_emulator", "true")]),
+            ),
+            (
+                "gs://bucket/a/b",
+                opts(&[("google_skip_signature", "true")]),
+            ),
+        ];
+        for (url, options) in cases {
+            let (_, prefix) = open_url(url, options).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(prefix, Path::from("a/b"), "{url}");
+        }
+    }
+}
