@@ -13,6 +13,7 @@ use crate::generate::{GenerateParams, Generation, generate};
 use crate::gguf::{GgufFile, ModelFingerprint};
 use crate::kv::{KvCache, KvRange};
 use crate::models::llama::{Llama, LlamaConfig, Logits};
+use crate::scheduler::ComputeBackend;
 use crate::tokenizer::Tokenizer;
 
 /// Where the engine computes.
@@ -198,6 +199,19 @@ impl Engine {
         tokens: &[u32],
         chunk_size: usize,
     ) -> Result<Tensor> {
+        self.append(cache, tokens, chunk_size, true)?
+            .ok_or(EngineError::EmptyInput)
+    }
+
+    /// Appends `tokens` to `cache` in pieces of at most `chunk_size` tokens; returns the last
+    /// token's logits when `last_logits` is set.
+    pub fn append(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        chunk_size: usize,
+        last_logits: bool,
+    ) -> Result<Option<Tensor>> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }
@@ -211,14 +225,14 @@ impl Engine {
         let mut logits = None;
         let chunks: Vec<&[u32]> = tokens.chunks(chunk_size).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            let want = if i + 1 == chunks.len() {
+            let want = if last_logits && i + 1 == chunks.len() {
                 Logits::Last
             } else {
                 Logits::None
             };
             logits = self.model.forward(chunk, cache, want)?;
         }
-        logits.ok_or(EngineError::EmptyInput)
+        Ok(logits)
     }
 
     /// Appends a stored KV range to `cache`, moving its keys to the cache's next position.
@@ -253,7 +267,7 @@ impl Engine {
     ) -> Result<Completion> {
         let started = Instant::now();
         let mut cache = self.new_cache();
-        let logits = self.prefill(&mut cache, prompt, 512)?;
+        let logits = self.prefill(&mut cache, prompt, PREFILL_BATCH)?;
         let ttft = started.elapsed();
         let generation = self.generate(&mut cache, &logits, params, on_text)?;
         Ok(Completion {
@@ -261,5 +275,34 @@ impl Engine {
             generation,
             ttft,
         })
+    }
+}
+
+/// Tokens per forward pass when the scheduler computes a chunk.
+pub const PREFILL_BATCH: usize = 512;
+
+impl ComputeBackend for Engine {
+    type Cache = KvCache;
+    type Kv = KvRange;
+    type Logits = Tensor;
+
+    fn new_cache(&self) -> KvCache {
+        Engine::new_cache(self)
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.model.config().context_length
+    }
+
+    fn compute(&self, cache: &mut KvCache, tokens: &[u32], logits: bool) -> Result<Option<Tensor>> {
+        self.append(cache, tokens, PREFILL_BATCH, logits)
+    }
+
+    fn import(&self, cache: &mut KvCache, kv: &KvRange) -> Result<()> {
+        Engine::import(self, cache, kv)
+    }
+
+    fn export(&self, cache: &KvCache, range: std::ops::Range<usize>) -> Result<KvRange> {
+        cache.export(range)
     }
 }

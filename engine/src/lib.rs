@@ -20,6 +20,7 @@ pub mod gguf;
 pub mod kv;
 pub mod models;
 pub mod rope;
+pub mod scheduler;
 pub mod tokenizer;
 
 #[cfg(test)]

@@ -1,0 +1,698 @@
+//! The scheduler's decisions, free of threads, clocks and data: which chunk of which request
+//! the compute worker takes next, which stored chunk the loader fetches next, and what a
+//! finished step changes. Time is seconds since the scheduler started, passed in by the
+//! driver, so the same logic runs under the real runtime and under the discrete-event
+//! simulator (deterministic tests and what-if sweeps).
+
+use std::collections::BTreeMap;
+
+use super::{Miss, MissReason, Mode, Policy, PrefillReport, SchedulerConfig};
+
+/// A request's handle inside the scheduler.
+pub type RequestId = u64;
+
+/// What the scheduler knows of one chunk before prefill starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// Tokens in the chunk.
+    pub tokens: usize,
+    /// Whether a stored cache exists (an index or HEAD lookup said so; the load may still miss).
+    pub stored: bool,
+}
+
+/// A request as the core sees it: chunk sizes and cache status, the tail, the mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestPlan {
+    /// The context's chunks in prompt order (the preamble, if any, is the first).
+    pub chunks: Vec<ChunkPlan>,
+    /// Tokens of the question tail, computed last (at least one: it yields the logits).
+    pub tail_tokens: usize,
+    /// How this request fills its cache.
+    pub mode: Mode,
+}
+
+/// A unit of work for the compute worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComputeStep {
+    /// Append the loaded cache of chunk `chunk` (re-rotated to its position if needed).
+    Import {
+        /// The request.
+        request: RequestId,
+        /// The chunk.
+        chunk: usize,
+    },
+    /// Compute chunk `chunk` in context.
+    Compute {
+        /// The request.
+        request: RequestId,
+        /// The chunk.
+        chunk: usize,
+    },
+    /// Compute the question tail and produce the first token's logits.
+    Tail {
+        /// The request.
+        request: RequestId,
+    },
+}
+
+impl ComputeStep {
+    /// The request the step belongs to.
+    pub fn request(&self) -> RequestId {
+        match *self {
+            Self::Import { request, .. }
+            | Self::Compute { request, .. }
+            | Self::Tail { request } => request,
+        }
+    }
+}
+
+/// The compute worker's next move.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NextCompute {
+    /// Run this step.
+    Run(ComputeStep),
+    /// Nothing runnable now; look again when something finishes or at this time (a waiting
+    /// decision may flip then: an in-flight load has taken longer than computing would).
+    Wait(Option<f64>),
+}
+
+/// A load for the I/O pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadStep {
+    /// The request.
+    pub request: RequestId,
+    /// The chunk whose stored cache to fetch.
+    pub chunk: usize,
+}
+
+/// How a load ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadResult {
+    /// The cache was fetched and verified.
+    Loaded {
+        /// Bytes read.
+        bytes: u64,
+    },
+    /// Nothing usable under the key (absent, or rejected by verification).
+    Missing(MissReason),
+    /// The store failed (error or timeout): the request stops loading.
+    Failed(String),
+}
+
+/// What the driver does with the data of a finished load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadVerdict {
+    /// Keep it: the compute worker will import it.
+    Keep,
+    /// Drop it: the chunk was computed meanwhile, or the request is gone.
+    Discard,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Slot {
+    Pending,
+    Loading { since: f64 },
+    Loaded,
+    Computing,
+    Filled,
+}
+
+#[derive(Debug)]
+struct Request {
+    arrival: f64,
+    plan: RequestPlan,
+    /// Per chunk: whether the loader may still try it.
+    loadable: Vec<bool>,
+    slots: Vec<Slot>,
+    /// Position of each chunk's first token.
+    positions: Vec<usize>,
+    /// The compute front: chunks before it are in the cache.
+    next: usize,
+    tail_started: bool,
+    /// Last time the request got a compute step or a finished load (for aging).
+    last_progress: f64,
+    loads_in_flight: usize,
+    report: PrefillReport,
+}
+
+impl Request {
+    fn new(arrival: f64, plan: RequestPlan) -> Self {
+        let n = plan.chunks.len();
+        let mut positions = Vec::with_capacity(n + 1);
+        let mut at = 0;
+        for c in &plan.chunks {
+            positions.push(at);
+            at += c.tokens;
+        }
+        positions.push(at);
+        let loadable = plan
+            .chunks
+            .iter()
+            .map(|c| c.stored && plan.mode != Mode::ComputeOnly)
+            .collect();
+        let report = PrefillReport {
+            mode: plan.mode,
+            chunks: n,
+            ..PrefillReport::default()
+        };
+        Self {
+            arrival,
+            loadable,
+            slots: vec![Slot::Pending; n],
+            positions,
+            next: 0,
+            tail_started: false,
+            last_progress: arrival,
+            loads_in_flight: 0,
+            report,
+            plan,
+        }
+    }
+
+    fn tail_position(&self) -> usize {
+        self.positions[self.plan.chunks.len()]
+    }
+
+    /// The chunk the loader would fetch next: the last one not yet claimed (loads walk
+    /// from the back).
+    fn load_candidate(&self) -> Option<usize> {
+        (self.next..self.slots.len())
+            .rev()
+            .find(|&i| self.slots[i] == Slot::Pending && self.loadable[i])
+    }
+
+    fn miss(&mut self, chunk: usize, reason: MissReason) {
+        if reason.degrades() {
+            self.report.degraded = true;
+        }
+        self.report.misses.push(Miss { chunk, reason });
+    }
+}
+
+/// Online cost estimates: compute time of a chunk at a position, load time of a chunk.
+#[derive(Debug, Clone)]
+pub struct CostModel {
+    compute_per_token: f64,
+    compute_per_token_per_position: f64,
+    /// Observed / predicted compute time (EWMA): the prior's shape, scaled to this machine.
+    compute_scale: f64,
+    /// Seconds per token of one load (EWMA), latency included.
+    load_per_token: f64,
+    loads_seen: u64,
+}
+
+const EWMA: f64 = 0.3;
+
+impl CostModel {
+    fn new(config: &SchedulerConfig) -> Self {
+        Self {
+            compute_per_token: config.compute_secs_per_token,
+            compute_per_token_per_position: config.compute_secs_per_token_per_position,
+            compute_scale: 1.0,
+            load_per_token: config.load_secs_per_token,
+            loads_seen: 0,
+        }
+    }
+
+    fn compute_prior(&self, tokens: usize, position: usize) -> f64 {
+        // Each token attends to everything before it: cost grows with the mid position.
+        let mid = position as f64 + tokens as f64 / 2.0;
+        tokens as f64 * (self.compute_per_token + self.compute_per_token_per_position * mid)
+    }
+
+    /// Expected seconds to compute `tokens` tokens starting at `position`.
+    pub fn compute_secs(&self, tokens: usize, position: usize) -> f64 {
+        self.compute_scale * self.compute_prior(tokens, position)
+    }
+
+    /// Expected seconds of one load of a `tokens`-token chunk.
+    pub fn load_secs(&self, tokens: usize) -> f64 {
+        self.load_per_token * tokens as f64
+    }
+
+    fn observe_compute(&mut self, tokens: usize, position: usize, secs: f64) {
+        let prior = self.compute_prior(tokens, position);
+        if prior > 0.0 && secs.is_finite() && secs > 0.0 {
+            self.compute_scale = (1.0 - EWMA) * self.compute_scale + EWMA * (secs / prior);
+        }
+    }
+
+    fn observe_load(&mut self, tokens: usize, secs: f64) {
+        if tokens == 0 || !secs.is_finite() {
+            return;
+        }
+        let per_token = secs / tokens as f64;
+        // The first observation replaces the prior outright: priors for storage are guesses.
+        self.load_per_token = if self.loads_seen == 0 {
+            per_token
+        } else {
+            (1.0 - EWMA) * self.load_per_token + EWMA * per_token
+        };
+        self.loads_seen += 1;
+    }
+}
+
+/// The scheduler's state: every request in flight and the shared cost estimates.
+#[derive(Debug)]
+pub struct Core {
+    config: SchedulerConfig,
+    policy: Policy,
+    costs: CostModel,
+    requests: BTreeMap<RequestId, Request>,
+    next_id: RequestId,
+    loads_in_flight: usize,
+}
+
+impl Core {
+    /// An empty scheduler.
+    pub fn new(config: SchedulerConfig) -> Self {
+        Self {
+            policy: config.policy,
+            costs: CostModel::new(&config),
+            config,
+            requests: BTreeMap::new(),
+            next_id: 0,
+            loads_in_flight: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// The current cost estimates.
+    pub fn costs(&self) -> &CostModel {
+        &self.costs
+    }
+
+    /// Requests admitted and not yet finished or cancelled.
+    pub fn in_flight(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// Loads issued and not yet finished.
+    pub fn loads_in_flight(&self) -> usize {
+        self.loads_in_flight
+    }
+
+    /// Admits a request at time `now`.
+    pub fn admit(&mut self, now: f64, plan: RequestPlan) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.requests.insert(id, Request::new(now, plan));
+        id
+    }
+
+    /// Position of chunk `chunk` of `request` (the tail's when `chunk` is the chunk count).
+    pub fn position(&self, request: RequestId, chunk: usize) -> Option<usize> {
+        self.requests.get(&request)?.positions.get(chunk).copied()
+    }
+
+    /// Forgets a request (cancelled or failed). Its in-flight loads are discarded on return.
+    pub fn cancel(&mut self, request: RequestId) -> Option<PrefillReport> {
+        let r = self.requests.remove(&request)?;
+        Some(r.report)
+    }
+
+    /// The next load to issue, if an I/O slot is free and some request has a stored chunk
+    /// its compute front has not reached. Marks it in flight.
+    pub fn next_load(&mut self, now: f64) -> Option<LoadStep> {
+        if self.loads_in_flight >= self.config.io_concurrency {
+            return None;
+        }
+        let candidates: Vec<(RequestId, usize)> = self
+            .requests
+            .iter()
+            .filter_map(|(&id, r)| r.load_candidate().map(|c| (id, c)))
+            .collect();
+        let (id, chunk) = match self.policy {
+            // Arrival order: ids are issued in arrival order.
+            Policy::Fcfs => *candidates.first()?,
+            Policy::Adaptive => {
+                let starving = self.starving(now, candidates.iter().map(|c| c.0));
+                match starving {
+                    Some(id) => *candidates.iter().find(|c| c.0 == id)?,
+                    // Shortest remaining first: I/O finishes the requests closest to done,
+                    // which cuts mean TTFT most.
+                    None => *candidates.iter().min_by(|a, b| {
+                        self.remaining_secs(now, a.0)
+                            .total_cmp(&self.remaining_secs(now, b.0))
+                            .then(a.0.cmp(&b.0))
+                    })?,
+                }
+            }
+        };
+        let r = self.requests.get_mut(&id)?;
+        r.slots[chunk] = Slot::Loading { since: now };
+        r.loads_in_flight += 1;
+        r.report.loads_issued += 1;
+        self.loads_in_flight += 1;
+        Some(LoadStep { request: id, chunk })
+    }
+
+    /// Records the end of a load and says whether its data is still wanted.
+    pub fn load_done(&mut self, now: f64, step: LoadStep, result: LoadResult) -> LoadVerdict {
+        self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
+        let Some(r) = self.requests.get_mut(&step.request) else {
+            return LoadVerdict::Discard;
+        };
+        r.loads_in_flight = r.loads_in_flight.saturating_sub(1);
+        let Slot::Loading { since } = r.slots[step.chunk] else {
+            // The compute worker took the chunk while it was in flight.
+            if let LoadResult::Failed(error) = result {
+                r.miss(step.chunk, MissReason::StoreFailed(error));
+                r.loadable.iter_mut().for_each(|l| *l = false);
+            }
+            r.report.loads_wasted += 1;
+            return LoadVerdict::Discard;
+        };
+        let tokens = r.plan.chunks[step.chunk].tokens;
+        match result {
+            LoadResult::Loaded { bytes } => {
+                r.slots[step.chunk] = Slot::Loaded;
+                r.report.bytes_loaded += bytes;
+                r.report.load_secs += now - since;
+                r.last_progress = now;
+                self.costs.observe_load(tokens, now - since);
+                LoadVerdict::Keep
+            }
+            LoadResult::Missing(reason) => {
+                r.slots[step.chunk] = Slot::Pending;
+                r.loadable[step.chunk] = false;
+                r.miss(step.chunk, reason);
+                LoadVerdict::Discard
+            }
+            LoadResult::Failed(error) => {
+                // A failing store fails every later load too: compute the rest.
+                r.slots[step.chunk] = Slot::Pending;
+                r.loadable.iter_mut().for_each(|l| *l = false);
+                r.miss(step.chunk, MissReason::StoreFailed(error));
+                LoadVerdict::Discard
+            }
+        }
+    }
+
+    /// The compute worker's next step, chosen by the policy. Marks it running.
+    pub fn next_compute(&mut self, now: f64) -> NextCompute {
+        let mut recheck: Option<f64> = None;
+        let mut imports = Vec::new();
+        let mut runnable = Vec::new();
+        for (&id, r) in &self.requests {
+            match self.front(now, r) {
+                Front::Import(chunk) => imports.push((id, chunk)),
+                Front::Compute(chunk) => runnable.push((id, Some(chunk))),
+                Front::Tail => runnable.push((id, None)),
+                Front::Wait(at) => {
+                    if let Some(at) = at {
+                        recheck = Some(recheck.map_or(at, |r: f64| r.min(at)));
+                    }
+                }
+                Front::Busy => {}
+            }
+        }
+        // Imports first: they are cheap, and each one moves a compute front forward.
+        let step = if let Some(&(request, chunk)) = imports.first() {
+            ComputeStep::Import { request, chunk }
+        } else {
+            let Some(chosen) = self.choose_compute(now, &runnable) else {
+                return NextCompute::Wait(recheck);
+            };
+            match chosen {
+                (request, Some(chunk)) => ComputeStep::Compute { request, chunk },
+                (request, None) => ComputeStep::Tail { request },
+            }
+        };
+        let r = self
+            .requests
+            .get_mut(&step.request())
+            .expect("chosen among live requests");
+        r.last_progress = now;
+        match step {
+            ComputeStep::Import { chunk, .. } => {
+                r.report.meeting_point.get_or_insert(chunk);
+                r.slots[chunk] = Slot::Computing;
+            }
+            ComputeStep::Compute { chunk, .. } => {
+                if let Slot::Loading { since } = r.slots[chunk] {
+                    // Computing beats waiting for this load: it is abandoned.
+                    r.report.meeting_point.get_or_insert(chunk);
+                    r.report.loads_abandoned += 1;
+                    let expected = self.costs.load_secs(r.plan.chunks[chunk].tokens);
+                    if now - since > self.config.stall_factor * expected.max(1e-3) {
+                        r.miss(chunk, MissReason::Stalled);
+                    }
+                }
+                r.slots[chunk] = Slot::Computing;
+            }
+            ComputeStep::Tail { .. } => r.tail_started = true,
+        }
+        NextCompute::Run(step)
+    }
+
+    /// Records a finished compute step that took `secs`. Returns the request's report when
+    /// the step was its tail (the request is then done and forgotten).
+    pub fn compute_done(
+        &mut self,
+        now: f64,
+        step: ComputeStep,
+        secs: f64,
+    ) -> Option<PrefillReport> {
+        let r = self.requests.get_mut(&step.request())?;
+        r.last_progress = now;
+        match step {
+            ComputeStep::Import { chunk, .. } => {
+                r.slots[chunk] = Slot::Filled;
+                r.next = chunk + 1;
+                r.report.chunks_loaded += 1;
+                r.report.tokens_loaded += r.plan.chunks[chunk].tokens;
+                r.report.import_secs += secs;
+                None
+            }
+            ComputeStep::Compute { chunk, .. } => {
+                r.slots[chunk] = Slot::Filled;
+                r.next = chunk + 1;
+                let tokens = r.plan.chunks[chunk].tokens;
+                r.report.chunks_computed += 1;
+                r.report.tokens_computed += tokens;
+                r.report.compute_secs += secs;
+                r.report.computed_chunks.push(chunk);
+                self.costs.observe_compute(tokens, r.positions[chunk], secs);
+                None
+            }
+            ComputeStep::Tail { .. } => {
+                let tokens = r.plan.tail_tokens;
+                let position = r.tail_position();
+                r.report.tokens_computed += tokens;
+                r.report.compute_secs += secs;
+                self.costs.observe_compute(tokens, position, secs);
+                let mut r = self.requests.remove(&step.request())?;
+                r.report.ttft_secs = now - r.arrival;
+                if r.report.meeting_point.is_none() && r.plan.mode != Mode::ComputeOnly {
+                    r.report.meeting_point = Some(r.plan.chunks.len());
+                }
+                Some(r.report)
+            }
+        }
+    }
+
+    /// Records an import that failed (the loaded cache did not fit): the chunk is computed
+    /// instead.
+    pub fn import_failed(&mut self, now: f64, step: ComputeStep, reason: String) {
+        if let ComputeStep::Import { request, chunk } = step
+            && let Some(r) = self.requests.get_mut(&request)
+        {
+            r.slots[chunk] = Slot::Pending;
+            r.loadable[chunk] = false;
+            r.last_progress = now;
+            r.miss(chunk, MissReason::Rejected(reason));
+        }
+    }
+
+    /// Records a compute step that failed: the request is dropped with its report.
+    pub fn compute_failed(&mut self, step: ComputeStep) -> Option<PrefillReport> {
+        self.cancel(step.request())
+    }
+
+    fn front(&self, now: f64, r: &Request) -> Front {
+        if r.next == r.slots.len() {
+            return if r.tail_started {
+                Front::Busy
+            } else {
+                Front::Tail
+            };
+        }
+        let chunk = r.next;
+        match r.slots[chunk] {
+            Slot::Computing | Slot::Filled => Front::Busy,
+            Slot::Loaded => Front::Import(chunk),
+            Slot::Pending if r.loadable[chunk] && r.plan.mode == Mode::LoadOnly => {
+                // Load-only computes nothing that is stored: the loader will take it.
+                Front::Wait(None)
+            }
+            Slot::Pending if r.loadable[chunk] => {
+                // Compute a stored chunk only if that is sooner than the loader, walking
+                // from the back, would deliver it; otherwise leave it to the loader.
+                let tokens = r.plan.chunks[chunk].tokens;
+                let compute = self.costs.compute_secs(tokens, r.positions[chunk]);
+                let queued = (chunk..r.slots.len())
+                    .filter(|&i| {
+                        r.loadable[i] && matches!(r.slots[i], Slot::Pending | Slot::Loading { .. })
+                    })
+                    .count();
+                let rounds = queued.div_ceil(self.config.io_concurrency.max(1)) as f64;
+                // Loads of this request running past their expected time stretch the
+                // estimate (the store may be stalled): wait at most about one compute time.
+                let oldest = r
+                    .slots
+                    .iter()
+                    .filter_map(|s| match s {
+                        Slot::Loading { since } => Some(*since),
+                        _ => None,
+                    })
+                    .min_by(f64::total_cmp);
+                let per_load = self
+                    .costs
+                    .load_secs(tokens)
+                    .max(oldest.map_or(0.0, |o| now - o));
+                if compute <= rounds * per_load {
+                    Front::Compute(chunk)
+                } else {
+                    Front::Wait(oldest.map(|o| o + compute / rounds + 1e-6))
+                }
+            }
+            Slot::Pending => Front::Compute(chunk),
+            Slot::Loading { since } => {
+                if r.plan.mode != Mode::Bidirectional {
+                    return Front::Wait(None);
+                }
+                // The meeting point: wait for the load, or compute the chunk if that is
+                // faster. A load past its expected time is assumed to need as long again
+                // (it may be stalled), so a stuck store costs at most one compute time.
+                let tokens = r.plan.chunks[chunk].tokens;
+                let compute = self.costs.compute_secs(tokens, r.positions[chunk]);
+                let expected = self.costs.load_secs(tokens);
+                let elapsed = now - since;
+                let remaining = if elapsed < expected {
+                    expected - elapsed
+                } else {
+                    elapsed
+                };
+                if remaining > compute {
+                    Front::Compute(chunk)
+                } else {
+                    Front::Wait(Some(since + expected.max(compute) + 1e-6))
+                }
+            }
+        }
+    }
+
+    /// Estimated seconds until `request` has its first token if it had the compute worker
+    /// to itself and its loads kept going.
+    fn remaining_secs(&self, now: f64, request: RequestId) -> f64 {
+        let Some(r) = self.requests.get(&request) else {
+            return f64::INFINITY;
+        };
+        let (must, compute, load) = self.remaining_parts(now, r);
+        must + overlap(compute, load, r.plan.mode)
+    }
+
+    /// (compute that only the compute worker can do, compute time of the loadable rest,
+    /// load time of the loadable rest) for a request's unfilled chunks and tail.
+    fn remaining_parts(&self, now: f64, r: &Request) -> (f64, f64, f64) {
+        let mut must = if r.tail_started {
+            0.0
+        } else {
+            self.costs
+                .compute_secs(r.plan.tail_tokens, r.tail_position())
+        };
+        let (mut compute, mut load) = (0.0, 0.0);
+        let streams = self.config.io_concurrency.max(1) as f64;
+        for i in r.next..r.slots.len() {
+            let tokens = r.plan.chunks[i].tokens;
+            let c = self.costs.compute_secs(tokens, r.positions[i]);
+            match r.slots[i] {
+                Slot::Filled | Slot::Computing => {}
+                Slot::Loaded => must += self.costs.compute_secs(tokens, 0) * IMPORT_SHARE,
+                Slot::Loading { since } => {
+                    compute += c;
+                    load += (self.costs.load_secs(tokens) - (now - since)).max(0.0) / streams;
+                }
+                Slot::Pending if r.loadable[i] => {
+                    compute += c;
+                    load += self.costs.load_secs(tokens) / streams;
+                }
+                Slot::Pending => must += c,
+            }
+        }
+        (must, compute, load)
+    }
+
+    fn starving(&self, now: f64, ids: impl Iterator<Item = RequestId>) -> Option<RequestId> {
+        ids.filter(|id| {
+            self.requests
+                .get(id)
+                .is_some_and(|r| now - r.last_progress > self.config.starvation_secs)
+        })
+        .min()
+    }
+
+    fn choose_compute(
+        &self,
+        now: f64,
+        runnable: &[(RequestId, Option<usize>)],
+    ) -> Option<(RequestId, Option<usize>)> {
+        match self.policy {
+            Policy::Fcfs => runnable.first().copied(),
+            Policy::Adaptive => {
+                if let Some(id) = self.starving(now, runnable.iter().map(|c| c.0)) {
+                    return runnable.iter().find(|c| c.0 == id).copied();
+                }
+                // The slot goes where it cuts the sum of TTFTs most per second of compute:
+                // Smith's rule, benefit over remaining time. A compute-only chunk shortens
+                // its request by its full time; a chunk the loader could also fetch only by
+                // the share compute adds beside loading.
+                runnable
+                    .iter()
+                    .map(|&(id, chunk)| {
+                        let r = &self.requests[&id];
+                        let (must, compute, load) = self.remaining_parts(now, r);
+                        let remaining = must + overlap(compute, load, r.plan.mode);
+                        let benefit = match chunk {
+                            Some(i) if r.loadable[i] && compute + load > 0.0 => {
+                                load / (compute + load)
+                            }
+                            _ => 1.0,
+                        };
+                        (id, chunk, benefit / remaining.max(1e-9))
+                    })
+                    .max_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)))
+                    .map(|(id, chunk, _)| (id, chunk))
+            }
+        }
+    }
+}
+
+/// Share of a chunk's compute time that importing its loaded cache costs (a copy and, for
+/// position-independent caches, a rotation): small, but not zero.
+const IMPORT_SHARE: f64 = 0.05;
+
+/// Time to finish work that both sides can do, when they split it to finish together.
+fn overlap(compute: f64, load: f64, mode: Mode) -> f64 {
+    match mode {
+        Mode::ComputeOnly => compute,
+        Mode::LoadOnly => load,
+        Mode::Bidirectional if compute + load > 0.0 => compute * load / (compute + load),
+        Mode::Bidirectional => 0.0,
+    }
+}
+
+enum Front {
+    Import(usize),
+    Compute(usize),
+    Tail,
+    /// Waiting for a load; look again at this time, if any.
+    Wait(Option<f64>),
+    /// A step of this request is running.
+    Busy,
+}

@@ -1,0 +1,344 @@
+//! Bidirectional prefill: fill a prompt's KV cache by computing chunks from the front while
+//! loading stored chunk caches from the back, meeting where they cross at run time; then
+//! compute the question tail for the first token. One compute worker and one I/O pool are
+//! shared by every request in flight, and a policy decides who gets each.
+//!
+//! - [`core`]: the decisions, without threads or clocks (tested deterministically).
+//! - [`sim`]: a discrete-event simulator of the same decisions with given costs.
+//! - [`Scheduler`]: the real thing, generic over a [`ComputeBackend`] (the engine) and a
+//!   [`LoadBackend`] (a KV store).
+
+pub mod core;
+mod runtime;
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::future::Future;
+use std::ops::Range;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+pub use runtime::{Scheduler, SchedulerStats};
+
+/// How a request fills its cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Compute every chunk; never read the store.
+    ComputeOnly,
+    /// Load every stored chunk; compute only what is not stored, in order.
+    LoadOnly,
+    /// Compute from the front while loading from the back (the default).
+    #[default]
+    Bidirectional,
+}
+
+impl Mode {
+    /// Every mode, in display order.
+    pub const ALL: [Mode; 3] = [Mode::ComputeOnly, Mode::LoadOnly, Mode::Bidirectional];
+
+    /// The mode's name as written on the command line.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::ComputeOnly => "compute-only",
+            Self::LoadOnly => "load-only",
+            Self::Bidirectional => "bidirectional",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!("unknown mode {s:?} (compute-only, load-only, bidirectional)"))
+    }
+}
+
+/// How the shared compute worker and I/O pool are given out across requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// First come, first served: the oldest request with runnable work gets the slot.
+    Fcfs,
+    /// Each slot goes where it cuts the sum of TTFTs most (compute: benefit over remaining
+    /// time, so cached requests leave compute to uncached ones; I/O: shortest remaining
+    /// first), and a request left without progress for `starvation_secs` goes first.
+    #[default]
+    Adaptive,
+}
+
+impl Policy {
+    /// The policy's name as written on the command line.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Fcfs => "fcfs",
+            Self::Adaptive => "adaptive",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fcfs" => Ok(Self::Fcfs),
+            "adaptive" => Ok(Self::Adaptive),
+            _ => Err(format!("unknown policy {s:?} (fcfs, adaptive)")),
+        }
+    }
+}
+
+/// Scheduler settings. The cost priors are only a starting point: both are re-estimated
+/// from every finished step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SchedulerConfig {
+    /// Who gets the compute worker and the I/O pool.
+    pub policy: Policy,
+    /// Loads in flight at once, across all requests.
+    pub io_concurrency: usize,
+    /// A load running longer than this fails (and its chunk is computed).
+    pub load_timeout_secs: f64,
+    /// A request without progress for this long is served before any other.
+    pub starvation_secs: f64,
+    /// A load abandoned after this many times its expected duration counts as stalled
+    /// (the request is flagged degraded).
+    pub stall_factor: f64,
+    /// Prior compute cost per token…
+    pub compute_secs_per_token: f64,
+    /// …plus this much per token per position before it (attention).
+    pub compute_secs_per_token_per_position: f64,
+    /// Prior duration of one load per token.
+    pub load_secs_per_token: f64,
+    /// Write chunks computed in context back to the store as exact prefix caches.
+    pub write_back: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Adaptive,
+            io_concurrency: 4,
+            load_timeout_secs: 10.0,
+            starvation_secs: 2.0,
+            stall_factor: 4.0,
+            // SmolLM2-135M on two CPU cores: ~350 tok/s near position 0, ~210 at 4k.
+            compute_secs_per_token: 2.1e-3,
+            compute_secs_per_token_per_position: 1.3e-6,
+            // 23 KB per token at ~200 MB/s per stream.
+            load_secs_per_token: 1.2e-4,
+            write_back: true,
+        }
+    }
+}
+
+/// Why a stored chunk was not used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "detail")]
+pub enum MissReason {
+    /// No object under the key.
+    Absent,
+    /// The object failed verification (corrupt, foreign model, wrong tokens…).
+    Rejected(String),
+    /// The store returned an error or timed out; the request loads nothing more.
+    StoreFailed(String),
+    /// The load took far longer than expected and the chunk was computed instead.
+    Stalled,
+}
+
+impl MissReason {
+    /// Whether this miss means the store misbehaved (the request is flagged degraded).
+    pub fn degrades(&self) -> bool {
+        matches!(self, Self::StoreFailed(_) | Self::Stalled)
+    }
+}
+
+impl fmt::Display for MissReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Absent => f.write_str("absent"),
+            Self::Rejected(why) => write!(f, "rejected: {why}"),
+            Self::StoreFailed(why) => write!(f, "store failed: {why}"),
+            Self::Stalled => f.write_str("stalled"),
+        }
+    }
+}
+
+/// A stored chunk that was not used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Miss {
+    /// Index of the chunk in the request.
+    pub chunk: usize,
+    /// Why.
+    pub reason: MissReason,
+}
+
+/// Where a request's prefill time went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrefillReport {
+    /// The mode it ran in.
+    pub mode: Mode,
+    /// Time from admission to the first token's logits, seconds.
+    pub ttft_secs: f64,
+    /// Compute worker time spent on this request's chunks and tail, seconds.
+    pub compute_secs: f64,
+    /// Compute worker time spent importing loaded caches, seconds.
+    pub import_secs: f64,
+    /// Sum of the durations of the loads whose data was used, seconds (loads overlap).
+    pub load_secs: f64,
+    /// Chunks in the context.
+    pub chunks: usize,
+    /// Chunks computed.
+    pub chunks_computed: usize,
+    /// Chunks loaded from the store.
+    pub chunks_loaded: usize,
+    /// Tokens computed, the tail included.
+    pub tokens_computed: usize,
+    /// Tokens loaded.
+    pub tokens_loaded: usize,
+    /// Bytes read from the store for loads that were used.
+    pub bytes_loaded: u64,
+    /// The first chunk the compute front found loaded or in flight (where the two sides
+    /// met); the chunk count when everything was computed; none in compute-only mode.
+    pub meeting_point: Option<usize>,
+    /// Loads started.
+    pub loads_issued: usize,
+    /// Loads whose chunk was computed before they finished.
+    pub loads_wasted: usize,
+    /// Loads the compute worker overtook because computing was faster than waiting.
+    pub loads_abandoned: usize,
+    /// Stored chunks not used, and why.
+    pub misses: Vec<Miss>,
+    /// The store failed or stalled: the request succeeded by computing instead.
+    pub degraded: bool,
+    /// Indices of the chunks computed in context (candidates for write-back).
+    pub computed_chunks: Vec<usize>,
+}
+
+/// The compute side: a model that appends tokens to a cache, and imports/exports ranges.
+/// Called from the scheduler's one compute thread (exports also from blocking tasks).
+pub trait ComputeBackend: Send + Sync + 'static {
+    /// A sequence's KV cache. Clones share storage (write-back reads a clone after the
+    /// request has its cache back).
+    type Cache: Clone + Send + 'static;
+    /// A range of KV, as stored and loaded.
+    type Kv: Send + 'static;
+    /// The logits of the last token.
+    type Logits: Send + 'static;
+
+    /// An empty cache at position 0.
+    fn new_cache(&self) -> Self::Cache;
+    /// The most tokens one sequence may hold.
+    fn max_tokens(&self) -> usize;
+    /// Appends `tokens` to `cache`; returns the last token's logits when `logits` is set.
+    fn compute(
+        &self,
+        cache: &mut Self::Cache,
+        tokens: &[u32],
+        logits: bool,
+    ) -> Result<Option<Self::Logits>>;
+    /// Appends a loaded range at the cache's next position.
+    fn import(&self, cache: &mut Self::Cache, kv: &Self::Kv) -> Result<()>;
+    /// Copies out the tokens `range` (cache indices).
+    fn export(&self, cache: &Self::Cache, range: Range<usize>) -> Result<Self::Kv>;
+}
+
+/// How a load ended.
+#[derive(Debug)]
+pub enum LoadOutcome<Kv> {
+    /// A verified cache, and the bytes read.
+    Loaded {
+        /// The cache.
+        kv: Kv,
+        /// Bytes read from the store.
+        bytes: u64,
+    },
+    /// Nothing usable under the key.
+    Missing(MissReason),
+    /// The store failed.
+    Failed(String),
+}
+
+/// The load side: stored chunk caches, fetched concurrently from tokio tasks.
+pub trait LoadBackend: Send + Sync + 'static {
+    /// Where a chunk's cache is stored (a key).
+    type Source: Clone + Send + Sync + 'static;
+    /// A loaded cache.
+    type Kv: Send + 'static;
+
+    /// Fetches and verifies the cache of `tokens` stored at `source`.
+    fn load(
+        &self,
+        source: &Self::Source,
+        tokens: &[u32],
+    ) -> impl Future<Output = LoadOutcome<Self::Kv>> + Send;
+
+    /// Stores the cache of `tokens` at `dest` (write-back of a chunk computed in context).
+    fn store(
+        &self,
+        dest: &Self::Source,
+        tokens: &[u32],
+        kv: Self::Kv,
+    ) -> impl Future<Output = std::result::Result<(), String>> + Send;
+}
+
+/// One chunk of a request.
+#[derive(Debug, Clone)]
+pub struct ChunkSpec<S> {
+    /// The chunk's token ids.
+    pub tokens: Arc<[u32]>,
+    /// Where its stored cache is, when a lookup found one.
+    pub stored: Option<S>,
+    /// Where to write its cache back when it is computed in context.
+    pub write_back: Option<S>,
+}
+
+/// A prompt to prefill: ordered chunks (the preamble first), then the question tail.
+#[derive(Debug, Clone)]
+pub struct PrefillRequest<S> {
+    /// The context's chunks in prompt order.
+    pub chunks: Vec<ChunkSpec<S>>,
+    /// The question tail: computed last, over the whole cache (at least one token).
+    pub tail: Vec<u32>,
+    /// How to fill the cache.
+    pub mode: Mode,
+}
+
+/// A filled cache, the first token's logits, and the breakdown.
+pub struct Prefilled<C: ComputeBackend> {
+    /// The cache holding the whole prompt.
+    pub cache: C::Cache,
+    /// Logits of the prompt's last token.
+    pub logits: C::Logits,
+    /// Where the time went.
+    pub report: PrefillReport,
+}
+
+impl<C: ComputeBackend> fmt::Debug for Prefilled<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Prefilled")
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,482 @@
+//! [`Scheduler`]: the decisions of [`Core`] carried out by one compute thread and a pool of
+//! tokio load tasks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::core::{
+    ChunkPlan, ComputeStep, Core, LoadResult, LoadStep, LoadVerdict, NextCompute, RequestId,
+    RequestPlan,
+};
+use super::{
+    ChunkSpec, ComputeBackend, LoadBackend, LoadOutcome, MissReason, PrefillRequest, Prefilled,
+    SchedulerConfig,
+};
+use crate::error::{EngineError, Result};
+
+/// Counters of a scheduler's life.
+#[derive(Debug, Default)]
+struct Counters {
+    admitted: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    cancelled: AtomicU64,
+    write_backs: AtomicU64,
+    write_back_failures: AtomicU64,
+}
+
+/// A snapshot of a scheduler's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SchedulerStats {
+    /// Requests admitted.
+    pub admitted: u64,
+    /// Requests that got their first token.
+    pub completed: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// Requests dropped by their caller before finishing.
+    pub cancelled: u64,
+    /// Chunks written back to the store.
+    pub write_backs: u64,
+    /// Write-backs that failed (logged; the request was not affected).
+    pub write_back_failures: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+}
+
+struct Shared<C: ComputeBackend, L: LoadBackend> {
+    state: Mutex<State<C, L>>,
+    wake: Condvar,
+    compute: Arc<C>,
+    loader: Arc<L>,
+    epoch: Instant,
+    runtime: tokio::runtime::Handle,
+    counters: Counters,
+}
+
+struct State<C: ComputeBackend, L: LoadBackend> {
+    core: Core,
+    requests: HashMap<RequestId, Active<C, L>>,
+    shutdown: bool,
+}
+
+/// The data of a request in flight (the core holds only its bookkeeping).
+struct Active<C: ComputeBackend, L: LoadBackend> {
+    chunks: Vec<ChunkSpec<L::Source>>,
+    tail: Arc<[u32]>,
+    /// Cache index of each chunk's first token, and the tail's.
+    starts: Vec<usize>,
+    /// Taken by the compute thread while it runs a step.
+    cache: Option<C::Cache>,
+    /// Loaded caches waiting for the compute front.
+    staged: HashMap<usize, C::Kv>,
+    reply: Option<oneshot::Sender<Result<Prefilled<C>>>>,
+}
+
+/// Bidirectional prefill for many requests at once: one compute thread runs the engine, an
+/// I/O pool of tokio tasks loads stored chunks, and a [`Core`] decides who gets which.
+pub struct Scheduler<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> {
+    shared: Arc<Shared<C, L>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
+    /// Starts the compute thread. Loads run on the current tokio runtime.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn start(compute: Arc<C>, loader: Arc<L>, config: SchedulerConfig) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                core: Core::new(config),
+                requests: HashMap::new(),
+                shutdown: false,
+            }),
+            wake: Condvar::new(),
+            compute,
+            loader,
+            epoch: Instant::now(),
+            runtime: tokio::runtime::Handle::current(),
+            counters: Counters::default(),
+        });
+        let worker = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("ragcake-compute".into())
+                .spawn(move || compute_loop(shared))
+                .expect("spawn the compute thread")
+        };
+        Self {
+            shared,
+            worker: Some(worker),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> SchedulerConfig {
+        self.shared.lock().core.config().clone()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SchedulerStats {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SchedulerStats {
+            admitted: l(&c.admitted),
+            completed: l(&c.completed),
+            failed: l(&c.failed),
+            cancelled: l(&c.cancelled),
+            write_backs: l(&c.write_backs),
+            write_back_failures: l(&c.write_back_failures),
+            in_flight: self.shared.lock().core.in_flight() as u64,
+        }
+    }
+
+    /// Fills a cache with the request's chunks and tail and returns it with the logits of
+    /// the last token. Dropping the future cancels the request and frees what it held.
+    pub async fn prefill(&self, request: PrefillRequest<L::Source>) -> Result<Prefilled<C>> {
+        if request.tail.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        if request.chunks.iter().any(|c| c.tokens.is_empty()) {
+            return Err(EngineError::InvalidSetting("a chunk has no tokens".into()));
+        }
+        let needed =
+            request.chunks.iter().map(|c| c.tokens.len()).sum::<usize>() + request.tail.len();
+        let max = self.shared.compute.max_tokens();
+        if needed > max {
+            return Err(EngineError::ContextOverflow { needed, max });
+        }
+        let plan = RequestPlan {
+            chunks: request
+                .chunks
+                .iter()
+                .map(|c| ChunkPlan {
+                    tokens: c.tokens.len(),
+                    stored: c.stored.is_some(),
+                })
+                .collect(),
+            tail_tokens: request.tail.len(),
+            mode: request.mode,
+        };
+        let mut starts = Vec::with_capacity(request.chunks.len() + 1);
+        let mut at = 0;
+        for c in &request.chunks {
+            starts.push(at);
+            at += c.tokens.len();
+        }
+        starts.push(at);
+        let (reply, answer) = oneshot::channel();
+        let id = {
+            let mut state = self.shared.lock();
+            if state.shutdown {
+                return Err(EngineError::Scheduler("the scheduler is shut down".into()));
+            }
+            let now = self.shared.now();
+            let id = state.core.admit(now, plan);
+            state.requests.insert(
+                id,
+                Active {
+                    chunks: request.chunks,
+                    tail: request.tail.into(),
+                    starts,
+                    cache: Some(self.shared.compute.new_cache()),
+                    staged: HashMap::new(),
+                    reply: Some(reply),
+                },
+            );
+            self.shared
+                .counters
+                .admitted
+                .fetch_add(1, Ordering::Relaxed);
+            pump_loads(&self.shared, &mut state);
+            id
+        };
+        self.shared.wake.notify_all();
+        let mut guard = CancelOnDrop {
+            shared: &self.shared,
+            id,
+            armed: true,
+        };
+        let result = answer
+            .await
+            .unwrap_or_else(|_| Err(EngineError::Scheduler("the scheduler stopped".into())));
+        guard.armed = false;
+        result
+    }
+}
+
+impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Drop for Scheduler<C, L> {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.wake.notify_all();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// Cancels the request when its caller stops waiting.
+struct CancelOnDrop<'a, C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> {
+    shared: &'a Arc<Shared<C, L>>,
+    id: RequestId,
+    armed: bool,
+}
+
+impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Drop for CancelOnDrop<'_, C, L> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut state = self.shared.lock();
+        if state.core.cancel(self.id).is_some() {
+            self.shared
+                .counters
+                .cancelled
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        state.requests.remove(&self.id);
+        // Freed I/O slots and compute go to the others.
+        pump_loads(self.shared, &mut state);
+        drop(state);
+        self.shared.wake.notify_all();
+    }
+}
+
+impl<C: ComputeBackend, L: LoadBackend> Shared<C, L> {
+    fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<C, L>> {
+        // A panic while holding the lock leaves consistent-enough bookkeeping; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Issues every load the core allows now.
+fn pump_loads<C, L>(shared: &Arc<Shared<C, L>>, state: &mut State<C, L>)
+where
+    C: ComputeBackend,
+    L: LoadBackend<Kv = C::Kv>,
+{
+    while let Some(step) = state.core.next_load(shared.now()) {
+        let Some(active) = state.requests.get(&step.request) else {
+            continue;
+        };
+        let chunk = &active.chunks[step.chunk];
+        let (Some(source), tokens) = (chunk.stored.clone(), chunk.tokens.clone()) else {
+            state
+                .core
+                .load_done(shared.now(), step, LoadResult::Missing(MissReason::Absent));
+            continue;
+        };
+        let shared = shared.clone();
+        let timeout = Duration::from_secs_f64(state.core.config().load_timeout_secs.max(0.0));
+        shared.runtime.clone().spawn(async move {
+            let outcome = tokio::time::timeout(timeout, shared.loader.load(&source, &tokens))
+                .await
+                .unwrap_or_else(|_| LoadOutcome::Failed(format!("timed out after {timeout:?}")));
+            finish_load(&shared, step, outcome);
+        });
+    }
+}
+
+fn finish_load<C, L>(shared: &Arc<Shared<C, L>>, step: LoadStep, outcome: LoadOutcome<C::Kv>)
+where
+    C: ComputeBackend,
+    L: LoadBackend<Kv = C::Kv>,
+{
+    let mut state = shared.lock();
+    let now = shared.now();
+    let (result, kv) = match outcome {
+        LoadOutcome::Loaded { kv, bytes } => (LoadResult::Loaded { bytes }, Some(kv)),
+        LoadOutcome::Missing(reason) => (LoadResult::Missing(reason), None),
+        LoadOutcome::Failed(error) => {
+            tracing::warn!(%error, "KV store load failed; computing instead");
+            (LoadResult::Failed(error), None)
+        }
+    };
+    if state.core.load_done(now, step, result) == LoadVerdict::Keep
+        && let (Some(active), Some(kv)) = (state.requests.get_mut(&step.request), kv)
+    {
+        active.staged.insert(step.chunk, kv);
+    }
+    pump_loads(shared, &mut state);
+    drop(state);
+    shared.wake.notify_all();
+}
+
+/// What the compute thread runs for a step, taken out of the state so the lock is free
+/// while it runs.
+enum Work<Kv> {
+    Import(Option<Kv>),
+    Compute(Arc<[u32]>),
+    Tail(Arc<[u32]>),
+}
+
+fn compute_loop<C, L>(shared: Arc<Shared<C, L>>)
+where
+    C: ComputeBackend,
+    L: LoadBackend<Kv = C::Kv>,
+{
+    let mut state = shared.lock();
+    loop {
+        if state.shutdown {
+            for (_, mut active) in state.requests.drain() {
+                if let Some(reply) = active.reply.take() {
+                    let _ = reply.send(Err(EngineError::Scheduler(
+                        "the scheduler is shut down".into(),
+                    )));
+                }
+            }
+            return;
+        }
+        let now = shared.now();
+        let step = match state.core.next_compute(now) {
+            NextCompute::Run(step) => step,
+            NextCompute::Wait(recheck) => {
+                // Woken by admissions, finished loads and cancellations; the timeout only
+                // covers rechecks of waiting decisions (and bounds the wait).
+                let wait = recheck.map_or(0.5, |at| (at - now).clamp(0.0, 0.5));
+                state = shared
+                    .wake
+                    .wait_timeout(state, Duration::from_secs_f64(wait))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            }
+        };
+        let Some(active) = state.requests.get_mut(&step.request()) else {
+            continue;
+        };
+        let Some(mut cache) = active.cache.take() else {
+            continue;
+        };
+        let work = match step {
+            ComputeStep::Import { chunk, .. } => Work::Import(active.staged.remove(&chunk)),
+            ComputeStep::Compute { chunk, .. } => {
+                Work::Compute(active.chunks[chunk].tokens.clone())
+            }
+            ComputeStep::Tail { .. } => Work::Tail(active.tail.clone()),
+        };
+        drop(state);
+
+        let started = Instant::now();
+        let compute = &shared.compute;
+        let outcome = match work {
+            Work::Import(Some(kv)) => compute.import(&mut cache, &kv).map(|()| None),
+            Work::Import(None) => Err(EngineError::KvMismatch("loaded chunk went missing".into())),
+            Work::Compute(tokens) => compute.compute(&mut cache, &tokens, false),
+            Work::Tail(tokens) => compute.compute(&mut cache, &tokens, true),
+        };
+        let secs = started.elapsed().as_secs_f64();
+
+        state = shared.lock();
+        let now = shared.now();
+        match outcome {
+            Ok(logits) => {
+                let Some(active) = state.requests.get_mut(&step.request()) else {
+                    continue; // cancelled meanwhile
+                };
+                active.cache = Some(cache);
+                if let Some(report) = state.core.compute_done(now, step, secs) {
+                    let active = state.requests.remove(&step.request()).expect("present");
+                    let logits = logits.expect("the tail asks for logits");
+                    let write_back = state.core.config().write_back;
+                    finish_request(&shared, active, logits, report, write_back);
+                }
+            }
+            Err(error) if matches!(step, ComputeStep::Import { .. }) => {
+                // A loaded cache that does not fit is a miss, not a failure: compute it.
+                tracing::warn!(%error, "loaded KV could not be imported; computing instead");
+                state.core.import_failed(now, step, error.to_string());
+                if let Some(active) = state.requests.get_mut(&step.request()) {
+                    active.cache = Some(cache);
+                }
+            }
+            Err(error) => {
+                state.core.compute_failed(step);
+                shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(mut active) = state.requests.remove(&step.request())
+                    && let Some(reply) = active.reply.take()
+                {
+                    let _ = reply.send(Err(error));
+                }
+            }
+        }
+        pump_loads(&shared, &mut state);
+    }
+}
+
+/// A computed chunk to store: destination, tokens, cache indices.
+type WriteBack<S> = (S, Arc<[u32]>, std::ops::Range<usize>);
+
+/// Replies, then writes the chunks computed in context back to the store, off the TTFT path.
+fn finish_request<C, L>(
+    shared: &Arc<Shared<C, L>>,
+    mut active: Active<C, L>,
+    logits: C::Logits,
+    report: super::PrefillReport,
+    write_back: bool,
+) where
+    C: ComputeBackend,
+    L: LoadBackend<Kv = C::Kv>,
+{
+    shared.counters.completed.fetch_add(1, Ordering::Relaxed);
+    let cache = active.cache.take().expect("the cache is back");
+    let write_back: Vec<WriteBack<L::Source>> = if write_back {
+        report
+            .computed_chunks
+            .iter()
+            .filter_map(|&i| {
+                let dest = active.chunks[i].write_back.clone()?;
+                Some((
+                    dest,
+                    active.chunks[i].tokens.clone(),
+                    active.starts[i]..active.starts[i + 1],
+                ))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let snapshot = (!write_back.is_empty()).then(|| cache.clone());
+    if let Some(reply) = active.reply.take() {
+        let _ = reply.send(Ok(Prefilled {
+            cache,
+            logits,
+            report,
+        }));
+    }
+    let Some(snapshot) = snapshot else {
+        return;
+    };
+    let shared = shared.clone();
+    shared.runtime.clone().spawn(async move {
+        for (dest, tokens, range) in write_back {
+            let compute = shared.compute.clone();
+            let snap = snapshot.clone();
+            let exported = tokio::task::spawn_blocking(move || compute.export(&snap, range)).await;
+            let stored = match exported {
+                Ok(Ok(kv)) => shared.loader.store(&dest, &tokens, kv).await,
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let counter = match stored {
+                Ok(()) => &shared.counters.write_backs,
+                Err(error) => {
+                    tracing::warn!(%error, "write-back of a computed chunk failed");
+                    &shared.counters.write_back_failures
+                }
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+}

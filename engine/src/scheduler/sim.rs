@@ -1,0 +1,186 @@
+//! A discrete-event simulator of the scheduler: the same [`Core`] decisions, driven by a
+//! virtual clock and given costs instead of a model and a store. Deterministic, so the
+//! scheduling logic is tested exactly, and fast enough to sweep what-ifs.
+
+use super::core::{ComputeStep, Core, LoadResult, LoadStep, NextCompute, RequestId, RequestPlan};
+use super::{PrefillReport, SchedulerConfig};
+use crate::error::{EngineError, Result};
+
+/// The simulated machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimCosts {
+    /// Compute seconds per token…
+    pub compute_secs_per_token: f64,
+    /// …plus this much per token per position before it.
+    pub compute_secs_per_token_per_position: f64,
+    /// Seconds per token to import a loaded chunk.
+    pub import_secs_per_token: f64,
+    /// Fixed time of every load.
+    pub load_latency_secs: f64,
+    /// Seconds per token of one load (infinite: the store never answers).
+    pub load_secs_per_token: f64,
+    /// From this time on, every load fails (the store dies).
+    pub store_fails_at: Option<f64>,
+}
+
+impl SimCosts {
+    fn compute(&self, tokens: usize, position: usize) -> f64 {
+        let mid = position as f64 + tokens as f64 / 2.0;
+        tokens as f64
+            * (self.compute_secs_per_token + self.compute_secs_per_token_per_position * mid)
+    }
+}
+
+/// A request arriving at `arrival` seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimRequest {
+    /// Arrival time.
+    pub arrival: f64,
+    /// Chunks, tail and mode.
+    pub plan: RequestPlan,
+}
+
+/// Bound on simulated events: every run ends.
+const MAX_EVENTS: usize = 10_000_000;
+
+/// Runs `requests` through a scheduler with `config` on the machine `costs` and returns each
+/// request's report (in the order given).
+pub fn simulate(
+    config: SchedulerConfig,
+    costs: &SimCosts,
+    requests: &[SimRequest],
+) -> Result<Vec<PrefillReport>> {
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by(|&a, &b| requests[a].arrival.total_cmp(&requests[b].arrival));
+    let timeout = config.load_timeout_secs;
+    let mut core = Core::new(config);
+    let mut ids: Vec<(RequestId, usize)> = Vec::new();
+    let mut reports: Vec<Option<PrefillReport>> = vec![None; requests.len()];
+    let mut arrivals = order.into_iter().peekable();
+    let mut now = 0.0f64;
+    let mut busy: Option<(f64, ComputeStep, f64)> = None;
+    let mut loads: Vec<(f64, LoadStep, LoadResult)> = Vec::new();
+
+    for _ in 0..MAX_EVENTS {
+        while let Some(&i) = arrivals.peek() {
+            if requests[i].arrival > now {
+                break;
+            }
+            arrivals.next();
+            ids.push((core.admit(now, requests[i].plan.clone()), i));
+        }
+        while let Some(step) = core.next_load(now) {
+            let tokens = chunk_tokens(requests, &ids, step);
+            loads.push(simulate_load(costs, timeout, now, tokens, step));
+        }
+        let mut recheck = None;
+        if busy.is_none() {
+            match core.next_compute(now) {
+                NextCompute::Run(step) => {
+                    let secs = step_secs(&core, costs, requests, &ids, step);
+                    busy = Some((now + secs, step, secs));
+                }
+                NextCompute::Wait(at) => recheck = at.filter(|&t| t > now),
+            }
+        }
+        let next_arrival = arrivals.peek().map(|&i| requests[i].arrival);
+        let next_load = loads.iter().map(|l| l.0).min_by(f64::total_cmp);
+        let next = [next_arrival, busy.map(|b| b.0), next_load, recheck]
+            .into_iter()
+            .flatten()
+            .filter(|t| t.is_finite())
+            .min_by(f64::total_cmp);
+        let Some(next) = next else {
+            return finish(reports, requests.len());
+        };
+        now = next.max(now);
+        if let Some((done, step, secs)) = busy
+            && done <= now
+        {
+            busy = None;
+            if let Some(report) = core.compute_done(now, step, secs) {
+                let index = index_of(&ids, step.request());
+                reports[index] = Some(report);
+            }
+        }
+        let (done, pending): (Vec<_>, Vec<_>) = loads.into_iter().partition(|l| l.0 <= now);
+        loads = pending;
+        for (_, step, result) in done {
+            core.load_done(now, step, result);
+        }
+    }
+    Err(EngineError::Scheduler(format!(
+        "simulation did not finish within {MAX_EVENTS} events"
+    )))
+}
+
+fn finish(reports: Vec<Option<PrefillReport>>, n: usize) -> Result<Vec<PrefillReport>> {
+    let done: Vec<PrefillReport> = reports.into_iter().flatten().collect();
+    if done.len() != n {
+        return Err(EngineError::Scheduler(format!(
+            "{} of {n} simulated requests never finished",
+            n - done.len()
+        )));
+    }
+    Ok(done)
+}
+
+fn index_of(ids: &[(RequestId, usize)], id: RequestId) -> usize {
+    ids.iter()
+        .find(|(r, _)| *r == id)
+        .map(|(_, i)| *i)
+        .expect("admitted")
+}
+
+fn chunk_tokens(requests: &[SimRequest], ids: &[(RequestId, usize)], step: LoadStep) -> usize {
+    requests[index_of(ids, step.request)].plan.chunks[step.chunk].tokens
+}
+
+fn simulate_load(
+    costs: &SimCosts,
+    timeout: f64,
+    now: f64,
+    tokens: usize,
+    step: LoadStep,
+) -> (f64, LoadStep, LoadResult) {
+    let duration = costs.load_latency_secs + costs.load_secs_per_token * tokens as f64;
+    let end = now + duration;
+    if let Some(dies) = costs.store_fails_at
+        && end >= dies
+    {
+        let at = dies.max(now + costs.load_latency_secs).min(now + timeout);
+        return (at, step, LoadResult::Failed("store unavailable".into()));
+    }
+    if duration > timeout {
+        return (
+            now + timeout,
+            step,
+            LoadResult::Failed(format!("timed out after {timeout}s")),
+        );
+    }
+    let bytes = tokens as u64 * 23_040;
+    (end, step, LoadResult::Loaded { bytes })
+}
+
+fn step_secs(
+    core: &Core,
+    costs: &SimCosts,
+    requests: &[SimRequest],
+    ids: &[(RequestId, usize)],
+    step: ComputeStep,
+) -> f64 {
+    let plan = &requests[index_of(ids, step.request())].plan;
+    match step {
+        ComputeStep::Import { chunk, .. } => {
+            costs.import_secs_per_token * plan.chunks[chunk].tokens as f64
+        }
+        ComputeStep::Compute { request, chunk } => {
+            let position = core.position(request, chunk).unwrap_or(0);
+            costs.compute(plan.chunks[chunk].tokens, position)
+        }
+        ComputeStep::Tail { request } => {
+            let position = core.position(request, plan.chunks.len()).unwrap_or(0);
+            costs.compute(plan.tail_tokens, position)
+        }
+    }
+}

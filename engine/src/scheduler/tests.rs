@@ -1,0 +1,262 @@
+//! The scheduling logic under the deterministic simulator.
+
+use super::core::{ChunkPlan, RequestPlan};
+use super::sim::{SimCosts, SimRequest, simulate};
+use super::{MissReason, Mode, Policy, PrefillReport, SchedulerConfig};
+
+const CHUNK: usize = 256;
+
+fn costs(compute_per_token: f64, load_per_token: f64) -> SimCosts {
+    SimCosts {
+        compute_secs_per_token: compute_per_token,
+        compute_secs_per_token_per_position: 0.0,
+        import_secs_per_token: 1e-6,
+        load_latency_secs: 0.0,
+        load_secs_per_token: load_per_token,
+        store_fails_at: None,
+    }
+}
+
+/// A config whose priors are the simulated machine's true costs.
+fn config(costs: &SimCosts, policy: Policy, io: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        policy,
+        io_concurrency: io,
+        compute_secs_per_token: costs.compute_secs_per_token,
+        compute_secs_per_token_per_position: costs.compute_secs_per_token_per_position,
+        load_secs_per_token: costs.load_secs_per_token.min(1e3),
+        load_timeout_secs: 1e4,
+        ..SchedulerConfig::default()
+    }
+}
+
+fn plan(chunks: usize, stored: impl Fn(usize) -> bool, mode: Mode) -> RequestPlan {
+    RequestPlan {
+        chunks: (0..chunks)
+            .map(|i| ChunkPlan {
+                tokens: CHUNK,
+                stored: stored(i),
+            })
+            .collect(),
+        tail_tokens: 16,
+        mode,
+    }
+}
+
+fn run_one(costs: &SimCosts, io: usize, plan: RequestPlan) -> PrefillReport {
+    let config = config(costs, Policy::Adaptive, io);
+    let mut reports = simulate(config, costs, &[SimRequest { arrival: 0.0, plan }]).unwrap();
+    reports.remove(0)
+}
+
+#[test]
+fn equal_rates_meet_in_the_middle() {
+    let costs = costs(1e-3, 1e-3);
+    let report = run_one(&costs, 1, plan(16, |_| true, Mode::Bidirectional));
+    let meet = report.meeting_point.unwrap();
+    assert!((7..=9).contains(&meet), "met at chunk {meet}: {report:?}");
+    assert_eq!(report.chunks_computed + report.chunks_loaded, 16);
+    let compute_only = 16.0 * CHUNK as f64 * 1e-3;
+    assert!(
+        report.ttft_secs < 0.6 * compute_only,
+        "TTFT {} vs compute-only {compute_only}",
+        report.ttft_secs
+    );
+}
+
+#[test]
+fn faster_loading_moves_the_meeting_point_forward() {
+    let slow = run_one(
+        &costs(1e-3, 3e-3),
+        1,
+        plan(16, |_| true, Mode::Bidirectional),
+    );
+    let fast = run_one(
+        &costs(1e-3, 0.33e-3),
+        1,
+        plan(16, |_| true, Mode::Bidirectional),
+    );
+    assert!(
+        slow.chunks_computed > fast.chunks_computed,
+        "{slow:?}\n{fast:?}"
+    );
+    // About a quarter computed when loading is 3x faster, three quarters when 3x slower.
+    assert!((3..=5).contains(&fast.chunks_computed), "{fast:?}");
+    assert!((11..=13).contains(&slow.chunks_computed), "{slow:?}");
+}
+
+#[test]
+fn zero_bandwidth_computes_everything() {
+    let costs = costs(1e-3, f64::INFINITY);
+    let report = run_one(&costs, 4, plan(16, |_| true, Mode::Bidirectional));
+    assert_eq!(report.chunks_computed, 16, "{report:?}");
+    assert_eq!(report.chunks_loaded, 0);
+    let compute_only = (16 * CHUNK + 16) as f64 * 1e-3;
+    assert!(report.ttft_secs <= compute_only * 1.01, "{report:?}");
+}
+
+#[test]
+fn zero_compute_rate_loads_everything_stored() {
+    let costs = costs(10.0, 1e-4);
+    let stored = |i: usize| i % 4 != 1;
+    let report = run_one(&costs, 4, plan(16, stored, Mode::Bidirectional));
+    assert_eq!(report.chunks_loaded, 12, "{report:?}");
+    assert_eq!(report.chunks_computed, 4);
+}
+
+#[test]
+fn compute_only_never_reads_the_store() {
+    let costs = costs(1e-3, 1e-4);
+    let report = run_one(&costs, 4, plan(8, |_| true, Mode::ComputeOnly));
+    assert_eq!(report.loads_issued, 0);
+    assert_eq!(report.chunks_computed, 8);
+    assert_eq!(report.meeting_point, None);
+}
+
+#[test]
+fn load_only_loads_every_stored_chunk_even_when_computing_is_faster() {
+    let costs = costs(1e-4, 1e-3);
+    let stored = |i: usize| i != 3;
+    let report = run_one(&costs, 2, plan(8, stored, Mode::LoadOnly));
+    assert_eq!(report.chunks_loaded, 7, "{report:?}");
+    assert_eq!(report.chunks_computed, 1);
+}
+
+#[test]
+fn a_store_that_dies_halfway_still_completes_flagged_degraded() {
+    let mut costs = costs(1e-3, 2e-3);
+    let load_all = 16.0 * CHUNK as f64 * 2e-3;
+    costs.store_fails_at = Some(load_all / 4.0);
+    for mode in [Mode::Bidirectional, Mode::LoadOnly] {
+        let report = run_one(&costs, 1, plan(16, |_| true, mode));
+        assert_eq!(
+            report.chunks_computed + report.chunks_loaded,
+            16,
+            "{report:?}"
+        );
+        assert!(
+            report.chunks_loaded > 0,
+            "loaded before the store died: {report:?}"
+        );
+        assert!(report.degraded, "{report:?}");
+        assert!(
+            report
+                .misses
+                .iter()
+                .any(|m| matches!(m.reason, MissReason::StoreFailed(_))),
+            "{report:?}"
+        );
+    }
+}
+
+#[test]
+fn a_stalled_load_is_overtaken_by_compute() {
+    // Loads are expected fast (the prior) but take 100x longer.
+    let costs = costs(1e-3, 0.1);
+    let mut config = config(&costs, Policy::Adaptive, 4);
+    config.load_secs_per_token = 1e-4;
+    let plan = plan(8, |_| true, Mode::Bidirectional);
+    let report = simulate(config, &costs, &[SimRequest { arrival: 0.0, plan }])
+        .unwrap()
+        .remove(0);
+    let compute_only = (8 * CHUNK + 16) as f64 * 1e-3;
+    // Waiting for one stalled load costs at most about one chunk's compute time.
+    assert!(report.ttft_secs < compute_only * 1.3, "{report:?}");
+    assert!(report.degraded, "{report:?}");
+    assert!(
+        report
+            .misses
+            .iter()
+            .any(|m| m.reason == MissReason::Stalled)
+    );
+}
+
+/// A deterministic mixed workload: every third request uncached, the others fully or half
+/// cached, arriving every `gap` seconds.
+fn mixed_workload(n: usize, gap: f64, chunks: usize) -> Vec<SimRequest> {
+    (0..n)
+        .map(|i| {
+            let stored: Box<dyn Fn(usize) -> bool> = match i % 3 {
+                0 => Box::new(|_| false),
+                1 => Box::new(|_| true),
+                _ => Box::new(|c| c % 2 == 0),
+            };
+            SimRequest {
+                arrival: i as f64 * gap,
+                plan: plan(chunks, stored, Mode::Bidirectional),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn many_concurrent_requests_all_finish_and_none_starves() {
+    let mut costs = costs(1e-3, 1e-3);
+    costs.compute_secs_per_token_per_position = 1e-7;
+    let requests = mixed_workload(200, 0.5, 8);
+    let reports = simulate(config(&costs, Policy::Adaptive, 4), &costs, &requests).unwrap();
+    assert_eq!(reports.len(), 200);
+    for r in &reports {
+        assert_eq!(r.chunks_computed + r.chunks_loaded, 8, "{r:?}");
+        assert!(r.ttft_secs.is_finite() && r.ttft_secs > 0.0, "{r:?}");
+    }
+}
+
+fn config_fcfs(costs: &SimCosts) -> SchedulerConfig {
+    config(costs, Policy::Fcfs, 4)
+}
+
+#[test]
+fn adaptive_policy_cuts_mean_ttft_against_fcfs() {
+    let mut costs = costs(1e-3, 1e-3);
+    costs.compute_secs_per_token_per_position = 1e-7;
+    let requests = mixed_workload(60, 1.0, 8);
+    let mean = |reports: &[PrefillReport]| {
+        reports.iter().map(|r| r.ttft_secs).sum::<f64>() / reports.len() as f64
+    };
+    let adaptive = simulate(config(&costs, Policy::Adaptive, 4), &costs, &requests).unwrap();
+    let fcfs = simulate(config_fcfs(&costs), &costs, &requests).unwrap();
+    assert!(
+        mean(&adaptive) < mean(&fcfs),
+        "adaptive {} vs fcfs {}",
+        mean(&adaptive),
+        mean(&fcfs)
+    );
+}
+
+#[test]
+fn simulation_is_deterministic() {
+    let costs = costs(1e-3, 1e-3);
+    let requests = mixed_workload(30, 0.3, 6);
+    let a = simulate(config(&costs, Policy::Adaptive, 4), &costs, &requests).unwrap();
+    let b = simulate(config(&costs, Policy::Adaptive, 4), &costs, &requests).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn a_long_uncached_request_is_not_starved_by_a_stream_of_short_ones() {
+    let costs = costs(1e-3, 1e-3);
+    // One 8-chunk request, then 1-chunk requests slightly faster than compute can serve.
+    let mut requests = vec![SimRequest {
+        arrival: 0.0,
+        plan: plan(8, |_| false, Mode::Bidirectional),
+    }];
+    requests.extend((1..200).map(|i| SimRequest {
+        arrival: i as f64 * 0.25,
+        plan: plan(1, |_| false, Mode::Bidirectional),
+    }));
+    let long_ttft = |starvation_secs: f64| {
+        let config = SchedulerConfig {
+            starvation_secs,
+            ..config(&costs, Policy::Adaptive, 4)
+        };
+        simulate(config, &costs, &requests).unwrap()[0].ttft_secs
+    };
+    // Each of its 9 steps waits at most the bound plus one short request's compute.
+    let bound = 9.0 * (0.5 + 0.3);
+    let with_aging = long_ttft(0.5);
+    assert!(with_aging <= bound, "{with_aging} > {bound}");
+    // Shortest-first alone would leave it waiting for the whole stream.
+    let without_aging = long_ttft(f64::INFINITY);
+    assert!(without_aging > bound, "{without_aging}");
+}
