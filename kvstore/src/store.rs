@@ -179,6 +179,11 @@ impl KvStore {
         self
     }
 
+    /// The fingerprint of the model whose caches this store holds.
+    pub fn model(&self) -> ModelFingerprint {
+        self.model
+    }
+
     /// The backend.
     pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
         &self.store

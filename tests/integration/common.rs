@@ -1,9 +1,12 @@
 //! Shared fixtures: the default model, loaded once per test binary.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use ragcake::engine::{Engine, EngineConfig, KvCache, Logits, Tensor};
+use ragcake::kvstore::object_store::ObjectStore;
+use ragcake::kvstore::object_store::path::Path;
+use ragcake::kvstore::{KvStore, open_url};
 use ragcake::models::{ModelCache, SMOLLM2};
 
 /// Path of the default GGUF model (`RAGCAKE_MODEL` overrides it).
@@ -79,5 +82,32 @@ pub fn max_abs(a: &Tensor) -> f32 {
         .max(0)
         .unwrap()
         .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A KV store for the default model over the object store `url` names.
+pub fn store_for(url: &str) -> KvStore {
+    let (store, prefix) = open_url(url, Vec::new()).unwrap();
+    store_over(store, prefix)
+}
+
+/// A KV store for the default model over `store`.
+pub fn store_over(store: Arc<dyn ObjectStore>, prefix: Path) -> KvStore {
+    let engine = engine();
+    KvStore::new(
+        store,
+        prefix,
+        engine.fingerprint(),
+        engine.model().config().kv_shape(),
+        engine.model().device().clone(),
+    )
+}
+
+/// A two-thread tokio runtime, as on the target machines.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
         .unwrap()
 }

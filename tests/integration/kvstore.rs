@@ -4,21 +4,9 @@ use std::sync::Arc;
 
 use ragcake::engine::{DType, KvRange, Logits, ModelFingerprint};
 use ragcake::kvstore::object_store::ObjectStoreExt;
-use ragcake::kvstore::{CacheKey, KvStore, Lookup, RejectReason, format, open_url};
+use ragcake::kvstore::{CacheKey, KvStore, Lookup, RejectReason, format};
 
-use crate::common::{engine, logits, max_abs_diff, prose_tokens};
-
-fn store_for(url: &str) -> KvStore {
-    let (store, prefix) = open_url(url, Vec::new()).unwrap();
-    let engine = engine();
-    KvStore::new(
-        store,
-        prefix,
-        engine.fingerprint(),
-        engine.model().config().kv_shape(),
-        engine.model().device().clone(),
-    )
-}
+use crate::common::{engine, logits, max_abs_diff, prose_tokens, runtime, store_for};
 
 /// KV of `tokens` computed from position 0, and the key it is stored under.
 fn chunk_kv(tokens: &[u32]) -> (CacheKey, KvRange) {
@@ -34,14 +22,6 @@ fn chunk_kv(tokens: &[u32]) -> (CacheKey, KvRange) {
 /// Whether `key` loads as a verified hit.
 async fn loads(store: &KvStore, key: &CacheKey, tokens: &[u32]) -> bool {
     store.get(key, Some(tokens)).await.unwrap().hit().is_some()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// The behaviour every backend must have.

@@ -6,4 +6,5 @@
 mod common;
 mod engine;
 mod kvstore;
+mod scheduler;
 mod tokenizer;

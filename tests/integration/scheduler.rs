@@ -1,0 +1,388 @@
+//! The bidirectional scheduler with the real model and real stores: exactness, write-back,
+//! and every fault turning into computation.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ragcake::engine::scheduler::{
+    ChunkSpec, MissReason, Mode, PrefillRequest, Prefilled, Scheduler, SchedulerConfig,
+};
+use ragcake::engine::{DType, Engine, EngineConfig, Tensor};
+use ragcake::kvstore::object_store::memory::InMemory;
+use ragcake::kvstore::object_store::path::Path;
+use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use ragcake::kvstore::{CacheKey, KvStore, Throttle, open_url, throttled};
+
+use crate::common::{max_abs, max_abs_diff, model_path, prose_tokens, runtime, store_over};
+
+/// The default model behind an `Arc`, as the scheduler holds it.
+fn shared_engine() -> Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let config = EngineConfig {
+                quantized_decode: false,
+                ..EngineConfig::default()
+            };
+            Arc::new(Engine::load(model_path(), &config).expect("load model"))
+        })
+        .clone()
+}
+
+/// A preamble, five chunks of prose of different lengths, and a question tail.
+fn context() -> (Vec<Vec<u32>>, Vec<u32>) {
+    let engine = shared_engine();
+    let tokens = prose_tokens(700);
+    let mut chunks = vec![
+        engine
+            .tokenizer()
+            .encode("Answer from the context.\n", false)
+            .unwrap(),
+    ];
+    let mut at = 0;
+    for len in [96, 150, 128, 200, 110] {
+        chunks.push(tokens[at..at + len].to_vec());
+        at += len;
+    }
+    let tail = engine
+        .tokenizer()
+        .encode("\nQuestion: what did keepers trim?", false)
+        .unwrap();
+    (chunks, tail)
+}
+
+/// Logits of the whole prompt computed in one pass, without the scheduler.
+fn reference_logits(chunks: &[Vec<u32>], tail: &[u32]) -> Tensor {
+    let engine = shared_engine();
+    let prompt: Vec<u32> = chunks.iter().flatten().chain(tail).copied().collect();
+    let mut cache = engine.new_cache();
+    engine.prefill(&mut cache, &prompt, 512).unwrap()
+}
+
+fn scheduler(store: Arc<KvStore>, config: SchedulerConfig) -> Scheduler<Engine, KvStore> {
+    Scheduler::start(shared_engine(), store, config)
+}
+
+fn memory_store(dtype: DType) -> Arc<KvStore> {
+    Arc::new(store_over(Arc::new(InMemory::new()), Path::default()).with_storage_dtype(dtype))
+}
+
+/// Waits (bounded) until the scheduler has written back `n` chunks.
+async fn written_back(scheduler: &Scheduler<Engine, KvStore>, n: u64) {
+    for _ in 0..200 {
+        if scheduler.stats().write_backs >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("write-back did not finish: {:?}", scheduler.stats());
+}
+
+fn assert_same_logits(got: &Prefilled<Engine>, want: &Tensor, tolerance: f32) {
+    let diff = max_abs_diff(&got.logits, want);
+    assert!(
+        diff <= tolerance * max_abs(want),
+        "logits differ by {diff}: {:?}",
+        got.report
+    );
+    let argmax = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    assert_eq!(argmax(&got.logits), argmax(want), "greedy token differs");
+}
+
+#[test]
+fn prefix_caches_written_back_then_loaded_reproduce_full_computation() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        // f32 storage: loading must reproduce computation to float-reordering noise.
+        let store = memory_store(DType::F32);
+        let scheduler = scheduler(store.clone(), SchedulerConfig::default());
+
+        let (request, lookup) = store
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
+            .await;
+        assert_eq!(lookup.prefix_hits + lookup.chunk_hits, 0, "empty store");
+        let cold = scheduler.prefill(request).await.unwrap();
+        assert_eq!(cold.report.chunks_computed, chunks.len());
+        assert_same_logits(&cold, &want, 1e-4);
+        written_back(&scheduler, chunks.len() as u64).await;
+
+        for mode in [Mode::Bidirectional, Mode::LoadOnly] {
+            let (request, lookup) = store.plan_prefill(chunks.clone(), tail.clone(), mode).await;
+            assert_eq!(lookup.prefix_hits, chunks.len());
+            let warm = scheduler.prefill(request).await.unwrap();
+            assert!(warm.report.chunks_loaded > 0, "{:?}", warm.report);
+            assert_eq!(
+                warm.report.chunks_loaded + warm.report.chunks_computed,
+                chunks.len()
+            );
+            assert!(!warm.report.degraded);
+            assert_same_logits(&warm, &want, 1e-4);
+        }
+        let (request, _) = store
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::LoadOnly)
+            .await;
+        let all_loaded = scheduler.prefill(request).await.unwrap();
+        assert_eq!(all_loaded.report.chunks_loaded, chunks.len());
+        assert_eq!(all_loaded.report.tokens_computed, tail.len());
+    });
+}
+
+#[test]
+fn f16_stored_prefix_caches_keep_the_greedy_answer() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let store = memory_store(DType::F16);
+        let scheduler = scheduler(store.clone(), SchedulerConfig::default());
+        let (request, _) = store
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::ComputeOnly)
+            .await;
+        scheduler.prefill(request).await.unwrap();
+        written_back(&scheduler, chunks.len() as u64).await;
+        let (request, _) = store
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::LoadOnly)
+            .await;
+        let warm = scheduler.prefill(request).await.unwrap();
+        assert_eq!(warm.report.chunks_loaded, chunks.len());
+        // f16 rounding of the stored keys and values: small, not zero.
+        assert_same_logits(&warm, &want, 2e-2);
+    });
+}
+
+/// A request whose chunks are all planned as stored under their prefix keys.
+fn planned_as_stored(chunks: &[Vec<u32>], tail: &[u32], mode: Mode) -> PrefillRequest<CacheKey> {
+    let keys = CacheKey::prefix_chain(
+        &shared_engine().fingerprint(),
+        chunks.iter().map(Vec::as_slice),
+    );
+    PrefillRequest {
+        chunks: chunks
+            .iter()
+            .zip(keys)
+            .map(|(tokens, key)| ChunkSpec {
+                tokens: tokens.as_slice().into(),
+                stored: Some(key),
+                write_back: None,
+            })
+            .collect(),
+        tail: tail.to_vec(),
+        mode,
+    }
+}
+
+#[test]
+fn a_store_that_is_down_is_computed_around_and_flagged_degraded() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        // A real S3 client pointed at a port where nothing listens.
+        let options = vec![
+            ("aws_endpoint".to_string(), "http://127.0.0.1:9".to_string()),
+            ("aws_allow_http".to_string(), "true".to_string()),
+            ("aws_region".to_string(), "us-east-1".to_string()),
+            ("aws_access_key_id".to_string(), "x".to_string()),
+            ("aws_secret_access_key".to_string(), "x".to_string()),
+        ];
+        let (down, prefix) = open_url("s3://nowhere/kv", options).unwrap();
+        let store = Arc::new(store_over(down, prefix));
+        let config = SchedulerConfig {
+            load_timeout_secs: 2.0,
+            ..SchedulerConfig::default()
+        };
+        let scheduler = scheduler(store, config);
+        for mode in [Mode::Bidirectional, Mode::LoadOnly] {
+            let done = scheduler
+                .prefill(planned_as_stored(&chunks, &tail, mode))
+                .await
+                .unwrap();
+            assert_eq!(
+                done.report.chunks_computed,
+                chunks.len(),
+                "{:?}",
+                done.report
+            );
+            assert!(done.report.degraded, "{:?}", done.report);
+            assert!(
+                done.report
+                    .misses
+                    .iter()
+                    .any(|m| matches!(m.reason, MissReason::StoreFailed(_) | MissReason::Stalled))
+            );
+            assert_same_logits(&done, &want, 1e-4);
+        }
+    });
+}
+
+#[test]
+fn a_stalled_store_costs_about_one_chunk_not_the_stall() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let fast = Arc::new(store_over(inner.clone(), Path::default()));
+        let filler = scheduler(fast.clone(), SchedulerConfig::default());
+        let (request, _) = fast
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::ComputeOnly)
+            .await;
+        filler.prefill(request).await.unwrap();
+        written_back(&filler, chunks.len() as u64).await;
+
+        // The same objects behind a store that takes 60 s to answer any read.
+        let stalled = throttled(
+            inner,
+            Throttle {
+                bytes_per_second: None,
+                latency: Duration::from_secs(60),
+            },
+        );
+        let store = Arc::new(store_over(stalled, Path::default()));
+        let scheduler = scheduler(store, SchedulerConfig::default());
+        let started = std::time::Instant::now();
+        let done = scheduler
+            .prefill(planned_as_stored(&chunks, &tail, Mode::Bidirectional))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "waited for the stall"
+        );
+        assert_eq!(
+            done.report.chunks_computed,
+            chunks.len(),
+            "{:?}",
+            done.report
+        );
+        assert!(done.report.degraded, "{:?}", done.report);
+        assert_same_logits(&done, &want, 1e-4);
+    });
+}
+
+#[test]
+fn a_corrupt_blob_is_recomputed_and_the_answer_is_unchanged() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let store = memory_store(DType::F32);
+        let scheduler = scheduler(store.clone(), SchedulerConfig::default());
+        let (request, _) = store
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::ComputeOnly)
+            .await;
+        scheduler.prefill(request).await.unwrap();
+        written_back(&scheduler, chunks.len() as u64).await;
+
+        // Flip a byte in the middle of the last chunk's blob.
+        let keys = CacheKey::prefix_chain(
+            &shared_engine().fingerprint(),
+            chunks.iter().map(Vec::as_slice),
+        );
+        let path = store.path_of(keys.last().unwrap());
+        let mut blob = store
+            .object_store()
+            .get(&path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        let middle = blob.len() / 2;
+        blob[middle] ^= 0x40;
+        store
+            .object_store()
+            .put(&path, PutPayload::from(blob))
+            .await
+            .unwrap();
+
+        let (request, _) = store
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::LoadOnly)
+            .await;
+        let done = scheduler.prefill(request).await.unwrap();
+        let last = chunks.len() - 1;
+        assert!(
+            done.report
+                .misses
+                .iter()
+                .any(|m| m.chunk == last && matches!(m.reason, MissReason::Rejected(_))),
+            "{:?}",
+            done.report
+        );
+        assert_eq!(done.report.chunks_computed, 1);
+        assert!(
+            !done.report.degraded,
+            "a corrupt blob is a miss, not a store failure"
+        );
+        assert_same_logits(&done, &want, 1e-4);
+        assert_eq!(store.stats().rejected, 1);
+    });
+}
+
+#[test]
+fn a_cancelled_request_frees_its_resources() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let stalled = throttled(
+            inner,
+            Throttle {
+                bytes_per_second: None,
+                latency: Duration::from_secs(60),
+            },
+        );
+        let store = Arc::new(store_over(stalled, Path::default()));
+        let scheduler = scheduler(store, SchedulerConfig::default());
+        let request = planned_as_stored(&chunks, &tail, Mode::LoadOnly);
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(200), scheduler.prefill(request)).await;
+        assert!(
+            gave_up.is_err(),
+            "load-only on a stalled store cannot finish in 200 ms"
+        );
+        let stats = scheduler.stats();
+        assert_eq!(stats.cancelled, 1, "{stats:?}");
+        assert_eq!(stats.in_flight, 0, "{stats:?}");
+        // The scheduler keeps serving.
+        let done = scheduler
+            .prefill(planned_as_stored(&chunks, &tail, Mode::ComputeOnly))
+            .await
+            .unwrap();
+        assert_eq!(done.report.chunks_computed, chunks.len());
+    });
+}
+
+#[test]
+fn concurrent_requests_share_the_compute_worker_and_all_finish() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let store = memory_store(DType::F32);
+        let scheduler = Arc::new(scheduler(store.clone(), SchedulerConfig::default()));
+        let (request, _) = store
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::ComputeOnly)
+            .await;
+        scheduler.prefill(request).await.unwrap();
+        written_back(&scheduler, chunks.len() as u64).await;
+
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let (scheduler, store, chunks, tail) = (
+                scheduler.clone(),
+                store.clone(),
+                chunks.clone(),
+                tail.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mode = Mode::ALL[i % 3];
+                let (request, _) = store.plan_prefill(chunks, tail, mode).await;
+                scheduler.prefill(request).await.unwrap()
+            }));
+        }
+        for task in tasks {
+            let done = task.await.unwrap();
+            assert_same_logits(&done, &want, 1e-4);
+        }
+        let stats = scheduler.stats();
+        assert_eq!(stats.completed, 7);
+        assert_eq!(stats.in_flight, 0);
+    });
+}
