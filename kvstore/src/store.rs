@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use ragcake_engine::{KvRange, KvShape, ModelFingerprint};
+use ragcake_engine::{Engine, KvRange, KvShape, ModelFingerprint};
 use safetensors::tensor::Metadata;
 use serde::Serialize;
 
@@ -161,6 +161,17 @@ impl KvStore {
             tier: None,
             counters: Counters::default(),
         }
+    }
+
+    /// A store of `engine`'s caches (its fingerprint, cache shape and device).
+    pub fn for_engine(store: Arc<dyn ObjectStore>, prefix: Path, engine: &Engine) -> Self {
+        Self::new(
+            store,
+            prefix,
+            engine.fingerprint(),
+            engine.model().config().kv_shape(),
+            engine.model().device().clone(),
+        )
     }
 
     /// Keeps up to `capacity_bytes` of decoded caches in memory (LRU).

@@ -19,6 +19,9 @@ pub enum BenchCommand {
     Prefill(PrefillArgs),
     /// Load throughput of a 4k-token context from each KV store backend, beside raw GETs.
     Kvstore(super::bench_kvstore::KvstoreArgs),
+    /// TTFT of compute-only, load-only and bidirectional prefill across storage bandwidths,
+    /// beside the ideal split T* measured in the same run.
+    Ttft(super::bench_ttft::TtftArgs),
 }
 
 #[derive(Debug, Args)]
@@ -53,7 +56,7 @@ pub struct PrefillArgs {
 }
 
 /// Median, min and max of repeated measurements.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct Stats {
     pub median: f64,
     pub min: f64,
@@ -99,15 +102,19 @@ struct Report {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Prefill(args) => prefill(args),
-        BenchCommand::Kvstore(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(super::bench_kvstore::run(args)),
+        BenchCommand::Kvstore(args) => tokio_runtime()?.block_on(super::bench_kvstore::run(args)),
+        BenchCommand::Ttft(args) => tokio_runtime()?.block_on(super::bench_ttft::run(args)),
     }
 }
 
+fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
 /// Deterministic ordinary-vocabulary token ids (attention cost does not depend on content).
-fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
+pub(super) fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
     let vocab = engine.tokenizer().vocab_size() as u64;
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     (0..n)

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_kvstore;
+mod bench_ttft;
 mod generate;
 mod models;
 mod plot;

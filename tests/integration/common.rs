@@ -93,14 +93,7 @@ pub fn store_for(url: &str) -> KvStore {
 
 /// A KV store for the default model over `store`.
 pub fn store_over(store: Arc<dyn ObjectStore>, prefix: Path) -> KvStore {
-    let engine = engine();
-    KvStore::new(
-        store,
-        prefix,
-        engine.fingerprint(),
-        engine.model().config().kv_shape(),
-        engine.model().device().clone(),
-    )
+    KvStore::for_engine(store, prefix, engine())
 }
 
 /// A two-thread tokio runtime, as on the target machines.

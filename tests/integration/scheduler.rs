@@ -78,6 +78,23 @@ async fn written_back(scheduler: &Scheduler<Engine, KvStore>, n: u64) {
     panic!("write-back did not finish: {:?}", scheduler.stats());
 }
 
+/// Computes the context once with write-back on, so every chunk's exact prefix cache is
+/// stored; waits (bounded) for the write-backs.
+async fn fill_with_prefix_caches(
+    scheduler: &Scheduler<Engine, KvStore>,
+    store: &KvStore,
+    chunks: &[Vec<u32>],
+    tail: &[u32],
+) {
+    let before = scheduler.stats().write_backs;
+    let (request, _) = store
+        .plan_prefill(chunks.to_vec(), tail.to_vec(), Mode::ComputeOnly)
+        .await;
+    let done = scheduler.prefill(request).await.unwrap();
+    assert_eq!(done.report.chunks_computed, chunks.len());
+    written_back(scheduler, before + chunks.len() as u64).await;
+}
+
 fn assert_same_logits(got: &Prefilled<Engine>, want: &Tensor, tolerance: f32) {
     let diff = max_abs_diff(&got.logits, want);
     assert!(
@@ -135,11 +152,7 @@ fn f16_stored_prefix_caches_keep_the_greedy_answer() {
         let want = reference_logits(&chunks, &tail);
         let store = memory_store(DType::F16);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
-        let (request, _) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::ComputeOnly)
-            .await;
-        scheduler.prefill(request).await.unwrap();
-        written_back(&scheduler, chunks.len() as u64).await;
+        fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
         let (request, _) = store
             .plan_prefill(chunks.clone(), tail.clone(), Mode::LoadOnly)
             .await;
@@ -222,11 +235,7 @@ fn a_stalled_store_costs_about_one_chunk_not_the_stall() {
         let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let fast = Arc::new(store_over(inner.clone(), Path::default()));
         let filler = scheduler(fast.clone(), SchedulerConfig::default());
-        let (request, _) = fast
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::ComputeOnly)
-            .await;
-        filler.prefill(request).await.unwrap();
-        written_back(&filler, chunks.len() as u64).await;
+        fill_with_prefix_caches(&filler, &fast, &chunks, &tail).await;
 
         // The same objects behind a store that takes 60 s to answer any read.
         let stalled = throttled(
@@ -265,11 +274,7 @@ fn a_corrupt_blob_is_recomputed_and_the_answer_is_unchanged() {
         let want = reference_logits(&chunks, &tail);
         let store = memory_store(DType::F32);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
-        let (request, _) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::ComputeOnly)
-            .await;
-        scheduler.prefill(request).await.unwrap();
-        written_back(&scheduler, chunks.len() as u64).await;
+        fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
 
         // Flip a byte in the middle of the last chunk's blob.
         let keys = CacheKey::prefix_chain(
@@ -357,11 +362,7 @@ fn concurrent_requests_share_the_compute_worker_and_all_finish() {
         let want = reference_logits(&chunks, &tail);
         let store = memory_store(DType::F32);
         let scheduler = Arc::new(scheduler(store.clone(), SchedulerConfig::default()));
-        let (request, _) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::ComputeOnly)
-            .await;
-        scheduler.prefill(request).await.unwrap();
-        written_back(&scheduler, chunks.len() as u64).await;
+        fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
 
         let mut tasks = Vec::new();
         for i in 0..6 {

@@ -146,8 +146,10 @@ impl Default for SchedulerConfig {
             // SmolLM2-135M on two CPU cores: ~350 tok/s near position 0, ~210 at 4k.
             compute_secs_per_token: 2.1e-3,
             compute_secs_per_token_per_position: 1.3e-6,
-            // 23 KB per token at ~200 MB/s per stream.
-            load_secs_per_token: 1.2e-4,
+            // Pessimistic (23 KB per token at ~2 MB/s) until the first load is measured:
+            // the compute worker starts from the front, as if loading were slow, and the
+            // first finished load replaces this guess.
+            load_secs_per_token: 1e-2,
             write_back: true,
         }
     }

@@ -1,0 +1,401 @@
+//! `ragcake bench ttft`: time to first token of compute-only, load-only and bidirectional
+//! prefill across storage bandwidths, beside the ideal split T* measured in the same run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use futures::StreamExt;
+use ragcake::engine::scheduler::{Mode, Policy, Scheduler, SchedulerConfig};
+use ragcake::engine::{Engine, KvRange};
+use ragcake::kvstore::object_store::ObjectStore;
+use ragcake::kvstore::object_store::memory::InMemory;
+use ragcake::kvstore::object_store::path::Path;
+use ragcake::kvstore::{CacheKey, KvStore, Throttle, open_url, throttled};
+use serde::Serialize;
+
+use super::bench::{Stats, bench_tokens};
+use super::{ModelArgs, plot};
+
+#[derive(Debug, Args)]
+pub struct TtftArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context lengths in tokens (chunks plus a short question tail).
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096")]
+    contexts: Vec<usize>,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Read bandwidths of one request to sweep, MB/s; 0 = unthrottled memory.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,0")]
+    bandwidths: Vec<f64>,
+    /// Loads in flight at once.
+    #[arg(long, default_value_t = 4)]
+    io_concurrency: usize,
+    /// Timed repeats (median reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Also measure an S3 store (credentials and endpoint from AWS_* variables).
+    #[arg(long, env = "RAGCAKE_BENCH_S3_URL")]
+    s3_url: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// CSV output (the plot goes beside it as .png).
+    #[arg(long, default_value = "bench-results/ttft.csv")]
+    csv: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    context: usize,
+    backend: String,
+    /// Aggregate load throughput measured for this backend, MB/s.
+    load_mb_s: f64,
+    compute_only: Stats,
+    load_only: Stats,
+    bidirectional: Stats,
+    /// Best split with hindsight from measured per-chunk compute and load times.
+    t_star: f64,
+    /// N / (compute rate + load rate), plus the tail.
+    t_continuous: f64,
+    /// Chunks computed by bidirectional runs (median).
+    bidirectional_chunks_computed: f64,
+    bidir_over_t_star: f64,
+    bidir_over_best_single: f64,
+}
+
+/// What one backend needs: a name, the object store, its path prefix.
+type Backend = (String, Arc<dyn ObjectStore>, Path);
+
+pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.repeats > 0 && args.chunk > 0 && args.io_concurrency > 0);
+    let engine = Arc::new(args.model.load()?);
+    let tail = engine
+        .tokenizer()
+        .encode("\nQuestion: what does the context say?", false)?;
+    let mut rows = Vec::new();
+    for &context in &args.contexts {
+        let tokens = bench_tokens(&engine, context);
+        let chunks: Vec<Vec<u32>> = tokens.chunks(args.chunk).map(<[u32]>::to_vec).collect();
+        let (compute_each, tail_secs) = measure_compute(&engine, &chunks, &tail, args.repeats)?;
+        let compute_total: f64 = compute_each.iter().sum();
+        eprintln!(
+            "context {context}: {} chunks, compute {compute_total:.2} s + tail {tail_secs:.3} s",
+            chunks.len()
+        );
+        let kv = context_kv(&engine, &chunks)?;
+
+        let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let dir = tempfile::tempdir()?;
+        let mut stores: Vec<(Backend, Vec<Backend>)> = Vec::new();
+        let throttled_views = args
+            .bandwidths
+            .iter()
+            .map(|&mb| {
+                let (name, bytes_per_second) = if mb > 0.0 {
+                    (format!("{mb} MB/s per read"), Some(mb * 1e6))
+                } else {
+                    ("memory".to_string(), None)
+                };
+                let store = throttled(
+                    memory.clone(),
+                    Throttle {
+                        bytes_per_second,
+                        ..Throttle::NONE
+                    },
+                );
+                (name, store, Path::default())
+            })
+            .collect();
+        stores.push((
+            ("memory".into(), memory.clone(), Path::default()),
+            throttled_views,
+        ));
+        let (local, prefix) = open_url(&format!("file://{}", dir.path().display()), Vec::new())?;
+        let local: Backend = ("local dir".into(), local, prefix);
+        stores.push((local.clone(), vec![local]));
+        if let Some(url) = &args.s3_url {
+            let (s3, prefix) = open_url(&format!("{url}/ttft-{}", std::process::id()), Vec::new())?;
+            let s3: Backend = ("s3".into(), s3, prefix);
+            stores.push((s3.clone(), vec![s3]));
+        }
+
+        let mut compute_only: Option<Stats> = None;
+        for ((_, target, prefix), views) in stores {
+            let writer = KvStore::for_engine(target, prefix.clone(), &engine);
+            let keys =
+                CacheKey::prefix_chain(&engine.fingerprint(), chunks.iter().map(Vec::as_slice));
+            for ((key, tokens), range) in keys.iter().zip(&chunks).zip(&kv) {
+                writer.put(key, tokens, range).await?;
+            }
+            for (name, view, _) in views {
+                let store = Arc::new(KvStore::for_engine(view, prefix.clone(), &engine));
+                let (load_total, bytes) =
+                    measure_loads(&store, &keys, &chunks, args.io_concurrency).await?;
+                let (load_one, _) = measure_loads(&store, &keys[..1], &chunks[..1], 1).await?;
+                let config = SchedulerConfig {
+                    policy: Policy::Fcfs,
+                    io_concurrency: args.io_concurrency,
+                    write_back: false,
+                    ..SchedulerConfig::default()
+                };
+                let scheduler = Scheduler::start(engine.clone(), store.clone(), config);
+                let run_mode = async |mode: Mode| -> anyhow::Result<(Stats, f64)> {
+                    let mut ttft = Vec::new();
+                    let mut computed = Vec::new();
+                    for _ in 0..args.repeats {
+                        let (request, _) =
+                            store.plan_prefill(chunks.clone(), tail.clone(), mode).await;
+                        let started = Instant::now();
+                        let done = scheduler.prefill(request).await?;
+                        ttft.push(started.elapsed().as_secs_f64());
+                        computed.push(done.report.chunks_computed as f64);
+                    }
+                    Ok((Stats::of(ttft), Stats::of(computed).median))
+                };
+                if compute_only.is_none() {
+                    compute_only = Some(run_mode(Mode::ComputeOnly).await?.0);
+                }
+                let (load_only, _) = run_mode(Mode::LoadOnly).await?;
+                let (bidirectional, computed) = run_mode(Mode::Bidirectional).await?;
+                let compute_only = compute_only.expect("measured");
+                let import_each = import_secs(&engine, &kv)?;
+                let loads = LoadTimes {
+                    total: load_total,
+                    one: load_one,
+                    concurrency: args.io_concurrency,
+                };
+                let t_star = ideal_split(&compute_each, &loads, &import_each) + tail_secs;
+                let t_continuous =
+                    compute_total * load_total / (compute_total + load_total) + tail_secs;
+                let best_single = compute_only.median.min(load_only.median);
+                eprintln!(
+                    "  {name}: compute-only {:.2} s, load-only {:.2} s, bidirectional {:.2} s, T* {t_star:.2} s",
+                    compute_only.median, load_only.median, bidirectional.median
+                );
+                rows.push(Row {
+                    context,
+                    backend: name,
+                    load_mb_s: bytes as f64 / 1e6 / load_total,
+                    bidir_over_t_star: bidirectional.median / t_star,
+                    bidir_over_best_single: bidirectional.median / best_single,
+                    bidirectional_chunks_computed: computed,
+                    compute_only,
+                    load_only,
+                    bidirectional,
+                    t_star,
+                    t_continuous,
+                });
+            }
+        }
+    }
+    write_outputs(&args, &rows)
+}
+
+/// Per-chunk compute seconds at their positions (median of `repeats`), and the tail's.
+fn measure_compute(
+    engine: &Engine,
+    chunks: &[Vec<u32>],
+    tail: &[u32],
+    repeats: usize,
+) -> anyhow::Result<(Vec<f64>, f64)> {
+    let mut per_chunk = vec![Vec::new(); chunks.len()];
+    let mut tails = Vec::new();
+    for _ in 0..repeats {
+        let mut cache = engine.new_cache();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let started = Instant::now();
+            engine.append(&mut cache, chunk, 512, false)?;
+            per_chunk[i].push(started.elapsed().as_secs_f64());
+        }
+        let started = Instant::now();
+        engine.append(&mut cache, tail, 512, true)?;
+        tails.push(started.elapsed().as_secs_f64());
+    }
+    let each = per_chunk.into_iter().map(|t| Stats::of(t).median).collect();
+    Ok((each, Stats::of(tails).median))
+}
+
+/// The exact KV of every chunk in context.
+fn context_kv(engine: &Engine, chunks: &[Vec<u32>]) -> anyhow::Result<Vec<KvRange>> {
+    let mut cache = engine.new_cache();
+    let mut ranges = Vec::new();
+    for chunk in chunks {
+        let start = cache.len();
+        engine.append(&mut cache, chunk, 512, false)?;
+        ranges.push(cache.export(start..cache.len())?);
+    }
+    Ok(ranges)
+}
+
+/// Seconds to load every chunk with `concurrency` reads in flight, and the bytes read.
+async fn measure_loads(
+    store: &KvStore,
+    keys: &[CacheKey],
+    chunks: &[Vec<u32>],
+    concurrency: usize,
+) -> anyhow::Result<(f64, u64)> {
+    let started = Instant::now();
+    let loaded: Vec<_> = futures::stream::iter(keys.iter().zip(chunks))
+        .map(|(key, tokens)| store.get(key, Some(tokens)))
+        .buffered(concurrency)
+        .collect()
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    let mut bytes = 0;
+    for lookup in loaded {
+        let range = lookup?
+            .hit()
+            .ok_or_else(|| anyhow::anyhow!("a stored chunk did not load"))?;
+        bytes += range.bytes() as u64;
+    }
+    Ok((secs, bytes))
+}
+
+/// Seconds to import each chunk's loaded cache (f16, as stored) into a cache.
+fn import_secs(engine: &Engine, kv: &[KvRange]) -> anyhow::Result<Vec<f64>> {
+    let mut cache = engine.new_cache();
+    kv.iter()
+        .map(|range| {
+            let stored = range.to_dtype(ragcake::engine::DType::F16)?;
+            let started = Instant::now();
+            engine.import(&mut cache, &stored)?;
+            Ok(started.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
+/// Measured load times: all chunks with the loader's concurrency, and one chunk alone.
+struct LoadTimes {
+    total: f64,
+    one: f64,
+    concurrency: usize,
+}
+
+impl LoadTimes {
+    /// Seconds to load `m` of `n` chunks: bounded by rounds of concurrent single loads
+    /// (latency, per-read bandwidth) and by the aggregate rate.
+    fn of(&self, m: usize, n: usize) -> f64 {
+        let rounds = m.div_ceil(self.concurrency) as f64 * self.one;
+        rounds.max(self.total * m as f64 / n as f64)
+    }
+}
+
+/// The best TTFT over split points k: chunks before k computed in order, chunks from k
+/// loaded concurrently with the compute and then imported.
+fn ideal_split(compute_each: &[f64], loads: &LoadTimes, import_each: &[f64]) -> f64 {
+    let n = compute_each.len();
+    (0..=n)
+        .map(|k| {
+            let compute: f64 = compute_each[..k].iter().sum();
+            let import: f64 = import_each[k..].iter().sum();
+            compute.max(loads.of(n - k, n)) + import
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
+    super::create_parent_dir(&args.csv)?;
+    let mut csv = String::from(
+        "context,backend,load_mb_s,compute_only_s,compute_only_min,compute_only_max,load_only_s,load_only_min,load_only_max,bidirectional_s,bidirectional_min,bidirectional_max,t_star_s,t_continuous_s,bidir_chunks_computed,bidir_over_t_star,bidir_over_best_single\n",
+    );
+    for r in rows {
+        csv += &format!(
+            "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.3},{:.3}\n",
+            r.context,
+            r.backend,
+            r.load_mb_s,
+            r.compute_only.median,
+            r.compute_only.min,
+            r.compute_only.max,
+            r.load_only.median,
+            r.load_only.min,
+            r.load_only.max,
+            r.bidirectional.median,
+            r.bidirectional.min,
+            r.bidirectional.max,
+            r.t_star,
+            r.t_continuous,
+            r.bidirectional_chunks_computed,
+            r.bidir_over_t_star,
+            r.bidir_over_best_single
+        );
+    }
+    std::fs::write(&args.csv, csv)?;
+    eprintln!("CSV written to {}", args.csv.display());
+    if let Some(&context) = args.contexts.iter().max() {
+        let png = args.csv.with_extension("png");
+        let swept: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.context == context && r.backend.ends_with("per read"))
+            .collect();
+        let line = |name: &str, f: &dyn Fn(&Row) -> f64| plot::Series {
+            name: name.to_string(),
+            points: swept.iter().map(|r| (r.load_mb_s, f(r))).collect(),
+        };
+        let series = [
+            line("compute-only", &|r| r.compute_only.median),
+            line("load-only", &|r| r.load_only.median),
+            line("bidirectional", &|r| r.bidirectional.median),
+            line("ideal T*", &|r| r.t_star),
+        ];
+        let title = format!(
+            "TTFT, {context}-token context, {} concurrent reads",
+            args.io_concurrency
+        );
+        match plot::line_plot(
+            &png,
+            &title,
+            "load throughput (MB/s, log)",
+            "TTFT (s)",
+            &series,
+            true,
+        ) {
+            Ok(()) => eprintln!("plot written to {}", png.display()),
+            Err(e) => eprintln!("plot skipped: {e:#}"),
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    } else {
+        println!(
+            "{:<7} {:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+            "context",
+            "backend",
+            "load MB/s",
+            "compute",
+            "load",
+            "bidir",
+            "T*",
+            "N/(C+L)",
+            "bidir/T*",
+            "/best"
+        );
+        for r in rows {
+            println!(
+                "{:<7} {:<20} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2}",
+                r.context,
+                r.backend,
+                r.load_mb_s,
+                r.compute_only.median,
+                r.load_only.median,
+                r.bidirectional.median,
+                r.t_star,
+                r.t_continuous,
+                r.bidir_over_t_star,
+                r.bidir_over_best_single
+            );
+        }
+        let mean =
+            |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).sum::<f64>() / rows.len().max(1) as f64;
+        println!(
+            "mean speedup of bidirectional: {:.2}x over compute-only, {:.2}x over load-only",
+            mean(&|r| r.compute_only.median / r.bidirectional.median),
+            mean(&|r| r.load_only.median / r.bidirectional.median)
+        );
+    }
+    Ok(())
+}
