@@ -28,13 +28,22 @@ pub fn engine() -> &'static Engine {
 /// The default model with decode steps on the dense f32 weights, so one-token forwards use
 /// exactly the prefill arithmetic.
 pub fn dense_engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    dense_engine_cell()
+}
+
+/// The same model as [`dense_engine`] behind an `Arc`, as the scheduler holds it.
+pub fn shared_dense_engine() -> Arc<Engine> {
+    dense_engine_cell().clone()
+}
+
+fn dense_engine_cell() -> &'static Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let config = EngineConfig {
             quantized_decode: false,
             ..EngineConfig::default()
         };
-        Engine::load(model_path(), &config).expect("load model")
+        Arc::new(Engine::load(model_path(), &config).expect("load model"))
     })
 }
 

@@ -1,37 +1,25 @@
 //! The bidirectional scheduler with the real model and real stores: exactness, write-back,
 //! and every fault turning into computation.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ragcake::engine::scheduler::{
     ChunkSpec, MissReason, Mode, PrefillRequest, Prefilled, Scheduler, SchedulerConfig,
 };
-use ragcake::engine::{DType, Engine, EngineConfig, Tensor};
+use ragcake::engine::{DType, Engine, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake::kvstore::{CacheKey, KvStore, Throttle, open_url, throttled};
 
-use crate::common::{max_abs, max_abs_diff, model_path, prose_tokens, runtime, store_over};
-
-/// The default model behind an `Arc`, as the scheduler holds it.
-fn shared_engine() -> Arc<Engine> {
-    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            let config = EngineConfig {
-                quantized_decode: false,
-                ..EngineConfig::default()
-            };
-            Arc::new(Engine::load(model_path(), &config).expect("load model"))
-        })
-        .clone()
-}
+use crate::common::{
+    max_abs, max_abs_diff, prose_tokens, runtime, shared_dense_engine, store_over,
+};
 
 /// A preamble, five chunks of prose of different lengths, and a question tail.
 fn context() -> (Vec<Vec<u32>>, Vec<u32>) {
-    let engine = shared_engine();
+    let engine = shared_dense_engine();
     let tokens = prose_tokens(700);
     let mut chunks = vec![
         engine
@@ -53,14 +41,14 @@ fn context() -> (Vec<Vec<u32>>, Vec<u32>) {
 
 /// Logits of the whole prompt computed in one pass, without the scheduler.
 fn reference_logits(chunks: &[Vec<u32>], tail: &[u32]) -> Tensor {
-    let engine = shared_engine();
+    let engine = shared_dense_engine();
     let prompt: Vec<u32> = chunks.iter().flatten().chain(tail).copied().collect();
     let mut cache = engine.new_cache();
     engine.prefill(&mut cache, &prompt, 512).unwrap()
 }
 
 fn scheduler(store: Arc<KvStore>, config: SchedulerConfig) -> Scheduler<Engine, KvStore> {
-    Scheduler::start(shared_engine(), store, config)
+    Scheduler::start(shared_dense_engine(), store, config)
 }
 
 fn memory_store(dtype: DType) -> Arc<KvStore> {
@@ -166,7 +154,7 @@ fn f16_stored_prefix_caches_keep_the_greedy_answer() {
 /// A request whose chunks are all planned as stored under their prefix keys.
 fn planned_as_stored(chunks: &[Vec<u32>], tail: &[u32], mode: Mode) -> PrefillRequest<CacheKey> {
     let keys = CacheKey::prefix_chain(
-        &shared_engine().fingerprint(),
+        &shared_dense_engine().fingerprint(),
         chunks.iter().map(Vec::as_slice),
     );
     PrefillRequest {
@@ -278,7 +266,7 @@ fn a_corrupt_blob_is_recomputed_and_the_answer_is_unchanged() {
 
         // Flip a byte in the middle of the last chunk's blob.
         let keys = CacheKey::prefix_chain(
-            &shared_engine().fingerprint(),
+            &shared_dense_engine().fingerprint(),
             chunks.iter().map(Vec::as_slice),
         );
         let path = store.path_of(keys.last().unwrap());

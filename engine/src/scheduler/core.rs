@@ -138,13 +138,7 @@ struct Request {
 impl Request {
     fn new(arrival: f64, plan: RequestPlan) -> Self {
         let n = plan.chunks.len();
-        let mut positions = Vec::with_capacity(n + 1);
-        let mut at = 0;
-        for c in &plan.chunks {
-            positions.push(at);
-            at += c.tokens;
-        }
-        positions.push(at);
+        let positions = chunk_starts(plan.chunks.iter().map(|c| c.tokens));
         let loadable = plan
             .chunks
             .iter()
@@ -187,6 +181,16 @@ impl Request {
         }
         self.report.misses.push(Miss { chunk, reason });
     }
+}
+
+/// The position of each chunk's first token, then the position after the last chunk (where
+/// the tail starts), for chunks of the given lengths laid out from position 0.
+pub fn chunk_starts(lengths: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    let mut starts = vec![0];
+    for len in lengths {
+        starts.push(starts[starts.len() - 1] + len);
+    }
+    starts
 }
 
 /// Online cost estimates: compute time of a chunk at a position, load time of a chunk.

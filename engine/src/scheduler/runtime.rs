@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use super::core::{
     ChunkPlan, ComputeStep, Core, LoadResult, LoadStep, LoadVerdict, NextCompute, RequestId,
-    RequestPlan,
+    RequestPlan, chunk_starts,
 };
 use super::{
     ChunkSpec, ComputeBackend, LoadBackend, LoadOutcome, MissReason, PrefillRequest, Prefilled,
@@ -147,8 +147,8 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
         if request.chunks.iter().any(|c| c.tokens.is_empty()) {
             return Err(EngineError::InvalidSetting("a chunk has no tokens".into()));
         }
-        let needed =
-            request.chunks.iter().map(|c| c.tokens.len()).sum::<usize>() + request.tail.len();
+        let starts = chunk_starts(request.chunks.iter().map(|c| c.tokens.len()));
+        let needed = starts[starts.len() - 1] + request.tail.len();
         let max = self.shared.compute.max_tokens();
         if needed > max {
             return Err(EngineError::ContextOverflow { needed, max });
@@ -165,13 +165,6 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             tail_tokens: request.tail.len(),
             mode: request.mode,
         };
-        let mut starts = Vec::with_capacity(request.chunks.len() + 1);
-        let mut at = 0;
-        for c in &request.chunks {
-            starts.push(at);
-            at += c.tokens.len();
-        }
-        starts.push(at);
         let (reply, answer) = oneshot::channel();
         let id = {
             let mut state = self.shared.lock();

@@ -19,6 +19,8 @@ pub struct SimCosts {
     pub load_latency_secs: f64,
     /// Seconds per token of one load (infinite: the store never answers).
     pub load_secs_per_token: f64,
+    /// Bytes of stored KV per token (reported as bytes loaded).
+    pub bytes_per_token: u64,
     /// From this time on, every load fails (the store dies).
     pub store_fails_at: Option<f64>,
 }
@@ -158,7 +160,7 @@ fn simulate_load(
             LoadResult::Failed(format!("timed out after {timeout}s")),
         );
     }
-    let bytes = tokens as u64 * 23_040;
+    let bytes = tokens as u64 * costs.bytes_per_token;
     (end, step, LoadResult::Loaded { bytes })
 }
 

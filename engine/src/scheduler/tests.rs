@@ -13,6 +13,8 @@ fn costs(compute_per_token: f64, load_per_token: f64) -> SimCosts {
         import_secs_per_token: 1e-6,
         load_latency_secs: 0.0,
         load_secs_per_token: load_per_token,
+        // SmolLM2-135M in f16: 30 layers x 2 x 3 heads x 64 x 2 bytes.
+        bytes_per_token: 23_040,
         store_fails_at: None,
     }
 }
