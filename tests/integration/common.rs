@@ -7,7 +7,8 @@ use ragcake::engine::{Engine, EngineConfig, KvCache, Logits, Tensor};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::{KvStore, open_url};
-use ragcake::models::{ModelCache, SMOLLM2};
+use ragcake::models::{MINILM, ModelCache, SMOLLM2};
+use ragcake::retriever::Embedder;
 
 /// Path of the default GGUF model (`RAGCAKE_MODEL` overrides it).
 pub fn model_path() -> PathBuf {
@@ -23,6 +24,19 @@ pub fn model_path() -> PathBuf {
 pub fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| Engine::load(model_path(), &EngineConfig::default()).expect("load model"))
+}
+
+/// The default embedder, loaded on first use and shared by every test.
+pub fn embedder() -> Arc<Embedder> {
+    static EMBEDDER: OnceLock<Arc<Embedder>> = OnceLock::new();
+    EMBEDDER
+        .get_or_init(|| {
+            let dir = ModelCache::default()
+                .require(&MINILM)
+                .unwrap_or_else(|e| panic!("{e} (the test script fetches it)"));
+            Arc::new(Embedder::load(&dir).expect("load the embedder"))
+        })
+        .clone()
 }
 
 /// The default model with decode steps on the dense f32 weights, so one-token forwards use

@@ -6,5 +6,6 @@
 mod common;
 mod engine;
 mod kvstore;
+mod retriever;
 mod scheduler;
 mod tokenizer;

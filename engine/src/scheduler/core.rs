@@ -77,7 +77,7 @@ pub enum NextCompute {
 }
 
 /// A load for the I/O pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LoadStep {
     /// The request.
     pub request: RequestId,
@@ -129,8 +129,6 @@ struct Request {
     /// The compute front: chunks before it are in the cache.
     next: usize,
     tail_started: bool,
-    /// Last time the request got a compute step or a finished load (for aging).
-    last_progress: f64,
     loads_in_flight: usize,
     report: PrefillReport,
 }
@@ -156,7 +154,6 @@ impl Request {
             positions,
             next: 0,
             tail_started: false,
-            last_progress: arrival,
             loads_in_flight: 0,
             report,
             plan,
@@ -265,6 +262,8 @@ pub struct Core {
     requests: BTreeMap<RequestId, Request>,
     next_id: RequestId,
     loads_in_flight: usize,
+    /// Loads given up (overtaken or cancelled) that the caller has not yet aborted.
+    aborted: Vec<LoadStep>,
 }
 
 impl Core {
@@ -277,6 +276,7 @@ impl Core {
             requests: BTreeMap::new(),
             next_id: 0,
             loads_in_flight: 0,
+            aborted: Vec::new(),
         }
     }
 
@@ -314,9 +314,23 @@ impl Core {
     }
 
     /// Forgets a request (cancelled or failed). Its in-flight loads are discarded on return.
+    /// Its loads in flight are given up (see [`Core::take_aborted_loads`]).
     pub fn cancel(&mut self, request: RequestId) -> Option<PrefillReport> {
         let r = self.requests.remove(&request)?;
+        for (chunk, slot) in r.slots.iter().enumerate() {
+            if matches!(slot, Slot::Loading { .. }) {
+                self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
+                self.aborted.push(LoadStep { request, chunk });
+            }
+        }
         Some(r.report)
+    }
+
+    /// Loads given up since the last call (their chunk was computed first, or their request
+    /// was cancelled). Their I/O slots are already free: the caller stops them and must not
+    /// report them to [`Core::load_done`].
+    pub fn take_aborted_loads(&mut self) -> Vec<LoadStep> {
+        std::mem::take(&mut self.aborted)
     }
 
     /// The next load to issue, if an I/O slot is free and some request has a stored chunk
@@ -334,17 +348,13 @@ impl Core {
             // Arrival order: ids are issued in arrival order.
             Policy::Fcfs => *candidates.first()?,
             Policy::Adaptive => {
-                let starving = self.starving(now, candidates.iter().map(|c| c.0));
-                match starving {
-                    Some(id) => *candidates.iter().find(|c| c.0 == id)?,
-                    // Shortest remaining first: I/O finishes the requests closest to done,
-                    // which cuts mean TTFT most.
-                    None => *candidates.iter().min_by(|a, b| {
-                        self.remaining_secs(now, a.0)
-                            .total_cmp(&self.remaining_secs(now, b.0))
-                            .then(a.0.cmp(&b.0))
-                    })?,
-                }
+                // The request closest to done first (it cuts mean TTFT most), aged by
+                // its wait.
+                *candidates.iter().max_by(|a, b| {
+                    self.response_ratio(now, a.0)
+                        .total_cmp(&self.response_ratio(now, b.0))
+                        .then(b.0.cmp(&a.0))
+                })?
             }
         };
         let r = self.requests.get_mut(&id)?;
@@ -355,29 +365,23 @@ impl Core {
         Some(LoadStep { request: id, chunk })
     }
 
-    /// Records the end of a load and says whether its data is still wanted.
+    /// Records the end of a load and says whether its data is still wanted. A load that
+    /// was given up (aborted) is ignored.
     pub fn load_done(&mut self, now: f64, step: LoadStep, result: LoadResult) -> LoadVerdict {
-        self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
         let Some(r) = self.requests.get_mut(&step.request) else {
             return LoadVerdict::Discard;
         };
-        r.loads_in_flight = r.loads_in_flight.saturating_sub(1);
         let Slot::Loading { since } = r.slots[step.chunk] else {
-            // The compute worker took the chunk while it was in flight.
-            if let LoadResult::Failed(error) = result {
-                r.miss(step.chunk, MissReason::StoreFailed(error));
-                r.loadable.iter_mut().for_each(|l| *l = false);
-            }
-            r.report.loads_wasted += 1;
             return LoadVerdict::Discard;
         };
+        self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
+        r.loads_in_flight = r.loads_in_flight.saturating_sub(1);
         let tokens = r.plan.chunks[step.chunk].tokens;
         match result {
             LoadResult::Loaded { bytes } => {
                 r.slots[step.chunk] = Slot::Loaded;
                 r.report.bytes_loaded += bytes;
                 r.report.load_secs += now - since;
-                r.last_progress = now;
                 self.costs.observe_load(tokens, now - since);
                 LoadVerdict::Keep
             }
@@ -431,7 +435,6 @@ impl Core {
             .requests
             .get_mut(&step.request())
             .expect("chosen among live requests");
-        r.last_progress = now;
         match step {
             ComputeStep::Import { chunk, .. } => {
                 r.report.meeting_point.get_or_insert(chunk);
@@ -439,9 +442,16 @@ impl Core {
             }
             ComputeStep::Compute { chunk, .. } => {
                 if let Slot::Loading { since } = r.slots[chunk] {
-                    // Computing beats waiting for this load: it is abandoned.
+                    // Computing beats waiting for this load: it is abandoned, and its I/O
+                    // slot goes to another load at once.
                     r.report.meeting_point.get_or_insert(chunk);
                     r.report.loads_abandoned += 1;
+                    r.loads_in_flight = r.loads_in_flight.saturating_sub(1);
+                    self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
+                    self.aborted.push(LoadStep {
+                        request: step.request(),
+                        chunk,
+                    });
                     let expected = self.costs.load_secs(r.plan.chunks[chunk].tokens);
                     if now - since > self.config.stall_factor * expected.max(1e-3) {
                         r.miss(chunk, MissReason::Stalled);
@@ -463,7 +473,6 @@ impl Core {
         secs: f64,
     ) -> Option<PrefillReport> {
         let r = self.requests.get_mut(&step.request())?;
-        r.last_progress = now;
         match step {
             ComputeStep::Import { chunk, .. } => {
                 r.slots[chunk] = Slot::Filled;
@@ -502,13 +511,12 @@ impl Core {
 
     /// Records an import that failed (the loaded cache did not fit): the chunk is computed
     /// instead.
-    pub fn import_failed(&mut self, now: f64, step: ComputeStep, reason: String) {
+    pub fn import_failed(&mut self, step: ComputeStep, reason: String) {
         if let ComputeStep::Import { request, chunk } = step
             && let Some(r) = self.requests.get_mut(&request)
         {
             r.slots[chunk] = Slot::Pending;
             r.loadable[chunk] = false;
-            r.last_progress = now;
             r.miss(chunk, MissReason::Rejected(reason));
         }
     }
@@ -601,6 +609,17 @@ impl Core {
         must + overlap(compute, load, r.plan.mode)
     }
 
+    /// (waiting + remaining) / remaining: the shortest remaining first, while a request's
+    /// claim grows with its wait, so a long one is not starved by a stream of short ones
+    /// (highest response ratio next).
+    fn response_ratio(&self, now: f64, request: RequestId) -> f64 {
+        let Some(r) = self.requests.get(&request) else {
+            return 0.0;
+        };
+        let remaining = self.remaining_secs(now, request).max(1e-6);
+        (now - r.arrival + remaining) / remaining
+    }
+
     /// (compute that only the compute worker can do, compute time of the loadable rest,
     /// load time of the loadable rest) for a request's unfilled chunks and tail.
     fn remaining_parts(&self, now: f64, r: &Request) -> (f64, f64, f64) {
@@ -632,15 +651,6 @@ impl Core {
         (must, compute, load)
     }
 
-    fn starving(&self, now: f64, ids: impl Iterator<Item = RequestId>) -> Option<RequestId> {
-        ids.filter(|id| {
-            self.requests
-                .get(id)
-                .is_some_and(|r| now - r.last_progress > self.config.starvation_secs)
-        })
-        .min()
-    }
-
     fn choose_compute(
         &self,
         now: f64,
@@ -649,29 +659,28 @@ impl Core {
         match self.policy {
             Policy::Fcfs => runnable.first().copied(),
             Policy::Adaptive => {
-                if let Some(id) = self.starving(now, runnable.iter().map(|c| c.0)) {
-                    return runnable.iter().find(|c| c.0 == id).copied();
-                }
-                // The slot goes where it cuts the sum of TTFTs most per second of compute:
-                // Smith's rule, benefit over remaining time. A compute-only chunk shortens
-                // its request by its full time; a chunk the loader could also fetch only by
-                // the share compute adds beside loading.
+                // Work only the compute worker can do (chunks with no stored cache, tails)
+                // goes first: a stored chunk computed while such work waits spends the
+                // scarce resource on what the I/O pool could have delivered (Cake's
+                // order: non-prefix prefill before prefix-cache prefill). Stored chunks
+                // take the compute left over, so a cached request's meeting point moves
+                // with the load; one whose load is in flight comes last (overtaking it
+                // throws away the I/O already spent). Within a class, the highest response
+                // ratio: the request closest to done first, which cuts the sum of TTFTs
+                // most, with a claim that grows with its wait, so none starves.
                 runnable
                     .iter()
                     .map(|&(id, chunk)| {
                         let r = &self.requests[&id];
-                        let (must, compute, load) = self.remaining_parts(now, r);
-                        let remaining = must + overlap(compute, load, r.plan.mode);
-                        let benefit = match chunk {
-                            Some(i) if r.loadable[i] && compute + load > 0.0 => {
-                                load / (compute + load)
-                            }
-                            _ => 1.0,
+                        let class = match chunk {
+                            Some(i) if matches!(r.slots[i], Slot::Loading { .. }) => 2,
+                            Some(i) if r.loadable[i] => 1,
+                            _ => 0,
                         };
-                        (id, chunk, benefit / remaining.max(1e-9))
+                        (id, chunk, class, self.response_ratio(now, id))
                     })
-                    .max_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)))
-                    .map(|(id, chunk, _)| (id, chunk))
+                    .min_by(|a, b| a.2.cmp(&b.2).then(b.3.total_cmp(&a.3)).then(a.0.cmp(&b.0)))
+                    .map(|(id, chunk, _, _)| (id, chunk))
             }
         }
     }

@@ -75,9 +75,10 @@ impl FromStr for Mode {
 pub enum Policy {
     /// First come, first served: the oldest request with runnable work gets the slot.
     Fcfs,
-    /// Each slot goes where it cuts the sum of TTFTs most (compute: benefit over remaining
-    /// time, so cached requests leave compute to uncached ones; I/O: shortest remaining
-    /// first), and a request left without progress for `starvation_secs` goes first.
+    /// Compute goes first to work only it can do (uncached chunks, tails), stored chunks
+    /// get what is left; within each class, and for I/O, the highest response ratio
+    /// ((waiting + remaining) / remaining): the request closest to done first, aged by its
+    /// wait so that none starves.
     #[default]
     Adaptive,
 }
@@ -120,8 +121,6 @@ pub struct SchedulerConfig {
     pub io_concurrency: usize,
     /// A load running longer than this fails (and its chunk is computed).
     pub load_timeout_secs: f64,
-    /// A request without progress for this long is served before any other.
-    pub starvation_secs: f64,
     /// A load abandoned after this many times its expected duration counts as stalled
     /// (the request is flagged degraded).
     pub stall_factor: f64,
@@ -141,7 +140,6 @@ impl Default for SchedulerConfig {
             policy: Policy::Adaptive,
             io_concurrency: 4,
             load_timeout_secs: 10.0,
-            starvation_secs: 2.0,
             stall_factor: 4.0,
             // SmolLM2-135M on two CPU cores: ~350 tok/s near position 0, ~210 at 4k.
             compute_secs_per_token: 2.1e-3,
@@ -226,9 +224,8 @@ pub struct PrefillReport {
     pub meeting_point: Option<usize>,
     /// Loads started.
     pub loads_issued: usize,
-    /// Loads whose chunk was computed before they finished.
-    pub loads_wasted: usize,
-    /// Loads the compute worker overtook because computing was faster than waiting.
+    /// Loads the compute worker overtook because computing was faster than waiting; they
+    /// are stopped and their I/O slots reused.
     pub loads_abandoned: usize,
     /// Stored chunks not used, and why.
     pub misses: Vec<Miss>,

@@ -63,7 +63,20 @@ struct Shared<C: ComputeBackend, L: LoadBackend> {
 struct State<C: ComputeBackend, L: LoadBackend> {
     core: Core,
     requests: HashMap<RequestId, Active<C, L>>,
+    /// Loads in flight, to stop those the core gives up.
+    loads: HashMap<LoadStep, tokio::task::AbortHandle>,
     shutdown: bool,
+}
+
+impl<C: ComputeBackend, L: LoadBackend> State<C, L> {
+    /// Stops the loads the core gave up (their slots are already free in the core).
+    fn abort_given_up_loads(&mut self) {
+        for step in self.core.take_aborted_loads() {
+            if let Some(load) = self.loads.remove(&step) {
+                load.abort();
+            }
+        }
+    }
 }
 
 /// The data of a request in flight (the core holds only its bookkeeping).
@@ -96,6 +109,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             state: Mutex::new(State {
                 core: Core::new(config),
                 requests: HashMap::new(),
+                loads: HashMap::new(),
                 shutdown: false,
             }),
             wake: Condvar::new(),
@@ -235,6 +249,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Drop for CancelOnDrop<'_, C,
                 .fetch_add(1, Ordering::Relaxed);
         }
         state.requests.remove(&self.id);
+        state.abort_given_up_loads();
         // Freed I/O slots and compute go to the others.
         pump_loads(self.shared, &mut state);
         drop(state);
@@ -272,12 +287,13 @@ where
         };
         let shared = shared.clone();
         let timeout = Duration::from_secs_f64(state.core.config().load_timeout_secs.max(0.0));
-        shared.runtime.clone().spawn(async move {
+        let load = shared.runtime.clone().spawn(async move {
             let outcome = tokio::time::timeout(timeout, shared.loader.load(&source, &tokens))
                 .await
                 .unwrap_or_else(|_| LoadOutcome::Failed(format!("timed out after {timeout:?}")));
             finish_load(&shared, step, outcome);
         });
+        state.loads.insert(step, load.abort_handle());
     }
 }
 
@@ -287,6 +303,9 @@ where
     L: LoadBackend<Kv = C::Kv>,
 {
     let mut state = shared.lock();
+    if state.loads.remove(&step).is_none() {
+        return; // given up while it finished
+    }
     let now = shared.now();
     let (result, kv) = match outcome {
         LoadOutcome::Loaded { kv, bytes } => (LoadResult::Loaded { bytes }, Some(kv)),
@@ -332,7 +351,13 @@ where
             return;
         }
         let now = shared.now();
-        let step = match state.core.next_compute(now) {
+        let next = state.core.next_compute(now);
+        if matches!(next, NextCompute::Run(ComputeStep::Compute { .. })) {
+            // An overtaken load frees its I/O slot for the next one now.
+            state.abort_given_up_loads();
+            pump_loads(&shared, &mut state);
+        }
+        let step = match next {
             NextCompute::Run(step) => step,
             NextCompute::Wait(recheck) => {
                 // Woken by admissions, finished loads and cancellations; the timeout only
@@ -389,7 +414,7 @@ where
             Err(error) if matches!(step, ComputeStep::Import { .. }) => {
                 // A loaded cache that does not fit is a miss, not a failure: compute it.
                 tracing::warn!(%error, "loaded KV could not be imported; computing instead");
-                state.core.import_failed(now, step, error.to_string());
+                state.core.import_failed(step, error.to_string());
                 if let Some(active) = state.requests.get_mut(&step.request()) {
                     active.cache = Some(cache);
                 }

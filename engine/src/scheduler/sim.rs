@@ -84,6 +84,12 @@ pub fn simulate(
                 }
                 NextCompute::Wait(at) => recheck = at.filter(|&t| t > now),
             }
+            let aborted = core.take_aborted_loads();
+            if !aborted.is_empty() {
+                loads.retain(|l| !aborted.contains(&l.1));
+                // Freed I/O slots take the next loads at once.
+                continue;
+            }
         }
         let next_arrival = arrivals.peek().map(|&i| requests[i].arrival);
         let next_load = loads.iter().map(|l| l.0).min_by(f64::total_cmp);

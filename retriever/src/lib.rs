@@ -1,0 +1,47 @@
+//! ragcake's retriever: documents split into chunks on the LLM's tokens, embedded with
+//! all-MiniLM-L6-v2 on candle, indexed in Qdrant (embedded or server); cache-aware
+//! retrieval; and the batch job that precomputes every chunk's KV cache.
+//!
+//! - [`chunker`]: token-bounded chunks on paragraph, sentence and word borders.
+//! - [`embedder`]: sentence embeddings (BERT, mean pooling, L2 normalised).
+//! - [`index`]: the [`VectorIndex`] trait, [`EdgeIndex`] and [`QdrantServerIndex`].
+//! - [`retrieve`]: question → ranked, ordered chunks with their cache status.
+//! - [`ingest`]: the precompute job (idempotent, resumable, sharded).
+
+pub mod chunker;
+pub mod embedder;
+pub mod error;
+pub mod index;
+pub mod ingest;
+pub mod retrieve;
+
+pub use chunker::{Chunker, DEFAULT_CHUNK_TOKENS, TextChunk};
+pub use embedder::Embedder;
+pub use error::{Result, RetrieverError};
+pub use index::{
+    ChunkId, EdgeIndex, IndexPoint, IndexedChunk, QdrantServerIndex, ScoredChunk, VectorIndex,
+};
+pub use ingest::{Ingest, IngestConfig, IngestEvent, IngestSummary, Shard};
+pub use retrieve::{
+    CacheStatus, ChunkOrder, Retrieval, RetrieveOptions, RetrievedChunk, Retriever,
+};
+
+/// Opens the vector index named by `location`: a Qdrant server URL (`http://…`,
+/// `https://…`; collection `collection`), or else a directory for embedded Qdrant.
+pub async fn open_index(
+    location: &str,
+    collection: &str,
+    dim: usize,
+) -> Result<std::sync::Arc<dyn VectorIndex>> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        Ok(std::sync::Arc::new(
+            QdrantServerIndex::connect(location, collection, dim).await?,
+        ))
+    } else {
+        let dir = location.strip_prefix("file://").unwrap_or(location);
+        Ok(std::sync::Arc::new(EdgeIndex::open(
+            std::path::Path::new(dir),
+            dim,
+        )?))
+    }
+}

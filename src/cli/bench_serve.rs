@@ -1,0 +1,450 @@
+//! `ragcake bench serve`: many requests arriving at random (Poisson) share one compute
+//! worker and one I/O pool; throughput and TTFT of the adaptive bidirectional scheduler
+//! against FCFS compute-only, FCFS load-only and uncoordinated (FCFS) bidirectional.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use ragcake::engine::scheduler::core::chunk_starts;
+use ragcake::engine::scheduler::{Mode, Policy, Scheduler, SchedulerConfig};
+use ragcake::engine::{Engine, TokenKind};
+use ragcake::kvstore::object_store::ObjectStore;
+use ragcake::kvstore::object_store::memory::InMemory;
+use ragcake::kvstore::object_store::path::Path;
+use ragcake::kvstore::{CacheKey, KvStore, Throttle, throttled};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::bench::{Stats, bench_tokens};
+use super::{ModelArgs, plot};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Context tokens of each request (chunks), before the question tail.
+    #[arg(long, default_value_t = 1024)]
+    context: usize,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Requests per run.
+    #[arg(long, default_value_t = 20)]
+    requests: usize,
+    /// Share of requests whose whole context is stored, partly stored (the first half), and
+    /// not stored at all.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.25,0.25")]
+    mix: Vec<f64>,
+    /// Offered loads to sweep, as multiples of the compute-only capacity (one request per
+    /// full-context compute time).
+    #[arg(long, value_delimiter = ',', default_value = "0.8,1.5,4")]
+    loads: Vec<f64>,
+    /// Read bandwidth of one load, MB/s (0 = unthrottled memory).
+    #[arg(long, default_value_t = 1.0)]
+    bandwidth: f64,
+    /// Loads in flight at once, across all requests.
+    #[arg(long, default_value_t = 4)]
+    io_concurrency: usize,
+    /// Seed of the arrival times and request kinds (every policy gets the same trace).
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// CSV output (the plot goes beside it as .png).
+    #[arg(long, default_value = "bench-results/serve.csv")]
+    csv: PathBuf,
+}
+
+/// A way to serve the requests: the scheduler's policy and every request's mode.
+#[derive(Debug, Clone, Copy)]
+struct Contender {
+    name: &'static str,
+    policy: Policy,
+    mode: Mode,
+}
+
+const CONTENDERS: [Contender; 4] = [
+    Contender {
+        name: "fcfs compute-only",
+        policy: Policy::Fcfs,
+        mode: Mode::ComputeOnly,
+    },
+    Contender {
+        name: "fcfs load-only",
+        policy: Policy::Fcfs,
+        mode: Mode::LoadOnly,
+    },
+    Contender {
+        name: "fcfs bidirectional",
+        policy: Policy::Fcfs,
+        mode: Mode::Bidirectional,
+    },
+    Contender {
+        name: "adaptive bidirectional",
+        policy: Policy::Adaptive,
+        mode: Mode::Bidirectional,
+    },
+];
+
+/// How much of a request's context is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Kind {
+    Cached,
+    Partial,
+    Uncached,
+}
+
+/// One request of the trace.
+struct TraceRequest {
+    arrival: Duration,
+    kind: Kind,
+    chunks: Vec<Vec<u32>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    load: f64,
+    offered_rps: f64,
+    contender: &'static str,
+    /// Requests finished per second, first arrival to last first token.
+    throughput_rps: f64,
+    mean_ttft: f64,
+    p50_ttft: f64,
+    p99_ttft: f64,
+    max_ttft: f64,
+    /// Mean TTFT per request kind.
+    mean_ttft_cached: f64,
+    mean_ttft_partial: f64,
+    mean_ttft_uncached: f64,
+    chunks_computed: usize,
+    chunks_loaded: usize,
+    /// Loads overtaken by the compute worker (their I/O was spent for nothing).
+    loads_abandoned: usize,
+    failed: usize,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.chunk > 0 && args.context >= args.chunk && args.requests > 0);
+    anyhow::ensure!(args.io_concurrency > 0 && !args.loads.is_empty());
+    anyhow::ensure!(
+        args.mix.len() == 3
+            && args.mix.iter().all(|&w| w >= 0.0)
+            && args.mix.iter().sum::<f64>() > 0.0,
+        "--mix takes three non-negative weights: cached,partial,uncached"
+    );
+    let engine = Arc::new(args.model.load()?);
+    let tail = engine
+        .tokenizer()
+        .encode("\nQuestion: what does the context say?", false)?;
+    let base: Vec<Vec<u32>> = bench_tokens(&engine, args.context)
+        .chunks(args.chunk)
+        .map(<[u32]>::to_vec)
+        .collect();
+
+    // The stored context: its exact prefix caches, computed once; the time it takes is the
+    // compute-only service time of one request.
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let writer = KvStore::for_engine(memory.clone(), Path::default(), &engine);
+    let started = Instant::now();
+    let mut cache = engine.new_cache();
+    for chunk in &base {
+        engine.append(&mut cache, chunk, args.chunk, false)?;
+    }
+    engine.append(&mut cache, &tail, args.chunk, true)?;
+    let service_secs = started.elapsed().as_secs_f64();
+    let keys = CacheKey::prefix_chain(&engine.fingerprint(), base.iter().map(Vec::as_slice));
+    let starts = chunk_starts(base.iter().map(Vec::len));
+    for ((key, tokens), w) in keys.iter().zip(&base).zip(starts.windows(2)) {
+        writer.put(key, tokens, &cache.export(w[0]..w[1])?).await?;
+    }
+    drop(cache);
+    eprintln!(
+        "{} chunks of {} tokens; one request computed alone: {service_secs:.2} s",
+        base.len(),
+        args.chunk
+    );
+
+    let view = throttled(
+        memory,
+        Throttle {
+            bytes_per_second: (args.bandwidth > 0.0).then_some(args.bandwidth * 1e6),
+            ..Throttle::NONE
+        },
+    );
+    let store = Arc::new(KvStore::for_engine(view, Path::default(), &engine));
+    let mut rows = Vec::new();
+    for &load in &args.loads {
+        let rate = load / service_secs;
+        let trace = make_trace(&engine, &base, &args, rate);
+        for contender in CONTENDERS {
+            let row = serve(&engine, &store, &tail, &trace, contender, &args).await?;
+            eprintln!(
+                "  load {load}: {:<24} {:.3} req/s, TTFT mean {:.2} s, p99 {:.2} s",
+                contender.name, row.throughput_rps, row.mean_ttft, row.p99_ttft
+            );
+            rows.push(Row {
+                load,
+                offered_rps: rate,
+                ..row
+            });
+        }
+    }
+    write_outputs(&args, &rows)
+}
+
+/// Requests with exponential inter-arrival times at `rate` per second; each is a copy of
+/// the stored context, made unique from its first chunk (uncached) or its middle chunk
+/// (partly cached) on, so the prefix keys from there on are absent.
+fn make_trace(
+    engine: &Engine,
+    base: &[Vec<u32>],
+    args: &ServeArgs,
+    rate: f64,
+) -> Vec<TraceRequest> {
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let total: f64 = args.mix.iter().sum();
+    let mut next_unique = 1000u32;
+    let mut at = 0.0f64;
+    (0..args.requests)
+        .map(|_| {
+            at += -(1.0 - rng.random::<f64>()).ln() / rate;
+            let pick = rng.random::<f64>() * total;
+            let kind = if pick < args.mix[0] {
+                Kind::Cached
+            } else if pick < args.mix[0] + args.mix[1] {
+                Kind::Partial
+            } else {
+                Kind::Uncached
+            };
+            let mut chunks = base.to_vec();
+            let diverge = match kind {
+                Kind::Cached => None,
+                Kind::Partial => Some(chunks.len() / 2),
+                Kind::Uncached => Some(0),
+            };
+            if let Some(i) = diverge {
+                while engine.tokenizer().kind(next_unique) != Some(TokenKind::Normal)
+                    || chunks[i][0] == next_unique
+                {
+                    next_unique += 1;
+                }
+                chunks[i][0] = next_unique;
+                next_unique += 1;
+            }
+            TraceRequest {
+                arrival: Duration::from_secs_f64(at),
+                kind,
+                chunks,
+            }
+        })
+        .collect()
+}
+
+/// Replays the trace against a fresh scheduler run by `contender`.
+async fn serve(
+    engine: &Arc<Engine>,
+    store: &Arc<KvStore>,
+    tail: &[u32],
+    trace: &[TraceRequest],
+    contender: Contender,
+    args: &ServeArgs,
+) -> anyhow::Result<Row> {
+    let config = SchedulerConfig {
+        policy: contender.policy,
+        io_concurrency: args.io_concurrency,
+        // Computed chunks are not stored back, so the mix stays what the trace says.
+        write_back: false,
+        ..SchedulerConfig::default()
+    };
+    let scheduler = Arc::new(Scheduler::start(engine.clone(), store.clone(), config));
+    let epoch = tokio::time::Instant::now();
+    let tasks: Vec<_> = trace
+        .iter()
+        .map(|request| {
+            let scheduler = scheduler.clone();
+            let store = store.clone();
+            let chunks = request.chunks.clone();
+            let tail = tail.to_vec();
+            let arrival = epoch + request.arrival;
+            tokio::spawn(async move {
+                tokio::time::sleep_until(arrival).await;
+                let (plan, _) = store.plan_prefill(chunks, tail, contender.mode).await;
+                let done = scheduler.prefill(plan).await;
+                let ttft = arrival.elapsed().as_secs_f64();
+                done.map(|p| (ttft, p.report))
+            })
+        })
+        .collect();
+    let mut ttfts = Vec::new();
+    let mut by_kind: [Vec<f64>; 3] = Default::default();
+    let (mut computed, mut loaded, mut abandoned, mut failed) = (0, 0, 0, 0);
+    for (task, request) in tasks.into_iter().zip(trace) {
+        match task.await? {
+            Ok((ttft, report)) => {
+                ttfts.push(ttft);
+                by_kind[request.kind as usize].push(ttft);
+                computed += report.chunks_computed;
+                loaded += report.chunks_loaded;
+                abandoned += report.loads_abandoned;
+            }
+            Err(e) => {
+                eprintln!("    request failed: {e}");
+                failed += 1;
+            }
+        }
+    }
+    let makespan = epoch.elapsed().as_secs_f64() - trace[0].arrival.as_secs_f64();
+    anyhow::ensure!(!ttfts.is_empty(), "every request failed");
+    let mean = |xs: &[f64]| {
+        if xs.is_empty() {
+            f64::NAN
+        } else {
+            xs.iter().sum::<f64>() / xs.len() as f64
+        }
+    };
+    let mean_ttft = mean(&ttfts);
+    let stats = Stats::of(ttfts.clone());
+    Ok(Row {
+        load: 0.0,
+        offered_rps: 0.0,
+        contender: contender.name,
+        throughput_rps: ttfts.len() as f64 / makespan,
+        mean_ttft,
+        p50_ttft: stats.median,
+        p99_ttft: percentile(&ttfts, 0.99),
+        max_ttft: stats.max,
+        mean_ttft_cached: mean(&by_kind[Kind::Cached as usize]),
+        mean_ttft_partial: mean(&by_kind[Kind::Partial as usize]),
+        mean_ttft_uncached: mean(&by_kind[Kind::Uncached as usize]),
+        chunks_computed: computed,
+        chunks_loaded: loaded,
+        loads_abandoned: abandoned,
+        failed,
+    })
+}
+
+/// The `q` quantile by linear interpolation between closest ranks.
+fn percentile(xs: &[f64], q: f64) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+}
+
+fn write_outputs(args: &ServeArgs, rows: &[Row]) -> anyhow::Result<()> {
+    super::create_parent_dir(&args.csv)?;
+    let mut csv = String::from(
+        "load,offered_rps,contender,throughput_rps,mean_ttft_s,p50_ttft_s,p99_ttft_s,max_ttft_s,mean_ttft_cached_s,mean_ttft_partial_s,mean_ttft_uncached_s,chunks_computed,chunks_loaded,loads_abandoned,failed\n",
+    );
+    for r in rows {
+        csv += &format!(
+            "{},{:.4},{},{:.4},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{}\n",
+            r.load,
+            r.offered_rps,
+            r.contender,
+            r.throughput_rps,
+            r.mean_ttft,
+            r.p50_ttft,
+            r.p99_ttft,
+            r.max_ttft,
+            r.mean_ttft_cached,
+            r.mean_ttft_partial,
+            r.mean_ttft_uncached,
+            r.chunks_computed,
+            r.chunks_loaded,
+            r.loads_abandoned,
+            r.failed
+        );
+    }
+    std::fs::write(&args.csv, csv)?;
+    eprintln!("CSV written to {}", args.csv.display());
+    let png = args.csv.with_extension("png");
+    let series: Vec<plot::Series> = CONTENDERS
+        .iter()
+        .map(|c| plot::Series {
+            name: c.name.to_string(),
+            points: rows
+                .iter()
+                .filter(|r| r.contender == c.name)
+                .map(|r| (r.throughput_rps, r.p99_ttft))
+                .collect(),
+        })
+        .collect();
+    let title = format!(
+        "p99 TTFT vs throughput, {} tokens, {} MB/s per read",
+        args.context, args.bandwidth
+    );
+    match plot::line_plot(
+        &png,
+        &title,
+        "throughput (requests/s)",
+        "p99 TTFT (s)",
+        &series,
+        false,
+    ) {
+        Ok(()) => eprintln!("plot written to {}", png.display()),
+        Err(e) => eprintln!("plot skipped: {e:#}"),
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<5} {:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "load",
+        "contender",
+        "req/s",
+        "mean",
+        "p50",
+        "p99",
+        "cached",
+        "partial",
+        "uncached",
+        "computed",
+        "loaded"
+    );
+    for r in rows {
+        println!(
+            "{:<5} {:<24} {:>8.3} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8} {:>8}",
+            r.load,
+            r.contender,
+            r.throughput_rps,
+            r.mean_ttft,
+            r.p50_ttft,
+            r.p99_ttft,
+            r.mean_ttft_cached,
+            r.mean_ttft_partial,
+            r.mean_ttft_uncached,
+            r.chunks_computed,
+            r.chunks_loaded
+        );
+    }
+    // The headline: at the highest offered load (every contender saturated), adaptive
+    // throughput and p99 against the best baseline's.
+    if let Some(&top) = args.loads.iter().max_by(|a, b| a.total_cmp(b)) {
+        let at_top: Vec<&Row> = rows.iter().filter(|r| r.load == top).collect();
+        let adaptive = at_top.iter().find(|r| r.contender == CONTENDERS[3].name);
+        let best = at_top
+            .iter()
+            .filter(|r| r.contender != CONTENDERS[3].name)
+            .max_by(|a, b| a.throughput_rps.total_cmp(&b.throughput_rps));
+        if let (Some(a), Some(b)) = (adaptive, best) {
+            println!(
+                "at load {top}: adaptive {:.3} req/s vs best baseline ({}) {:.3} req/s = {:+.0}% throughput; p99 TTFT {:.2} s vs {:.2} s",
+                a.throughput_rps,
+                b.contender,
+                b.throughput_rps,
+                (a.throughput_rps / b.throughput_rps - 1.0) * 100.0,
+                a.p99_ttft,
+                b.p99_ttft
+            );
+        }
+    }
+    Ok(())
+}
