@@ -13,7 +13,7 @@ use qdrant_edge::{
     WithVector,
 };
 
-use super::{ChunkId, IndexPoint, IndexedChunk, ScoredChunk, VectorIndex, check_dim};
+use super::{ChunkId, IndexPoint, IndexedChunk, ScoredChunk, VectorIndex, check_dim, index_error};
 use crate::error::{Result, RetrieverError};
 
 /// The file qdrant-edge keeps its configuration in (present once a shard exists).
@@ -126,10 +126,6 @@ impl EdgeIndex {
     }
 }
 
-fn index_error(e: impl std::fmt::Display) -> RetrieverError {
-    RetrieverError::Index(e.to_string())
-}
-
 fn point_id(id: ChunkId) -> PointId {
     PointId::Uuid(Uuid::from_bytes(id.0))
 }
@@ -168,9 +164,7 @@ impl VectorIndex for EdgeIndex {
         let mut persisted = Vec::with_capacity(points.len());
         for point in points {
             check_dim(self.dim, &point.vector)?;
-            let serde_json::Value::Object(map) = point.chunk.to_payload() else {
-                unreachable!("a struct serializes to an object");
-            };
+            let map = point.chunk.to_payload();
             persisted.push(PointStructPersisted {
                 id: point_id(point.chunk.chunk_id()),
                 vector: VectorStructPersisted::Single(point.vector),

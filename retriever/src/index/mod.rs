@@ -96,8 +96,12 @@ impl IndexedChunk {
             .unwrap_or_else(|| ChunkId::new(&self.doc_id, self.chunk_no, &self.text))
     }
 
-    pub(crate) fn to_payload(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("plain data serializes")
+    pub(crate) fn to_payload(&self) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::Object(map)) => map,
+            // A struct of strings and numbers always serializes to an object.
+            _ => serde_json::Map::new(),
+        }
     }
 
     pub(crate) fn from_payload(id: ChunkId, payload: serde_json::Value) -> Result<Self> {
@@ -150,6 +154,11 @@ pub trait VectorIndex: Send + Sync + fmt::Debug {
 
     /// Number of chunks.
     async fn count(&self) -> Result<usize>;
+}
+
+/// An index backend's error, as text.
+pub(crate) fn index_error(e: impl fmt::Display) -> RetrieverError {
+    RetrieverError::Index(e.to_string())
 }
 
 /// Checks a vector's length against the index's.

@@ -11,7 +11,7 @@ use qdrant_client::qdrant::{
     Query, QueryPointsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
 };
 
-use super::{ChunkId, IndexPoint, IndexedChunk, ScoredChunk, VectorIndex, check_dim};
+use super::{ChunkId, IndexPoint, IndexedChunk, ScoredChunk, VectorIndex, check_dim, index_error};
 use crate::error::{Result, RetrieverError};
 
 /// A collection on a Qdrant server.
@@ -28,10 +28,6 @@ impl std::fmt::Debug for QdrantServerIndex {
             .field("dim", &self.dim)
             .finish_non_exhaustive()
     }
-}
-
-fn index_error(e: impl std::fmt::Display) -> RetrieverError {
-    RetrieverError::Index(e.to_string())
 }
 
 impl QdrantServerIndex {
@@ -142,7 +138,8 @@ impl VectorIndex for QdrantServerIndex {
         let mut structs = Vec::with_capacity(points.len());
         for point in points {
             check_dim(self.dim, &point.vector)?;
-            let payload = Payload::try_from(point.chunk.to_payload()).map_err(index_error)?;
+            let payload = Payload::try_from(serde_json::Value::Object(point.chunk.to_payload()))
+                .map_err(index_error)?;
             structs.push(PointStruct::new(
                 point_id(point.chunk.chunk_id()),
                 point.vector,
