@@ -433,10 +433,23 @@ impl Ingest {
             .collect();
         summary.index_secs += t.elapsed().as_secs_f64();
 
+        let keys: Vec<CacheKey> = chunks
+            .iter()
+            .map(|c| CacheKey::chunk(&model, &c.token_ids))
+            .collect();
+        // The documents' cache lookups go out together (one round trip, not one per chunk).
+        let stored: Vec<bool> = if self.config.precompute_kv {
+            futures::future::try_join_all(keys.iter().map(|key| self.kv.contains(key))).await?
+        } else {
+            vec![true; keys.len()]
+        };
         let mut pending = Vec::with_capacity(chunks.len());
-        for (c, id) in chunks.into_iter().zip(&ids) {
-            let key = CacheKey::chunk(&model, &c.token_ids);
-            let needs_kv = self.config.precompute_kv && !self.kv.contains(&key).await?;
+        for ((c, id), (key, stored)) in chunks
+            .into_iter()
+            .zip(&ids)
+            .zip(keys.into_iter().zip(stored))
+        {
+            let needs_kv = !stored;
             summary.chunks += 1;
             summary.tokens += c.token_ids.len();
             pending.push(PendingChunk {

@@ -342,25 +342,34 @@ fn write_corpus(root: &Path) {
     std::fs::write(root.join("photo.jpg"), b"\xff\xd8\xff").unwrap();
 }
 
-/// A job on the shared engine and embedder writing to `index_dir` and `kv_dir`.
-fn ingest_job(index_dir: &Path, kv_dir: &Path, shard: Shard) -> (Ingest, Arc<dyn VectorIndex>) {
-    let engine = shared_dense_engine();
-    let index: Arc<dyn VectorIndex> =
-        Arc::new(EdgeIndex::open(index_dir, embedder().dim()).unwrap());
-    let (store, prefix) = open_url(&format!("file://{}", kv_dir.display()), Vec::new()).unwrap();
-    let kv = Arc::new(KvStore::for_engine(store, prefix, &engine));
+/// The embedded index in `dir`, sized for the default embedder.
+fn edge_index(dir: &Path) -> Arc<dyn VectorIndex> {
+    Arc::new(EdgeIndex::open(dir, embedder().dim()).unwrap())
+}
+
+/// The shared engine's KV store in the local directory `dir`.
+fn local_kv(dir: &Path) -> Arc<KvStore> {
+    let (store, prefix) = open_url(&format!("file://{}", dir.display()), Vec::new()).unwrap();
+    Arc::new(KvStore::for_engine(store, prefix, &shared_dense_engine()))
+}
+
+/// Runs the ingest job (48-token chunks) on the shared engine and embedder over `corpus`,
+/// writing to `index_dir` and `kv_dir`.
+fn ingest(index_dir: &Path, kv_dir: &Path, corpus: &Path, shard: Shard) -> IngestSummary {
     let config = IngestConfig {
         chunk_tokens: 48,
         shard,
         batch: 4,
         precompute_kv: true,
     };
-    let job = Ingest::new(engine, embedder(), index.clone(), kv, config).unwrap();
-    (job, index)
-}
-
-fn ingest(index_dir: &Path, kv_dir: &Path, corpus: &Path, shard: Shard) -> IngestSummary {
-    let (job, _) = ingest_job(index_dir, kv_dir, shard);
+    let job = Ingest::new(
+        shared_dense_engine(),
+        embedder(),
+        edge_index(index_dir),
+        local_kv(kv_dir),
+        config,
+    )
+    .unwrap();
     runtime()
         .block_on(job.run(&[corpus.to_path_buf()], &|_| {}))
         .unwrap()
@@ -399,12 +408,9 @@ fn ingest_then_retrieve_finds_the_passage_with_its_cache() {
 
     runtime().block_on(async {
         let engine = shared_dense_engine();
-        let index: Arc<dyn VectorIndex> =
-            Arc::new(EdgeIndex::open(&index_dir, embedder().dim()).unwrap());
+        let index = edge_index(&index_dir);
         assert_eq!(index.count().await.unwrap(), first.chunks);
-        let (store, prefix) =
-            open_url(&format!("file://{}", kv_dir.display()), Vec::new()).unwrap();
-        let kv = Arc::new(KvStore::for_engine(store, prefix, &engine));
+        let kv = local_kv(&kv_dir);
         let retriever = Retriever::new(embedder(), index, Some(kv.clone())).unwrap();
         let options = RetrieveOptions {
             top_k: 3,
@@ -472,7 +478,7 @@ fn a_changed_document_is_reingested_without_stale_chunks() {
     .unwrap();
     let second = ingest(&index_dir, &kv_dir, &corpus, Shard::ALL);
     assert_eq!(second.chunks_indexed, 1, "{second:?}");
-    let (_, index) = ingest_job(&index_dir, &kv_dir, Shard::ALL);
+    let index = edge_index(&index_dir);
     let count = runtime().block_on(index.count()).unwrap();
     assert_eq!(count, second.chunks);
     assert!(second.chunks <= first.chunks);
@@ -501,7 +507,7 @@ fn shards_partition_the_corpus_exactly() {
             shard,
         );
         chunks += summary.chunks;
-        let (_, index) = ingest_job(&index_dir, &dir.path().join("unused"), shard);
+        let index = edge_index(&index_dir);
         let found = runtime()
             .block_on(index.search(&vec![0.05; index.dim()], 100))
             .unwrap();
@@ -561,7 +567,7 @@ fn an_ingest_killed_midway_completes_on_the_next_run_without_duplicates() {
         resumed.chunks_indexed > 0 && resumed.chunks_indexed < resumed.chunks,
         "{resumed:?}"
     );
-    let (_, index) = ingest_job(&index_dir, &kv_dir, Shard::ALL);
+    let index = edge_index(&index_dir);
     assert_eq!(runtime().block_on(index.count()).unwrap(), resumed.chunks);
     // One handle on an index directory at a time.
     let err = EdgeIndex::open(&index_dir, embedder().dim()).unwrap_err();
@@ -575,8 +581,7 @@ fn an_ingest_killed_midway_completes_on_the_next_run_without_duplicates() {
 fn ingest_refuses_a_store_of_another_model() {
     let dir = tempfile::tempdir().unwrap();
     let engine = shared_dense_engine();
-    let index: Arc<dyn VectorIndex> =
-        Arc::new(EdgeIndex::open(&dir.path().join("i"), embedder().dim()).unwrap());
+    let index = edge_index(&dir.path().join("i"));
     let (store, prefix) = open_url("memory://", Vec::new()).unwrap();
     let foreign = KvStore::new(
         store,

@@ -350,11 +350,11 @@ impl Core {
             Policy::Adaptive => {
                 // The request closest to done first (it cuts mean TTFT most), aged by
                 // its wait.
-                *candidates.iter().max_by(|a, b| {
-                    self.response_ratio(now, a.0)
-                        .total_cmp(&self.response_ratio(now, b.0))
-                        .then(b.0.cmp(&a.0))
-                })?
+                let (id, chunk, _) = candidates
+                    .iter()
+                    .map(|&(id, chunk)| (id, chunk, self.response_ratio(now, id)))
+                    .max_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)))?;
+                (id, chunk)
             }
         };
         let r = self.requests.get_mut(&id)?;
