@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the embedded defaults: fetch the models, then answer the demo questions
-# with the timing breakdown.
+# The main job on the embedded defaults: fetch the models, ingest the bundled demo corpus
+# into embedded Qdrant and a local KV directory (under $RAGCAKE_HOME/data), answer the demo
+# questions compute-only and bidirectional, and compare their time to first token.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -10,10 +11,4 @@ need python3 "install Python 3 with pip (apt-get install python3 python3-pip)"
 cargo build --release --quiet --bin ragcake
 ragcake="$CARGO_TARGET_DIR/release/ragcake"
 "$ragcake" models fetch
-while IFS= read -r question; do
-    [ -n "$question" ] || continue
-    echo "Q: $question"
-    printf 'A: '
-    "$ragcake" generate --max-tokens 96 "$question"
-    echo
-done < demo/questions.txt
+exec "$ragcake" demo "$@"

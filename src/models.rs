@@ -139,6 +139,15 @@ pub enum FetchOutcome {
     Fetched(PathBuf),
 }
 
+impl FetchOutcome {
+    /// Where the fetched entry lives.
+    pub fn into_path(self) -> PathBuf {
+        match self {
+            Self::Cached(path) | Self::Fetched(path) => path,
+        }
+    }
+}
+
 impl ModelCache {
     /// A cache rooted at `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {

@@ -1,18 +1,31 @@
-//! Where the embedded defaults keep their data: under `$RAGCAKE_HOME/data`.
-
-use std::path::PathBuf;
+//! Where the embedded defaults keep their data: `RAGCAKE_INDEX` and `RAGCAKE_KV` when set,
+//! else under `$RAGCAKE_HOME/data`.
 
 use crate::models::ragcake_home;
 
-/// The embedded Qdrant directory used when no index is configured.
-pub fn default_index_dir() -> PathBuf {
-    ragcake_home().join("data").join("index")
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// The KV store used when none is configured: a local directory.
+/// The vector index used when none is configured: `RAGCAKE_INDEX` (a directory or a Qdrant
+/// server URL), else the embedded Qdrant directory `$RAGCAKE_HOME/data/index`.
+pub fn default_index_location() -> String {
+    env("RAGCAKE_INDEX").unwrap_or_else(|| {
+        ragcake_home()
+            .join("data")
+            .join("index")
+            .display()
+            .to_string()
+    })
+}
+
+/// The KV store used when none is configured: `RAGCAKE_KV` (a store URL), else the local
+/// directory `$RAGCAKE_HOME/data/kv`.
 pub fn default_kv_url() -> String {
-    format!(
-        "file://{}",
-        ragcake_home().join("data").join("kv").display()
-    )
+    env("RAGCAKE_KV").unwrap_or_else(|| {
+        format!(
+            "file://{}",
+            ragcake_home().join("data").join("kv").display()
+        )
+    })
 }

@@ -37,7 +37,7 @@ impl LoadBackend for KvStore {
 }
 
 /// What the lookups before a prefill found.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LookupSummary {
     /// Chunks with an exact prefix cache.
     pub prefix_hits: usize,

@@ -42,6 +42,9 @@ pub enum RetrieverError {
         /// The error.
         source: std::io::Error,
     },
+    /// A labelled question set could not be read.
+    #[error("question set: {0}")]
+    QuestionSet(String),
     /// A setting is out of range.
     #[error("invalid setting: {0}")]
     InvalidSetting(String),

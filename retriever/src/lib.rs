@@ -7,10 +7,12 @@
 //! - [`index`]: the [`VectorIndex`] trait, [`EdgeIndex`] and [`QdrantServerIndex`].
 //! - [`retrieve`]: question → ranked, ordered chunks with their cache status.
 //! - [`ingest`]: the precompute job (idempotent, resumable, sharded).
+//! - [`eval`]: labelled questions and recall@k.
 
 pub mod chunker;
 pub mod embedder;
 pub mod error;
+pub mod eval;
 pub mod index;
 pub mod ingest;
 pub mod retrieve;
@@ -18,6 +20,7 @@ pub mod retrieve;
 pub use chunker::{Chunker, DEFAULT_CHUNK_TOKENS, TextChunk};
 pub use embedder::Embedder;
 pub use error::{Result, RetrieverError};
+pub use eval::{LabelledQuestion, QuestionSet};
 pub use index::{
     ChunkId, EdgeIndex, IndexPoint, IndexedChunk, QdrantServerIndex, ScoredChunk, VectorIndex,
 };

@@ -25,6 +25,9 @@ pub enum BenchCommand {
     /// Poisson arrivals of cached, partly cached and uncached requests: throughput and
     /// TTFT of the adaptive scheduler against FCFS compute-only, load-only, bidirectional.
     Serve(super::bench_serve::ServeArgs),
+    /// Ingest throughput per stage, query latency and recall@k on the labelled demo
+    /// questions, on an index of a few thousand chunks.
+    Retrieval(super::bench_retrieval::RetrievalArgs),
 }
 
 #[derive(Debug, Args)]
@@ -112,7 +115,19 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Serve(args) => {
             super::tokio_runtime()?.block_on(super::bench_serve::run(args))
         }
+        BenchCommand::Retrieval(args) => {
+            super::tokio_runtime()?.block_on(super::bench_retrieval::run(args))
+        }
     }
+}
+
+/// The `q` quantile of `xs` by linear interpolation between closest ranks.
+pub(super) fn percentile(xs: &[f64], q: f64) -> f64 {
+    let mut sorted = xs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
 }
 
 /// Deterministic ordinary-vocabulary token ids (attention cost does not depend on content).

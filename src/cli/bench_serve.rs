@@ -18,7 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::bench::{Stats, bench_tokens};
+use super::bench::{Stats, bench_tokens, percentile};
 use super::{ModelArgs, plot};
 
 #[derive(Debug, Args)]
@@ -326,15 +326,6 @@ async fn serve(
         loads_abandoned: abandoned,
         failed,
     })
-}
-
-/// The `q` quantile by linear interpolation between closest ranks.
-fn percentile(xs: &[f64], q: f64) -> f64 {
-    let mut sorted = xs.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = q * (sorted.len() - 1) as f64;
-    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
 }
 
 fn write_outputs(args: &ServeArgs, rows: &[Row]) -> anyhow::Result<()> {

@@ -1,13 +1,16 @@
 //! Command-line interface: argument parsing and dispatch.
 
+mod ask;
 mod bench;
 mod bench_kvstore;
+mod bench_retrieval;
 mod bench_serve;
 mod bench_ttft;
 mod generate;
 mod ingest;
 mod models;
 mod plot;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,6 +38,15 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Index a corpus and precompute its chunk KV caches (idempotent, resumable, sharded).
     Ingest(ingest::IngestArgs),
+    /// Answer a question from the index (retrieval, bidirectional prefill, generation),
+    /// with its sources and TTFT breakdown.
+    Ask(ask::AskArgs),
+    /// The question-answering HTTP service: /v1/ask, OpenAI-compatible
+    /// /v1/chat/completions, /healthz, /metrics.
+    Serve(serve::ServeArgs),
+    /// The main job on the embedded defaults: ingest the demo corpus, answer its questions
+    /// compute-only and bidirectional, compare TTFT.
+    Demo(ask::DemoArgs),
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -66,14 +78,17 @@ impl ModelArgs {
         }
     }
 
-    fn load(&self) -> anyhow::Result<Engine> {
-        let path = self.model_path()?;
-        let config = EngineConfig {
+    fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
             device: self.cuda.map(DeviceChoice::Cuda).unwrap_or_default(),
             quantized_decode: !self.dense_decode,
             ..EngineConfig::default()
-        };
-        Ok(Engine::load(&path, &config)?)
+        }
+    }
+
+    fn load(&self) -> anyhow::Result<Engine> {
+        let path = self.model_path()?;
+        Ok(Engine::load(&path, &self.engine_config())?)
     }
 }
 
@@ -100,7 +115,7 @@ impl StoreArgs {
     ) -> anyhow::Result<std::sync::Arc<dyn ragcake::retriever::VectorIndex>> {
         let location = match &self.index {
             Some(location) => location.clone(),
-            None => ragcake::paths::default_index_dir().display().to_string(),
+            None => ragcake::paths::default_index_location(),
         };
         Ok(ragcake::retriever::open_index(&location, &self.collection, dim).await?)
     }
@@ -113,6 +128,28 @@ impl StoreArgs {
         let (store, prefix) = ragcake::kvstore::open_url(&url, Vec::new())?;
         Ok(ragcake::kvstore::KvStore::for_engine(store, prefix, engine))
     }
+}
+
+/// A pipeline on the defaults, with the models and stores the flags name instead.
+async fn build_pipeline(
+    model: &ModelArgs,
+    stores: &StoreArgs,
+    mut config: ragcake::pipeline::PipelineConfig,
+) -> anyhow::Result<ragcake::pipeline::Pipeline> {
+    config.collection = stores.collection.clone();
+    let mut builder = ragcake::default_pipeline_builder()?
+        .engine_config(model.engine_config())
+        .config(config);
+    if let Some(path) = &model.model {
+        builder = builder.model_path(path);
+    }
+    if let Some(index) = &stores.index {
+        builder = builder.index_location(index);
+    }
+    if let Some(kv) = &stores.kv {
+        builder = builder.kv_url(kv);
+    }
+    Ok(builder.build().await?)
 }
 
 /// The default embedder, fetched on first use.
@@ -161,6 +198,9 @@ pub fn run() -> ExitCode {
         Command::Models { command } => models::run(command),
         Command::Generate(args) => generate::run(args),
         Command::Ingest(args) => ingest::run(args),
+        Command::Ask(args) => ask::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Demo(args) => ask::demo(args),
         Command::Bench { command } => bench::run(command),
     };
     match result {

@@ -6,6 +6,7 @@
 mod common;
 mod engine;
 mod kvstore;
+mod pipeline;
 mod retriever;
 mod scheduler;
 mod tokenizer;

@@ -1,0 +1,419 @@
+//! [`Pipeline`]: the stages stacked with the standard layers, built from a configuration
+//! or from parts, with `ask` and a streaming ask.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use ragcake_engine::scheduler::{SchedulerConfig, SchedulerStats};
+use ragcake_engine::{Engine, EngineConfig};
+use ragcake_kvstore::KvStore;
+use ragcake_retriever::{Embedder, Retriever, VectorIndex};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
+
+use crate::error::{PipelineError, Result};
+use crate::metrics::{Metrics, MetricsLayer};
+use crate::prompt::PromptTemplate;
+use crate::stages::{
+    EngineScheduler, Generate, PlanLayer, PrefillLayer, RequestLimits, RetrieveLayer,
+};
+use crate::types::{Answer, Ask, AskOptions, AskRequest, StreamEvent};
+
+/// Settings of a pipeline (the `[pipeline]` table of the service's TOML file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Qdrant collection (server index only).
+    pub collection: String,
+    /// Bytes of recently used chunk caches kept in memory in front of the store.
+    pub memory_tier_bytes: usize,
+    /// Questions answered at once (retrieval to last token); more wait in the queue.
+    pub max_concurrent: usize,
+    /// Questions waiting beyond `max_concurrent`; more are refused as overloaded.
+    pub max_queue: usize,
+    /// A question not answered within this many seconds fails (queueing included).
+    pub timeout_secs: f64,
+    /// Answers decoding at once (decode shares the CPU with prefill).
+    pub decode_concurrency: usize,
+    /// Longest question, in characters.
+    pub max_question_chars: usize,
+    /// Most generated tokens a request may ask for.
+    pub max_tokens_limit: usize,
+    /// The text around the retrieved chunks.
+    pub prompt: PromptTemplate,
+    /// Options of a request that sets none.
+    pub defaults: AskOptions,
+    /// The prefill scheduler.
+    pub scheduler: SchedulerConfig,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        let limits = RequestLimits::default();
+        Self {
+            collection: "ragcake".into(),
+            memory_tier_bytes: 256 << 20,
+            max_concurrent: 8,
+            max_queue: 64,
+            timeout_secs: 300.0,
+            decode_concurrency: 1,
+            max_question_chars: limits.max_question_chars,
+            max_tokens_limit: limits.max_tokens,
+            prompt: PromptTemplate::default(),
+            defaults: AskOptions::default(),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+impl PipelineConfig {
+    fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_question_chars: self.max_question_chars,
+            max_tokens: self.max_tokens_limit,
+            ..RequestLimits::default()
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |why: &str| Err(PipelineError::Config(why.to_string()));
+        if self.max_concurrent == 0 {
+            return bad("max_concurrent must be at least 1");
+        }
+        if self.max_queue == 0 {
+            return bad("max_queue must be at least 1");
+        }
+        if !(self.timeout_secs > 0.0 && self.timeout_secs.is_finite()) {
+            return bad("timeout_secs must be positive");
+        }
+        if self.scheduler.io_concurrency == 0 {
+            return bad("scheduler.io_concurrency must be at least 1");
+        }
+        self.limits()
+            .check(&AskRequest::new("?").with_options(self.defaults.clone()))
+            .map_err(|e| PipelineError::Config(format!("defaults: {e}")))
+    }
+}
+
+/// Builds a [`Pipeline`] from paths and locations, or from parts already built.
+#[derive(Debug, Default)]
+pub struct PipelineBuilder {
+    config: PipelineConfig,
+    engine_config: EngineConfig,
+    model_path: Option<PathBuf>,
+    embedder_dir: Option<PathBuf>,
+    index_location: Option<String>,
+    kv_url: Option<String>,
+    engine: Option<Arc<Engine>>,
+    embedder: Option<Arc<Embedder>>,
+    index: Option<Arc<dyn VectorIndex>>,
+    kv: Option<Arc<KvStore>>,
+}
+
+impl PipelineBuilder {
+    /// The settings.
+    pub fn config(mut self, config: PipelineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// How the engine loads the model (device, decode weights).
+    pub fn engine_config(mut self, config: EngineConfig) -> Self {
+        self.engine_config = config;
+        self
+    }
+
+    /// The LLM: a llama-family GGUF file.
+    pub fn model_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.model_path = Some(path.into());
+        self
+    }
+
+    /// The embedding model's directory (all-MiniLM-L6-v2 layout).
+    pub fn embedder_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.embedder_dir = Some(dir.into());
+        self
+    }
+
+    /// The vector index: a directory (embedded Qdrant) or a Qdrant server URL.
+    pub fn index_location(mut self, location: impl Into<String>) -> Self {
+        self.index_location = Some(location.into());
+        self
+    }
+
+    /// The KV store URL (`file://…`, `s3://…`, `memory://`).
+    pub fn kv_url(mut self, url: impl Into<String>) -> Self {
+        self.kv_url = Some(url.into());
+        self
+    }
+
+    /// An engine already loaded (instead of `model_path`).
+    pub fn engine(mut self, engine: Arc<Engine>) -> Self {
+        self.engine = Some(engine);
+        self
+    }
+
+    /// An embedder already loaded (instead of `embedder_dir`).
+    pub fn embedder(mut self, embedder: Arc<Embedder>) -> Self {
+        self.embedder = Some(embedder);
+        self
+    }
+
+    /// An index already open (instead of `index_location`).
+    pub fn index(mut self, index: Arc<dyn VectorIndex>) -> Self {
+        self.index = Some(index);
+        self
+    }
+
+    /// A KV store already open (instead of `kv_url`).
+    pub fn kv_store(mut self, kv: Arc<KvStore>) -> Self {
+        self.kv = Some(kv);
+        self
+    }
+
+    /// Loads what was given as paths, opens the index and the store, starts the scheduler
+    /// and stacks the stages. Must run inside a tokio runtime.
+    pub async fn build(self) -> Result<Pipeline> {
+        let config = self.config;
+        config.check()?;
+        let missing = |what: &str| PipelineError::Config(format!("no {what} given"));
+        let engine = match self.engine {
+            Some(engine) => engine,
+            None => {
+                let path = self.model_path.ok_or_else(|| missing("model"))?;
+                let engine_config = self.engine_config;
+                let engine = blocking(move || Engine::load(&path, &engine_config)).await??;
+                Arc::new(engine)
+            }
+        };
+        let embedder = match self.embedder {
+            Some(embedder) => embedder,
+            None => {
+                let dir = self.embedder_dir.ok_or_else(|| missing("embedder"))?;
+                Arc::new(blocking(move || Embedder::load(&dir)).await??)
+            }
+        };
+        let index = match self.index {
+            Some(index) => index,
+            None => {
+                let location = self.index_location.ok_or_else(|| missing("index"))?;
+                ragcake_retriever::open_index(&location, &config.collection, embedder.dim())
+                    .await
+                    .map_err(PipelineError::from_retrieval)?
+            }
+        };
+        let kv = match self.kv {
+            Some(kv) => kv,
+            None => {
+                let url = self.kv_url.ok_or_else(|| missing("KV store"))?;
+                let (store, prefix) = ragcake_kvstore::open_url(&url, Vec::new())?;
+                let mut kv = KvStore::for_engine(store, prefix, &engine);
+                if config.memory_tier_bytes > 0 {
+                    kv = kv.with_memory_tier(config.memory_tier_bytes);
+                }
+                Arc::new(kv)
+            }
+        };
+        if kv.model() != engine.fingerprint() {
+            return Err(PipelineError::Config(format!(
+                "the KV store is for model {}, the engine runs {}",
+                kv.model().short(),
+                engine.fingerprint().short()
+            )));
+        }
+        let retriever = Arc::new(
+            Retriever::new(embedder, index, Some(kv.clone()))
+                .map_err(PipelineError::from_retrieval)?,
+        );
+        let scheduler = Arc::new(EngineScheduler::start(
+            engine.clone(),
+            kv.clone(),
+            config.scheduler.clone(),
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let stages = ServiceBuilder::new()
+            .layer(RetrieveLayer::new(retriever.clone(), config.limits()))
+            .layer(PlanLayer::new(
+                engine.clone(),
+                kv.clone(),
+                config.prompt.clone(),
+            ))
+            .layer(PrefillLayer::new(scheduler.clone()))
+            .service(Generate::new(engine.clone(), config.decode_concurrency));
+        // Outside in: record metrics, refuse when the queue is full, bound the whole wait,
+        // queue, bound the questions in flight.
+        let service = ServiceBuilder::new()
+            .layer(MetricsLayer::new(metrics.clone(), config.timeout_secs))
+            .load_shed()
+            .timeout(Duration::from_secs_f64(config.timeout_secs))
+            .buffer(config.max_queue)
+            .concurrency_limit(config.max_concurrent)
+            .service(stages);
+        Ok(Pipeline {
+            service: BoxCloneSyncService::new(service),
+            parts: Arc::new(Parts {
+                engine,
+                retriever,
+                kv,
+                scheduler,
+                metrics,
+                config,
+            }),
+        })
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| PipelineError::Task(e.to_string()))
+}
+
+struct Parts {
+    engine: Arc<Engine>,
+    retriever: Arc<Retriever>,
+    kv: Arc<KvStore>,
+    scheduler: Arc<EngineScheduler>,
+    metrics: Arc<Metrics>,
+    config: PipelineConfig,
+}
+
+/// A question-answering pipeline: retrieval, cache-aware planning, bidirectional prefill
+/// and generation. Cheap to clone; clones share the scheduler and the queue.
+#[derive(Clone)]
+pub struct Pipeline {
+    service: BoxCloneSyncService<Ask, Answer, PipelineError>,
+    parts: Arc<Parts>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("model", &self.parts.engine.path())
+            .field("config", &self.parts.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Pipeline::health`] found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Health {
+    /// Everything needed to answer is reachable.
+    pub ok: bool,
+    /// Chunks in the index, or why it cannot be reached.
+    pub index: std::result::Result<usize, String>,
+    /// Questions being answered now.
+    pub in_flight: u64,
+}
+
+impl Pipeline {
+    /// A builder.
+    pub fn builder() -> PipelineBuilder {
+        PipelineBuilder::default()
+    }
+
+    /// Answers `request`.
+    pub async fn ask(&self, request: AskRequest) -> Result<Answer> {
+        self.service.clone().oneshot(Ask::new(request)).await
+    }
+
+    /// Answers `request` as a stream: the sources, the text as it is generated, then the
+    /// whole answer. Dropping the stream cancels the question (its prefill and decode stop).
+    pub fn ask_stream(
+        &self,
+        request: AskRequest,
+    ) -> impl Stream<Item = Result<StreamEvent>> + Send + 'static {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let ask = Ask {
+            stream: Some(events),
+            ..Ask::new(request)
+        };
+        let service = self.service.clone();
+        let task = tokio::spawn(async move { service.oneshot(ask).await.err() });
+        let state = StreamState {
+            receiver,
+            task: Some(task),
+        };
+        futures::stream::unfold(state, |mut state| async move {
+            if let Some(event) = state.receiver.recv().await {
+                return Some((Ok(event), state));
+            }
+            // Every sender is gone: the question ended; report its error, if any.
+            let task = state.task.take()?;
+            match task.await {
+                Ok(None) => None,
+                Ok(Some(error)) => Some((Err(error), state)),
+                Err(join) => Some((Err(PipelineError::Task(join.to_string())), state)),
+            }
+        })
+    }
+
+    /// The service behind [`Pipeline::ask`], to wrap in more layers.
+    pub fn service(&self) -> BoxCloneSyncService<Ask, Answer, PipelineError> {
+        self.service.clone()
+    }
+
+    /// Whether the index answers, and how busy the pipeline is.
+    pub async fn health(&self) -> Health {
+        let index = self
+            .parts
+            .retriever
+            .index()
+            .count()
+            .await
+            .map_err(|e| e.to_string());
+        Health {
+            ok: index.is_ok(),
+            index,
+            in_flight: self.parts.scheduler.stats().in_flight,
+        }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.parts.engine
+    }
+
+    /// The retriever.
+    pub fn retriever(&self) -> &Arc<Retriever> {
+        &self.parts.retriever
+    }
+
+    /// The KV store.
+    pub fn kv(&self) -> &Arc<KvStore> {
+        &self.parts.kv
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.parts.metrics
+    }
+
+    /// The scheduler's counters.
+    pub fn scheduler_stats(&self) -> SchedulerStats {
+        self.parts.scheduler.stats()
+    }
+
+    /// The settings it was built with.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.parts.config
+    }
+}
+
+/// A streaming ask in progress: aborting its task when the stream is dropped cancels it.
+struct StreamState {
+    receiver: mpsc::UnboundedReceiver<StreamEvent>,
+    task: Option<tokio::task::JoinHandle<Option<PipelineError>>>,
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}

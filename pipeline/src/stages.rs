@@ -1,0 +1,520 @@
+//! The pipeline's stages as tower services. Each stage is a [`Layer`] whose service does its
+//! step and hands the result to the next stage, so a pipeline is a `ServiceBuilder` stack and
+//! standard layers (timeout, concurrency limit, buffer, load shedding) fit between stages:
+//!
+//! ```text
+//! Ask ─Retrieve─▶ Retrieved ─Plan─▶ Planned ─Prefill─▶ Prefilled ─Generate─▶ Answer
+//! ```
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use ragcake_engine::scheduler::{PrefillRequest, Scheduler};
+use ragcake_engine::{Engine, GenerateParams, KvCache, Sampling, Tensor};
+use ragcake_kvstore::{CacheKey, CacheKind, KvStore, LookupSummary};
+use ragcake_retriever::{Retrieval, RetrieveOptions, Retriever};
+use tokio::sync::Semaphore;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::error::{BoxError, PipelineError};
+use crate::prompt::PromptTemplate;
+use crate::types::{Answer, Ask, AskRequest, Breakdown, Source, StreamEvent};
+
+/// The prefill scheduler over the engine and the KV store.
+pub type EngineScheduler = Scheduler<Engine, KvStore>;
+
+/// Limits a request must respect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Longest question, in characters.
+    pub max_question_chars: usize,
+    /// Most chunks per prompt.
+    pub max_top_k: usize,
+    /// Most generated tokens.
+    pub max_tokens: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_question_chars: 4000,
+            max_top_k: 16,
+            max_tokens: 1024,
+        }
+    }
+}
+
+impl RequestLimits {
+    /// Checks a request against the limits and the options against their ranges.
+    pub fn check(&self, request: &AskRequest) -> Result<(), PipelineError> {
+        let invalid = |why: String| Err(PipelineError::InvalidRequest(why));
+        let o = &request.options;
+        let chars = request.question.chars().count();
+        if request.question.trim().is_empty() {
+            return invalid("the question is empty".into());
+        }
+        if chars > self.max_question_chars {
+            return invalid(format!(
+                "the question has {chars} characters, at most {} are accepted",
+                self.max_question_chars
+            ));
+        }
+        if o.top_k == 0 || o.top_k > self.max_top_k {
+            return invalid(format!("top_k must be 1 to {}", self.max_top_k));
+        }
+        if o.max_tokens == 0 || o.max_tokens > self.max_tokens {
+            return invalid(format!("max_tokens must be 1 to {}", self.max_tokens));
+        }
+        if !(0.0..=2.0).contains(&o.temperature) {
+            return invalid("temperature must be 0 to 2".into());
+        }
+        if !(o.top_p > 0.0 && o.top_p <= 1.0) {
+            return invalid("top_p must be above 0 and at most 1".into());
+        }
+        if !(o.prefer_cached_within >= 0.0 && o.prefer_cached_within <= 2.0) {
+            return invalid("prefer_cached_within must be 0 to 2".into());
+        }
+        Ok(())
+    }
+}
+
+/// Moves the ready service out of `slot`, leaving a clone (tower's rule: the service that
+/// was polled ready is the one called).
+fn take_ready<S: Clone>(slot: &mut S) -> S {
+    let clone = slot.clone();
+    std::mem::replace(slot, clone)
+}
+
+/// A question with its retrieved chunks.
+#[derive(Debug)]
+pub struct Retrieved {
+    /// The question.
+    pub ask: Ask,
+    /// What retrieval found, in prompt order.
+    pub retrieval: Retrieval,
+}
+
+/// Stage 1: checks the request, embeds the question, searches the index and looks up each
+/// hit's cache.
+#[derive(Debug, Clone)]
+pub struct RetrieveLayer {
+    retriever: Arc<Retriever>,
+    limits: RequestLimits,
+}
+
+impl RetrieveLayer {
+    /// Retrieval with `retriever`, requests checked against `limits`.
+    pub fn new(retriever: Arc<Retriever>, limits: RequestLimits) -> Self {
+        Self { retriever, limits }
+    }
+}
+
+impl<S> Layer<S> for RetrieveLayer {
+    type Service = Retrieve<S>;
+    fn layer(&self, inner: S) -> Retrieve<S> {
+        Retrieve {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of [`RetrieveLayer`].
+#[derive(Debug, Clone)]
+pub struct Retrieve<S> {
+    layer: RetrieveLayer,
+    inner: S,
+}
+
+impl<S> Service<Ask> for Retrieve<S>
+where
+    S: Service<Retrieved> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<S::Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, ask: Ask) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let layer = self.layer.clone();
+        Box::pin(
+            async move {
+                layer.limits.check(&ask.request)?;
+                let o = &ask.request.options;
+                let options = RetrieveOptions {
+                    top_k: o.top_k,
+                    candidates: (o.top_k * 2).max(8),
+                    prefer_cached_within: o.prefer_cached_within,
+                    order: o.order,
+                };
+                let retrieval = layer
+                    .retriever
+                    .retrieve(&ask.request.question, &options)
+                    .await
+                    .map_err(PipelineError::from_retrieval)?;
+                inner
+                    .call(Retrieved { ask, retrieval })
+                    .await
+                    .map_err(Into::into)
+            }
+            .instrument(tracing::debug_span!("retrieve")),
+        )
+    }
+}
+
+/// A question with its prompt planned: which chunk caches to load.
+#[derive(Debug)]
+pub struct Planned {
+    /// The question.
+    pub ask: Ask,
+    /// The chunks in the prompt.
+    pub sources: Vec<Source>,
+    /// The prefill to run.
+    pub request: PrefillRequest<CacheKey>,
+    /// The timing so far.
+    pub breakdown: Breakdown,
+}
+
+/// Stage 2: builds the prompt (preamble, the chunks' own tokens, the question tail) and
+/// looks up each chunk's exact prefix cache, then its position-independent cache (metadata
+/// only); in exact mode chunk caches are not used.
+#[derive(Debug, Clone)]
+pub struct PlanLayer {
+    engine: Arc<Engine>,
+    kv: Arc<KvStore>,
+    prompt: Arc<PromptTemplate>,
+}
+
+impl PlanLayer {
+    /// Planning for `engine`'s model against `kv`, with `prompt` around the chunks.
+    pub fn new(engine: Arc<Engine>, kv: Arc<KvStore>, prompt: PromptTemplate) -> Self {
+        Self {
+            engine,
+            kv,
+            prompt: Arc::new(prompt),
+        }
+    }
+
+    async fn plan(&self, retrieved: Retrieved) -> Result<Planned, PipelineError> {
+        let Retrieved { ask, retrieval } = retrieved;
+        let started = Instant::now();
+        let request = &ask.request;
+        let segments = self.prompt.segments(
+            &self.engine,
+            request.system.as_deref(),
+            &request.history,
+            &request.question,
+        )?;
+        let fingerprint = self.engine.fingerprint().to_hex();
+        let mut chunks = vec![segments.preamble];
+        for hit in &retrieval.chunks {
+            // Token ids from the index belong to the LLM that ingested them.
+            let ids = if hit.chunk.llm == fingerprint {
+                hit.chunk.token_ids.clone()
+            } else {
+                self.engine.tokenizer().encode(&hit.chunk.text, false)?
+            };
+            chunks.push(ids);
+        }
+        let prompt_tokens = chunks.iter().map(Vec::len).sum::<usize>() + segments.tail.len();
+        let context = self.engine.model().config().context_length;
+        if prompt_tokens + request.options.max_tokens > context {
+            return Err(PipelineError::InvalidRequest(format!(
+                "the prompt ({prompt_tokens} tokens) and max_tokens ({}) exceed the model's context of {context} tokens",
+                request.options.max_tokens
+            )));
+        }
+        let (mut plan, mut lookups) = self
+            .kv
+            .plan_prefill(chunks, segments.tail, request.options.mode)
+            .await;
+        if request.options.exact {
+            for spec in &mut plan.chunks {
+                if spec.stored.as_ref().map(CacheKey::kind) == Some(CacheKind::Chunk) {
+                    spec.stored = None;
+                }
+            }
+            lookups = LookupSummary {
+                chunk_hits: 0,
+                ..lookups
+            };
+        }
+        let sources = retrieval
+            .chunks
+            .into_iter()
+            .map(|hit| Source {
+                doc_id: hit.chunk.doc_id,
+                chunk_no: hit.chunk.chunk_no,
+                score: hit.score,
+                text: hit.chunk.text,
+                cache: hit.cache,
+            })
+            .collect();
+        let breakdown = Breakdown {
+            embed_secs: retrieval.embed_secs,
+            search_secs: retrieval.search_secs,
+            lookup_secs: retrieval.lookup_secs,
+            plan_secs: started.elapsed().as_secs_f64(),
+            prompt_tokens,
+            lookups,
+            degraded: lookups.errors > 0,
+            ..Breakdown::default()
+        };
+        Ok(Planned {
+            ask,
+            sources,
+            request: plan,
+            breakdown,
+        })
+    }
+}
+
+impl<S> Layer<S> for PlanLayer {
+    type Service = Plan<S>;
+    fn layer(&self, inner: S) -> Plan<S> {
+        Plan {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of [`PlanLayer`].
+#[derive(Debug, Clone)]
+pub struct Plan<S> {
+    layer: PlanLayer,
+    inner: S,
+}
+
+impl<S> Service<Retrieved> for Plan<S>
+where
+    S: Service<Planned> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<S::Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, retrieved: Retrieved) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let layer = self.layer.clone();
+        Box::pin(
+            async move {
+                let planned = layer.plan(retrieved).await?;
+                if let Some(stream) = &planned.ask.stream {
+                    let _ = stream.send(StreamEvent::Sources(planned.sources.clone()));
+                }
+                inner.call(planned).await.map_err(Into::into)
+            }
+            .instrument(tracing::debug_span!("plan")),
+        )
+    }
+}
+
+/// A question whose prompt cache is filled.
+#[derive(Debug)]
+pub struct Prefilled {
+    /// The question.
+    pub ask: Ask,
+    /// The chunks in the prompt.
+    pub sources: Vec<Source>,
+    /// The prompt's KV cache.
+    pub cache: KvCache,
+    /// The last prompt token's logits.
+    pub logits: Tensor,
+    /// The timing so far (the prefill report included).
+    pub breakdown: Breakdown,
+}
+
+/// Stage 3: fills the prompt's cache under the shared bidirectional scheduler (compute
+/// from the front, load from the back, across every request in flight).
+#[derive(Clone)]
+pub struct PrefillLayer {
+    scheduler: Arc<EngineScheduler>,
+}
+
+impl std::fmt::Debug for PrefillLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefillLayer").finish_non_exhaustive()
+    }
+}
+
+impl PrefillLayer {
+    /// Prefill through `scheduler`.
+    pub fn new(scheduler: Arc<EngineScheduler>) -> Self {
+        Self { scheduler }
+    }
+}
+
+impl<S> Layer<S> for PrefillLayer {
+    type Service = Prefill<S>;
+    fn layer(&self, inner: S) -> Prefill<S> {
+        Prefill {
+            scheduler: self.scheduler.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of [`PrefillLayer`].
+#[derive(Clone)]
+pub struct Prefill<S> {
+    scheduler: Arc<EngineScheduler>,
+    inner: S,
+}
+
+impl<S> std::fmt::Debug for Prefill<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefill").finish_non_exhaustive()
+    }
+}
+
+impl<S> Service<Planned> for Prefill<S>
+where
+    S: Service<Prefilled> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<S::Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, planned: Planned) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let scheduler = self.scheduler.clone();
+        Box::pin(
+            async move {
+                let Planned {
+                    ask,
+                    sources,
+                    request,
+                    mut breakdown,
+                } = planned;
+                let filled = scheduler
+                    .prefill(request)
+                    .await
+                    .map_err(PipelineError::from)?;
+                breakdown.ttft_secs = ask.started.elapsed().as_secs_f64();
+                breakdown.degraded |= filled.report.degraded;
+                breakdown.prefill = filled.report;
+                inner
+                    .call(Prefilled {
+                        ask,
+                        sources,
+                        cache: filled.cache,
+                        logits: filled.logits,
+                        breakdown,
+                    })
+                    .await
+                    .map_err(Into::into)
+            }
+            .instrument(tracing::debug_span!("prefill")),
+        )
+    }
+}
+
+/// Stage 4 (the innermost service): decodes the answer from the filled cache, streaming
+/// text pieces to a streaming ask. At most `concurrency` answers decode at once.
+#[derive(Debug, Clone)]
+pub struct Generate {
+    engine: Arc<Engine>,
+    permits: Arc<Semaphore>,
+}
+
+impl Generate {
+    /// Generation with `engine`, `concurrency` decodes at a time.
+    pub fn new(engine: Arc<Engine>, concurrency: usize) -> Self {
+        Self {
+            engine,
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+        }
+    }
+}
+
+impl Service<Prefilled> for Generate {
+    type Response = Answer;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<Answer, BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, prefilled: Prefilled) -> Self::Future {
+        let engine = self.engine.clone();
+        let permits = self.permits.clone();
+        Box::pin(
+            async move {
+                let _permit = permits
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| PipelineError::Task(e.to_string()))?;
+                let Prefilled {
+                    ask,
+                    sources,
+                    mut cache,
+                    logits,
+                    mut breakdown,
+                } = prefilled;
+                let options = &ask.request.options;
+                let params = GenerateParams {
+                    max_tokens: options.max_tokens,
+                    sampling: Sampling {
+                        temperature: options.temperature,
+                        top_p: options.top_p,
+                        seed: options.seed,
+                    },
+                    stop_tokens: Vec::new(),
+                };
+                let stream = ask.stream.clone();
+                let generation = tokio::task::spawn_blocking(move || {
+                    engine.generate(&mut cache, &logits, &params, |piece| {
+                        match &stream {
+                            // A reader that went away cancels the generation.
+                            Some(tx) if tx.send(StreamEvent::Text(piece.to_string())).is_err() => {
+                                ControlFlow::Break(())
+                            }
+                            _ => ControlFlow::Continue(()),
+                        }
+                    })
+                })
+                .await
+                .map_err(|e| PipelineError::Task(e.to_string()))?
+                .map_err(PipelineError::from)?;
+                breakdown.generated_tokens = generation.tokens.len();
+                breakdown.decode_secs = generation.decode_time.as_secs_f64();
+                breakdown.total_secs = ask.started.elapsed().as_secs_f64();
+                let answer = Answer {
+                    text: generation.text,
+                    finish_reason: generation.finish_reason,
+                    sources,
+                    breakdown,
+                };
+                if let Some(stream) = &ask.stream {
+                    let _ = stream.send(StreamEvent::Done(Box::new(answer.clone())));
+                }
+                Ok(answer)
+            }
+            .instrument(tracing::debug_span!("generate")),
+        )
+    }
+}

@@ -1,0 +1,597 @@
+//! The pipeline and the HTTP service end to end: the demo corpus ingested into embedded
+//! Qdrant and a local KV directory, questions answered through retrieval, the bidirectional
+//! scheduler and generation; faults of the store and the index; bad HTTP input; load.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use ragcake::engine::scheduler::{MissReason, Mode};
+use ragcake::kvstore::{KvStore, open_url};
+use ragcake::pipeline::{AskOptions, AskRequest, HttpConfig, Pipeline, PipelineConfig, http};
+use ragcake::retriever::{
+    ChunkId, EdgeIndex, IndexPoint, IndexedChunk, Ingest, IngestConfig, RetrieverError,
+    ScoredChunk, VectorIndex,
+};
+
+use crate::common::{embedder, runtime, shared_dense_engine};
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// The demo corpus, ingested once (index + chunk caches) into a temporary directory shared
+/// by the tests of this file.
+struct DemoCorpus {
+    dir: tempfile::TempDir,
+    index: Arc<dyn VectorIndex>,
+}
+
+fn demo_corpus() -> &'static DemoCorpus {
+    static CORPUS: OnceLock<DemoCorpus> = OnceLock::new();
+    CORPUS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let index: Arc<dyn VectorIndex> =
+            Arc::new(EdgeIndex::open(&dir.path().join("index"), embedder().dim()).unwrap());
+        let kv = local_kv(&dir.path().join("kv"));
+        runtime().block_on(async {
+            let job = Ingest::new(
+                shared_dense_engine(),
+                embedder(),
+                index.clone(),
+                kv,
+                IngestConfig::default(),
+            )
+            .unwrap();
+            let summary = job.run(&[repo_path("demo/corpus")], &|_| {}).await.unwrap();
+            assert!(summary.kv_computed > 10, "{summary:?}");
+        });
+        DemoCorpus { dir, index }
+    })
+}
+
+fn local_kv(dir: &Path) -> Arc<KvStore> {
+    let (store, prefix) = open_url(&format!("file://{}", dir.display()), Vec::new()).unwrap();
+    Arc::new(KvStore::for_engine(store, prefix, &shared_dense_engine()))
+}
+
+/// A copy of the demo corpus's KV directory that a test may damage.
+fn private_kv_copy(into: &Path) -> Arc<KvStore> {
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(demo_corpus().dir.path().join("kv"))
+        .arg(into)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    local_kv(into)
+}
+
+async fn pipeline_over(
+    index: Arc<dyn VectorIndex>,
+    kv: Arc<KvStore>,
+    config: PipelineConfig,
+) -> Pipeline {
+    Pipeline::builder()
+        .engine(shared_dense_engine())
+        .embedder(embedder())
+        .index(index)
+        .kv_store(kv)
+        .config(config)
+        .build()
+        .await
+        .unwrap()
+}
+
+fn options(mode: Mode, exact: bool, max_tokens: usize) -> AskOptions {
+    AskOptions {
+        mode,
+        exact,
+        max_tokens,
+        ..AskOptions::default()
+    }
+}
+
+/// Waits (bounded) until the scheduler has written back at least `n` chunks.
+async fn wait_for_write_backs(pipeline: &Pipeline, n: u64) {
+    for _ in 0..100 {
+        if pipeline.scheduler_stats().write_backs >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("write-backs: {:?}", pipeline.scheduler_stats());
+}
+
+#[test]
+fn a_demo_question_is_answered_from_the_corpus_and_a_repeat_loads_its_prefix_caches() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        let kv = local_kv(&corpus.dir.path().join("kv"));
+        let pipeline = pipeline_over(corpus.index.clone(), kv, PipelineConfig::default()).await;
+        let question = "What is the name of the ferry that sails to Varrow?";
+        let first = pipeline
+            .ask(AskRequest::new(question).with_options(options(Mode::Bidirectional, false, 48)))
+            .await
+            .unwrap();
+        assert!(
+            first.sources.iter().any(|s| s.doc_id.ends_with("ferry.md")),
+            "{:?}",
+            first.sources
+        );
+        assert!(first.text.contains("Sula Grey"), "{:?}", first.text);
+        let b = &first.breakdown;
+        assert!(b.ttft_secs > 0.0 && b.ttft_secs <= b.total_secs);
+        assert_eq!(b.prefill.chunks, first.sources.len() + 1, "{b:?}");
+        assert!(!b.degraded);
+
+        // Everything computed in context is written back as exact prefix caches; the same
+        // question again finds them all and loads from the back.
+        wait_for_write_backs(&pipeline, b.prefill.chunks_computed as u64).await;
+        let again = pipeline
+            .ask(AskRequest::new(question).with_options(options(Mode::Bidirectional, false, 48)))
+            .await
+            .unwrap();
+        let b2 = &again.breakdown;
+        assert_eq!(b2.lookups.prefix_hits, b2.prefill.chunks, "{b2:?}");
+        assert!(b2.prefill.chunks_loaded >= 1, "{b2:?}");
+        assert_eq!(again.sources, first.sources);
+    });
+}
+
+#[test]
+fn exact_mode_recomputes_a_corrupt_blob_counts_it_and_answers_the_same() {
+    let _ = demo_corpus();
+    let scratch = tempfile::tempdir().unwrap();
+    let kv = private_kv_copy(&scratch.path().join("kv"));
+    runtime().block_on(async {
+        let pipeline =
+            pipeline_over(demo_corpus().index.clone(), kv, PipelineConfig::default()).await;
+        let question = "Who founded the observatory on the island?";
+        let reference = pipeline
+            .ask(AskRequest::new(question).with_options(options(Mode::ComputeOnly, true, 24)))
+            .await
+            .unwrap();
+        wait_for_write_backs(&pipeline, reference.breakdown.prefill.chunks as u64).await;
+
+        // Damage every stored blob: one flipped byte near the end of each.
+        let mut damaged = 0;
+        for entry in walk(&scratch.path().join("kv")) {
+            let mut bytes = std::fs::read(&entry).unwrap();
+            let at = bytes.len() - 3;
+            bytes[at] ^= 0x10;
+            std::fs::write(&entry, bytes).unwrap();
+            damaged += 1;
+        }
+        assert!(damaged > 0);
+        let answer = pipeline
+            .ask(AskRequest::new(question).with_options(options(Mode::LoadOnly, true, 24)))
+            .await
+            .unwrap();
+        let p = &answer.breakdown.prefill;
+        assert_eq!(p.chunks_loaded, 0, "{p:?}");
+        assert!(
+            p.misses
+                .iter()
+                .any(|m| matches!(m.reason, MissReason::Rejected(_))),
+            "{p:?}"
+        );
+        assert!(
+            !answer.breakdown.degraded,
+            "a corrupt blob is a miss, not a store failure"
+        );
+        assert_eq!(answer.text, reference.text);
+        let metrics = pipeline.metrics().encode();
+        assert!(
+            metrics.contains("ragcake_cache_misses_total{reason=\"rejected\"}"),
+            "{metrics}"
+        );
+    });
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[test]
+fn a_kv_store_that_is_down_gives_computed_answers_flagged_degraded() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        // A real S3 client pointed at a port where nothing listens.
+        let options_down = vec![
+            ("aws_endpoint".to_string(), "http://127.0.0.1:9".to_string()),
+            ("aws_allow_http".to_string(), "true".to_string()),
+            ("aws_region".to_string(), "us-east-1".to_string()),
+            ("aws_access_key_id".to_string(), "x".to_string()),
+            ("aws_secret_access_key".to_string(), "x".to_string()),
+        ];
+        let (down, prefix) = open_url("s3://nowhere/kv", options_down).unwrap();
+        let kv = Arc::new(KvStore::for_engine(down, prefix, &shared_dense_engine()));
+        let mut config = PipelineConfig::default();
+        config.scheduler.load_timeout_secs = 2.0;
+        let pipeline = pipeline_over(corpus.index.clone(), kv, config).await;
+        let answer = pipeline
+            .ask(
+                AskRequest::new("How many steps does the Varrow Head lighthouse tower have?")
+                    .with_options(options(Mode::Bidirectional, false, 16)),
+            )
+            .await
+            .unwrap();
+        let b = &answer.breakdown;
+        assert!(b.degraded, "{b:?}");
+        assert_eq!(b.prefill.chunks_loaded, 0);
+        assert_eq!(b.prefill.chunks_computed, b.prefill.chunks);
+        assert!(!answer.text.is_empty());
+        assert!(
+            pipeline
+                .metrics()
+                .encode()
+                .contains("ragcake_requests_total{outcome=\"degraded\"} 1")
+        );
+    });
+}
+
+/// A real embedded index behind a switch that makes it fail like an unreachable server.
+#[derive(Debug)]
+struct SwitchableIndex {
+    inner: Arc<dyn VectorIndex>,
+    down: AtomicBool,
+}
+
+impl SwitchableIndex {
+    fn check(&self) -> ragcake::retriever::Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(RetrieverError::Index("connection refused".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl VectorIndex for SwitchableIndex {
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    async fn upsert(&self, points: Vec<IndexPoint>) -> ragcake::retriever::Result<()> {
+        self.check()?;
+        self.inner.upsert(points).await
+    }
+    async fn search(
+        &self,
+        vector: &[f32],
+        limit: usize,
+    ) -> ragcake::retriever::Result<Vec<ScoredChunk>> {
+        self.check()?;
+        self.inner.search(vector, limit).await
+    }
+    async fn get(&self, ids: &[ChunkId]) -> ragcake::retriever::Result<Vec<IndexedChunk>> {
+        self.check()?;
+        self.inner.get(ids).await
+    }
+    async fn delete_doc_except(
+        &self,
+        doc_id: &str,
+        keep: &[ChunkId],
+    ) -> ragcake::retriever::Result<()> {
+        self.check()?;
+        self.inner.delete_doc_except(doc_id, keep).await
+    }
+    async fn count(&self) -> ragcake::retriever::Result<usize> {
+        self.check()?;
+        self.inner.count().await
+    }
+}
+
+/// Serves `pipeline` on a loopback port; returns its base URL.
+async fn serve(pipeline: Pipeline, config: HttpConfig) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = http::router(pipeline, &config);
+    tokio::spawn(http::serve(listener, router, std::future::pending()));
+    base
+}
+
+async fn post_raw(
+    client: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> (u16, serde_json::Value) {
+    let response = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+    (status, json)
+}
+
+#[test]
+fn bad_http_input_gets_a_json_4xx_and_the_service_keeps_serving() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        let kv = local_kv(&corpus.dir.path().join("kv"));
+        let index = Arc::new(SwitchableIndex {
+            inner: corpus.index.clone(),
+            down: AtomicBool::new(false),
+        });
+        let pipeline = pipeline_over(index.clone(), kv, PipelineConfig::default()).await;
+        let metrics = pipeline.metrics().clone();
+        let config = HttpConfig {
+            max_body_bytes: 16 * 1024,
+            ..HttpConfig::default()
+        };
+        let base = serve(pipeline, config).await;
+        let client = reqwest::Client::new();
+        let ask = format!("{base}/v1/ask");
+        let chat = format!("{base}/v1/chat/completions");
+        let huge_question = "why ".repeat(2000);
+        let cases: Vec<(&str, &String, Vec<u8>, u16)> = vec![
+            ("malformed JSON", &ask, b"{\"question\": ".to_vec(), 400),
+            ("wrong type", &ask, br#"{"question": 42}"#.to_vec(), 422),
+            (
+                "unknown field",
+                &ask,
+                br#"{"question": "q", "qestion": 1}"#.to_vec(),
+                422,
+            ),
+            (
+                "empty question",
+                &ask,
+                br#"{"question": "   "}"#.to_vec(),
+                400,
+            ),
+            (
+                "huge question",
+                &ask,
+                serde_json::to_vec(&serde_json::json!({ "question": huge_question })).unwrap(),
+                400,
+            ),
+            ("oversized body", &ask, vec![b' '; 32 * 1024], 413),
+            (
+                "invalid UTF-8",
+                &ask,
+                b"{\"question\": \"\xff\xfe\"}".to_vec(),
+                400,
+            ),
+            (
+                "bad option",
+                &ask,
+                br#"{"question": "q", "options": {"top_k": 0}}"#.to_vec(),
+                400,
+            ),
+            (
+                "unknown option",
+                &ask,
+                br#"{"question": "q", "options": {"warp": 9}}"#.to_vec(),
+                400,
+            ),
+            (
+                "unknown model",
+                &chat,
+                br#"{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}"#.to_vec(),
+                404,
+            ),
+            (
+                "no user message last",
+                &chat,
+                br#"{"model": "ragcake", "messages": [{"role": "system", "content": "hi"}]}"#
+                    .to_vec(),
+                400,
+            ),
+        ];
+        for (name, url, body, want) in cases {
+            let (status, json) = post_raw(&client, url, body).await;
+            assert_eq!(status, want, "{name}: {json}");
+            assert!(json["error"]["message"].is_string(), "{name}: {json}");
+        }
+        let response = client.get(&ask).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 405);
+        let response = client.get(format!("{base}/nowhere")).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 404);
+
+        // Still serving.
+        let (status, answer) = post_raw(
+            &client,
+            &ask,
+            br#"{"question": "How long is the Varrow Coast Path?", "options": {"max_tokens": 8}}"#
+                .to_vec(),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer["breakdown"]["ttft_secs"].as_f64().unwrap() > 0.0);
+        let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(health.status().as_u16(), 200);
+
+        // The index goes down: a clear 503, and the health check says so.
+        index.down.store(true, Ordering::SeqCst);
+        let (status, json) = post_raw(
+            &client,
+            &ask,
+            br#"{"question": "How long is the Varrow Coast Path?"}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(status, 503, "{json}");
+        assert_eq!(json["error"]["code"], "index_unavailable");
+        let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(health.status().as_u16(), 503);
+        index.down.store(false, Ordering::SeqCst);
+
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains("ragcake_http_responses_total{status=\"413\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ragcake_requests_total{outcome=\"unavailable\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("ragcake_ttft_seconds_count 1"), "{text}");
+        drop(metrics);
+    });
+}
+
+#[test]
+fn openai_chat_completions_answer_with_and_without_streaming_alike() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        let kv = local_kv(&corpus.dir.path().join("kv"));
+        let pipeline = pipeline_over(corpus.index.clone(), kv, PipelineConfig::default()).await;
+        let base = serve(pipeline, HttpConfig::default()).await;
+        let client = reqwest::Client::new();
+        let url = format!("{base}/v1/chat/completions");
+        let body = |stream: bool| {
+            serde_json::json!({
+                "model": "ragcake",
+                "messages": [
+                    {"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": [{"type": "text", "text": "What is the highest point of the Isle of Varrow?"}]}
+                ],
+                "max_tokens": 24,
+                "stream": stream,
+                "stream_options": {"include_usage": true},
+                "user": "ignored-by-ragcake",
+            })
+        };
+        let (status, whole) =
+            post_raw(&client, &url, serde_json::to_vec(&body(false)).unwrap()).await;
+        assert_eq!(status, 200, "{whole}");
+        assert_eq!(whole["object"], "chat.completion");
+        assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+        let content = whole["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!content.is_empty());
+        assert!(whole["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+        assert!(!whole["ragcake"]["sources"].as_array().unwrap().is_empty());
+
+        let response = client.post(&url).json(&body(true)).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let text = response.text().await.unwrap();
+        let data: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+        let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let streamed: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(streamed, content, "greedy: the stream spells the same answer");
+        let last = chunks.last().unwrap();
+        assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+        assert!(last["usage"]["total_tokens"].as_u64().unwrap() > 0, "{last}");
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    });
+}
+
+#[test]
+fn bounded_concurrent_load_is_answered_or_cleanly_rejected_with_consistent_metrics() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        let kv = local_kv(&corpus.dir.path().join("kv"));
+        let config = PipelineConfig {
+            max_concurrent: 2,
+            max_queue: 4,
+            ..PipelineConfig::default()
+        };
+        let pipeline = pipeline_over(corpus.index.clone(), kv, config).await;
+        let base = serve(pipeline, HttpConfig::default()).await;
+        let client = reqwest::Client::new();
+        let questions = [
+            "When is the Ember Festival held?",
+            "How many pupils attend Varrow School?",
+            "What is the name of the current Varrow lifeboat?",
+            "How much power can each of the island's wind turbines produce?",
+        ];
+        const REQUESTS: usize = 200;
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(16));
+        let mut tasks = Vec::new();
+        for i in 0..REQUESTS {
+            let client = client.clone();
+            let url = format!("{base}/v1/ask");
+            let body = serde_json::json!({
+                "question": questions[i % questions.len()],
+                "options": {"max_tokens": 2, "top_k": 1},
+            });
+            let permit = semaphore.clone().acquire_owned().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let _permit = permit;
+                let response = client.post(url).json(&body).send().await.unwrap();
+                let status = response.status().as_u16();
+                let json: serde_json::Value = response.json().await.unwrap();
+                (status, json)
+            }));
+        }
+        let (mut ok, mut rejected) = (0, 0);
+        for task in tasks {
+            let (status, json) = task.await.unwrap();
+            match status {
+                200 => ok += 1,
+                429 => {
+                    assert_eq!(json["error"]["code"], "overloaded");
+                    rejected += 1
+                }
+                other => panic!("status {other}: {json}"),
+            }
+        }
+        assert_eq!(ok + rejected, REQUESTS);
+        assert!(ok >= questions.len(), "{ok} answered");
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| -> usize {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0) as usize
+        };
+        assert_eq!(
+            value("ragcake_requests_total{outcome=\"ok\"}"),
+            ok,
+            "{text}"
+        );
+        assert_eq!(
+            value("ragcake_requests_total{outcome=\"overloaded\"}"),
+            rejected,
+            "{text}"
+        );
+        assert_eq!(value("ragcake_http_responses_total{status=\"200\"}"), ok);
+        assert_eq!(value("ragcake_ttft_seconds_count"), ok);
+        assert_eq!(value("ragcake_requests_in_flight"), 0);
+    });
+}
