@@ -19,5 +19,13 @@ echo "== S3 test server (moto_server on loopback)"
 source scripts/s3-server.sh
 export RAGCAKE_TEST_S3_URL="s3://ragcake-test/kv"
 
+echo "== the official OpenAI Python client (for the compatibility test)"
+client_venv="$RAGCAKE_HOME/client-venv"
+if ! "$client_venv/bin/python" -c "import openai" 2>/dev/null; then
+    python3 -m venv "$client_venv"
+    "$client_venv/bin/pip" install --quiet "openai==3.54.0"
+fi
+export RAGCAKE_TEST_OPENAI_PYTHON="$client_venv/bin/python"
+
 echo "== tests"
 cargo test --workspace

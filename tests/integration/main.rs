@@ -5,6 +5,7 @@
 
 mod common;
 mod engine;
+mod examples;
 mod kvstore;
 mod pipeline;
 mod retriever;

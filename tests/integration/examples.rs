@@ -1,0 +1,140 @@
+//! The examples and the CLI as a user runs them: real processes on a fresh index and KV
+//! directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// An example's executable, built by `cargo test` beside the package's binaries.
+fn example(name: &str) -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_ragcake"));
+    let path = bin.parent().unwrap().join("examples").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds the examples",
+        path.display()
+    );
+    path
+}
+
+/// A command with the default models and the data under `data`.
+fn command(program: &Path, data: &Path) -> Command {
+    let mut command = Command::new(program);
+    command
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RAGCAKE_MODEL", crate::common::model_path())
+        .env("RAGCAKE_INDEX", data.join("index"))
+        .env(
+            "RAGCAKE_KV",
+            format!("file://{}", data.join("kv").display()),
+        )
+        .env("RAGCAKE_LOG", "warn,qdrant_edge=error");
+    command
+}
+
+fn succeeded(output: Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what} failed: {}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// Kills the child when the test ends, however it ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_examples_and_the_cli_ingest_answer_and_serve_the_demo_corpus() {
+    let data = tempfile::tempdir().unwrap();
+    let ragcake = Path::new(env!("CARGO_BIN_EXE_ragcake"));
+
+    // The batch job as library calls.
+    let out = succeeded(
+        command(&example("precompute"), data.path())
+            .arg("demo/corpus")
+            .output()
+            .unwrap(),
+        "precompute",
+    );
+    assert!(out.contains("12 documents"), "{out}");
+
+    // The library quickstart: a whole answer and a streamed one.
+    let out = succeeded(
+        command(&example("quickstart"), data.path())
+            .arg("What is the highest point of the Isle of Varrow?")
+            .output()
+            .unwrap(),
+        "quickstart",
+    );
+    assert!(out.contains("from corpus/geography.md"), "{out}");
+    assert!(out.contains("streamed: (3 sources)"), "{out}");
+
+    // The CLI: the answer, its sources and the breakdown as JSON.
+    let out = succeeded(
+        command(ragcake, data.path())
+            .args(["ask", "--json", "--max-tokens", "16"])
+            .arg("Who first described the Varrow primrose?")
+            .output()
+            .unwrap(),
+        "ragcake ask",
+    );
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        answer["sources"][0]["doc_id"].as_str().is_some(),
+        "{answer}"
+    );
+    assert!(answer["breakdown"]["ttft_secs"].as_f64().unwrap() > 0.0);
+
+    // The embedded service: ragcake's routes beside one of its own.
+    let mut child = KillOnDrop(
+        command(&example("qa_service"), data.path())
+            .arg("127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    crate::common::runtime().block_on(async {
+        let client = reqwest::Client::new();
+        let hello = client.get(format!("{base}/hello")).send().await.unwrap();
+        assert_eq!(hello.text().await.unwrap(), "ragcake QA service\n");
+        let response = client
+            .post(format!("{base}/v1/ask"))
+            .json(&serde_json::json!({
+                "question": "How many pupils attend Varrow School?",
+                "options": {"max_tokens": 16},
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            answer["sources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["doc_id"] == "corpus/school.md"),
+            "{answer}"
+        );
+    });
+}
