@@ -8,8 +8,11 @@ source scripts/env.sh
 need cargo "install Rust with rustup"
 need python3 "install Python 3 with pip (apt-get install python3 python3-pip)"
 
+echo "== build (tests, examples and the binary in one feature set, so nothing builds twice)"
+cargo build --workspace --all-targets --quiet
+
 echo "== models (cached in $RAGCAKE_HOME/models)"
-cargo run --quiet --bin ragcake -- models fetch
+"$CARGO_TARGET_DIR/debug/ragcake" models fetch
 
 echo "== format and lints"
 cargo fmt --all -- --check

@@ -43,6 +43,18 @@ fn succeeded(output: Output, what: &str) -> String {
     stdout
 }
 
+/// Reads the child's first stdout line, "listening on http://…", and returns the URL.
+fn listening_url(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string()
+}
+
 /// Kills the child when the test ends, however it ends.
 struct KillOnDrop(Child);
 
@@ -104,15 +116,7 @@ fn the_examples_and_the_cli_ingest_answer_and_serve_the_demo_corpus() {
             .spawn()
             .unwrap(),
     );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let base = listening_url(&mut child.0);
     crate::common::runtime().block_on(async {
         let client = reqwest::Client::new();
         let hello = client.get(format!("{base}/hello")).send().await.unwrap();
@@ -135,6 +139,41 @@ fn the_examples_and_the_cli_ingest_answer_and_serve_the_demo_corpus() {
                 .iter()
                 .any(|s| s["doc_id"] == "corpus/school.md"),
             "{answer}"
+        );
+    });
+    // One process at a time may open an embedded index.
+    drop(child);
+
+    // `ragcake serve` with the documented configuration file, the address from the
+    // environment (it overrides the file) and the queue from a flag.
+    let mut serve = KillOnDrop(
+        command(ragcake, data.path())
+            .args(["serve", "--config", "docs/ragcake.toml", "--max-queue", "2"])
+            .env("RAGCAKE_LISTEN", "127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let base = listening_url(&mut serve.0);
+    crate::common::runtime().block_on(async {
+        let health: serde_json::Value = reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(health["status"], "ok", "{health}");
+        assert!(health["index_chunks"].as_u64().unwrap() > 10, "{health}");
+        let metrics = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("# TYPE ragcake_ttft_seconds histogram"),
+            "{metrics}"
         );
     });
 }

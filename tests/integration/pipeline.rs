@@ -641,3 +641,32 @@ fn the_official_openai_python_client_talks_to_the_service() {
         assert_eq!(got["unknown_model_status"], 404);
     });
 }
+
+#[test]
+fn a_question_over_the_timeout_fails_with_504_and_frees_its_place() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        let kv = local_kv(&corpus.dir.path().join("kv"));
+        let config = PipelineConfig {
+            timeout_secs: 0.05,
+            ..PipelineConfig::default()
+        };
+        let pipeline = pipeline_over(corpus.index.clone(), kv, config).await;
+        let metrics = pipeline.metrics().clone();
+        let base = serve(pipeline, HttpConfig::default()).await;
+        let (status, json) = post_raw(
+            &reqwest::Client::new(),
+            &format!("{base}/v1/ask"),
+            br#"{"question": "How many pairs of puffins nest on the western cliffs?"}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(status, 504, "{json}");
+        assert_eq!(json["error"]["code"], "timeout");
+        let text = metrics.encode();
+        assert!(
+            text.contains("ragcake_requests_total{outcome=\"timeout\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("ragcake_requests_in_flight 0"), "{text}");
+    });
+}
