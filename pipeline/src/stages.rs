@@ -1,6 +1,7 @@
-//! The pipeline's stages as tower services. Each stage is a [`Layer`] whose service does its
-//! step and hands the result to the next stage, so a pipeline is a `ServiceBuilder` stack and
-//! standard layers (timeout, concurrency limit, buffer, load shedding) fit between stages:
+//! The pipeline's stages as tower services. Each stage is a [`Step`] and the [`Layer`] that
+//! puts it in front of the next stage as a [`Stage`] service, so a pipeline is a
+//! `ServiceBuilder` stack and standard layers (timeout, concurrency limit, buffer, load
+//! shedding) fit between stages:
 //!
 //! ```text
 //! Ask ─Retrieve─▶ Retrieved ─Plan─▶ Planned ─Prefill─▶ Prefilled ─Generate─▶ Answer
@@ -89,6 +90,53 @@ fn take_ready<S: Clone>(slot: &mut S) -> S {
     std::mem::replace(slot, clone)
 }
 
+/// One step of the pipeline: turns its input into the next stage's input. A step is also
+/// the [`Layer`] that puts it in front of the next stage, as a [`Stage`].
+pub trait Step<In>: Clone + Send + Sync + 'static {
+    /// What the next stage receives.
+    type Out: Send + 'static;
+    /// The step's name in traces.
+    const NAME: &'static str;
+    /// Runs the step.
+    fn run(&self, input: In) -> BoxFuture<'static, Result<Self::Out, PipelineError>>;
+}
+
+/// The service of a [`Step`]: runs it, then calls the next stage with its output.
+#[derive(Debug, Clone)]
+pub struct Stage<St, S> {
+    step: St,
+    inner: S,
+}
+
+impl<In, St, S> Service<In> for Stage<St, S>
+where
+    In: Send + 'static,
+    St: Step<In>,
+    S: Service<St::Out> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<'static, Result<S::Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, input: In) -> Self::Future {
+        let mut inner = take_ready(&mut self.inner);
+        let step = self.step.clone();
+        Box::pin(
+            async move {
+                let output = step.run(input).await?;
+                inner.call(output).await.map_err(Into::into)
+            }
+            .instrument(tracing::debug_span!("stage", name = St::NAME)),
+        )
+    }
+}
+
 /// A question with its retrieved chunks.
 #[derive(Debug)]
 pub struct Retrieved {
@@ -114,61 +162,37 @@ impl RetrieveLayer {
 }
 
 impl<S> Layer<S> for RetrieveLayer {
-    type Service = Retrieve<S>;
-    fn layer(&self, inner: S) -> Retrieve<S> {
-        Retrieve {
-            layer: self.clone(),
+    type Service = Stage<Self, S>;
+    fn layer(&self, inner: S) -> Stage<Self, S> {
+        Stage {
+            step: self.clone(),
             inner,
         }
     }
 }
 
-/// The service of [`RetrieveLayer`].
-#[derive(Debug, Clone)]
-pub struct Retrieve<S> {
-    layer: RetrieveLayer,
-    inner: S,
-}
+impl Step<Ask> for RetrieveLayer {
+    type Out = Retrieved;
+    const NAME: &'static str = "retrieve";
 
-impl<S> Service<Ask> for Retrieve<S>
-where
-    S: Service<Retrieved> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<S::Response, BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, ask: Ask) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
-        let layer = self.layer.clone();
-        Box::pin(
-            async move {
-                layer.limits.check(&ask.request)?;
-                let o = &ask.request.options;
-                let options = RetrieveOptions {
-                    top_k: o.top_k,
-                    candidates: (o.top_k * 2).max(8),
-                    prefer_cached_within: o.prefer_cached_within,
-                    order: o.order,
-                };
-                let retrieval = layer
-                    .retriever
-                    .retrieve(&ask.request.question, &options)
-                    .await
-                    .map_err(PipelineError::from_retrieval)?;
-                inner
-                    .call(Retrieved { ask, retrieval })
-                    .await
-                    .map_err(Into::into)
-            }
-            .instrument(tracing::debug_span!("retrieve")),
-        )
+    fn run(&self, ask: Ask) -> BoxFuture<'static, Result<Retrieved, PipelineError>> {
+        let layer = self.clone();
+        Box::pin(async move {
+            layer.limits.check(&ask.request)?;
+            let o = &ask.request.options;
+            let options = RetrieveOptions {
+                top_k: o.top_k,
+                candidates: (o.top_k * 2).max(8),
+                prefer_cached_within: o.prefer_cached_within,
+                order: o.order,
+            };
+            let retrieval = layer
+                .retriever
+                .retrieve(&ask.request.question, &options)
+                .await
+                .map_err(PipelineError::from_retrieval)?;
+            Ok(Retrieved { ask, retrieval })
+        })
     }
 }
 
@@ -280,49 +304,28 @@ impl PlanLayer {
 }
 
 impl<S> Layer<S> for PlanLayer {
-    type Service = Plan<S>;
-    fn layer(&self, inner: S) -> Plan<S> {
-        Plan {
-            layer: self.clone(),
+    type Service = Stage<Self, S>;
+    fn layer(&self, inner: S) -> Stage<Self, S> {
+        Stage {
+            step: self.clone(),
             inner,
         }
     }
 }
 
-/// The service of [`PlanLayer`].
-#[derive(Debug, Clone)]
-pub struct Plan<S> {
-    layer: PlanLayer,
-    inner: S,
-}
+impl Step<Retrieved> for PlanLayer {
+    type Out = Planned;
+    const NAME: &'static str = "plan";
 
-impl<S> Service<Retrieved> for Plan<S>
-where
-    S: Service<Planned> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<S::Response, BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, retrieved: Retrieved) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
-        let layer = self.layer.clone();
-        Box::pin(
-            async move {
-                let planned = layer.plan(retrieved).await?;
-                if let Some(stream) = &planned.ask.stream {
-                    let _ = stream.send(StreamEvent::Sources(planned.sources.clone()));
-                }
-                inner.call(planned).await.map_err(Into::into)
+    fn run(&self, retrieved: Retrieved) -> BoxFuture<'static, Result<Planned, PipelineError>> {
+        let layer = self.clone();
+        Box::pin(async move {
+            let planned = layer.plan(retrieved).await?;
+            if let Some(stream) = &planned.ask.stream {
+                let _ = stream.send(StreamEvent::Sources(planned.sources.clone()));
             }
-            .instrument(tracing::debug_span!("plan")),
-        )
+            Ok(planned)
+        })
     }
 }
 
@@ -362,73 +365,40 @@ impl PrefillLayer {
 }
 
 impl<S> Layer<S> for PrefillLayer {
-    type Service = Prefill<S>;
-    fn layer(&self, inner: S) -> Prefill<S> {
-        Prefill {
-            scheduler: self.scheduler.clone(),
+    type Service = Stage<Self, S>;
+    fn layer(&self, inner: S) -> Stage<Self, S> {
+        Stage {
+            step: self.clone(),
             inner,
         }
     }
 }
 
-/// The service of [`PrefillLayer`].
-#[derive(Clone)]
-pub struct Prefill<S> {
-    scheduler: Arc<EngineScheduler>,
-    inner: S,
-}
+impl Step<Planned> for PrefillLayer {
+    type Out = Prefilled;
+    const NAME: &'static str = "prefill";
 
-impl<S> std::fmt::Debug for Prefill<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Prefill").finish_non_exhaustive()
-    }
-}
-
-impl<S> Service<Planned> for Prefill<S>
-where
-    S: Service<Prefilled> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<S::Response, BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, planned: Planned) -> Self::Future {
-        let mut inner = take_ready(&mut self.inner);
+    fn run(&self, planned: Planned) -> BoxFuture<'static, Result<Prefilled, PipelineError>> {
         let scheduler = self.scheduler.clone();
-        Box::pin(
-            async move {
-                let Planned {
-                    ask,
-                    sources,
-                    request,
-                    mut breakdown,
-                } = planned;
-                let filled = scheduler
-                    .prefill(request)
-                    .await
-                    .map_err(PipelineError::from)?;
-                breakdown.ttft_secs = ask.started.elapsed().as_secs_f64();
-                breakdown.degraded |= filled.report.degraded;
-                breakdown.prefill = filled.report;
-                inner
-                    .call(Prefilled {
-                        ask,
-                        sources,
-                        cache: filled.cache,
-                        logits: filled.logits,
-                        breakdown,
-                    })
-                    .await
-                    .map_err(Into::into)
-            }
-            .instrument(tracing::debug_span!("prefill")),
-        )
+        Box::pin(async move {
+            let Planned {
+                ask,
+                sources,
+                request,
+                mut breakdown,
+            } = planned;
+            let filled = scheduler.prefill(request).await?;
+            breakdown.ttft_secs = ask.started.elapsed().as_secs_f64();
+            breakdown.degraded |= filled.report.degraded;
+            breakdown.prefill = filled.report;
+            Ok(Prefilled {
+                ask,
+                sources,
+                cache: filled.cache,
+                logits: filled.logits,
+                breakdown,
+            })
+        })
     }
 }
 

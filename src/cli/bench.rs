@@ -282,17 +282,14 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         "Prefill throughput, {} threads (median of {})",
         threads, args.repeats
     );
-    match plot::line_plot(
+    plot::line_plot_or_warn(
         &png,
         &title,
         "context (tokens)",
         "prefill tokens/s",
         &series,
         false,
-    ) {
-        Ok(()) => eprintln!("plot written to {}", png.display()),
-        Err(e) => eprintln!("plot skipped: {e:#}"),
-    }
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

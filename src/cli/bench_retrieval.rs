@@ -359,17 +359,14 @@ fn write_outputs(args: &RetrievalArgs, report: &Report) -> anyhow::Result<()> {
             points: r.recall.iter().map(|&(k, v)| (k as f64, v)).collect(),
         })
         .collect();
-    match plot::line_plot(
+    plot::line_plot_or_warn(
         &png,
         "recall@k on the labelled demo questions",
         "k (chunks retrieved)",
         "recall@k",
         &series,
         false,
-    ) {
-        Ok(()) => eprintln!("plot written to {}", png.display()),
-        Err(e) => eprintln!("plot skipped: {e:#}"),
-    }
+    );
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(report)?);

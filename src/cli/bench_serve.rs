@@ -371,17 +371,14 @@ fn write_outputs(args: &ServeArgs, rows: &[Row]) -> anyhow::Result<()> {
         "p99 TTFT vs throughput, {} tokens, {} MB/s per read",
         args.context, args.bandwidth
     );
-    match plot::line_plot(
+    plot::line_plot_or_warn(
         &png,
         &title,
         "throughput (requests/s)",
         "p99 TTFT (s)",
         &series,
         false,
-    ) {
-        Ok(()) => eprintln!("plot written to {}", png.display()),
-        Err(e) => eprintln!("plot skipped: {e:#}"),
-    }
+    );
     if args.json {
         println!("{}", serde_json::to_string_pretty(rows)?);
         return Ok(());

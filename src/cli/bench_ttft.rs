@@ -342,17 +342,14 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             "TTFT, {context}-token context, {} concurrent reads",
             args.io_concurrency
         );
-        match plot::line_plot(
+        plot::line_plot_or_warn(
             &png,
             &title,
             "load throughput (MB/s, log)",
             "TTFT (s)",
             &series,
             true,
-        ) {
-            Ok(()) => eprintln!("plot written to {}", png.display()),
-            Err(e) => eprintln!("plot skipped: {e:#}"),
-        }
+        );
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(rows)?);

@@ -42,6 +42,22 @@ fn ensure_font() -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)
 }
 
+/// [`line_plot`], saying on stderr where the plot went or why there is none (a missing
+/// font must not cost a benchmark its CSV).
+pub fn line_plot_or_warn(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    log_x: bool,
+) {
+    match line_plot(path, title, x_label, y_label, series, log_x) {
+        Ok(()) => eprintln!("plot written to {}", path.display()),
+        Err(e) => eprintln!("plot skipped: {e:#}"),
+    }
+}
+
 /// Draws `series` as lines with markers into a PNG at `path`; `log_x` for a log-scale x axis.
 pub fn line_plot(
     path: &Path,

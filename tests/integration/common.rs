@@ -127,3 +127,21 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// A real S3 client pointed at a loopback port where nothing listens: a store that is down.
+pub fn s3_store_that_is_down() -> (Arc<dyn ObjectStore>, Path) {
+    let options = [
+        ("aws_endpoint", "http://127.0.0.1:9"),
+        ("aws_allow_http", "true"),
+        ("aws_region", "us-east-1"),
+        ("aws_access_key_id", "x"),
+        ("aws_secret_access_key", "x"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()));
+    open_url("s3://nowhere/kv", options).unwrap()
+}
+
+/// The body of a GET of `url`, as text.
+pub async fn get_text(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}

@@ -165,12 +165,7 @@ fn the_examples_and_the_cli_ingest_answer_and_serve_the_demo_corpus() {
             .unwrap();
         assert_eq!(health["status"], "ok", "{health}");
         assert!(health["index_chunks"].as_u64().unwrap() > 10, "{health}");
-        let metrics = reqwest::get(format!("{base}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = crate::common::get_text(&format!("{base}/metrics")).await;
         assert!(
             metrics.contains("# TYPE ragcake_ttft_seconds histogram"),
             "{metrics}"

@@ -15,7 +15,7 @@ use ragcake::retriever::{
     ScoredChunk, VectorIndex,
 };
 
-use crate::common::{embedder, runtime, shared_dense_engine};
+use crate::common::{embedder, get_text, runtime, s3_store_that_is_down, shared_dense_engine};
 
 fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
@@ -209,15 +209,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn a_kv_store_that_is_down_gives_computed_answers_flagged_degraded() {
     let corpus = demo_corpus();
     runtime().block_on(async {
-        // A real S3 client pointed at a port where nothing listens.
-        let options_down = vec![
-            ("aws_endpoint".to_string(), "http://127.0.0.1:9".to_string()),
-            ("aws_allow_http".to_string(), "true".to_string()),
-            ("aws_region".to_string(), "us-east-1".to_string()),
-            ("aws_access_key_id".to_string(), "x".to_string()),
-            ("aws_secret_access_key".to_string(), "x".to_string()),
-        ];
-        let (down, prefix) = open_url("s3://nowhere/kv", options_down).unwrap();
+        let (down, prefix) = s3_store_that_is_down();
         let kv = Arc::new(KvStore::for_engine(down, prefix, &shared_dense_engine()));
         let mut config = PipelineConfig::default();
         config.scheduler.load_timeout_secs = 2.0;
@@ -433,14 +425,7 @@ fn bad_http_input_gets_a_json_4xx_and_the_service_keeps_serving() {
         assert_eq!(health.status().as_u16(), 503);
         index.down.store(false, Ordering::SeqCst);
 
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text(&format!("{base}/metrics")).await;
         assert!(
             text.contains("ragcake_http_responses_total{status=\"413\"} 1"),
             "{text}"
@@ -569,14 +554,7 @@ fn bounded_concurrent_load_is_answered_or_cleanly_rejected_with_consistent_metri
         }
         assert_eq!(ok + rejected, REQUESTS);
         assert!(ok >= questions.len(), "{ok} answered");
-        let text = client
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text(&format!("{base}/metrics")).await;
         let value = |name: &str| -> usize {
             text.lines()
                 .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())

@@ -11,10 +11,11 @@ use ragcake::engine::{DType, Engine, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use ragcake::kvstore::{CacheKey, KvStore, Throttle, open_url, throttled};
+use ragcake::kvstore::{CacheKey, KvStore, Throttle, throttled};
 
 use crate::common::{
-    max_abs, max_abs_diff, prose_tokens, runtime, shared_dense_engine, store_over,
+    max_abs, max_abs_diff, prose_tokens, runtime, s3_store_that_is_down, shared_dense_engine,
+    store_over,
 };
 
 /// A preamble, five chunks of prose of different lengths, and a question tail.
@@ -177,15 +178,7 @@ fn a_store_that_is_down_is_computed_around_and_flagged_degraded() {
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        // A real S3 client pointed at a port where nothing listens.
-        let options = vec![
-            ("aws_endpoint".to_string(), "http://127.0.0.1:9".to_string()),
-            ("aws_allow_http".to_string(), "true".to_string()),
-            ("aws_region".to_string(), "us-east-1".to_string()),
-            ("aws_access_key_id".to_string(), "x".to_string()),
-            ("aws_secret_access_key".to_string(), "x".to_string()),
-        ];
-        let (down, prefix) = open_url("s3://nowhere/kv", options).unwrap();
+        let (down, prefix) = s3_store_that_is_down();
         let store = Arc::new(store_over(down, prefix));
         let config = SchedulerConfig {
             load_timeout_secs: 2.0,
