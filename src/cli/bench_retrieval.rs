@@ -148,7 +148,7 @@ pub async fn run(args: RetrievalArgs) -> anyhow::Result<()> {
         let row = IngestRow {
             phase,
             chunks_per_sec: summary.chunks_indexed as f64 / secs,
-            tokens_per_sec: summary.tokens as f64 / secs,
+            tokens_per_sec: summary.tokens_per_sec(),
             summary,
         };
         eprintln!(
@@ -234,8 +234,16 @@ fn cargo_home() -> PathBuf {
 /// README.md). Returns how many files each got.
 fn copy_distractors(source: &Path, targets: &[(&Path, u64); 2]) -> anyhow::Result<(usize, usize)> {
     let mut files = Vec::new();
-    collect_markdown(source, &mut files)
+    let found = ragcake::retriever::ingest::discover(&[source.to_path_buf()])
         .with_context(|| format!("listing distractors under {}", source.display()))?;
+    for file in found {
+        if file.path.extension().is_some_and(|e| e == "md") {
+            let len = std::fs::metadata(&file.path)?.len();
+            if len >= 2048 {
+                files.push((file.path, len));
+            }
+        }
+    }
     files.sort();
     let mut files = files.into_iter();
     let mut counts = [0usize; 2];
@@ -262,23 +270,6 @@ fn copy_distractors(source: &Path, targets: &[(&Path, u64); 2]) -> anyhow::Resul
         source.display()
     );
     Ok((counts[0], counts[1]))
-}
-
-fn collect_markdown(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let path = entry.path();
-        if kind.is_dir() {
-            collect_markdown(&path, out)?;
-        } else if kind.is_file() && path.extension().is_some_and(|e| e == "md") {
-            let len = entry.metadata()?.len();
-            if len >= 2048 {
-                out.push((path, len));
-            }
-        }
-    }
-    Ok(())
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {

@@ -145,3 +145,9 @@ pub fn s3_store_that_is_down() -> (Arc<dyn ObjectStore>, Path) {
 pub async fn get_text(url: &str) -> String {
     reqwest::get(url).await.unwrap().text().await.unwrap()
 }
+
+/// The shared dense engine's KV store in the local directory `dir`.
+pub fn local_kv(dir: &std::path::Path) -> Arc<KvStore> {
+    let (store, prefix) = open_url(&format!("file://{}", dir.display()), Vec::new()).unwrap();
+    Arc::new(KvStore::for_engine(store, prefix, &shared_dense_engine()))
+}

@@ -8,14 +8,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ragcake::engine::scheduler::{MissReason, Mode};
-use ragcake::kvstore::{KvStore, open_url};
+use ragcake::kvstore::KvStore;
 use ragcake::pipeline::{AskOptions, AskRequest, HttpConfig, Pipeline, PipelineConfig, http};
 use ragcake::retriever::{
     ChunkId, EdgeIndex, IndexPoint, IndexedChunk, Ingest, IngestConfig, RetrieverError,
     ScoredChunk, VectorIndex,
 };
 
-use crate::common::{embedder, get_text, runtime, s3_store_that_is_down, shared_dense_engine};
+use crate::common::{
+    embedder, get_text, local_kv, runtime, s3_store_that_is_down, shared_dense_engine,
+};
 
 fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
@@ -49,11 +51,6 @@ fn demo_corpus() -> &'static DemoCorpus {
         });
         DemoCorpus { dir, index }
     })
-}
-
-fn local_kv(dir: &Path) -> Arc<KvStore> {
-    let (store, prefix) = open_url(&format!("file://{}", dir.display()), Vec::new()).unwrap();
-    Arc::new(KvStore::for_engine(store, prefix, &shared_dense_engine()))
 }
 
 /// A copy of the demo corpus's KV directory that a test may damage.

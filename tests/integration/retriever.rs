@@ -14,7 +14,7 @@ use ragcake::retriever::{
     IngestConfig, IngestSummary, QdrantServerIndex, RetrieveOptions, Retriever, Shard, VectorIndex,
 };
 
-use crate::common::{embedder, engine, runtime, shared_dense_engine};
+use crate::common::{embedder, engine, local_kv, runtime, shared_dense_engine};
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
@@ -345,12 +345,6 @@ fn write_corpus(root: &Path) {
 /// The embedded index in `dir`, sized for the default embedder.
 fn edge_index(dir: &Path) -> Arc<dyn VectorIndex> {
     Arc::new(EdgeIndex::open(dir, embedder().dim()).unwrap())
-}
-
-/// The shared engine's KV store in the local directory `dir`.
-fn local_kv(dir: &Path) -> Arc<KvStore> {
-    let (store, prefix) = open_url(&format!("file://{}", dir.display()), Vec::new()).unwrap();
-    Arc::new(KvStore::for_engine(store, prefix, &shared_dense_engine()))
 }
 
 /// Runs the ingest job (48-token chunks) on the shared engine and embedder over `corpus`,
