@@ -238,6 +238,15 @@ impl CostModel {
         }
     }
 
+    /// A load given up after `secs` would have taken at least that long (a censored
+    /// observation): the estimate only rises. Without it, a store slower than the prior
+    /// whose loads are always overtaken would never teach its real speed.
+    fn observe_load_at_least(&mut self, tokens: usize, secs: f64) {
+        if tokens > 0 && secs.is_finite() && secs / tokens as f64 > self.load_per_token {
+            self.observe_load(tokens, secs);
+        }
+    }
+
     fn observe_load(&mut self, tokens: usize, secs: f64) {
         if tokens == 0 || !secs.is_finite() {
             return;
@@ -340,13 +349,12 @@ impl Core {
             return None;
         }
         let candidates: Vec<(RequestId, usize)> = self
-            .requests
-            .iter()
+            .eligible()
             .filter_map(|(&id, r)| r.load_candidate().map(|c| (id, c)))
             .collect();
         let (id, chunk) = match self.policy {
             // Arrival order: ids are issued in arrival order.
-            Policy::Fcfs => *candidates.first()?,
+            Policy::PerRequest | Policy::Fcfs => *candidates.first()?,
             Policy::Adaptive => {
                 // The request closest to done first (it cuts mean TTFT most), aged by
                 // its wait.
@@ -406,7 +414,7 @@ impl Core {
         let mut recheck: Option<f64> = None;
         let mut imports = Vec::new();
         let mut runnable = Vec::new();
-        for (&id, r) in &self.requests {
+        for (&id, r) in self.eligible() {
             match self.front(now, r) {
                 Front::Import(chunk) => imports.push((id, chunk)),
                 Front::Compute(chunk) => runnable.push((id, Some(chunk))),
@@ -452,10 +460,12 @@ impl Core {
                         request: step.request(),
                         chunk,
                     });
-                    let expected = self.costs.load_secs(r.plan.chunks[chunk].tokens);
+                    let tokens = r.plan.chunks[chunk].tokens;
+                    let expected = self.costs.load_secs(tokens);
                     if now - since > self.config.stall_factor * expected.max(1e-3) {
                         r.miss(chunk, MissReason::Stalled);
                     }
+                    self.costs.observe_load_at_least(tokens, now - since);
                 }
                 r.slots[chunk] = Slot::Computing;
             }
@@ -524,6 +534,16 @@ impl Core {
     /// Records a compute step that failed: the request is dropped with its report.
     pub fn compute_failed(&mut self, step: ComputeStep) -> Option<PrefillReport> {
         self.cancel(step.request())
+    }
+
+    /// The requests that may get work: the oldest alone under [`Policy::PerRequest`], every
+    /// one otherwise (ids are issued in arrival order).
+    fn eligible(&self) -> impl Iterator<Item = (&RequestId, &Request)> {
+        let take = match self.policy {
+            Policy::PerRequest => 1,
+            Policy::Fcfs | Policy::Adaptive => usize::MAX,
+        };
+        self.requests.iter().take(take)
     }
 
     fn front(&self, now: f64, r: &Request) -> Front {
@@ -657,7 +677,7 @@ impl Core {
         runnable: &[(RequestId, Option<usize>)],
     ) -> Option<(RequestId, Option<usize>)> {
         match self.policy {
-            Policy::Fcfs => runnable.first().copied(),
+            Policy::PerRequest | Policy::Fcfs => runnable.first().copied(),
             Policy::Adaptive => {
                 // Work only the compute worker can do (chunks with no stored cache, tails)
                 // goes first: a stored chunk computed while such work waits spends the

@@ -73,7 +73,12 @@ impl FromStr for Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Policy {
-    /// First come, first served: the oldest request with runnable work gets the slot.
+    /// One request at a time, in arrival order: the oldest request has the compute worker
+    /// and the whole I/O pool to itself until its first token, as if it were alone (each
+    /// request bidirectional, no coordination across requests). A baseline.
+    PerRequest,
+    /// First come, first served: the oldest request with runnable work gets the slot, so
+    /// the I/O pool loads ahead for later requests while the compute worker is busy.
     Fcfs,
     /// Compute goes first to work only it can do (uncached chunks, tails), stored chunks
     /// get what is left; within each class, and for I/O, the highest response ratio
@@ -87,6 +92,7 @@ impl Policy {
     /// The policy's name as written on the command line.
     pub fn as_str(&self) -> &'static str {
         match self {
+            Self::PerRequest => "per-request",
             Self::Fcfs => "fcfs",
             Self::Adaptive => "adaptive",
         }
@@ -103,9 +109,12 @@ impl FromStr for Policy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "per-request" => Ok(Self::PerRequest),
             "fcfs" => Ok(Self::Fcfs),
             "adaptive" => Ok(Self::Adaptive),
-            _ => Err(format!("unknown policy {s:?} (fcfs, adaptive)")),
+            _ => Err(format!(
+                "unknown policy {s:?} (adaptive, fcfs, per-request)"
+            )),
         }
     }
 }

@@ -310,18 +310,51 @@ fn serve(policy: Policy, mode: Mode, rate: f64) -> (f64, f64, f64) {
 }
 
 #[test]
-fn adaptive_serves_a_mixed_stream_faster_than_every_fcfs_baseline() {
+fn adaptive_serves_a_mixed_stream_faster_than_every_baseline() {
     // Offered ~1.4x what compute alone sustains.
     let rate = 0.35;
     let (throughput, mean, p99) = serve(Policy::Adaptive, Mode::Bidirectional, rate);
-    for mode in Mode::ALL {
-        let (base_throughput, base_mean, base_p99) = serve(Policy::Fcfs, mode, rate);
+    // The issue's baselines (Cake's +26% throughput), then the shared-pool FCFS
+    // bidirectional scheduler, which already loads ahead for queued requests: adaptive
+    // still beats it, by less.
+    let baselines = [
+        (Policy::Fcfs, Mode::ComputeOnly, 1.26),
+        (Policy::Fcfs, Mode::LoadOnly, 1.26),
+        (Policy::PerRequest, Mode::Bidirectional, 1.26),
+        (Policy::Fcfs, Mode::Bidirectional, 1.05),
+    ];
+    for (policy, mode, margin) in baselines {
+        let (base_throughput, base_mean, base_p99) = serve(policy, mode, rate);
         let report = format!(
-            "adaptive {throughput:.3} req/s, mean {mean:.1} s, p99 {p99:.1} s; fcfs {mode} \
+            "adaptive {throughput:.3} req/s, mean {mean:.1} s, p99 {p99:.1} s; {policy} {mode} \
              {base_throughput:.3} req/s, mean {base_mean:.1} s, p99 {base_p99:.1} s"
         );
-        assert!(throughput > 1.05 * base_throughput, "{report}");
+        assert!(throughput >= margin * base_throughput, "{report}");
         assert!(mean < 0.8 * base_mean, "{report}");
         assert!(p99 <= base_p99, "{report}");
+    }
+}
+
+#[test]
+fn per_request_policy_serves_one_request_at_a_time() {
+    let costs = costs(1e-3, 1e-3);
+    let requests: Vec<SimRequest> = (0..3)
+        .map(|i| SimRequest {
+            arrival: i as f64 * 1e-3,
+            plan: plan(4, |_| true, Mode::Bidirectional),
+        })
+        .collect();
+    let config = config(&costs, Policy::PerRequest, 4);
+    let reports = simulate(config, &costs, &requests).unwrap();
+    // No request loads ahead while an earlier one is in flight: each gets the whole
+    // machine in turn, so each waits for the ones before it, and finishes alone as fast.
+    let alone = run_one(&costs, 4, plan(4, |_| true, Mode::Bidirectional)).ttft_secs;
+    for (i, (report, request)) in reports.iter().zip(&requests).enumerate() {
+        let finished = request.arrival + report.ttft_secs;
+        let expected = (i + 1) as f64 * alone;
+        assert!(
+            (finished - expected).abs() < 0.05 * alone,
+            "request {i} finished at {finished}, expected {expected} ({reports:?})"
+        );
     }
 }
