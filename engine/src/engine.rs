@@ -240,6 +240,30 @@ impl Engine {
         cache.import(range, self.model.rope())
     }
 
+    /// Computes the bottom `layers` layers of `tokens` only, in pieces of at most
+    /// `chunk_size`, after the tokens those layers already hold; see [`Llama::forward_bottom`].
+    pub fn append_bottom(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        chunk_size: usize,
+        layers: usize,
+    ) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        for piece in tokens.chunks(chunk_size.max(1)) {
+            self.model.forward_bottom(piece, cache, layers)?;
+        }
+        Ok(())
+    }
+
+    /// Fills the top layers (`first_layer..`) of the oldest tokens [`Engine::append_bottom`]
+    /// computed with a loaded range of those layers; see [`KvCache::fill_top`].
+    pub fn fill_top(&self, cache: &mut KvCache, range: &KvRange, first_layer: usize) -> Result<()> {
+        cache.fill_top(range, first_layer, self.model.rope())
+    }
+
     /// Generates after a prefill; see [`generate`].
     pub fn generate(
         &self,
@@ -304,5 +328,17 @@ impl ComputeBackend for Engine {
 
     fn export(&self, cache: &KvCache, range: std::ops::Range<usize>) -> Result<KvRange> {
         cache.export(range)
+    }
+
+    fn layers(&self) -> usize {
+        self.model.config().kv_shape().n_layers
+    }
+
+    fn compute_bottom(&self, cache: &mut KvCache, tokens: &[u32], layers: usize) -> Result<()> {
+        self.append_bottom(cache, tokens, PREFILL_BATCH, layers)
+    }
+
+    fn fill_top(&self, cache: &mut KvCache, kv: &KvRange, first_layer: usize) -> Result<()> {
+        Engine::fill_top(self, cache, kv, first_layer)
     }
 }

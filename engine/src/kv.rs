@@ -150,6 +150,10 @@ pub struct KvCache {
     device: Device,
     base_position: usize,
     len: usize,
+    /// Tokens past `len` held by the bottom `partial_layers` layers only (a layer-split
+    /// prefill computed them there; their top layers come later).
+    partial: usize,
+    partial_layers: usize,
     capacity: usize,
     layers: Vec<LayerBuffer>,
 }
@@ -165,6 +169,8 @@ impl KvCache {
             device: device.clone(),
             base_position,
             len: 0,
+            partial: 0,
+            partial_layers: 0,
             capacity: 0,
             layers: Vec::new(),
         }
@@ -205,6 +211,17 @@ impl KvCache {
         self.base_position + self.len
     }
 
+    /// Tokens after [`KvCache::len`] held by the bottom [`KvCache::partial_layers`] layers
+    /// only: computed there by a layer-split prefill, their top layers not yet filled.
+    pub fn partial_len(&self) -> usize {
+        self.partial
+    }
+
+    /// How many bottom layers hold the partial tokens (0 when there are none).
+    pub fn partial_layers(&self) -> usize {
+        self.partial_layers
+    }
+
     /// Bytes of keys and values held by the tokens in the cache.
     pub fn bytes_used(&self) -> usize {
         self.len * self.shape.values_per_token() * self.dtype.size_in_bytes()
@@ -217,7 +234,8 @@ impl KvCache {
 
     /// Makes room for `additional` more tokens without reallocating on the way.
     pub fn reserve(&mut self, additional: usize) -> Result<()> {
-        let needed = self.len + additional;
+        let held = self.len + self.partial;
+        let needed = held + additional;
         if needed <= self.capacity {
             return Ok(());
         }
@@ -227,10 +245,10 @@ impl KvCache {
         for i in 0..self.shape.n_layers {
             let k = Tensor::zeros(dims, self.dtype, &self.device)?;
             let v = Tensor::zeros(dims, self.dtype, &self.device)?;
-            if self.len > 0 {
+            if held > 0 {
                 let old = &self.layers[i];
-                k.slice_set(&old.k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                v.slice_set(&old.v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                k.slice_set(&old.k.narrow(1, 0, held)?.contiguous()?, 1, 0)?;
+                v.slice_set(&old.v.narrow(1, 0, held)?.contiguous()?, 1, 0)?;
             }
             layers.push(LayerBuffer { k, v });
         }
@@ -248,20 +266,83 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
+        self.write_layer_at(layer, self.len, k, v)
+    }
+
+    /// [`KvCache::write_layer`] at token index `offset` (past the committed tokens when a
+    /// layer-split prefill computes bottom layers ahead of the top ones).
+    pub(crate) fn write_layer_at(
+        &mut self,
+        layer: usize,
+        offset: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let tokens = k.dim(1)?;
-        self.reserve(tokens)?;
+        let total = offset + tokens;
+        if total > self.len + self.partial {
+            self.reserve(total - self.len - self.partial)?;
+        }
         let buf = &self.layers[layer];
         buf.k
-            .slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
+            .slice_set(&k.to_dtype(self.dtype)?.contiguous()?, 1, offset)?;
         buf.v
-            .slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 1, self.len)?;
-        let total = self.len + tokens;
+            .slice_set(&v.to_dtype(self.dtype)?.contiguous()?, 1, offset)?;
         Ok((buf.k.narrow(1, 0, total)?, buf.v.narrow(1, 0, total)?))
     }
 
-    /// Counts `tokens` written by [`KvCache::write_layer`] into every layer.
+    /// Counts `tokens` written by [`KvCache::write_layer`] into every layer. Partial tokens
+    /// they cover (recomputed or imported in full) are partial no more.
     pub(crate) fn commit(&mut self, tokens: usize) {
         self.len += tokens;
+        self.partial = self.partial.saturating_sub(tokens);
+        if self.partial == 0 {
+            self.partial_layers = 0;
+        }
+    }
+
+    /// Counts `tokens` written into the bottom `layers` layers only, after the partial
+    /// tokens already there.
+    pub(crate) fn commit_bottom(&mut self, tokens: usize, layers: usize) {
+        self.partial += tokens;
+        self.partial_layers = layers;
+    }
+
+    /// Fills the top layers of the oldest partial tokens with `range`, which holds the
+    /// layers `first_layer..` of those tokens (a ranged read of a stored cache), re-rotating
+    /// its keys when it was computed at another position. The tokens are then whole.
+    pub fn fill_top(&mut self, range: &KvRange, first_layer: usize, rope: &Rope) -> Result<()> {
+        let expected = KvShape {
+            n_layers: self.shape.n_layers.saturating_sub(first_layer),
+            ..self.shape
+        };
+        if self.partial == 0 || first_layer != self.partial_layers {
+            return Err(EngineError::KvMismatch(format!(
+                "no partial tokens below layer {first_layer} to fill ({} held below layer {})",
+                self.partial, self.partial_layers
+            )));
+        }
+        if range.shape() != expected || range.len() > self.partial {
+            return Err(EngineError::KvMismatch(format!(
+                "range of {} tokens, shape {:?}, does not fill {} partial tokens of shape {:?}",
+                range.len(),
+                range.shape(),
+                self.partial,
+                expected
+            )));
+        }
+        let moved;
+        let range = if range.base_position() == self.next_position() {
+            range
+        } else {
+            moved = range.moved_to(self.next_position(), rope)?;
+            &moved
+        };
+        for (i, (k, v)) in range.layers().iter().enumerate() {
+            self.write_layer(first_layer + i, k, v)?;
+        }
+        self.commit(range.len());
+        Ok(())
     }
 
     /// Views `[n_kv_heads, len, head_dim]` of one layer's keys and values.
@@ -323,9 +404,12 @@ impl KvCache {
         Ok(())
     }
 
-    /// Drops every token from index `len` on, keeping the buffers for reuse.
+    /// Drops every token from index `len` on (and every partial token), keeping the
+    /// buffers for reuse.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        self.partial = 0;
+        self.partial_layers = 0;
     }
 }
 
@@ -419,5 +503,51 @@ mod tests {
         let b = tokens(0.0, 5);
         assert!(KvRange::new(0, vec![(a.clone(), a.clone()), (b.clone(), b)]).is_err());
         assert!(KvRange::new(0, vec![]).is_err());
+    }
+
+    #[test]
+    fn bottom_layers_run_ahead_and_filled_tops_make_the_tokens_whole() {
+        let rope = Rope::new(4, 10_000.0, None, 1.0, 64, DType::F32, &Device::Cpu).unwrap();
+        let mut whole = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        append(&mut whole, 0.0, 300);
+        // Two chunks' bottom layer written ahead (past a reallocation), then the tops.
+        let mut split = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        for (offset, n) in [(0usize, 200usize), (200, 100)] {
+            let bottom = whole.export(offset..offset + n).unwrap();
+            let (k, v) = &bottom.layers()[0];
+            split.write_layer_at(0, offset, k, v).unwrap();
+            split.commit_bottom(n, 1);
+        }
+        assert_eq!(
+            (split.len(), split.partial_len(), split.partial_layers()),
+            (0, 300, 1)
+        );
+        let top = |range: Range<usize>| {
+            let full = whole.export(range).unwrap();
+            KvRange::new(full.base_position(), full.layers()[1..].to_vec()).unwrap()
+        };
+        // A range of the wrong layers or too long is refused and changes nothing.
+        assert!(
+            split
+                .fill_top(&whole.export(0..200).unwrap(), 1, &rope)
+                .is_err()
+        );
+        assert!(split.fill_top(&top(0..200), 0, &rope).is_err());
+        split.fill_top(&top(0..200), 1, &rope).unwrap();
+        assert_eq!((split.len(), split.partial_len()), (200, 100));
+        split.fill_top(&top(200..300), 1, &rope).unwrap();
+        assert_eq!(
+            (split.len(), split.partial_len(), split.partial_layers()),
+            (300, 0, 0)
+        );
+        for layer in 0..SHAPE.n_layers {
+            let (a, b) = (whole.layer(layer).unwrap(), split.layer(layer).unwrap());
+            let diff = (a.0 - b.0).unwrap().abs().unwrap().sum_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "layer {layer}");
+        }
+        assert!(
+            split.fill_top(&top(0..10), 1, &rope).is_err(),
+            "nothing left to fill"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! The KV store as the scheduler's load back end: loads are verified gets, write-backs are
 //! puts, and every failure becomes a miss the scheduler computes around.
 
+use std::ops::Range;
+
 use futures::StreamExt;
 use ragcake_engine::KvRange;
 use ragcake_engine::scheduler::{
@@ -15,17 +17,16 @@ impl LoadBackend for KvStore {
     type Kv = KvRange;
 
     async fn load(&self, key: &CacheKey, tokens: &[u32]) -> LoadOutcome<KvRange> {
-        match self.get(key, Some(tokens)).await {
-            Ok(Lookup::Hit(kv)) => {
-                let bytes = kv.bytes() as u64;
-                LoadOutcome::Loaded { kv, bytes }
-            }
-            Ok(Lookup::Absent) => LoadOutcome::Missing(MissReason::Absent),
-            Ok(Lookup::Rejected(reason)) => {
-                LoadOutcome::Missing(MissReason::Rejected(reason.to_string()))
-            }
-            Err(error) => LoadOutcome::Failed(error.to_string()),
-        }
+        outcome(self.get(key, Some(tokens)).await)
+    }
+
+    async fn load_layers(
+        &self,
+        key: &CacheKey,
+        tokens: &[u32],
+        layers: Range<usize>,
+    ) -> LoadOutcome<KvRange> {
+        outcome(self.get_layers(key, Some(tokens), layers).await)
     }
 
     async fn store(&self, key: &CacheKey, tokens: &[u32], kv: KvRange) -> Result<(), String> {
@@ -33,6 +34,21 @@ impl LoadBackend for KvStore {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
+    }
+}
+
+/// A lookup as the scheduler sees it: a verified cache, a miss and why, or a failed store.
+fn outcome(lookup: crate::Result<Lookup>) -> LoadOutcome<KvRange> {
+    match lookup {
+        Ok(Lookup::Hit(kv)) => {
+            let bytes = kv.bytes() as u64;
+            LoadOutcome::Loaded { kv, bytes }
+        }
+        Ok(Lookup::Absent) => LoadOutcome::Missing(MissReason::Absent),
+        Ok(Lookup::Rejected(reason)) => {
+            LoadOutcome::Missing(MissReason::Rejected(reason.to_string()))
+        }
+        Err(error) => LoadOutcome::Failed(error.to_string()),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `ragcake bench ttft`: time to first token of compute-only, load-only and bidirectional
-//! prefill across storage bandwidths, beside the ideal split T* measured in the same run.
+//! prefill across storage bandwidths, beside the ideal split T* measured in the same run,
+//! and of the layer split (every chunk's bottom layers computed, its top layers loaded).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +9,10 @@ use std::time::Instant;
 use clap::Args;
 use futures::StreamExt;
 use ragcake::engine::scheduler::core::chunk_starts;
-use ragcake::engine::scheduler::{Mode, Policy, Scheduler, SchedulerConfig};
+use ragcake::engine::scheduler::layer_split::{
+    LayerSplitConfig, balanced_split, prefill_layer_split,
+};
+use ragcake::engine::scheduler::{ComputeBackend, Mode, Policy, Scheduler, SchedulerConfig};
 use ragcake::engine::{Engine, KvRange};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
@@ -58,6 +62,11 @@ struct Row {
     compute_only: Stats,
     load_only: Stats,
     bidirectional: Stats,
+    /// Bidirectional at the layer level: bottom layers computed, top layers loaded.
+    layer_split: Stats,
+    /// The first loaded layer of the layer split (balanced from the measured compute and
+    /// load times).
+    split_layer: usize,
     /// Best split with hindsight from measured per-chunk compute and load times.
     t_star: f64,
     /// N / (compute rate + load rate), plus the tail.
@@ -66,6 +75,7 @@ struct Row {
     bidirectional_chunks_computed: f64,
     bidir_over_t_star: f64,
     bidir_over_best_single: f64,
+    layer_split_over_bidir: f64,
 }
 
 /// What one backend needs: a name, the object store, its path prefix.
@@ -161,6 +171,29 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 }
                 let (load_only, _) = run_mode(Mode::LoadOnly).await?;
                 let (bidirectional, computed) = run_mode(Mode::Bidirectional).await?;
+                let split_layer = balanced_split(engine.layers(), compute_total, load_total);
+                let split_config = LayerSplitConfig {
+                    split_layer,
+                    io_concurrency: args.io_concurrency,
+                    load_timeout_secs: SchedulerConfig::default().load_timeout_secs,
+                };
+                let mut split_ttft = Vec::new();
+                for _ in 0..args.repeats {
+                    let (request, _) = store
+                        .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
+                        .await;
+                    let started = Instant::now();
+                    let done =
+                        prefill_layer_split(engine.clone(), store.clone(), request, &split_config)
+                            .await?;
+                    split_ttft.push(started.elapsed().as_secs_f64());
+                    anyhow::ensure!(
+                        done.report.chunks_loaded == chunks.len(),
+                        "a layer-split run did not load every top: {:?}",
+                        done.report.misses
+                    );
+                }
+                let layer_split = Stats::of(split_ttft);
                 let compute_only = compute_only.expect("measured");
                 let import_each = import_secs(&engine, &kv)?;
                 let loads = LoadTimes {
@@ -173,8 +206,8 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     compute_total * load_total / (compute_total + load_total) + tail_secs;
                 let best_single = compute_only.median.min(load_only.median);
                 eprintln!(
-                    "  {name}: compute-only {:.2} s, load-only {:.2} s, bidirectional {:.2} s, T* {t_star:.2} s",
-                    compute_only.median, load_only.median, bidirectional.median
+                    "  {name}: compute-only {:.2} s, load-only {:.2} s, bidirectional {:.2} s, T* {t_star:.2} s, layer split at {split_layer} {:.2} s",
+                    compute_only.median, load_only.median, bidirectional.median, layer_split.median
                 );
                 rows.push(Row {
                     context,
@@ -182,7 +215,10 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     load_mb_s: bytes as f64 / 1e6 / load_total,
                     bidir_over_t_star: bidirectional.median / t_star,
                     bidir_over_best_single: bidirectional.median / best_single,
+                    layer_split_over_bidir: layer_split.median / bidirectional.median,
                     bidirectional_chunks_computed: computed,
+                    layer_split,
+                    split_layer,
                     compute_only,
                     load_only,
                     bidirectional,
@@ -296,11 +332,11 @@ fn ideal_split(compute_each: &[f64], loads: &LoadTimes, import_each: &[f64]) -> 
 fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
     super::create_parent_dir(&args.csv)?;
     let mut csv = String::from(
-        "context,backend,load_mb_s,compute_only_s,compute_only_min,compute_only_max,load_only_s,load_only_min,load_only_max,bidirectional_s,bidirectional_min,bidirectional_max,t_star_s,t_continuous_s,bidir_chunks_computed,bidir_over_t_star,bidir_over_best_single\n",
+        "context,backend,load_mb_s,compute_only_s,compute_only_min,compute_only_max,load_only_s,load_only_min,load_only_max,bidirectional_s,bidirectional_min,bidirectional_max,t_star_s,t_continuous_s,bidir_chunks_computed,bidir_over_t_star,bidir_over_best_single,split_layer,layer_split_s,layer_split_min,layer_split_max,layer_split_over_bidir\n",
     );
     for r in rows {
         csv += &format!(
-            "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.3},{:.3}\n",
+            "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.3},{:.3},{},{:.3},{:.3},{:.3},{:.3}\n",
             r.context,
             r.backend,
             r.load_mb_s,
@@ -317,7 +353,12 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             r.t_continuous,
             r.bidirectional_chunks_computed,
             r.bidir_over_t_star,
-            r.bidir_over_best_single
+            r.bidir_over_best_single,
+            r.split_layer,
+            r.layer_split.median,
+            r.layer_split.min,
+            r.layer_split.max,
+            r.layer_split_over_bidir
         );
     }
     std::fs::write(&args.csv, csv)?;
@@ -337,6 +378,7 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             line("load-only", &|r| r.load_only.median),
             line("bidirectional", &|r| r.bidirectional.median),
             line("ideal T*", &|r| r.t_star),
+            line("layer split", &|r| r.layer_split.median),
         ];
         let title = format!(
             "TTFT, {context}-token context, {} concurrent reads",
@@ -355,7 +397,7 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(rows)?);
     } else {
         println!(
-            "{:<7} {:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+            "{:<7} {:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6}",
             "context",
             "backend",
             "load MB/s",
@@ -365,11 +407,13 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             "T*",
             "N/(C+L)",
             "bidir/T*",
-            "/best"
+            "/best",
+            "layers",
+            "split"
         );
         for r in rows {
             println!(
-                "{:<7} {:<20} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2}",
+                "{:<7} {:<20} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>6}",
                 r.context,
                 r.backend,
                 r.load_mb_s,
@@ -379,7 +423,9 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
                 r.t_star,
                 r.t_continuous,
                 r.bidir_over_t_star,
-                r.bidir_over_best_single
+                r.bidir_over_best_single,
+                r.layer_split.median,
+                r.split_layer
             );
         }
         let mean =
@@ -388,6 +434,16 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             "mean speedup of bidirectional: {:.2}x over compute-only, {:.2}x over load-only",
             mean(&|r| r.compute_only.median / r.bidirectional.median),
             mean(&|r| r.load_only.median / r.bidirectional.median)
+        );
+        println!(
+            "layer split / chunk-level bidirectional: mean {:.2}, best {:.2}, worst {:.2}",
+            mean(&|r| r.layer_split_over_bidir),
+            rows.iter()
+                .map(|r| r.layer_split_over_bidir)
+                .fold(f64::INFINITY, f64::min),
+            rows.iter()
+                .map(|r| r.layer_split_over_bidir)
+                .fold(0.0, f64::max)
         );
     }
     Ok(())

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ragcake::engine::scheduler::layer_split::{LayerSplitConfig, prefill_layer_split};
 use ragcake::engine::scheduler::{
     ChunkSpec, MissReason, Mode, PrefillRequest, Prefilled, Scheduler, SchedulerConfig,
 };
@@ -366,5 +367,138 @@ fn concurrent_requests_share_the_compute_worker_and_all_finish() {
         let stats = scheduler.stats();
         assert_eq!(stats.completed, 7);
         assert_eq!(stats.in_flight, 0);
+    });
+}
+
+fn split_config(split_layer: usize) -> LayerSplitConfig {
+    LayerSplitConfig {
+        split_layer,
+        io_concurrency: 4,
+        load_timeout_secs: 2.0,
+    }
+}
+
+/// Overwrites one byte three quarters into the blob stored under `key` (inside the value
+/// tensors of the top layers, which a layer split reads).
+async fn corrupt_top_layers(store: &KvStore, key: &CacheKey) {
+    let path = store.path_of(key);
+    let mut blob = store
+        .object_store()
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let at = blob.len() * 3 / 4;
+    blob[at] ^= 0x40;
+    store
+        .object_store()
+        .put(&path, PutPayload::from(blob))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn a_layer_split_of_stored_prefix_caches_reproduces_full_computation() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let store = memory_store(DType::F32);
+        let filler = scheduler(store.clone(), SchedulerConfig::default());
+        fill_with_prefix_caches(&filler, &store, &chunks, &tail).await;
+        let engine = shared_dense_engine();
+        let layers = engine.model().config().kv_shape().n_layers;
+
+        for split in [1, layers / 3, layers - 1] {
+            let (request, _) = store
+                .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
+                .await;
+            let done =
+                prefill_layer_split(engine.clone(), store.clone(), request, &split_config(split))
+                    .await
+                    .unwrap();
+            assert_eq!(done.report.chunks_loaded, chunks.len(), "{:?}", done.report);
+            assert_eq!(done.report.chunks_computed, 0);
+            assert_eq!(done.report.split_layer, Some(split));
+            assert_eq!(done.report.tokens_computed, tail.len());
+            assert!(done.report.misses.is_empty() && !done.report.degraded);
+            assert_same_logits(&done, &want, 1e-4);
+        }
+
+        // A chunk with no stored cache in the middle is computed in full, after the tops
+        // of the chunks before it.
+        let (mut request, _) = store
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
+            .await;
+        request.chunks[2].stored = None;
+        let done = prefill_layer_split(engine.clone(), store.clone(), request, &split_config(12))
+            .await
+            .unwrap();
+        assert_eq!(done.report.computed_chunks, vec![2], "{:?}", done.report);
+        assert_eq!(done.report.chunks_loaded, chunks.len() - 1);
+        assert_same_logits(&done, &want, 1e-4);
+
+        // A split with nothing to compute or nothing to load is refused.
+        for split in [0, layers] {
+            let (request, _) = store
+                .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
+                .await;
+            let refused =
+                prefill_layer_split(engine.clone(), store.clone(), request, &split_config(split))
+                    .await;
+            assert!(refused.is_err(), "split at {split} was accepted");
+        }
+    });
+}
+
+#[test]
+fn a_layer_split_computes_around_a_corrupt_top_and_a_store_that_is_down() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let store = memory_store(DType::F32);
+        let filler = scheduler(store.clone(), SchedulerConfig::default());
+        fill_with_prefix_caches(&filler, &store, &chunks, &tail).await;
+        let engine = shared_dense_engine();
+        let keys = CacheKey::prefix_chain(&engine.fingerprint(), chunks.iter().map(Vec::as_slice));
+        corrupt_top_layers(&store, &keys[1]).await;
+
+        let (request, _) = store
+            .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
+            .await;
+        let done = prefill_layer_split(engine.clone(), store.clone(), request, &split_config(10))
+            .await
+            .unwrap();
+        assert!(
+            done.report
+                .misses
+                .iter()
+                .any(|m| m.chunk == 1 && matches!(m.reason, MissReason::Rejected(_))),
+            "{:?}",
+            done.report
+        );
+        assert_eq!(done.report.computed_chunks, vec![1]);
+        assert!(
+            !done.report.degraded,
+            "a corrupt blob is a miss, not a failure"
+        );
+        assert_same_logits(&done, &want, 1e-4);
+
+        let (down, prefix) = s3_store_that_is_down();
+        let down = Arc::new(store_over(down, prefix));
+        let request = planned_as_stored(&chunks, &tail, Mode::Bidirectional);
+        let done = prefill_layer_split(engine.clone(), down, request, &split_config(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            done.report.chunks_computed,
+            chunks.len(),
+            "{:?}",
+            done.report
+        );
+        assert!(done.report.degraded, "{:?}", done.report);
+        assert_same_logits(&done, &want, 1e-4);
     });
 }

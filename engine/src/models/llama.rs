@@ -324,7 +324,9 @@ impl Llama {
     }
 
     /// Runs `tokens` through the model at positions `cache.next_position()..`, attending to
-    /// everything already in `cache`, and appends their keys and values to it.
+    /// everything already in `cache`, and appends their keys and values to it. Tokens held
+    /// by the bottom layers only (see [`Llama::forward_bottom`]) are the first ones
+    /// recomputed: the same tokens, so their bottom layers are overwritten with equal values.
     ///
     /// Returns the requested logits (f32) or `None` for [`Logits::None`].
     pub fn forward(
@@ -333,11 +335,66 @@ impl Llama {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Option<Tensor>> {
+        let layers = self.blocks.len();
+        let x = self.run_blocks(tokens, cache, layers, cache.len())?;
+        cache.commit(tokens.len());
+        let t = tokens.len();
+        let x = match logits {
+            Logits::None => return Ok(None),
+            Logits::Last => x.narrow(0, t - 1, 1)?,
+            Logits::All => x,
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.config.rms_eps as f32)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let quant = self
+            .lm_head_decode
+            .as_ref()
+            .filter(|_| t <= DECODE_MAX_TOKENS);
+        let out = linear(&x, head, quant)?.to_dtype(DType::F32)?;
+        Ok(Some(match logits {
+            Logits::Last => out.squeeze(0)?,
+            _ => out,
+        }))
+    }
+
+    /// Runs `tokens` through the bottom `layers` layers only, after the tokens those layers
+    /// already hold ([`KvCache::partial_len`]), and writes their keys and values there. The
+    /// top layers of these tokens are filled later from a ranged read of a stored cache
+    /// ([`KvCache::fill_top`]): the layer dimension of bidirectional prefill, where a
+    /// chunk's bottom layers are computed while its top layers are loaded.
+    pub fn forward_bottom(&self, tokens: &[u32], cache: &mut KvCache, layers: usize) -> Result<()> {
+        if layers == 0 || layers >= self.blocks.len() {
+            return Err(EngineError::KvMismatch(format!(
+                "a layer split computes 1 to {} of {} layers, not {layers}",
+                self.blocks.len() - 1,
+                self.blocks.len()
+            )));
+        }
+        if cache.partial_len() > 0 && cache.partial_layers() != layers {
+            return Err(EngineError::KvMismatch(format!(
+                "the cache holds partial tokens in {} bottom layers, not {layers}",
+                cache.partial_layers()
+            )));
+        }
+        self.run_blocks(tokens, cache, layers, cache.len() + cache.partial_len())?;
+        cache.commit_bottom(tokens.len(), layers);
+        Ok(())
+    }
+
+    /// The checks every forward pass makes, then the first `layers` blocks over `tokens`
+    /// written at cache index `offset`; returns the hidden states after them.
+    fn run_blocks(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        layers: usize,
+        offset: usize,
+    ) -> Result<Tensor> {
         let t = tokens.len();
         if t == 0 {
             return Err(EngineError::EmptyInput);
         }
-        let start = cache.next_position();
+        let start = cache.base_position() + offset;
         if start + t > self.config.context_length {
             return Err(EngineError::ContextOverflow {
                 needed: start + t,
@@ -363,27 +420,10 @@ impl Llama {
         cache.reserve(t)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(block, i, &x, start, cache)?;
+        for (i, block) in self.blocks.iter().take(layers).enumerate() {
+            x = self.block_forward(block, i, &x, start, offset, cache)?;
         }
-        cache.commit(t);
-
-        let x = match logits {
-            Logits::None => return Ok(None),
-            Logits::Last => x.narrow(0, t - 1, 1)?,
-            Logits::All => x,
-        };
-        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.config.rms_eps as f32)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let quant = self
-            .lm_head_decode
-            .as_ref()
-            .filter(|_| t <= DECODE_MAX_TOKENS);
-        let out = linear(&x, head, quant)?.to_dtype(DType::F32)?;
-        Ok(Some(match logits {
-            Logits::Last => out.squeeze(0)?,
-            _ => out,
-        }))
+        Ok(x)
     }
 
     fn block_forward(
@@ -392,6 +432,7 @@ impl Llama {
         layer: usize,
         x: &Tensor,
         start: usize,
+        offset: usize,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let cfg = &self.config;
@@ -409,9 +450,9 @@ impl Llama {
             .reshape((t, nkv, hd))?;
         let q = self.rope.apply(&q, start)?;
         let k = self.rope.apply(&k, start)?;
-        let past = cache.len();
-        let (keys, values) = cache.write_layer(layer, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
-        let attn = attention(&q, &keys, &values, past, (hd as f64).powf(-0.5))?;
+        let (keys, values) =
+            cache.write_layer_at(layer, offset, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
+        let attn = attention(&q, &keys, &values, offset, (hd as f64).powf(-0.5))?;
         let x = (x + linear(&attn, &block.wo, decode.map(|d| &d.wo))?)?;
 
         let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;

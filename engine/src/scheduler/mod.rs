@@ -9,6 +9,7 @@
 //!   [`LoadBackend`] (a KV store).
 
 pub mod core;
+pub mod layer_split;
 mod runtime;
 pub mod sim;
 #[cfg(test)]
@@ -242,6 +243,11 @@ pub struct PrefillReport {
     pub degraded: bool,
     /// Indices of the chunks computed in context (candidates for write-back).
     pub computed_chunks: Vec<usize>,
+    /// The first loaded layer, when the stored chunks were split at a layer boundary
+    /// (their bottom layers computed, their top layers loaded; see [`layer_split`]). Such
+    /// chunks count as loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_layer: Option<usize>,
 }
 
 /// The compute side: a model that appends tokens to a cache, and imports/exports ranges.
@@ -270,6 +276,15 @@ pub trait ComputeBackend: Send + Sync + 'static {
     fn import(&self, cache: &mut Self::Cache, kv: &Self::Kv) -> Result<()>;
     /// Copies out the tokens `range` (cache indices).
     fn export(&self, cache: &Self::Cache, range: Range<usize>) -> Result<Self::Kv>;
+    /// Transformer layers (a layer split loads the layers from its split point on).
+    fn layers(&self) -> usize;
+    /// Computes the bottom `layers` layers of `tokens` only, after the tokens those layers
+    /// already hold; their top layers are filled later by [`ComputeBackend::fill_top`], or
+    /// by computing the same tokens in full.
+    fn compute_bottom(&self, cache: &mut Self::Cache, tokens: &[u32], layers: usize) -> Result<()>;
+    /// Fills the top layers (`first_layer..`) of the oldest bottom-only tokens with a
+    /// loaded range of those layers.
+    fn fill_top(&self, cache: &mut Self::Cache, kv: &Self::Kv, first_layer: usize) -> Result<()>;
 }
 
 /// How a load ended.
@@ -300,6 +315,15 @@ pub trait LoadBackend: Send + Sync + 'static {
         &self,
         source: &Self::Source,
         tokens: &[u32],
+    ) -> impl Future<Output = LoadOutcome<Self::Kv>> + Send;
+
+    /// Fetches and verifies only `layers` of the cache of `tokens` stored at `source`
+    /// (ranged reads: the top layers of a layer split).
+    fn load_layers(
+        &self,
+        source: &Self::Source,
+        tokens: &[u32],
+        layers: Range<usize>,
     ) -> impl Future<Output = LoadOutcome<Self::Kv>> + Send;
 
     /// Stores the cache of `tokens` at `dest` (write-back of a chunk computed in context).
@@ -349,4 +373,26 @@ impl<C: ComputeBackend> fmt::Debug for Prefilled<C> {
             .field("report", &self.report)
             .finish_non_exhaustive()
     }
+}
+
+/// Checks a request before it is admitted: a tail, no empty chunk, and room in the
+/// context. Returns the position of each chunk's first token, then the tail's.
+fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Vec<usize>> {
+    if request.tail.is_empty() {
+        return Err(crate::error::EngineError::EmptyInput);
+    }
+    if request.chunks.iter().any(|c| c.tokens.is_empty()) {
+        return Err(crate::error::EngineError::InvalidSetting(
+            "a chunk has no tokens".into(),
+        ));
+    }
+    let starts = core::chunk_starts(request.chunks.iter().map(|c| c.tokens.len()));
+    let needed = starts[starts.len() - 1] + request.tail.len();
+    if needed > max_tokens {
+        return Err(crate::error::EngineError::ContextOverflow {
+            needed,
+            max: max_tokens,
+        });
+    }
+    Ok(starts)
 }

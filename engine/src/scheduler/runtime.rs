@@ -12,11 +12,11 @@ use tokio::sync::oneshot;
 
 use super::core::{
     ChunkPlan, ComputeStep, Core, LoadResult, LoadStep, LoadVerdict, NextCompute, RequestId,
-    RequestPlan, chunk_starts,
+    RequestPlan,
 };
 use super::{
     ChunkSpec, ComputeBackend, LoadBackend, LoadOutcome, MissReason, PrefillRequest, Prefilled,
-    SchedulerConfig,
+    SchedulerConfig, check_request,
 };
 use crate::error::{EngineError, Result};
 
@@ -155,18 +155,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
     /// Fills a cache with the request's chunks and tail and returns it with the logits of
     /// the last token. Dropping the future cancels the request and frees what it held.
     pub async fn prefill(&self, request: PrefillRequest<L::Source>) -> Result<Prefilled<C>> {
-        if request.tail.is_empty() {
-            return Err(EngineError::EmptyInput);
-        }
-        if request.chunks.iter().any(|c| c.tokens.is_empty()) {
-            return Err(EngineError::InvalidSetting("a chunk has no tokens".into()));
-        }
-        let starts = chunk_starts(request.chunks.iter().map(|c| c.tokens.len()));
-        let needed = starts[starts.len() - 1] + request.tail.len();
-        let max = self.shared.compute.max_tokens();
-        if needed > max {
-            return Err(EngineError::ContextOverflow { needed, max });
-        }
+        let starts = check_request(&request, self.shared.compute.max_tokens())?;
         let plan = RequestPlan {
             chunks: request
                 .chunks
