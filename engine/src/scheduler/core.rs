@@ -204,6 +204,11 @@ pub struct CostModel {
 
 const EWMA: f64 = 0.3;
 
+/// Compute steps shorter than this teach the cost model nothing: their time is mostly the
+/// fixed cost of one pass over the weights (a question tail of ten tokens can take as long
+/// as fifty chunk tokens), which a per-token model would spread over every chunk after.
+const MIN_OBSERVED_TOKENS: usize = 64;
+
 impl CostModel {
     fn new(config: &SchedulerConfig) -> Self {
         Self {
@@ -232,6 +237,9 @@ impl CostModel {
     }
 
     fn observe_compute(&mut self, tokens: usize, position: usize, secs: f64) {
+        if tokens < MIN_OBSERVED_TOKENS {
+            return;
+        }
         let prior = self.compute_prior(tokens, position);
         if prior > 0.0 && secs.is_finite() && secs > 0.0 {
             self.compute_scale = (1.0 - EWMA) * self.compute_scale + EWMA * (secs / prior);

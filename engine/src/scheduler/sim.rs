@@ -11,8 +11,10 @@ use crate::error::{EngineError, Result};
 pub struct SimCosts {
     /// Compute seconds per token…
     pub compute_secs_per_token: f64,
-    /// …plus this much per token per position before it.
+    /// …plus this much per token per position before it…
     pub compute_secs_per_token_per_position: f64,
+    /// …plus this much per step, whatever its length (one pass over the weights).
+    pub compute_secs_per_step: f64,
     /// Seconds per token to import a loaded chunk.
     pub import_secs_per_token: f64,
     /// Fixed time of every load.
@@ -28,8 +30,9 @@ pub struct SimCosts {
 impl SimCosts {
     fn compute(&self, tokens: usize, position: usize) -> f64 {
         let mid = position as f64 + tokens as f64 / 2.0;
-        tokens as f64
-            * (self.compute_secs_per_token + self.compute_secs_per_token_per_position * mid)
+        self.compute_secs_per_step
+            + tokens as f64
+                * (self.compute_secs_per_token + self.compute_secs_per_token_per_position * mid)
     }
 }
 

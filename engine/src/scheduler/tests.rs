@@ -10,6 +10,7 @@ fn costs(compute_per_token: f64, load_per_token: f64) -> SimCosts {
     SimCosts {
         compute_secs_per_token: compute_per_token,
         compute_secs_per_token_per_position: 0.0,
+        compute_secs_per_step: 0.0,
         import_secs_per_token: 1e-6,
         load_latency_secs: 0.0,
         load_secs_per_token: load_per_token,
@@ -85,6 +86,42 @@ fn faster_loading_moves_the_meeting_point_forward() {
     // About a quarter computed when loading is 3x faster, three quarters when 3x slower.
     assert!((3..=5).contains(&fast.chunks_computed), "{fast:?}");
     assert!((11..=13).contains(&slow.chunks_computed), "{slow:?}");
+}
+
+#[test]
+fn costly_short_tails_do_not_make_chunks_look_costly() {
+    // Every step pays 0.3 s (a pass over the weights): a 16-token tail costs as much as
+    // 300 chunk tokens. Loads take 3 s a chunk (all four at once), computing the four
+    // 2.2 s, so a cached request is best computed, even after load-only requests whose
+    // only compute steps were their tails.
+    let mut costs = costs(1e-3, 3.0 / CHUNK as f64);
+    costs.compute_secs_per_step = 0.3;
+    let config = SchedulerConfig {
+        load_secs_per_token: costs.load_secs_per_token,
+        ..config(&costs, Policy::Fcfs, 4)
+    };
+    let requests: Vec<SimRequest> = (0..8)
+        .map(|i| SimRequest {
+            arrival: i as f64 * 10.0,
+            plan: plan(
+                4,
+                |_| true,
+                if i < 4 {
+                    Mode::LoadOnly
+                } else {
+                    Mode::Bidirectional
+                },
+            ),
+        })
+        .collect();
+    let reports = simulate(config, &costs, &requests).unwrap();
+    let computing = 4.0 * (0.3 + 0.256) + 0.3 + 0.016;
+    for report in &reports[4..] {
+        assert!(
+            report.ttft_secs < 1.2 * computing,
+            "waited for loads: {report:?}"
+        );
+    }
 }
 
 #[test]
