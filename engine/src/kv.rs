@@ -439,9 +439,28 @@ mod tests {
         cache.commit(n);
     }
 
+    fn empty_cache() -> KvCache {
+        KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu)
+    }
+
+    fn rope() -> Rope {
+        Rope::new(4, 10_000.0, None, 1.0, 64, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// Asserts that every layer's keys and values are bit-equal in both caches.
+    fn assert_same_layers(a: &KvCache, b: &KvCache) {
+        for layer in 0..SHAPE.n_layers {
+            let (a, b) = (a.layer(layer).unwrap(), b.layer(layer).unwrap());
+            for (x, y) in [(a.0, b.0), (a.1, b.1)] {
+                let diff = (x - y).unwrap().abs().unwrap().sum_all().unwrap();
+                assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "layer {layer}");
+            }
+        }
+    }
+
     #[test]
     fn appends_grow_the_buffers_and_keep_earlier_tokens() {
-        let mut cache = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        let mut cache = empty_cache();
         append(&mut cache, 0.0, 200);
         append(&mut cache, 10_000.0, 100); // forces a reallocation past 256
         assert_eq!(cache.len(), 300);
@@ -484,17 +503,13 @@ mod tests {
 
     #[test]
     fn import_at_the_same_position_is_exact() {
-        let rope = Rope::new(4, 10_000.0, None, 1.0, 64, DType::F32, &Device::Cpu).unwrap();
-        let mut source = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        let rope = rope();
+        let mut source = empty_cache();
         append(&mut source, 0.0, 8);
-        let mut target = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        let mut target = empty_cache();
         target.import(&source.export(0..5).unwrap(), &rope).unwrap();
         target.import(&source.export(5..8).unwrap(), &rope).unwrap();
-        for layer in 0..2 {
-            let (a, b) = (source.layer(layer).unwrap(), target.layer(layer).unwrap());
-            let diff = (a.0 - b.0).unwrap().abs().unwrap().sum_all().unwrap();
-            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
-        }
+        assert_same_layers(&source, &target);
     }
 
     #[test]
@@ -507,11 +522,11 @@ mod tests {
 
     #[test]
     fn bottom_layers_run_ahead_and_filled_tops_make_the_tokens_whole() {
-        let rope = Rope::new(4, 10_000.0, None, 1.0, 64, DType::F32, &Device::Cpu).unwrap();
-        let mut whole = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        let rope = rope();
+        let mut whole = empty_cache();
         append(&mut whole, 0.0, 300);
         // Two chunks' bottom layer written ahead (past a reallocation), then the tops.
-        let mut split = KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu);
+        let mut split = empty_cache();
         for (offset, n) in [(0usize, 200usize), (200, 100)] {
             let bottom = whole.export(offset..offset + n).unwrap();
             let (k, v) = &bottom.layers()[0];
@@ -540,11 +555,7 @@ mod tests {
             (split.len(), split.partial_len(), split.partial_layers()),
             (300, 0, 0)
         );
-        for layer in 0..SHAPE.n_layers {
-            let (a, b) = (whole.layer(layer).unwrap(), split.layer(layer).unwrap());
-            let diff = (a.0 - b.0).unwrap().abs().unwrap().sum_all().unwrap();
-            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "layer {layer}");
-        }
+        assert_same_layers(&whole, &split);
         assert!(
             split.fill_top(&top(0..10), 1, &rope).is_err(),
             "nothing left to fill"

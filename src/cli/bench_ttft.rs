@@ -1,6 +1,7 @@
 //! `ragcake bench ttft`: time to first token of compute-only, load-only and bidirectional
 //! prefill across storage bandwidths, beside the ideal split T* measured in the same run,
-//! and of the layer split (every chunk's bottom layers computed, its top layers loaded).
+//! and of the layer split (the front chunks computed, then each chunk's bottom layers
+//! computed while its top layers are loaded).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use clap::Args;
 use futures::StreamExt;
 use ragcake::engine::scheduler::core::chunk_starts;
 use ragcake::engine::scheduler::layer_split::{
-    LayerSplitConfig, balanced_split, prefill_layer_split,
+    LayerSplitConfig, SplitPoint, plan_split, prefill_layer_split,
 };
 use ragcake::engine::scheduler::{ComputeBackend, Mode, Policy, Scheduler, SchedulerConfig};
 use ragcake::engine::{Engine, KvRange};
@@ -64,9 +65,11 @@ struct Row {
     bidirectional: Stats,
     /// Bidirectional at the layer level: bottom layers computed, top layers loaded.
     layer_split: Stats,
-    /// The first loaded layer of the layer split (balanced from the measured compute and
-    /// load times).
-    split_layer: usize,
+    /// Where the layer split divided the work (planned from the compute and load times
+    /// measured in this run): chunks before `chunk` computed, layers from `layer` loaded.
+    split: SplitPoint,
+    /// The layer split's predicted TTFT.
+    layer_split_predicted: f64,
     /// Best split with hindsight from measured per-chunk compute and load times.
     t_star: f64,
     /// N / (compute rate + load rate), plus the tail.
@@ -171,9 +174,17 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 }
                 let (load_only, _) = run_mode(Mode::LoadOnly).await?;
                 let (bidirectional, computed) = run_mode(Mode::Bidirectional).await?;
-                let split_layer = balanced_split(engine.layers(), compute_total, load_total);
+                let import_each = import_secs(&engine, &kv)?;
+                let loads = LoadTimes {
+                    total: load_total,
+                    one: load_one,
+                    concurrency: args.io_concurrency,
+                };
+                let n = chunks.len();
+                let (split, predicted) =
+                    plan_split(&compute_each, |m| loads.of(m, n), engine.layers());
                 let split_config = LayerSplitConfig {
-                    split_layer,
+                    split,
                     io_concurrency: args.io_concurrency,
                     load_timeout_secs: SchedulerConfig::default().load_timeout_secs,
                 };
@@ -188,26 +199,25 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                             .await?;
                     split_ttft.push(started.elapsed().as_secs_f64());
                     anyhow::ensure!(
-                        done.report.chunks_loaded == chunks.len(),
+                        done.report.chunks_loaded == n - split.chunk.min(n),
                         "a layer-split run did not load every top: {:?}",
                         done.report.misses
                     );
                 }
                 let layer_split = Stats::of(split_ttft);
                 let compute_only = compute_only.expect("measured");
-                let import_each = import_secs(&engine, &kv)?;
-                let loads = LoadTimes {
-                    total: load_total,
-                    one: load_one,
-                    concurrency: args.io_concurrency,
-                };
                 let t_star = ideal_split(&compute_each, &loads, &import_each) + tail_secs;
                 let t_continuous =
                     compute_total * load_total / (compute_total + load_total) + tail_secs;
                 let best_single = compute_only.median.min(load_only.median);
                 eprintln!(
-                    "  {name}: compute-only {:.2} s, load-only {:.2} s, bidirectional {:.2} s, T* {t_star:.2} s, layer split at {split_layer} {:.2} s",
-                    compute_only.median, load_only.median, bidirectional.median, layer_split.median
+                    "  {name}: compute-only {:.2} s, load-only {:.2} s, bidirectional {:.2} s, T* {t_star:.2} s, layer split at chunk {} layer {} {:.2} s",
+                    compute_only.median,
+                    load_only.median,
+                    bidirectional.median,
+                    split.chunk,
+                    split.layer,
+                    layer_split.median
                 );
                 rows.push(Row {
                     context,
@@ -218,7 +228,8 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     layer_split_over_bidir: layer_split.median / bidirectional.median,
                     bidirectional_chunks_computed: computed,
                     layer_split,
-                    split_layer,
+                    split,
+                    layer_split_predicted: predicted + tail_secs,
                     compute_only,
                     load_only,
                     bidirectional,
@@ -332,11 +343,11 @@ fn ideal_split(compute_each: &[f64], loads: &LoadTimes, import_each: &[f64]) -> 
 fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
     super::create_parent_dir(&args.csv)?;
     let mut csv = String::from(
-        "context,backend,load_mb_s,compute_only_s,compute_only_min,compute_only_max,load_only_s,load_only_min,load_only_max,bidirectional_s,bidirectional_min,bidirectional_max,t_star_s,t_continuous_s,bidir_chunks_computed,bidir_over_t_star,bidir_over_best_single,split_layer,layer_split_s,layer_split_min,layer_split_max,layer_split_over_bidir\n",
+        "context,backend,load_mb_s,compute_only_s,compute_only_min,compute_only_max,load_only_s,load_only_min,load_only_max,bidirectional_s,bidirectional_min,bidirectional_max,t_star_s,t_continuous_s,bidir_chunks_computed,bidir_over_t_star,bidir_over_best_single,split_chunk,split_layer,layer_split_predicted_s,layer_split_s,layer_split_min,layer_split_max,layer_split_over_bidir\n",
     );
     for r in rows {
         csv += &format!(
-            "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.3},{:.3},{},{:.3},{:.3},{:.3},{:.3}\n",
+            "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.3},{:.3},{},{},{:.3},{:.3},{:.3},{:.3},{:.3}\n",
             r.context,
             r.backend,
             r.load_mb_s,
@@ -354,7 +365,9 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             r.bidirectional_chunks_computed,
             r.bidir_over_t_star,
             r.bidir_over_best_single,
-            r.split_layer,
+            r.split.chunk,
+            r.split.layer,
+            r.layer_split_predicted,
             r.layer_split.median,
             r.layer_split.min,
             r.layer_split.max,
@@ -409,11 +422,11 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             "bidir/T*",
             "/best",
             "layers",
-            "split"
+            "split at"
         );
         for r in rows {
             println!(
-                "{:<7} {:<20} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>6}",
+                "{:<7} {:<20} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>3}/{:<2}",
                 r.context,
                 r.backend,
                 r.load_mb_s,
@@ -425,7 +438,8 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
                 r.bidir_over_t_star,
                 r.bidir_over_best_single,
                 r.layer_split.median,
-                r.split_layer
+                r.split.chunk,
+                r.split.layer
             );
         }
         let mean =

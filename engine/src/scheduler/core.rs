@@ -197,8 +197,12 @@ pub struct CostModel {
     compute_per_token_per_position: f64,
     /// Observed / predicted compute time (EWMA): the prior's shape, scaled to this machine.
     compute_scale: f64,
-    /// Seconds per token of one load (EWMA), latency included.
+    /// Seconds per token of one load (EWMA), latency included, raised by loads given up
+    /// after longer than that.
     load_per_token: f64,
+    /// The same from finished loads only (the prior until one finishes): what a load
+    /// takes when the store is healthy, against which a stall is judged.
+    finished_load_per_token: f64,
     loads_seen: u64,
 }
 
@@ -216,6 +220,7 @@ impl CostModel {
             compute_per_token_per_position: config.compute_secs_per_token_per_position,
             compute_scale: 1.0,
             load_per_token: config.load_secs_per_token,
+            finished_load_per_token: config.load_secs_per_token,
             loads_seen: 0,
         }
     }
@@ -246,12 +251,18 @@ impl CostModel {
         }
     }
 
+    /// Expected seconds of one load of a `tokens`-token chunk from a healthy store (finished
+    /// loads only).
+    pub fn finished_load_secs(&self, tokens: usize) -> f64 {
+        self.finished_load_per_token * tokens as f64
+    }
+
     /// A load given up after `secs` would have taken at least that long (a censored
     /// observation): the estimate only rises. Without it, a store slower than the prior
     /// whose loads are always overtaken would never teach its real speed.
     fn observe_load_at_least(&mut self, tokens: usize, secs: f64) {
         if tokens > 0 && secs.is_finite() && secs / tokens as f64 > self.load_per_token {
-            self.observe_load(tokens, secs);
+            self.load_per_token = self.blend(self.load_per_token, secs / tokens as f64);
         }
     }
 
@@ -260,13 +271,19 @@ impl CostModel {
             return;
         }
         let per_token = secs / tokens as f64;
-        // The first observation replaces the prior outright: priors for storage are guesses.
-        self.load_per_token = if self.loads_seen == 0 {
-            per_token
-        } else {
-            (1.0 - EWMA) * self.load_per_token + EWMA * per_token
-        };
+        self.load_per_token = self.blend(self.load_per_token, per_token);
+        self.finished_load_per_token = self.blend(self.finished_load_per_token, per_token);
         self.loads_seen += 1;
+    }
+
+    /// The estimate after an observation: until a load has finished the observation
+    /// replaces it outright (priors for storage are guesses), then an EWMA.
+    fn blend(&self, estimate: f64, observed: f64) -> f64 {
+        if self.loads_seen == 0 {
+            observed
+        } else {
+            (1.0 - EWMA) * estimate + EWMA * observed
+        }
     }
 }
 
@@ -469,7 +486,7 @@ impl Core {
                         chunk,
                     });
                     let tokens = r.plan.chunks[chunk].tokens;
-                    let expected = self.costs.load_secs(tokens);
+                    let expected = self.costs.finished_load_secs(tokens);
                     if now - since > self.config.stall_factor * expected.max(1e-3) {
                         r.miss(chunk, MissReason::Stalled);
                     }

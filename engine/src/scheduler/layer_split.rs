@@ -29,37 +29,59 @@ use super::{
 };
 use crate::error::{EngineError, Result};
 
+/// Where a layer-split prefill divides the work: chunks before `chunk` are computed in
+/// full (the cheap front: attention grows with position); from `chunk` on, each stored
+/// chunk's layers below `layer` are computed and the rest loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SplitPoint {
+    /// The first chunk split at a layer.
+    pub chunk: usize,
+    /// The first loaded layer of a split chunk.
+    pub layer: usize,
+}
+
 /// How a layer-split prefill runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerSplitConfig {
-    /// The first layer loaded: layers below it are computed, layers from it on are loaded.
-    pub split_layer: usize,
+    /// Where the work divides.
+    pub split: SplitPoint,
     /// Ranged reads in flight at once.
     pub io_concurrency: usize,
     /// A read running longer than this fails (its chunk is computed in full).
     pub load_timeout_secs: f64,
 }
 
-/// The split layer that finishes computing the bottom layers and loading the top layers
-/// together, for a model of `layers` layers whose stored chunks take `compute_secs` to
-/// compute in full and `load_secs` to load in full (with the reads' concurrency): the
-/// compute share is `load / (compute + load)`. At least one layer is computed and one loaded
-/// (the two ends are compute-only and load-only).
-pub fn balanced_split(layers: usize, compute_secs: f64, load_secs: f64) -> usize {
-    if layers < 2 {
-        return layers;
+/// The split point with the least predicted TTFT for a context whose chunks are all
+/// stored, and that prediction (without the tail): `compute_each` is each chunk's compute
+/// time at its position, `load_secs(m)` the time to load the last `m` chunks in full with
+/// the reads' concurrency (loading a share of the layers takes that share of the time). The
+/// front chunks are computed while the tops of the rest load, then their bottom layers.
+pub fn plan_split(
+    compute_each: &[f64],
+    load_secs: impl Fn(usize) -> f64,
+    layers: usize,
+) -> (SplitPoint, f64) {
+    let n = compute_each.len();
+    let mut best = (
+        SplitPoint {
+            chunk: n,
+            layer: layers / 2,
+        },
+        compute_each.iter().sum::<f64>(),
+    );
+    for chunk in 0..n {
+        let front: f64 = compute_each[..chunk].iter().sum();
+        let rest: f64 = compute_each[chunk..].iter().sum();
+        let load = load_secs(n - chunk);
+        for layer in 1..layers {
+            let share = layer as f64 / layers as f64;
+            let predicted = (front + share * rest).max((1.0 - share) * load);
+            if predicted < best.1 {
+                best = (SplitPoint { chunk, layer }, predicted);
+            }
+        }
     }
-    let total = compute_secs + load_secs;
-    let share = if !load_secs.is_finite() {
-        1.0
-    } else if !compute_secs.is_finite() {
-        0.0
-    } else if total > 0.0 {
-        load_secs / total
-    } else {
-        0.5
-    };
-    ((share * layers as f64).round() as usize).clamp(1, layers - 1)
+    best
 }
 
 /// One loaded top, handed from the I/O side to the compute thread (in chunk order).
@@ -92,18 +114,20 @@ where
         )));
     }
     let layers = compute.layers();
-    if config.split_layer == 0 || config.split_layer >= layers {
+    if config.split.layer == 0 || config.split.layer >= layers {
         return Err(EngineError::InvalidSetting(format!(
             "split layer {} of {layers}: at least one layer is computed and one loaded",
-            config.split_layer
+            config.split.layer
         )));
     }
     let started = Instant::now();
-    let split = config.split_layer;
+    let split = config.split.layer;
+    let first_split = config.split.chunk;
     let stored: Vec<(usize, L::Source, Arc<[u32]>)> = request
         .chunks
         .iter()
         .enumerate()
+        .skip(first_split)
         .filter_map(|(i, c)| Some((i, c.stored.clone()?, c.tokens.clone())))
         .collect();
     let (tops, arrivals) = mpsc::channel::<Top<C::Kv>>();
@@ -141,10 +165,18 @@ where
             }
         }
     };
+    let config_split = config.split;
     let worker = {
         let cancelled = cancelled.clone();
         tokio::task::spawn_blocking(move || {
-            fill(&*compute, &request, split, &arrivals, &cancelled, started)
+            fill(
+                &*compute,
+                &request,
+                config_split,
+                &arrivals,
+                &cancelled,
+                started,
+            )
         })
     };
     let (_, filled) = tokio::join!(reads, worker);
@@ -160,84 +192,100 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// The compute thread: bottoms of stored chunks ahead, tops filled in order as they arrive,
-/// full computation where a chunk has no stored cache or its top did not load.
-fn fill<C: ComputeBackend>(
-    compute: &C,
-    request: &PrefillRequest<impl Clone>,
+/// The compute thread's state: the cache, the report, the tops that have arrived and the
+/// chunks whose tops are awaited.
+struct Filler<'a, C: ComputeBackend, S> {
+    compute: &'a C,
+    request: &'a PrefillRequest<S>,
     split: usize,
-    arrivals: &mpsc::Receiver<Top<C::Kv>>,
-    cancelled: &AtomicBool,
-    started: Instant,
-) -> Result<Prefilled<C>> {
-    let mut report = PrefillReport {
-        mode: request.mode,
-        chunks: request.chunks.len(),
-        split_layer: Some(split),
-        loads_issued: request.chunks.iter().filter(|c| c.stored.is_some()).count(),
-        ..PrefillReport::default()
-    };
-    let mut cache = compute.new_cache();
-    let mut arrived: HashMap<usize, Top<C::Kv>> = HashMap::new();
-    // Chunks whose bottom layers are in the cache and whose top is awaited, oldest first.
-    let mut awaiting: VecDeque<usize> = VecDeque::new();
-    let mut store_alive = true;
-    let stop = || {
-        if cancelled.load(Ordering::Relaxed) {
+    arrivals: &'a mpsc::Receiver<Top<C::Kv>>,
+    cancelled: &'a AtomicBool,
+    cache: C::Cache,
+    report: PrefillReport,
+    arrived: HashMap<usize, Top<C::Kv>>,
+    /// Chunks whose bottom layers are in the cache and whose top is awaited, oldest first.
+    awaiting: VecDeque<usize>,
+    store_alive: bool,
+}
+
+impl<C: ComputeBackend, S> Filler<'_, C, S> {
+    fn check_cancelled(&self) -> Result<()> {
+        if self.cancelled.load(Ordering::Relaxed) {
             Err(EngineError::Scheduler("the request was cancelled".into()))
         } else {
             Ok(())
         }
-    };
-    let timed = |report: &mut PrefillReport, f: &mut dyn FnMut() -> Result<()>| {
+    }
+
+    /// Runs a compute step, adding its time to the report.
+    fn timed<T>(&mut self, step: impl FnOnce(&C, &mut C::Cache) -> Result<T>) -> Result<T> {
         let began = Instant::now();
-        f()?;
-        report.compute_secs += began.elapsed().as_secs_f64();
-        Ok::<(), EngineError>(())
-    };
-    // Fills the oldest awaited top; `block` waits for it, else only if it has arrived.
-    let fill_next = |cache: &mut C::Cache,
-                     report: &mut PrefillReport,
-                     arrived: &mut HashMap<usize, Top<C::Kv>>,
-                     awaiting: &mut VecDeque<usize>,
-                     store_alive: &mut bool,
-                     block: bool|
-     -> Result<bool> {
-        let Some(&chunk) = awaiting.front() else {
-            return Ok(false);
-        };
+        let out = step(self.compute, &mut self.cache)?;
+        self.report.compute_secs += began.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    /// Computes chunk `chunk` in full (after the tops of the chunks before it).
+    fn compute_chunk(&mut self, chunk: usize) -> Result<()> {
+        let tokens = &self.request.chunks[chunk].tokens;
+        self.timed(|c, cache| c.compute(cache, tokens, false))?;
+        self.report.chunks_computed += 1;
+        self.report.tokens_computed += tokens.len();
+        self.report.computed_chunks.push(chunk);
+        Ok(())
+    }
+
+    /// Moves every top that has arrived into `arrived`; with `wait_for`, blocks until that
+    /// chunk's top is among them or no more can come.
+    fn receive(&mut self, wait_for: Option<usize>) -> Result<()> {
         loop {
-            match arrivals.try_recv() {
+            match self.arrivals.try_recv() {
                 Ok(top) => {
-                    arrived.insert(top.chunk, top);
+                    self.arrived.insert(top.chunk, top);
                 }
-                Err(mpsc::TryRecvError::Empty) if block && !arrived.contains_key(&chunk) => {
-                    match arrivals.recv_timeout(Duration::from_millis(50)) {
+                Err(mpsc::TryRecvError::Empty)
+                    if wait_for.is_some_and(|c| !self.arrived.contains_key(&c)) =>
+                {
+                    match self.arrivals.recv_timeout(Duration::from_millis(50)) {
                         Ok(top) => {
-                            arrived.insert(top.chunk, top);
+                            self.arrived.insert(top.chunk, top);
                         }
-                        Err(mpsc::RecvTimeoutError::Timeout) => stop()?,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        Err(mpsc::RecvTimeoutError::Timeout) => self.check_cancelled()?,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
                     }
                 }
-                Err(_) => break,
+                Err(_) => return Ok(()),
             }
         }
-        let top = match arrived.remove(&chunk) {
+    }
+
+    /// Fills the oldest awaited top: with `block`, waiting for it; otherwise only if it
+    /// has arrived. A top that does not load has its chunk computed in full (its bottom
+    /// layers recomputed to equal values on the way). Returns whether a chunk was finished.
+    fn fill_next(&mut self, block: bool) -> Result<bool> {
+        let Some(&chunk) = self.awaiting.front() else {
+            return Ok(false);
+        };
+        self.receive(block.then_some(chunk))?;
+        let top = match self.arrived.remove(&chunk) {
             Some(top) => Some(top),
-            None if block || !*store_alive => None,
+            None if block || !self.store_alive => None,
             None => return Ok(false),
         };
-        awaiting.pop_front();
-        let tokens = &request.chunks[chunk].tokens;
-        let miss = match top.map(|t| (t.outcome, t.secs)) {
-            Some((LoadOutcome::Loaded { kv, bytes }, secs)) => {
+        self.awaiting.pop_front();
+        let reason = match top {
+            Some(Top {
+                outcome: LoadOutcome::Loaded { kv, bytes },
+                secs,
+                ..
+            }) => {
                 let began = Instant::now();
-                match compute.fill_top(cache, &kv, split) {
+                match self.compute.fill_top(&mut self.cache, &kv, self.split) {
                     Ok(()) => {
+                        let report = &mut self.report;
                         report.import_secs += began.elapsed().as_secs_f64();
                         report.chunks_loaded += 1;
-                        report.tokens_loaded += tokens.len();
+                        report.tokens_loaded += self.request.chunks[chunk].tokens.len();
                         report.bytes_loaded += bytes;
                         report.load_secs += secs;
                         return Ok(true);
@@ -245,110 +293,129 @@ fn fill<C: ComputeBackend>(
                     Err(e) => MissReason::Rejected(e.to_string()),
                 }
             }
-            Some((LoadOutcome::Missing(reason), _)) => reason,
-            Some((LoadOutcome::Failed(why), _)) => {
-                *store_alive = false;
+            Some(Top {
+                outcome: LoadOutcome::Missing(reason),
+                ..
+            }) => reason,
+            Some(Top {
+                outcome: LoadOutcome::Failed(why),
+                ..
+            }) => {
+                self.store_alive = false;
                 MissReason::StoreFailed(why)
             }
             // The reads stopped after a failure: the store is down.
             None => {
-                *store_alive = false;
+                self.store_alive = false;
                 MissReason::StoreFailed("no read after an earlier failure".into())
             }
         };
-        if miss.degrades() {
-            report.degraded = true;
-        }
-        report.misses.push(Miss {
-            chunk,
-            reason: miss,
-        });
-        // Its bottom layers are in the cache, its top is not coming: compute it in full
-        // (the bottom layers are recomputed to equal values on the way).
-        timed(report, &mut || {
-            compute.compute(cache, tokens, false).map(|_| ())
-        })?;
-        report.chunks_computed += 1;
-        report.tokens_computed += tokens.len();
-        report.computed_chunks.push(chunk);
+        self.report.degraded |= reason.degrades();
+        self.report.misses.push(Miss { chunk, reason });
+        self.compute_chunk(chunk)?;
         Ok(true)
-    };
+    }
 
-    for (i, chunk) in request.chunks.iter().enumerate() {
-        stop()?;
-        if chunk.stored.is_some() && store_alive {
-            timed(&mut report, &mut || {
-                compute.compute_bottom(&mut cache, &chunk.tokens, split)
-            })?;
-            awaiting.push_back(i);
-            // Tops that are already here are filled now: cheap, and it frees their memory.
-            while fill_next(
-                &mut cache,
-                &mut report,
-                &mut arrived,
-                &mut awaiting,
-                &mut store_alive,
-                false,
-            )? {}
-            continue;
+    /// Fills every awaited top, in order, waiting for each.
+    fn fill_all(&mut self) -> Result<()> {
+        while self.fill_next(true)? {
+            self.check_cancelled()?;
         }
-        // A chunk computed in full attends to every layer of the chunks before it.
-        while fill_next(
-            &mut cache,
-            &mut report,
-            &mut arrived,
-            &mut awaiting,
-            &mut store_alive,
-            true,
-        )? {
-            stop()?;
-        }
-        timed(&mut report, &mut || {
-            compute
-                .compute(&mut cache, &chunk.tokens, false)
-                .map(|_| ())
-        })?;
-        report.chunks_computed += 1;
-        report.tokens_computed += chunk.tokens.len();
-        report.computed_chunks.push(i);
-    }
-    while fill_next(
-        &mut cache,
-        &mut report,
-        &mut arrived,
-        &mut awaiting,
-        &mut store_alive,
-        true,
-    )? {
-        stop()?;
-    }
-    let mut logits = None;
-    timed(&mut report, &mut || {
-        logits = compute.compute(&mut cache, &request.tail, true)?;
         Ok(())
-    })?;
+    }
+}
+
+/// The compute thread: bottoms of stored chunks ahead, tops filled in order as they arrive,
+/// full computation where a chunk has no stored cache or its top did not load.
+fn fill<C: ComputeBackend, S>(
+    compute: &C,
+    request: &PrefillRequest<S>,
+    split_point: SplitPoint,
+    arrivals: &mpsc::Receiver<Top<C::Kv>>,
+    cancelled: &AtomicBool,
+    started: Instant,
+) -> Result<Prefilled<C>> {
+    let split = split_point.layer;
+    let mut filler = Filler {
+        compute,
+        request,
+        split,
+        arrivals,
+        cancelled,
+        cache: compute.new_cache(),
+        report: PrefillReport {
+            mode: request.mode,
+            chunks: request.chunks.len(),
+            split_layer: Some(split),
+            loads_issued: request.chunks[split_point.chunk.min(request.chunks.len())..]
+                .iter()
+                .filter(|c| c.stored.is_some())
+                .count(),
+            ..PrefillReport::default()
+        },
+        arrived: HashMap::new(),
+        awaiting: VecDeque::new(),
+        store_alive: true,
+    };
+    for (i, chunk) in request.chunks.iter().enumerate() {
+        filler.check_cancelled()?;
+        if i >= split_point.chunk && chunk.stored.is_some() && filler.store_alive {
+            filler.timed(|c, cache| c.compute_bottom(cache, &chunk.tokens, split))?;
+            filler.awaiting.push_back(i);
+            // Tops that are already here are filled now: cheap, and it frees their memory.
+            while filler.fill_next(false)? {}
+        } else {
+            // A chunk computed in full attends to every layer of the chunks before it.
+            filler.fill_all()?;
+            filler.compute_chunk(i)?;
+        }
+    }
+    filler.fill_all()?;
+    let logits = filler.timed(|c, cache| c.compute(cache, &request.tail, true))?;
+    let mut report = filler.report;
     report.tokens_computed += request.tail.len();
     report.ttft_secs = started.elapsed().as_secs_f64();
-    let logits = logits.ok_or(EngineError::EmptyInput)?;
     Ok(Prefilled {
-        cache,
-        logits,
+        cache: filler.cache,
+        logits: logits.ok_or(EngineError::EmptyInput)?,
         report,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::balanced_split;
+    use super::{SplitPoint, plan_split};
 
     #[test]
-    fn the_split_gives_each_side_its_share_and_never_all() {
-        // Loading twice as slow as computing: two thirds of the layers are computed.
-        assert_eq!(balanced_split(30, 4.0, 8.0), 20);
-        assert_eq!(balanced_split(30, 8.0, 8.0), 15);
-        // One side free or stuck: still at least one layer each way.
-        assert_eq!(balanced_split(30, 4.0, 0.0), 1);
-        assert_eq!(balanced_split(30, 4.0, f64::INFINITY), 29);
-        assert_eq!(balanced_split(30, 0.0, 1e9), 29);
+    fn the_plan_balances_compute_and_load_and_computes_the_cheap_front() {
+        // Eight equal chunks, loading all as slow as computing all: half the layers each.
+        let (split, secs) = plan_split(&[1.0; 8], |m| m as f64, 30);
+        assert_eq!(
+            split,
+            SplitPoint {
+                chunk: 0,
+                layer: 15
+            }
+        );
+        assert!((secs - 4.0).abs() < 1e-9);
+        // Loads free: one layer computed (the least a split computes).
+        assert_eq!(
+            plan_split(&[1.0; 8], |_| 0.0, 30).0,
+            SplitPoint { chunk: 0, layer: 1 }
+        );
+        // Loads never finish: everything computed, no split.
+        assert_eq!(plan_split(&[1.0; 8], |_| f64::INFINITY, 30).0.chunk, 8);
+        // Later chunks cost more (attention): the cheap front is computed in full and the
+        // expensive back split, which beats splitting every chunk.
+        let growing: Vec<f64> = (0..8).map(|i| 1.0 + i as f64).collect();
+        let (split, secs) = plan_split(&growing, |m| 2.5 * m as f64, 30);
+        assert!(split.chunk > 0, "{split:?}");
+        let every_chunk_split = (1..30)
+            .map(|k| {
+                let share = k as f64 / 30.0;
+                (share * growing.iter().sum::<f64>()).max((1.0 - share) * 20.0)
+            })
+            .fold(f64::INFINITY, f64::min);
+        assert!(secs < every_chunk_split, "{secs} vs {every_chunk_split}");
     }
 }
