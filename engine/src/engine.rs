@@ -212,15 +212,7 @@ impl Engine {
         chunk_size: usize,
         last_logits: bool,
     ) -> Result<Option<Tensor>> {
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyInput);
-        }
-        let needed = cache.next_position() + tokens.len();
-        let max = self.model.config().context_length;
-        if needed > max {
-            // Checked up front so a too-long prompt leaves the cache untouched.
-            return Err(EngineError::ContextOverflow { needed, max });
-        }
+        self.check_room(cache.next_position(), tokens)?;
         let chunk_size = chunk_size.max(1);
         let mut logits = None;
         let chunks: Vec<&[u32]> = tokens.chunks(chunk_size).collect();
@@ -233,6 +225,20 @@ impl Engine {
             logits = self.model.forward(chunk, cache, want)?;
         }
         Ok(logits)
+    }
+
+    /// Checks that `tokens` is not empty and fits from position `start` on. Checked up
+    /// front so a too-long prompt leaves the cache untouched.
+    fn check_room(&self, start: usize, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let needed = start + tokens.len();
+        let max = self.model.config().context_length;
+        if needed > max {
+            return Err(EngineError::ContextOverflow { needed, max });
+        }
+        Ok(())
     }
 
     /// Appends a stored KV range to `cache`, moving its keys to the cache's next position.
@@ -249,9 +255,7 @@ impl Engine {
         chunk_size: usize,
         layers: usize,
     ) -> Result<()> {
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyInput);
-        }
+        self.check_room(cache.next_position() + cache.partial_len(), tokens)?;
         for piece in tokens.chunks(chunk_size.max(1)) {
             self.model.forward_bottom(piece, cache, layers)?;
         }

@@ -1,5 +1,6 @@
 //! The KV cache: per-layer keys and values that can be appended to, exported and imported.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
@@ -331,13 +332,7 @@ impl KvCache {
                 expected
             )));
         }
-        let moved;
-        let range = if range.base_position() == self.next_position() {
-            range
-        } else {
-            moved = range.moved_to(self.next_position(), rope)?;
-            &moved
-        };
+        let range = self.placed(range, rope)?;
         for (i, (k, v)) in range.layers().iter().enumerate() {
             self.write_layer(first_layer + i, k, v)?;
         }
@@ -389,19 +384,23 @@ impl KvCache {
                 self.shape
             )));
         }
-        let moved;
-        let range = if range.base_position() == self.next_position() {
-            range
-        } else {
-            moved = range.moved_to(self.next_position(), rope)?;
-            &moved
-        };
+        let range = self.placed(range, rope)?;
         self.reserve(range.len())?;
         for (i, (k, v)) in range.layers().iter().enumerate() {
             self.write_layer(i, k, v)?;
         }
         self.commit(range.len());
         Ok(())
+    }
+
+    /// `range` with its keys at [`KvCache::next_position`]: as it is when it was computed
+    /// there, else re-rotated by the position difference (a position-independent cache).
+    fn placed<'a>(&self, range: &'a KvRange, rope: &Rope) -> Result<Cow<'a, KvRange>> {
+        Ok(if range.base_position() == self.next_position() {
+            Cow::Borrowed(range)
+        } else {
+            Cow::Owned(range.moved_to(self.next_position(), rope)?)
+        })
     }
 
     /// Drops every token from index `len` on (and every partial token), keeping the

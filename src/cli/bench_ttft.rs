@@ -9,11 +9,15 @@ use std::time::Instant;
 
 use clap::Args;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use ragcake::engine::scheduler::core::chunk_starts;
 use ragcake::engine::scheduler::layer_split::{
     LayerSplitConfig, SplitPoint, plan_split, prefill_layer_split,
 };
-use ragcake::engine::scheduler::{ComputeBackend, Mode, Policy, Scheduler, SchedulerConfig};
+use ragcake::engine::scheduler::{
+    ComputeBackend, Mode, Policy, PrefillReport, PrefillRequest, Prefilled, Scheduler,
+    SchedulerConfig,
+};
 use ragcake::engine::{Engine, KvRange};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
@@ -157,17 +161,13 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 };
                 let scheduler = Scheduler::start(engine.clone(), store.clone(), config);
                 let run_mode = async |mode: Mode| -> anyhow::Result<(Stats, f64)> {
-                    let mut ttft = Vec::new();
-                    let mut computed = Vec::new();
-                    for _ in 0..args.repeats {
-                        let (request, _) =
-                            store.plan_prefill(chunks.clone(), tail.clone(), mode).await;
-                        let started = Instant::now();
-                        let done = scheduler.prefill(request).await?;
-                        ttft.push(started.elapsed().as_secs_f64());
-                        computed.push(done.report.chunks_computed as f64);
-                    }
-                    Ok((Stats::of(ttft), Stats::of(computed).median))
+                    let (ttft, reports) =
+                        time_prefills(&store, &chunks, &tail, mode, args.repeats, |r| {
+                            Box::pin(scheduler.prefill(r))
+                        })
+                        .await?;
+                    let computed = reports.iter().map(|r| r.chunks_computed as f64);
+                    Ok((ttft, Stats::of(computed.collect()).median))
                 };
                 if compute_only.is_none() {
                     compute_only = Some(run_mode(Mode::ComputeOnly).await?.0);
@@ -188,23 +188,29 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     io_concurrency: args.io_concurrency,
                     load_timeout_secs: SchedulerConfig::default().load_timeout_secs,
                 };
-                let mut split_ttft = Vec::new();
-                for _ in 0..args.repeats {
-                    let (request, _) = store
-                        .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
-                        .await;
-                    let started = Instant::now();
-                    let done =
-                        prefill_layer_split(engine.clone(), store.clone(), request, &split_config)
-                            .await?;
-                    split_ttft.push(started.elapsed().as_secs_f64());
+                let (layer_split, reports) = time_prefills(
+                    &store,
+                    &chunks,
+                    &tail,
+                    Mode::Bidirectional,
+                    args.repeats,
+                    |r| {
+                        Box::pin(prefill_layer_split(
+                            engine.clone(),
+                            store.clone(),
+                            r,
+                            &split_config,
+                        ))
+                    },
+                )
+                .await?;
+                for report in &reports {
                     anyhow::ensure!(
-                        done.report.chunks_loaded == n - split.chunk.min(n),
+                        report.chunks_loaded == n - split.chunk.min(n),
                         "a layer-split run did not load every top: {:?}",
-                        done.report.misses
+                        report.misses
                     );
                 }
-                let layer_split = Stats::of(split_ttft);
                 let compute_only = compute_only.expect("measured");
                 let t_star = ideal_split(&compute_each, &loads, &import_each) + tail_secs;
                 let t_continuous =
@@ -240,6 +246,31 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
         }
     }
     write_outputs(&args, &rows)
+}
+
+/// Plans and times `repeats` prefills of the context by `prefill`; returns the TTFTs and
+/// every run's report.
+async fn time_prefills<'a>(
+    store: &KvStore,
+    chunks: &[Vec<u32>],
+    tail: &[u32],
+    mode: Mode,
+    repeats: usize,
+    prefill: impl Fn(
+        PrefillRequest<CacheKey>,
+    ) -> BoxFuture<'a, ragcake::engine::Result<Prefilled<Engine>>>,
+) -> anyhow::Result<(Stats, Vec<PrefillReport>)> {
+    let (mut ttft, mut reports) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (request, _) = store
+            .plan_prefill(chunks.to_vec(), tail.to_vec(), mode)
+            .await;
+        let started = Instant::now();
+        let done = prefill(request).await?;
+        ttft.push(started.elapsed().as_secs_f64());
+        reports.push(done.report);
+    }
+    Ok((Stats::of(ttft), reports))
 }
 
 /// Per-chunk compute seconds at their positions (median of `repeats`), the tail's, and the

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 
 use super::{
     ComputeBackend, LoadBackend, LoadOutcome, Miss, MissReason, Mode, PrefillReport,
-    PrefillRequest, Prefilled, check_request,
+    PrefillRequest, Prefilled, check_request, load_within,
 };
 use crate::error::{EngineError, Result};
 
@@ -91,9 +91,10 @@ struct Top<Kv> {
     secs: f64,
 }
 
-/// Prefills `request` with its stored chunks split at `config.split_layer`: bottom layers
-/// computed, top layers loaded with ranged reads; chunks with no stored cache, or whose top
-/// does not load, are computed in full; then the tail. Compute-only and load-only requests
+/// Prefills `request` divided at `config.split`: the chunks before `split.chunk` computed
+/// in full, then each stored chunk's layers below `split.layer` computed while the rest are
+/// loaded with ranged reads; chunks with no stored cache, or whose top does not load, are
+/// computed in full; then the tail. Compute-only and load-only requests
 /// are refused (they have no split). Dropping the future stops the reads and the compute
 /// thread at its next step.
 pub async fn prefill_layer_split<C, L>(
@@ -121,13 +122,12 @@ where
         )));
     }
     let started = Instant::now();
-    let split = config.split.layer;
-    let first_split = config.split.chunk;
+    let split = config.split;
     let stored: Vec<(usize, L::Source, Arc<[u32]>)> = request
         .chunks
         .iter()
         .enumerate()
-        .skip(first_split)
+        .skip(split.chunk)
         .filter_map(|(i, c)| Some((i, c.stored.clone()?, c.tokens.clone())))
         .collect();
     let (tops, arrivals) = mpsc::channel::<Top<C::Kv>>();
@@ -144,12 +144,8 @@ where
             set.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 let began = Instant::now();
-                let read = loader.load_layers(&source, &tokens, split..layers);
-                let outcome = tokio::time::timeout(timeout, read)
-                    .await
-                    .unwrap_or_else(|_| {
-                        LoadOutcome::Failed(format!("timed out after {}s", timeout.as_secs_f64()))
-                    });
+                let read = loader.load_layers(&source, &tokens, split.layer..layers);
+                let outcome = load_within(timeout, read).await;
                 Top {
                     chunk,
                     outcome,
@@ -165,18 +161,10 @@ where
             }
         }
     };
-    let config_split = config.split;
     let worker = {
         let cancelled = cancelled.clone();
         tokio::task::spawn_blocking(move || {
-            fill(
-                &*compute,
-                &request,
-                config_split,
-                &arrivals,
-                &cancelled,
-                started,
-            )
+            fill(&*compute, &request, split, &arrivals, &cancelled, started)
         })
     };
     let (_, filled) = tokio::join!(reads, worker);
@@ -330,24 +318,23 @@ impl<C: ComputeBackend, S> Filler<'_, C, S> {
 fn fill<C: ComputeBackend, S>(
     compute: &C,
     request: &PrefillRequest<S>,
-    split_point: SplitPoint,
+    split: SplitPoint,
     arrivals: &mpsc::Receiver<Top<C::Kv>>,
     cancelled: &AtomicBool,
     started: Instant,
 ) -> Result<Prefilled<C>> {
-    let split = split_point.layer;
     let mut filler = Filler {
         compute,
         request,
-        split,
+        split: split.layer,
         arrivals,
         cancelled,
         cache: compute.new_cache(),
         report: PrefillReport {
             mode: request.mode,
             chunks: request.chunks.len(),
-            split_layer: Some(split),
-            loads_issued: request.chunks[split_point.chunk.min(request.chunks.len())..]
+            split_layer: Some(split.layer),
+            loads_issued: request.chunks[split.chunk.min(request.chunks.len())..]
                 .iter()
                 .filter(|c| c.stored.is_some())
                 .count(),
@@ -359,8 +346,8 @@ fn fill<C: ComputeBackend, S>(
     };
     for (i, chunk) in request.chunks.iter().enumerate() {
         filler.check_cancelled()?;
-        if i >= split_point.chunk && chunk.stored.is_some() && filler.store_alive {
-            filler.timed(|c, cache| c.compute_bottom(cache, &chunk.tokens, split))?;
+        if i >= split.chunk && chunk.stored.is_some() && filler.store_alive {
+            filler.timed(|c, cache| c.compute_bottom(cache, &chunk.tokens, split.layer))?;
             filler.awaiting.push_back(i);
             // Tops that are already here are filled now: cheap, and it frees their memory.
             while filler.fill_next(false)? {}

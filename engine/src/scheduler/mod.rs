@@ -20,10 +20,11 @@ use std::future::Future;
 use std::ops::Range;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 pub use runtime::{Scheduler, SchedulerStats};
 
@@ -379,20 +380,29 @@ impl<C: ComputeBackend> fmt::Debug for Prefilled<C> {
 /// context. Returns the position of each chunk's first token, then the tail's.
 fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Vec<usize>> {
     if request.tail.is_empty() {
-        return Err(crate::error::EngineError::EmptyInput);
+        return Err(EngineError::EmptyInput);
     }
     if request.chunks.iter().any(|c| c.tokens.is_empty()) {
-        return Err(crate::error::EngineError::InvalidSetting(
-            "a chunk has no tokens".into(),
-        ));
+        return Err(EngineError::InvalidSetting("a chunk has no tokens".into()));
     }
     let starts = core::chunk_starts(request.chunks.iter().map(|c| c.tokens.len()));
     let needed = starts[starts.len() - 1] + request.tail.len();
     if needed > max_tokens {
-        return Err(crate::error::EngineError::ContextOverflow {
+        return Err(EngineError::ContextOverflow {
             needed,
             max: max_tokens,
         });
     }
     Ok(starts)
+}
+
+/// A load that fails once it has run for `timeout` (a stalled store must not hold a
+/// request).
+async fn load_within<Kv>(
+    timeout: Duration,
+    load: impl Future<Output = LoadOutcome<Kv>>,
+) -> LoadOutcome<Kv> {
+    tokio::time::timeout(timeout, load)
+        .await
+        .unwrap_or_else(|_| LoadOutcome::Failed(format!("timed out after {timeout:?}")))
 }

@@ -16,7 +16,7 @@ use super::core::{
 };
 use super::{
     ChunkSpec, ComputeBackend, LoadBackend, LoadOutcome, MissReason, PrefillRequest, Prefilled,
-    SchedulerConfig, check_request,
+    SchedulerConfig, check_request, load_within,
 };
 use crate::error::{EngineError, Result};
 
@@ -277,9 +277,7 @@ where
         let shared = shared.clone();
         let timeout = Duration::from_secs_f64(state.core.config().load_timeout_secs.max(0.0));
         let load = shared.runtime.clone().spawn(async move {
-            let outcome = tokio::time::timeout(timeout, shared.loader.load(&source, &tokens))
-                .await
-                .unwrap_or_else(|_| LoadOutcome::Failed(format!("timed out after {timeout:?}")));
+            let outcome = load_within(timeout, shared.loader.load(&source, &tokens)).await;
             finish_load(&shared, step, outcome);
         });
         state.loads.insert(step, load.abort_handle());
