@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ragcake::engine::{Engine, EngineConfig};
+use ragcake::ingest::{Ingest, IngestConfig, IngestEvent};
 use ragcake::kvstore::KvStore;
 use ragcake::models::{MINILM, ModelCache, SMOLLM2};
-use ragcake::retriever::{Embedder, Ingest, IngestConfig, IngestEvent};
+use ragcake::retriever::Embedder;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

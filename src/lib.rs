@@ -8,6 +8,7 @@ pub mod models;
 pub mod paths;
 
 pub use ragcake_engine as engine;
+pub use ragcake_ingest as ingest;
 pub use ragcake_kvstore as kvstore;
 pub use ragcake_pipeline as pipeline;
 pub use ragcake_retriever as retriever;

@@ -1,36 +1,9 @@
 //! Content-addressed cache keys and their object paths.
 
 use ragcake_engine::ModelFingerprint;
-use serde::{Deserialize, Serialize};
 
-/// What a stored cache holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheKind {
-    /// KV of a chunk computed in context: exact, valid only after its parent chain.
-    Prefix,
-    /// KV of a chunk computed alone at position 0: position-independent, approximate.
-    Chunk,
-}
-
-impl CacheKind {
-    /// The name used in metadata and object paths.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Prefix => "prefix",
-            Self::Chunk => "chunk",
-        }
-    }
-
-    /// Parses [`CacheKind::as_str`]'s output.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "prefix" => Some(Self::Prefix),
-            "chunk" => Some(Self::Chunk),
-            _ => None,
-        }
-    }
-}
+/// What a stored cache holds (the scheduler's kinds: prefix or chunk).
+pub use ragcake_engine::scheduler::CacheKind;
 
 /// A cache key: a blake3 hash of the model fingerprint, the kind, (for prefix caches) the
 /// parent key, and the chunk's token ids. Deterministic across processes and machines.
@@ -99,19 +72,6 @@ impl CacheKey {
             kind: CacheKind::Chunk,
             hash: *hasher.finalize().as_bytes(),
         }
-    }
-
-    /// The chain of prefix keys of consecutive chunks: key `i` covers chunks `0..=i`.
-    pub fn prefix_chain<'a>(
-        model: &ModelFingerprint,
-        chunks: impl IntoIterator<Item = &'a [u32]>,
-    ) -> Vec<CacheKey> {
-        let mut keys: Vec<CacheKey> = Vec::new();
-        for chunk in chunks {
-            let key = CacheKey::prefix(model, keys.last(), chunk);
-            keys.push(key);
-        }
-        keys
     }
 
     /// The kind of cache this key names.
@@ -184,10 +144,6 @@ mod tests {
         let b = CacheKey::prefix(&MODEL, Some(&a), &[5]);
         let c = CacheKey::prefix(&MODEL, None, &[5]);
         assert_ne!(b, c, "the parent is part of a prefix key");
-        assert_eq!(
-            CacheKey::prefix_chain(&MODEL, [&[1u32, 2][..], &[5][..]]),
-            vec![a, b]
-        );
     }
 
     #[test]

@@ -14,7 +14,6 @@ pub mod url;
 
 pub use error::{KvStoreError, RejectReason, Result};
 pub use key::{CacheKey, CacheKind};
-pub use load::LookupSummary;
 /// The object store crate, for building stores to pass to [`KvStore::new`].
 pub use object_store;
 pub use store::{KvStore, Lookup, StoreStats};

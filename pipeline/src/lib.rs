@@ -8,9 +8,11 @@
 //! - [`pipeline`]: [`Pipeline`] and its builder; `ask` and a streaming ask.
 //! - [`prompt`]: the prompt as token segments that line up with stored caches.
 //! - [`metrics`]: Prometheus metrics and the layer that records them.
-//! - [`http`]: the axum service (`/v1/ask`, OpenAI-compatible `/v1/chat/completions`,
-//!   `/healthz`, `/metrics`) and its configuration file.
+//! - [`config`]: the service's configuration file (HTTP, pipeline, request limits).
+//! - [`http`]: the axum service: the native API (`/v1/ask`, `/healthz`, `/metrics`) and
+//!   the OpenAI-compatible one (`/v1/chat/completions`, `/v1/models`).
 
+pub mod config;
 pub mod error;
 pub mod http;
 pub mod metrics;
@@ -19,9 +21,9 @@ pub mod prompt;
 pub mod stages;
 pub mod types;
 
+pub use config::{HttpConfig, PipelineConfig, RequestLimits, ServiceConfig};
 pub use error::{BoxError, PipelineError, Result};
-pub use http::{HttpConfig, ServiceConfig};
 pub use metrics::Metrics;
-pub use pipeline::{Health, Pipeline, PipelineBuilder, PipelineConfig};
+pub use pipeline::{Health, Pipeline, PipelineBuilder};
 pub use prompt::PromptTemplate;
-pub use types::{Answer, Ask, AskOptions, AskRequest, Breakdown, Source, StreamEvent};
+pub use types::{Answer, Ask, AskOptions, AskRequest, Breakdown, CitedChunk, StreamEvent};

@@ -6,98 +6,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use ragcake_engine::scheduler::{SchedulerConfig, SchedulerStats};
+use ragcake_engine::scheduler::SchedulerStats;
 use ragcake_engine::{Engine, EngineConfig};
 use ragcake_kvstore::KvStore;
 use ragcake_retriever::{Embedder, Retriever, VectorIndex};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tower::util::BoxCloneSyncService;
 use tower::{ServiceBuilder, ServiceExt};
 
+use crate::config::PipelineConfig;
 use crate::error::{PipelineError, Result};
 use crate::metrics::{Metrics, MetricsLayer};
-use crate::prompt::PromptTemplate;
-use crate::stages::{
-    EngineScheduler, Generate, PlanLayer, PrefillLayer, RequestLimits, RetrieveLayer,
-};
-use crate::types::{Answer, Ask, AskOptions, AskRequest, StreamEvent};
-
-/// Settings of a pipeline (the `[pipeline]` table of the service's TOML file).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PipelineConfig {
-    /// Qdrant collection (server index only).
-    pub collection: String,
-    /// Bytes of recently used chunk caches kept in memory in front of the store.
-    pub memory_tier_bytes: usize,
-    /// Questions answered at once (retrieval to last token); more wait in the queue.
-    pub max_concurrent: usize,
-    /// Questions waiting beyond `max_concurrent`; more are refused as overloaded.
-    pub max_queue: usize,
-    /// A question not answered within this many seconds fails (queueing included).
-    pub timeout_secs: f64,
-    /// Answers decoding at once (decode shares the CPU with prefill).
-    pub decode_concurrency: usize,
-    /// Longest question, in characters.
-    pub max_question_chars: usize,
-    /// Most generated tokens a request may ask for.
-    pub max_tokens_limit: usize,
-    /// The text around the retrieved chunks.
-    pub prompt: PromptTemplate,
-    /// Options of a request that sets none.
-    pub defaults: AskOptions,
-    /// The prefill scheduler.
-    pub scheduler: SchedulerConfig,
-}
-
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        let limits = RequestLimits::default();
-        Self {
-            collection: "ragcake".into(),
-            memory_tier_bytes: 256 << 20,
-            max_concurrent: 8,
-            max_queue: 64,
-            timeout_secs: 300.0,
-            decode_concurrency: 1,
-            max_question_chars: limits.max_question_chars,
-            max_tokens_limit: limits.max_tokens,
-            prompt: PromptTemplate::default(),
-            defaults: AskOptions::default(),
-            scheduler: SchedulerConfig::default(),
-        }
-    }
-}
-
-impl PipelineConfig {
-    fn limits(&self) -> RequestLimits {
-        RequestLimits {
-            max_question_chars: self.max_question_chars,
-            max_tokens: self.max_tokens_limit,
-            ..RequestLimits::default()
-        }
-    }
-
-    fn check(&self) -> Result<()> {
-        let bad = |why: &str| Err(PipelineError::Config(why.to_string()));
-        if self.max_concurrent == 0 {
-            return bad("max_concurrent must be at least 1");
-        }
-        if self.max_queue == 0 {
-            return bad("max_queue must be at least 1");
-        }
-        if !(self.timeout_secs > 0.0 && self.timeout_secs.is_finite()) {
-            return bad("timeout_secs must be positive");
-        }
-        if self.scheduler.io_concurrency == 0 {
-            return bad("scheduler.io_concurrency must be at least 1");
-        }
-        self.limits()
-            .check(&AskRequest::new("?").with_options(self.defaults.clone()))
-            .map_err(|e| PipelineError::Config(format!("defaults: {e}")))
-    }
-}
+use crate::stages::{EngineScheduler, Generate, PlanLayer, PrefillLayer, RetrieveLayer};
+use crate::types::{Answer, Ask, AskRequest, StreamEvent};
 
 /// Builds a [`Pipeline`] from paths and locations, or from parts already built.
 #[derive(Debug, Default)]
@@ -226,7 +148,7 @@ impl PipelineBuilder {
             )));
         }
         let retriever = Arc::new(
-            Retriever::new(embedder, index, Some(kv.clone()))
+            Retriever::new(embedder, index, Some(engine.fingerprint().to_hex()))
                 .map_err(PipelineError::from_retrieval)?,
         );
         let scheduler = Arc::new(EngineScheduler::start(

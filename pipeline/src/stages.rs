@@ -13,75 +13,21 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use ragcake_engine::scheduler::{PrefillRequest, Scheduler};
+use ragcake_engine::scheduler::{PlanOptions, PrefillRequest, PromptChunk, Scheduler};
 use ragcake_engine::{Engine, GenerateParams, KvCache, Sampling, Tensor};
-use ragcake_kvstore::{CacheKey, CacheKind, KvStore, LookupSummary};
+use ragcake_kvstore::{CacheKey, KvStore};
 use ragcake_retriever::{Retrieval, RetrieveOptions, Retriever};
 use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::config::RequestLimits;
 use crate::error::{BoxError, PipelineError};
 use crate::prompt::PromptTemplate;
-use crate::types::{Answer, Ask, AskRequest, Breakdown, Source, StreamEvent};
+use crate::types::{Answer, Ask, Breakdown, CitedChunk, StreamEvent};
 
 /// The prefill scheduler over the engine and the KV store.
 pub type EngineScheduler = Scheduler<Engine, KvStore>;
-
-/// Limits a request must respect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestLimits {
-    /// Longest question, in characters.
-    pub max_question_chars: usize,
-    /// Most chunks per prompt.
-    pub max_top_k: usize,
-    /// Most generated tokens.
-    pub max_tokens: usize,
-}
-
-impl Default for RequestLimits {
-    fn default() -> Self {
-        Self {
-            max_question_chars: 4000,
-            max_top_k: 16,
-            max_tokens: 1024,
-        }
-    }
-}
-
-impl RequestLimits {
-    /// Checks a request against the limits and the options against their ranges.
-    pub fn check(&self, request: &AskRequest) -> Result<(), PipelineError> {
-        let invalid = |why: String| Err(PipelineError::InvalidRequest(why));
-        let o = &request.options;
-        let chars = request.question.chars().count();
-        if request.question.trim().is_empty() {
-            return invalid("the question is empty".into());
-        }
-        if chars > self.max_question_chars {
-            return invalid(format!(
-                "the question has {chars} characters, at most {} are accepted",
-                self.max_question_chars
-            ));
-        }
-        if o.top_k == 0 || o.top_k > self.max_top_k {
-            return invalid(format!("top_k must be 1 to {}", self.max_top_k));
-        }
-        if o.max_tokens == 0 || o.max_tokens > self.max_tokens {
-            return invalid(format!("max_tokens must be 1 to {}", self.max_tokens));
-        }
-        if !(0.0..=2.0).contains(&o.temperature) {
-            return invalid("temperature must be 0 to 2".into());
-        }
-        if !(o.top_p > 0.0 && o.top_p <= 1.0) {
-            return invalid("top_p must be above 0 and at most 1".into());
-        }
-        if !(o.prefer_cached_within >= 0.0 && o.prefer_cached_within <= 2.0) {
-            return invalid("prefer_cached_within must be 0 to 2".into());
-        }
-        Ok(())
-    }
-}
 
 /// Moves the ready service out of `slot`, leaving a clone (tower's rule: the service that
 /// was polled ready is the one called).
@@ -181,10 +127,9 @@ impl Step<Ask> for RetrieveLayer {
             layer.limits.check(&ask.request)?;
             let o = &ask.request.options;
             let options = RetrieveOptions {
-                top_k: o.top_k,
-                candidates: (o.top_k * 2).max(8),
                 prefer_cached_within: o.prefer_cached_within,
                 order: o.order,
+                ..RetrieveOptions::for_top_k(o.top_k)
             };
             let retrieval = layer
                 .retriever
@@ -202,7 +147,7 @@ pub struct Planned {
     /// The question.
     pub ask: Ask,
     /// The chunks in the prompt.
-    pub sources: Vec<Source>,
+    pub sources: Vec<CitedChunk>,
     /// The prefill to run.
     pub request: PrefillRequest<CacheKey>,
     /// The timing so far.
@@ -210,8 +155,8 @@ pub struct Planned {
 }
 
 /// Stage 2: builds the prompt (preamble, the chunks' own tokens, the question tail) and
-/// looks up each chunk's exact prefix cache, then its position-independent cache (metadata
-/// only); in exact mode chunk caches are not used.
+/// has the scheduler plan it: which stored cache each chunk loads (one metadata request per
+/// chunk: retrieval already said which chunk caches the precompute job stored).
 #[derive(Debug, Clone)]
 pub struct PlanLayer {
     engine: Arc<Engine>,
@@ -240,7 +185,7 @@ impl PlanLayer {
             &request.question,
         )?;
         let fingerprint = self.engine.fingerprint().to_hex();
-        let mut chunks = vec![segments.preamble];
+        let mut chunks = vec![PromptChunk::with_chunk_cache(segments.preamble, false)];
         for hit in &retrieval.chunks {
             // Token ids from the index belong to the LLM that ingested them.
             let ids = if hit.chunk.llm == fingerprint {
@@ -248,9 +193,10 @@ impl PlanLayer {
             } else {
                 self.engine.tokenizer().encode(&hit.chunk.text, false)?
             };
-            chunks.push(ids);
+            chunks.push(PromptChunk::with_chunk_cache(ids, hit.cache.is_stored()));
         }
-        let prompt_tokens = chunks.iter().map(Vec::len).sum::<usize>() + segments.tail.len();
+        let prompt_tokens =
+            chunks.iter().map(|c| c.tokens.len()).sum::<usize>() + segments.tail.len();
         let context = self.engine.model().config().context_length;
         if prompt_tokens + request.options.max_tokens > context {
             return Err(PipelineError::InvalidRequest(format!(
@@ -258,25 +204,18 @@ impl PlanLayer {
                 request.options.max_tokens
             )));
         }
-        let (mut plan, mut lookups) = self
-            .kv
-            .plan_prefill(chunks, segments.tail, request.options.mode)
-            .await;
-        if request.options.exact {
-            for spec in &mut plan.chunks {
-                if spec.stored.as_ref().map(CacheKey::kind) == Some(CacheKind::Chunk) {
-                    spec.stored = None;
-                }
-            }
-            lookups = LookupSummary {
-                chunk_hits: 0,
-                ..lookups
-            };
-        }
+        let plan_secs = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let options = PlanOptions {
+            mode: request.options.mode,
+            exact: request.options.exact,
+        };
+        let (plan, lookups) =
+            ragcake_engine::scheduler::plan(&*self.kv, chunks, segments.tail, options).await;
         let sources = retrieval
             .chunks
             .into_iter()
-            .map(|hit| Source {
+            .map(|hit| CitedChunk {
                 doc_id: hit.chunk.doc_id,
                 chunk_no: hit.chunk.chunk_no,
                 score: hit.score,
@@ -287,8 +226,8 @@ impl PlanLayer {
         let breakdown = Breakdown {
             embed_secs: retrieval.embed_secs,
             search_secs: retrieval.search_secs,
-            lookup_secs: retrieval.lookup_secs,
-            plan_secs: started.elapsed().as_secs_f64(),
+            lookup_secs: started.elapsed().as_secs_f64(),
+            plan_secs,
             prompt_tokens,
             lookups,
             degraded: lookups.errors > 0,
@@ -335,7 +274,7 @@ pub struct Prefilled {
     /// The question.
     pub ask: Ask,
     /// The chunks in the prompt.
-    pub sources: Vec<Source>,
+    pub sources: Vec<CitedChunk>,
     /// The prompt's KV cache.
     pub cache: KvCache,
     /// The last prompt token's logits.

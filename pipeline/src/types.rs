@@ -2,9 +2,8 @@
 
 use std::time::Instant;
 
-use ragcake_engine::scheduler::{Mode, PrefillReport};
+use ragcake_engine::scheduler::{LookupSummary, Mode, PrefillReport};
 use ragcake_engine::{ChatMessage, FinishReason};
-use ragcake_kvstore::LookupSummary;
 use ragcake_retriever::{CacheStatus, ChunkOrder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -39,7 +38,7 @@ pub struct AskOptions {
 impl Default for AskOptions {
     fn default() -> Self {
         Self {
-            top_k: 3,
+            top_k: ragcake_retriever::DEFAULT_TOP_K,
             max_tokens: 128,
             temperature: 0.0,
             top_p: 1.0,
@@ -88,7 +87,7 @@ impl AskRequest {
 
 /// A retrieved chunk the answer was built on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Source {
+pub struct CitedChunk {
     /// The document.
     pub doc_id: String,
     /// The chunk's number in it.
@@ -97,7 +96,7 @@ pub struct Source {
     pub score: f32,
     /// The chunk's text.
     pub text: String,
-    /// Whether its position-independent KV cache was stored when retrieved.
+    /// Whether the precompute job stored its position-independent KV cache.
     pub cache: CacheStatus,
 }
 
@@ -112,9 +111,9 @@ pub struct Breakdown {
     pub embed_secs: f64,
     /// Searching the vector index.
     pub search_secs: f64,
-    /// Looking up the retrieved chunks' caches (metadata only).
+    /// Looking up what the store holds for the prompt's chunks (metadata only).
     pub lookup_secs: f64,
-    /// Tokenizing the prompt and looking up its prefix caches.
+    /// Building the prompt's token segments.
     pub plan_secs: f64,
     /// Prompt tokens (preamble, chunks and question).
     pub prompt_tokens: usize,
@@ -140,7 +139,7 @@ pub struct Answer {
     /// Why generation ended.
     pub finish_reason: FinishReason,
     /// The chunks in the prompt, in prompt order.
-    pub sources: Vec<Source>,
+    pub sources: Vec<CitedChunk>,
     /// Where the time went.
     pub breakdown: Breakdown,
 }
@@ -149,7 +148,7 @@ pub struct Answer {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
     /// The chunks the answer is built on (before the first token).
-    Sources(Vec<Source>),
+    Sources(Vec<CitedChunk>),
     /// A piece of generated text (never a split UTF-8 character).
     Text(String),
     /// The complete answer with its breakdown.

@@ -4,9 +4,23 @@
 
 use std::ops::Range;
 
-use ragcake_engine::Tokenizer;
-
 use crate::error::{Result, RetrieverError};
+
+/// The LLM's tokenizer as the chunker sees it: text in, token ids out (no special tokens).
+/// Any `Fn(&str) -> Result<Vec<u32>, String>` is one, so the retriever needs no engine.
+pub trait Tokenize: Sync {
+    /// The token ids of `text`.
+    fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, String>;
+}
+
+impl<F> Tokenize for F
+where
+    F: Fn(&str) -> std::result::Result<Vec<u32>, String> + Sync,
+{
+    fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
+        self(text)
+    }
+}
 
 /// The default chunk size in LLM tokens.
 pub const DEFAULT_CHUNK_TOKENS: usize = 256;
@@ -24,13 +38,23 @@ pub struct TextChunk {
     pub token_ids: Vec<u32>,
 }
 
+/// Checks a chunk size: at least one token.
+pub fn check_target_tokens(target_tokens: usize) -> Result<()> {
+    if target_tokens == 0 {
+        return Err(RetrieverError::InvalidSetting(
+            "the chunk size must be at least one token".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Splits text on the LLM tokenizer's tokens.
 ///
 /// The chunks partition the text exactly (their concatenation is the document), each has
 /// at most `target_tokens` tokens, and the same text always gives the same chunks.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Chunker<'a> {
-    tokenizer: &'a Tokenizer,
+    tokenizer: &'a dyn Tokenize,
     target_tokens: usize,
 }
 
@@ -43,14 +67,18 @@ enum Border {
     Char,
 }
 
+impl std::fmt::Debug for Chunker<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunker")
+            .field("target_tokens", &self.target_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'a> Chunker<'a> {
     /// A chunker making chunks of at most `target_tokens` tokens of `tokenizer`.
-    pub fn new(tokenizer: &'a Tokenizer, target_tokens: usize) -> Result<Self> {
-        if target_tokens == 0 {
-            return Err(RetrieverError::InvalidSetting(
-                "the chunk size must be at least one token".into(),
-            ));
-        }
+    pub fn new(tokenizer: &'a dyn Tokenize, target_tokens: usize) -> Result<Self> {
+        check_target_tokens(target_tokens)?;
         Ok(Self {
             tokenizer,
             target_tokens,
@@ -79,7 +107,7 @@ impl<'a> Chunker<'a> {
                     chunk_no: u32::try_from(i).map_err(|_| {
                         RetrieverError::InvalidSetting("a document of over 4G chunks".into())
                     })?,
-                    token_ids: self.tokenizer.encode(piece, false)?,
+                    token_ids: self.tokens(piece)?,
                     text: piece.to_string(),
                     range,
                 })
@@ -87,8 +115,14 @@ impl<'a> Chunker<'a> {
             .collect()
     }
 
+    fn tokens(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer
+            .tokenize(text)
+            .map_err(RetrieverError::Tokenizer)
+    }
+
     fn count(&self, text: &str) -> Result<usize> {
-        Ok(self.tokenizer.encode(text, false)?.len())
+        Ok(self.tokens(text)?.len())
     }
 
     /// Appends to `out` the chunks of `span`: whole if it fits, else its parts at `border`

@@ -1,6 +1,6 @@
 //! The retriever's error type.
 
-/// What can go wrong while chunking, embedding, indexing or ingesting.
+/// What can go wrong while chunking, embedding, indexing or searching.
 #[derive(Debug, thiserror::Error)]
 pub enum RetrieverError {
     /// The embedding model could not be loaded or run.
@@ -28,12 +28,9 @@ pub enum RetrieverError {
         /// The field.
         field: &'static str,
     },
-    /// The LLM engine failed (tokenizing, computing a chunk's KV).
-    #[error(transparent)]
-    Engine(#[from] ragcake_engine::EngineError),
-    /// The KV store failed.
-    #[error(transparent)]
-    KvStore(#[from] ragcake_kvstore::KvStoreError),
+    /// The LLM's tokenizer failed on a chunk's text.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// A file or directory could not be read.
     #[error("{path}: {source}")]
     Io {

@@ -1,12 +1,12 @@
 //! ragcake's retriever: documents split into chunks on the LLM's tokens, embedded with
-//! all-MiniLM-L6-v2 on candle, indexed in Qdrant (embedded or server); cache-aware
-//! retrieval; and the batch job that precomputes every chunk's KV cache.
+//! all-MiniLM-L6-v2 on candle, indexed in Qdrant (embedded or server), and cache-aware
+//! retrieval. It needs neither the engine nor the KV store: the chunker takes any
+//! tokenizer, and a chunk's cache status is what the precompute job recorded in the index.
 //!
 //! - [`chunker`]: token-bounded chunks on paragraph, sentence and word borders.
 //! - [`embedder`]: sentence embeddings (BERT, mean pooling, L2 normalised).
 //! - [`index`]: the [`VectorIndex`] trait, [`EdgeIndex`] and [`QdrantServerIndex`].
 //! - [`retrieve`]: question → ranked, ordered chunks with their cache status.
-//! - [`ingest`]: the precompute job (idempotent, resumable, sharded).
 //! - [`eval`]: labelled questions and recall@k.
 
 pub mod chunker;
@@ -14,19 +14,17 @@ pub mod embedder;
 pub mod error;
 pub mod eval;
 pub mod index;
-pub mod ingest;
 pub mod retrieve;
 
-pub use chunker::{Chunker, DEFAULT_CHUNK_TOKENS, TextChunk};
+pub use chunker::{Chunker, DEFAULT_CHUNK_TOKENS, TextChunk, Tokenize};
 pub use embedder::Embedder;
 pub use error::{Result, RetrieverError};
 pub use eval::{LabelledQuestion, QuestionSet};
 pub use index::{
     ChunkId, EdgeIndex, IndexPoint, IndexedChunk, QdrantServerIndex, ScoredChunk, VectorIndex,
 };
-pub use ingest::{Ingest, IngestConfig, IngestEvent, IngestSummary, Shard};
 pub use retrieve::{
-    CacheStatus, ChunkOrder, Retrieval, RetrieveOptions, RetrievedChunk, Retriever,
+    CacheStatus, ChunkOrder, DEFAULT_TOP_K, Retrieval, RetrieveOptions, RetrievedChunk, Retriever,
 };
 
 /// Opens the vector index named by `location`: a Qdrant server URL (`http://…`,

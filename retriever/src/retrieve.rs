@@ -1,10 +1,10 @@
-//! Cache-aware retrieval: embed the question, search the index, look up each hit's stored
-//! KV cache, and rank and order the chunks for the bidirectional prefill.
+//! Cache-aware retrieval: embed the question, search the index, read each hit's cache status
+//! from its payload (what the precompute job stored; no store request), and rank and order
+//! the chunks for the bidirectional prefill.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use ragcake_kvstore::{CacheKey, KvStore};
 use serde::{Deserialize, Serialize};
 
 use crate::embedder::Embedder;
@@ -39,30 +39,40 @@ pub struct RetrieveOptions {
     pub order: ChunkOrder,
 }
 
-impl Default for RetrieveOptions {
-    fn default() -> Self {
+/// Chunks retrieved into a prompt unless a request says otherwise.
+pub const DEFAULT_TOP_K: usize = 3;
+
+impl RetrieveOptions {
+    /// The options for `top_k` chunks: twice as many candidates (at least 8) for re-ranking,
+    /// ranked by score alone, in relevance order.
+    pub fn for_top_k(top_k: usize) -> Self {
         Self {
-            top_k: 4,
-            candidates: 8,
+            top_k,
+            candidates: (top_k * 2).max(8),
             prefer_cached_within: 0.0,
             order: ChunkOrder::Relevance,
         }
     }
 }
 
-/// Whether a chunk's KV cache is stored.
+impl Default for RetrieveOptions {
+    fn default() -> Self {
+        Self::for_top_k(DEFAULT_TOP_K)
+    }
+}
+
+/// Whether a chunk's position-independent KV cache is stored, as the precompute job recorded
+/// it in the chunk's payload (a load verifies it; a cache lost since is a counted miss).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "status", content = "detail")]
+#[serde(rename_all = "snake_case", tag = "status")]
 pub enum CacheStatus {
-    /// A position-independent cache is stored under the chunk's key.
+    /// The precompute job stored the chunk's cache for this LLM.
     Stored,
-    /// Nothing stored (or no store configured).
+    /// None recorded (or the retriever serves no LLM).
     Absent,
     /// The chunk was tokenized for another LLM: its stored cache (if any) is not usable by
     /// this one, and its text must be tokenized again.
     OtherModel,
-    /// The lookup failed (the store is down); treated as absent.
-    Unknown(String),
 }
 
 impl CacheStatus {
@@ -81,9 +91,6 @@ pub struct RetrievedChunk {
     pub score: f32,
     /// Its KV cache.
     pub cache: CacheStatus,
-    /// Key of its position-independent cache for the store's model (when the chunk was
-    /// tokenized for that model).
-    pub key: Option<CacheKey>,
 }
 
 /// What a retrieval returned, and where its time went.
@@ -95,25 +102,24 @@ pub struct Retrieval {
     pub embed_secs: f64,
     /// Seconds searching the index.
     pub search_secs: f64,
-    /// Seconds looking up the chunks' caches.
-    pub lookup_secs: f64,
 }
 
-/// Embedder + index (+ KV store for cache status): questions in, ranked chunks out.
+/// Embedder + index: questions in, ranked chunks out.
 #[derive(Debug, Clone)]
 pub struct Retriever {
     embedder: Arc<Embedder>,
     index: Arc<dyn VectorIndex>,
-    kv: Option<Arc<KvStore>>,
+    llm: Option<String>,
 }
 
 impl Retriever {
-    /// A retriever over `index`, whose vectors `embedder` made. With `kv`, each hit's cache
-    /// status is looked up (metadata only); without, every chunk is `Absent`.
+    /// A retriever over `index`, whose vectors `embedder` made, for the LLM whose
+    /// fingerprint (hex) is `llm`: a chunk's cache counts as stored when the precompute job
+    /// recorded one for that LLM. Without an LLM, every chunk is `Absent`.
     pub fn new(
         embedder: Arc<Embedder>,
         index: Arc<dyn VectorIndex>,
-        kv: Option<Arc<KvStore>>,
+        llm: Option<String>,
     ) -> Result<Self> {
         if embedder.dim() != index.dim() {
             return Err(RetrieverError::DimensionMismatch {
@@ -124,7 +130,7 @@ impl Retriever {
         Ok(Self {
             embedder,
             index,
-            kv,
+            llm,
         })
     }
 
@@ -153,44 +159,29 @@ impl Retriever {
         let hits = self.index.search(&vector, limit).await?;
         let search_secs = started.elapsed().as_secs_f64();
 
-        let started = Instant::now();
-        let lookups = hits.into_iter().map(|hit| async move {
-            let (cache, key) = self.cache_status(&hit.chunk).await;
-            RetrievedChunk {
+        let chunks = hits
+            .into_iter()
+            .map(|hit| RetrievedChunk {
+                cache: self.cache_status(&hit.chunk),
                 chunk: hit.chunk,
                 score: hit.score,
-                cache,
-                key,
-            }
-        });
-        let chunks = futures::future::join_all(lookups).await;
-        let lookup_secs = started.elapsed().as_secs_f64();
+            })
+            .collect();
         Ok(Retrieval {
             chunks: rank(chunks, options),
             embed_secs,
             search_secs,
-            lookup_secs,
         })
     }
 
-    async fn cache_status(&self, chunk: &IndexedChunk) -> (CacheStatus, Option<CacheKey>) {
-        let Some(kv) = &self.kv else {
-            return (CacheStatus::Absent, None);
-        };
-        let model = kv.model();
-        if chunk.llm != model.to_hex() {
-            return (CacheStatus::OtherModel, None);
+    /// The chunk's cache status for this retriever's LLM, from its payload.
+    pub fn cache_status(&self, chunk: &IndexedChunk) -> CacheStatus {
+        match &self.llm {
+            None => CacheStatus::Absent,
+            Some(llm) if *llm != chunk.llm => CacheStatus::OtherModel,
+            Some(_) if chunk.kv_key.is_empty() => CacheStatus::Absent,
+            Some(_) => CacheStatus::Stored,
         }
-        let key = CacheKey::chunk(&model, &chunk.token_ids);
-        let status = match kv.contains(&key).await {
-            Ok(true) => CacheStatus::Stored,
-            Ok(false) => CacheStatus::Absent,
-            Err(e) => {
-                tracing::warn!(error = %e, "KV lookup failed; the chunk will be computed");
-                CacheStatus::Unknown(e.to_string())
-            }
-        };
-        (status, Some(key))
     }
 }
 
@@ -238,7 +229,6 @@ mod tests {
             } else {
                 CacheStatus::Absent
             },
-            key: None,
         }
     }
 

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use clap::Args;
 use ragcake::engine::scheduler::Mode;
+use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::pipeline::{Answer, AskOptions, AskRequest, Pipeline, PipelineConfig};
-use ragcake::retriever::{ChunkOrder, Ingest, IngestConfig, QuestionSet};
+use ragcake::retriever::{ChunkOrder, QuestionSet};
 
 use super::{ModelArgs, StoreArgs};
 
@@ -101,11 +102,12 @@ fn breakdown_line(answer: &Answer) -> String {
         .meeting_point
         .map_or_else(|| "-".to_string(), |m| m.to_string());
     format!(
-        "{}: TTFT {:.2} s (retrieve {:.3} s, plan {:.3} s, prefill {:.2} s: {} chunks computed, {} loaded, {:.1} MB, meeting at {meeting}){}; {} tokens decoded in {:.2} s",
+        "{}: TTFT {:.2} s (retrieve {:.3} s, plan {:.3} s with {} lookups, prefill {:.2} s: {} chunks computed, {} loaded, {:.1} MB, meeting at {meeting}){}; {} tokens decoded in {:.2} s",
         p.mode,
         b.ttft_secs,
-        b.embed_secs + b.search_secs + b.lookup_secs,
-        b.plan_secs,
+        b.embed_secs + b.search_secs,
+        b.plan_secs + b.lookup_secs,
+        b.lookups.requests,
         p.ttft_secs,
         p.chunks_computed,
         p.chunks_loaded,

@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use ragcake::engine::{Engine, Logits};
 use serde::Serialize;
 
+use super::report::{Stats, print_json, print_table, write_csv};
 use super::{ModelArgs, plot};
 
 #[derive(Debug, Subcommand)]
@@ -61,48 +62,45 @@ pub struct PrefillArgs {
     csv: PathBuf,
 }
 
-/// Median, min and max of repeated measurements.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Stats {
-    pub median: f64,
-    pub min: f64,
-    pub max: f64,
-}
-
-impl Stats {
-    pub fn of(mut xs: Vec<f64>) -> Self {
-        xs.sort_by(f64::total_cmp);
-        let n = xs.len();
-        let median = if n % 2 == 1 {
-            xs[n / 2]
-        } else {
-            (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-        };
-        Self {
-            median,
-            min: xs[0],
-            max: xs[n - 1],
-        }
-    }
-}
-
+/// One measurement of the prefill benchmark: prefill at one context length, or decode.
 #[derive(Debug, Serialize)]
 struct Row {
+    /// `prefill` or `decode`.
+    measure: &'static str,
+    /// Context tokens (decode: the prompt before the decoded tokens).
     context: usize,
-    ragcake_tok_s: Stats,
-    llama_cpp_tok_s: Option<Stats>,
+    threads: usize,
+    ragcake_tok_s: f64,
+    ragcake_min: f64,
+    ragcake_max: f64,
+    llama_cpp_tok_s: Option<f64>,
+    llama_cpp_min: Option<f64>,
+    llama_cpp_max: Option<f64>,
+    /// ragcake / llama.cpp (medians).
     ratio: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
-struct Report {
-    model: String,
-    threads: usize,
-    chunk: usize,
-    repeats: usize,
-    prefill: Vec<Row>,
-    decode_ragcake_tok_s: Stats,
-    decode_llama_cpp_tok_s: Option<Stats>,
+impl Row {
+    fn new(
+        measure: &'static str,
+        context: usize,
+        threads: usize,
+        ragcake: Stats,
+        llama_cpp: Option<Stats>,
+    ) -> Self {
+        Self {
+            measure,
+            context,
+            threads,
+            ragcake_tok_s: ragcake.median,
+            ragcake_min: ragcake.min,
+            ragcake_max: ragcake.max,
+            llama_cpp_tok_s: llama_cpp.map(|l| l.median),
+            llama_cpp_min: llama_cpp.map(|l| l.min),
+            llama_cpp_max: llama_cpp.map(|l| l.max),
+            ratio: llama_cpp.map(|l| ragcake.median / l.median),
+        }
+    }
 }
 
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
@@ -119,15 +117,6 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
             super::tokio_runtime()?.block_on(super::bench_retrieval::run(args))
         }
     }
-}
-
-/// The `q` quantile of `xs` by linear interpolation between closest ranks.
-pub(super) fn percentile(xs: &[f64], q: f64) -> f64 {
-    let mut sorted = xs.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = q * (sorted.len() - 1) as f64;
-    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
 }
 
 /// Deterministic ordinary-vocabulary token ids (attention cost does not depend on content).
@@ -218,13 +207,12 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         }
     };
 
-    let rows: Vec<Row> = args
+    let mut rows: Vec<Row> = args
         .contexts
         .iter()
         .zip(ours)
         .enumerate()
         .map(|(i, (&context, rates))| {
-            let ragcake = Stats::of(rates);
             let llama_cpp = llama.as_ref().map(|l| {
                 Stats::of(
                     l.prefill[i]
@@ -234,47 +222,38 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
                         .collect(),
                 )
             });
-            Row {
-                context,
-                ratio: llama_cpp.as_ref().map(|l| ragcake.median / l.median),
-                ragcake_tok_s: ragcake,
-                llama_cpp_tok_s: llama_cpp,
-            }
+            Row::new("prefill", context, threads, Stats::of(rates), llama_cpp)
         })
         .collect();
-    let report = Report {
-        model: model_path.display().to_string(),
+    let llama_decode = llama.as_ref().map(|l| {
+        Stats::of(
+            l.decode_seconds
+                .iter()
+                .map(|s| args.decode_tokens as f64 / s)
+                .collect(),
+        )
+    });
+    rows.push(Row::new(
+        "decode",
+        256,
         threads,
-        chunk: args.chunk,
-        repeats: args.repeats,
-        prefill: rows,
-        decode_ragcake_tok_s: Stats::of(decode),
-        decode_llama_cpp_tok_s: llama.as_ref().map(|l| {
-            Stats::of(
-                l.decode_seconds
-                    .iter()
-                    .map(|s| args.decode_tokens as f64 / s)
-                    .collect(),
-            )
-        }),
-    };
-    write_csv(&args.csv, &report)?;
+        Stats::of(decode),
+        llama_decode,
+    ));
+    write_csv(&args.csv, &rows)?;
     let png = args.csv.with_extension("png");
+    let prefill_rows = || rows.iter().filter(|r| r.measure == "prefill");
     let mut series = vec![plot::Series {
         name: "ragcake".into(),
-        points: report
-            .prefill
-            .iter()
-            .map(|r| (r.context as f64, r.ragcake_tok_s.median))
+        points: prefill_rows()
+            .map(|r| (r.context as f64, r.ragcake_tok_s))
             .collect(),
     }];
     if llama.is_some() {
         series.push(plot::Series {
             name: "llama.cpp".into(),
-            points: report
-                .prefill
-                .iter()
-                .filter_map(|r| Some((r.context as f64, r.llama_cpp_tok_s.as_ref()?.median)))
+            points: prefill_rows()
+                .filter_map(|r| Some((r.context as f64, r.llama_cpp_tok_s?)))
                 .collect(),
         });
     }
@@ -291,12 +270,29 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         false,
     );
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        print_json(&rows)
     } else {
-        print_table(&report);
+        println!(
+            "model {}, {threads} threads, chunk {}, median of {} (min, max)",
+            model_path.display(),
+            args.chunk,
+            args.repeats
+        );
+        print_table(
+            &rows,
+            &[
+                "measure",
+                "context",
+                "ragcake_tok_s",
+                "ragcake_min",
+                "ragcake_max",
+                "llama_cpp_tok_s",
+                "llama_cpp_min",
+                "llama_cpp_max",
+                "ratio",
+            ],
+        )
     }
-    eprintln!("CSV written to {}", args.csv.display());
-    Ok(())
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -354,82 +350,4 @@ fn run_llama_cpp(
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).context("parsing the llama.cpp bench output")
-}
-
-fn write_csv(path: &PathBuf, report: &Report) -> anyhow::Result<()> {
-    super::create_parent_dir(path)?;
-    let mut out = String::from(
-        "measure,context,threads,ragcake_median_tok_s,ragcake_min,ragcake_max,llama_cpp_median_tok_s,llama_cpp_min,llama_cpp_max,ratio\n",
-    );
-    let opt = |s: &Option<Stats>| match s {
-        Some(s) => format!("{:.2},{:.2},{:.2}", s.median, s.min, s.max),
-        None => ",,".into(),
-    };
-    for row in &report.prefill {
-        let r = &row.ragcake_tok_s;
-        out += &format!(
-            "prefill,{},{},{:.2},{:.2},{:.2},{},{}\n",
-            row.context,
-            report.threads,
-            r.median,
-            r.min,
-            r.max,
-            opt(&row.llama_cpp_tok_s),
-            row.ratio.map(|x| format!("{x:.3}")).unwrap_or_default()
-        );
-    }
-    let d = &report.decode_ragcake_tok_s;
-    let ratio = report
-        .decode_llama_cpp_tok_s
-        .as_ref()
-        .map(|l| format!("{:.3}", d.median / l.median))
-        .unwrap_or_default();
-    out += &format!(
-        "decode,256,{},{:.2},{:.2},{:.2},{},{}\n",
-        report.threads,
-        d.median,
-        d.min,
-        d.max,
-        opt(&report.decode_llama_cpp_tok_s),
-        ratio
-    );
-    std::fs::write(path, out)?;
-    Ok(())
-}
-
-fn print_table(report: &Report) {
-    println!(
-        "model {}, {} threads, chunk {}, median of {} (min–max)",
-        report.model, report.threads, report.chunk, report.repeats
-    );
-    println!(
-        "{:<10} {:>26} {:>26} {:>8}",
-        "context", "ragcake tok/s", "llama.cpp tok/s", "ratio"
-    );
-    let fmt = |s: &Stats| format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max);
-    for row in &report.prefill {
-        println!(
-            "{:<10} {:>26} {:>26} {:>8}",
-            row.context,
-            fmt(&row.ragcake_tok_s),
-            row.llama_cpp_tok_s.as_ref().map(fmt).unwrap_or("-".into()),
-            row.ratio.map(|r| format!("{r:.2}x")).unwrap_or("-".into())
-        );
-    }
-    let d = &report.decode_ragcake_tok_s;
-    println!(
-        "{:<10} {:>26} {:>26} {:>8}",
-        "decode",
-        fmt(d),
-        report
-            .decode_llama_cpp_tok_s
-            .as_ref()
-            .map(fmt)
-            .unwrap_or("-".into()),
-        report
-            .decode_llama_cpp_tok_s
-            .as_ref()
-            .map(|l| format!("{:.2}x", d.median / l.median))
-            .unwrap_or("-".into())
-    );
 }

@@ -14,7 +14,7 @@ use ragcake::kvstore::{CacheKey, KvStore, format, open_url};
 use serde::Serialize;
 
 use super::ModelArgs;
-use super::bench::Stats;
+use super::report::{Stats, print_json, print_table, write_csv};
 
 #[derive(Debug, Args)]
 pub struct KvstoreArgs {
@@ -43,16 +43,28 @@ pub struct KvstoreArgs {
     csv: PathBuf,
 }
 
+/// One backend's load throughput.
 #[derive(Debug, Serialize)]
 struct Row {
     backend: String,
+    context: usize,
+    chunk: usize,
+    concurrency: usize,
     bytes: u64,
-    raw_mb_s: Stats,
-    kvstore_mb_s: Stats,
+    /// Raw object_store GETs of the same objects (median, min, max).
+    raw_mb_s: f64,
+    raw_min: f64,
+    raw_max: f64,
+    /// Verified loads through the KV store.
+    kvstore_mb_s: f64,
+    kvstore_min: f64,
+    kvstore_max: f64,
     kvstore_tokens_s: f64,
+    /// kvstore / raw (medians).
     ratio: f64,
     /// Verify + decode alone, on bytes already in memory.
     decode_mb_s: f64,
+    /// Share of a load spent verifying and decoding.
     decode_share: f64,
 }
 
@@ -178,68 +190,47 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
         );
         rows.push(Row {
             backend: name,
+            context: args.context,
+            chunk: args.chunk,
+            concurrency: args.concurrency,
             bytes: total,
             kvstore_tokens_s: args.context as f64 / load_secs,
             ratio: ours.median / raw.median,
             decode_mb_s: total as f64 / 1e6 / decode,
             decode_share: if tier { 0.0 } else { decode / load_secs },
-            raw_mb_s: raw,
-            kvstore_mb_s: ours,
+            raw_mb_s: raw.median,
+            raw_min: raw.min,
+            raw_max: raw.max,
+            kvstore_mb_s: ours.median,
+            kvstore_min: ours.min,
+            kvstore_max: ours.max,
         });
     }
     write_outputs(&args, &rows)
 }
 
 fn write_outputs(args: &KvstoreArgs, rows: &[Row]) -> anyhow::Result<()> {
-    super::create_parent_dir(&args.csv)?;
-    let mut csv = String::from(
-        "backend,context,chunk,concurrency,bytes,raw_mb_s,raw_min,raw_max,kvstore_mb_s,kvstore_min,kvstore_max,kvstore_tokens_s,ratio,decode_mb_s,decode_share\n",
-    );
-    for r in rows {
-        csv += &format!(
-            "{},{},{},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{:.0},{:.3},{:.0},{:.3}\n",
-            r.backend,
-            args.context,
-            args.chunk,
-            args.concurrency,
-            r.bytes,
-            r.raw_mb_s.median,
-            r.raw_mb_s.min,
-            r.raw_mb_s.max,
-            r.kvstore_mb_s.median,
-            r.kvstore_mb_s.min,
-            r.kvstore_mb_s.max,
-            r.kvstore_tokens_s,
-            r.ratio,
-            r.decode_mb_s,
-            r.decode_share
-        );
-    }
-    std::fs::write(&args.csv, csv)?;
+    write_csv(&args.csv, rows)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
-    } else {
-        println!(
-            "{}-token context in {}-token chunks, {} concurrent reads, median of {} (min–max)",
-            args.context, args.chunk, args.concurrency, args.repeats
-        );
-        println!(
-            "{:<24} {:>22} {:>22} {:>7} {:>12} {:>8}",
-            "backend", "raw GET MB/s", "kvstore MB/s", "ratio", "tokens/s", "decode"
-        );
-        for r in rows {
-            let f = |s: &Stats| format!("{:.0} ({:.0}–{:.0})", s.median, s.min, s.max);
-            println!(
-                "{:<24} {:>22} {:>22} {:>6.2}x {:>12.0} {:>7.1}%",
-                r.backend,
-                f(&r.raw_mb_s),
-                f(&r.kvstore_mb_s),
-                r.ratio,
-                r.kvstore_tokens_s,
-                r.decode_share * 100.0
-            );
-        }
+        return print_json(rows);
     }
-    eprintln!("CSV written to {}", args.csv.display());
-    Ok(())
+    println!(
+        "{}-token context in {}-token chunks, {} concurrent reads, median of {} (min, max)",
+        args.context, args.chunk, args.concurrency, args.repeats
+    );
+    print_table(
+        rows,
+        &[
+            "backend",
+            "raw_mb_s",
+            "raw_min",
+            "raw_max",
+            "kvstore_mb_s",
+            "kvstore_min",
+            "kvstore_max",
+            "ratio",
+            "kvstore_tokens_s",
+            "decode_share",
+        ],
+    )
 }

@@ -7,15 +7,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use ragcake::ingest::{Ingest, IngestConfig, IngestSummary};
 use ragcake::kvstore::KvStore;
 use ragcake::retriever::eval::{first_hit, recall_at};
-use ragcake::retriever::{
-    EdgeIndex, Ingest, IngestConfig, IngestSummary, QuestionSet, RetrieveOptions, Retriever,
-    VectorIndex,
-};
+use ragcake::retriever::{EdgeIndex, QuestionSet, RetrieveOptions, Retriever, VectorIndex};
 use serde::Serialize;
 
-use super::bench::{Stats, percentile};
+use super::report::{Stats, percentile, print_json, print_table, write_csv};
 use super::{ModelArgs, plot};
 
 #[derive(Debug, Args)]
@@ -52,28 +50,76 @@ pub struct RetrievalArgs {
     csv: PathBuf,
 }
 
-/// One ingest run.
+/// One ingest run: counts, throughput, and seconds per stage.
 #[derive(Debug, Serialize)]
 struct IngestRow {
     phase: &'static str,
-    summary: IngestSummary,
-    chunks_per_sec: f64,
-    tokens_per_sec: f64,
+    documents: usize,
+    chunks: usize,
+    tokens: usize,
+    secs: f64,
+    chunks_per_s: f64,
+    tokens_per_s: f64,
+    chunk_s: f64,
+    embed_s: f64,
+    kv_compute_s: f64,
+    kv_store_s: f64,
+    index_s: f64,
+    kv_computed: usize,
+    bytes_stored: u64,
 }
 
-/// Query latency and recall on an index of `index_chunks` chunks.
+impl IngestRow {
+    fn new(phase: &'static str, s: &IngestSummary) -> Self {
+        Self {
+            phase,
+            documents: s.documents,
+            chunks: s.chunks_indexed,
+            tokens: s.tokens,
+            secs: s.secs,
+            chunks_per_s: s.chunks_indexed as f64 / s.secs.max(1e-9),
+            tokens_per_s: s.tokens_per_sec(),
+            chunk_s: s.chunk_secs,
+            embed_s: s.embed_secs,
+            kv_compute_s: s.kv_compute_secs,
+            kv_store_s: s.kv_store_secs,
+            index_s: s.index_secs,
+            kv_computed: s.kv_computed,
+            bytes_stored: s.bytes_stored,
+        }
+    }
+}
+
+/// Query latency (medians unless named) and recall on an index of `index_chunks` chunks.
 #[derive(Debug, Serialize)]
 struct QueryRow {
     index_chunks: usize,
     questions: usize,
-    embed_ms: Stats,
-    search_ms: Stats,
-    lookup_ms: Stats,
-    total_ms: Stats,
-    total_p90_ms: f64,
-    /// (k, recall@k)
-    recall: Vec<(usize, f64)>,
+    embed_ms_p50: f64,
+    search_ms_p50: f64,
+    total_ms_p50: f64,
+    total_ms_p90: f64,
+    total_ms_max: f64,
     mrr: f64,
+    recall_at_1: f64,
+    recall_at_2: f64,
+    recall_at_3: f64,
+    recall_at_5: f64,
+    recall_at_10: f64,
+}
+
+impl QueryRow {
+    /// (k, recall@k) for each k of [`RECALL_KS`].
+    fn recall(&self) -> [(usize, f64); 5] {
+        let at = [
+            self.recall_at_1,
+            self.recall_at_2,
+            self.recall_at_3,
+            self.recall_at_5,
+            self.recall_at_10,
+        ];
+        std::array::from_fn(|i| (RECALL_KS[i], at[i]))
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -126,7 +172,7 @@ pub async fn run(args: RetrievalArgs) -> anyhow::Result<()> {
             config,
         )
     };
-    let retriever = Retriever::new(embedder.clone(), index.clone(), Some(kv.clone()))?;
+    let retriever = Retriever::new(embedder.clone(), index.clone(), Some(kv.model().to_hex()))?;
 
     let mut report = Report {
         ingest: Vec::new(),
@@ -144,32 +190,21 @@ pub async fn run(args: RetrievalArgs) -> anyhow::Result<()> {
             "most files were skipped: {:?}",
             summary.skipped.first()
         );
-        let secs = summary.secs.max(1e-9);
-        let row = IngestRow {
-            phase,
-            chunks_per_sec: summary.chunks_indexed as f64 / secs,
-            tokens_per_sec: summary.tokens_per_sec(),
-            summary,
-        };
+        let row = IngestRow::new(phase, &summary);
         eprintln!(
             "  {} chunks, {} tokens in {:.1} s: {:.1} chunks/s, {:.0} tokens/s",
-            row.summary.chunks_indexed,
-            row.summary.tokens,
-            row.summary.secs,
-            row.chunks_per_sec,
-            row.tokens_per_sec
+            row.chunks, row.tokens, row.secs, row.chunks_per_s, row.tokens_per_s
         );
         report.ingest.push(row);
         let row = measure_queries(&retriever, &questions, args.repeats).await?;
         eprintln!(
-            "  index of {} chunks: query {:.1} ms median (embed {:.1}, search {:.1}, lookup {:.1}); recall@1 {:.2}, @5 {:.2}",
+            "  index of {} chunks: query {:.1} ms median (embed {:.1}, search {:.1}); recall@1 {:.2}, @5 {:.2}",
             row.index_chunks,
-            row.total_ms.median,
-            row.embed_ms.median,
-            row.search_ms.median,
-            row.lookup_ms.median,
-            row.recall[0].1,
-            row.recall[3].1
+            row.total_ms_p50,
+            row.embed_ms_p50,
+            row.search_ms_p50,
+            row.recall_at_1,
+            row.recall_at_5
         );
         report.query.push(row);
     }
@@ -189,16 +224,14 @@ async fn measure_queries(
         ..RetrieveOptions::default()
     };
     retriever.retrieve("warm-up", &options).await?;
-    let (mut embed, mut search, mut lookup, mut total) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut embed, mut search, mut total) = (Vec::new(), Vec::new(), Vec::new());
     let mut first_hits = Vec::new();
     for q in &questions.questions {
         for _ in 0..repeats {
             let r = retriever.retrieve(&q.text, &options).await?;
             embed.push(r.embed_secs * 1e3);
             search.push(r.search_secs * 1e3);
-            lookup.push(r.lookup_secs * 1e3);
-            total.push((r.embed_secs + r.search_secs + r.lookup_secs) * 1e3);
+            total.push((r.embed_secs + r.search_secs) * 1e3);
             first_hits.push(first_hit(&r.chunks, &q.doc));
         }
     }
@@ -209,16 +242,22 @@ async fn measure_queries(
         .map(|r| r.map_or(0.0, |r| 1.0 / r as f64))
         .sum::<f64>()
         / per_question.len() as f64;
+    let recall = recall_at(&per_question, &RECALL_KS);
+    let total_ms = Stats::of(total.clone());
     Ok(QueryRow {
         index_chunks: retriever.index().count().await?,
         questions: per_question.len(),
-        total_p90_ms: percentile(&total, 0.9),
-        embed_ms: Stats::of(embed),
-        search_ms: Stats::of(search),
-        lookup_ms: Stats::of(lookup),
-        total_ms: Stats::of(total),
-        recall: recall_at(&per_question, &RECALL_KS),
+        embed_ms_p50: Stats::of(embed).median,
+        search_ms_p50: Stats::of(search).median,
+        total_ms_p50: total_ms.median,
+        total_ms_p90: percentile(&total, 0.9),
+        total_ms_max: total_ms.max,
         mrr,
+        recall_at_1: recall[0].1,
+        recall_at_2: recall[1].1,
+        recall_at_3: recall[2].1,
+        recall_at_5: recall[3].1,
+        recall_at_10: recall[4].1,
     })
 }
 
@@ -234,7 +273,7 @@ fn cargo_home() -> PathBuf {
 /// README.md). Returns how many files each got.
 fn copy_distractors(source: &Path, targets: &[(&Path, u64); 2]) -> anyhow::Result<(usize, usize)> {
     let mut files = Vec::new();
-    let found = ragcake::retriever::ingest::discover(&[source.to_path_buf()])
+    let found = ragcake::ingest::discover(&[source.to_path_buf()])
         .with_context(|| format!("listing distractors under {}", source.display()))?;
     for file in found {
         if file.path.extension().is_some_and(|e| e == "md") {
@@ -281,73 +320,22 @@ fn display_paths(paths: &[PathBuf]) -> String {
 }
 
 fn write_outputs(args: &RetrievalArgs, report: &Report) -> anyhow::Result<()> {
-    super::create_parent_dir(&args.csv)?;
     let stem = args.csv.with_extension("");
-    let ingest_csv = PathBuf::from(format!("{}-ingest.csv", stem.display()));
-    let query_csv = PathBuf::from(format!("{}-query.csv", stem.display()));
-    let mut csv = String::from(
-        "phase,documents,chunks,tokens,secs,chunks_per_s,tokens_per_s,chunk_s,embed_s,kv_compute_s,kv_store_s,index_s,kv_computed,bytes_stored\n",
-    );
-    for r in &report.ingest {
-        let s = &r.summary;
-        csv += &format!(
-            "{},{},{},{},{:.2},{:.2},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{},{}\n",
-            r.phase,
-            s.documents,
-            s.chunks_indexed,
-            s.tokens,
-            s.secs,
-            r.chunks_per_sec,
-            r.tokens_per_sec,
-            s.chunk_secs,
-            s.embed_secs,
-            s.kv_compute_secs,
-            s.kv_store_secs,
-            s.index_secs,
-            s.kv_computed,
-            s.bytes_stored
-        );
-    }
-    std::fs::write(&ingest_csv, csv)?;
-    let mut csv = String::from(
-        "index_chunks,questions,embed_ms_p50,search_ms_p50,lookup_ms_p50,total_ms_p50,total_ms_p90,total_ms_max,mrr",
-    );
-    for k in RECALL_KS {
-        csv += &format!(",recall_at_{k}");
-    }
-    csv.push('\n');
-    for r in &report.query {
-        csv += &format!(
-            "{},{},{:.2},{:.2},{:.2},{:.2},{:.2},{:.2},{:.3}",
-            r.index_chunks,
-            r.questions,
-            r.embed_ms.median,
-            r.search_ms.median,
-            r.lookup_ms.median,
-            r.total_ms.median,
-            r.total_p90_ms,
-            r.total_ms.max,
-            r.mrr
-        );
-        for (_, recall) in &r.recall {
-            csv += &format!(",{recall:.3}");
-        }
-        csv.push('\n');
-    }
-    std::fs::write(&query_csv, csv)?;
-    eprintln!(
-        "CSV written to {} and {}",
-        ingest_csv.display(),
-        query_csv.display()
-    );
-
+    write_csv(
+        &PathBuf::from(format!("{}-ingest.csv", stem.display())),
+        &report.ingest,
+    )?;
+    write_csv(
+        &PathBuf::from(format!("{}-query.csv", stem.display())),
+        &report.query,
+    )?;
     let png = args.csv.with_extension("png");
     let series: Vec<plot::Series> = report
         .query
         .iter()
         .map(|r| plot::Series {
             name: format!("index of {} chunks", r.index_chunks),
-            points: r.recall.iter().map(|&(k, v)| (k as f64, v)).collect(),
+            points: r.recall().iter().map(|&(k, v)| (k as f64, v)).collect(),
         })
         .collect();
     plot::line_plot_or_warn(
@@ -358,69 +346,37 @@ fn write_outputs(args: &RetrievalArgs, report: &Report) -> anyhow::Result<()> {
         &series,
         false,
     );
-
     if args.json {
-        println!("{}", serde_json::to_string_pretty(report)?);
-        return Ok(());
+        return print_json(report);
     }
-    println!(
-        "{:<18} {:>6} {:>7} {:>8} {:>7} {:>8} {:>9} {:>8} {:>9} {:>8} {:>8}",
-        "ingest",
-        "docs",
-        "chunks",
-        "tokens",
-        "secs",
-        "chunk/s",
-        "tokens/s",
-        "embed s",
-        "KV s",
-        "upload",
-        "index"
-    );
-    for r in &report.ingest {
-        let s = &r.summary;
-        println!(
-            "{:<18} {:>6} {:>7} {:>8} {:>7.1} {:>8.1} {:>9.0} {:>8.1} {:>9.1} {:>8.1} {:>8.1}",
-            r.phase,
-            s.documents,
-            s.chunks_indexed,
-            s.tokens,
-            s.secs,
-            r.chunks_per_sec,
-            r.tokens_per_sec,
-            s.embed_secs,
-            s.kv_compute_secs,
-            s.kv_store_secs,
-            s.index_secs
-        );
-    }
-    println!(
-        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6}",
-        "index",
-        "embed ms",
-        "search ms",
-        "lookup ms",
-        "total ms",
-        "p90 ms",
-        "R@1",
-        "R@3",
-        "R@5",
-        "MRR"
-    );
-    for r in &report.query {
-        println!(
-            "{:<12} {:>9.1} {:>9.2} {:>9.2} {:>9.1} {:>9.1} {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
-            format!("{} chunks", r.index_chunks),
-            r.embed_ms.median,
-            r.search_ms.median,
-            r.lookup_ms.median,
-            r.total_ms.median,
-            r.total_p90_ms,
-            r.recall[0].1,
-            r.recall[2].1,
-            r.recall[3].1,
-            r.mrr
-        );
-    }
-    Ok(())
+    print_table(
+        &report.ingest,
+        &[
+            "phase",
+            "documents",
+            "chunks",
+            "tokens",
+            "secs",
+            "chunks_per_s",
+            "tokens_per_s",
+            "embed_s",
+            "kv_compute_s",
+            "kv_store_s",
+            "index_s",
+        ],
+    )?;
+    print_table(
+        &report.query,
+        &[
+            "index_chunks",
+            "embed_ms_p50",
+            "search_ms_p50",
+            "total_ms_p50",
+            "total_ms_p90",
+            "recall_at_1",
+            "recall_at_3",
+            "recall_at_5",
+            "mrr",
+        ],
+    )
 }

@@ -8,18 +8,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use ragcake::engine::scheduler::core::chunk_starts;
-use ragcake::engine::scheduler::{Mode, Policy, Scheduler, SchedulerConfig};
+use ragcake::engine::scheduler::dispatch::chunk_starts;
+use ragcake::engine::scheduler::{
+    LoadBackend, Mode, Policy, PromptChunk, Scheduler, SchedulerConfig, plan,
+};
 use ragcake::engine::{Engine, TokenKind};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
-use ragcake::kvstore::{CacheKey, KvStore, Throttle, throttled};
+use ragcake::kvstore::{KvStore, Throttle, throttled};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::bench::{Stats, bench_tokens, percentile};
+use super::bench::bench_tokens;
+use super::report::{Stats, percentile, print_json, print_table, write_csv};
 use super::{ModelArgs, plot};
 
 #[derive(Debug, Args)]
@@ -127,14 +130,14 @@ struct Row {
     contender: &'static str,
     /// Requests finished per second, first arrival to last first token.
     throughput_rps: f64,
-    mean_ttft: f64,
-    p50_ttft: f64,
-    p99_ttft: f64,
-    max_ttft: f64,
+    mean_ttft_s: f64,
+    p50_ttft_s: f64,
+    p99_ttft_s: f64,
+    max_ttft_s: f64,
     /// Mean TTFT per request kind.
-    mean_ttft_cached: f64,
-    mean_ttft_partial: f64,
-    mean_ttft_uncached: f64,
+    mean_ttft_cached_s: f64,
+    mean_ttft_partial_s: f64,
+    mean_ttft_uncached_s: f64,
     chunks_computed: usize,
     chunks_loaded: usize,
     /// Loads overtaken by the compute worker (their I/O was spent for nothing).
@@ -171,7 +174,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     engine.append(&mut cache, &tail, args.chunk, true)?;
     let service_secs = started.elapsed().as_secs_f64();
-    let keys = CacheKey::prefix_chain(&engine.fingerprint(), base.iter().map(Vec::as_slice));
+    let keys = writer.prefix_chain(base.iter().map(Vec::as_slice));
     let starts = chunk_starts(base.iter().map(Vec::len));
     for ((key, tokens), w) in keys.iter().zip(&base).zip(starts.windows(2)) {
         writer.put(key, tokens, &cache.export(w[0]..w[1])?).await?;
@@ -199,7 +202,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let row = serve(&engine, &store, &tail, &trace, contender, &args).await?;
             eprintln!(
                 "  load {load}: {:<24} {:.3} req/s, TTFT mean {:.2} s, p99 {:.2} s",
-                contender.name, row.throughput_rps, row.mean_ttft, row.p99_ttft
+                contender.name, row.throughput_rps, row.mean_ttft_s, row.p99_ttft_s
             );
             rows.push(Row {
                 load,
@@ -287,8 +290,9 @@ async fn serve(
             let arrival = epoch + request.arrival;
             tokio::spawn(async move {
                 tokio::time::sleep_until(arrival).await;
-                let (plan, _) = store.plan_prefill(chunks, tail, contender.mode).await;
-                let done = scheduler.prefill(plan).await;
+                let chunks = chunks.into_iter().map(PromptChunk::from).collect();
+                let (request, _) = plan(&*store, chunks, tail, contender.mode.into()).await;
+                let done = scheduler.prefill(request).await;
                 let ttft = arrival.elapsed().as_secs_f64();
                 done.map(|p| (ttft, p.report))
             })
@@ -321,20 +325,20 @@ async fn serve(
             xs.iter().sum::<f64>() / xs.len() as f64
         }
     };
-    let mean_ttft = mean(&ttfts);
+    let mean_ttft_s = mean(&ttfts);
     let stats = Stats::of(ttfts.clone());
     Ok(Row {
         load: 0.0,
         offered_rps: 0.0,
         contender: contender.name,
         throughput_rps: ttfts.len() as f64 / makespan,
-        mean_ttft,
-        p50_ttft: stats.median,
-        p99_ttft: percentile(&ttfts, 0.99),
-        max_ttft: stats.max,
-        mean_ttft_cached: mean(&by_kind[Kind::Cached as usize]),
-        mean_ttft_partial: mean(&by_kind[Kind::Partial as usize]),
-        mean_ttft_uncached: mean(&by_kind[Kind::Uncached as usize]),
+        mean_ttft_s,
+        p50_ttft_s: stats.median,
+        p99_ttft_s: percentile(&ttfts, 0.99),
+        max_ttft_s: stats.max,
+        mean_ttft_cached_s: mean(&by_kind[Kind::Cached as usize]),
+        mean_ttft_partial_s: mean(&by_kind[Kind::Partial as usize]),
+        mean_ttft_uncached_s: mean(&by_kind[Kind::Uncached as usize]),
         chunks_computed: computed,
         chunks_loaded: loaded,
         loads_abandoned: abandoned,
@@ -343,32 +347,7 @@ async fn serve(
 }
 
 fn write_outputs(args: &ServeArgs, rows: &[Row]) -> anyhow::Result<()> {
-    super::create_parent_dir(&args.csv)?;
-    let mut csv = String::from(
-        "load,offered_rps,contender,throughput_rps,mean_ttft_s,p50_ttft_s,p99_ttft_s,max_ttft_s,mean_ttft_cached_s,mean_ttft_partial_s,mean_ttft_uncached_s,chunks_computed,chunks_loaded,loads_abandoned,failed\n",
-    );
-    for r in rows {
-        csv += &format!(
-            "{},{:.4},{},{:.4},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{}\n",
-            r.load,
-            r.offered_rps,
-            r.contender,
-            r.throughput_rps,
-            r.mean_ttft,
-            r.p50_ttft,
-            r.p99_ttft,
-            r.max_ttft,
-            r.mean_ttft_cached,
-            r.mean_ttft_partial,
-            r.mean_ttft_uncached,
-            r.chunks_computed,
-            r.chunks_loaded,
-            r.loads_abandoned,
-            r.failed
-        );
-    }
-    std::fs::write(&args.csv, csv)?;
-    eprintln!("CSV written to {}", args.csv.display());
+    write_csv(&args.csv, rows)?;
     let png = args.csv.with_extension("png");
     let series: Vec<plot::Series> = CONTENDERS
         .iter()
@@ -377,7 +356,7 @@ fn write_outputs(args: &ServeArgs, rows: &[Row]) -> anyhow::Result<()> {
             points: rows
                 .iter()
                 .filter(|r| r.contender == c.name)
-                .map(|r| (r.throughput_rps, r.p99_ttft))
+                .map(|r| (r.throughput_rps, r.p99_ttft_s))
                 .collect(),
         })
         .collect();
@@ -394,39 +373,24 @@ fn write_outputs(args: &ServeArgs, rows: &[Row]) -> anyhow::Result<()> {
         false,
     );
     if args.json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
-        return Ok(());
+        return print_json(rows);
     }
-    println!(
-        "{:<5} {:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "load",
-        "contender",
-        "req/s",
-        "mean",
-        "p50",
-        "p99",
-        "cached",
-        "partial",
-        "uncached",
-        "computed",
-        "loaded"
-    );
-    for r in rows {
-        println!(
-            "{:<5} {:<24} {:>8.3} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8} {:>8}",
-            r.load,
-            r.contender,
-            r.throughput_rps,
-            r.mean_ttft,
-            r.p50_ttft,
-            r.p99_ttft,
-            r.mean_ttft_cached,
-            r.mean_ttft_partial,
-            r.mean_ttft_uncached,
-            r.chunks_computed,
-            r.chunks_loaded
-        );
-    }
+    print_table(
+        rows,
+        &[
+            "load",
+            "contender",
+            "throughput_rps",
+            "mean_ttft_s",
+            "p50_ttft_s",
+            "p99_ttft_s",
+            "mean_ttft_cached_s",
+            "mean_ttft_partial_s",
+            "mean_ttft_uncached_s",
+            "chunks_computed",
+            "chunks_loaded",
+        ],
+    )?;
     // The headline: at the highest offered load (every contender saturated), adaptive
     // throughput and p99 against the best baseline's, and against shared-pool FCFS.
     if let Some(&top) = args.loads.iter().max_by(|a, b| a.total_cmp(b)) {
@@ -449,8 +413,8 @@ fn write_outputs(args: &ServeArgs, rows: &[Row]) -> anyhow::Result<()> {
                     base.contender,
                     base.throughput_rps,
                     (adaptive.throughput_rps / base.throughput_rps - 1.0) * 100.0,
-                    adaptive.p99_ttft,
-                    base.p99_ttft
+                    adaptive.p99_ttft_s,
+                    base.p99_ttft_s
                 );
             }
         }

@@ -10,13 +10,13 @@ use std::time::Instant;
 use clap::Args;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use ragcake::engine::scheduler::core::chunk_starts;
+use ragcake::engine::scheduler::dispatch::chunk_starts;
 use ragcake::engine::scheduler::layer_split::{
-    LayerSplitConfig, SplitPoint, plan_split, prefill_layer_split,
+    LayerSplitConfig, choose_split, prefill_layer_split,
 };
 use ragcake::engine::scheduler::{
-    ComputeBackend, Mode, Policy, PrefillReport, PrefillRequest, Prefilled, Scheduler,
-    SchedulerConfig,
+    ComputeBackend, Filled, LoadBackend, Mode, Policy, PrefillReport, PrefillRequest, PromptChunk,
+    Scheduler, SchedulerConfig, plan,
 };
 use ragcake::engine::{Engine, KvRange};
 use ragcake::kvstore::object_store::ObjectStore;
@@ -25,7 +25,8 @@ use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::{CacheKey, KvStore, Throttle, open_url, throttled};
 use serde::Serialize;
 
-use super::bench::{Stats, bench_tokens};
+use super::bench::bench_tokens;
+use super::report::{Stats, print_json, print_table, write_csv};
 use super::{ModelArgs, plot};
 
 #[derive(Debug, Args)]
@@ -58,30 +59,41 @@ pub struct TtftArgs {
     csv: PathBuf,
 }
 
+/// TTFT of one context over one backend, each mode the median (min, max) of the repeats.
 #[derive(Debug, Serialize)]
 struct Row {
     context: usize,
     backend: String,
     /// Aggregate load throughput measured for this backend, MB/s.
     load_mb_s: f64,
-    compute_only: Stats,
-    load_only: Stats,
-    bidirectional: Stats,
-    /// Bidirectional at the layer level: bottom layers computed, top layers loaded.
-    layer_split: Stats,
-    /// Where the layer split divided the work (planned from the compute and load times
-    /// measured in this run): chunks before `chunk` computed, layers from `layer` loaded.
-    split: SplitPoint,
-    /// The layer split's predicted TTFT.
-    layer_split_predicted: f64,
+    compute_only_s: f64,
+    compute_only_min: f64,
+    compute_only_max: f64,
+    load_only_s: f64,
+    load_only_min: f64,
+    load_only_max: f64,
+    bidirectional_s: f64,
+    bidirectional_min: f64,
+    bidirectional_max: f64,
     /// Best split with hindsight from measured per-chunk compute and load times.
-    t_star: f64,
+    t_star_s: f64,
     /// N / (compute rate + load rate), plus the tail.
-    t_continuous: f64,
+    t_continuous_s: f64,
     /// Chunks computed by bidirectional runs (median).
-    bidirectional_chunks_computed: f64,
+    bidir_chunks_computed: f64,
     bidir_over_t_star: f64,
     bidir_over_best_single: f64,
+    /// Where the layer split divided the work (planned from the compute and load times
+    /// measured in this run): chunks before `split_chunk` computed, layers from
+    /// `split_layer` loaded.
+    split_chunk: usize,
+    split_layer: usize,
+    /// The layer split's predicted TTFT.
+    layer_split_predicted_s: f64,
+    /// Bidirectional at the layer level: bottom layers computed, top layers loaded.
+    layer_split_s: f64,
+    layer_split_min: f64,
+    layer_split_max: f64,
     layer_split_over_bidir: f64,
 }
 
@@ -143,8 +155,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
         let mut compute_only: Option<Stats> = None;
         for ((_, target, prefix), views) in stores {
             let writer = KvStore::for_engine(target, prefix.clone(), &engine);
-            let keys =
-                CacheKey::prefix_chain(&engine.fingerprint(), chunks.iter().map(Vec::as_slice));
+            let keys = writer.prefix_chain(chunks.iter().map(Vec::as_slice));
             for ((key, tokens), range) in keys.iter().zip(&chunks).zip(&kv) {
                 writer.put(key, tokens, range).await?;
             }
@@ -182,7 +193,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 };
                 let n = chunks.len();
                 let (split, predicted) =
-                    plan_split(&compute_each, |m| loads.of(m, n), engine.layers());
+                    choose_split(&compute_each, |m| loads.of(m, n), engine.layers());
                 let split_config = LayerSplitConfig {
                     split,
                     io_concurrency: args.io_concurrency,
@@ -229,18 +240,27 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     context,
                     backend: name,
                     load_mb_s: bytes as f64 / 1e6 / load_total,
+                    compute_only_s: compute_only.median,
+                    compute_only_min: compute_only.min,
+                    compute_only_max: compute_only.max,
+                    load_only_s: load_only.median,
+                    load_only_min: load_only.min,
+                    load_only_max: load_only.max,
+                    bidirectional_s: bidirectional.median,
+                    bidirectional_min: bidirectional.min,
+                    bidirectional_max: bidirectional.max,
+                    t_star_s: t_star,
+                    t_continuous_s: t_continuous,
+                    bidir_chunks_computed: computed,
                     bidir_over_t_star: bidirectional.median / t_star,
                     bidir_over_best_single: bidirectional.median / best_single,
+                    split_chunk: split.chunk,
+                    split_layer: split.layer,
+                    layer_split_predicted_s: predicted + tail_secs,
+                    layer_split_s: layer_split.median,
+                    layer_split_min: layer_split.min,
+                    layer_split_max: layer_split.max,
                     layer_split_over_bidir: layer_split.median / bidirectional.median,
-                    bidirectional_chunks_computed: computed,
-                    layer_split,
-                    split,
-                    layer_split_predicted: predicted + tail_secs,
-                    compute_only,
-                    load_only,
-                    bidirectional,
-                    t_star,
-                    t_continuous,
                 });
             }
         }
@@ -256,15 +276,12 @@ async fn time_prefills<'a>(
     tail: &[u32],
     mode: Mode,
     repeats: usize,
-    prefill: impl Fn(
-        PrefillRequest<CacheKey>,
-    ) -> BoxFuture<'a, ragcake::engine::Result<Prefilled<Engine>>>,
+    prefill: impl Fn(PrefillRequest<CacheKey>) -> BoxFuture<'a, ragcake::engine::Result<Filled<Engine>>>,
 ) -> anyhow::Result<(Stats, Vec<PrefillReport>)> {
     let (mut ttft, mut reports) = (Vec::new(), Vec::new());
     for _ in 0..repeats {
-        let (request, _) = store
-            .plan_prefill(chunks.to_vec(), tail.to_vec(), mode)
-            .await;
+        let chunks = chunks.iter().cloned().map(PromptChunk::from).collect();
+        let (request, _) = plan(store, chunks, tail.to_vec(), mode.into()).await;
         let started = Instant::now();
         let done = prefill(request).await?;
         ttft.push(started.elapsed().as_secs_f64());
@@ -372,41 +389,7 @@ fn ideal_split(compute_each: &[f64], loads: &LoadTimes, import_each: &[f64]) -> 
 }
 
 fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
-    super::create_parent_dir(&args.csv)?;
-    let mut csv = String::from(
-        "context,backend,load_mb_s,compute_only_s,compute_only_min,compute_only_max,load_only_s,load_only_min,load_only_max,bidirectional_s,bidirectional_min,bidirectional_max,t_star_s,t_continuous_s,bidir_chunks_computed,bidir_over_t_star,bidir_over_best_single,split_chunk,split_layer,layer_split_predicted_s,layer_split_s,layer_split_min,layer_split_max,layer_split_over_bidir\n",
-    );
-    for r in rows {
-        csv += &format!(
-            "{},{},{:.1},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{:.3},{:.3},{},{},{:.3},{:.3},{:.3},{:.3},{:.3}\n",
-            r.context,
-            r.backend,
-            r.load_mb_s,
-            r.compute_only.median,
-            r.compute_only.min,
-            r.compute_only.max,
-            r.load_only.median,
-            r.load_only.min,
-            r.load_only.max,
-            r.bidirectional.median,
-            r.bidirectional.min,
-            r.bidirectional.max,
-            r.t_star,
-            r.t_continuous,
-            r.bidirectional_chunks_computed,
-            r.bidir_over_t_star,
-            r.bidir_over_best_single,
-            r.split.chunk,
-            r.split.layer,
-            r.layer_split_predicted,
-            r.layer_split.median,
-            r.layer_split.min,
-            r.layer_split.max,
-            r.layer_split_over_bidir
-        );
-    }
-    std::fs::write(&args.csv, csv)?;
-    eprintln!("CSV written to {}", args.csv.display());
+    write_csv(&args.csv, rows)?;
     if let Some(&context) = args.contexts.iter().max() {
         let png = args.csv.with_extension("png");
         let swept: Vec<&Row> = rows
@@ -418,11 +401,11 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             points: swept.iter().map(|r| (r.load_mb_s, f(r))).collect(),
         };
         let series = [
-            line("compute-only", &|r| r.compute_only.median),
-            line("load-only", &|r| r.load_only.median),
-            line("bidirectional", &|r| r.bidirectional.median),
-            line("ideal T*", &|r| r.t_star),
-            line("layer split", &|r| r.layer_split.median),
+            line("compute-only", &|r| r.compute_only_s),
+            line("load-only", &|r| r.load_only_s),
+            line("bidirectional", &|r| r.bidirectional_s),
+            line("ideal T*", &|r| r.t_star_s),
+            line("layer split", &|r| r.layer_split_s),
         ];
         let title = format!(
             "TTFT, {context}-token context, {} concurrent reads",
@@ -438,58 +421,41 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
         );
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(rows)?);
-    } else {
-        println!(
-            "{:<7} {:<20} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>6}",
+        return print_json(rows);
+    }
+    print_table(
+        rows,
+        &[
             "context",
             "backend",
-            "load MB/s",
-            "compute",
-            "load",
-            "bidir",
-            "T*",
-            "N/(C+L)",
-            "bidir/T*",
-            "/best",
-            "layers",
-            "split at"
-        );
-        for r in rows {
-            println!(
-                "{:<7} {:<20} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>3}/{:<2}",
-                r.context,
-                r.backend,
-                r.load_mb_s,
-                r.compute_only.median,
-                r.load_only.median,
-                r.bidirectional.median,
-                r.t_star,
-                r.t_continuous,
-                r.bidir_over_t_star,
-                r.bidir_over_best_single,
-                r.layer_split.median,
-                r.split.chunk,
-                r.split.layer
-            );
-        }
-        let mean =
-            |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).sum::<f64>() / rows.len().max(1) as f64;
-        println!(
-            "mean speedup of bidirectional: {:.2}x over compute-only, {:.2}x over load-only",
-            mean(&|r| r.compute_only.median / r.bidirectional.median),
-            mean(&|r| r.load_only.median / r.bidirectional.median)
-        );
-        println!(
-            "layer split / chunk-level bidirectional: mean {:.2}, best {:.2}, worst {:.2}",
-            mean(&|r| r.layer_split_over_bidir),
-            rows.iter()
-                .map(|r| r.layer_split_over_bidir)
-                .fold(f64::INFINITY, f64::min),
-            rows.iter()
-                .map(|r| r.layer_split_over_bidir)
-                .fold(0.0, f64::max)
-        );
-    }
+            "load_mb_s",
+            "compute_only_s",
+            "load_only_s",
+            "bidirectional_s",
+            "t_star_s",
+            "t_continuous_s",
+            "bidir_over_t_star",
+            "bidir_over_best_single",
+            "layer_split_s",
+            "split_chunk",
+            "split_layer",
+        ],
+    )?;
+    let mean = |f: &dyn Fn(&Row) -> f64| rows.iter().map(f).sum::<f64>() / rows.len().max(1) as f64;
+    println!(
+        "mean speedup of bidirectional: {:.2}x over compute-only, {:.2}x over load-only",
+        mean(&|r| r.compute_only_s / r.bidirectional_s),
+        mean(&|r| r.load_only_s / r.bidirectional_s)
+    );
+    println!(
+        "layer split / chunk-level bidirectional: mean {:.2}, best {:.2}, worst {:.2}",
+        mean(&|r| r.layer_split_over_bidir),
+        rows.iter()
+            .map(|r| r.layer_split_over_bidir)
+            .fold(f64::INFINITY, f64::min),
+        rows.iter()
+            .map(|r| r.layer_split_over_bidir)
+            .fold(0.0, f64::max)
+    );
     Ok(())
 }

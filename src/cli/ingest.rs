@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use ragcake::retriever::{Ingest, IngestConfig, IngestEvent, IngestSummary, Shard};
+use ragcake::ingest::{Ingest, IngestConfig, IngestEvent, IngestSummary, Shard};
 
 use super::{ModelArgs, StoreArgs};
 

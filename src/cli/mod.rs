@@ -10,6 +10,7 @@ mod generate;
 mod ingest;
 mod models;
 mod plot;
+mod report;
 mod serve;
 
 use std::path::PathBuf;

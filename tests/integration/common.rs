@@ -1,11 +1,14 @@
 //! Shared fixtures: the default model, loaded once per test binary.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use futures::stream::BoxStream;
+
 use ragcake::engine::{Engine, EngineConfig, KvCache, Logits, Tensor};
-use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::path::Path;
+use ragcake::kvstore::object_store::{self as os, ObjectStore};
 use ragcake::kvstore::{KvStore, open_url};
 use ragcake::models::{MINILM, ModelCache, SMOLLM2};
 use ragcake::retriever::Embedder;
@@ -150,4 +153,105 @@ pub async fn get_text(url: &str) -> String {
 pub fn local_kv(dir: &std::path::Path) -> Arc<KvStore> {
     let (store, prefix) = open_url(&format!("file://{}", dir.display()), Vec::new()).unwrap();
     Arc::new(KvStore::for_engine(store, prefix, &shared_dense_engine()))
+}
+
+/// A real object store behind a wrapper that counts the requests passed to it: metadata
+/// requests (HEAD), reads (GET, ranged or whole) and writes.
+#[derive(Debug)]
+pub struct CountingStore {
+    inner: Arc<dyn ObjectStore>,
+    /// Metadata requests.
+    pub heads: AtomicUsize,
+    /// Reads.
+    pub gets: AtomicUsize,
+    /// Writes.
+    pub puts: AtomicUsize,
+}
+
+impl CountingStore {
+    /// Counts the requests to `inner`.
+    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            inner,
+            heads: AtomicUsize::new(0),
+            gets: AtomicUsize::new(0),
+            puts: AtomicUsize::new(0),
+        }
+    }
+
+    /// (metadata requests, reads, writes) so far.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let l = |c: &AtomicUsize| c.load(Ordering::SeqCst);
+        (l(&self.heads), l(&self.gets), l(&self.puts))
+    }
+}
+
+impl std::fmt::Display for CountingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Counting({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for CountingStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: os::PutPayload,
+        opts: os::PutOptions,
+    ) -> os::Result<os::PutResult> {
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: os::PutMultipartOptions,
+    ) -> os::Result<Box<dyn os::MultipartUpload>> {
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: os::GetOptions,
+    ) -> os::Result<os::GetResult> {
+        let counter = if options.head {
+            &self.heads
+        } else {
+            &self.gets
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> os::Result<Vec<bytes::Bytes>> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, os::Result<Path>>,
+    ) -> BoxStream<'static, os::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, os::Result<os::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> os::Result<os::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: os::CopyOptions) -> os::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
 }

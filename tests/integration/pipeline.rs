@@ -8,15 +8,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ragcake::engine::scheduler::{MissReason, Mode};
-use ragcake::kvstore::KvStore;
+use ragcake::ingest::{Ingest, IngestConfig};
+use ragcake::kvstore::{KvStore, open_url};
 use ragcake::pipeline::{AskOptions, AskRequest, HttpConfig, Pipeline, PipelineConfig, http};
 use ragcake::retriever::{
-    ChunkId, EdgeIndex, IndexPoint, IndexedChunk, Ingest, IngestConfig, RetrieverError,
-    ScoredChunk, VectorIndex,
+    ChunkId, EdgeIndex, IndexPoint, IndexedChunk, RetrieverError, ScoredChunk, VectorIndex,
 };
 
 use crate::common::{
-    embedder, get_text, local_kv, runtime, s3_store_that_is_down, shared_dense_engine,
+    CountingStore, embedder, get_text, local_kv, runtime, s3_store_that_is_down,
+    shared_dense_engine,
 };
 
 fn repo_path(relative: &str) -> PathBuf {
@@ -136,6 +137,48 @@ fn a_demo_question_is_answered_from_the_corpus_and_a_repeat_loads_its_prefix_cac
         assert_eq!(again.sources, first.sources);
         // Exact caches: the same answer as computing everything.
         assert_eq!(again.text, first.text);
+    });
+}
+
+#[test]
+fn one_ask_sends_one_metadata_request_per_chunk_and_one_get_per_loaded_chunk() {
+    let corpus = demo_corpus();
+    let scratch = tempfile::tempdir().unwrap();
+    let _ = private_kv_copy(&scratch.path().join("kv"));
+    runtime().block_on(async {
+        let url = format!("file://{}", scratch.path().join("kv").display());
+        let (inner, prefix) = open_url(&url, Vec::new()).unwrap();
+        let counting = Arc::new(CountingStore::new(inner));
+        let kv = Arc::new(KvStore::for_engine(
+            counting.clone(),
+            prefix,
+            &shared_dense_engine(),
+        ));
+        let pipeline = pipeline_over(corpus.index.clone(), kv, PipelineConfig::default()).await;
+        // A question no other test asks: its chunks have chunk caches (ingest stored them),
+        // no prefix caches. Load-only, so that every stored chunk is read.
+        let answer = pipeline
+            .ask(
+                AskRequest::new("Which harbour town holds the autumn regatta?")
+                    .with_options(options(Mode::LoadOnly, false, 8)),
+            )
+            .await
+            .unwrap();
+        let (heads, gets, _) = counting.counts();
+        let b = &answer.breakdown;
+        assert_eq!(answer.sources.len(), 3, "top_k is 3 by default");
+        let chunks = b.prefill.chunks;
+        assert_eq!(chunks, 4, "the preamble and three retrieved chunks");
+        assert!(
+            heads <= chunks,
+            "{heads} metadata requests for {chunks} chunks: {b:?}"
+        );
+        assert_eq!(heads, b.lookups.requests, "{b:?}");
+        assert!(b.prefill.chunks_loaded >= 3, "{b:?}");
+        assert_eq!(
+            gets, b.prefill.chunks_loaded,
+            "one GET per loaded chunk: {b:?}"
+        );
     });
 }
 

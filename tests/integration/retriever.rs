@@ -8,10 +8,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use ragcake::kvstore::{CacheKey, KvStore, open_url};
+use ragcake::ingest::{Ingest, IngestConfig, IngestSummary, Shard};
+use ragcake::kvstore::{CacheKey, CacheKind, KvStore, open_url};
 use ragcake::retriever::{
-    CacheStatus, ChunkId, ChunkOrder, Chunker, EdgeIndex, IndexPoint, IndexedChunk, Ingest,
-    IngestConfig, IngestSummary, QdrantServerIndex, RetrieveOptions, Retriever, Shard, VectorIndex,
+    CacheStatus, ChunkId, ChunkOrder, Chunker, EdgeIndex, IndexPoint, IndexedChunk,
+    QdrantServerIndex, RetrieveOptions, Retriever, VectorIndex,
 };
 
 use crate::common::{embedder, engine, local_kv, runtime, shared_dense_engine};
@@ -67,9 +68,10 @@ const PROSE: &str = "# Lighthouses\n\nThe history of the lighthouse is a history
 #[test]
 fn chunks_cover_the_text_respect_the_size_and_are_stable() {
     let tokenizer = engine().tokenizer();
+    let tokenize = |t: &str| tokenizer.encode(t, false).map_err(|e| e.to_string());
     let text = PROSE.repeat(6) + &"x".repeat(3000) + " tail";
     for target in [16, 64, 256] {
-        let chunker = Chunker::new(tokenizer, target).unwrap();
+        let chunker = Chunker::new(&tokenize, target).unwrap();
         let chunks = chunker.split(&text).unwrap();
         let joined: String = chunks.iter().map(|c| c.text.as_str()).collect();
         assert_eq!(joined, text, "chunks of {target} do not cover the text");
@@ -87,23 +89,24 @@ fn chunks_cover_the_text_respect_the_size_and_are_stable() {
         assert_eq!(chunker.split(&text).unwrap(), chunks, "not stable");
     }
     assert!(
-        Chunker::new(tokenizer, 64)
+        Chunker::new(&tokenize, 64)
             .unwrap()
             .split(" \n\t ")
             .unwrap()
             .is_empty()
     );
-    assert!(Chunker::new(tokenizer, 0).is_err());
+    assert!(Chunker::new(&tokenize, 0).is_err());
 }
 
 #[test]
 fn chunks_end_on_paragraph_and_sentence_borders_when_they_can() {
     let tokenizer = engine().tokenizer();
+    let tokenize = |t: &str| tokenizer.encode(t, false).map_err(|e| e.to_string());
     let paragraph = "One sentence here. Another sentence follows it. ".repeat(3);
     let text = format!("{paragraph}\n\n{paragraph}\n\n{paragraph}");
     let per_paragraph = tokenizer.encode(&paragraph, false).unwrap().len();
     // Room for one paragraph, not two: every chunk is a whole paragraph.
-    let chunks = Chunker::new(tokenizer, per_paragraph + 4)
+    let chunks = Chunker::new(&tokenize, per_paragraph + 4)
         .unwrap()
         .split(&text)
         .unwrap();
@@ -112,7 +115,7 @@ fn chunks_end_on_paragraph_and_sentence_borders_when_they_can() {
         assert!(c.text.trim_end().ends_with("follows it."), "{:?}", c.text);
     }
     // Room for less than a paragraph: chunks end after a sentence.
-    let chunks = Chunker::new(tokenizer, per_paragraph / 2)
+    let chunks = Chunker::new(&tokenize, per_paragraph / 2)
         .unwrap()
         .split(&text)
         .unwrap();
@@ -405,7 +408,8 @@ fn ingest_then_retrieve_finds_the_passage_with_its_cache() {
         let index = edge_index(&index_dir);
         assert_eq!(index.count().await.unwrap(), first.chunks);
         let kv = local_kv(&kv_dir);
-        let retriever = Retriever::new(embedder(), index, Some(kv.clone())).unwrap();
+        let llm = Some(engine.fingerprint().to_hex());
+        let retriever = Retriever::new(embedder(), index.clone(), llm).unwrap();
         let options = RetrieveOptions {
             top_k: 3,
             ..RetrieveOptions::default()
@@ -425,9 +429,9 @@ fn ingest_then_retrieve_finds_the_passage_with_its_cache() {
             .unwrap();
         assert_eq!(found.chunks[0].chunk.doc_id, "corpus/volcanoes.md");
 
-        // The stored cache is the chunk computed alone at position 0.
+        // The payload names the stored cache: the chunk computed alone at position 0.
         let hit = &found.chunks[0];
-        let key = hit.key.unwrap();
+        let key = CacheKey::from_hex(CacheKind::Chunk, &hit.chunk.kv_key).unwrap();
         assert_eq!(
             key,
             CacheKey::chunk(&engine.fingerprint(), &hit.chunk.token_ids)
@@ -440,8 +444,17 @@ fn ingest_then_retrieve_finds_the_passage_with_its_cache() {
             .expect("stored");
         assert_eq!(range.len(), hit.chunk.token_ids.len());
 
-        // Without its cache, a chunk is reported absent and ordered first.
-        kv.delete(&key).await.unwrap();
+        // A chunk whose payload records no cache is reported absent and ordered first.
+        let mut unrecorded = hit.chunk.clone();
+        unrecorded.kv_key.clear();
+        let vector = embedder().embed_one(&unrecorded.text).unwrap();
+        index
+            .upsert(vec![IndexPoint {
+                chunk: unrecorded,
+                vector,
+            }])
+            .await
+            .unwrap();
         let found = retriever
             .retrieve(
                 "Which volcano erupts on Sicily?",
@@ -455,7 +468,24 @@ fn ingest_then_retrieve_finds_the_passage_with_its_cache() {
         assert_eq!(found.chunks[0].chunk.doc_id, "corpus/volcanoes.md");
         assert_eq!(found.chunks[0].cache, CacheStatus::Absent);
         assert!(found.chunks[1..].iter().all(|c| c.cache.is_stored()));
+
+        // For another LLM, no chunk's cache counts.
+        let other = Retriever::new(embedder(), index, Some("other".into())).unwrap();
+        let found = other.retrieve("Which volcano?", &options).await.unwrap();
+        assert!(
+            found
+                .chunks
+                .iter()
+                .all(|c| c.cache == CacheStatus::OtherModel)
+        );
+
+        // A cache lost from the store is computed and stored again by the next run, and
+        // the point records it again.
+        kv.delete(&key).await.unwrap();
     });
+    let repaired = ingest(&index_dir, &kv_dir, &corpus, Shard::ALL);
+    assert_eq!(repaired.kv_computed, 1, "{repaired:?}");
+    assert_eq!(repaired.chunks_indexed, 1, "{repaired:?}");
 }
 
 #[test]

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use ragcake::engine::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 use ragcake::engine::scheduler::{
-    ChunkSpec, MissReason, Mode, PrefillRequest, Prefilled, Scheduler, SchedulerConfig,
+    CacheKind, ChunkSpec, Filled, LoadBackend, LookupSummary, MissReason, Mode, PrefillRequest,
+    PromptChunk, Scheduler, SchedulerConfig, StoredCache, plan,
 };
 use ragcake::engine::{DType, Engine, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
@@ -77,15 +78,13 @@ async fn fill_with_prefix_caches(
     tail: &[u32],
 ) {
     let before = scheduler.stats().write_backs;
-    let (request, _) = store
-        .plan_prefill(chunks.to_vec(), tail.to_vec(), Mode::ComputeOnly)
-        .await;
+    let (request, _) = planned(store, chunks, tail, Mode::ComputeOnly).await;
     let done = scheduler.prefill(request).await.unwrap();
     assert_eq!(done.report.chunks_computed, chunks.len());
     written_back(scheduler, before + chunks.len() as u64).await;
 }
 
-fn assert_same_logits(got: &Prefilled<Engine>, want: &Tensor, tolerance: f32) {
+fn assert_same_logits(got: &Filled<Engine>, want: &Tensor, tolerance: f32) {
     let diff = max_abs_diff(&got.logits, want);
     assert!(
         diff <= tolerance * max_abs(want),
@@ -105,9 +104,7 @@ fn prefix_caches_written_back_then_loaded_reproduce_full_computation() {
         let store = memory_store(DType::F32);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
 
-        let (request, lookup) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
-            .await;
+        let (request, lookup) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;
         assert_eq!(lookup.prefix_hits + lookup.chunk_hits, 0, "empty store");
         let cold = scheduler.prefill(request).await.unwrap();
         assert_eq!(cold.report.chunks_computed, chunks.len());
@@ -115,7 +112,7 @@ fn prefix_caches_written_back_then_loaded_reproduce_full_computation() {
         written_back(&scheduler, chunks.len() as u64).await;
 
         for mode in [Mode::Bidirectional, Mode::LoadOnly] {
-            let (request, lookup) = store.plan_prefill(chunks.clone(), tail.clone(), mode).await;
+            let (request, lookup) = planned(&store, &chunks, &tail, mode).await;
             assert_eq!(lookup.prefix_hits, chunks.len());
             let warm = scheduler.prefill(request).await.unwrap();
             assert!(warm.report.chunks_loaded > 0, "{:?}", warm.report);
@@ -126,9 +123,7 @@ fn prefix_caches_written_back_then_loaded_reproduce_full_computation() {
             assert!(!warm.report.degraded);
             assert_same_logits(&warm, &want, 1e-4);
         }
-        let (request, _) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::LoadOnly)
-            .await;
+        let (request, _) = planned(&store, &chunks, &tail, Mode::LoadOnly).await;
         let all_loaded = scheduler.prefill(request).await.unwrap();
         assert_eq!(all_loaded.report.chunks_loaded, chunks.len());
         assert_eq!(all_loaded.report.tokens_computed, tail.len());
@@ -143,9 +138,7 @@ fn f16_stored_prefix_caches_keep_the_greedy_answer() {
         let store = memory_store(DType::F16);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
         fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
-        let (request, _) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::LoadOnly)
-            .await;
+        let (request, _) = planned(&store, &chunks, &tail, Mode::LoadOnly).await;
         let warm = scheduler.prefill(request).await.unwrap();
         assert_eq!(warm.report.chunks_loaded, chunks.len());
         // f16 rounding of the stored keys and values: small, not zero.
@@ -176,24 +169,37 @@ async fn corrupt_blob(store: &KvStore, key: &CacheKey, fraction: f64) {
 }
 
 /// Every chunk computed, the request flagged degraded, the answer unchanged.
-fn assert_computed_around_a_failed_store(done: &Prefilled<Engine>, chunks: usize, want: &Tensor) {
+fn assert_computed_around_a_failed_store(done: &Filled<Engine>, chunks: usize, want: &Tensor) {
     assert_eq!(done.report.chunks_computed, chunks, "{:?}", done.report);
     assert!(done.report.degraded, "{:?}", done.report);
     assert_same_logits(done, want, 1e-4);
 }
 
+/// Plans a prefill of `chunks` then `tail` against `store` (every chunk cache's status
+/// unknown, so planning asks the store).
+async fn planned(
+    store: &KvStore,
+    chunks: &[Vec<u32>],
+    tail: &[u32],
+    mode: Mode,
+) -> (PrefillRequest<CacheKey>, LookupSummary) {
+    let chunks = chunks.iter().cloned().map(PromptChunk::from).collect();
+    plan(store, chunks, tail.to_vec(), mode.into()).await
+}
+
 fn planned_as_stored(chunks: &[Vec<u32>], tail: &[u32], mode: Mode) -> PrefillRequest<CacheKey> {
-    let keys = CacheKey::prefix_chain(
-        &shared_dense_engine().fingerprint(),
-        chunks.iter().map(Vec::as_slice),
-    );
+    let store = memory_store(DType::F16);
+    let keys = store.prefix_chain(chunks.iter().map(Vec::as_slice));
     PrefillRequest {
         chunks: chunks
             .iter()
             .zip(keys)
             .map(|(tokens, key)| ChunkSpec {
                 tokens: tokens.as_slice().into(),
-                stored: Some(key),
+                stored: Some(StoredCache {
+                    key,
+                    kind: CacheKind::Prefix,
+                }),
                 write_back: None,
             })
             .collect(),
@@ -279,15 +285,10 @@ fn a_corrupt_blob_is_recomputed_and_the_answer_is_unchanged() {
         fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
 
         // Flip a byte in the middle of the last chunk's blob.
-        let keys = CacheKey::prefix_chain(
-            &shared_dense_engine().fingerprint(),
-            chunks.iter().map(Vec::as_slice),
-        );
+        let keys = store.prefix_chain(chunks.iter().map(Vec::as_slice));
         corrupt_blob(&store, keys.last().unwrap(), 0.5).await;
 
-        let (request, _) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::LoadOnly)
-            .await;
+        let (request, _) = planned(&store, &chunks, &tail, Mode::LoadOnly).await;
         let done = scheduler.prefill(request).await.unwrap();
         let last = chunks.len() - 1;
         assert!(
@@ -360,7 +361,7 @@ fn concurrent_requests_share_the_compute_worker_and_all_finish() {
             );
             tasks.push(tokio::spawn(async move {
                 let mode = Mode::ALL[i % 3];
-                let (request, _) = store.plan_prefill(chunks, tail, mode).await;
+                let (request, _) = planned(&store, &chunks, &tail, mode).await;
                 scheduler.prefill(request).await.unwrap()
             }));
         }
@@ -402,9 +403,7 @@ fn a_layer_split_of_stored_prefix_caches_reproduces_full_computation() {
         let layers = engine.model().config().kv_shape().n_layers;
 
         for split in [1, layers / 3, layers - 1] {
-            let (request, _) = store
-                .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
-                .await;
+            let (request, _) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;
             let done =
                 prefill_layer_split(engine.clone(), store.clone(), request, &split_config(split))
                     .await
@@ -418,9 +417,7 @@ fn a_layer_split_of_stored_prefix_caches_reproduces_full_computation() {
         }
 
         // The front computed in full, the rest split.
-        let (request, _) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
-            .await;
+        let (request, _) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;
         let config = LayerSplitConfig {
             split: SplitPoint { chunk: 3, layer: 7 },
             ..split_config(7)
@@ -439,9 +436,7 @@ fn a_layer_split_of_stored_prefix_caches_reproduces_full_computation() {
 
         // A chunk with no stored cache in the middle is computed in full, after the tops
         // of the chunks before it.
-        let (mut request, _) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
-            .await;
+        let (mut request, _) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;
         request.chunks[2].stored = None;
         let done = prefill_layer_split(engine.clone(), store.clone(), request, &split_config(12))
             .await
@@ -452,9 +447,7 @@ fn a_layer_split_of_stored_prefix_caches_reproduces_full_computation() {
 
         // A split with nothing to compute or nothing to load is refused.
         for split in [0, layers] {
-            let (request, _) = store
-                .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
-                .await;
+            let (request, _) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;
             let refused =
                 prefill_layer_split(engine.clone(), store.clone(), request, &split_config(split))
                     .await;
@@ -468,13 +461,11 @@ fn a_layer_split_computes_around_a_corrupt_top_and_a_store_that_is_down() {
     runtime().block_on(async {
         let (chunks, tail, want, store) = stored_context().await;
         let engine = shared_dense_engine();
-        let keys = CacheKey::prefix_chain(&engine.fingerprint(), chunks.iter().map(Vec::as_slice));
+        let keys = store.prefix_chain(chunks.iter().map(Vec::as_slice));
         // Three quarters in: inside the value tensors of the top layers, which are read.
         corrupt_blob(&store, &keys[1], 0.75).await;
 
-        let (request, _) = store
-            .plan_prefill(chunks.clone(), tail.clone(), Mode::Bidirectional)
-            .await;
+        let (request, _) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;
         let done = prefill_layer_split(engine.clone(), store.clone(), request, &split_config(10))
             .await
             .unwrap();

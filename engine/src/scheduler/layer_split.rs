@@ -24,8 +24,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{
-    ComputeBackend, LoadBackend, LoadOutcome, Miss, MissReason, Mode, PrefillReport,
-    PrefillRequest, Prefilled, check_request, load_within,
+    ComputeBackend, Filled, LoadBackend, LoadOutcome, Miss, MissReason, Mode, PrefillReport,
+    PrefillRequest, check_request, load_within,
 };
 use crate::error::{EngineError, Result};
 
@@ -56,7 +56,7 @@ pub struct LayerSplitConfig {
 /// time at its position, `load_secs(m)` the time to load the last `m` chunks in full with
 /// the reads' concurrency (loading a share of the layers takes that share of the time). The
 /// front chunks are computed while the tops of the rest load, then their bottom layers.
-pub fn plan_split(
+pub fn choose_split(
     compute_each: &[f64],
     load_secs: impl Fn(usize) -> f64,
     layers: usize,
@@ -100,9 +100,9 @@ struct Top<Kv> {
 pub async fn prefill_layer_split<C, L>(
     compute: Arc<C>,
     loader: Arc<L>,
-    request: PrefillRequest<L::Source>,
+    request: PrefillRequest<L::Key>,
     config: &LayerSplitConfig,
-) -> Result<Prefilled<C>>
+) -> Result<Filled<C>>
 where
     C: ComputeBackend,
     L: LoadBackend<Kv = C::Kv>,
@@ -123,12 +123,12 @@ where
     }
     let started = Instant::now();
     let split = config.split;
-    let stored: Vec<(usize, L::Source, Arc<[u32]>)> = request
+    let stored: Vec<(usize, L::Key, Arc<[u32]>)> = request
         .chunks
         .iter()
         .enumerate()
         .skip(split.chunk)
-        .filter_map(|(i, c)| Some((i, c.stored.clone()?, c.tokens.clone())))
+        .filter_map(|(i, c)| Some((i, c.stored.as_ref()?.key.clone(), c.tokens.clone())))
         .collect();
     let (tops, arrivals) = mpsc::channel::<Top<C::Kv>>();
     let cancelled = Arc::new(AtomicBool::new(false));
@@ -322,7 +322,7 @@ fn fill<C: ComputeBackend, S>(
     arrivals: &mpsc::Receiver<Top<C::Kv>>,
     cancelled: &AtomicBool,
     started: Instant,
-) -> Result<Prefilled<C>> {
+) -> Result<Filled<C>> {
     let mut filler = Filler {
         compute,
         request,
@@ -362,7 +362,7 @@ fn fill<C: ComputeBackend, S>(
     let mut report = filler.report;
     report.tokens_computed += request.tail.len();
     report.ttft_secs = started.elapsed().as_secs_f64();
-    Ok(Prefilled {
+    Ok(Filled {
         cache: filler.cache,
         logits: logits.ok_or(EngineError::EmptyInput)?,
         report,
@@ -371,12 +371,12 @@ fn fill<C: ComputeBackend, S>(
 
 #[cfg(test)]
 mod tests {
-    use super::{SplitPoint, plan_split};
+    use super::{SplitPoint, choose_split};
 
     #[test]
     fn the_plan_balances_compute_and_load_and_computes_the_cheap_front() {
         // Eight equal chunks, loading all as slow as computing all: half the layers each.
-        let (split, secs) = plan_split(&[1.0; 8], |m| m as f64, 30);
+        let (split, secs) = choose_split(&[1.0; 8], |m| m as f64, 30);
         assert_eq!(
             split,
             SplitPoint {
@@ -387,15 +387,15 @@ mod tests {
         assert!((secs - 4.0).abs() < 1e-9);
         // Loads free: one layer computed (the least a split computes).
         assert_eq!(
-            plan_split(&[1.0; 8], |_| 0.0, 30).0,
+            choose_split(&[1.0; 8], |_| 0.0, 30).0,
             SplitPoint { chunk: 0, layer: 1 }
         );
         // Loads never finish: everything computed, no split.
-        assert_eq!(plan_split(&[1.0; 8], |_| f64::INFINITY, 30).0.chunk, 8);
+        assert_eq!(choose_split(&[1.0; 8], |_| f64::INFINITY, 30).0.chunk, 8);
         // Later chunks cost more (attention): the cheap front is computed in full and the
         // expensive back split, which beats splitting every chunk.
         let growing: Vec<f64> = (0..8).map(|i| 1.0 + i as f64).collect();
-        let (split, secs) = plan_split(&growing, |m| 2.5 * m as f64, 30);
+        let (split, secs) = choose_split(&growing, |m| 2.5 * m as f64, 30);
         assert!(split.chunk > 0, "{split:?}");
         let every_chunk_split = (1..30)
             .map(|k| {

@@ -3,13 +3,18 @@
 //! compute the question tail for the first token. One compute worker and one I/O pool are
 //! shared by every request in flight, and a policy decides who gets each.
 //!
-//! - [`core`]: the decisions, without threads or clocks (tested deterministically).
+//! - [`dispatch`]: the decisions, without threads or clocks (tested deterministically).
+//! - [`plan`]: a prompt's chunks → a [`PrefillRequest`]: which stored cache each chunk
+//!   loads (the load back end only says what is stored) and where it is written back.
+//! - [`layer_split`]: the layer dimension for one request (bottom layers computed while
+//!   the top layers load).
 //! - [`sim`]: a discrete-event simulator of the same decisions with given costs.
 //! - [`Scheduler`]: the real thing, generic over a [`ComputeBackend`] (the engine) and a
 //!   [`LoadBackend`] (a KV store).
 
-pub mod core;
+pub mod dispatch;
 pub mod layer_split;
+pub mod plan;
 mod runtime;
 pub mod sim;
 #[cfg(test)]
@@ -26,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 
+pub use plan::{ChunkCacheHint, LookupSummary, PlanOptions, PromptChunk, plan};
 pub use runtime::{Scheduler, SchedulerStats};
 
 /// How a request fills its cache.
@@ -288,9 +294,9 @@ pub trait ComputeBackend: Send + Sync + 'static {
     fn fill_top(&self, cache: &mut Self::Cache, kv: &Self::Kv, first_layer: usize) -> Result<()>;
 }
 
-/// How a load ended.
-#[derive(Debug)]
-pub enum LoadOutcome<Kv> {
+/// How a load ended. The dispatcher sees it without the data (`LoadOutcome<()>`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadOutcome<Kv = ()> {
     /// A verified cache, and the bytes read.
     Loaded {
         /// The cache.
@@ -304,54 +310,130 @@ pub enum LoadOutcome<Kv> {
     Failed(String),
 }
 
-/// The load side: stored chunk caches, fetched concurrently from tokio tasks.
+impl<Kv> LoadOutcome<Kv> {
+    /// The outcome without its data, and the data.
+    pub fn take_kv(self) -> (LoadOutcome, Option<Kv>) {
+        match self {
+            Self::Loaded { kv, bytes } => (LoadOutcome::Loaded { kv: (), bytes }, Some(kv)),
+            Self::Missing(reason) => (LoadOutcome::Missing(reason), None),
+            Self::Failed(error) => (LoadOutcome::Failed(error), None),
+        }
+    }
+}
+
+/// What a stored cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheKind {
+    /// KV of a chunk computed in context, after the chunks before it: exact, valid only
+    /// after the same chain of chunks.
+    Prefix,
+    /// KV of a chunk computed on its own: position-independent (re-rotated to where it is
+    /// placed), approximate (no attention to the chunks before it).
+    Chunk,
+}
+
+impl CacheKind {
+    /// The name used in metadata and object paths.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Prefix => "prefix",
+            Self::Chunk => "chunk",
+        }
+    }
+
+    /// Parses [`CacheKind::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "prefix" => Some(Self::Prefix),
+            "chunk" => Some(Self::Chunk),
+            _ => None,
+        }
+    }
+}
+
+/// The load side: where caches of chunks would be stored, whether they are, and the
+/// stored caches themselves, fetched concurrently from tokio tasks. It stores and reports;
+/// which cache a prompt uses is decided by the scheduler's planning ([`plan::plan`]).
 pub trait LoadBackend: Send + Sync + 'static {
-    /// Where a chunk's cache is stored (a key).
-    type Source: Clone + Send + Sync + 'static;
+    /// Where a chunk's cache is stored.
+    type Key: Clone + Send + Sync + 'static;
     /// A loaded cache.
     type Kv: Send + 'static;
 
-    /// Fetches and verifies the cache of `tokens` stored at `source`.
+    /// The key of the cache of `tokens` computed in context after the chunks whose chain
+    /// ends at `parent` (`None`: at the start of the prompt).
+    fn prefix_key(&self, parent: Option<&Self::Key>, tokens: &[u32]) -> Self::Key;
+
+    /// The prefix keys of `chunks` in prompt order, each chained to the one before.
+    fn prefix_chain<'a>(&self, chunks: impl IntoIterator<Item = &'a [u32]>) -> Vec<Self::Key> {
+        let mut keys: Vec<Self::Key> = Vec::new();
+        for chunk in chunks {
+            let key = self.prefix_key(keys.last(), chunk);
+            keys.push(key);
+        }
+        keys
+    }
+
+    /// The key of the position-independent cache of `tokens`.
+    fn chunk_key(&self, tokens: &[u32]) -> Self::Key;
+
+    /// Whether a cache is stored at `key`: one metadata request, no data read.
+    fn contains(
+        &self,
+        key: &Self::Key,
+    ) -> impl Future<Output = std::result::Result<bool, String>> + Send;
+
+    /// Fetches and verifies the cache of `tokens` stored at `key`.
     fn load(
         &self,
-        source: &Self::Source,
+        key: &Self::Key,
         tokens: &[u32],
     ) -> impl Future<Output = LoadOutcome<Self::Kv>> + Send;
 
-    /// Fetches and verifies only `layers` of the cache of `tokens` stored at `source`
+    /// Fetches and verifies only `layers` of the cache of `tokens` stored at `key`
     /// (ranged reads: the top layers of a layer split).
     fn load_layers(
         &self,
-        source: &Self::Source,
+        key: &Self::Key,
         tokens: &[u32],
         layers: Range<usize>,
     ) -> impl Future<Output = LoadOutcome<Self::Kv>> + Send;
 
-    /// Stores the cache of `tokens` at `dest` (write-back of a chunk computed in context).
+    /// Stores the cache of `tokens` at `key` (write-back of a chunk computed in context).
     fn store(
         &self,
-        dest: &Self::Source,
+        key: &Self::Key,
         tokens: &[u32],
         kv: Self::Kv,
     ) -> impl Future<Output = std::result::Result<(), String>> + Send;
 }
 
+/// A stored cache a chunk may load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCache<K> {
+    /// Where it is.
+    pub key: K,
+    /// What it holds.
+    pub kind: CacheKind,
+}
+
 /// One chunk of a request.
 #[derive(Debug, Clone)]
-pub struct ChunkSpec<S> {
+pub struct ChunkSpec<K> {
     /// The chunk's token ids.
     pub tokens: Arc<[u32]>,
-    /// Where its stored cache is, when a lookup found one.
-    pub stored: Option<S>,
+    /// The stored cache to load, when planning found one.
+    pub stored: Option<StoredCache<K>>,
     /// Where to write its cache back when it is computed in context.
-    pub write_back: Option<S>,
+    pub write_back: Option<K>,
 }
 
 /// A prompt to prefill: ordered chunks (the preamble first), then the question tail.
 #[derive(Debug, Clone)]
-pub struct PrefillRequest<S> {
+pub struct PrefillRequest<K> {
     /// The context's chunks in prompt order.
-    pub chunks: Vec<ChunkSpec<S>>,
+    pub chunks: Vec<ChunkSpec<K>>,
     /// The question tail: computed last, over the whole cache (at least one token).
     pub tail: Vec<u32>,
     /// How to fill the cache.
@@ -359,7 +441,7 @@ pub struct PrefillRequest<S> {
 }
 
 /// A filled cache, the first token's logits, and the breakdown.
-pub struct Prefilled<C: ComputeBackend> {
+pub struct Filled<C: ComputeBackend> {
     /// The cache holding the whole prompt.
     pub cache: C::Cache,
     /// Logits of the prompt's last token.
@@ -368,9 +450,9 @@ pub struct Prefilled<C: ComputeBackend> {
     pub report: PrefillReport,
 }
 
-impl<C: ComputeBackend> fmt::Debug for Prefilled<C> {
+impl<C: ComputeBackend> fmt::Debug for Filled<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Prefilled")
+        f.debug_struct("Filled")
             .field("report", &self.report)
             .finish_non_exhaustive()
     }
@@ -385,7 +467,7 @@ fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Ve
     if request.chunks.iter().any(|c| c.tokens.is_empty()) {
         return Err(EngineError::InvalidSetting("a chunk has no tokens".into()));
     }
-    let starts = core::chunk_starts(request.chunks.iter().map(|c| c.tokens.len()));
+    let starts = dispatch::chunk_starts(request.chunks.iter().map(|c| c.tokens.len()));
     let needed = starts[starts.len() - 1] + request.tail.len();
     if needed > max_tokens {
         return Err(EngineError::ContextOverflow {

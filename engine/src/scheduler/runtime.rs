@@ -1,4 +1,4 @@
-//! [`Scheduler`]: the decisions of [`Core`] carried out by one compute thread and a pool of
+//! [`Scheduler`]: the decisions of [`Dispatcher`] carried out by one compute thread and a pool of
 //! tokio load tasks.
 
 use std::collections::HashMap;
@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use super::core::{
-    ChunkPlan, ComputeStep, Core, LoadResult, LoadStep, LoadVerdict, NextCompute, RequestId,
-    RequestPlan,
+use super::dispatch::{
+    ChunkShape, ComputeStep, Dispatcher, LoadStep, LoadVerdict, NextCompute, RequestId,
+    RequestShape,
 };
 use super::{
-    ChunkSpec, ComputeBackend, LoadBackend, LoadOutcome, MissReason, PrefillRequest, Prefilled,
+    ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MissReason, PrefillRequest,
     SchedulerConfig, check_request, load_within,
 };
 use crate::error::{EngineError, Result};
@@ -61,17 +61,17 @@ struct Shared<C: ComputeBackend, L: LoadBackend> {
 }
 
 struct State<C: ComputeBackend, L: LoadBackend> {
-    core: Core,
+    dispatcher: Dispatcher,
     requests: HashMap<RequestId, Active<C, L>>,
-    /// Loads in flight, to stop those the core gives up.
+    /// Loads in flight, to stop those the dispatcher gives up.
     loads: HashMap<LoadStep, tokio::task::AbortHandle>,
     shutdown: bool,
 }
 
 impl<C: ComputeBackend, L: LoadBackend> State<C, L> {
-    /// Stops the loads the core gave up (their slots are already free in the core).
+    /// Stops the loads the dispatcher gave up (their slots are already free in the dispatcher).
     fn abort_given_up_loads(&mut self) {
-        for step in self.core.take_aborted_loads() {
+        for step in self.dispatcher.take_aborted_loads() {
             if let Some(load) = self.loads.remove(&step) {
                 load.abort();
             }
@@ -79,9 +79,9 @@ impl<C: ComputeBackend, L: LoadBackend> State<C, L> {
     }
 }
 
-/// The data of a request in flight (the core holds only its bookkeeping).
+/// The data of a request in flight (the dispatcher holds only its bookkeeping).
 struct Active<C: ComputeBackend, L: LoadBackend> {
-    chunks: Vec<ChunkSpec<L::Source>>,
+    chunks: Vec<ChunkSpec<L::Key>>,
     tail: Arc<[u32]>,
     /// Cache index of each chunk's first token, and the tail's.
     starts: Vec<usize>,
@@ -89,11 +89,11 @@ struct Active<C: ComputeBackend, L: LoadBackend> {
     cache: Option<C::Cache>,
     /// Loaded caches waiting for the compute front.
     staged: HashMap<usize, C::Kv>,
-    reply: Option<oneshot::Sender<Result<Prefilled<C>>>>,
+    reply: Option<oneshot::Sender<Result<Filled<C>>>>,
 }
 
 /// Bidirectional prefill for many requests at once: one compute thread runs the engine, an
-/// I/O pool of tokio tasks loads stored chunks, and a [`Core`] decides who gets which.
+/// I/O pool of tokio tasks loads stored chunks, and a [`Dispatcher`] decides who gets which.
 pub struct Scheduler<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> {
     shared: Arc<Shared<C, L>>,
     worker: Option<JoinHandle<()>>,
@@ -107,7 +107,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
     pub fn start(compute: Arc<C>, loader: Arc<L>, config: SchedulerConfig) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                core: Core::new(config),
+                dispatcher: Dispatcher::new(config),
                 requests: HashMap::new(),
                 loads: HashMap::new(),
                 shutdown: false,
@@ -134,7 +134,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
 
     /// The configuration.
     pub fn config(&self) -> SchedulerConfig {
-        self.shared.lock().core.config().clone()
+        self.shared.lock().dispatcher.config().clone()
     }
 
     /// A snapshot of the counters.
@@ -148,19 +148,19 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             cancelled: l(&c.cancelled),
             write_backs: l(&c.write_backs),
             write_back_failures: l(&c.write_back_failures),
-            in_flight: self.shared.lock().core.in_flight() as u64,
+            in_flight: self.shared.lock().dispatcher.in_flight() as u64,
         }
     }
 
     /// Fills a cache with the request's chunks and tail and returns it with the logits of
     /// the last token. Dropping the future cancels the request and frees what it held.
-    pub async fn prefill(&self, request: PrefillRequest<L::Source>) -> Result<Prefilled<C>> {
+    pub async fn prefill(&self, request: PrefillRequest<L::Key>) -> Result<Filled<C>> {
         let starts = check_request(&request, self.shared.compute.max_tokens())?;
-        let plan = RequestPlan {
+        let shape = RequestShape {
             chunks: request
                 .chunks
                 .iter()
-                .map(|c| ChunkPlan {
+                .map(|c| ChunkShape {
                     tokens: c.tokens.len(),
                     stored: c.stored.is_some(),
                 })
@@ -175,7 +175,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                 return Err(EngineError::Scheduler("the scheduler is shut down".into()));
             }
             let now = self.shared.now();
-            let id = state.core.admit(now, plan);
+            let id = state.dispatcher.admit(now, shape);
             state.requests.insert(
                 id,
                 Active {
@@ -231,7 +231,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Drop for CancelOnDrop<'_, C,
             return;
         }
         let mut state = self.shared.lock();
-        if state.core.cancel(self.id).is_some() {
+        if state.dispatcher.cancel(self.id).is_some() {
             self.shared
                 .counters
                 .cancelled
@@ -257,27 +257,32 @@ impl<C: ComputeBackend, L: LoadBackend> Shared<C, L> {
     }
 }
 
-/// Issues every load the core allows now.
+/// Issues every load the dispatcher allows now.
 fn pump_loads<C, L>(shared: &Arc<Shared<C, L>>, state: &mut State<C, L>)
 where
     C: ComputeBackend,
     L: LoadBackend<Kv = C::Kv>,
 {
-    while let Some(step) = state.core.next_load(shared.now()) {
+    while let Some(step) = state.dispatcher.next_load(shared.now()) {
         let Some(active) = state.requests.get(&step.request) else {
             continue;
         };
         let chunk = &active.chunks[step.chunk];
-        let (Some(source), tokens) = (chunk.stored.clone(), chunk.tokens.clone()) else {
-            state
-                .core
-                .load_done(shared.now(), step, LoadResult::Missing(MissReason::Absent));
+        let (Some(key), tokens) = (
+            chunk.stored.as_ref().map(|s| s.key.clone()),
+            chunk.tokens.clone(),
+        ) else {
+            state.dispatcher.load_done(
+                shared.now(),
+                step,
+                LoadOutcome::Missing(MissReason::Absent),
+            );
             continue;
         };
         let shared = shared.clone();
-        let timeout = Duration::from_secs_f64(state.core.config().load_timeout_secs.max(0.0));
+        let timeout = Duration::from_secs_f64(state.dispatcher.config().load_timeout_secs.max(0.0));
         let load = shared.runtime.clone().spawn(async move {
-            let outcome = load_within(timeout, shared.loader.load(&source, &tokens)).await;
+            let outcome = load_within(timeout, shared.loader.load(&key, &tokens)).await;
             finish_load(&shared, step, outcome);
         });
         state.loads.insert(step, load.abort_handle());
@@ -294,15 +299,11 @@ where
         return; // given up while it finished
     }
     let now = shared.now();
-    let (result, kv) = match outcome {
-        LoadOutcome::Loaded { kv, bytes } => (LoadResult::Loaded { bytes }, Some(kv)),
-        LoadOutcome::Missing(reason) => (LoadResult::Missing(reason), None),
-        LoadOutcome::Failed(error) => {
-            tracing::warn!(%error, "KV store load failed; computing instead");
-            (LoadResult::Failed(error), None)
-        }
-    };
-    if state.core.load_done(now, step, result) == LoadVerdict::Keep
+    if let LoadOutcome::Failed(error) = &outcome {
+        tracing::warn!(%error, "KV store load failed; computing instead");
+    }
+    let (result, kv) = outcome.take_kv();
+    if state.dispatcher.load_done(now, step, result) == LoadVerdict::Keep
         && let (Some(active), Some(kv)) = (state.requests.get_mut(&step.request), kv)
     {
         active.staged.insert(step.chunk, kv);
@@ -338,7 +339,7 @@ where
             return;
         }
         let now = shared.now();
-        let next = state.core.next_compute(now);
+        let next = state.dispatcher.next_compute(now);
         if matches!(next, NextCompute::Run(ComputeStep::Compute { .. })) {
             // An overtaken load frees its I/O slot for the next one now.
             state.abort_given_up_loads();
@@ -391,23 +392,23 @@ where
                     continue; // cancelled meanwhile
                 };
                 active.cache = Some(cache);
-                if let Some(report) = state.core.compute_done(now, step, secs) {
+                if let Some(report) = state.dispatcher.compute_done(now, step, secs) {
                     let active = state.requests.remove(&step.request()).expect("present");
                     let logits = logits.expect("the tail asks for logits");
-                    let write_back = state.core.config().write_back;
+                    let write_back = state.dispatcher.config().write_back;
                     finish_request(&shared, active, logits, report, write_back);
                 }
             }
             Err(error) if matches!(step, ComputeStep::Import { .. }) => {
                 // A loaded cache that does not fit is a miss, not a failure: compute it.
                 tracing::warn!(%error, "loaded KV could not be imported; computing instead");
-                state.core.import_failed(step, error.to_string());
+                state.dispatcher.import_failed(step, error.to_string());
                 if let Some(active) = state.requests.get_mut(&step.request()) {
                     active.cache = Some(cache);
                 }
             }
             Err(error) => {
-                state.core.compute_failed(step);
+                state.dispatcher.compute_failed(step);
                 shared.counters.failed.fetch_add(1, Ordering::Relaxed);
                 if let Some(mut active) = state.requests.remove(&step.request())
                     && let Some(reply) = active.reply.take()
@@ -436,7 +437,7 @@ fn finish_request<C, L>(
 {
     shared.counters.completed.fetch_add(1, Ordering::Relaxed);
     let cache = active.cache.take().expect("the cache is back");
-    let write_back: Vec<WriteBack<L::Source>> = if write_back {
+    let write_back: Vec<WriteBack<L::Key>> = if write_back {
         report
             .computed_chunks
             .iter()
@@ -454,7 +455,7 @@ fn finish_request<C, L>(
     };
     let snapshot = (!write_back.is_empty()).then(|| cache.clone());
     if let Some(reply) = active.reply.take() {
-        let _ = reply.send(Ok(Prefilled {
+        let _ = reply.send(Ok(Filled {
             cache,
             logits,
             report,

@@ -1,8 +1,9 @@
-//! A discrete-event simulator of the scheduler: the same [`Core`] decisions, driven by a
+//! A discrete-event simulator of the scheduler: the same [`Dispatcher`] decisions, driven by a
 //! virtual clock and given costs instead of a model and a store. Deterministic, so the
 //! scheduling logic is tested exactly, and fast enough to sweep what-ifs.
 
-use super::core::{ComputeStep, Core, LoadResult, LoadStep, NextCompute, RequestId, RequestPlan};
+use super::LoadOutcome;
+use super::dispatch::{ComputeStep, Dispatcher, LoadStep, NextCompute, RequestId, RequestShape};
 use super::{PrefillReport, SchedulerConfig};
 use crate::error::{EngineError, Result};
 
@@ -42,7 +43,7 @@ pub struct SimRequest {
     /// Arrival time.
     pub arrival: f64,
     /// Chunks, tail and mode.
-    pub plan: RequestPlan,
+    pub shape: RequestShape,
 }
 
 /// Bound on simulated events: every run ends.
@@ -58,13 +59,13 @@ pub fn simulate(
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by(|&a, &b| requests[a].arrival.total_cmp(&requests[b].arrival));
     let timeout = config.load_timeout_secs;
-    let mut core = Core::new(config);
+    let mut dispatcher = Dispatcher::new(config);
     let mut ids: Vec<(RequestId, usize)> = Vec::new();
     let mut reports: Vec<Option<PrefillReport>> = vec![None; requests.len()];
     let mut arrivals = order.into_iter().peekable();
     let mut now = 0.0f64;
     let mut busy: Option<(f64, ComputeStep, f64)> = None;
-    let mut loads: Vec<(f64, LoadStep, LoadResult)> = Vec::new();
+    let mut loads: Vec<(f64, LoadStep, LoadOutcome)> = Vec::new();
 
     for _ in 0..MAX_EVENTS {
         while let Some(&i) = arrivals.peek() {
@@ -72,22 +73,22 @@ pub fn simulate(
                 break;
             }
             arrivals.next();
-            ids.push((core.admit(now, requests[i].plan.clone()), i));
+            ids.push((dispatcher.admit(now, requests[i].shape.clone()), i));
         }
-        while let Some(step) = core.next_load(now) {
+        while let Some(step) = dispatcher.next_load(now) {
             let tokens = chunk_tokens(requests, &ids, step);
             loads.push(simulate_load(costs, timeout, now, tokens, step));
         }
         let mut recheck = None;
         if busy.is_none() {
-            match core.next_compute(now) {
+            match dispatcher.next_compute(now) {
                 NextCompute::Run(step) => {
-                    let secs = step_secs(&core, costs, requests, &ids, step);
+                    let secs = step_secs(&dispatcher, costs, requests, &ids, step);
                     busy = Some((now + secs, step, secs));
                 }
                 NextCompute::Wait(at) => recheck = at.filter(|&t| t > now),
             }
-            let aborted = core.take_aborted_loads();
+            let aborted = dispatcher.take_aborted_loads();
             if !aborted.is_empty() {
                 loads.retain(|l| !aborted.contains(&l.1));
                 // Freed I/O slots take the next loads at once.
@@ -109,7 +110,7 @@ pub fn simulate(
             && done <= now
         {
             busy = None;
-            if let Some(report) = core.compute_done(now, step, secs) {
+            if let Some(report) = dispatcher.compute_done(now, step, secs) {
                 let index = index_of(&ids, step.request());
                 reports[index] = Some(report);
             }
@@ -117,7 +118,7 @@ pub fn simulate(
         let (done, pending): (Vec<_>, Vec<_>) = loads.into_iter().partition(|l| l.0 <= now);
         loads = pending;
         for (_, step, result) in done {
-            core.load_done(now, step, result);
+            dispatcher.load_done(now, step, result);
         }
     }
     Err(EngineError::Scheduler(format!(
@@ -144,7 +145,7 @@ fn index_of(ids: &[(RequestId, usize)], id: RequestId) -> usize {
 }
 
 fn chunk_tokens(requests: &[SimRequest], ids: &[(RequestId, usize)], step: LoadStep) -> usize {
-    requests[index_of(ids, step.request)].plan.chunks[step.chunk].tokens
+    requests[index_of(ids, step.request)].shape.chunks[step.chunk].tokens
 }
 
 fn simulate_load(
@@ -153,45 +154,47 @@ fn simulate_load(
     now: f64,
     tokens: usize,
     step: LoadStep,
-) -> (f64, LoadStep, LoadResult) {
+) -> (f64, LoadStep, LoadOutcome) {
     let duration = costs.load_latency_secs + costs.load_secs_per_token * tokens as f64;
     let end = now + duration;
     if let Some(dies) = costs.store_fails_at
         && end >= dies
     {
         let at = dies.max(now + costs.load_latency_secs).min(now + timeout);
-        return (at, step, LoadResult::Failed("store unavailable".into()));
+        return (at, step, LoadOutcome::Failed("store unavailable".into()));
     }
     if duration > timeout {
         return (
             now + timeout,
             step,
-            LoadResult::Failed(format!("timed out after {timeout}s")),
+            LoadOutcome::Failed(format!("timed out after {timeout}s")),
         );
     }
     let bytes = tokens as u64 * costs.bytes_per_token;
-    (end, step, LoadResult::Loaded { bytes })
+    (end, step, LoadOutcome::Loaded { kv: (), bytes })
 }
 
 fn step_secs(
-    core: &Core,
+    dispatcher: &Dispatcher,
     costs: &SimCosts,
     requests: &[SimRequest],
     ids: &[(RequestId, usize)],
     step: ComputeStep,
 ) -> f64 {
-    let plan = &requests[index_of(ids, step.request())].plan;
+    let shape = &requests[index_of(ids, step.request())].shape;
     match step {
         ComputeStep::Import { chunk, .. } => {
-            costs.import_secs_per_token * plan.chunks[chunk].tokens as f64
+            costs.import_secs_per_token * shape.chunks[chunk].tokens as f64
         }
         ComputeStep::Compute { request, chunk } => {
-            let position = core.position(request, chunk).unwrap_or(0);
-            costs.compute(plan.chunks[chunk].tokens, position)
+            let position = dispatcher.position(request, chunk).unwrap_or(0);
+            costs.compute(shape.chunks[chunk].tokens, position)
         }
         ComputeStep::Tail { request } => {
-            let position = core.position(request, plan.chunks.len()).unwrap_or(0);
-            costs.compute(plan.tail_tokens, position)
+            let position = dispatcher
+                .position(request, shape.chunks.len())
+                .unwrap_or(0);
+            costs.compute(shape.tail_tokens, position)
         }
     }
 }

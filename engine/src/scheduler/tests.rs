@@ -1,6 +1,6 @@
 //! The scheduling logic under the deterministic simulator.
 
-use super::core::{ChunkPlan, RequestPlan};
+use super::dispatch::{ChunkShape, RequestShape};
 use super::sim::{SimCosts, SimRequest, simulate};
 use super::{MissReason, Mode, Policy, PrefillReport, SchedulerConfig};
 
@@ -33,10 +33,10 @@ fn config(costs: &SimCosts, policy: Policy, io: usize) -> SchedulerConfig {
     }
 }
 
-fn plan(chunks: usize, stored: impl Fn(usize) -> bool, mode: Mode) -> RequestPlan {
-    RequestPlan {
+fn shape(chunks: usize, stored: impl Fn(usize) -> bool, mode: Mode) -> RequestShape {
+    RequestShape {
         chunks: (0..chunks)
-            .map(|i| ChunkPlan {
+            .map(|i| ChunkShape {
                 tokens: CHUNK,
                 stored: stored(i),
             })
@@ -46,16 +46,24 @@ fn plan(chunks: usize, stored: impl Fn(usize) -> bool, mode: Mode) -> RequestPla
     }
 }
 
-fn run_one(costs: &SimCosts, io: usize, plan: RequestPlan) -> PrefillReport {
+fn run_one(costs: &SimCosts, io: usize, shape: RequestShape) -> PrefillReport {
     let config = config(costs, Policy::Adaptive, io);
-    let mut reports = simulate(config, costs, &[SimRequest { arrival: 0.0, plan }]).unwrap();
+    let mut reports = simulate(
+        config,
+        costs,
+        &[SimRequest {
+            arrival: 0.0,
+            shape,
+        }],
+    )
+    .unwrap();
     reports.remove(0)
 }
 
 #[test]
 fn equal_rates_meet_in_the_middle() {
     let costs = costs(1e-3, 1e-3);
-    let report = run_one(&costs, 1, plan(16, |_| true, Mode::Bidirectional));
+    let report = run_one(&costs, 1, shape(16, |_| true, Mode::Bidirectional));
     let meet = report.meeting_point.unwrap();
     assert!((7..=9).contains(&meet), "met at chunk {meet}: {report:?}");
     assert_eq!(report.chunks_computed + report.chunks_loaded, 16);
@@ -72,12 +80,12 @@ fn faster_loading_moves_the_meeting_point_forward() {
     let slow = run_one(
         &costs(1e-3, 3e-3),
         1,
-        plan(16, |_| true, Mode::Bidirectional),
+        shape(16, |_| true, Mode::Bidirectional),
     );
     let fast = run_one(
         &costs(1e-3, 0.33e-3),
         1,
-        plan(16, |_| true, Mode::Bidirectional),
+        shape(16, |_| true, Mode::Bidirectional),
     );
     assert!(
         slow.chunks_computed > fast.chunks_computed,
@@ -103,7 +111,7 @@ fn costly_short_tails_do_not_make_chunks_look_costly() {
     let requests: Vec<SimRequest> = (0..8)
         .map(|i| SimRequest {
             arrival: i as f64 * 10.0,
-            plan: plan(
+            shape: shape(
                 4,
                 |_| true,
                 if i < 4 {
@@ -127,7 +135,7 @@ fn costly_short_tails_do_not_make_chunks_look_costly() {
 #[test]
 fn zero_bandwidth_computes_everything() {
     let costs = costs(1e-3, f64::INFINITY);
-    let report = run_one(&costs, 4, plan(16, |_| true, Mode::Bidirectional));
+    let report = run_one(&costs, 4, shape(16, |_| true, Mode::Bidirectional));
     assert_eq!(report.chunks_computed, 16, "{report:?}");
     assert_eq!(report.chunks_loaded, 0);
     let compute_only = (16 * CHUNK + 16) as f64 * 1e-3;
@@ -138,7 +146,7 @@ fn zero_bandwidth_computes_everything() {
 fn zero_compute_rate_loads_everything_stored() {
     let costs = costs(10.0, 1e-4);
     let stored = |i: usize| i % 4 != 1;
-    let report = run_one(&costs, 4, plan(16, stored, Mode::Bidirectional));
+    let report = run_one(&costs, 4, shape(16, stored, Mode::Bidirectional));
     assert_eq!(report.chunks_loaded, 12, "{report:?}");
     assert_eq!(report.chunks_computed, 4);
 }
@@ -146,7 +154,7 @@ fn zero_compute_rate_loads_everything_stored() {
 #[test]
 fn compute_only_never_reads_the_store() {
     let costs = costs(1e-3, 1e-4);
-    let report = run_one(&costs, 4, plan(8, |_| true, Mode::ComputeOnly));
+    let report = run_one(&costs, 4, shape(8, |_| true, Mode::ComputeOnly));
     assert_eq!(report.loads_issued, 0);
     assert_eq!(report.chunks_computed, 8);
     assert_eq!(report.meeting_point, None);
@@ -156,7 +164,7 @@ fn compute_only_never_reads_the_store() {
 fn load_only_loads_every_stored_chunk_even_when_computing_is_faster() {
     let costs = costs(1e-4, 1e-3);
     let stored = |i: usize| i != 3;
-    let report = run_one(&costs, 2, plan(8, stored, Mode::LoadOnly));
+    let report = run_one(&costs, 2, shape(8, stored, Mode::LoadOnly));
     assert_eq!(report.chunks_loaded, 7, "{report:?}");
     assert_eq!(report.chunks_computed, 1);
 }
@@ -167,7 +175,7 @@ fn a_store_that_dies_halfway_still_completes_flagged_degraded() {
     let load_all = 16.0 * CHUNK as f64 * 2e-3;
     costs.store_fails_at = Some(load_all / 4.0);
     for mode in [Mode::Bidirectional, Mode::LoadOnly] {
-        let report = run_one(&costs, 1, plan(16, |_| true, mode));
+        let report = run_one(&costs, 1, shape(16, |_| true, mode));
         assert_eq!(
             report.chunks_computed + report.chunks_loaded,
             16,
@@ -194,10 +202,17 @@ fn a_stalled_load_is_overtaken_by_compute() {
     let costs = costs(1e-3, 0.1);
     let mut config = config(&costs, Policy::Adaptive, 4);
     config.load_secs_per_token = 1e-4;
-    let plan = plan(8, |_| true, Mode::Bidirectional);
-    let report = simulate(config, &costs, &[SimRequest { arrival: 0.0, plan }])
-        .unwrap()
-        .remove(0);
+    let shape = shape(8, |_| true, Mode::Bidirectional);
+    let report = simulate(
+        config,
+        &costs,
+        &[SimRequest {
+            arrival: 0.0,
+            shape,
+        }],
+    )
+    .unwrap()
+    .remove(0);
     let compute_only = (8 * CHUNK + 16) as f64 * 1e-3;
     // Waiting for one stalled load costs at most about one chunk's compute time.
     assert!(report.ttft_secs < compute_only * 1.3, "{report:?}");
@@ -222,7 +237,7 @@ fn mixed_workload(n: usize, gap: f64, chunks: usize) -> Vec<SimRequest> {
             };
             SimRequest {
                 arrival: i as f64 * gap,
-                plan: plan(chunks, stored, Mode::Bidirectional),
+                shape: shape(chunks, stored, Mode::Bidirectional),
             }
         })
         .collect()
@@ -278,11 +293,11 @@ fn a_long_uncached_request_is_not_starved_by_a_stream_of_short_ones() {
     // One 8-chunk request, then 1-chunk requests slightly faster than compute can serve.
     let mut requests = vec![SimRequest {
         arrival: 0.0,
-        plan: plan(8, |_| false, Mode::Bidirectional),
+        shape: shape(8, |_| false, Mode::Bidirectional),
     }];
     requests.extend((1..200).map(|i| SimRequest {
         arrival: i as f64 * 0.25,
-        plan: plan(1, |_| false, Mode::Bidirectional),
+        shape: shape(1, |_| false, Mode::Bidirectional),
     }));
     let reports = simulate(config(&costs, Policy::Adaptive, 4), &costs, &requests).unwrap();
     // Shortest-first alone would leave it waiting for the whole stream (~50 s); aged by
@@ -315,7 +330,7 @@ fn serving_trace(n: usize, rate: f64, mode: Mode) -> Vec<SimRequest> {
             };
             SimRequest {
                 arrival: at,
-                plan: plan(4, stored, mode),
+                shape: shape(4, stored, mode),
             }
         })
         .collect()
@@ -378,14 +393,14 @@ fn per_request_policy_serves_one_request_at_a_time() {
     let requests: Vec<SimRequest> = (0..3)
         .map(|i| SimRequest {
             arrival: i as f64 * 1e-3,
-            plan: plan(4, |_| true, Mode::Bidirectional),
+            shape: shape(4, |_| true, Mode::Bidirectional),
         })
         .collect();
     let config = config(&costs, Policy::PerRequest, 4);
     let reports = simulate(config, &costs, &requests).unwrap();
     // No request loads ahead while an earlier one is in flight: each gets the whole
     // machine in turn, so each waits for the ones before it, and finishes alone as fast.
-    let alone = run_one(&costs, 4, plan(4, |_| true, Mode::Bidirectional)).ttft_secs;
+    let alone = run_one(&costs, 4, shape(4, |_| true, Mode::Bidirectional)).ttft_secs;
     for (i, (report, request)) in reports.iter().zip(&requests).enumerate() {
         let finished = request.arrival + report.ttft_secs;
         let expected = (i + 1) as f64 * alone;

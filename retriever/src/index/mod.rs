@@ -83,7 +83,10 @@ pub struct IndexedChunk {
     pub source: String,
     /// Fingerprint of the LLM whose tokenizer made `token_ids` (hex).
     pub llm: String,
-    /// Key of the chunk's position-independent KV cache for that LLM (hex).
+    /// Key of the chunk's position-independent KV cache for that LLM (hex), set once the
+    /// precompute job has stored it; empty when no cache was stored. Retrieval reads the
+    /// cache status from it instead of asking the store.
+    #[serde(default)]
     pub kv_key: String,
     /// blake3 of the whole document's text (hex): a changed document is re-ingested.
     pub doc_hash: String,

@@ -6,25 +6,25 @@
 
 use std::collections::BTreeMap;
 
-use super::{Miss, MissReason, Mode, Policy, PrefillReport, SchedulerConfig};
+use super::{LoadOutcome, Miss, MissReason, Mode, Policy, PrefillReport, SchedulerConfig};
 
 /// A request's handle inside the scheduler.
 pub type RequestId = u64;
 
 /// What the scheduler knows of one chunk before prefill starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkPlan {
+pub struct ChunkShape {
     /// Tokens in the chunk.
     pub tokens: usize,
     /// Whether a stored cache exists (an index or HEAD lookup said so; the load may still miss).
     pub stored: bool,
 }
 
-/// A request as the core sees it: chunk sizes and cache status, the tail, the mode.
+/// A request as the dispatcher sees it: chunk sizes and cache status, the tail, the mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestPlan {
+pub struct RequestShape {
     /// The context's chunks in prompt order (the preamble, if any, is the first).
-    pub chunks: Vec<ChunkPlan>,
+    pub chunks: Vec<ChunkShape>,
     /// Tokens of the question tail, computed last (at least one: it yields the logits).
     pub tail_tokens: usize,
     /// How this request fills its cache.
@@ -85,20 +85,6 @@ pub struct LoadStep {
     pub chunk: usize,
 }
 
-/// How a load ended.
-#[derive(Debug, Clone, PartialEq)]
-pub enum LoadResult {
-    /// The cache was fetched and verified.
-    Loaded {
-        /// Bytes read.
-        bytes: u64,
-    },
-    /// Nothing usable under the key (absent, or rejected by verification).
-    Missing(MissReason),
-    /// The store failed (error or timeout): the request stops loading.
-    Failed(String),
-}
-
 /// What the driver does with the data of a finished load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadVerdict {
@@ -120,7 +106,7 @@ enum Slot {
 #[derive(Debug)]
 struct Request {
     arrival: f64,
-    plan: RequestPlan,
+    shape: RequestShape,
     /// Per chunk: whether the loader may still try it.
     loadable: Vec<bool>,
     slots: Vec<Slot>,
@@ -134,16 +120,16 @@ struct Request {
 }
 
 impl Request {
-    fn new(arrival: f64, plan: RequestPlan) -> Self {
-        let n = plan.chunks.len();
-        let positions = chunk_starts(plan.chunks.iter().map(|c| c.tokens));
-        let loadable = plan
+    fn new(arrival: f64, shape: RequestShape) -> Self {
+        let n = shape.chunks.len();
+        let positions = chunk_starts(shape.chunks.iter().map(|c| c.tokens));
+        let loadable = shape
             .chunks
             .iter()
-            .map(|c| c.stored && plan.mode != Mode::ComputeOnly)
+            .map(|c| c.stored && shape.mode != Mode::ComputeOnly)
             .collect();
         let report = PrefillReport {
-            mode: plan.mode,
+            mode: shape.mode,
             chunks: n,
             ..PrefillReport::default()
         };
@@ -156,12 +142,12 @@ impl Request {
             tail_started: false,
             loads_in_flight: 0,
             report,
-            plan,
+            shape,
         }
     }
 
     fn tail_position(&self) -> usize {
-        self.positions[self.plan.chunks.len()]
+        self.positions[self.shape.chunks.len()]
     }
 
     /// The chunk the loader would fetch next: the last one not yet claimed (loads walk
@@ -289,7 +275,7 @@ impl CostModel {
 
 /// The scheduler's state: every request in flight and the shared cost estimates.
 #[derive(Debug)]
-pub struct Core {
+pub struct Dispatcher {
     config: SchedulerConfig,
     policy: Policy,
     costs: CostModel,
@@ -300,7 +286,7 @@ pub struct Core {
     aborted: Vec<LoadStep>,
 }
 
-impl Core {
+impl Dispatcher {
     /// An empty scheduler.
     pub fn new(config: SchedulerConfig) -> Self {
         Self {
@@ -335,10 +321,10 @@ impl Core {
     }
 
     /// Admits a request at time `now`.
-    pub fn admit(&mut self, now: f64, plan: RequestPlan) -> RequestId {
+    pub fn admit(&mut self, now: f64, shape: RequestShape) -> RequestId {
         let id = self.next_id;
         self.next_id += 1;
-        self.requests.insert(id, Request::new(now, plan));
+        self.requests.insert(id, Request::new(now, shape));
         id
     }
 
@@ -348,7 +334,7 @@ impl Core {
     }
 
     /// Forgets a request (cancelled or failed). Its in-flight loads are discarded on return.
-    /// Its loads in flight are given up (see [`Core::take_aborted_loads`]).
+    /// Its loads in flight are given up (see [`Dispatcher::take_aborted_loads`]).
     pub fn cancel(&mut self, request: RequestId) -> Option<PrefillReport> {
         let r = self.requests.remove(&request)?;
         for (chunk, slot) in r.slots.iter().enumerate() {
@@ -362,7 +348,7 @@ impl Core {
 
     /// Loads given up since the last call (their chunk was computed first, or their request
     /// was cancelled). Their I/O slots are already free: the caller stops them and must not
-    /// report them to [`Core::load_done`].
+    /// report them to [`Dispatcher::load_done`].
     pub fn take_aborted_loads(&mut self) -> Vec<LoadStep> {
         std::mem::take(&mut self.aborted)
     }
@@ -400,7 +386,7 @@ impl Core {
 
     /// Records the end of a load and says whether its data is still wanted. A load that
     /// was given up (aborted) is ignored.
-    pub fn load_done(&mut self, now: f64, step: LoadStep, result: LoadResult) -> LoadVerdict {
+    pub fn load_done(&mut self, now: f64, step: LoadStep, result: LoadOutcome) -> LoadVerdict {
         let Some(r) = self.requests.get_mut(&step.request) else {
             return LoadVerdict::Discard;
         };
@@ -409,22 +395,22 @@ impl Core {
         };
         self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
         r.loads_in_flight = r.loads_in_flight.saturating_sub(1);
-        let tokens = r.plan.chunks[step.chunk].tokens;
+        let tokens = r.shape.chunks[step.chunk].tokens;
         match result {
-            LoadResult::Loaded { bytes } => {
+            LoadOutcome::Loaded { bytes, .. } => {
                 r.slots[step.chunk] = Slot::Loaded;
                 r.report.bytes_loaded += bytes;
                 r.report.load_secs += now - since;
                 self.costs.observe_load(tokens, now - since);
                 LoadVerdict::Keep
             }
-            LoadResult::Missing(reason) => {
+            LoadOutcome::Missing(reason) => {
                 r.slots[step.chunk] = Slot::Pending;
                 r.loadable[step.chunk] = false;
                 r.miss(step.chunk, reason);
                 LoadVerdict::Discard
             }
-            LoadResult::Failed(error) => {
+            LoadOutcome::Failed(error) => {
                 // A failing store fails every later load too: compute the rest.
                 r.slots[step.chunk] = Slot::Pending;
                 r.loadable.iter_mut().for_each(|l| *l = false);
@@ -485,7 +471,7 @@ impl Core {
                         request: step.request(),
                         chunk,
                     });
-                    let tokens = r.plan.chunks[chunk].tokens;
+                    let tokens = r.shape.chunks[chunk].tokens;
                     let expected = self.costs.finished_load_secs(tokens);
                     if now - since > self.config.stall_factor * expected.max(1e-3) {
                         r.miss(chunk, MissReason::Stalled);
@@ -513,14 +499,14 @@ impl Core {
                 r.slots[chunk] = Slot::Filled;
                 r.next = chunk + 1;
                 r.report.chunks_loaded += 1;
-                r.report.tokens_loaded += r.plan.chunks[chunk].tokens;
+                r.report.tokens_loaded += r.shape.chunks[chunk].tokens;
                 r.report.import_secs += secs;
                 None
             }
             ComputeStep::Compute { chunk, .. } => {
                 r.slots[chunk] = Slot::Filled;
                 r.next = chunk + 1;
-                let tokens = r.plan.chunks[chunk].tokens;
+                let tokens = r.shape.chunks[chunk].tokens;
                 r.report.chunks_computed += 1;
                 r.report.tokens_computed += tokens;
                 r.report.compute_secs += secs;
@@ -529,15 +515,15 @@ impl Core {
                 None
             }
             ComputeStep::Tail { .. } => {
-                let tokens = r.plan.tail_tokens;
+                let tokens = r.shape.tail_tokens;
                 let position = r.tail_position();
                 r.report.tokens_computed += tokens;
                 r.report.compute_secs += secs;
                 self.costs.observe_compute(tokens, position, secs);
                 let mut r = self.requests.remove(&step.request())?;
                 r.report.ttft_secs = now - r.arrival;
-                if r.report.meeting_point.is_none() && r.plan.mode != Mode::ComputeOnly {
-                    r.report.meeting_point = Some(r.plan.chunks.len());
+                if r.report.meeting_point.is_none() && r.shape.mode != Mode::ComputeOnly {
+                    r.report.meeting_point = Some(r.shape.chunks.len());
                 }
                 Some(r.report)
             }
@@ -583,14 +569,14 @@ impl Core {
         match r.slots[chunk] {
             Slot::Computing | Slot::Filled => Front::Busy,
             Slot::Loaded => Front::Import(chunk),
-            Slot::Pending if r.loadable[chunk] && r.plan.mode == Mode::LoadOnly => {
+            Slot::Pending if r.loadable[chunk] && r.shape.mode == Mode::LoadOnly => {
                 // Load-only computes nothing that is stored: the loader will take it.
                 Front::Wait(None)
             }
             Slot::Pending if r.loadable[chunk] => {
                 // Compute a stored chunk only if that is sooner than the loader, walking
                 // from the back, would deliver it; otherwise leave it to the loader.
-                let tokens = r.plan.chunks[chunk].tokens;
+                let tokens = r.shape.chunks[chunk].tokens;
                 let compute = self.costs.compute_secs(tokens, r.positions[chunk]);
                 let queued = (chunk..r.slots.len())
                     .filter(|&i| {
@@ -620,13 +606,13 @@ impl Core {
             }
             Slot::Pending => Front::Compute(chunk),
             Slot::Loading { since } => {
-                if r.plan.mode != Mode::Bidirectional {
+                if r.shape.mode != Mode::Bidirectional {
                     return Front::Wait(None);
                 }
                 // The meeting point: wait for the load, or compute the chunk if that is
                 // faster. A load past its expected time is assumed to need as long again
                 // (it may be stalled), so a stuck store costs at most one compute time.
-                let tokens = r.plan.chunks[chunk].tokens;
+                let tokens = r.shape.chunks[chunk].tokens;
                 let compute = self.costs.compute_secs(tokens, r.positions[chunk]);
                 let expected = self.costs.load_secs(tokens);
                 let elapsed = now - since;
@@ -651,7 +637,7 @@ impl Core {
             return f64::INFINITY;
         };
         let (must, compute, load) = self.remaining_parts(now, r);
-        must + overlap(compute, load, r.plan.mode)
+        must + overlap(compute, load, r.shape.mode)
     }
 
     /// (waiting + remaining) / remaining: the shortest remaining first, while a request's
@@ -672,12 +658,12 @@ impl Core {
             0.0
         } else {
             self.costs
-                .compute_secs(r.plan.tail_tokens, r.tail_position())
+                .compute_secs(r.shape.tail_tokens, r.tail_position())
         };
         let (mut compute, mut load) = (0.0, 0.0);
         let streams = self.config.io_concurrency.max(1) as f64;
         for i in r.next..r.slots.len() {
-            let tokens = r.plan.chunks[i].tokens;
+            let tokens = r.shape.chunks[i].tokens;
             let c = self.costs.compute_secs(tokens, r.positions[i]);
             match r.slots[i] {
                 Slot::Filled | Slot::Computing => {}

@@ -1,12 +1,12 @@
-//! The batch precompute job: read a corpus, chunk it on the LLM's tokens, embed and index
-//! the chunks, compute each chunk's position-independent KV cache and store it.
+//! The job: discover the documents, chunk, embed and index them, compute and store each
+//! chunk's position-independent KV cache.
 //!
 //! Idempotent (a chunk whose point and cache exist costs two lookups, nothing more),
 //! resumable (work is durable as it is done, in an order that never indexes a chunk
 //! before its cache is stored), and shardable (`--shard i/N` takes the documents whose id
 //! hashes to `i`, the same split on every machine).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -15,12 +15,13 @@ use std::time::Instant;
 
 use ragcake_engine::Engine;
 use ragcake_kvstore::{CacheKey, KvStore};
+use ragcake_retriever::{
+    ChunkId, Chunker, DEFAULT_CHUNK_TOKENS, Embedder, IndexPoint, IndexedChunk, TextChunk,
+    VectorIndex,
+};
 use serde::Serialize;
 
-use crate::chunker::{Chunker, DEFAULT_CHUNK_TOKENS, TextChunk};
-use crate::embedder::Embedder;
-use crate::error::{Result, RetrieverError};
-use crate::index::{ChunkId, IndexPoint, IndexedChunk, VectorIndex};
+use crate::error::{IngestError, Result};
 
 /// File extensions read from directories (a file named on the command line is read
 /// whatever its extension).
@@ -195,7 +196,7 @@ impl IngestSummary {
 pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
     let mut files = Vec::new();
     for input in inputs {
-        let meta = std::fs::metadata(input).map_err(|source| RetrieverError::Io {
+        let meta = std::fs::metadata(input).map_err(|source| IngestError::Io {
             path: input.display().to_string(),
             source,
         })?;
@@ -225,7 +226,7 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
 }
 
 fn walk(dir: &Path, id_prefix: &str, out: &mut Vec<SourceFile>) -> Result<()> {
-    let io = |source| RetrieverError::Io {
+    let io = |source| IngestError::Io {
         path: dir.display().to_string(),
         source,
     };
@@ -312,24 +313,25 @@ impl Ingest {
         config: IngestConfig,
     ) -> Result<Self> {
         if kv.model() != engine.fingerprint() {
-            return Err(RetrieverError::InvalidSetting(format!(
+            return Err(IngestError::InvalidSetting(format!(
                 "the KV store holds caches of model {}, the engine is {}",
                 kv.model().short(),
                 engine.fingerprint().short()
             )));
         }
         if embedder.dim() != index.dim() {
-            return Err(RetrieverError::DimensionMismatch {
+            return Err(ragcake_retriever::RetrieverError::DimensionMismatch {
                 expected: embedder.dim(),
                 found: index.dim(),
-            });
+            }
+            .into());
         }
         if config.batch == 0 {
-            return Err(RetrieverError::InvalidSetting(
+            return Err(IngestError::InvalidSetting(
                 "batch must be at least 1".into(),
             ));
         }
-        Chunker::new(engine.tokenizer(), config.chunk_tokens)?;
+        ragcake_retriever::chunker::check_target_tokens(config.chunk_tokens)?;
         Ok(Self {
             engine,
             embedder,
@@ -401,7 +403,9 @@ impl Ingest {
     }
 
     fn chunk(&self, text: &str) -> Result<Vec<TextChunk>> {
-        Chunker::new(self.engine.tokenizer(), self.config.chunk_tokens)?.split(text)
+        let tokenizer = self.engine.tokenizer();
+        let tokenize = |text: &str| tokenizer.encode(text, false).map_err(|e| e.to_string());
+        Ok(Chunker::new(&tokenize, self.config.chunk_tokens)?.split(text)?)
     }
 
     /// Brings one document's chunks into the index and the store; returns (chunks, chunks
@@ -422,14 +426,15 @@ impl Ingest {
             .collect();
 
         let t = Instant::now();
-        // Indexed for this LLM already (a point tokenized for another one is redone).
-        let indexed: HashSet<ChunkId> = self
+        // Indexed for this LLM already (a point tokenized for another one is redone), with
+        // the cache key it records (empty: no cache recorded).
+        let indexed: HashMap<ChunkId, String> = self
             .index
             .get(&ids)
             .await?
             .into_iter()
             .filter(|c| c.llm == llm)
-            .map(|c| c.chunk_id())
+            .map(|c| (c.chunk_id(), c.kv_key))
             .collect();
         summary.index_secs += t.elapsed().as_secs_f64();
 
@@ -452,8 +457,15 @@ impl Ingest {
             let needs_kv = !stored;
             summary.chunks += 1;
             summary.tokens += c.token_ids.len();
+            // The payload records the stored cache, so retrieval need not ask the store: a
+            // point indexed before its cache was precomputed is written again.
+            let kv_key = if self.config.precompute_kv {
+                key.to_hex()
+            } else {
+                indexed.get(id).cloned().unwrap_or_default()
+            };
             pending.push(PendingChunk {
-                needs_index: !indexed.contains(id),
+                needs_index: indexed.get(id) != Some(&kv_key),
                 needs_kv,
                 key,
                 chunk: IndexedChunk {
@@ -465,7 +477,7 @@ impl Ingest {
                     text: c.text,
                     source: file.path.display().to_string(),
                     llm: llm.clone(),
-                    kv_key: key.to_hex(),
+                    kv_key,
                     doc_hash: doc_hash.clone(),
                 },
             });
@@ -506,7 +518,7 @@ impl Ingest {
                 Ok(cache.export(0..tokens.len())?)
             })
             .await
-            .map_err(|e| RetrieverError::Index(format!("KV compute task failed: {e}")))??;
+            .map_err(|e| IngestError::Task(format!("KV compute task failed: {e}")))??;
             summary.kv_compute_secs += t.elapsed().as_secs_f64();
             summary.kv_computed += 1;
             summary.kv_tokens += p.chunk.token_ids.len();
@@ -541,7 +553,7 @@ impl Ingest {
         let embedder = self.embedder.clone();
         let vectors = tokio::task::spawn_blocking(move || embedder.embed(&texts))
             .await
-            .map_err(|e| RetrieverError::Embedder(format!("embedding task failed: {e}")))??;
+            .map_err(|e| IngestError::Task(format!("embedding task failed: {e}")))??;
         summary.embed_secs += t.elapsed().as_secs_f64();
 
         let t = Instant::now();
@@ -562,7 +574,7 @@ impl Ingest {
 
 async fn join_put(put: tokio::task::JoinHandle<Result<usize>>) -> Result<usize> {
     put.await
-        .map_err(|e| RetrieverError::Index(format!("KV store task failed: {e}")))?
+        .map_err(|e| IngestError::Task(format!("KV store task failed: {e}")))?
 }
 
 #[cfg(test)]

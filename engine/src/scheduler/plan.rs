@@ -1,0 +1,185 @@
+//! Planning a prefill: which stored cache each chunk of a prompt loads, and where a chunk
+//! computed in context is written back. The load back end only answers "what is stored
+//! at this key?"; the choice between an exact prefix cache and a position-independent chunk
+//! cache, and what the request's options allow, is made here.
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::{CacheKind, ChunkSpec, LoadBackend, Mode, PrefillRequest, StoredCache};
+
+/// What the caller already knows of a chunk's position-independent cache, so planning need
+/// not ask the store again (the vector index records what the precompute job stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkCacheHint {
+    /// Not known: planning asks the store (one more metadata request).
+    #[default]
+    Unknown,
+    /// Recorded as stored; the load still verifies it, and a miss is computed.
+    Stored,
+    /// Not stored, or not usable by this model.
+    Absent,
+}
+
+/// One chunk of a prompt, before planning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptChunk {
+    /// Its token ids.
+    pub tokens: Vec<u32>,
+    /// What is known of its position-independent cache.
+    pub chunk_cache: ChunkCacheHint,
+}
+
+impl PromptChunk {
+    /// A chunk whose cache status is unknown (planning looks it up).
+    pub fn new(tokens: Vec<u32>) -> Self {
+        Self {
+            tokens,
+            chunk_cache: ChunkCacheHint::Unknown,
+        }
+    }
+
+    /// A chunk whose position-independent cache is known to be stored or not.
+    pub fn with_chunk_cache(tokens: Vec<u32>, stored: bool) -> Self {
+        Self {
+            tokens,
+            chunk_cache: if stored {
+                ChunkCacheHint::Stored
+            } else {
+                ChunkCacheHint::Absent
+            },
+        }
+    }
+}
+
+impl From<Vec<u32>> for PromptChunk {
+    fn from(tokens: Vec<u32>) -> Self {
+        Self::new(tokens)
+    }
+}
+
+/// What a request allows planning to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PlanOptions {
+    /// How the cache is filled (compute-only looks nothing up).
+    pub mode: Mode,
+    /// Only exact prefix caches: position-independent chunk caches are not used.
+    pub exact: bool,
+}
+
+impl From<Mode> for PlanOptions {
+    fn from(mode: Mode) -> Self {
+        Self { mode, exact: false }
+    }
+}
+
+/// What the lookups before a prefill found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LookupSummary {
+    /// Chunks with an exact prefix cache.
+    pub prefix_hits: usize,
+    /// Chunks with only a position-independent chunk cache.
+    pub chunk_hits: usize,
+    /// Lookups that failed (the store is down): those chunks are planned as computed.
+    pub errors: usize,
+    /// Metadata requests sent to the store.
+    pub requests: usize,
+}
+
+/// Concurrent metadata lookups while planning a prefill.
+const LOOKUP_CONCURRENCY: usize = 16;
+
+/// Plans a prefill of `chunks` then `tail`: each chunk loads its exact prefix cache when one
+/// is stored, else (unless `exact`) its position-independent cache when one is stored, and
+/// names its prefix key as its write-back destination. One metadata request per chunk when
+/// the chunk cache's status is known, two when it is not; none in compute-only mode. A
+/// failed lookup plans the chunk as computed and is counted.
+pub async fn plan<L: LoadBackend>(
+    loader: &L,
+    chunks: Vec<PromptChunk>,
+    tail: Vec<u32>,
+    options: PlanOptions,
+) -> (PrefillRequest<L::Key>, LookupSummary) {
+    let prefix_keys = loader.prefix_chain(chunks.iter().map(|c| c.tokens.as_slice()));
+    // Futures built up front (no closure inside the stream), so the planning future stays
+    // `Send` for callers that spawn it.
+    let lookups: Vec<_> = chunks
+        .iter()
+        .zip(&prefix_keys)
+        .map(|(chunk, prefix)| locate(loader, prefix, chunk, options))
+        .collect();
+    let found = futures::stream::iter(lookups)
+        .buffered(LOOKUP_CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+    let mut summary = LookupSummary::default();
+    let chunks = chunks
+        .into_iter()
+        .zip(prefix_keys)
+        .zip(found)
+        .map(|((chunk, prefix), (found, requests))| {
+            summary.requests += requests;
+            let stored = found.unwrap_or_else(|error| {
+                tracing::warn!(%error, "KV lookup failed; the chunk will be computed");
+                summary.errors += 1;
+                None
+            });
+            match stored.as_ref().map(|s| s.kind) {
+                Some(CacheKind::Prefix) => summary.prefix_hits += 1,
+                Some(CacheKind::Chunk) => summary.chunk_hits += 1,
+                None => {}
+            }
+            ChunkSpec {
+                tokens: chunk.tokens.into(),
+                stored,
+                write_back: Some(prefix),
+            }
+        })
+        .collect();
+    let request = PrefillRequest {
+        chunks,
+        tail,
+        mode: options.mode,
+    };
+    (request, summary)
+}
+
+/// The cache one chunk loads, and the metadata requests it took to find out.
+async fn locate<L: LoadBackend>(
+    loader: &L,
+    prefix: &L::Key,
+    chunk: &PromptChunk,
+    options: PlanOptions,
+) -> (Result<Option<StoredCache<L::Key>>, String>, usize) {
+    if options.mode == Mode::ComputeOnly {
+        return (Ok(None), 0);
+    }
+    match loader.contains(prefix).await {
+        Ok(true) => {
+            let stored = StoredCache {
+                key: prefix.clone(),
+                kind: CacheKind::Prefix,
+            };
+            return (Ok(Some(stored)), 1);
+        }
+        Ok(false) => {}
+        Err(error) => return (Err(error), 1),
+    }
+    if options.exact {
+        return (Ok(None), 1);
+    }
+    let key = loader.chunk_key(&chunk.tokens);
+    let (stored, requests) = match chunk.chunk_cache {
+        ChunkCacheHint::Stored => (Ok(true), 1),
+        ChunkCacheHint::Absent => (Ok(false), 1),
+        ChunkCacheHint::Unknown => (loader.contains(&key).await, 2),
+    };
+    let stored = stored.map(|stored| {
+        stored.then_some(StoredCache {
+            key,
+            kind: CacheKind::Chunk,
+        })
+    });
+    (stored, requests)
+}

@@ -1,0 +1,32 @@
+//! The ingest job's error type.
+
+/// What can stop the precompute job (a bad file does not: it is skipped and counted).
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Chunking, embedding or the vector index failed.
+    #[error(transparent)]
+    Retriever(#[from] ragcake_retriever::RetrieverError),
+    /// The LLM engine failed (tokenizing, computing a chunk's KV).
+    #[error(transparent)]
+    Engine(#[from] ragcake_engine::EngineError),
+    /// The KV store failed.
+    #[error(transparent)]
+    KvStore(#[from] ragcake_kvstore::KvStoreError),
+    /// An input file or directory could not be listed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A setting is out of range, or the parts do not fit together.
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+    /// A worker task of the job failed.
+    #[error("{0}")]
+    Task(String),
+}
+
+/// The ingest job's result type.
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;

@@ -1,0 +1,210 @@
+//! The service's configuration, as read from its TOML file (`docs/ragcake.toml` lists every
+//! setting at its default): the HTTP server, the pipeline, and the limits a request must
+//! respect. Each option has its default in one place.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use ragcake_engine::scheduler::SchedulerConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PipelineError, Result};
+use crate::prompt::PromptTemplate;
+use crate::types::{AskOptions, AskRequest};
+
+/// Settings of the HTTP server (the `[http]` table of the service's TOML file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, bytes.
+    pub max_body_bytes: usize,
+    /// The model name clients use in `/v1/chat/completions` (the GGUF's file stem is
+    /// accepted too).
+    pub model_name: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 64 * 1024,
+            model_name: "ragcake".into(),
+        }
+    }
+}
+
+/// The service's whole configuration, as read from its TOML file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The HTTP server.
+    pub http: HttpConfig,
+    /// The pipeline.
+    pub pipeline: PipelineConfig,
+}
+
+impl ServiceConfig {
+    /// Parses a configuration from TOML text.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| PipelineError::Config(e.to_string()))
+    }
+
+    /// Reads a configuration file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PipelineError::Config(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text)
+            .map_err(|e| PipelineError::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Settings of a pipeline (the `[pipeline]` table of the service's TOML file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Qdrant collection (server index only).
+    pub collection: String,
+    /// Bytes of recently used chunk caches kept in memory in front of the store.
+    pub memory_tier_bytes: usize,
+    /// Questions answered at once (retrieval to last token); more wait in the queue.
+    pub max_concurrent: usize,
+    /// Questions waiting beyond `max_concurrent`; more are refused as overloaded.
+    pub max_queue: usize,
+    /// A question not answered within this many seconds fails (queueing included).
+    pub timeout_secs: f64,
+    /// Answers decoding at once (decode shares the CPU with prefill).
+    pub decode_concurrency: usize,
+    /// Longest question, in characters.
+    pub max_question_chars: usize,
+    /// Most generated tokens a request may ask for.
+    pub max_tokens_limit: usize,
+    /// The text around the retrieved chunks.
+    pub prompt: PromptTemplate,
+    /// Options of a request that sets none.
+    pub defaults: AskOptions,
+    /// The prefill scheduler.
+    pub scheduler: SchedulerConfig,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        let limits = RequestLimits::default();
+        Self {
+            collection: "ragcake".into(),
+            memory_tier_bytes: 256 << 20,
+            max_concurrent: 8,
+            max_queue: 64,
+            timeout_secs: 300.0,
+            decode_concurrency: 1,
+            max_question_chars: limits.max_question_chars,
+            max_tokens_limit: limits.max_tokens,
+            prompt: PromptTemplate::default(),
+            defaults: AskOptions::default(),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+impl PipelineConfig {
+    pub(crate) fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_question_chars: self.max_question_chars,
+            max_tokens: self.max_tokens_limit,
+            ..RequestLimits::default()
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        let bad = |why: &str| Err(PipelineError::Config(why.to_string()));
+        if self.max_concurrent == 0 {
+            return bad("max_concurrent must be at least 1");
+        }
+        if self.max_queue == 0 {
+            return bad("max_queue must be at least 1");
+        }
+        if !(self.timeout_secs > 0.0 && self.timeout_secs.is_finite()) {
+            return bad("timeout_secs must be positive");
+        }
+        if self.scheduler.io_concurrency == 0 {
+            return bad("scheduler.io_concurrency must be at least 1");
+        }
+        self.limits()
+            .check(&AskRequest::new("?").with_options(self.defaults.clone()))
+            .map_err(|e| PipelineError::Config(format!("defaults: {e}")))
+    }
+}
+
+/// Limits a request must respect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Longest question, in characters.
+    pub max_question_chars: usize,
+    /// Most chunks per prompt.
+    pub max_top_k: usize,
+    /// Most generated tokens.
+    pub max_tokens: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_question_chars: 4000,
+            max_top_k: 16,
+            max_tokens: 1024,
+        }
+    }
+}
+
+impl RequestLimits {
+    /// Checks a request against the limits and the options against their ranges.
+    pub fn check(&self, request: &AskRequest) -> Result<(), PipelineError> {
+        let invalid = |why: String| Err(PipelineError::InvalidRequest(why));
+        let o = &request.options;
+        let chars = request.question.chars().count();
+        if request.question.trim().is_empty() {
+            return invalid("the question is empty".into());
+        }
+        if chars > self.max_question_chars {
+            return invalid(format!(
+                "the question has {chars} characters, at most {} are accepted",
+                self.max_question_chars
+            ));
+        }
+        if o.top_k == 0 || o.top_k > self.max_top_k {
+            return invalid(format!("top_k must be 1 to {}", self.max_top_k));
+        }
+        if o.max_tokens == 0 || o.max_tokens > self.max_tokens {
+            return invalid(format!("max_tokens must be 1 to {}", self.max_tokens));
+        }
+        if !(0.0..=2.0).contains(&o.temperature) {
+            return invalid("temperature must be 0 to 2".into());
+        }
+        if !(o.top_p > 0.0 && o.top_p <= 1.0) {
+            return invalid("top_p must be above 0 and at most 1".into());
+        }
+        if !(o.prefer_cached_within >= 0.0 && o.prefer_cached_within <= 2.0) {
+            return invalid("prefer_cached_within must be 0 to 2".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_configuration_file_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/ragcake.toml");
+        let config = ServiceConfig::load(&path).unwrap();
+        assert_eq!(config, ServiceConfig::default());
+    }
+
+    #[test]
+    fn an_unknown_setting_is_an_error_that_names_it() {
+        let error = ServiceConfig::from_toml("[pipeline]\nmax_concurent = 3\n").unwrap_err();
+        assert!(error.to_string().contains("max_concurent"), "{error}");
+    }
+}
