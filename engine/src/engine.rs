@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{EngineError, Result};
 use crate::generate::{GenerateParams, Generation, generate};
-use crate::gguf::{GgufFile, ModelFingerprint};
+use crate::gguf::{GgufFile, LlmFingerprint};
 use crate::kv::{KvCache, KvRange};
 use crate::models::llama::{Llama, LlamaConfig, Logits};
 use crate::scheduler::ComputeBackend;
@@ -98,7 +98,7 @@ pub struct Engine {
     model: Llama,
     tokenizer: Tokenizer,
     template: ChatTemplate,
-    fingerprint: ModelFingerprint,
+    fingerprint: LlmFingerprint,
     path: PathBuf,
 }
 
@@ -164,7 +164,7 @@ impl Engine {
     }
 
     /// The model's fingerprint, which KV caches are tagged with.
-    pub fn fingerprint(&self) -> ModelFingerprint {
+    pub fn fingerprint(&self) -> LlmFingerprint {
         self.fingerprint
     }
 

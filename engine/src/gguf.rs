@@ -177,7 +177,7 @@ impl GgufFile {
 
     /// A hash identifying the model: its metadata that shapes computation and all of its
     /// tensor data. Two files with equal fingerprints produce the same KV caches.
-    pub fn fingerprint(&mut self) -> Result<ModelFingerprint> {
+    pub fn fingerprint(&mut self) -> Result<LlmFingerprint> {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"ragcake-model-fingerprint-v1\0");
         let mut keys: Vec<&String> = self
@@ -216,7 +216,7 @@ impl GgufFile {
             }
             hasher.update(&buf[..n]);
         }
-        Ok(ModelFingerprint(*hasher.finalize().as_bytes()))
+        Ok(LlmFingerprint(*hasher.finalize().as_bytes()))
     }
 }
 
@@ -267,9 +267,9 @@ fn hash_value(hasher: &mut blake3::Hasher, value: &Value) {
 
 /// A 32-byte hash identifying a model's weights and architecture; KV caches are tagged with it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ModelFingerprint(pub [u8; 32]);
+pub struct LlmFingerprint(pub [u8; 32]);
 
-impl ModelFingerprint {
+impl LlmFingerprint {
     /// Lower-case hex form.
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
@@ -281,13 +281,13 @@ impl ModelFingerprint {
     }
 }
 
-impl std::fmt::Debug for ModelFingerprint {
+impl std::fmt::Debug for LlmFingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ModelFingerprint({})", self.short())
+        write!(f, "LlmFingerprint({})", self.short())
     }
 }
 
-impl std::fmt::Display for ModelFingerprint {
+impl std::fmt::Display for LlmFingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_hex())
     }

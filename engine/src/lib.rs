@@ -31,7 +31,7 @@ pub use chat::{ChatMessage, ChatTemplate, Role};
 pub use engine::{Completion, DTypeChoice, DeviceChoice, Engine, EngineConfig};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateParams, Generation, Sampler, Sampling};
-pub use gguf::{GgufFile, ModelFingerprint};
+pub use gguf::{GgufFile, LlmFingerprint};
 pub use kv::{KvCache, KvRange, KvShape};
 pub use models::llama::{DECODE_MAX_TOKENS, Llama, LlamaConfig, Logits};
 pub use rope::Rope;

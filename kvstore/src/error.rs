@@ -19,7 +19,7 @@ pub enum RejectReason {
     Metadata(String),
     /// Computed by another model.
     #[error("model fingerprint {found} differs from {expected}")]
-    ModelMismatch {
+    LlmMismatch {
         /// The loaded model's fingerprint.
         expected: String,
         /// The blob's.

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
-use ragcake_engine::{KvRange, KvShape, ModelFingerprint};
+use ragcake_engine::{KvRange, KvShape, LlmFingerprint};
 use safetensors::SafeTensors;
 use safetensors::tensor::{Metadata, TensorInfo};
 
@@ -37,7 +37,7 @@ pub struct BlobMeta {
     /// The key the blob was written under.
     pub key: CacheKey,
     /// The model that computed it.
-    pub model: ModelFingerprint,
+    pub model: LlmFingerprint,
     /// Tokens covered.
     pub token_count: usize,
     /// Position of the first token when it was computed.
@@ -56,7 +56,7 @@ pub struct Expectation<'a> {
     /// The key being read.
     pub key: &'a CacheKey,
     /// The reader's model.
-    pub model: &'a ModelFingerprint,
+    pub model: &'a LlmFingerprint,
     /// The reader's cache dimensions.
     pub shape: KvShape,
     /// The token ids the cache must have been computed from, when the reader knows them.
@@ -84,7 +84,7 @@ fn parse_dtype(s: &str) -> Option<DType> {
 /// Encodes `range` (the KV of `tokens`) as a blob for `key`, converting tensors to `dtype`.
 pub fn encode(
     key: &CacheKey,
-    model: &ModelFingerprint,
+    model: &LlmFingerprint,
     tokens: &[u32],
     range: &KvRange,
     dtype: DType,
@@ -173,7 +173,7 @@ pub fn check_meta(
     }
     let model = field(meta, "model_fingerprint")?;
     if model != expected.model.to_hex() {
-        return Err(RejectReason::ModelMismatch {
+        return Err(RejectReason::LlmMismatch {
             expected: expected.model.to_hex(),
             found: model.into(),
         });

@@ -1,6 +1,6 @@
 //! Content-addressed cache keys and their object paths.
 
-use ragcake_engine::ModelFingerprint;
+use ragcake_engine::LlmFingerprint;
 
 /// What a stored cache holds (the scheduler's kinds: prefix or chunk).
 pub use ragcake_engine::scheduler::CacheKind;
@@ -47,7 +47,7 @@ pub fn hex(bytes: &[u8]) -> String {
 impl CacheKey {
     /// Key of the exact (in-context) cache of `tokens` following the chunk whose key is
     /// `parent` (`None` for the first chunk of a prompt).
-    pub fn prefix(model: &ModelFingerprint, parent: Option<&CacheKey>, tokens: &[u32]) -> Self {
+    pub fn prefix(model: &LlmFingerprint, parent: Option<&CacheKey>, tokens: &[u32]) -> Self {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"ragcake-kv-key-v1\0prefix\0");
         hasher.update(&model.0);
@@ -63,7 +63,7 @@ impl CacheKey {
     }
 
     /// Key of the position-independent cache of `tokens` computed alone.
-    pub fn chunk(model: &ModelFingerprint, tokens: &[u32]) -> Self {
+    pub fn chunk(model: &LlmFingerprint, tokens: &[u32]) -> Self {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"ragcake-kv-key-v1\0chunk\0");
         hasher.update(&model.0);
@@ -87,7 +87,7 @@ impl CacheKey {
     /// The object path relative to the store's prefix:
     /// `{model 16 hex}/{kind}/{first 2 hex}/{64 hex}.safetensors` — grouped by model and kind
     /// in a bucket listing, and fanned out so no directory grows huge.
-    pub fn relative_path(&self, model: &ModelFingerprint) -> String {
+    pub fn relative_path(&self, model: &LlmFingerprint) -> String {
         format!("{}/{}", model.short(), self.object_name())
     }
 
@@ -115,7 +115,7 @@ impl CacheKey {
 mod tests {
     use super::*;
 
-    const MODEL: ModelFingerprint = ModelFingerprint([7; 32]);
+    const MODEL: LlmFingerprint = LlmFingerprint([7; 32]);
 
     #[test]
     fn keys_are_deterministic_and_known() {
@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn keys_separate_models_kinds_parents_and_tokens() {
-        let other = ModelFingerprint([8; 32]);
+        let other = LlmFingerprint([8; 32]);
         let a = CacheKey::prefix(&MODEL, None, &[1, 2]);
         assert_ne!(a, CacheKey::prefix(&other, None, &[1, 2]));
         assert_ne!(a, CacheKey::prefix(&MODEL, None, &[1, 3]));

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use ragcake_engine::{Engine, KvRange, KvShape, ModelFingerprint};
+use ragcake_engine::{Engine, KvRange, KvShape, LlmFingerprint};
 use safetensors::tensor::Metadata;
 use serde::Serialize;
 
@@ -102,7 +102,7 @@ impl MemoryTier {
 pub struct KvStore {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
-    model: ModelFingerprint,
+    model: LlmFingerprint,
     shape: KvShape,
     storage_dtype: DType,
     device: Device,
@@ -147,7 +147,7 @@ impl KvStore {
     pub fn new(
         store: Arc<dyn ObjectStore>,
         prefix: Path,
-        model: ModelFingerprint,
+        model: LlmFingerprint,
         shape: KvShape,
         device: Device,
     ) -> Self {
@@ -191,7 +191,7 @@ impl KvStore {
     }
 
     /// The fingerprint of the model whose caches this store holds.
-    pub fn model(&self) -> ModelFingerprint {
+    pub fn model(&self) -> LlmFingerprint {
         self.model
     }
 

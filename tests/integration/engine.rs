@@ -80,9 +80,14 @@ fn quantized_decode_steps_stay_close_to_dense_prefill() {
             "greedy choice changed at step {i}"
         );
     }
-    // Observed: ~0.7 at worst over 49k logits spanning about ±30, with the same greedy
-    // token at every step; a wrong position or cache would move them by several units.
-    assert!(worst < 1.0, "Q8_0 decode moved logits by {worst}");
+    // Observed at worst over 49k logits spanning about ±30, with the same greedy token at
+    // every step: ~0.7 on AVX2, ~1.04 on AVX-512 (other kernels, other rounding); a wrong
+    // position or cache would move them by several units. Bound: 5% of the largest logit.
+    let bound = 0.05 * max_abs(&reference);
+    assert!(
+        worst < bound,
+        "Q8_0 decode moved logits by {worst} (bound {bound})"
+    );
     assert!(
         worst > 0.0,
         "decode steps did not use the quantized weights"

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use ragcake::engine::{DType, KvRange, Logits, ModelFingerprint};
+use ragcake::engine::{DType, KvRange, LlmFingerprint, Logits};
 use ragcake::kvstore::object_store::ObjectStoreExt;
 use ragcake::kvstore::{CacheKey, KvStore, Lookup, RejectReason, format};
 
@@ -186,7 +186,7 @@ fn every_kind_of_corrupt_or_foreign_blob_is_rejected_with_its_reason() {
         Err(RejectReason::Checksum(_))
     ));
     // Another model.
-    let other_model = ModelFingerprint([9; 32]);
+    let other_model = LlmFingerprint([9; 32]);
     let other = format::encode(
         &key,
         &other_model,
@@ -197,7 +197,7 @@ fn every_kind_of_corrupt_or_foreign_blob_is_rejected_with_its_reason() {
     .unwrap();
     assert!(matches!(
         decode(&key, &tokens, &other),
-        Err(RejectReason::ModelMismatch { .. })
+        Err(RejectReason::LlmMismatch { .. })
     ));
     // Another token count.
     assert!(matches!(

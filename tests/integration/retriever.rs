@@ -610,7 +610,7 @@ fn ingest_refuses_a_store_of_another_model() {
     let foreign = KvStore::new(
         store,
         prefix,
-        ragcake::engine::ModelFingerprint([7; 32]),
+        ragcake::engine::LlmFingerprint([7; 32]),
         engine.model().config().kv_shape(),
         ragcake::engine::Device::Cpu,
     );
