@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use ragcake::engine::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 use ragcake::engine::scheduler::{
-    CacheKind, ChunkSpec, Filled, LoadBackend, LookupSummary, MissReason, Mode, PrefillRequest,
-    PromptChunk, Scheduler, SchedulerConfig, StoredCache, plan,
+    CacheKind, ChunkSpec, Filled, LoadBackend, LookupSummary, MissReason, Mode, PlanOptions,
+    PrefillRequest, PromptChunk, Scheduler, SchedulerConfig, StoredCache, plan,
 };
 use ragcake::engine::{DType, Engine, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
@@ -143,6 +143,116 @@ fn f16_stored_prefix_caches_keep_the_greedy_answer() {
         assert_eq!(warm.report.chunks_loaded, chunks.len());
         // f16 rounding of the stored keys and values: small, not zero.
         assert_same_logits(&warm, &want, 2e-2);
+    });
+}
+
+/// Stores `tokens`' position-independent cache: the chunk computed alone, at position 0.
+async fn store_chunk_cache(store: &KvStore, tokens: &[u32]) {
+    let engine = shared_dense_engine();
+    let mut alone = engine.new_cache();
+    engine
+        .append(&mut alone, tokens, tokens.len(), false)
+        .unwrap();
+    let kv = alone.export(0..tokens.len()).unwrap();
+    store
+        .put(&store.chunk_key(tokens), tokens, &kv)
+        .await
+        .unwrap();
+}
+
+#[test]
+fn a_chunk_cache_in_the_middle_writes_back_only_the_chunks_before_it() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let store = memory_store(DType::F32);
+        let scheduler = scheduler(store.clone(), SchedulerConfig::default());
+        store_chunk_cache(&store, &chunks[2]).await;
+
+        let (request, lookup) = planned(&store, &chunks, &tail, Mode::LoadOnly).await;
+        assert_eq!((lookup.prefix_hits, lookup.chunk_hits), (0, 1));
+        let mixed = scheduler.prefill(request).await.unwrap();
+        assert_eq!(mixed.report.chunks_loaded, 1, "{:?}", mixed.report);
+        assert_eq!(mixed.report.in_context_chunks, 2, "{:?}", mixed.report);
+        written_back(&scheduler, 2).await;
+        // Only the two chunks before the approximate one are stored as prefix caches.
+        let keys = store.prefix_chain(chunks.iter().map(Vec::as_slice));
+        for (i, key) in keys.iter().enumerate() {
+            let stored = store.contains(key).await.unwrap();
+            assert_eq!(stored, i < 2, "prefix cache of chunk {i}");
+        }
+        assert_eq!(scheduler.stats().write_backs, 2);
+
+        // The exact request that follows loads those two and computes the rest: the
+        // logits of full computation.
+        let prompt = chunks.iter().cloned().map(PromptChunk::from).collect();
+        let options = PlanOptions {
+            mode: Mode::LoadOnly,
+            exact: true,
+        };
+        let (request, lookup) = plan(&*store, prompt, tail.clone(), options).await;
+        assert_eq!((lookup.prefix_hits, lookup.chunk_hits), (2, 0));
+        let exact = scheduler.prefill(request).await.unwrap();
+        assert_eq!(exact.report.chunks_loaded, 2, "{:?}", exact.report);
+        assert_eq!(exact.report.in_context_chunks, chunks.len());
+        assert_same_logits(&exact, &want, 1e-4);
+    });
+}
+
+#[test]
+fn the_caller_reusing_its_cache_at_once_does_not_change_what_is_written_back() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let store = memory_store(DType::F32);
+        let scheduler = scheduler(store.clone(), SchedulerConfig::default());
+        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+        let mut done = scheduler.prefill(request).await.unwrap();
+        // Refill the same buffers with other tokens before the write-backs have run.
+        done.cache.truncate(0);
+        let other = prose_tokens(1500)[800..1400].to_vec();
+        shared_dense_engine()
+            .append(&mut done.cache, &other, 512, false)
+            .unwrap();
+        written_back(&scheduler, chunks.len() as u64).await;
+
+        let (request, lookup) = planned(&store, &chunks, &tail, Mode::LoadOnly).await;
+        assert_eq!(lookup.prefix_hits, chunks.len());
+        let warm = scheduler.prefill(request).await.unwrap();
+        assert_eq!(warm.report.chunks_loaded, chunks.len());
+        assert_same_logits(&warm, &want, 1e-4);
+    });
+}
+
+#[test]
+fn a_prefix_cache_already_stored_is_not_written_again() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let store = memory_store(DType::F16);
+        let scheduler = scheduler(store.clone(), SchedulerConfig::default());
+        fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
+        let puts = store.stats().puts;
+
+        // Compute-only plans no lookup: the write-back asks first and finds them stored.
+        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+        scheduler.prefill(request).await.unwrap();
+        for _ in 0..200 {
+            if scheduler.stats().write_backs_skipped >= chunks.len() as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(scheduler.stats().write_backs_skipped, chunks.len() as u64);
+
+        // Bidirectional planning finds them: nothing to write back even if computed.
+        let (request, _) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;
+        assert!(request.chunks.iter().all(|c| c.write_back.is_none()));
+        scheduler.prefill(request).await.unwrap();
+        assert_eq!(
+            store.stats().puts,
+            puts,
+            "a stored prefix cache was written again"
+        );
     });
 }
 

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 
 use super::{
     ComputeBackend, Filled, LoadBackend, LoadOutcome, Miss, MissReason, Mode, PrefillReport,
-    PrefillRequest, check_request, load_within,
+    PrefillRequest, check_request, in_context_chunks, load_within,
 };
 use crate::error::{EngineError, Result};
 
@@ -362,6 +362,7 @@ fn fill<C: ComputeBackend, S>(
     let mut report = filler.report;
     report.tokens_computed += request.tail.len();
     report.ttft_secs = started.elapsed().as_secs_f64();
+    report.in_context_chunks = in_context_chunks(&request.chunks, &report.computed_chunks);
     Ok(Filled {
         cache: filler.cache,
         logits: logits.ok_or(EngineError::EmptyInput)?,

@@ -248,8 +248,14 @@ pub struct PrefillReport {
     pub misses: Vec<Miss>,
     /// The store failed or stalled: the request succeeded by computing instead.
     pub degraded: bool,
-    /// Indices of the chunks computed in context (candidates for write-back).
+    /// Indices of the chunks computed (candidates for write-back).
     pub computed_chunks: Vec<usize>,
+    /// Leading chunks filled in context — computed, or loaded from prefix caches — with no
+    /// position-independent chunk cache before them. Their KV is what computing the whole
+    /// prompt gives (up to the storage dtype's rounding of loaded prefix caches); the chunks
+    /// after them attend to an approximation. Only these are written back as prefix caches.
+    #[serde(default)]
+    pub in_context_chunks: usize,
     /// The first loaded layer, when the stored chunks were split at a layer boundary
     /// (their bottom layers computed, their top layers loaded; see [`layer_split`]). Such
     /// chunks count as loaded.
@@ -260,9 +266,8 @@ pub struct PrefillReport {
 /// The compute side: a model that appends tokens to a cache, and imports/exports ranges.
 /// Called from the scheduler's one compute thread (exports also from blocking tasks).
 pub trait ComputeBackend: Send + Sync + 'static {
-    /// A sequence's KV cache. Clones share storage (write-back reads a clone after the
-    /// request has its cache back).
-    type Cache: Clone + Send + 'static;
+    /// A sequence's KV cache.
+    type Cache: Send + 'static;
     /// A range of KV, as stored and loaded.
     type Kv: Send + 'static;
     /// The logits of the last token.
@@ -418,6 +423,18 @@ pub struct StoredCache<K> {
     pub kind: CacheKind,
 }
 
+/// Where the cache of a chunk computed in context is written back (only when no
+/// position-independent cache came before it in the prompt: see
+/// [`PrefillReport::in_context_chunks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteBack<K> {
+    /// Planning found nothing stored at the key: store there.
+    Store(K),
+    /// Planning did not look (compute-only, or the lookup failed): store there unless a
+    /// cache is already there (one metadata request, after the reply).
+    StoreIfAbsent(K),
+}
+
 /// One chunk of a request.
 #[derive(Debug, Clone)]
 pub struct ChunkSpec<K> {
@@ -425,8 +442,9 @@ pub struct ChunkSpec<K> {
     pub tokens: Arc<[u32]>,
     /// The stored cache to load, when planning found one.
     pub stored: Option<StoredCache<K>>,
-    /// Where to write its cache back when it is computed in context.
-    pub write_back: Option<K>,
+    /// Where to write its cache back when it is computed in context; none when its prefix
+    /// cache is already stored.
+    pub write_back: Option<WriteBack<K>>,
 }
 
 /// A prompt to prefill: ordered chunks (the preamble first), then the question tail.
@@ -476,6 +494,22 @@ fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Ve
         });
     }
     Ok(starts)
+}
+
+/// How many leading chunks were filled in context: up to the first one loaded (not
+/// computed) from a position-independent chunk cache.
+fn in_context_chunks<K>(chunks: &[ChunkSpec<K>], computed: &[usize]) -> usize {
+    chunks
+        .iter()
+        .enumerate()
+        .position(|(i, chunk)| {
+            !computed.contains(&i)
+                && chunk
+                    .stored
+                    .as_ref()
+                    .is_some_and(|s| s.kind == CacheKind::Chunk)
+        })
+        .unwrap_or(chunks.len())
 }
 
 /// A load that fails once it has run for `timeout` (a stalled store must not hold a

@@ -6,7 +6,7 @@
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{CacheKind, ChunkSpec, LoadBackend, Mode, PrefillRequest, StoredCache};
+use super::{CacheKind, ChunkSpec, LoadBackend, Mode, PrefillRequest, StoredCache, WriteBack};
 
 /// What the caller already knows of a chunk's position-independent cache, so planning need
 /// not ask the store again (the vector index records what the precompute job stored).
@@ -92,7 +92,7 @@ const LOOKUP_CONCURRENCY: usize = 16;
 
 /// Plans a prefill of `chunks` then `tail`: each chunk loads its exact prefix cache when one
 /// is stored, else (unless `exact`) its position-independent cache when one is stored, and
-/// names its prefix key as its write-back destination. One metadata request per chunk when
+/// names its prefix key as its write-back destination unless a cache is stored there. One metadata request per chunk when
 /// the chunk cache's status is known, two when it is not; none in compute-only mode. A
 /// failed lookup plans the chunk as computed and is counted.
 pub async fn plan<L: LoadBackend>(
@@ -120,20 +120,30 @@ pub async fn plan<L: LoadBackend>(
         .zip(found)
         .map(|((chunk, prefix), (found, requests))| {
             summary.requests += requests;
-            let stored = found.unwrap_or_else(|error| {
-                tracing::warn!(%error, "KV lookup failed; the chunk will be computed");
-                summary.errors += 1;
-                None
-            });
-            match stored.as_ref().map(|s| s.kind) {
-                Some(CacheKind::Prefix) => summary.prefix_hits += 1,
-                Some(CacheKind::Chunk) => summary.chunk_hits += 1,
-                None => {}
-            }
+            let (stored, looked_up) = match found {
+                Ok(stored) => (stored, options.mode != Mode::ComputeOnly),
+                Err(error) => {
+                    tracing::warn!(%error, "KV lookup failed; the chunk will be computed");
+                    summary.errors += 1;
+                    (None, false)
+                }
+            };
+            let write_back = match stored.as_ref().map(|s| s.kind) {
+                Some(CacheKind::Prefix) => {
+                    summary.prefix_hits += 1;
+                    None // already stored
+                }
+                Some(CacheKind::Chunk) => {
+                    summary.chunk_hits += 1;
+                    Some(WriteBack::Store(prefix))
+                }
+                None if looked_up => Some(WriteBack::Store(prefix)),
+                None => Some(WriteBack::StoreIfAbsent(prefix)),
+            };
             ChunkSpec {
                 tokens: chunk.tokens.into(),
                 stored,
-                write_back: Some(prefix),
+                write_back,
             }
         })
         .collect();

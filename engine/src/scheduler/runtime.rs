@@ -16,7 +16,7 @@ use super::dispatch::{
 };
 use super::{
     ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MissReason, PrefillRequest,
-    SchedulerConfig, check_request, load_within,
+    SchedulerConfig, WriteBack, check_request, in_context_chunks, load_within,
 };
 use crate::error::{EngineError, Result};
 
@@ -28,6 +28,7 @@ struct Counters {
     failed: AtomicU64,
     cancelled: AtomicU64,
     write_backs: AtomicU64,
+    write_backs_skipped: AtomicU64,
     write_back_failures: AtomicU64,
 }
 
@@ -44,6 +45,8 @@ pub struct SchedulerStats {
     pub cancelled: u64,
     /// Chunks written back to the store.
     pub write_backs: u64,
+    /// Write-backs left out because the store already held the chunk's prefix cache.
+    pub write_backs_skipped: u64,
     /// Write-backs that failed (logged; the request was not affected).
     pub write_back_failures: u64,
     /// Requests in flight now.
@@ -147,6 +150,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             failed: l(&c.failed),
             cancelled: l(&c.cancelled),
             write_backs: l(&c.write_backs),
+            write_backs_skipped: l(&c.write_backs_skipped),
             write_back_failures: l(&c.write_back_failures),
             in_flight: self.shared.lock().dispatcher.in_flight() as u64,
         }
@@ -396,7 +400,10 @@ where
                     let active = state.requests.remove(&step.request()).expect("present");
                     let logits = logits.expect("the tail asks for logits");
                     let write_back = state.dispatcher.config().write_back;
+                    // Exports run in finish_request: not under the lock the loads need.
+                    drop(state);
                     finish_request(&shared, active, logits, report, write_back);
+                    state = shared.lock();
                 }
             }
             Err(error) if matches!(step, ComputeStep::Import { .. }) => {
@@ -421,15 +428,16 @@ where
     }
 }
 
-/// A computed chunk to store: destination, tokens, cache indices.
-type WriteBack<S> = (S, Arc<[u32]>, std::ops::Range<usize>);
+/// A chunk's cache to store: destination, tokens, the exported KV.
+type Export<K, Kv> = (WriteBack<K>, Arc<[u32]>, Result<Kv>);
 
 /// Replies, then writes the chunks computed in context back to the store, off the TTFT path.
+/// Their KV is exported before the reply: the caller may reuse the cache's buffers at once.
 fn finish_request<C, L>(
     shared: &Arc<Shared<C, L>>,
     mut active: Active<C, L>,
     logits: C::Logits,
-    report: super::PrefillReport,
+    mut report: super::PrefillReport,
     write_back: bool,
 ) where
     C: ComputeBackend,
@@ -437,23 +445,22 @@ fn finish_request<C, L>(
 {
     shared.counters.completed.fetch_add(1, Ordering::Relaxed);
     let cache = active.cache.take().expect("the cache is back");
-    let write_back: Vec<WriteBack<L::Key>> = if write_back {
+    report.in_context_chunks = in_context_chunks(&active.chunks, &report.computed_chunks);
+    let exports: Vec<Export<L::Key, C::Kv>> = if write_back {
         report
             .computed_chunks
             .iter()
+            .filter(|&&i| i < report.in_context_chunks)
             .filter_map(|&i| {
                 let dest = active.chunks[i].write_back.clone()?;
-                Some((
-                    dest,
-                    active.chunks[i].tokens.clone(),
-                    active.starts[i]..active.starts[i + 1],
-                ))
+                let range = active.starts[i]..active.starts[i + 1];
+                let kv = shared.compute.export(&cache, range);
+                Some((dest, active.chunks[i].tokens.clone(), kv))
             })
             .collect()
     } else {
         Vec::new()
     };
-    let snapshot = (!write_back.is_empty()).then(|| cache.clone());
     if let Some(reply) = active.reply.take() {
         let _ = reply.send(Ok(Filled {
             cache,
@@ -461,19 +468,29 @@ fn finish_request<C, L>(
             report,
         }));
     }
-    let Some(snapshot) = snapshot else {
+    if exports.is_empty() {
         return;
-    };
+    }
     let shared = shared.clone();
     shared.runtime.clone().spawn(async move {
-        for (dest, tokens, range) in write_back {
-            let compute = shared.compute.clone();
-            let snap = snapshot.clone();
-            let exported = tokio::task::spawn_blocking(move || compute.export(&snap, range)).await;
-            let stored = match exported {
-                Ok(Ok(kv)) => shared.loader.store(&dest, &tokens, kv).await,
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
+        for (dest, tokens, kv) in exports {
+            let stored = match (dest, kv) {
+                (_, Err(e)) => Err(e.to_string()),
+                (WriteBack::Store(key), Ok(kv)) => shared.loader.store(&key, &tokens, kv).await,
+                (WriteBack::StoreIfAbsent(key), Ok(kv)) => {
+                    match shared.loader.contains(&key).await {
+                        Ok(true) => {
+                            // Stored already: not written again.
+                            shared
+                                .counters
+                                .write_backs_skipped
+                                .fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        Ok(false) => shared.loader.store(&key, &tokens, kv).await,
+                        Err(e) => Err(e),
+                    }
+                }
             };
             let counter = match stored {
                 Ok(()) => &shared.counters.write_backs,
