@@ -28,8 +28,10 @@ pub struct AskOptions {
     /// Chunk order in the prompt. `cached-last` puts chunks with a stored cache at the back,
     /// where the loader starts, and the others at the front, where the compute worker starts.
     pub order: ChunkOrder,
-    /// Load only exact prefix caches (bit-for-bit the computed result); position-independent
-    /// chunk caches, which lack attention across chunks, are not used.
+    /// Load only prefix caches (computed in context, after the same chunks); position-
+    /// independent chunk caches, which lack attention across chunks, are not used. The
+    /// logits then differ from full computation by the storage dtype's rounding only (f16 by
+    /// default); the tests check this, not identity.
     pub exact: bool,
     /// A cached chunk ranks above an uncached one scoring higher by less than this.
     pub prefer_cached_within: f32,

@@ -194,7 +194,10 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
 /// Indexes `corpus` and stores its chunk caches with the pipeline's own engine, embedder,
 /// index and store (nothing is done twice: ingest is idempotent).
-async fn ingest_corpus(pipeline: &Pipeline, corpus: &std::path::Path) -> anyhow::Result<()> {
+pub(super) async fn ingest_corpus(
+    pipeline: &Pipeline,
+    corpus: &std::path::Path,
+) -> anyhow::Result<()> {
     let retriever = pipeline.retriever();
     let job = Ingest::new(
         pipeline.engine().clone(),

@@ -29,6 +29,9 @@ pub enum BenchCommand {
     /// Ingest throughput per stage, query latency and recall@k on the labelled demo
     /// questions, on an index of a few thousand chunks.
     Retrieval(super::bench_retrieval::RetrievalArgs),
+    /// Agreement with full computation of answers built on reused caches (exact prefix
+    /// caches, naive chunk caches), in retrieval order and shuffled.
+    Fidelity(super::bench_fidelity::FidelityArgs),
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +118,9 @@ pub fn run(command: BenchCommand) -> anyhow::Result<()> {
         }
         BenchCommand::Retrieval(args) => {
             super::tokio_runtime()?.block_on(super::bench_retrieval::run(args))
+        }
+        BenchCommand::Fidelity(args) => {
+            super::tokio_runtime()?.block_on(super::bench_fidelity::run(args))
         }
     }
 }

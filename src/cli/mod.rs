@@ -2,6 +2,7 @@
 
 mod ask;
 mod bench;
+mod bench_fidelity;
 mod bench_kvstore;
 mod bench_retrieval;
 mod bench_serve;

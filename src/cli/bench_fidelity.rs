@@ -1,0 +1,528 @@
+//! `ragcake bench fidelity`: how far answers built on reused caches are from full
+//! computation. For every labelled question, the retrieved prompt is computed in full (the
+//! reference: its greedy answer, and its next-token distributions with that answer fed back),
+//! then filled from reused caches in each arm, which answers greedily and is fed the
+//! reference answer the same way. Per arm: teacher-forced top-1 agreement and mean KL
+//! divergence from the reference, first-token agreement, identical greedy answers, the
+//! expected fact found, the share of the naive→full gap closed, and TTFT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use ragcake::engine::scheduler::{
+    CacheKind, ChunkSpec, LoadBackend, Mode, PlanOptions, PrefillRequest, PromptChunk, Scheduler,
+    SchedulerConfig, StoredCache, plan,
+};
+use ragcake::engine::{Engine, GenerateParams, KvCache, Logits, Tensor};
+use ragcake::kvstore::object_store::memory::InMemory;
+use ragcake::kvstore::object_store::path::Path as StorePath;
+use ragcake::kvstore::{CacheKey, KvStore};
+use ragcake::pipeline::{Pipeline, PipelineConfig};
+use ragcake::retriever::{ChunkOrder, LabelledQuestion, QuestionSet, RetrieveOptions};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+use super::report::{print_json, print_table, write_csv};
+use super::{ModelArgs, StoreArgs, plot};
+
+#[derive(Debug, Args)]
+pub struct FidelityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    stores: StoreArgs,
+    /// The corpus, ingested first (nothing is redone when it is already there).
+    #[arg(long, default_value = "demo/corpus")]
+    corpus: PathBuf,
+    /// Labelled questions (`[[question]]` tables with `text`, `doc`, `answer`).
+    #[arg(long, default_value = "demo/questions.toml")]
+    questions: PathBuf,
+    /// Chunks retrieved into each prompt.
+    #[arg(long, default_value_t = ragcake::retriever::DEFAULT_TOP_K)]
+    top_k: usize,
+    /// Greedy tokens generated per answer.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Only the first N questions.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Seed of the shuffled chunk order.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// CSV output (the plot goes beside it as .png).
+    #[arg(long, default_value = "bench-results/fidelity.csv")]
+    csv: PathBuf,
+}
+
+/// How an arm fills the prompt's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    /// Every chunk computed in context (the reference itself, timed through the scheduler).
+    Full,
+    /// Every chunk loaded from the prefix caches of the reference computation (f16 storage).
+    ExactPrefix,
+    /// Every retrieved chunk with a stored position-independent cache loaded as it is.
+    NaiveChunks,
+}
+
+impl Fill {
+    const ALL: [Fill; 3] = [Fill::Full, Fill::ExactPrefix, Fill::NaiveChunks];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Full => "full computation",
+            Self::ExactPrefix => "exact prefix caches",
+            Self::NaiveChunks => "naive chunk caches",
+        }
+    }
+
+    /// The selection rule of recomputed tokens ("-": none is recomputed).
+    fn rule(self) -> &'static str {
+        match self {
+            Self::Full => "all",
+            Self::ExactPrefix | Self::NaiveChunks => "none",
+        }
+    }
+}
+
+/// One arm's results over every question.
+#[derive(Debug, Clone, Serialize)]
+struct ArmRow {
+    name: String,
+    rule: &'static str,
+    /// Share of each loaded chunk's tokens recomputed in context.
+    ratio: f64,
+    shuffled: bool,
+    /// Teacher-forced: the reference answer fed back, the arm's top-1 next token equals the
+    /// reference's.
+    top1_agreement: f64,
+    /// Mean KL(reference ‖ arm) of the next-token distributions over the same positions.
+    kl_mean: f64,
+    first_token_agreement: f64,
+    /// Greedy answers equal to the reference's.
+    identical_answers: usize,
+    /// Answers containing the labelled fact.
+    expected_found: usize,
+    /// (top-1 agreement − naive's) / (1 − naive's), within the same chunk order.
+    gap_closed: f64,
+    /// Prompt tokens computed (not loaded) over prompt tokens.
+    recomputed_share: f64,
+    /// Mean time to first token's logits, seconds.
+    ttft_secs: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    questions: usize,
+    arms: Vec<ArmRow>,
+}
+
+/// Sums over the questions of one arm.
+#[derive(Debug, Default, Clone)]
+struct Tally {
+    positions: usize,
+    top1: usize,
+    kl: f64,
+    first_token: usize,
+    identical: usize,
+    found: usize,
+    computed_tokens: usize,
+    prompt_tokens: usize,
+    ttft: f64,
+    questions: usize,
+}
+
+/// The reference: full computation of one prompt.
+struct Reference {
+    answer: Vec<u32>,
+    /// Next-token log-probabilities at each teacher-forced position.
+    log_probs: Vec<Vec<f32>>,
+}
+
+pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
+    let questions = QuestionSet::load(&args.questions)?;
+    let mut config = PipelineConfig::default();
+    // The arms must not leave prefix caches for each other.
+    config.scheduler.write_back = false;
+    let pipeline = super::build_pipeline(&args.model, &args.stores, config).await?;
+    super::ask::ingest_corpus(&pipeline, &args.corpus).await?;
+    let engine = pipeline.engine().clone();
+    let scheduler_config = SchedulerConfig {
+        write_back: false,
+        ..SchedulerConfig::default()
+    };
+    let stored = Scheduler::start(
+        engine.clone(),
+        pipeline.kv().clone(),
+        scheduler_config.clone(),
+    );
+    let exact_store = Arc::new(KvStore::for_engine(
+        Arc::new(InMemory::new()),
+        StorePath::default(),
+        &engine,
+    ));
+    let exact = Scheduler::start(engine.clone(), exact_store.clone(), scheduler_config);
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        ..GenerateParams::default()
+    };
+
+    let chosen: Vec<&LabelledQuestion> = questions
+        .questions
+        .iter()
+        .take(args.limit.unwrap_or(usize::MAX))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut tallies = vec![Tally::default(); Fill::ALL.len() * 2];
+    for (n, q) in chosen.iter().enumerate() {
+        let prompt = prompt_chunks(&pipeline, &q.text, args.top_k).await?;
+        let mut shuffled = prompt.clone();
+        shuffled.shuffle(&mut rng);
+        for (order, prompt) in [prompt, shuffled].into_iter().enumerate() {
+            let reference = reference(&engine, &prompt, &params, &exact_store).await?;
+            for (i, fill) in Fill::ALL.into_iter().enumerate() {
+                let request = match fill {
+                    Fill::Full => computed(&prompt),
+                    Fill::ExactPrefix => {
+                        let chunks = prompt.chunks.iter().cloned().map(PromptChunk::from);
+                        let options = PlanOptions {
+                            mode: Mode::LoadOnly,
+                            exact: true,
+                        };
+                        let tail = prompt.tail.clone();
+                        plan(&*exact_store, chunks.collect(), tail, options).await.0
+                    }
+                    Fill::NaiveChunks => naive(pipeline.kv(), &prompt),
+                };
+                let scheduler = if fill == Fill::ExactPrefix {
+                    &exact
+                } else {
+                    &stored
+                };
+                let tally = &mut tallies[order * Fill::ALL.len() + i];
+                measure(&engine, scheduler, request, &reference, &params, q, tally).await?;
+            }
+        }
+        eprintln!("{}/{} questions", n + 1, chosen.len());
+    }
+    let rows = rows(&tallies);
+    let report = Report {
+        questions: chosen.len(),
+        arms: rows,
+    };
+    write_outputs(&args, &report)
+}
+
+/// A prompt's token segments: the preamble first, then the retrieved chunks, and the tail.
+#[derive(Debug, Clone)]
+struct Prompt {
+    chunks: Vec<Vec<u32>>,
+    /// Per chunk: whether the precompute job stored its position-independent cache.
+    chunk_cached: Vec<bool>,
+    tail: Vec<u32>,
+}
+
+impl Prompt {
+    fn shuffle(&mut self, rng: &mut StdRng) {
+        let mut order: Vec<usize> = (1..self.chunks.len()).collect();
+        order.shuffle(rng);
+        let (chunks, cached) = (self.chunks.clone(), self.chunk_cached.clone());
+        for (slot, from) in (1..self.chunks.len()).zip(order) {
+            self.chunks[slot] = chunks[from].clone();
+            self.chunk_cached[slot] = cached[from];
+        }
+    }
+}
+
+/// Retrieves the chunks for `question` (in relevance order) and builds the prompt the
+/// pipeline would.
+async fn prompt_chunks(
+    pipeline: &Pipeline,
+    question: &str,
+    top_k: usize,
+) -> anyhow::Result<Prompt> {
+    let engine = pipeline.engine();
+    let options = RetrieveOptions {
+        order: ChunkOrder::Relevance,
+        ..RetrieveOptions::for_top_k(top_k)
+    };
+    let retrieval = pipeline.retriever().retrieve(question, &options).await?;
+    let segments = pipeline
+        .config()
+        .prompt
+        .segments(engine, None, &[], question)?;
+    let fingerprint = engine.fingerprint().to_hex();
+    let mut prompt = Prompt {
+        chunks: vec![segments.preamble],
+        chunk_cached: vec![false],
+        tail: segments.tail,
+    };
+    for hit in retrieval.chunks {
+        let tokens = if hit.chunk.llm == fingerprint {
+            hit.chunk.token_ids
+        } else {
+            engine.tokenizer().encode(&hit.chunk.text, false)?
+        };
+        prompt.chunks.push(tokens);
+        prompt.chunk_cached.push(hit.cache.is_stored());
+    }
+    Ok(prompt)
+}
+
+/// Computes `prompt` in full: the greedy answer and the teacher-forced distributions; also
+/// stores each chunk's prefix cache (f16) in `exact_store` for the exact arm.
+async fn reference(
+    engine: &Engine,
+    prompt: &Prompt,
+    params: &GenerateParams,
+    exact_store: &KvStore,
+) -> anyhow::Result<Reference> {
+    let mut cache = engine.new_cache();
+    for chunk in &prompt.chunks {
+        engine.append(&mut cache, chunk, chunk.len(), false)?;
+    }
+    let keys: Vec<CacheKey> = exact_store.prefix_chain(prompt.chunks.iter().map(Vec::as_slice));
+    let mut start = 0;
+    for (key, chunk) in keys.iter().zip(&prompt.chunks) {
+        let kv = cache.export(start..start + chunk.len())?;
+        exact_store.put(key, chunk, &kv).await?;
+        start += chunk.len();
+    }
+    let first = engine
+        .append(&mut cache, &prompt.tail, prompt.tail.len(), true)?
+        .ok_or_else(|| anyhow::anyhow!("no logits"))?;
+    let prompt_len = cache.len();
+    let generation = engine.generate(&mut cache, &first, params, |_| {
+        std::ops::ControlFlow::Continue(())
+    })?;
+    cache.truncate(prompt_len);
+    let log_probs = teacher_forced(engine, &mut cache, &first, &generation.tokens)?;
+    Ok(Reference {
+        answer: generation.tokens,
+        log_probs,
+    })
+}
+
+/// Next-token log-probabilities after the prompt in `cache` (whose last logits are
+/// `first`) and after each token of `answer` fed in one pass.
+fn teacher_forced(
+    engine: &Engine,
+    cache: &mut KvCache,
+    first: &Tensor,
+    answer: &[u32],
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut rows = vec![first.to_vec1::<f32>()?];
+    if !answer.is_empty() {
+        let all = engine
+            .model()
+            .forward(answer, cache, Logits::All)?
+            .ok_or_else(|| anyhow::anyhow!("no logits"))?;
+        rows.extend(all.to_vec2::<f32>()?);
+    }
+    Ok(rows.into_iter().map(log_softmax).collect())
+}
+
+fn log_softmax(mut row: Vec<f32>) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_sum = sum.ln() as f32 + max;
+    for x in &mut row {
+        *x -= log_sum;
+    }
+    row
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+/// KL(p ‖ q) of two log-probability rows.
+fn kl(p: &[f32], q: &[f32]) -> f64 {
+    p.iter()
+        .zip(q)
+        .map(|(&lp, &lq)| (lp as f64).exp() * (lp as f64 - lq as f64))
+        .sum()
+}
+
+/// Every chunk computed.
+fn computed(prompt: &Prompt) -> PrefillRequest<CacheKey> {
+    PrefillRequest {
+        chunks: prompt
+            .chunks
+            .iter()
+            .map(|tokens| ChunkSpec {
+                tokens: tokens.as_slice().into(),
+                stored: None,
+                write_back: None,
+            })
+            .collect(),
+        tail: prompt.tail.clone(),
+        mode: Mode::ComputeOnly,
+    }
+}
+
+/// Every chunk whose position-independent cache the precompute job stored loads it as it
+/// is (re-rotated to its place); the others are computed. No prefix cache is used.
+fn naive(store: &KvStore, prompt: &Prompt) -> PrefillRequest<CacheKey> {
+    PrefillRequest {
+        chunks: prompt
+            .chunks
+            .iter()
+            .zip(&prompt.chunk_cached)
+            .map(|(tokens, &cached)| ChunkSpec {
+                tokens: tokens.as_slice().into(),
+                stored: cached.then(|| StoredCache {
+                    key: store.chunk_key(tokens),
+                    kind: CacheKind::Chunk,
+                }),
+                write_back: None,
+            })
+            .collect(),
+        tail: prompt.tail.clone(),
+        mode: Mode::LoadOnly,
+    }
+}
+
+/// Runs one arm on one prompt and adds its agreement with the reference to `tally`.
+async fn measure(
+    engine: &Engine,
+    scheduler: &Scheduler<Engine, KvStore>,
+    request: PrefillRequest<CacheKey>,
+    reference: &Reference,
+    params: &GenerateParams,
+    question: &LabelledQuestion,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    let prompt_tokens =
+        request.chunks.iter().map(|c| c.tokens.len()).sum::<usize>() + request.tail.len();
+    let started = Instant::now();
+    let filled = scheduler.prefill(request).await?;
+    tally.ttft += started.elapsed().as_secs_f64();
+    tally.computed_tokens += filled.report.tokens_computed;
+    tally.prompt_tokens += prompt_tokens;
+    let mut cache = filled.cache;
+    let prompt_len = cache.len();
+    let generation = engine.generate(&mut cache, &filled.logits, params, |_| {
+        std::ops::ControlFlow::Continue(())
+    })?;
+    cache.truncate(prompt_len);
+    let log_probs = teacher_forced(engine, &mut cache, &filled.logits, &reference.answer)?;
+    for (i, (p, q)) in reference.log_probs.iter().zip(&log_probs).enumerate() {
+        let same = argmax(p) == argmax(q);
+        tally.top1 += usize::from(same);
+        if i == 0 {
+            tally.first_token += usize::from(same);
+        }
+        tally.kl += kl(p, q);
+        tally.positions += 1;
+    }
+    tally.identical += usize::from(generation.tokens == reference.answer);
+    tally.found += usize::from(generation.text.contains(&question.answer));
+    tally.questions += 1;
+    Ok(())
+}
+
+fn rows(tallies: &[Tally]) -> Vec<ArmRow> {
+    let mut rows = Vec::new();
+    for (order, group) in tallies.chunks(Fill::ALL.len()).enumerate() {
+        let top1 = |t: &Tally| t.top1 as f64 / t.positions.max(1) as f64;
+        let naive = group
+            .iter()
+            .zip(Fill::ALL)
+            .find(|(_, f)| *f == Fill::NaiveChunks)
+            .map_or(0.0, |(t, _)| top1(t));
+        for (t, fill) in group.iter().zip(Fill::ALL) {
+            let shuffled = order == 1;
+            let n = t.questions.max(1) as f64;
+            rows.push(ArmRow {
+                name: if shuffled {
+                    format!("{}, shuffled", fill.name())
+                } else {
+                    fill.name().to_string()
+                },
+                rule: fill.rule(),
+                ratio: if fill == Fill::Full { 1.0 } else { 0.0 },
+                shuffled,
+                top1_agreement: top1(t),
+                kl_mean: t.kl / t.positions.max(1) as f64,
+                first_token_agreement: t.first_token as f64 / n,
+                identical_answers: t.identical,
+                expected_found: t.found,
+                gap_closed: if naive < 1.0 {
+                    (top1(t) - naive) / (1.0 - naive)
+                } else {
+                    1.0
+                },
+                recomputed_share: t.computed_tokens as f64 / t.prompt_tokens.max(1) as f64,
+                ttft_secs: t.ttft / n,
+            });
+        }
+    }
+    rows
+}
+
+fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
+    write_csv(&args.csv, &report.arms)?;
+    let png = args.csv.with_extension("png");
+    let series: Vec<plot::Series> = [false, true]
+        .into_iter()
+        .map(|shuffled| plot::Series {
+            name: format!(
+                "top-1 agreement{}",
+                if shuffled { ", shuffled" } else { "" }
+            ),
+            points: {
+                let mut points: Vec<(f64, f64)> = report
+                    .arms
+                    .iter()
+                    .filter(|r| r.shuffled == shuffled)
+                    .map(|r| (r.recomputed_share, r.top1_agreement))
+                    .collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                points
+            },
+        })
+        .collect();
+    plot::line_plot_or_warn(
+        &png,
+        &format!(
+            "Agreement with full computation, {} questions",
+            report.questions
+        ),
+        "share of prompt tokens computed",
+        "teacher-forced top-1 agreement",
+        &series,
+        false,
+    );
+    if args.json {
+        return print_json(report);
+    }
+    println!(
+        "{} questions, greedy answers of {} tokens at most",
+        report.questions, args.max_tokens
+    );
+    print_table(
+        &report.arms,
+        &[
+            "name",
+            "top1_agreement",
+            "kl_mean",
+            "first_token_agreement",
+            "identical_answers",
+            "expected_found",
+            "gap_closed",
+            "recomputed_share",
+            "ttft_secs",
+        ],
+    )
+}
