@@ -474,23 +474,13 @@ fn rows(tallies: &[Tally]) -> Vec<ArmRow> {
 fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
     write_csv(&args.csv, &report.arms)?;
     let png = args.csv.with_extension("png");
-    let series: Vec<plot::Series> = [false, true]
-        .into_iter()
-        .map(|shuffled| plot::Series {
-            name: format!(
-                "top-1 agreement{}",
-                if shuffled { ", shuffled" } else { "" }
-            ),
-            points: {
-                let mut points: Vec<(f64, f64)> = report
-                    .arms
-                    .iter()
-                    .filter(|r| r.shuffled == shuffled)
-                    .map(|r| (r.recomputed_share, r.top1_agreement))
-                    .collect();
-                points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                points
-            },
+    // One point per arm until selective recomputation gives a rule several ratios.
+    let series: Vec<plot::Series> = report
+        .arms
+        .iter()
+        .map(|r| plot::Series {
+            name: r.name.clone(),
+            points: vec![(r.recomputed_share, r.top1_agreement)],
         })
         .collect();
     plot::line_plot_or_warn(
