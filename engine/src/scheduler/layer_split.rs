@@ -139,12 +139,12 @@ where
         // fills first arrive first; dropping the set stops every read.
         let permits = Arc::new(Semaphore::new(config.io_concurrency.max(1)));
         let mut set = JoinSet::new();
-        for (chunk, source, tokens) in stored {
+        for (chunk, key, tokens) in stored {
             let (loader, permits) = (loader.clone(), permits.clone());
             set.spawn(async move {
                 let _permit = permits.acquire_owned().await;
                 let began = Instant::now();
-                let read = loader.load_layers(&source, &tokens, split.layer..layers);
+                let read = loader.load_layers(&key, &tokens, split.layer..layers);
                 let outcome = load_within(timeout, read).await;
                 Top {
                     chunk,
