@@ -118,19 +118,26 @@ fn breakdown_line(answer: &Answer) -> String {
     )
 }
 
+/// A corpus and its labelled questions.
+#[derive(Debug, Args)]
+pub struct LabelledCorpus {
+    /// The corpus, ingested first (nothing is redone when it is already there).
+    #[arg(long, default_value = "demo/corpus")]
+    pub corpus: PathBuf,
+    /// Its labelled questions (`[[question]]` tables with `text`, `doc`, `answer`).
+    #[arg(long, default_value = "demo/questions.toml")]
+    pub questions: PathBuf,
+}
+
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
     stores: StoreArgs,
-    /// The corpus to ingest.
-    #[arg(long, default_value = "demo/corpus")]
-    corpus: PathBuf,
-    /// Its questions (those marked `demo = true` are asked, or all with --all).
-    #[arg(long, default_value = "demo/questions.toml")]
-    questions: PathBuf,
-    /// Ask every question, not only the demo ones.
+    #[command(flatten)]
+    labelled: LabelledCorpus,
+    /// Ask every question, not only those marked `demo = true`.
     #[arg(long)]
     all: bool,
 }
@@ -139,9 +146,9 @@ pub struct DemoArgs {
 /// answer the demo questions twice — compute-only, then bidirectional — and compare TTFT.
 pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     super::tokio_runtime()?.block_on(async {
-        let questions = QuestionSet::load(&args.questions)?;
+        let questions = QuestionSet::load(&args.labelled.questions)?;
         let pipeline = super::build_pipeline(&args.model, &args.stores, PipelineConfig::default()).await?;
-        ingest_corpus(&pipeline, &args.corpus).await?;
+        ingest_corpus(&pipeline, &args.labelled.corpus).await?;
 
         let chosen: Vec<_> = questions
             .questions

@@ -26,6 +26,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
+use super::ask::LabelledCorpus;
 use super::report::{print_json, print_table, write_csv};
 use super::{ModelArgs, StoreArgs, plot};
 
@@ -35,12 +36,8 @@ pub struct FidelityArgs {
     model: ModelArgs,
     #[command(flatten)]
     stores: StoreArgs,
-    /// The corpus, ingested first (nothing is redone when it is already there).
-    #[arg(long, default_value = "demo/corpus")]
-    corpus: PathBuf,
-    /// Labelled questions (`[[question]]` tables with `text`, `doc`, `answer`).
-    #[arg(long, default_value = "demo/questions.toml")]
-    questions: PathBuf,
+    #[command(flatten)]
+    labelled: LabelledCorpus,
     /// Chunks retrieved into each prompt.
     #[arg(long, default_value_t = ragcake::retriever::DEFAULT_TOP_K)]
     top_k: usize,
@@ -147,12 +144,12 @@ struct Reference {
 }
 
 pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
-    let questions = QuestionSet::load(&args.questions)?;
+    let questions = QuestionSet::load(&args.labelled.questions)?;
     let mut config = PipelineConfig::default();
     // The arms must not leave prefix caches for each other.
     config.scheduler.write_back = false;
     let pipeline = super::build_pipeline(&args.model, &args.stores, config).await?;
-    super::ask::ingest_corpus(&pipeline, &args.corpus).await?;
+    super::ask::ingest_corpus(&pipeline, &args.labelled.corpus).await?;
     let engine = pipeline.engine().clone();
     let scheduler_config = SchedulerConfig {
         write_back: false,
