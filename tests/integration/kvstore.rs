@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use ragcake::engine::scheduler::LoadBackend;
 use ragcake::engine::{DType, KvRange, LlmFingerprint, Logits};
 use ragcake::kvstore::object_store::ObjectStoreExt;
 use ragcake::kvstore::{CacheKey, KvStore, Lookup, RejectReason, format};
@@ -373,4 +374,15 @@ fn s3_backend_passes_the_conformance_suite() {
     // A fresh prefix per run, so reruns against one server start empty.
     let url = format!("{url}/{}", std::process::id());
     runtime().block_on(conformance(store_for(&url)));
+}
+
+#[test]
+fn prefix_keys_chain_each_chunk_to_the_ones_before_it() {
+    let store = store_for("memory://");
+    let model = engine().fingerprint();
+    let a = CacheKey::prefix(&model, None, &[1, 2]);
+    let b = CacheKey::prefix(&model, Some(&a), &[5]);
+    assert_eq!(store.prefix_chain([&[1u32, 2][..], &[5][..]]), vec![a, b]);
+    assert_eq!(store.chunk_key(&[5]), CacheKey::chunk(&model, &[5]));
+    assert_ne!(store.chunk_key(&[5]), CacheKey::prefix(&model, None, &[5]));
 }
