@@ -25,5 +25,5 @@ pub use config::{HttpConfig, PipelineConfig, RequestLimits, ServiceConfig};
 pub use error::{BoxError, PipelineError, Result};
 pub use metrics::Metrics;
 pub use pipeline::{Health, Pipeline, PipelineBuilder};
-pub use prompt::PromptTemplate;
+pub use prompt::{Prompt, PromptTemplate};
 pub use types::{Answer, Ask, AskOptions, AskRequest, Breakdown, CitedChunk, StreamEvent};

@@ -2,7 +2,9 @@
 //! prompt, history, the start of the user's message), the retrieved chunks' own tokens, and
 //! a tail (the question and the opening of the reply).
 
+use ragcake_engine::scheduler::PromptChunk;
 use ragcake_engine::{ChatMessage, Engine, Role};
+use ragcake_retriever::RetrievedChunk;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -77,5 +79,52 @@ impl PromptTemplate {
         tail.extend(tokenizer.encode(template.message_end(), true)?);
         tail.extend(tokenizer.encode(&template.message_start(Role::Assistant), true)?);
         Ok(PromptSegments { preamble, tail })
+    }
+}
+
+/// A prompt ready for planning: the preamble (no chunk cache), each retrieved chunk's own
+/// tokens with what retrieval knows of its chunk cache, then the tail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// The preamble first, then the retrieved chunks in prompt order.
+    pub chunks: Vec<PromptChunk>,
+    /// The question and the opening of the reply.
+    pub tail: Vec<u32>,
+}
+
+impl Prompt {
+    /// Tokens in the whole prompt.
+    pub fn tokens(&self) -> usize {
+        self.chunks.iter().map(|c| c.tokens.len()).sum::<usize>() + self.tail.len()
+    }
+}
+
+impl PromptTemplate {
+    /// The prompt for `question` over `retrieved`. A chunk's token ids come from the index
+    /// when `engine`'s LLM made them (so they match its stored cache); a chunk tokenized for
+    /// another LLM is tokenized again and has no usable cache.
+    pub fn prompt(
+        &self,
+        engine: &Engine,
+        system: Option<&str>,
+        history: &[ChatMessage],
+        question: &str,
+        retrieved: &[RetrievedChunk],
+    ) -> Result<Prompt> {
+        let segments = self.segments(engine, system, history, question)?;
+        let fingerprint = engine.fingerprint().to_hex();
+        let mut chunks = vec![PromptChunk::with_chunk_cache(segments.preamble, false)];
+        for hit in retrieved {
+            let tokens = if hit.chunk.llm == fingerprint {
+                hit.chunk.token_ids.clone()
+            } else {
+                engine.tokenizer().encode(&hit.chunk.text, false)?
+            };
+            chunks.push(PromptChunk::with_chunk_cache(tokens, hit.cache.is_stored()));
+        }
+        Ok(Prompt {
+            chunks,
+            tail: segments.tail,
+        })
     }
 }

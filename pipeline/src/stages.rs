@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use ragcake_engine::scheduler::{PlanOptions, PrefillRequest, PromptChunk, Scheduler};
+use ragcake_engine::scheduler::{PlanOptions, PrefillRequest, Scheduler};
 use ragcake_engine::{Engine, GenerateParams, KvCache, Sampling, Tensor};
 use ragcake_kvstore::{CacheKey, KvStore};
 use ragcake_retriever::{Retrieval, RetrieveOptions, Retriever};
@@ -178,25 +178,14 @@ impl PlanLayer {
         let Retrieved { ask, retrieval } = retrieved;
         let started = Instant::now();
         let request = &ask.request;
-        let segments = self.prompt.segments(
+        let prompt = self.prompt.prompt(
             &self.engine,
             request.system.as_deref(),
             &request.history,
             &request.question,
+            &retrieval.chunks,
         )?;
-        let fingerprint = self.engine.fingerprint().to_hex();
-        let mut chunks = vec![PromptChunk::with_chunk_cache(segments.preamble, false)];
-        for hit in &retrieval.chunks {
-            // Token ids from the index belong to the LLM that ingested them.
-            let ids = if hit.chunk.llm == fingerprint {
-                hit.chunk.token_ids.clone()
-            } else {
-                self.engine.tokenizer().encode(&hit.chunk.text, false)?
-            };
-            chunks.push(PromptChunk::with_chunk_cache(ids, hit.cache.is_stored()));
-        }
-        let prompt_tokens =
-            chunks.iter().map(|c| c.tokens.len()).sum::<usize>() + segments.tail.len();
+        let prompt_tokens = prompt.tokens();
         let context = self.engine.model().config().context_length;
         if prompt_tokens + request.options.max_tokens > context {
             return Err(PipelineError::InvalidRequest(format!(
@@ -211,7 +200,7 @@ impl PlanLayer {
             exact: request.options.exact,
         };
         let (plan, lookups) =
-            ragcake_engine::scheduler::plan(&*self.kv, chunks, segments.tail, options).await;
+            ragcake_engine::scheduler::plan(&*self.kv, prompt.chunks, prompt.tail, options).await;
         let sources = retrieval
             .chunks
             .into_iter()

@@ -12,14 +12,14 @@ use std::time::Instant;
 
 use clap::Args;
 use ragcake::engine::scheduler::{
-    CacheKind, ChunkSpec, LoadBackend, Mode, PlanOptions, PrefillRequest, PromptChunk, Scheduler,
-    SchedulerConfig, StoredCache, plan,
+    CacheKind, ChunkCacheHint, ChunkSpec, LoadBackend, Mode, PlanOptions, PrefillRequest,
+    PromptChunk, Scheduler, SchedulerConfig, StoredCache, plan,
 };
 use ragcake::engine::{Engine, GenerateParams, KvCache, Logits, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path as StorePath;
 use ragcake::kvstore::{CacheKey, KvStore};
-use ragcake::pipeline::{Pipeline, PipelineConfig};
+use ragcake::pipeline::{Pipeline, PipelineConfig, Prompt};
 use ragcake::retriever::{ChunkOrder, LabelledQuestion, QuestionSet, RetrieveOptions};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -80,7 +80,7 @@ impl Fill {
         }
     }
 
-    /// The selection rule of recomputed tokens ("-": none is recomputed).
+    /// Which tokens of the loaded chunks are recomputed: all of them, or none.
     fn rule(self) -> &'static str {
         match self {
             Self::Full => "all",
@@ -179,22 +179,22 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut tallies = vec![Tally::default(); Fill::ALL.len() * 2];
     for (n, q) in chosen.iter().enumerate() {
-        let prompt = prompt_chunks(&pipeline, &q.text, args.top_k).await?;
+        let prompt = retrieved_prompt(&pipeline, &q.text, args.top_k).await?;
+        // The preamble stays first.
         let mut shuffled = prompt.clone();
-        shuffled.shuffle(&mut rng);
+        shuffled.chunks[1..].shuffle(&mut rng);
         for (order, prompt) in [prompt, shuffled].into_iter().enumerate() {
             let reference = reference(&engine, &prompt, &params, &exact_store).await?;
             for (i, fill) in Fill::ALL.into_iter().enumerate() {
                 let request = match fill {
                     Fill::Full => computed(&prompt),
                     Fill::ExactPrefix => {
-                        let chunks = prompt.chunks.iter().cloned().map(PromptChunk::from);
                         let options = PlanOptions {
                             mode: Mode::LoadOnly,
                             exact: true,
                         };
-                        let tail = prompt.tail.clone();
-                        plan(&*exact_store, chunks.collect(), tail, options).await.0
+                        let (chunks, tail) = (prompt.chunks.clone(), prompt.tail.clone());
+                        plan(&*exact_store, chunks, tail, options).await.0
                     }
                     Fill::NaiveChunks => naive(pipeline.kv(), &prompt),
                 };
@@ -217,60 +217,20 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
     write_outputs(&args, &report)
 }
 
-/// A prompt's token segments: the preamble first, then the retrieved chunks, and the tail.
-#[derive(Debug, Clone)]
-struct Prompt {
-    chunks: Vec<Vec<u32>>,
-    /// Per chunk: whether the precompute job stored its position-independent cache.
-    chunk_cached: Vec<bool>,
-    tail: Vec<u32>,
-}
-
-impl Prompt {
-    fn shuffle(&mut self, rng: &mut StdRng) {
-        let mut order: Vec<usize> = (1..self.chunks.len()).collect();
-        order.shuffle(rng);
-        let (chunks, cached) = (self.chunks.clone(), self.chunk_cached.clone());
-        for (slot, from) in (1..self.chunks.len()).zip(order) {
-            self.chunks[slot] = chunks[from].clone();
-            self.chunk_cached[slot] = cached[from];
-        }
-    }
-}
-
 /// Retrieves the chunks for `question` (in relevance order) and builds the prompt the
 /// pipeline would.
-async fn prompt_chunks(
+async fn retrieved_prompt(
     pipeline: &Pipeline,
     question: &str,
     top_k: usize,
 ) -> anyhow::Result<Prompt> {
-    let engine = pipeline.engine();
     let options = RetrieveOptions {
         order: ChunkOrder::Relevance,
         ..RetrieveOptions::for_top_k(top_k)
     };
     let retrieval = pipeline.retriever().retrieve(question, &options).await?;
-    let segments = pipeline
-        .config()
-        .prompt
-        .segments(engine, None, &[], question)?;
-    let fingerprint = engine.fingerprint().to_hex();
-    let mut prompt = Prompt {
-        chunks: vec![segments.preamble],
-        chunk_cached: vec![false],
-        tail: segments.tail,
-    };
-    for hit in retrieval.chunks {
-        let tokens = if hit.chunk.llm == fingerprint {
-            hit.chunk.token_ids
-        } else {
-            engine.tokenizer().encode(&hit.chunk.text, false)?
-        };
-        prompt.chunks.push(tokens);
-        prompt.chunk_cached.push(hit.cache.is_stored());
-    }
-    Ok(prompt)
+    let template = &pipeline.config().prompt;
+    Ok(template.prompt(pipeline.engine(), None, &[], question, &retrieval.chunks)?)
 }
 
 /// Computes `prompt` in full: the greedy answer and the teacher-forced distributions; also
@@ -283,14 +243,14 @@ async fn reference(
 ) -> anyhow::Result<Reference> {
     let mut cache = engine.new_cache();
     for chunk in &prompt.chunks {
-        engine.append(&mut cache, chunk, chunk.len(), false)?;
+        engine.append(&mut cache, &chunk.tokens, chunk.tokens.len(), false)?;
     }
-    let keys: Vec<CacheKey> = exact_store.prefix_chain(prompt.chunks.iter().map(Vec::as_slice));
+    let keys = exact_store.prefix_chain(prompt.chunks.iter().map(|c| c.tokens.as_slice()));
     let mut start = 0;
     for (key, chunk) in keys.iter().zip(&prompt.chunks) {
-        let kv = cache.export(start..start + chunk.len())?;
-        exact_store.put(key, chunk, &kv).await?;
-        start += chunk.len();
+        let kv = cache.export(start..start + chunk.tokens.len())?;
+        exact_store.put(key, &chunk.tokens, &kv).await?;
+        start += chunk.tokens.len();
     }
     let first = engine
         .append(&mut cache, &prompt.tail, prompt.tail.len(), true)?
@@ -351,43 +311,42 @@ fn kl(p: &[f32], q: &[f32]) -> f64 {
         .sum()
 }
 
-/// Every chunk computed.
-fn computed(prompt: &Prompt) -> PrefillRequest<CacheKey> {
+/// The prompt as a request in `mode` that loads `stored(chunk)` for each chunk (computing
+/// the others) and writes nothing back.
+fn request_for(
+    prompt: &Prompt,
+    mode: Mode,
+    stored: impl Fn(&PromptChunk) -> Option<StoredCache<CacheKey>>,
+) -> PrefillRequest<CacheKey> {
     PrefillRequest {
         chunks: prompt
             .chunks
             .iter()
-            .map(|tokens| ChunkSpec {
-                tokens: tokens.as_slice().into(),
-                stored: None,
+            .map(|chunk| ChunkSpec {
+                tokens: chunk.tokens.as_slice().into(),
+                stored: stored(chunk),
                 write_back: None,
             })
             .collect(),
         tail: prompt.tail.clone(),
-        mode: Mode::ComputeOnly,
+        mode,
     }
+}
+
+/// Every chunk computed.
+fn computed(prompt: &Prompt) -> PrefillRequest<CacheKey> {
+    request_for(prompt, Mode::ComputeOnly, |_| None)
 }
 
 /// Every chunk whose position-independent cache the precompute job stored loads it as it
 /// is (re-rotated to its place); the others are computed. No prefix cache is used.
 fn naive(store: &KvStore, prompt: &Prompt) -> PrefillRequest<CacheKey> {
-    PrefillRequest {
-        chunks: prompt
-            .chunks
-            .iter()
-            .zip(&prompt.chunk_cached)
-            .map(|(tokens, &cached)| ChunkSpec {
-                tokens: tokens.as_slice().into(),
-                stored: cached.then(|| StoredCache {
-                    key: store.chunk_key(tokens),
-                    kind: CacheKind::Chunk,
-                }),
-                write_back: None,
-            })
-            .collect(),
-        tail: prompt.tail.clone(),
-        mode: Mode::LoadOnly,
-    }
+    request_for(prompt, Mode::LoadOnly, |chunk| {
+        (chunk.chunk_cache == ChunkCacheHint::Stored).then(|| StoredCache {
+            key: store.chunk_key(&chunk.tokens),
+            kind: CacheKind::Chunk,
+        })
+    })
 }
 
 /// Runs one arm on one prompt and adds its agreement with the reference to `tally`.

@@ -264,7 +264,7 @@ pub struct PrefillReport {
 }
 
 /// The compute side: a model that appends tokens to a cache, and imports/exports ranges.
-/// Called from the scheduler's one compute thread (exports also from blocking tasks).
+/// Called from the scheduler's one compute thread.
 pub trait ComputeBackend: Send + Sync + 'static {
     /// A sequence's KV cache.
     type Cache: Send + 'static;

@@ -92,9 +92,9 @@ const LOOKUP_CONCURRENCY: usize = 16;
 
 /// Plans a prefill of `chunks` then `tail`: each chunk loads its exact prefix cache when one
 /// is stored, else (unless `exact`) its position-independent cache when one is stored, and
-/// names its prefix key as its write-back destination unless a cache is stored there. One metadata request per chunk when
-/// the chunk cache's status is known, two when it is not; none in compute-only mode. A
-/// failed lookup plans the chunk as computed and is counted.
+/// names its prefix key as its write-back destination unless a cache is stored there. One
+/// metadata request per chunk when the chunk cache's status is known, two when it is not;
+/// none in compute-only mode. A failed lookup plans the chunk as computed and is counted.
 pub async fn plan<L: LoadBackend>(
     loader: &L,
     chunks: Vec<PromptChunk>,

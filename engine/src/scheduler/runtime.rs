@@ -1,5 +1,5 @@
-//! [`Scheduler`]: the decisions of [`Dispatcher`] carried out by one compute thread and a pool of
-//! tokio load tasks.
+//! [`Scheduler`]: the decisions of [`Dispatcher`] carried out by one compute thread and a
+//! pool of tokio load tasks.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,7 +72,7 @@ struct State<C: ComputeBackend, L: LoadBackend> {
 }
 
 impl<C: ComputeBackend, L: LoadBackend> State<C, L> {
-    /// Stops the loads the dispatcher gave up (their slots are already free in the dispatcher).
+    /// Stops the loads the dispatcher gave up (their slots are already free there).
     fn abort_given_up_loads(&mut self) {
         for step in self.dispatcher.take_aborted_loads() {
             if let Some(load) = self.loads.remove(&step) {
