@@ -185,7 +185,10 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         shuffled.chunks[1..].shuffle(&mut rng);
         for (order, prompt) in [prompt, shuffled].into_iter().enumerate() {
             let reference = reference(&engine, &prompt, &params, &exact_store).await?;
-            for (i, fill) in Fill::ALL.into_iter().enumerate() {
+            // The arms take turns going first, so none always runs after the same one.
+            for k in 0..Fill::ALL.len() {
+                let i = (k + n) % Fill::ALL.len();
+                let fill = Fill::ALL[i];
                 let request = match fill {
                     Fill::Full => computed(&prompt),
                     Fill::ExactPrefix => {
