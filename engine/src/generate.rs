@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
-use crate::models::llama::{Llama, Logits};
+use crate::models::llama::Llama;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// How the next token is picked from the logits.
@@ -212,9 +212,7 @@ pub fn generate(
         if cache.next_position() >= context {
             break FinishReason::ContextFull;
         }
-        logits = model
-            .forward(&[next], cache, Logits::Last)?
-            .ok_or(EngineError::EmptyInput)?;
+        logits = model.decode(&[next], cache)?;
     };
     let rest = decoder.finish();
     if !rest.is_empty() {

@@ -292,6 +292,60 @@ impl KvCache {
         Ok((buf.k.narrow(1, 0, total)?, buf.v.narrow(1, 0, total)?))
     }
 
+    /// Overwrites the keys and values of `layer` at the cache indices `indices` (ascending,
+    /// below [`KvCache::len`]) with `k`, `v` (`[n_kv_heads, indices.len(), head_dim]`), and
+    /// returns views of keys and values up to and including the last of them. Scattered
+    /// tokens of a chunk recomputed in context replace their loaded values this way.
+    pub(crate) fn write_rows(
+        &mut self,
+        layer: usize,
+        indices: &[usize],
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let end = indices.last().map_or(0, |&last| last + 1);
+        if end > self.len || indices.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(EngineError::KvMismatch(format!(
+                "cannot overwrite tokens {indices:?} of a cache of {} tokens",
+                self.len
+            )));
+        }
+        let buf = &self.layers[layer];
+        let (k, v) = (k.to_dtype(self.dtype)?, v.to_dtype(self.dtype)?);
+        // One copy per run of consecutive indices.
+        let mut row = 0;
+        while row < indices.len() {
+            let mut run = 1;
+            while row + run < indices.len() && indices[row + run] == indices[row] + run {
+                run += 1;
+            }
+            buf.k
+                .slice_set(&k.narrow(1, row, run)?.contiguous()?, 1, indices[row])?;
+            buf.v
+                .slice_set(&v.narrow(1, row, run)?.contiguous()?, 1, indices[row])?;
+            row += run;
+        }
+        Ok((buf.k.narrow(1, 0, end)?, buf.v.narrow(1, 0, end)?))
+    }
+
+    /// Copies of the keys and values of `layer` at the cache indices `indices`, each
+    /// `[n_kv_heads, indices.len(), head_dim]`.
+    pub(crate) fn rows(&self, layer: usize, indices: &[usize]) -> Result<(Tensor, Tensor)> {
+        if indices.iter().any(|&i| i >= self.len) {
+            return Err(EngineError::KvMismatch(format!(
+                "tokens {indices:?} are not all in a cache of {} tokens",
+                self.len
+            )));
+        }
+        let buf = &self.layers[layer];
+        let index: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+        let index = Tensor::new(index.as_slice(), &self.device)?;
+        Ok((
+            buf.k.index_select(&index, 1)?,
+            buf.v.index_select(&index, 1)?,
+        ))
+    }
+
     /// Counts `tokens` written by [`KvCache::write_layer`] into every layer. Partial tokens
     /// they cover (recomputed or imported in full) are partial no more.
     pub(crate) fn commit(&mut self, tokens: usize) {
@@ -509,6 +563,54 @@ mod tests {
         target.import(&source.export(0..5).unwrap(), &rope).unwrap();
         target.import(&source.export(5..8).unwrap(), &rope).unwrap();
         assert_same_layers(&source, &target);
+    }
+
+    #[test]
+    fn scattered_rows_overwrite_only_their_tokens() {
+        let mut cache = empty_cache();
+        append(&mut cache, 0.0, 10);
+        let before = cache.export(0..10).unwrap();
+        let indices = [2usize, 3, 7];
+        let k = Tensor::full(99f32, (3, 3, 4), &Device::Cpu).unwrap();
+        let v = Tensor::full(-99f32, (3, 3, 4), &Device::Cpu).unwrap();
+        let (keys, _) = cache.write_rows(1, &indices, &k, &v).unwrap();
+        assert_eq!(keys.dim(1).unwrap(), 8, "views end at the last row written");
+        let (rk, rv) = cache.rows(1, &indices).unwrap();
+        assert_eq!(
+            rk.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![99.0; 36]
+        );
+        assert_eq!(
+            rv.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![-99.0; 36]
+        );
+        let mut original = empty_cache();
+        original.import(&before, &rope()).unwrap();
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let untouched = [0usize, 1, 4, 5, 6, 8, 9];
+        for layer in 0..SHAPE.n_layers {
+            let rows = if layer == 1 {
+                &untouched[..]
+            } else {
+                &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9][..]
+            };
+            let (a, b) = (
+                cache.rows(layer, rows).unwrap(),
+                original.rows(layer, rows).unwrap(),
+            );
+            assert_eq!(flat(a.0), flat(b.0), "layer {layer}");
+            assert_eq!(flat(a.1), flat(b.1), "layer {layer}");
+        }
+        let (k2, v2) = (k.narrow(1, 0, 2).unwrap(), v.narrow(1, 0, 2).unwrap());
+        assert!(
+            cache.write_rows(1, &[3, 2], &k2, &v2).is_err(),
+            "out of order"
+        );
+        assert!(
+            cache.write_rows(1, &[9, 10], &k2, &v2).is_err(),
+            "past the end"
+        );
+        assert!(cache.rows(0, &[10]).is_err());
     }
 
     #[test]

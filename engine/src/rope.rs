@@ -69,9 +69,26 @@ impl Rope {
 
     /// Rotates `xs` of shape `[tokens, heads, head_dim]`; token `i` is at position `start + i`.
     pub fn apply(&self, xs: &Tensor, start: usize) -> Result<Tensor> {
+        let tokens = xs.dim(0)?;
+        let cos = self.cos.narrow(0, start, tokens)?;
+        let sin = self.sin.narrow(0, start, tokens)?;
+        Self::rotate(xs, &cos, &sin)
+    }
+
+    /// Rotates `xs` of shape `[tokens, heads, head_dim]`; token `i` is at `positions[i]`
+    /// (the scattered tokens a selective recomputation runs).
+    pub fn apply_at(&self, xs: &Tensor, positions: &[u32]) -> Result<Tensor> {
+        let index = Tensor::new(positions, self.cos.device())?;
+        let cos = self.cos.index_select(&index, 0)?;
+        let sin = self.sin.index_select(&index, 0)?;
+        Self::rotate(xs, &cos, &sin)
+    }
+
+    /// Rotates each token of `xs` (`[tokens, heads, head_dim]`) by its row of `cos`/`sin`.
+    fn rotate(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (tokens, heads, head_dim) = xs.dims3()?;
-        let cos = self.cos.narrow(0, start, tokens)?.unsqueeze(1)?;
-        let sin = self.sin.narrow(0, start, tokens)?.unsqueeze(1)?;
+        let cos = cos.unsqueeze(1)?;
+        let sin = sin.unsqueeze(1)?;
         // Viewed as (batch = tokens, heads, 1, head_dim) so every token gets its own row.
         let xs = xs.contiguous()?.reshape((tokens, heads, 1, head_dim))?;
         let out = candle_nn::rotary_emb::rope_i(&xs, &cos, &sin)?;
@@ -124,6 +141,19 @@ mod tests {
         let back = rope.shift(&shifted, -300).unwrap();
         assert!(max_diff(&back, &at_10) < 1e-4);
         assert!(max_diff(&at_10, &at_310) > 0.1);
+    }
+
+    #[test]
+    fn scattered_positions_rotate_like_contiguous_ones() {
+        let rope = Rope::new(8, 10_000.0, None, 1.0, 64, DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 2, 8), &Device::Cpu).unwrap();
+        let contiguous = rope.apply(&x, 20).unwrap();
+        let listed = rope.apply_at(&x, &[20, 21, 22, 23]).unwrap();
+        assert_eq!(max_diff(&contiguous, &listed), 0.0);
+        let row = |t: &Tensor, i: usize| t.narrow(0, i, 1).unwrap();
+        let scattered = rope.apply_at(&x, &[3, 40, 7, 63]).unwrap();
+        let one = rope.apply(&row(&x, 1), 40).unwrap();
+        assert_eq!(max_diff(&row(&scattered, 1), &one), 0.0);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use ragcake::engine::{Engine, Logits};
+use ragcake::engine::Engine;
 use serde::Serialize;
 
 use super::report::{Stats, print_json, print_table, write_csv};
@@ -190,7 +190,7 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         for i in 0..args.decode_tokens {
             engine
                 .model()
-                .forward(&tokens[256 + i..257 + i], &mut cache, Logits::Last)?;
+                .decode(&tokens[256 + i..257 + i], &mut cache)?;
         }
         decode.push(args.decode_tokens as f64 / t0.elapsed().as_secs_f64());
     }

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 
 use ragcake::engine::{
     ChatMessage, Engine, EngineConfig, EngineError, GenerateParams, GgufFile, Logits, Role,
-    Sampling, Tensor,
+    Sampling, Selection, Tensor,
 };
 
 use crate::common::{
@@ -71,7 +71,7 @@ fn quantized_decode_steps_stay_close_to_dense_prefill() {
     engine.prefill(&mut cache, &tokens[..120], 120).unwrap();
     let mut worst = 0f32;
     for (i, &token) in tokens[120..].iter().enumerate() {
-        let step = logits(engine, &[token], &mut cache, Logits::Last);
+        let step = engine.model().decode(&[token], &mut cache).unwrap();
         let expected = reference.get(120 + i).unwrap();
         worst = worst.max(max_abs_diff(&step, &expected));
         assert_eq!(
@@ -433,4 +433,148 @@ fn kv_import_rejects_a_range_of_another_shape() {
         Err(EngineError::KvMismatch(_))
     ));
     assert!(fresh.is_empty());
+}
+
+/// Mean KL divergence KL(p‖q) over rows of two `[rows, vocab]` logit tensors.
+fn mean_kl(reference: &Tensor, other: &Tensor) -> f32 {
+    let log_p = candle_nn_log_softmax(reference);
+    let log_q = candle_nn_log_softmax(other);
+    let p = log_p.exp().unwrap();
+    let kl = (p * (log_p - log_q).unwrap()).unwrap().sum(1).unwrap();
+    kl.mean_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn candle_nn_log_softmax(logits: &Tensor) -> Tensor {
+    let max = logits.max_keepdim(1).unwrap();
+    let shifted = logits.broadcast_sub(&max).unwrap();
+    let sum = shifted
+        .exp()
+        .unwrap()
+        .sum_keepdim(1)
+        .unwrap()
+        .log()
+        .unwrap();
+    shifted.broadcast_sub(&sum).unwrap()
+}
+
+/// A chat preamble, two retrieved chunks and a question about the first: the second chunk's
+/// position-independent cache (computed after the preamble alone) never saw the first.
+struct BlendCase {
+    preamble: Vec<u32>,
+    first: Vec<u32>,
+    second: Vec<u32>,
+    tail: Vec<u32>,
+}
+
+fn blend_case() -> BlendCase {
+    let tokenizer = dense_engine().tokenizer();
+    let control = |s: &str| tokenizer.encode(s, true).unwrap();
+    let text = |s: &str| tokenizer.encode(s, false).unwrap();
+    BlendCase {
+        preamble: control(
+            "<|im_start|>system\nAnswer using only the context.<|im_end|>\n<|im_start|>user\nContext:\n",
+        ),
+        first: text(
+            "The Varden lighthouse stands on the northern cape of Ilsa island. Its keeper from \
+             1902 to 1931 was Margit Olsen, who kept a logbook of every ship that passed.",
+        ),
+        second: text(
+            " The logbook she kept was found in 1987 in the attic of the keeper's cottage. It \
+             records four thousand ships, eleven wrecks and one visit by the king, and it is now \
+             shown in the harbour museum next to the old lens.",
+        ),
+        tail: control(
+            "\n\nQuestion: Who kept the logbook, and where is it shown?<|im_end|>\n<|im_start|>assistant\n",
+        ),
+    }
+}
+
+/// The tail's logits after `preamble + first` computed and `second` loaded from its chunk
+/// cache, optionally blended with `selection`.
+fn tail_logits_over_chunk_cache(case: &BlendCase, selection: Option<Selection>) -> (Tensor, usize) {
+    let engine = dense_engine();
+    // The chunk cache: computed after the preamble alone, only its own tokens kept.
+    let mut alone = engine.new_cache();
+    engine.prefill(&mut alone, &case.preamble, 512).unwrap();
+    engine.append(&mut alone, &case.second, 512, false).unwrap();
+    let chunk_cache = alone
+        .export(case.preamble.len()..alone.len())
+        .unwrap()
+        .to_dtype(ragcake::engine::DType::F16)
+        .unwrap();
+    let mut cache = engine.new_cache();
+    let context: Vec<u32> = [case.preamble.as_slice(), &case.first].concat();
+    engine.append(&mut cache, &context, 512, false).unwrap();
+    engine.import(&mut cache, &chunk_cache).unwrap();
+    let recomputed = match selection {
+        Some(selection) => engine
+            .model()
+            .recompute(&case.second, &mut cache, context.len(), selection)
+            .unwrap(),
+        None => 0,
+    };
+    (
+        logits(engine, &case.tail, &mut cache, Logits::All),
+        recomputed,
+    )
+}
+
+#[test]
+fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_full_computation() {
+    let engine = dense_engine();
+    let case = blend_case();
+    let whole: Vec<u32> = [case.preamble.as_slice(), &case.first, &case.second].concat();
+    let mut full_cache = engine.new_cache();
+    engine.append(&mut full_cache, &whole, 512, false).unwrap();
+    let full = logits(engine, &case.tail, &mut full_cache, Logits::All);
+
+    let n = case.second.len();
+    let (naive, none) = tail_logits_over_chunk_cache(&case, None);
+    assert_eq!(none, 0);
+    let naive_kl = mean_kl(&full, &naive);
+    assert!(
+        naive_kl > 1e-3,
+        "the naive cache should differ: KL {naive_kl}"
+    );
+    let share = n.div_ceil(5); // 20% of the chunk
+    for selection in [Selection::Deviating(share), Selection::Leading(share)] {
+        let (blended, recomputed) = tail_logits_over_chunk_cache(&case, Some(selection));
+        assert_eq!(recomputed, share, "{selection:?}");
+        let kl = mean_kl(&full, &blended);
+        assert!(
+            kl < naive_kl,
+            "{selection:?}: KL {kl} is not below the naive cache's {naive_kl}"
+        );
+    }
+    // Recomputing every token is full computation (up to the order of float sums).
+    for selection in [Selection::Deviating(n), Selection::Leading(n)] {
+        let (all, recomputed) = tail_logits_over_chunk_cache(&case, Some(selection));
+        assert_eq!(recomputed, n);
+        let diff = max_abs_diff(&all, &full);
+        assert!(
+            diff < LOGIT_TOLERANCE,
+            "{selection:?}: max |Δlogit| = {diff}"
+        );
+    }
+}
+
+#[test]
+fn recomputing_tokens_outside_the_cache_is_a_typed_error_and_changes_nothing() {
+    let engine = dense_engine();
+    let tokens = prose_tokens(40);
+    let mut cache = engine.new_cache();
+    engine.prefill(&mut cache, &tokens, 64).unwrap();
+    let before = cache.export(0..40).unwrap();
+    let result = engine
+        .model()
+        .recompute(&tokens[..20], &mut cache, 30, Selection::Leading(5));
+    assert!(
+        matches!(result, Err(EngineError::KvMismatch(_))),
+        "{result:?}"
+    );
+    let after = cache.export(0..40).unwrap();
+    for ((k0, v0), (k1, v1)) in before.layers().iter().zip(after.layers()) {
+        assert_eq!(max_abs_diff(k0, k1), 0.0);
+        assert_eq!(max_abs_diff(v0, v1), 0.0);
+    }
 }

@@ -327,6 +327,8 @@ impl Llama {
     /// everything already in `cache`, and appends their keys and values to it. Tokens held
     /// by the bottom layers only (see [`Llama::forward_bottom`]) are the first ones
     /// recomputed: the same tokens, so their bottom layers are overwritten with equal values.
+    /// Always the dense weights, however few the tokens: a prompt's KV does not depend on
+    /// how it was cut into passes beyond float summation order.
     ///
     /// Returns the requested logits (f32) or `None` for [`Logits::None`].
     pub fn forward(
@@ -335,8 +337,27 @@ impl Llama {
         cache: &mut KvCache,
         logits: Logits,
     ) -> Result<Option<Tensor>> {
+        self.forward_with(tokens, cache, logits, false)
+    }
+
+    /// A decode step: [`Llama::forward`] of at most [`DECODE_MAX_TOKENS`] generated tokens,
+    /// through the Q8_0 copies of the weights when the model keeps them (its logits differ
+    /// from the dense path's by the Q8_0 rounding). Returns the last token's logits.
+    pub fn decode(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let quantized = tokens.len() <= DECODE_MAX_TOKENS;
+        self.forward_with(tokens, cache, Logits::Last, quantized)?
+            .ok_or(EngineError::EmptyInput)
+    }
+
+    fn forward_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        quantized: bool,
+    ) -> Result<Option<Tensor>> {
         let layers = self.blocks.len();
-        let x = self.run_blocks(tokens, cache, layers, cache.len())?;
+        let x = self.run_blocks(tokens, cache, layers, cache.len(), quantized)?;
         cache.commit(tokens.len());
         let t = tokens.len();
         let x = match logits {
@@ -346,10 +367,7 @@ impl Llama {
         };
         let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.config.rms_eps as f32)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let quant = self
-            .lm_head_decode
-            .as_ref()
-            .filter(|_| t <= DECODE_MAX_TOKENS);
+        let quant = self.lm_head_decode.as_ref().filter(|_| quantized);
         let out = linear(&x, head, quant)?.to_dtype(DType::F32)?;
         Ok(Some(match logits {
             Logits::Last => out.squeeze(0)?,
@@ -376,30 +394,22 @@ impl Llama {
                 cache.partial_layers()
             )));
         }
-        self.run_blocks(tokens, cache, layers, cache.len() + cache.partial_len())?;
+        self.run_blocks(
+            tokens,
+            cache,
+            layers,
+            cache.len() + cache.partial_len(),
+            false,
+        )?;
         cache.commit_bottom(tokens.len(), layers);
         Ok(())
     }
 
-    /// The checks every forward pass makes, then the first `layers` blocks over `tokens`
-    /// written at cache index `offset`; returns the hidden states after them.
-    fn run_blocks(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        layers: usize,
-        offset: usize,
-    ) -> Result<Tensor> {
-        let t = tokens.len();
-        if t == 0 {
+    /// The checks every pass over `tokens` makes against `cache` (not empty, in the
+    /// vocabulary, the model's cache shape).
+    fn check_input(&self, tokens: &[u32], cache: &KvCache) -> Result<()> {
+        if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
-        }
-        let start = cache.base_position() + offset;
-        if start + t > self.config.context_length {
-            return Err(EngineError::ContextOverflow {
-                needed: start + t,
-                max: self.config.context_length,
-            });
         }
         if let Some(&id) = tokens
             .iter()
@@ -417,44 +427,162 @@ impl Llama {
                 self.config.kv_shape()
             )));
         }
+        Ok(())
+    }
+
+    /// The checks every forward pass makes, then the first `layers` blocks over `tokens`
+    /// written at cache index `offset`; returns the hidden states after them.
+    fn run_blocks(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        layers: usize,
+        offset: usize,
+        quantized: bool,
+    ) -> Result<Tensor> {
+        self.check_input(tokens, cache)?;
+        let t = tokens.len();
+        let start = cache.base_position() + offset;
+        if start + t > self.config.context_length {
+            return Err(EngineError::ContextOverflow {
+                needed: start + t,
+                max: self.config.context_length,
+            });
+        }
         cache.reserve(t)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        let rows: Vec<usize> = (offset..offset + t).collect();
         for (i, block) in self.blocks.iter().take(layers).enumerate() {
-            x = self.block_forward(block, i, &x, start, offset, cache)?;
+            let decode = block.decode.as_ref().filter(|_| quantized);
+            let (q, k, v) = self.project_qkv(block, &x, &rows, cache, decode)?;
+            let (keys, values) = cache.write_layer_at(i, offset, &k, &v)?;
+            x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, decode)?;
         }
         Ok(x)
     }
 
-    fn block_forward(
+    /// Recomputes, in context, a selection of the tokens of a chunk whose keys and values
+    /// were loaded into `cache` at indices `offset..offset + tokens.len()` (a
+    /// position-independent chunk cache placed after other chunks): the selected tokens
+    /// attend to everything before them — the chunks before, and the chunk's own keys and
+    /// values, loaded or recomputed — and their keys and values replace the loaded ones at
+    /// every layer they are computed at. This is what "blending" a loaded chunk cache
+    /// means (CacheBlend, EPIC): the loaded cache never saw the chunks before it, and the
+    /// recomputed tokens carry that attention into the rest of the prompt.
+    ///
+    /// Returns how many tokens were recomputed through every layer.
+    pub fn recompute(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        offset: usize,
+        selection: Selection,
+    ) -> Result<usize> {
+        self.check_input(tokens, cache)?;
+        let n = tokens.len();
+        if offset + n > cache.len() || cache.partial_len() > 0 {
+            return Err(EngineError::KvMismatch(format!(
+                "tokens {offset}..{} are not all whole in a cache of {} tokens",
+                offset + n,
+                cache.len()
+            )));
+        }
+        let (mut rows, narrowing) = selection.plan(n);
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let picked: Vec<u32> = rows.iter().map(|&r| tokens[r]).collect();
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(picked.as_slice(), &self.device)?, 0)?;
+        let mut indices: Vec<usize> = rows.iter().map(|&r| offset + r).collect();
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let (mut q, k, v) = self.project_qkv(block, &x, &indices, cache, None)?;
+            let keep = narrowing
+                .iter()
+                .find(|(at, _)| *at == layer)
+                .map(|&(_, keep)| keep)
+                .filter(|&keep| keep < rows.len());
+            // Every token computed at this layer has its keys and values in context: all
+            // are written, also those the narrowing drops from the layers above.
+            let (loaded_k, loaded_v) = match keep {
+                Some(_) => Some(cache.rows(layer, &indices)?),
+                None => None,
+            }
+            .unzip();
+            let (mut keys, mut values) = cache.write_rows(layer, &indices, &k, &v)?;
+            if let (Some(keep), Some(loaded_k), Some(loaded_v)) = (keep, loaded_k, loaded_v) {
+                let chosen = most_deviating(&k, &v, &loaded_k, &loaded_v, keep)?;
+                let index = Tensor::new(chosen.as_slice(), &self.device)?;
+                x = x.index_select(&index, 0)?;
+                q = q.index_select(&index, 0)?;
+                rows = chosen.iter().map(|&i| rows[i as usize]).collect();
+                indices = rows.iter().map(|&r| offset + r).collect();
+                let end = indices[indices.len() - 1] + 1;
+                keys = keys.narrow(1, 0, end)?;
+                values = values.narrow(1, 0, end)?;
+            }
+            x = self.attend_and_mlp(block, &x, &q, &keys, &values, &indices, None)?;
+        }
+        Ok(rows.len())
+    }
+
+    /// The first half of a block for tokens at the cache indices `rows`: their queries,
+    /// keys and values, rotated for their positions. Keys and values are `[n_kv, t, hd]`.
+    fn project_qkv(
         &self,
         block: &Block,
-        layer: usize,
         x: &Tensor,
-        start: usize,
-        offset: usize,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+        rows: &[usize],
+        cache: &KvCache,
+        decode: Option<&DecodeWeights>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let cfg = &self.config;
         let (t, _) = x.dims2()?;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
-        let eps = cfg.rms_eps as f32;
-
-        let decode = block.decode.as_ref().filter(|_| t <= DECODE_MAX_TOKENS);
-        let h = candle_nn::ops::rms_norm(x, &block.attn_norm, eps)?;
+        let h = candle_nn::ops::rms_norm(x, &block.attn_norm, cfg.rms_eps as f32)?;
         let qkv = linear(&h, &block.wqkv, decode.map(|d| &d.wqkv))?;
         let q = qkv.narrow(1, 0, nh * hd)?.reshape((t, nh, hd))?;
         let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((t, nkv, hd))?;
         let v = qkv
             .narrow(1, (nh + nkv) * hd, nkv * hd)?
             .reshape((t, nkv, hd))?;
-        let q = self.rope.apply(&q, start)?;
-        let k = self.rope.apply(&k, start)?;
-        let (keys, values) =
-            cache.write_layer_at(layer, offset, &k.transpose(0, 1)?, &v.transpose(0, 1)?)?;
-        let attn = attention(&q, &keys, &values, offset, (hd as f64).powf(-0.5))?;
-        let x = (x + linear(&attn, &block.wo, decode.map(|d| &d.wo))?)?;
+        let base = cache.base_position();
+        let consecutive = rows.windows(2).all(|w| w[1] == w[0] + 1);
+        let (q, k) = if consecutive {
+            (
+                self.rope.apply(&q, base + rows[0])?,
+                self.rope.apply(&k, base + rows[0])?,
+            )
+        } else {
+            let positions: Vec<u32> = rows.iter().map(|&r| (base + r) as u32).collect();
+            (
+                self.rope.apply_at(&q, &positions)?,
+                self.rope.apply_at(&k, &positions)?,
+            )
+        };
+        Ok((q, k.transpose(0, 1)?, v.transpose(0, 1)?))
+    }
 
+    /// The second half of a block: attention of the queries `q` (tokens at the cache
+    /// indices `rows`) over `keys`/`values`, then the feed-forward; returns the new hidden
+    /// states of the tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_and_mlp(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        rows: &[usize],
+        decode: Option<&DecodeWeights>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let eps = cfg.rms_eps as f32;
+        let attn = attention(q, keys, values, rows, (cfg.head_dim as f64).powf(-0.5))?;
+        let x = (x + linear(&attn, &block.wo, decode.map(|d| &d.wo))?)?;
         let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
         let gate_up = linear(&h, &block.w_gate_up, decode.map(|d| &d.w_gate_up))?;
         let gate = gate_up.narrow(1, 0, cfg.ffn_size)?;
@@ -465,6 +593,53 @@ impl Llama {
     }
 }
 
+/// Which tokens of a loaded chunk [`Llama::recompute`] runs in context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "rule", content = "tokens")]
+pub enum Selection {
+    /// The chunk's first `n` tokens, through every layer (EPIC, arXiv 2410.15332): a
+    /// chunk cache's first tokens are where it differs most, acting as attention sinks
+    /// in the middle of the prompt.
+    Leading(usize),
+    /// The `n` tokens whose keys and values deviate most from the loaded ones (CacheBlend,
+    /// arXiv 2405.16444): every token through the first layer, the `2n` most deviating at
+    /// the second, the `n` most deviating at the third and above.
+    Deviating(usize),
+}
+
+impl Selection {
+    /// The rows (token indices within the chunk) computed from the first layer, and the
+    /// layers at which they are narrowed to how many.
+    fn plan(&self, n: usize) -> (Vec<usize>, Vec<(usize, usize)>) {
+        match *self {
+            Self::Leading(k) => ((0..k.min(n)).collect(), Vec::new()),
+            Self::Deviating(0) => (Vec::new(), Vec::new()),
+            Self::Deviating(k) => ((0..n).collect(), vec![(1, (2 * k).min(n)), (2, k.min(n))]),
+        }
+    }
+}
+
+/// Indices (ascending) of the `keep` tokens whose recomputed keys and values (`[n_kv, t,
+/// hd]`) are farthest, in squared L2 distance, from the loaded ones.
+fn most_deviating(
+    k: &Tensor,
+    v: &Tensor,
+    loaded_k: &Tensor,
+    loaded_v: &Tensor,
+    keep: usize,
+) -> Result<Vec<u32>> {
+    let distance = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+        let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?;
+        Ok(d.sqr()?.sum(2)?.sum(0)?)
+    };
+    let deviation: Vec<f32> = (distance(k, loaded_k)? + distance(v, loaded_v)?)?.to_vec1()?;
+    let mut order: Vec<u32> = (0..deviation.len() as u32).collect();
+    order.sort_by(|&a, &b| deviation[b as usize].total_cmp(&deviation[a as usize]));
+    order.truncate(keep);
+    order.sort_unstable();
+    Ok(order)
+}
+
 /// `x · wᵀ`, through the quantized copy when one is given.
 fn linear(x: &Tensor, w: &Tensor, quantized: Option<&QMatMul>) -> Result<Tensor> {
     Ok(match quantized {
@@ -473,18 +648,19 @@ fn linear(x: &Tensor, w: &Tensor, quantized: Option<&QMatMul>) -> Result<Tensor>
     })
 }
 
-/// Causal grouped-query attention of `q` (`[t, n_heads, hd]`, the tokens after the first
-/// `past` cached ones) over `keys`/`values` (`[n_kv, past + t, hd]`). Returns `[t, n_heads·hd]`.
+/// Causal grouped-query attention of `q` (`[t, n_heads, hd]`) over `keys`/`values`
+/// (`[n_kv, context, hd]`), where query `i` is the token at cache index `rows[i]` (ascending)
+/// and sees the keys up to and including its own. Returns `[t, n_heads·hd]`.
 ///
 /// Queries are processed in blocks of [`QUERY_BLOCK`] tokens, each attending only to keys up to
-/// its own last position, so memory stays linear in the context and the upper triangle of
+/// its own last row, so memory stays linear in the context and the upper triangle of
 /// the score matrix is never computed beyond one block. Key/value heads are never repeated:
 /// the query heads sharing one KV head are stacked as extra rows of one matrix product.
 fn attention(
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
-    past: usize,
+    rows: &[usize],
     scale: f64,
 ) -> Result<Tensor> {
     let (t, nh, hd) = q.dims3()?;
@@ -498,7 +674,8 @@ fn attention(
     let mut s = 0;
     while s < t {
         let len = QUERY_BLOCK.min(t - s);
-        let kv_end = past + s + len;
+        let block_rows = &rows[s..s + len];
+        let kv_end = block_rows[len - 1] + 1;
         let qb = q
             .narrow(1, s, len)?
             .contiguous()?
@@ -507,7 +684,7 @@ fn attention(
         let vb = values.narrow(1, 0, kv_end)?;
         let scores = qb.matmul(&kb.t()?)?;
         let scores = if len > 1 {
-            let mask = causal_mask(len, kv_end, device)?.to_dtype(scores.dtype())?;
+            let mask = causal_mask(block_rows, kv_end, device)?.to_dtype(scores.dtype())?;
             scores
                 .reshape((nkv, len, group, kv_end))?
                 .broadcast_add(&mask)?
@@ -525,16 +702,14 @@ fn attention(
     Ok(out.transpose(0, 1)?.reshape((t, nh * hd))?)
 }
 
-/// `[len, 1, kv_end]` additive mask for the last `len` query positions over `kv_end` keys:
-/// query `i` (at key index `kv_end - len + i`) sees keys up to and including its own.
-fn causal_mask(len: usize, kv_end: usize, device: &Device) -> Result<Tensor> {
-    let first = kv_end - len;
-    let mut mask = vec![0f32; len * kv_end];
-    for i in 0..len {
-        let row = &mut mask[i * kv_end..(i + 1) * kv_end];
-        row[first + i + 1..].fill(f32::NEG_INFINITY);
+/// `[rows, 1, kv_end]` additive mask: the query at cache index `rows[i]` sees the keys up to
+/// and including its own.
+fn causal_mask(rows: &[usize], kv_end: usize, device: &Device) -> Result<Tensor> {
+    let mut mask = vec![0f32; rows.len() * kv_end];
+    for (i, &row) in rows.iter().enumerate() {
+        mask[i * kv_end..(i + 1) * kv_end][row + 1..].fill(f32::NEG_INFINITY);
     }
-    Ok(Tensor::from_vec(mask, (len, 1, kv_end), device)?)
+    Ok(Tensor::from_vec(mask, (rows.len(), 1, kv_end), device)?)
 }
 
 fn expect_dims(name: &str, t: &Tensor, dims: &[usize]) -> Result<()> {
@@ -554,7 +729,7 @@ mod tests {
 
     #[test]
     fn causal_mask_hides_only_future_keys() {
-        let mask = causal_mask(3, 5, &Device::Cpu).unwrap();
+        let mask = causal_mask(&[2, 3, 4], 5, &Device::Cpu).unwrap();
         let rows: Vec<Vec<f32>> = mask.squeeze(1).unwrap().to_vec2().unwrap();
         let inf = f32::NEG_INFINITY;
         assert_eq!(rows[0], vec![0.0, 0.0, 0.0, inf, inf]);
@@ -571,7 +746,8 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (nkv, past + t, hd), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (nkv, past + t, hd), &dev).unwrap();
         let scale = (hd as f64).powf(-0.5);
-        let got = attention(&q, &k, &v, past, scale).unwrap();
+        let rows: Vec<usize> = (past..past + t).collect();
+        let got = attention(&q, &k, &v, &rows, scale).unwrap();
         // Reference: each query head against its KV head, full mask, no blocking.
         let mut heads = Vec::new();
         for h in 0..nh {
@@ -579,7 +755,10 @@ mod tests {
             let kh = k.get(h / (nh / nkv)).unwrap();
             let vh = v.get(h / (nh / nkv)).unwrap();
             let scores = (qh.matmul(&kh.t().unwrap()).unwrap() * scale).unwrap();
-            let mask = causal_mask(t, past + t, &dev).unwrap().squeeze(1).unwrap();
+            let mask = causal_mask(&rows, past + t, &dev)
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
             let p = candle_nn::ops::softmax_last_dim(&(scores + mask).unwrap()).unwrap();
             heads.push(p.matmul(&vh).unwrap());
         }
