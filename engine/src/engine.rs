@@ -13,7 +13,7 @@ use crate::generate::{GenerateParams, Generation, generate};
 use crate::gguf::{GgufFile, LlmFingerprint};
 use crate::kv::{KvCache, KvRange};
 use crate::models::llama::{Llama, LlamaConfig, Logits};
-use crate::scheduler::ComputeBackend;
+use crate::scheduler::{ComputeBackend, Recompute};
 use crate::tokenizer::Tokenizer;
 
 /// Where the engine computes.
@@ -332,6 +332,23 @@ impl ComputeBackend for Engine {
 
     fn export(&self, cache: &KvCache, range: std::ops::Range<usize>) -> Result<KvRange> {
         cache.export(range)
+    }
+
+    fn recompute(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        start: usize,
+        recompute: Recompute,
+    ) -> Result<usize> {
+        match recompute.selection(tokens.len()) {
+            Some(selection) => self.model.recompute(tokens, cache, start, selection),
+            None => Ok(0),
+        }
+    }
+
+    fn truncate(&self, cache: &mut KvCache, len: usize) {
+        cache.truncate(len);
     }
 
     fn layers(&self) -> usize {

@@ -187,6 +187,9 @@ impl RequestLimits {
         if !(o.prefer_cached_within >= 0.0 && o.prefer_cached_within <= 2.0) {
             return invalid("prefer_cached_within must be 0 to 2".into());
         }
+        if o.recompute.validate().is_err() {
+            return invalid("recompute.ratio must be 0 to 1".into());
+        }
         Ok(())
     }
 }

@@ -198,6 +198,7 @@ impl PlanLayer {
         let options = PlanOptions {
             mode: request.options.mode,
             exact: request.options.exact,
+            recompute: request.options.recompute,
         };
         let (plan, lookups) =
             ragcake_engine::scheduler::plan(&*self.kv, prompt.chunks, prompt.tail, options).await;

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use ragcake_engine::scheduler::{LookupSummary, Mode, PrefillReport};
+use ragcake_engine::scheduler::{LookupSummary, Mode, PrefillReport, Recompute};
 use ragcake_engine::{ChatMessage, FinishReason};
 use ragcake_retriever::{CacheStatus, ChunkOrder};
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,10 @@ pub struct AskOptions {
     pub exact: bool,
     /// A cached chunk ranks above an uncached one scoring higher by less than this.
     pub prefer_cached_within: f32,
+    /// How a loaded position-independent chunk cache is blended into the prompt: which of
+    /// its tokens are recomputed in context (`deviation` or `leading`) and what share
+    /// (`ratio`, 0 to 1; 0 uses the caches as loaded). Not used with `exact`.
+    pub recompute: Recompute,
 }
 
 impl Default for AskOptions {
@@ -49,6 +53,7 @@ impl Default for AskOptions {
             order: ChunkOrder::CachedLast,
             exact: false,
             prefer_cached_within: 0.0,
+            recompute: Recompute::default(),
         }
     }
 }

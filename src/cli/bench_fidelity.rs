@@ -13,7 +13,7 @@ use std::time::Instant;
 use clap::Args;
 use ragcake::engine::scheduler::{
     CacheKind, ChunkCacheHint, ChunkSpec, LoadBackend, Mode, PlanOptions, PrefillRequest,
-    PromptChunk, Scheduler, SchedulerConfig, StoredCache, plan,
+    PromptChunk, Recompute, Scheduler, SchedulerConfig, StoredCache, plan,
 };
 use ragcake::engine::{Engine, GenerateParams, KvCache, Logits, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
@@ -195,6 +195,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
                         let options = PlanOptions {
                             mode: Mode::LoadOnly,
                             exact: true,
+                            ..PlanOptions::default()
                         };
                         let (chunks, tail) = (prompt.chunks.clone(), prompt.tail.clone());
                         plan(&*exact_store, chunks, tail, options).await.0
@@ -329,6 +330,7 @@ fn request_for(
                 tokens: chunk.tokens.as_slice().into(),
                 stored: stored(chunk),
                 write_back: None,
+                recompute: Recompute::NONE,
             })
             .collect(),
         tail: prompt.tail.clone(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ragcake::engine::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 use ragcake::engine::scheduler::{
     CacheKind, ChunkSpec, Filled, LoadBackend, LookupSummary, MissReason, Mode, PlanOptions,
-    PrefillRequest, PromptChunk, Scheduler, SchedulerConfig, StoredCache, plan,
+    PrefillRequest, PromptChunk, Recompute, Scheduler, SchedulerConfig, StoredCache, plan,
 };
 use ragcake::engine::{DType, Engine, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
@@ -189,6 +189,7 @@ fn a_chunk_cache_in_the_middle_writes_back_only_the_chunks_before_it() {
         let options = PlanOptions {
             mode: Mode::LoadOnly,
             exact: true,
+            ..PlanOptions::default()
         };
         let (request, lookup) = plan(&*store, prompt, tail.clone(), options).await;
         assert_eq!((lookup.prefix_hits, lookup.chunk_hits), (2, 0));
@@ -311,6 +312,7 @@ fn planned_as_stored(chunks: &[Vec<u32>], tail: &[u32], mode: Mode) -> PrefillRe
                     kind: CacheKind::Prefix,
                 }),
                 write_back: None,
+                recompute: Recompute::NONE,
             })
             .collect(),
         tail: tail.to_vec(),

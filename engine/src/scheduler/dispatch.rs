@@ -12,16 +12,19 @@ use super::{LoadOutcome, Miss, MissReason, Mode, Policy, PrefillReport, Schedule
 pub type RequestId = u64;
 
 /// What the scheduler knows of one chunk before prefill starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChunkShape {
     /// Tokens in the chunk.
     pub tokens: usize,
     /// Whether a stored cache exists (an index or HEAD lookup said so; the load may still miss).
     pub stored: bool,
+    /// Compute a loaded cache of it still costs, as a share of computing it whole: the
+    /// recomputation that blends a position-independent cache in (0 for exact caches).
+    pub recompute_share: f64,
 }
 
 /// A request as the dispatcher sees it: chunk sizes and cache status, the tail, the mode.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RequestShape {
     /// The context's chunks in prompt order (the preamble, if any, is the first).
     pub chunks: Vec<ChunkShape>,
@@ -530,6 +533,15 @@ impl Dispatcher {
         }
     }
 
+    /// Records the recomputation that blended an imported chunk cache in (reported with the
+    /// import's [`Dispatcher::compute_done`]).
+    pub fn recomputed(&mut self, request: RequestId, tokens: usize, secs: f64) {
+        if let Some(r) = self.requests.get_mut(&request) {
+            r.report.tokens_recomputed += tokens;
+            r.report.recompute_secs += secs;
+        }
+    }
+
     /// Records an import that failed (the loaded cache did not fit): the chunk is computed
     /// instead.
     pub fn import_failed(&mut self, step: ComputeStep, reason: String) {
@@ -578,6 +590,8 @@ impl Dispatcher {
                 // from the back, would deliver it; otherwise leave it to the loader.
                 let tokens = r.shape.chunks[chunk].tokens;
                 let compute = self.costs.compute_secs(tokens, r.positions[chunk]);
+                // A loaded chunk still costs its recomputation: loading saves the rest.
+                let blend = compute * r.shape.chunks[chunk].recompute_share;
                 let queued = (chunk..r.slots.len())
                     .filter(|&i| {
                         r.loadable[i] && matches!(r.slots[i], Slot::Pending | Slot::Loading { .. })
@@ -598,7 +612,7 @@ impl Dispatcher {
                     .costs
                     .load_secs(tokens)
                     .max(oldest.map_or(0.0, |o| now - o));
-                if compute <= rounds * per_load {
+                if compute <= rounds * per_load + blend {
                     Front::Compute(chunk)
                 } else {
                     Front::Wait(oldest.map(|o| o + compute / rounds + 1e-6))
@@ -614,6 +628,7 @@ impl Dispatcher {
                 // (it may be stalled), so a stuck store costs at most one compute time.
                 let tokens = r.shape.chunks[chunk].tokens;
                 let compute = self.costs.compute_secs(tokens, r.positions[chunk]);
+                let blend = compute * r.shape.chunks[chunk].recompute_share;
                 let expected = self.costs.load_secs(tokens);
                 let elapsed = now - since;
                 let remaining = if elapsed < expected {
@@ -621,7 +636,7 @@ impl Dispatcher {
                 } else {
                     elapsed
                 };
-                if remaining > compute {
+                if remaining + blend > compute {
                     Front::Compute(chunk)
                 } else {
                     Front::Wait(Some(since + expected.max(compute) + 1e-6))
@@ -667,7 +682,10 @@ impl Dispatcher {
             let c = self.costs.compute_secs(tokens, r.positions[i]);
             match r.slots[i] {
                 Slot::Filled | Slot::Computing => {}
-                Slot::Loaded => must += self.costs.compute_secs(tokens, 0) * IMPORT_SHARE,
+                Slot::Loaded => {
+                    must += self.costs.compute_secs(tokens, 0) * IMPORT_SHARE
+                        + c * r.shape.chunks[i].recompute_share;
+                }
                 Slot::Loading { since } => {
                     compute += c;
                     load += (self.costs.load_secs(tokens) - (now - since)).max(0.0) / streams;

@@ -127,6 +127,122 @@ impl FromStr for Policy {
     }
 }
 
+/// Which tokens of a loaded chunk cache are recomputed in context ("blending").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecomputeRule {
+    /// The tokens whose keys and values deviate most from the loaded ones, found at the
+    /// first layers and narrowed layer by layer (CacheBlend).
+    Deviation,
+    /// The first tokens of each chunk (EPIC).
+    Leading,
+}
+
+impl RecomputeRule {
+    /// Every rule, in display order.
+    pub const ALL: [RecomputeRule; 2] = [RecomputeRule::Deviation, RecomputeRule::Leading];
+
+    /// The rule's name as written on the command line.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Deviation => "deviation",
+            Self::Leading => "leading",
+        }
+    }
+}
+
+impl fmt::Display for RecomputeRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RecomputeRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown recompute rule {s:?} (deviation, leading)"))
+    }
+}
+
+/// How a loaded position-independent chunk cache is blended into its prompt: which rule
+/// picks the tokens recomputed in context, and what share of the chunk's tokens. A chunk
+/// cache never saw the chunks before it; its recomputed tokens attend to them and carry
+/// that into the rest of the prompt. Exact prefix caches are never recomputed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Recompute {
+    /// Which tokens.
+    pub rule: RecomputeRule,
+    /// Share of each loaded chunk's tokens, 0 to 1 (0: the chunk cache is used as loaded).
+    pub ratio: f64,
+}
+
+impl Default for Recompute {
+    /// The rule and ratio `ragcake bench fidelity` measured best for the default model
+    /// (see the README's fidelity figures).
+    fn default() -> Self {
+        Self {
+            rule: RecomputeRule::Deviation,
+            ratio: 0.15,
+        }
+    }
+}
+
+impl Recompute {
+    /// Chunk caches used as loaded.
+    pub const NONE: Recompute = Recompute {
+        rule: RecomputeRule::Deviation,
+        ratio: 0.0,
+    };
+
+    /// Checks the ratio.
+    pub fn validate(&self) -> Result<()> {
+        if self.ratio.is_finite() && (0.0..=1.0).contains(&self.ratio) {
+            Ok(())
+        } else {
+            Err(EngineError::InvalidSetting(format!(
+                "recompute ratio {} is not between 0 and 1",
+                self.ratio
+            )))
+        }
+    }
+
+    /// Tokens recomputed of a chunk of `tokens` (at least one when the ratio is not 0).
+    pub fn tokens(&self, tokens: usize) -> usize {
+        if self.ratio <= 0.0 || tokens == 0 {
+            return 0;
+        }
+        ((self.ratio * tokens as f64).round() as usize).clamp(1, tokens)
+    }
+
+    /// The engine's selection for a chunk of `tokens`; none when nothing is recomputed.
+    pub fn selection(&self, tokens: usize) -> Option<crate::Selection> {
+        let n = self.tokens(tokens);
+        (n > 0).then_some(match self.rule {
+            RecomputeRule::Deviation => crate::Selection::Deviating(n),
+            RecomputeRule::Leading => crate::Selection::Leading(n),
+        })
+    }
+
+    /// Expected cost of blending one chunk, as a share of computing it whole, for a model of
+    /// `layers` layers: the recomputed share through every layer, plus for
+    /// [`RecomputeRule::Deviation`] every token through the first layer and the narrowed
+    /// set's projections at the next two.
+    pub fn compute_share(&self, layers: usize) -> f64 {
+        if self.ratio <= 0.0 {
+            return 0.0;
+        }
+        let layers = layers.max(1) as f64;
+        match self.rule {
+            RecomputeRule::Leading => self.ratio,
+            RecomputeRule::Deviation => (self.ratio + (1.0 + 2.0 * self.ratio) / layers).min(1.0),
+        }
+    }
+}
+
 /// Scheduler settings. The cost priors are only a starting point: both are re-estimated
 /// from every finished step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -250,6 +366,12 @@ pub struct PrefillReport {
     pub degraded: bool,
     /// Indices of the chunks computed (candidates for write-back).
     pub computed_chunks: Vec<usize>,
+    /// Tokens of loaded chunk caches recomputed in context (blending; see [`Recompute`]).
+    #[serde(default)]
+    pub tokens_recomputed: usize,
+    /// Compute worker time spent recomputing them, seconds (the selection included).
+    #[serde(default)]
+    pub recompute_secs: f64,
     /// Leading chunks filled in context — computed, or loaded from prefix caches — with no
     /// position-independent chunk cache before them. Their KV is what computing the whole
     /// prompt gives (up to the storage dtype's rounding of loaded prefix caches); the chunks
@@ -288,6 +410,17 @@ pub trait ComputeBackend: Send + Sync + 'static {
     fn import(&self, cache: &mut Self::Cache, kv: &Self::Kv) -> Result<()>;
     /// Copies out the tokens `range` (cache indices).
     fn export(&self, cache: &Self::Cache, range: Range<usize>) -> Result<Self::Kv>;
+    /// Recomputes in context the tokens `recompute` picks of the chunk `tokens` loaded at
+    /// cache indices `start..start + tokens.len()`; returns how many were recomputed.
+    fn recompute(
+        &self,
+        cache: &mut Self::Cache,
+        tokens: &[u32],
+        start: usize,
+        recompute: Recompute,
+    ) -> Result<usize>;
+    /// Drops every token from cache index `len` on (a step that failed half-way is undone).
+    fn truncate(&self, cache: &mut Self::Cache, len: usize);
     /// Transformer layers (a layer split loads the layers from its split point on).
     fn layers(&self) -> usize;
     /// Computes the bottom `layers` layers of `tokens` only, after the tokens those layers
@@ -445,6 +578,9 @@ pub struct ChunkSpec<K> {
     /// Where to write its cache back when it is computed in context; none when its prefix
     /// cache is already stored.
     pub write_back: Option<WriteBack<K>>,
+    /// How a position-independent chunk cache loaded for it is blended in
+    /// ([`Recompute::NONE`] for exact prefix caches and chunks with nothing stored).
+    pub recompute: Recompute,
 }
 
 /// A prompt to prefill: ordered chunks (the preamble first), then the question tail.
@@ -484,6 +620,9 @@ fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Ve
     }
     if request.chunks.iter().any(|c| c.tokens.is_empty()) {
         return Err(EngineError::InvalidSetting("a chunk has no tokens".into()));
+    }
+    for chunk in &request.chunks {
+        chunk.recompute.validate()?;
     }
     let starts = dispatch::chunk_starts(request.chunks.iter().map(|c| c.tokens.len()));
     let needed = starts[starts.len() - 1] + request.tail.len();

@@ -6,7 +6,9 @@
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{CacheKind, ChunkSpec, LoadBackend, Mode, PrefillRequest, StoredCache, WriteBack};
+use super::{
+    CacheKind, ChunkSpec, LoadBackend, Mode, PrefillRequest, Recompute, StoredCache, WriteBack,
+};
 
 /// What the caller already knows of a chunk's position-independent cache, so planning need
 /// not ask the store again (the vector index records what the precompute job stored).
@@ -60,17 +62,22 @@ impl From<Vec<u32>> for PromptChunk {
 }
 
 /// What a request allows planning to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct PlanOptions {
     /// How the cache is filled (compute-only looks nothing up).
     pub mode: Mode,
     /// Only exact prefix caches: position-independent chunk caches are not used.
     pub exact: bool,
+    /// How each position-independent chunk cache loaded is blended into the prompt.
+    pub recompute: Recompute,
 }
 
 impl From<Mode> for PlanOptions {
     fn from(mode: Mode) -> Self {
-        Self { mode, exact: false }
+        Self {
+            mode,
+            ..Self::default()
+        }
     }
 }
 
@@ -140,10 +147,15 @@ pub async fn plan<L: LoadBackend>(
                 None if looked_up => Some(WriteBack::Store(prefix)),
                 None => Some(WriteBack::StoreIfAbsent(prefix)),
             };
+            let recompute = match stored.as_ref().map(|s| s.kind) {
+                Some(CacheKind::Chunk) => options.recompute,
+                _ => Recompute::NONE,
+            };
             ChunkSpec {
                 tokens: chunk.tokens.into(),
                 stored,
                 write_back,
+                recompute,
             }
         })
         .collect();

@@ -15,8 +15,9 @@ use super::dispatch::{
     RequestShape,
 };
 use super::{
-    ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MissReason, PrefillRequest,
-    SchedulerConfig, WriteBack, check_request, in_context_chunks, load_within,
+    CacheKind, ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MissReason,
+    PrefillRequest, Recompute, SchedulerConfig, WriteBack, check_request, in_context_chunks,
+    load_within,
 };
 use crate::error::{EngineError, Result};
 
@@ -167,6 +168,8 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                 .map(|c| ChunkShape {
                     tokens: c.tokens.len(),
                     stored: c.stored.is_some(),
+                    recompute_share: blended(c)
+                        .map_or(0.0, |r| r.compute_share(self.shared.compute.layers())),
                 })
                 .collect(),
             tail_tokens: request.tail.len(),
@@ -317,10 +320,28 @@ where
     shared.wake.notify_all();
 }
 
+/// How a chunk's loaded cache is blended in: only a position-independent chunk cache, and
+/// only when its ratio is not 0.
+fn blended<K>(chunk: &ChunkSpec<K>) -> Option<Recompute> {
+    let chunk_cache = chunk
+        .stored
+        .as_ref()
+        .is_some_and(|s| s.kind == CacheKind::Chunk);
+    (chunk_cache && chunk.recompute.tokens(chunk.tokens.len()) > 0).then_some(chunk.recompute)
+}
+
+/// A loaded chunk cache to blend in after its import: its tokens, the cache index of its
+/// first, and how.
+struct Blend {
+    tokens: Arc<[u32]>,
+    start: usize,
+    recompute: Recompute,
+}
+
 /// What the compute thread runs for a step, taken out of the state so the lock is free
 /// while it runs.
 enum Work<Kv> {
-    Import(Option<Kv>),
+    Import(Option<Kv>, Option<Blend>),
     Compute(Arc<[u32]>),
     Tail(Arc<[u32]>),
 }
@@ -370,7 +391,15 @@ where
             continue;
         };
         let work = match step {
-            ComputeStep::Import { chunk, .. } => Work::Import(active.staged.remove(&chunk)),
+            ComputeStep::Import { chunk, .. } => {
+                let spec = &active.chunks[chunk];
+                let blend = blended(spec).map(|recompute| Blend {
+                    tokens: spec.tokens.clone(),
+                    start: active.starts[chunk],
+                    recompute,
+                });
+                Work::Import(active.staged.remove(&chunk), blend)
+            }
             ComputeStep::Compute { chunk, .. } => {
                 Work::Compute(active.chunks[chunk].tokens.clone())
             }
@@ -380,9 +409,30 @@ where
 
         let started = Instant::now();
         let compute = &shared.compute;
+        let mut recomputed = None;
         let outcome = match work {
-            Work::Import(Some(kv)) => compute.import(&mut cache, &kv).map(|()| None),
-            Work::Import(None) => Err(EngineError::KvMismatch("loaded chunk went missing".into())),
+            Work::Import(Some(kv), blend) => {
+                compute.import(&mut cache, &kv).and_then(|()| {
+                    let Some(blend) = blend else { return Ok(None) };
+                    let t = Instant::now();
+                    let tokens =
+                        compute.recompute(&mut cache, &blend.tokens, blend.start, blend.recompute);
+                    match tokens {
+                        Ok(tokens) => {
+                            recomputed = Some((tokens, t.elapsed().as_secs_f64()));
+                            Ok(None)
+                        }
+                        Err(error) => {
+                            // Undo the import: the chunk is computed instead.
+                            compute.truncate(&mut cache, blend.start);
+                            Err(error)
+                        }
+                    }
+                })
+            }
+            Work::Import(None, _) => {
+                Err(EngineError::KvMismatch("loaded chunk went missing".into()))
+            }
             Work::Compute(tokens) => compute.compute(&mut cache, &tokens, false),
             Work::Tail(tokens) => compute.compute(&mut cache, &tokens, true),
         };
@@ -390,6 +440,9 @@ where
 
         state = shared.lock();
         let now = shared.now();
+        if let Some((tokens, secs)) = recomputed {
+            state.dispatcher.recomputed(step.request(), tokens, secs);
+        }
         match outcome {
             Ok(logits) => {
                 let Some(active) = state.requests.get_mut(&step.request()) else {

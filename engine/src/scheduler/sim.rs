@@ -183,8 +183,12 @@ fn step_secs(
 ) -> f64 {
     let shape = &requests[index_of(ids, step.request())].shape;
     match step {
-        ComputeStep::Import { chunk, .. } => {
-            costs.import_secs_per_token * shape.chunks[chunk].tokens as f64
+        ComputeStep::Import { request, chunk } => {
+            // The import, then the recomputation that blends the chunk in.
+            let c = &shape.chunks[chunk];
+            let position = dispatcher.position(request, chunk).unwrap_or(0);
+            costs.import_secs_per_token * c.tokens as f64
+                + c.recompute_share * costs.compute(c.tokens, position)
         }
         ComputeStep::Compute { request, chunk } => {
             let position = dispatcher.position(request, chunk).unwrap_or(0);

@@ -34,11 +34,22 @@ fn config(costs: &SimCosts, policy: Policy, io: usize) -> SchedulerConfig {
 }
 
 fn shape(chunks: usize, stored: impl Fn(usize) -> bool, mode: Mode) -> RequestShape {
+    blended_shape(chunks, stored, mode, 0.0)
+}
+
+/// [`shape`] whose stored chunks cost `recompute_share` of their compute once loaded.
+fn blended_shape(
+    chunks: usize,
+    stored: impl Fn(usize) -> bool,
+    mode: Mode,
+    recompute_share: f64,
+) -> RequestShape {
     RequestShape {
         chunks: (0..chunks)
             .map(|i| ChunkShape {
                 tokens: CHUNK,
                 stored: stored(i),
+                recompute_share: if stored(i) { recompute_share } else { 0.0 },
             })
             .collect(),
         tail_tokens: 16,
@@ -72,6 +83,37 @@ fn equal_rates_meet_in_the_middle() {
         report.ttft_secs < 0.6 * compute_only,
         "TTFT {} vs compute-only {compute_only}",
         report.ttft_secs
+    );
+}
+
+#[test]
+fn blending_loaded_chunks_is_compute_work_that_enters_the_meeting_point() {
+    let costs = costs(1e-3, 1e-3);
+    let plain = run_one(&costs, 1, shape(16, |_| true, Mode::Bidirectional));
+    let blended = run_one(
+        &costs,
+        1,
+        blended_shape(16, |_| true, Mode::Bidirectional, 0.2),
+    );
+    assert_eq!(blended.chunks_computed + blended.chunks_loaded, 16);
+    assert!(
+        blended.chunks_computed >= plain.chunks_computed,
+        "{plain:?}\n{blended:?}"
+    );
+    // The blends run after the loads they follow: TTFT grows by about the blends' compute.
+    let blends = 0.2 * blended.chunks_loaded as f64 * CHUNK as f64 * 1e-3;
+    assert!(
+        blended.ttft_secs > plain.ttft_secs,
+        "{plain:?}\n{blended:?}"
+    );
+    assert!(
+        blended.ttft_secs <= plain.ttft_secs + blends + 2.0 * CHUNK as f64 * 1e-3,
+        "{plain:?}\n{blended:?}"
+    );
+    // Still well below computing everything.
+    assert!(
+        blended.ttft_secs < 0.75 * 16.0 * CHUNK as f64 * 1e-3,
+        "{blended:?}"
     );
 }
 
