@@ -12,8 +12,8 @@ use crate::error::{EngineError, Result};
 use crate::generate::{GenerateParams, Generation, generate};
 use crate::gguf::{GgufFile, LlmFingerprint};
 use crate::kv::{KvCache, KvRange};
-use crate::models::llama::{Llama, LlamaConfig, Logits};
-use crate::scheduler::{ComputeBackend, Recompute};
+use crate::models::llama::{Blend, Llama, LlamaConfig, Logits};
+use crate::scheduler::{BlendChunk, ComputeBackend};
 use crate::tokenizer::Tokenizer;
 
 /// Where the engine computes.
@@ -334,21 +334,31 @@ impl ComputeBackend for Engine {
         cache.export(range)
     }
 
-    fn recompute(
+    fn compute_tail(
         &self,
         cache: &mut KvCache,
-        tokens: &[u32],
-        start: usize,
-        recompute: Recompute,
-    ) -> Result<usize> {
-        match recompute.selection(tokens.len()) {
-            Some(selection) => self.model.recompute(tokens, cache, start, selection),
-            None => Ok(0),
+        tail: &[u32],
+        blends: &[BlendChunk],
+    ) -> Result<(Tensor, usize)> {
+        let blends: Vec<Blend<'_>> = blends
+            .iter()
+            .filter_map(|b| {
+                let selection = b.recompute.selection(b.tokens.len())?;
+                Some(Blend {
+                    tokens: &b.tokens,
+                    offset: b.start,
+                    selection,
+                })
+            })
+            .collect();
+        if blends.is_empty() {
+            let logits = self.append(cache, tail, PREFILL_BATCH, true)?;
+            return Ok((logits.ok_or(EngineError::EmptyInput)?, 0));
         }
-    }
-
-    fn truncate(&self, cache: &mut KvCache, len: usize) {
-        cache.truncate(len);
+        let (logits, recomputed) =
+            self.model
+                .forward_blended(tail, cache, &blends, Logits::Last)?;
+        Ok((logits.ok_or(EngineError::EmptyInput)?, recomputed))
     }
 
     fn layers(&self) -> usize {

@@ -33,6 +33,6 @@ pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateParams, Generation, Sampler, Sampling};
 pub use gguf::{GgufFile, LlmFingerprint};
 pub use kv::{KvCache, KvRange, KvShape};
-pub use models::llama::{DECODE_MAX_TOKENS, Llama, LlamaConfig, Logits, Selection};
+pub use models::llama::{Blend, DECODE_MAX_TOKENS, Llama, LlamaConfig, Logits, Selection};
 pub use rope::Rope;
 pub use tokenizer::{StreamDecoder, TokenKind, Tokenizer};

@@ -1,5 +1,6 @@
 //! The job: discover the documents, chunk, embed and index them, compute and store each
-//! chunk's position-independent KV cache.
+//! chunk's position-independent KV cache — computed after the prompt template's standard
+//! preamble, at the positions that follow it, storing only the chunk's own tokens.
 //!
 //! Idempotent (a chunk whose point and cache exist costs two lookups, nothing more),
 //! resumable (work is durable as it is done, in an order that never indexes a chunk
@@ -13,8 +14,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ragcake_engine::Engine;
+use ragcake_engine::{Engine, KvRange};
 use ragcake_kvstore::{CacheKey, KvStore};
+use ragcake_pipeline::PromptTemplate;
 use ragcake_retriever::{
     ChunkId, Chunker, DEFAULT_CHUNK_TOKENS, Embedder, IndexPoint, IndexedChunk, TextChunk,
     VectorIndex,
@@ -84,6 +86,10 @@ pub struct IngestConfig {
     pub batch: usize,
     /// Compute and store each chunk's KV cache (off: index only).
     pub precompute_kv: bool,
+    /// The prompt template of the service that will use the caches: chunk caches are
+    /// computed after its standard preamble ([`PromptTemplate::chunk_context`]), which is
+    /// part of their key, so the service finds them only with the same template.
+    pub template: PromptTemplate,
 }
 
 impl Default for IngestConfig {
@@ -93,6 +99,7 @@ impl Default for IngestConfig {
             shard: Shard::ALL,
             batch: 32,
             precompute_kv: true,
+            template: PromptTemplate::default(),
         }
     }
 }
@@ -293,6 +300,9 @@ pub struct Ingest {
     index: Arc<dyn VectorIndex>,
     kv: Arc<KvStore>,
     config: IngestConfig,
+    /// The standard preamble chunk caches are computed after, and its KV.
+    context: Arc<[u32]>,
+    context_kv: Option<Arc<KvRange>>,
 }
 
 /// A chunk of the document being ingested, and what it still needs.
@@ -332,12 +342,25 @@ impl Ingest {
             ));
         }
         ragcake_retriever::chunker::check_target_tokens(config.chunk_tokens)?;
+        let context: Vec<u32> = config
+            .template
+            .chunk_context(&engine)
+            .map_err(|e| IngestError::InvalidSetting(format!("the prompt template: {e}")))?;
+        let context_kv = if context.is_empty() || !config.precompute_kv {
+            None
+        } else {
+            let mut cache = engine.new_cache();
+            engine.append(&mut cache, &context, context.len(), false)?;
+            Some(Arc::new(cache.export(0..context.len())?))
+        };
         Ok(Self {
             engine,
             embedder,
             index,
             kv,
             config,
+            context: context.into(),
+            context_kv,
         })
     }
 
@@ -440,7 +463,7 @@ impl Ingest {
 
         let keys: Vec<CacheKey> = chunks
             .iter()
-            .map(|c| CacheKey::chunk(&model, &c.token_ids))
+            .map(|c| CacheKey::chunk(&model, &self.context, &c.token_ids))
             .collect();
         // The documents' cache lookups go out together (one round trip, not one per chunk).
         let stored: Vec<bool> = if self.config.precompute_kv {
@@ -512,10 +535,16 @@ impl Ingest {
             let t = Instant::now();
             let engine = self.engine.clone();
             let tokens = p.chunk.token_ids.clone();
+            let context = self.context_kv.clone();
             let range = tokio::task::spawn_blocking(move || -> Result<_> {
+                // After the preamble, at the positions that follow it; only the chunk kept.
                 let mut cache = engine.new_cache();
+                if let Some(context) = &context {
+                    engine.import(&mut cache, context)?;
+                }
+                let start = cache.len();
                 engine.append(&mut cache, &tokens, tokens.len(), false)?;
-                Ok(cache.export(0..tokens.len())?)
+                Ok(cache.export(start..cache.len())?)
             })
             .await
             .map_err(|e| IngestError::Task(format!("KV compute task failed: {e}")))??;

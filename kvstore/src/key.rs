@@ -6,7 +6,8 @@ use ragcake_engine::LlmFingerprint;
 pub use ragcake_engine::scheduler::CacheKind;
 
 /// A cache key: a blake3 hash of the model fingerprint, the kind, (for prefix caches) the
-/// parent key, and the chunk's token ids. Deterministic across processes and machines.
+/// parent key or (for chunk caches) the context they were computed after, and the chunk's
+/// token ids. Deterministic across processes and machines.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CacheKey {
     kind: CacheKind,
@@ -62,11 +63,14 @@ impl CacheKey {
         }
     }
 
-    /// Key of the position-independent cache of `tokens` computed alone.
-    pub fn chunk(model: &LlmFingerprint, tokens: &[u32]) -> Self {
+    /// Key of the position-independent cache of `tokens` computed after `context` (the
+    /// standard preamble a prompt starts with; empty: alone at position 0), holding only
+    /// the KV of `tokens`.
+    pub fn chunk(model: &LlmFingerprint, context: &[u32], tokens: &[u32]) -> Self {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(b"ragcake-kv-key-v1\0chunk\0");
+        hasher.update(b"ragcake-kv-key-v2\0chunk\0");
         hasher.update(&model.0);
+        hasher.update(&tokens_hash(context));
         hasher.update(&tokens_hash(tokens));
         Self {
             kind: CacheKind::Chunk,
@@ -120,15 +124,16 @@ mod tests {
     #[test]
     fn keys_are_deterministic_and_known() {
         // A fixed value: keys must not change between processes, machines or releases.
-        let key = CacheKey::chunk(&MODEL, &[1, 2, 3]);
-        assert_eq!(key, CacheKey::chunk(&MODEL, &[1, 2, 3]));
+        let key = CacheKey::chunk(&MODEL, &[], &[1, 2, 3]);
+        assert_eq!(key, CacheKey::chunk(&MODEL, &[], &[1, 2, 3]));
         assert_eq!(
             CacheKey::from_hex(CacheKind::Chunk, &key.to_hex()),
             Some(key)
         );
         let again = blake3::Hasher::new()
-            .update(b"ragcake-kv-key-v1\0chunk\0")
+            .update(b"ragcake-kv-key-v2\0chunk\0")
             .update(&[7; 32])
+            .update(&tokens_hash(&[]))
             .update(&tokens_hash(&[1, 2, 3]))
             .finalize();
         assert_eq!(key.to_hex(), hex(again.as_bytes()));
@@ -140,7 +145,12 @@ mod tests {
         let a = CacheKey::prefix(&MODEL, None, &[1, 2]);
         assert_ne!(a, CacheKey::prefix(&other, None, &[1, 2]));
         assert_ne!(a, CacheKey::prefix(&MODEL, None, &[1, 3]));
-        assert_ne!(a.to_hex(), CacheKey::chunk(&MODEL, &[1, 2]).to_hex());
+        assert_ne!(a.to_hex(), CacheKey::chunk(&MODEL, &[], &[1, 2]).to_hex());
+        assert_ne!(
+            CacheKey::chunk(&MODEL, &[], &[1, 2]),
+            CacheKey::chunk(&MODEL, &[9], &[1, 2]),
+            "the context a chunk cache was computed after is part of its key"
+        );
         let b = CacheKey::prefix(&MODEL, Some(&a), &[5]);
         let c = CacheKey::prefix(&MODEL, None, &[5]);
         assert_ne!(b, c, "the parent is part of a prefix key");
@@ -148,7 +158,7 @@ mod tests {
 
     #[test]
     fn paths_are_readable_in_a_listing() {
-        let key = CacheKey::chunk(&MODEL, &[1]);
+        let key = CacheKey::chunk(&MODEL, &[], &[1]);
         let path = key.relative_path(&MODEL);
         let h = key.to_hex();
         assert_eq!(

@@ -19,8 +19,8 @@ impl LoadBackend for KvStore {
         CacheKey::prefix(&self.model(), parent, tokens)
     }
 
-    fn chunk_key(&self, tokens: &[u32]) -> CacheKey {
-        CacheKey::chunk(&self.model(), tokens)
+    fn chunk_key(&self, context: &[u32], tokens: &[u32]) -> CacheKey {
+        CacheKey::chunk(&self.model(), context, tokens)
     }
 
     async fn contains(&self, key: &CacheKey) -> Result<bool, String> {

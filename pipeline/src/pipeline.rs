@@ -163,7 +163,7 @@ impl PipelineBuilder {
                 engine.clone(),
                 kv.clone(),
                 config.prompt.clone(),
-            ))
+            )?)
             .layer(PrefillLayer::new(scheduler.clone()))
             .service(Generate::new(engine.clone(), config.decode_concurrency));
         // Outside in: record metrics, refuse when the queue is full, bound the whole wait,

@@ -55,6 +55,24 @@ impl PromptTemplate {
     ) -> Result<PromptSegments> {
         let template = engine.template();
         let tokenizer = engine.tokenizer();
+        let preamble = self.preamble(engine, system, history)?;
+        let mut tail = tokenizer.encode(&self.question_intro, false)?;
+        tail.extend(tokenizer.encode(question, false)?);
+        tail.extend(tokenizer.encode(template.message_end(), true)?);
+        tail.extend(tokenizer.encode(&template.message_start(Role::Assistant), true)?);
+        Ok(PromptSegments { preamble, tail })
+    }
+
+    /// BOS, the system prompt (`system`, else the template's), the `history`, and the start
+    /// of the user's message up to the chunks.
+    pub fn preamble(
+        &self,
+        engine: &Engine,
+        system: Option<&str>,
+        history: &[ChatMessage],
+    ) -> Result<Vec<u32>> {
+        let template = engine.template();
+        let tokenizer = engine.tokenizer();
         let mut preamble = Vec::new();
         if tokenizer.add_bos()
             && let Some(bos) = tokenizer.bos()
@@ -73,12 +91,14 @@ impl PromptTemplate {
         }
         preamble.extend(tokenizer.encode(&template.message_start(Role::User), true)?);
         preamble.extend(tokenizer.encode(&self.context_intro, false)?);
+        Ok(preamble)
+    }
 
-        let mut tail = tokenizer.encode(&self.question_intro, false)?;
-        tail.extend(tokenizer.encode(question, false)?);
-        tail.extend(tokenizer.encode(template.message_end(), true)?);
-        tail.extend(tokenizer.encode(&template.message_start(Role::Assistant), true)?);
-        Ok(PromptSegments { preamble, tail })
+    /// The standard preamble (the template's system prompt, no history) that the precompute
+    /// job computes chunk caches after: a chunk's first token then is no false attention
+    /// sink, and its positions follow the preamble as in a real prompt (APE, Block-Attention).
+    pub fn chunk_context(&self, engine: &Engine) -> Result<Vec<u32>> {
+        self.preamble(engine, None, &[])
     }
 }
 

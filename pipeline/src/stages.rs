@@ -162,16 +162,24 @@ pub struct PlanLayer {
     engine: Arc<Engine>,
     kv: Arc<KvStore>,
     prompt: Arc<PromptTemplate>,
+    /// What the precompute job computed chunk caches after ([`PromptTemplate::chunk_context`]).
+    chunk_context: Arc<[u32]>,
 }
 
 impl PlanLayer {
     /// Planning for `engine`'s model against `kv`, with `prompt` around the chunks.
-    pub fn new(engine: Arc<Engine>, kv: Arc<KvStore>, prompt: PromptTemplate) -> Self {
-        Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        kv: Arc<KvStore>,
+        prompt: PromptTemplate,
+    ) -> Result<Self, PipelineError> {
+        let chunk_context = prompt.chunk_context(&engine)?.into();
+        Ok(Self {
             engine,
             kv,
             prompt: Arc::new(prompt),
-        }
+            chunk_context,
+        })
     }
 
     async fn plan(&self, retrieved: Retrieved) -> Result<Planned, PipelineError> {
@@ -199,6 +207,7 @@ impl PlanLayer {
             mode: request.options.mode,
             exact: request.options.exact,
             recompute: request.options.recompute,
+            chunk_context: self.chunk_context.clone(),
         };
         let (plan, lookups) =
             ragcake_engine::scheduler::plan(&*self.kv, prompt.chunks, prompt.tail, options).await;

@@ -229,7 +229,10 @@ pub(super) async fn ingest_corpus(
         retriever.embedder().clone(),
         retriever.index().clone(),
         Arc::clone(pipeline.kv()),
-        IngestConfig::default(),
+        IngestConfig {
+            template: pipeline.config().prompt.clone(),
+            ..IngestConfig::default()
+        },
     )?;
     let summary = job.run(&[corpus.to_path_buf()], &|_| {}).await?;
     println!(

@@ -5,6 +5,12 @@
 //! reference answer the same way. Per arm: teacher-forced top-1 agreement and mean KL
 //! divergence from the reference, first-token agreement, identical greedy answers, the
 //! expected fact found, the share of the naive→full gap closed, and TTFT.
+//!
+//! Arms: full computation (timed through the scheduler); exact prefix caches of the
+//! reference stored in f16, bf16 and f32; the chunk caches the precompute job stored, loaded
+//! with each recomputation rule at each ratio (ratio 0: naive, used as loaded); and the
+//! default mode (bidirectional, the default recomputation). Each in the retrieval order and
+//! with the retrieved chunks shuffled.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,9 +19,9 @@ use std::time::Instant;
 use clap::Args;
 use ragcake::engine::scheduler::{
     CacheKind, ChunkCacheHint, ChunkSpec, LoadBackend, Mode, PlanOptions, PrefillRequest,
-    PromptChunk, Recompute, Scheduler, SchedulerConfig, StoredCache, plan,
+    PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, StoredCache, plan,
 };
-use ragcake::engine::{Engine, GenerateParams, KvCache, Logits, Tensor};
+use ragcake::engine::{DType, Engine, GenerateParams, KvCache, Logits, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path as StorePath;
 use ragcake::kvstore::{CacheKey, KvStore};
@@ -50,43 +56,111 @@ pub struct FidelityArgs {
     /// Seed of the shuffled chunk order.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Recomputation rules measured.
+    #[arg(long, value_delimiter = ',', default_value = "deviation,leading")]
+    rules: Vec<RecomputeRule>,
+    /// Recompute ratios measured for each rule (ratio 0, the naive arm, always runs).
+    #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.15,0.25,0.5")]
+    ratios: Vec<f64>,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
-    /// CSV output (the plot goes beside it as .png).
+    /// CSV output (the plots go beside it as .png and _ttft.png).
     #[arg(long, default_value = "bench-results/fidelity.csv")]
     csv: PathBuf,
 }
 
 /// How an arm fills the prompt's cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Fill {
     /// Every chunk computed in context (the reference itself, timed through the scheduler).
     Full,
-    /// Every chunk loaded from the prefix caches of the reference computation (f16 storage).
-    ExactPrefix,
-    /// Every retrieved chunk with a stored position-independent cache loaded as it is.
-    NaiveChunks,
+    /// Every chunk loaded from the prefix caches of the reference computation, stored in
+    /// the given dtype.
+    ExactPrefix(StorageDtype),
+    /// Every retrieved chunk with a stored position-independent cache loaded (load-only),
+    /// blended by recomputing a share of its tokens (ratio 0: used as loaded).
+    Chunks(Recompute),
+    /// What a request with default options gets: bidirectional, the default recomputation.
+    Default,
 }
 
-impl Fill {
-    const ALL: [Fill; 3] = [Fill::Full, Fill::ExactPrefix, Fill::NaiveChunks];
+/// A storage dtype of the exact arms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StorageDtype {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl StorageDtype {
+    const ALL: [StorageDtype; 3] = [Self::F16, Self::Bf16, Self::F32];
+
+    fn dtype(self) -> DType {
+        match self {
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+            Self::F32 => DType::F32,
+        }
+    }
 
     fn name(self) -> &'static str {
         match self {
-            Self::Full => "full computation",
-            Self::ExactPrefix => "exact prefix caches",
-            Self::NaiveChunks => "naive chunk caches",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::F32 => "f32",
+        }
+    }
+}
+
+impl Fill {
+    fn name(self) -> String {
+        match self {
+            Self::Full => "full computation".into(),
+            Self::ExactPrefix(d) => format!("exact prefix caches ({})", d.name()),
+            Self::Chunks(r) if r.ratio == 0.0 => "naive chunk caches".into(),
+            Self::Chunks(r) => format!("chunk caches, {} {:.2}", r.rule, r.ratio),
+            Self::Default => format!(
+                "default mode ({} {:.2})",
+                Recompute::default().rule,
+                Recompute::default().ratio
+            ),
         }
     }
 
-    /// Which tokens of the loaded chunks are recomputed: all of them, or none.
+    /// Which tokens of the loaded chunks are recomputed.
     fn rule(self) -> &'static str {
         match self {
             Self::Full => "all",
-            Self::ExactPrefix | Self::NaiveChunks => "none",
+            Self::ExactPrefix(_) => "none",
+            Self::Chunks(r) if r.ratio == 0.0 => "none",
+            Self::Chunks(r) => r.rule.as_str(),
+            Self::Default => Recompute::default().rule.as_str(),
         }
     }
+
+    fn ratio(self) -> f64 {
+        match self {
+            Self::Full => 1.0,
+            Self::ExactPrefix(_) => 0.0,
+            Self::Chunks(r) => r.ratio,
+            Self::Default => Recompute::default().ratio,
+        }
+    }
+}
+
+/// The arms of a run, in table order.
+fn arms(args: &FidelityArgs) -> Vec<Fill> {
+    let mut arms = vec![Fill::Full];
+    arms.extend(StorageDtype::ALL.map(Fill::ExactPrefix));
+    arms.push(Fill::Chunks(Recompute::NONE));
+    for &rule in &args.rules {
+        for &ratio in args.ratios.iter().filter(|&&r| r > 0.0) {
+            arms.push(Fill::Chunks(Recompute { rule, ratio }));
+        }
+    }
+    arms.push(Fill::Default);
+    arms
 }
 
 /// One arm's results over every question.
@@ -94,7 +168,7 @@ impl Fill {
 struct ArmRow {
     name: String,
     rule: &'static str,
-    /// Share of each loaded chunk's tokens recomputed in context.
+    /// Share of each loaded chunk's tokens recomputed in context (1 for full computation).
     ratio: f64,
     shuffled: bool,
     /// Teacher-forced: the reference answer fed back, the arm's top-1 next token equals the
@@ -109,8 +183,11 @@ struct ArmRow {
     expected_found: usize,
     /// (top-1 agreement − naive's) / (1 − naive's), within the same chunk order.
     gap_closed: f64,
-    /// Prompt tokens computed (not loaded) over prompt tokens.
+    /// Prompt tokens whose KV this request computed — chunks computed whole, tokens of
+    /// loaded chunks recomputed, the preamble and the question — over prompt tokens.
     recomputed_share: f64,
+    /// Tokens of loaded chunk caches recomputed over the tokens loaded from them.
+    blend_share: f64,
     /// Mean time to first token's logits, seconds.
     ttft_secs: f64,
 }
@@ -131,6 +208,8 @@ struct Tally {
     identical: usize,
     found: usize,
     computed_tokens: usize,
+    recomputed_tokens: usize,
+    loaded_tokens: usize,
     prompt_tokens: usize,
     ttft: f64,
     questions: usize,
@@ -144,6 +223,13 @@ struct Reference {
 }
 
 pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
+    for ratio in &args.ratios {
+        Recompute {
+            rule: RecomputeRule::Deviation,
+            ratio: *ratio,
+        }
+        .validate()?;
+    }
     let questions = QuestionSet::load(&args.labelled.questions)?;
     let mut config = PipelineConfig::default();
     // The arms must not leave prefix caches for each other.
@@ -151,6 +237,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
     let pipeline = super::build_pipeline(&args.model, &args.stores, config).await?;
     super::ask::ingest_corpus(&pipeline, &args.labelled.corpus).await?;
     let engine = pipeline.engine().clone();
+    let chunk_context = pipeline.config().prompt.chunk_context(&engine)?;
     let scheduler_config = SchedulerConfig {
         write_back: false,
         ..SchedulerConfig::default()
@@ -160,60 +247,84 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         pipeline.kv().clone(),
         scheduler_config.clone(),
     );
-    let exact_store = Arc::new(KvStore::for_engine(
-        Arc::new(InMemory::new()),
-        StorePath::default(),
-        &engine,
-    ));
-    let exact = Scheduler::start(engine.clone(), exact_store.clone(), scheduler_config);
+    // One in-memory store of the reference's prefix caches per storage dtype.
+    let exact: Vec<(Arc<KvStore>, Scheduler<Engine, KvStore>)> = StorageDtype::ALL
+        .iter()
+        .map(|d| {
+            let store = Arc::new(
+                KvStore::for_engine(Arc::new(InMemory::new()), StorePath::default(), &engine)
+                    .with_storage_dtype(d.dtype()),
+            );
+            let scheduler =
+                Scheduler::start(engine.clone(), store.clone(), scheduler_config.clone());
+            (store, scheduler)
+        })
+        .collect();
     let params = GenerateParams {
         max_tokens: args.max_tokens,
         ..GenerateParams::default()
     };
 
+    let arms = arms(&args);
     let chosen: Vec<&LabelledQuestion> = questions
         .questions
         .iter()
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let mut tallies = vec![Tally::default(); Fill::ALL.len() * 2];
+    let mut tallies = vec![Tally::default(); arms.len() * 2];
     for (n, q) in chosen.iter().enumerate() {
         let prompt = retrieved_prompt(&pipeline, &q.text, args.top_k).await?;
         // The preamble stays first.
         let mut shuffled = prompt.clone();
         shuffled.chunks[1..].shuffle(&mut rng);
         for (order, prompt) in [prompt, shuffled].into_iter().enumerate() {
-            let reference = reference(&engine, &prompt, &params, &exact_store).await?;
+            let exact_stores: Vec<&KvStore> = exact.iter().map(|(s, _)| &**s).collect();
+            let reference = reference(&engine, &prompt, &params, &exact_stores).await?;
             // The arms take turns going first, so none always runs after the same one.
-            for k in 0..Fill::ALL.len() {
-                let i = (k + n) % Fill::ALL.len();
-                let fill = Fill::ALL[i];
-                let request = match fill {
-                    Fill::Full => computed(&prompt),
-                    Fill::ExactPrefix => {
+            for k in 0..arms.len() {
+                let i = (k + n) % arms.len();
+                let fill = arms[i];
+                let (scheduler, request) = match fill {
+                    Fill::Full => (&stored, computed(&prompt)),
+                    Fill::ExactPrefix(dtype) => {
+                        let (store, scheduler) = &exact[dtype as usize];
                         let options = PlanOptions {
                             mode: Mode::LoadOnly,
                             exact: true,
                             ..PlanOptions::default()
                         };
                         let (chunks, tail) = (prompt.chunks.clone(), prompt.tail.clone());
-                        plan(&*exact_store, chunks, tail, options).await.0
+                        (scheduler, plan(&**store, chunks, tail, options).await.0)
                     }
-                    Fill::NaiveChunks => naive(pipeline.kv(), &prompt),
+                    Fill::Chunks(recompute) => {
+                        let request = chunk_caches(
+                            pipeline.kv(),
+                            &chunk_context,
+                            &prompt,
+                            Mode::LoadOnly,
+                            recompute,
+                        );
+                        (&stored, request)
+                    }
+                    Fill::Default => {
+                        let request = chunk_caches(
+                            pipeline.kv(),
+                            &chunk_context,
+                            &prompt,
+                            Mode::default(),
+                            Recompute::default(),
+                        );
+                        (&stored, request)
+                    }
                 };
-                let scheduler = if fill == Fill::ExactPrefix {
-                    &exact
-                } else {
-                    &stored
-                };
-                let tally = &mut tallies[order * Fill::ALL.len() + i];
+                let tally = &mut tallies[order * arms.len() + i];
                 measure(&engine, scheduler, request, &reference, &params, q, tally).await?;
             }
         }
         eprintln!("{}/{} questions", n + 1, chosen.len());
     }
-    let rows = rows(&tallies);
+    let rows = rows(&arms, &tallies);
     let report = Report {
         questions: chosen.len(),
         arms: rows,
@@ -238,23 +349,25 @@ async fn retrieved_prompt(
 }
 
 /// Computes `prompt` in full: the greedy answer and the teacher-forced distributions; also
-/// stores each chunk's prefix cache (f16) in `exact_store` for the exact arm.
+/// stores each chunk's prefix cache in each of `exact_stores` for the exact arms.
 async fn reference(
     engine: &Engine,
     prompt: &Prompt,
     params: &GenerateParams,
-    exact_store: &KvStore,
+    exact_stores: &[&KvStore],
 ) -> anyhow::Result<Reference> {
     let mut cache = engine.new_cache();
     for chunk in &prompt.chunks {
         engine.append(&mut cache, &chunk.tokens, chunk.tokens.len(), false)?;
     }
-    let keys = exact_store.prefix_chain(prompt.chunks.iter().map(|c| c.tokens.as_slice()));
-    let mut start = 0;
-    for (key, chunk) in keys.iter().zip(&prompt.chunks) {
-        let kv = cache.export(start..start + chunk.tokens.len())?;
-        exact_store.put(key, &chunk.tokens, &kv).await?;
-        start += chunk.tokens.len();
+    for store in exact_stores {
+        let keys = store.prefix_chain(prompt.chunks.iter().map(|c| c.tokens.as_slice()));
+        let mut start = 0;
+        for (key, chunk) in keys.iter().zip(&prompt.chunks) {
+            let kv = cache.export(start..start + chunk.tokens.len())?;
+            store.put(key, &chunk.tokens, &kv).await?;
+            start += chunk.tokens.len();
+        }
     }
     let first = engine
         .append(&mut cache, &prompt.tail, prompt.tail.len(), true)?
@@ -316,10 +429,11 @@ fn kl(p: &[f32], q: &[f32]) -> f64 {
 }
 
 /// The prompt as a request in `mode` that loads `stored(chunk)` for each chunk (computing
-/// the others) and writes nothing back.
+/// the others), blending loaded chunk caches by `recompute`, and writes nothing back.
 fn request_for(
     prompt: &Prompt,
     mode: Mode,
+    recompute: Recompute,
     stored: impl Fn(&PromptChunk) -> Option<StoredCache<CacheKey>>,
 ) -> PrefillRequest<CacheKey> {
     PrefillRequest {
@@ -330,7 +444,7 @@ fn request_for(
                 tokens: chunk.tokens.as_slice().into(),
                 stored: stored(chunk),
                 write_back: None,
-                recompute: Recompute::NONE,
+                recompute,
             })
             .collect(),
         tail: prompt.tail.clone(),
@@ -340,15 +454,22 @@ fn request_for(
 
 /// Every chunk computed.
 fn computed(prompt: &Prompt) -> PrefillRequest<CacheKey> {
-    request_for(prompt, Mode::ComputeOnly, |_| None)
+    request_for(prompt, Mode::ComputeOnly, Recompute::NONE, |_| None)
 }
 
-/// Every chunk whose position-independent cache the precompute job stored loads it as it
-/// is (re-rotated to its place); the others are computed. No prefix cache is used.
-fn naive(store: &KvStore, prompt: &Prompt) -> PrefillRequest<CacheKey> {
-    request_for(prompt, Mode::LoadOnly, |chunk| {
+/// Every chunk whose position-independent cache the precompute job stored (after
+/// `context`) may load it, blended by `recompute`; the others are computed. No prefix
+/// cache is used (the store may hold some from earlier runs).
+fn chunk_caches(
+    store: &KvStore,
+    context: &[u32],
+    prompt: &Prompt,
+    mode: Mode,
+    recompute: Recompute,
+) -> PrefillRequest<CacheKey> {
+    request_for(prompt, mode, recompute, |chunk| {
         (chunk.chunk_cache == ChunkCacheHint::Stored).then(|| StoredCache {
-            key: store.chunk_key(&chunk.tokens),
+            key: store.chunk_key(context, &chunk.tokens),
             kind: CacheKind::Chunk,
         })
     })
@@ -369,7 +490,9 @@ async fn measure(
     let started = Instant::now();
     let filled = scheduler.prefill(request).await?;
     tally.ttft += started.elapsed().as_secs_f64();
-    tally.computed_tokens += filled.report.tokens_computed;
+    tally.computed_tokens += filled.report.tokens_computed + filled.report.tokens_recomputed;
+    tally.recomputed_tokens += filled.report.tokens_recomputed;
+    tally.loaded_tokens += filled.report.tokens_loaded;
     tally.prompt_tokens += prompt_tokens;
     let mut cache = filled.cache;
     let prompt_len = cache.len();
@@ -393,26 +516,26 @@ async fn measure(
     Ok(())
 }
 
-fn rows(tallies: &[Tally]) -> Vec<ArmRow> {
+fn rows(arms: &[Fill], tallies: &[Tally]) -> Vec<ArmRow> {
     let mut rows = Vec::new();
-    for (order, group) in tallies.chunks(Fill::ALL.len()).enumerate() {
+    for (order, group) in tallies.chunks(arms.len()).enumerate() {
         let top1 = |t: &Tally| t.top1 as f64 / t.positions.max(1) as f64;
         let naive = group
             .iter()
-            .zip(Fill::ALL)
-            .find(|(_, f)| *f == Fill::NaiveChunks)
+            .zip(arms)
+            .find(|(_, f)| **f == Fill::Chunks(Recompute::NONE))
             .map_or(0.0, |(t, _)| top1(t));
-        for (t, fill) in group.iter().zip(Fill::ALL) {
+        for (t, &fill) in group.iter().zip(arms) {
             let shuffled = order == 1;
             let n = t.questions.max(1) as f64;
             rows.push(ArmRow {
                 name: if shuffled {
                     format!("{}, shuffled", fill.name())
                 } else {
-                    fill.name().to_string()
+                    fill.name()
                 },
                 rule: fill.rule(),
-                ratio: if fill == Fill::Full { 1.0 } else { 0.0 },
+                ratio: fill.ratio(),
                 shuffled,
                 top1_agreement: top1(t),
                 kl_mean: t.kl / t.positions.max(1) as f64,
@@ -425,6 +548,7 @@ fn rows(tallies: &[Tally]) -> Vec<ArmRow> {
                     1.0
                 },
                 recomputed_share: t.computed_tokens as f64 / t.prompt_tokens.max(1) as f64,
+                blend_share: t.recomputed_tokens as f64 / t.loaded_tokens.max(1) as f64,
                 ttft_secs: t.ttft / n,
             });
         }
@@ -434,25 +558,47 @@ fn rows(tallies: &[Tally]) -> Vec<ArmRow> {
 
 fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
     write_csv(&args.csv, &report.arms)?;
-    let png = args.csv.with_extension("png");
-    // One point per arm until selective recomputation gives a rule several ratios.
-    let series: Vec<plot::Series> = report
-        .arms
-        .iter()
-        .map(|r| plot::Series {
-            name: r.name.clone(),
-            points: vec![(r.recomputed_share, r.top1_agreement)],
-        })
-        .collect();
+    // One line per rule and chunk order, from the naive arm (ratio 0) up.
+    let mut lines: Vec<(String, Vec<&ArmRow>)> = Vec::new();
+    for shuffled in [false, true] {
+        for rule in ["deviation", "leading"] {
+            let points: Vec<&ArmRow> = report
+                .arms
+                .iter()
+                .filter(|r| r.shuffled == shuffled && r.name.contains("chunk caches"))
+                .filter(|r| r.rule == rule || r.rule == "none")
+                .collect();
+            if points.len() > 1 {
+                let order = if shuffled { ", shuffled" } else { "" };
+                lines.push((format!("{rule}{order}"), points));
+            }
+        }
+    }
+    let series = |y: fn(&ArmRow) -> f64| -> Vec<plot::Series> {
+        lines
+            .iter()
+            .map(|(name, rows)| plot::Series {
+                name: name.clone(),
+                points: rows.iter().map(|r| (r.ratio, y(r))).collect(),
+            })
+            .collect()
+    };
+    let title = |what: &str| format!("{what}, {} questions", report.questions);
     plot::line_plot_or_warn(
-        &png,
-        &format!(
-            "Agreement with full computation, {} questions",
-            report.questions
-        ),
-        "share of prompt tokens computed",
+        &args.csv.with_extension("png"),
+        &title("Agreement with full computation"),
+        "share of each loaded chunk recomputed",
         "teacher-forced top-1 agreement",
-        &series,
+        &series(|r| r.top1_agreement),
+        false,
+    );
+    let stem = args.csv.file_stem().unwrap_or_default().to_string_lossy();
+    plot::line_plot_or_warn(
+        &args.csv.with_file_name(format!("{stem}_ttft.png")),
+        &title("Time to first token"),
+        "share of each loaded chunk recomputed",
+        "TTFT, seconds",
+        &series(|r| r.ttft_secs),
         false,
     );
     if args.json {
@@ -473,6 +619,7 @@ fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
             "expected_found",
             "gap_closed",
             "recomputed_share",
+            "blend_share",
             "ttft_secs",
         ],
     )

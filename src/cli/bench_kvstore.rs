@@ -132,7 +132,7 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
         let mut keys = Vec::new();
         let mut total = 0u64;
         for (tokens, range) in &chunks {
-            let key = CacheKey::chunk(&model, tokens);
+            let key = CacheKey::chunk(&model, &[], tokens);
             total += store.put(&key, tokens, range).await? as u64;
             keys.push((key, tokens.clone()));
         }

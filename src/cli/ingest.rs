@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ragcake::ingest::{Ingest, IngestConfig, IngestEvent, IngestSummary, Shard};
+use ragcake::pipeline::{PromptTemplate, ServiceConfig};
 
 use super::{ModelArgs, StoreArgs};
 
@@ -31,6 +32,10 @@ pub struct IngestArgs {
     /// Index only; do not compute KV caches.
     #[arg(long)]
     no_kv: bool,
+    /// The service's TOML configuration: chunk caches are computed after its prompt
+    /// template's preamble (the service finds them only with the same template).
+    #[arg(long, env = "RAGCAKE_CONFIG")]
+    config: Option<PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -45,11 +50,16 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let embedder = Arc::new(super::load_embedder()?);
     let index = args.stores.open_index(embedder.dim()).await?;
     let kv = Arc::new(args.stores.open_kv(&engine)?);
+    let template = match &args.config {
+        Some(path) => ServiceConfig::load(path)?.pipeline.prompt,
+        None => PromptTemplate::default(),
+    };
     let config = IngestConfig {
         chunk_tokens: args.chunk_tokens,
         shard: args.shard.unwrap_or(Shard::ALL),
         batch: args.batch,
         precompute_kv: !args.no_kv,
+        template,
     };
     let job = Ingest::new(engine, embedder, index, kv, config)?;
     let bar = Mutex::new(None::<ProgressBar>);

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::ops::ControlFlow;
 
 use ragcake::engine::{
-    ChatMessage, Engine, EngineConfig, EngineError, GenerateParams, GgufFile, Logits, Role,
+    Blend, ChatMessage, Engine, EngineConfig, EngineError, GenerateParams, GgufFile, Logits, Role,
     Sampling, Selection, Tensor,
 };
 
@@ -554,6 +554,68 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
         assert!(
             diff < LOGIT_TOLERANCE,
             "{selection:?}: max |Δlogit| = {diff}"
+        );
+    }
+}
+
+#[test]
+fn blending_in_the_tail_pass_equals_blending_chunk_by_chunk_then_the_tail() {
+    // Two loaded chunk caches blended with the tail in one pass over the weights give the
+    // logits of recomputing each chunk's selection in turn, then computing the tail.
+    let engine = dense_engine();
+    let case = blend_case();
+    let filled = || {
+        let mut alone = engine.new_cache();
+        let mut cache = engine.new_cache();
+        engine
+            .append(&mut cache, &case.preamble, 512, false)
+            .unwrap();
+        for chunk in [&case.first, &case.second] {
+            alone.truncate(0);
+            engine
+                .append(&mut alone, &case.preamble, 512, false)
+                .unwrap();
+            engine.append(&mut alone, chunk, 512, false).unwrap();
+            let kv = alone.export(case.preamble.len()..alone.len()).unwrap();
+            engine.import(&mut cache, &kv).unwrap();
+        }
+        cache
+    };
+    let offsets = [case.preamble.len(), case.preamble.len() + case.first.len()];
+    for rule in [
+        Selection::Deviating as fn(usize) -> Selection,
+        Selection::Leading,
+    ] {
+        let mut fused = filled();
+        let blends: Vec<Blend> = [&case.first, &case.second]
+            .iter()
+            .zip(offsets)
+            .map(|(tokens, offset)| Blend {
+                tokens,
+                offset,
+                selection: rule(tokens.len() / 5),
+            })
+            .collect();
+        let (fused_logits, recomputed) = engine
+            .model()
+            .forward_blended(&case.tail, &mut fused, &blends, Logits::All)
+            .unwrap();
+        let mut stepwise = filled();
+        let mut expected = 0;
+        for blend in &blends {
+            expected += engine
+                .model()
+                .recompute(blend.tokens, &mut stepwise, blend.offset, blend.selection)
+                .unwrap();
+        }
+        let stepwise_logits = logits(engine, &case.tail, &mut stepwise, Logits::All);
+        assert_eq!(recomputed, expected);
+        assert_eq!(fused.len(), stepwise.len());
+        let diff = max_abs_diff(&fused_logits.unwrap(), &stepwise_logits);
+        assert!(
+            diff < LOGIT_TOLERANCE,
+            "{:?}: max |Δlogit| = {diff}",
+            blends[0].selection
         );
     }
 }

@@ -15,7 +15,7 @@ fn chunk_kv(tokens: &[u32]) -> (CacheKey, KvRange) {
     let mut cache = engine.new_cache();
     engine.prefill(&mut cache, tokens, 256).unwrap();
     (
-        CacheKey::chunk(&engine.fingerprint(), tokens),
+        CacheKey::chunk(&engine.fingerprint(), &[], tokens),
         cache.export(0..tokens.len()).unwrap(),
     )
 }
@@ -231,7 +231,7 @@ fn every_kind_of_corrupt_or_foreign_blob_is_rejected_with_its_reason() {
     let wrong_shape = patch(&blob, "\"shape\":[3,16,64]", "\"shape\":[3,16,32]");
     assert!(decode(&key, &tokens, &wrong_shape).is_err());
     // A blob read under another key.
-    let other_key = CacheKey::chunk(&engine().fingerprint(), &[1, 2, 3]);
+    let other_key = CacheKey::chunk(&engine().fingerprint(), &[], &[1, 2, 3]);
     assert!(matches!(
         decode(&other_key, &tokens, &blob),
         Err(RejectReason::KeyMismatch { .. })
@@ -383,6 +383,12 @@ fn prefix_keys_chain_each_chunk_to_the_ones_before_it() {
     let a = CacheKey::prefix(&model, None, &[1, 2]);
     let b = CacheKey::prefix(&model, Some(&a), &[5]);
     assert_eq!(store.prefix_chain([&[1u32, 2][..], &[5][..]]), vec![a, b]);
-    assert_eq!(store.chunk_key(&[5]), CacheKey::chunk(&model, &[5]));
-    assert_ne!(store.chunk_key(&[5]), CacheKey::prefix(&model, None, &[5]));
+    assert_eq!(
+        store.chunk_key(&[1], &[5]),
+        CacheKey::chunk(&model, &[1], &[5])
+    );
+    assert_ne!(
+        store.chunk_key(&[], &[5]),
+        CacheKey::prefix(&model, None, &[5])
+    );
 }

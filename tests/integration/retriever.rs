@@ -10,12 +10,15 @@ use std::sync::Arc;
 
 use ragcake::ingest::{Ingest, IngestConfig, IngestSummary, Shard};
 use ragcake::kvstore::{CacheKey, CacheKind, KvStore, open_url};
+use ragcake::pipeline::PromptTemplate;
 use ragcake::retriever::{
     CacheStatus, ChunkId, ChunkOrder, Chunker, EdgeIndex, IndexPoint, IndexedChunk,
     QdrantServerIndex, RetrieveOptions, Retriever, VectorIndex,
 };
 
-use crate::common::{embedder, engine, local_kv, runtime, shared_dense_engine};
+use crate::common::{
+    embedder, engine, local_kv, max_abs, max_abs_diff, runtime, shared_dense_engine,
+};
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
     let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
@@ -358,6 +361,7 @@ fn ingest(index_dir: &Path, kv_dir: &Path, corpus: &Path, shard: Shard) -> Inges
         shard,
         batch: 4,
         precompute_kv: true,
+        template: PromptTemplate::default(),
     };
     let job = Ingest::new(
         shared_dense_engine(),
@@ -429,12 +433,14 @@ fn ingest_then_retrieve_finds_the_passage_with_its_cache() {
             .unwrap();
         assert_eq!(found.chunks[0].chunk.doc_id, "corpus/volcanoes.md");
 
-        // The payload names the stored cache: the chunk computed alone at position 0.
+        // The payload names the stored cache: the chunk computed after the template's
+        // standard preamble, at the positions that follow it, only its own tokens kept.
         let hit = &found.chunks[0];
         let key = CacheKey::from_hex(CacheKind::Chunk, &hit.chunk.kv_key).unwrap();
+        let context = PromptTemplate::default().chunk_context(&engine).unwrap();
         assert_eq!(
             key,
-            CacheKey::chunk(&engine.fingerprint(), &hit.chunk.token_ids)
+            CacheKey::chunk(&engine.fingerprint(), &context, &hit.chunk.token_ids)
         );
         let range = kv
             .get(&key, Some(&hit.chunk.token_ids))
@@ -443,6 +449,16 @@ fn ingest_then_retrieve_finds_the_passage_with_its_cache() {
             .hit()
             .expect("stored");
         assert_eq!(range.len(), hit.chunk.token_ids.len());
+        assert_eq!(range.base_position(), context.len());
+        let mut in_context = engine.new_cache();
+        let whole = [context.as_slice(), &hit.chunk.token_ids].concat();
+        engine.append(&mut in_context, &whole, 512, false).unwrap();
+        let expected = in_context.export(context.len()..whole.len()).unwrap();
+        for ((k, v), (ek, ev)) in range.layers().iter().zip(expected.layers()) {
+            // f16 storage: a relative error of about 1e-3 of the largest values.
+            assert!(max_abs_diff(k, ek) < 2e-2 * max_abs(ek).max(1.0));
+            assert!(max_abs_diff(v, ev) < 2e-2 * max_abs(ev).max(1.0));
+        }
 
         // A chunk whose payload records no cache is reported absent and ordered first.
         let mut unrecorded = hit.chunk.clone();

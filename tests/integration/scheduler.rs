@@ -155,7 +155,7 @@ async fn store_chunk_cache(store: &KvStore, tokens: &[u32]) {
         .unwrap();
     let kv = alone.export(0..tokens.len()).unwrap();
     store
-        .put(&store.chunk_key(tokens), tokens, &kv)
+        .put(&store.chunk_key(&[], tokens), tokens, &kv)
         .await
         .unwrap();
 }

@@ -359,11 +359,16 @@ impl Llama {
         let layers = self.blocks.len();
         let x = self.run_blocks(tokens, cache, layers, cache.len(), quantized)?;
         cache.commit(tokens.len());
-        let t = tokens.len();
+        self.head(&x, logits, quantized)
+    }
+
+    /// The requested logits (f32) of the hidden states `x` of the last tokens.
+    fn head(&self, x: &Tensor, logits: Logits, quantized: bool) -> Result<Option<Tensor>> {
+        let (t, _) = x.dims2()?;
         let x = match logits {
             Logits::None => return Ok(None),
             Logits::Last => x.narrow(0, t - 1, 1)?,
-            Logits::All => x,
+            Logits::All => x.clone(),
         };
         let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.config.rms_eps as f32)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -479,53 +484,150 @@ impl Llama {
         offset: usize,
         selection: Selection,
     ) -> Result<usize> {
-        self.check_input(tokens, cache)?;
-        let n = tokens.len();
-        if offset + n > cache.len() || cache.partial_len() > 0 {
-            return Err(EngineError::KvMismatch(format!(
-                "tokens {offset}..{} are not all whole in a cache of {} tokens",
-                offset + n,
-                cache.len()
-            )));
+        let blend = Blend {
+            tokens,
+            offset,
+            selection,
+        };
+        Ok(self.blend_pass(&[blend], &[], cache)?.1)
+    }
+
+    /// Blends the loaded chunks `blends` ([`Llama::recompute`] of each) and appends `tail`
+    /// after them, all in one pass over the weights (a pass over few tokens costs about as
+    /// much as over many: it reads every weight once). Returns the tail's logits and how
+    /// many tokens were recomputed.
+    pub fn forward_blended(
+        &self,
+        tail: &[u32],
+        cache: &mut KvCache,
+        blends: &[Blend<'_>],
+        logits: Logits,
+    ) -> Result<(Option<Tensor>, usize)> {
+        if tail.is_empty() {
+            return Err(EngineError::EmptyInput);
         }
-        let (mut rows, narrowing) = selection.plan(n);
-        if rows.is_empty() {
-            return Ok(0);
+        let (x, recomputed) = self.blend_pass(blends, tail, cache)?;
+        let x = x.narrow(0, x.dim(0)? - tail.len(), tail.len())?;
+        Ok((self.head(&x, logits, false)?, recomputed))
+    }
+
+    /// One pass over the blends' selected tokens (narrowed layer by layer where the rule
+    /// says) and the `tail` appended after the cache. Returns the hidden states of the rows
+    /// still computed at the top (the tail's last) and the tokens recomputed.
+    fn blend_pass(
+        &self,
+        blends: &[Blend<'_>],
+        tail: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, usize)> {
+        let len = cache.len();
+        let mut previous_end = 0;
+        for blend in blends {
+            self.check_input(blend.tokens, cache)?;
+            let end = blend.offset + blend.tokens.len();
+            if blend.offset < previous_end || end > len || cache.partial_len() > 0 {
+                return Err(EngineError::KvMismatch(format!(
+                    "tokens {}..{end} are not whole, in order, in a cache of {len} tokens",
+                    blend.offset
+                )));
+            }
+            previous_end = end;
         }
-        let picked: Vec<u32> = rows.iter().map(|&r| tokens[r]).collect();
+        if !tail.is_empty() {
+            self.check_input(tail, cache)?;
+            let needed = cache.base_position() + len + tail.len();
+            if needed > self.config.context_length {
+                return Err(EngineError::ContextOverflow {
+                    needed,
+                    max: self.config.context_length,
+                });
+            }
+            cache.reserve(tail.len())?;
+        }
+        // Per blend: the chunk-relative rows computed, and where they are narrowed.
+        let mut groups: Vec<(Vec<usize>, Vec<(usize, usize)>)> = blends
+            .iter()
+            .map(|b| b.selection.plan(b.tokens.len()))
+            .collect();
+        let ids: Vec<u32> = blends
+            .iter()
+            .zip(&groups)
+            .flat_map(|(b, (rows, _))| rows.iter().map(|&r| b.tokens[r]))
+            .chain(tail.iter().copied())
+            .collect();
+        if ids.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
         let mut x = self
             .embed
-            .index_select(&Tensor::new(picked.as_slice(), &self.device)?, 0)?;
-        let mut indices: Vec<usize> = rows.iter().map(|&r| offset + r).collect();
+            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        let tail_rows: Vec<usize> = (len..len + tail.len()).collect();
         for (layer, block) in self.blocks.iter().enumerate() {
-            let (mut q, k, v) = self.project_qkv(block, &x, &indices, cache, None)?;
-            let keep = narrowing
+            let blend_rows: Vec<usize> = blends
                 .iter()
-                .find(|(at, _)| *at == layer)
-                .map(|&(_, keep)| keep)
-                .filter(|&keep| keep < rows.len());
+                .zip(&groups)
+                .flat_map(|(b, (rows, _))| rows.iter().map(|&r| b.offset + r))
+                .collect();
+            let rows: Vec<usize> = blend_rows.iter().chain(&tail_rows).copied().collect();
+            let (mut q, k, v) = self.project_qkv(block, &x, &rows, cache, None)?;
+            let m = blend_rows.len();
+            // Narrowing, decided before the loaded keys and values are overwritten: per
+            // blend, the rows kept above this layer (all, when it does not narrow here).
+            let mut kept: Vec<u32> = Vec::with_capacity(rows.len());
+            let mut first = 0;
+            for (rows_of, narrowing) in groups.iter_mut() {
+                let n = rows_of.len();
+                let keep = narrowing
+                    .iter()
+                    .find(|(at, _)| *at == layer)
+                    .map(|&(_, keep)| keep)
+                    .filter(|&keep| keep < n);
+                match keep {
+                    Some(keep) => {
+                        let indices = &blend_rows[first..first + n];
+                        let (loaded_k, loaded_v) = cache.rows(layer, indices)?;
+                        let chosen = most_deviating(
+                            &k.narrow(1, first, n)?,
+                            &v.narrow(1, first, n)?,
+                            &loaded_k,
+                            &loaded_v,
+                            keep,
+                        )?;
+                        *rows_of = chosen.iter().map(|&i| rows_of[i as usize]).collect();
+                        kept.extend(chosen.iter().map(|&i| first as u32 + i));
+                    }
+                    None => kept.extend(first as u32..(first + n) as u32),
+                }
+                first += n;
+            }
+            kept.extend(m as u32..rows.len() as u32);
             // Every token computed at this layer has its keys and values in context: all
             // are written, also those the narrowing drops from the layers above.
-            let (loaded_k, loaded_v) = match keep {
-                Some(_) => Some(cache.rows(layer, &indices)?),
-                None => None,
+            let (mut keys, mut values) = if m > 0 {
+                cache.write_rows(layer, &blend_rows, &k.narrow(1, 0, m)?, &v.narrow(1, 0, m)?)?
+            } else {
+                (k.clone(), v.clone())
+            };
+            if !tail.is_empty() {
+                let t = tail.len();
+                (keys, values) =
+                    cache.write_layer_at(layer, len, &k.narrow(1, m, t)?, &v.narrow(1, m, t)?)?;
             }
-            .unzip();
-            let (mut keys, mut values) = cache.write_rows(layer, &indices, &k, &v)?;
-            if let (Some(keep), Some(loaded_k), Some(loaded_v)) = (keep, loaded_k, loaded_v) {
-                let chosen = most_deviating(&k, &v, &loaded_k, &loaded_v, keep)?;
-                let index = Tensor::new(chosen.as_slice(), &self.device)?;
+            let mut rows = rows;
+            if kept.len() < rows.len() {
+                let index = Tensor::new(kept.as_slice(), &self.device)?;
                 x = x.index_select(&index, 0)?;
                 q = q.index_select(&index, 0)?;
-                rows = chosen.iter().map(|&i| rows[i as usize]).collect();
-                indices = rows.iter().map(|&r| offset + r).collect();
-                let end = indices[indices.len() - 1] + 1;
+                rows = kept.iter().map(|&i| rows[i as usize]).collect();
+                let end = rows[rows.len() - 1] + 1;
                 keys = keys.narrow(1, 0, end)?;
                 values = values.narrow(1, 0, end)?;
             }
-            x = self.attend_and_mlp(block, &x, &q, &keys, &values, &indices, None)?;
+            x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, None)?;
         }
-        Ok(rows.len())
+        cache.commit(tail.len());
+        let recomputed = groups.iter().map(|(rows, _)| rows.len()).sum();
+        Ok((x, recomputed))
     }
 
     /// The first half of a block for tokens at the cache indices `rows`: their queries,
@@ -591,6 +693,18 @@ impl Llama {
         let mlp = linear(&act, &block.w_down, decode.map(|d| &d.w_down))?;
         Ok((x + mlp)?)
     }
+}
+
+/// A loaded chunk to blend in: its tokens, the cache index of its first, and which of its
+/// tokens to recompute.
+#[derive(Debug, Clone, Copy)]
+pub struct Blend<'a> {
+    /// The chunk's token ids.
+    pub tokens: &'a [u32],
+    /// Cache index of its first token.
+    pub offset: usize,
+    /// Which tokens are recomputed.
+    pub selection: Selection,
 }
 
 /// Which tokens of a loaded chunk [`Llama::recompute`] runs in context.

@@ -119,6 +119,8 @@ struct Request {
     next: usize,
     tail_started: bool,
     loads_in_flight: usize,
+    /// Expected seconds of blending the chunk caches imported so far, done with the tail.
+    pending_blend_secs: f64,
     report: PrefillReport,
 }
 
@@ -144,6 +146,7 @@ impl Request {
             next: 0,
             tail_started: false,
             loads_in_flight: 0,
+            pending_blend_secs: 0.0,
             report,
             shape,
         }
@@ -501,9 +504,12 @@ impl Dispatcher {
             ComputeStep::Import { chunk, .. } => {
                 r.slots[chunk] = Slot::Filled;
                 r.next = chunk + 1;
+                let shape = r.shape.chunks[chunk];
                 r.report.chunks_loaded += 1;
-                r.report.tokens_loaded += r.shape.chunks[chunk].tokens;
+                r.report.tokens_loaded += shape.tokens;
                 r.report.import_secs += secs;
+                r.pending_blend_secs += shape.recompute_share
+                    * self.costs.compute_secs(shape.tokens, r.positions[chunk]);
                 None
             }
             ComputeStep::Compute { chunk, .. } => {
@@ -522,7 +528,10 @@ impl Dispatcher {
                 let position = r.tail_position();
                 r.report.tokens_computed += tokens;
                 r.report.compute_secs += secs;
-                self.costs.observe_compute(tokens, position, secs);
+                if r.pending_blend_secs == 0.0 {
+                    // A tail pass that blended chunks in says nothing of the tail alone.
+                    self.costs.observe_compute(tokens, position, secs);
+                }
                 let mut r = self.requests.remove(&step.request())?;
                 r.report.ttft_secs = now - r.arrival;
                 if r.report.meeting_point.is_none() && r.shape.mode != Mode::ComputeOnly {
@@ -533,12 +542,11 @@ impl Dispatcher {
         }
     }
 
-    /// Records the recomputation that blended an imported chunk cache in (reported with the
-    /// import's [`Dispatcher::compute_done`]).
-    pub fn recomputed(&mut self, request: RequestId, tokens: usize, secs: f64) {
+    /// Records the tokens of imported chunk caches recomputed with the tail (reported
+    /// with the tail's [`Dispatcher::compute_done`]).
+    pub fn recomputed(&mut self, request: RequestId, tokens: usize) {
         if let Some(r) = self.requests.get_mut(&request) {
             r.report.tokens_recomputed += tokens;
-            r.report.recompute_secs += secs;
         }
     }
 
@@ -674,6 +682,7 @@ impl Dispatcher {
         } else {
             self.costs
                 .compute_secs(r.shape.tail_tokens, r.tail_position())
+                + r.pending_blend_secs
         };
         let (mut compute, mut load) = (0.0, 0.0);
         let streams = self.config.io_concurrency.max(1) as f64;

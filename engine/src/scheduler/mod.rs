@@ -366,12 +366,10 @@ pub struct PrefillReport {
     pub degraded: bool,
     /// Indices of the chunks computed (candidates for write-back).
     pub computed_chunks: Vec<usize>,
-    /// Tokens of loaded chunk caches recomputed in context (blending; see [`Recompute`]).
+    /// Tokens of loaded chunk caches recomputed in context (blending; see [`Recompute`]),
+    /// in the pass that computes the tail.
     #[serde(default)]
     pub tokens_recomputed: usize,
-    /// Compute worker time spent recomputing them, seconds (the selection included).
-    #[serde(default)]
-    pub recompute_secs: f64,
     /// Leading chunks filled in context — computed, or loaded from prefix caches — with no
     /// position-independent chunk cache before them. Their KV is what computing the whole
     /// prompt gives (up to the storage dtype's rounding of loaded prefix caches); the chunks
@@ -410,17 +408,16 @@ pub trait ComputeBackend: Send + Sync + 'static {
     fn import(&self, cache: &mut Self::Cache, kv: &Self::Kv) -> Result<()>;
     /// Copies out the tokens `range` (cache indices).
     fn export(&self, cache: &Self::Cache, range: Range<usize>) -> Result<Self::Kv>;
-    /// Recomputes in context the tokens `recompute` picks of the chunk `tokens` loaded at
-    /// cache indices `start..start + tokens.len()`; returns how many were recomputed.
-    fn recompute(
+    /// Computes the question `tail` after the whole context, blending in the loaded chunk
+    /// caches `blends` in the same pass (their selected tokens recomputed in context, so
+    /// they attend to the chunks before them); returns the last token's logits and how many
+    /// tokens were recomputed.
+    fn compute_tail(
         &self,
         cache: &mut Self::Cache,
-        tokens: &[u32],
-        start: usize,
-        recompute: Recompute,
-    ) -> Result<usize>;
-    /// Drops every token from cache index `len` on (a step that failed half-way is undone).
-    fn truncate(&self, cache: &mut Self::Cache, len: usize);
+        tail: &[u32],
+        blends: &[BlendChunk],
+    ) -> Result<(Self::Logits, usize)>;
     /// Transformer layers (a layer split loads the layers from its split point on).
     fn layers(&self) -> usize;
     /// Computes the bottom `layers` layers of `tokens` only, after the tokens those layers
@@ -513,8 +510,9 @@ pub trait LoadBackend: Send + Sync + 'static {
         keys
     }
 
-    /// The key of the position-independent cache of `tokens`.
-    fn chunk_key(&self, tokens: &[u32]) -> Self::Key;
+    /// The key of the position-independent cache of `tokens` computed after `context`
+    /// (the standard preamble; empty: alone at position 0), storing only their own KV.
+    fn chunk_key(&self, context: &[u32], tokens: &[u32]) -> Self::Key;
 
     /// Whether a cache is stored at `key`: one metadata request, no data read.
     fn contains(
@@ -545,6 +543,17 @@ pub trait LoadBackend: Send + Sync + 'static {
         tokens: &[u32],
         kv: Self::Kv,
     ) -> impl Future<Output = std::result::Result<(), String>> + Send;
+}
+
+/// A loaded position-independent chunk cache to blend into the prompt.
+#[derive(Debug, Clone)]
+pub struct BlendChunk {
+    /// The chunk's token ids.
+    pub tokens: Arc<[u32]>,
+    /// Cache index of its first token.
+    pub start: usize,
+    /// Which of its tokens are recomputed, and how many.
+    pub recompute: Recompute,
 }
 
 /// A stored cache a chunk may load.

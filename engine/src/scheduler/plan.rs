@@ -3,6 +3,8 @@
 //! at this key?"; the choice between an exact prefix cache and a position-independent chunk
 //! cache, and what the request's options allow, is made here.
 
+use std::sync::Arc;
+
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -62,7 +64,7 @@ impl From<Vec<u32>> for PromptChunk {
 }
 
 /// What a request allows planning to use.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct PlanOptions {
     /// How the cache is filled (compute-only looks nothing up).
     pub mode: Mode,
@@ -70,6 +72,9 @@ pub struct PlanOptions {
     pub exact: bool,
     /// How each position-independent chunk cache loaded is blended into the prompt.
     pub recompute: Recompute,
+    /// The tokens position-independent chunk caches were computed after (the standard
+    /// preamble the precompute job used; empty: alone at position 0). Part of their key.
+    pub chunk_context: Arc<[u32]>,
 }
 
 impl From<Mode> for PlanOptions {
@@ -92,6 +97,11 @@ pub struct LookupSummary {
     pub errors: usize,
     /// Metadata requests sent to the store.
     pub requests: usize,
+    /// Chunk caches were planned, but the prompt does not start with the context they were
+    /// computed after (another system prompt, or history): they are a further
+    /// approximation.
+    #[serde(default)]
+    pub other_context: bool,
 }
 
 /// Concurrent metadata lookups while planning a prefill.
@@ -114,7 +124,7 @@ pub async fn plan<L: LoadBackend>(
     let lookups: Vec<_> = chunks
         .iter()
         .zip(&prefix_keys)
-        .map(|(chunk, prefix)| locate(loader, prefix, chunk, options))
+        .map(|(chunk, prefix)| locate(loader, prefix, chunk, &options))
         .collect();
     let found = futures::stream::iter(lookups)
         .buffered(LOOKUP_CONCURRENCY)
@@ -164,6 +174,11 @@ pub async fn plan<L: LoadBackend>(
         tail,
         mode: options.mode,
     };
+    summary.other_context = summary.chunk_hits > 0
+        && request
+            .chunks
+            .first()
+            .is_none_or(|first| *first.tokens != *options.chunk_context);
     (request, summary)
 }
 
@@ -172,7 +187,7 @@ async fn locate<L: LoadBackend>(
     loader: &L,
     prefix: &L::Key,
     chunk: &PromptChunk,
-    options: PlanOptions,
+    options: &PlanOptions,
 ) -> (Result<Option<StoredCache<L::Key>>, String>, usize) {
     if options.mode == Mode::ComputeOnly {
         return (Ok(None), 0);
@@ -191,7 +206,7 @@ async fn locate<L: LoadBackend>(
     if options.exact {
         return (Ok(None), 1);
     }
-    let key = loader.chunk_key(&chunk.tokens);
+    let key = loader.chunk_key(&options.chunk_context, &chunk.tokens);
     let (stored, requests) = match chunk.chunk_cache {
         ChunkCacheHint::Stored => (Ok(true), 1),
         ChunkCacheHint::Absent => (Ok(false), 1),

@@ -15,7 +15,7 @@ use super::dispatch::{
     RequestShape,
 };
 use super::{
-    CacheKind, ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MissReason,
+    BlendChunk, CacheKind, ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MissReason,
     PrefillRequest, Recompute, SchedulerConfig, WriteBack, check_request, in_context_chunks,
     load_within,
 };
@@ -93,6 +93,9 @@ struct Active<C: ComputeBackend, L: LoadBackend> {
     cache: Option<C::Cache>,
     /// Loaded caches waiting for the compute front.
     staged: HashMap<usize, C::Kv>,
+    /// Chunks imported from loaded caches, in order (those from chunk caches are blended
+    /// with the tail).
+    imported: Vec<usize>,
     reply: Option<oneshot::Sender<Result<Filled<C>>>>,
 }
 
@@ -191,6 +194,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                     starts,
                     cache: Some(self.shared.compute.new_cache()),
                     staged: HashMap::new(),
+                    imported: Vec::new(),
                     reply: Some(reply),
                 },
             );
@@ -330,20 +334,13 @@ fn blended<K>(chunk: &ChunkSpec<K>) -> Option<Recompute> {
     (chunk_cache && chunk.recompute.tokens(chunk.tokens.len()) > 0).then_some(chunk.recompute)
 }
 
-/// A loaded chunk cache to blend in after its import: its tokens, the cache index of its
-/// first, and how.
-struct Blend {
-    tokens: Arc<[u32]>,
-    start: usize,
-    recompute: Recompute,
-}
-
 /// What the compute thread runs for a step, taken out of the state so the lock is free
 /// while it runs.
 enum Work<Kv> {
-    Import(Option<Kv>, Option<Blend>),
+    Import(Option<Kv>),
     Compute(Arc<[u32]>),
-    Tail(Arc<[u32]>),
+    /// The tail, and the imported chunk caches blended in the same pass.
+    Tail(Arc<[u32]>, Vec<BlendChunk>),
 }
 
 fn compute_loop<C, L>(shared: Arc<Shared<C, L>>)
@@ -391,57 +388,52 @@ where
             continue;
         };
         let work = match step {
-            ComputeStep::Import { chunk, .. } => {
-                let spec = &active.chunks[chunk];
-                let blend = blended(spec).map(|recompute| Blend {
-                    tokens: spec.tokens.clone(),
-                    start: active.starts[chunk],
-                    recompute,
-                });
-                Work::Import(active.staged.remove(&chunk), blend)
-            }
+            ComputeStep::Import { chunk, .. } => Work::Import(active.staged.remove(&chunk)),
             ComputeStep::Compute { chunk, .. } => {
                 Work::Compute(active.chunks[chunk].tokens.clone())
             }
-            ComputeStep::Tail { .. } => Work::Tail(active.tail.clone()),
+            ComputeStep::Tail { .. } => {
+                let blends = active
+                    .imported
+                    .iter()
+                    .filter_map(|&i| {
+                        let spec = &active.chunks[i];
+                        blended(spec).map(|recompute| BlendChunk {
+                            tokens: spec.tokens.clone(),
+                            start: active.starts[i],
+                            recompute,
+                        })
+                    })
+                    .collect();
+                Work::Tail(active.tail.clone(), blends)
+            }
         };
         drop(state);
 
         let started = Instant::now();
         let compute = &shared.compute;
-        let mut recomputed = None;
+        let mut tokens_recomputed = 0;
         let outcome = match work {
-            Work::Import(Some(kv), blend) => {
-                compute.import(&mut cache, &kv).and_then(|()| {
-                    let Some(blend) = blend else { return Ok(None) };
-                    let t = Instant::now();
-                    let tokens =
-                        compute.recompute(&mut cache, &blend.tokens, blend.start, blend.recompute);
-                    match tokens {
-                        Ok(tokens) => {
-                            recomputed = Some((tokens, t.elapsed().as_secs_f64()));
-                            Ok(None)
-                        }
-                        Err(error) => {
-                            // Undo the import: the chunk is computed instead.
-                            compute.truncate(&mut cache, blend.start);
-                            Err(error)
-                        }
-                    }
-                })
-            }
-            Work::Import(None, _) => {
-                Err(EngineError::KvMismatch("loaded chunk went missing".into()))
-            }
+            Work::Import(Some(kv)) => compute.import(&mut cache, &kv).map(|()| None),
+            Work::Import(None) => Err(EngineError::KvMismatch("loaded chunk went missing".into())),
             Work::Compute(tokens) => compute.compute(&mut cache, &tokens, false),
-            Work::Tail(tokens) => compute.compute(&mut cache, &tokens, true),
+            Work::Tail(tokens, blends) => {
+                compute
+                    .compute_tail(&mut cache, &tokens, &blends)
+                    .map(|(logits, recomputed)| {
+                        tokens_recomputed = recomputed;
+                        Some(logits)
+                    })
+            }
         };
         let secs = started.elapsed().as_secs_f64();
 
         state = shared.lock();
         let now = shared.now();
-        if let Some((tokens, secs)) = recomputed {
-            state.dispatcher.recomputed(step.request(), tokens, secs);
+        if tokens_recomputed > 0 {
+            state
+                .dispatcher
+                .recomputed(step.request(), tokens_recomputed);
         }
         match outcome {
             Ok(logits) => {
@@ -449,6 +441,9 @@ where
                     continue; // cancelled meanwhile
                 };
                 active.cache = Some(cache);
+                if let ComputeStep::Import { chunk, .. } = step {
+                    active.imported.push(chunk);
+                }
                 if let Some(report) = state.dispatcher.compute_done(now, step, secs) {
                     let active = state.requests.remove(&step.request()).expect("present");
                     let logits = logits.expect("the tail asks for logits");

@@ -2,6 +2,8 @@
 //! virtual clock and given costs instead of a model and a store. Deterministic, so the
 //! scheduling logic is tested exactly, and fast enough to sweep what-ifs.
 
+use std::collections::HashMap;
+
 use super::LoadOutcome;
 use super::dispatch::{ComputeStep, Dispatcher, LoadStep, NextCompute, RequestId, RequestShape};
 use super::{PrefillReport, SchedulerConfig};
@@ -66,6 +68,7 @@ pub fn simulate(
     let mut now = 0.0f64;
     let mut busy: Option<(f64, ComputeStep, f64)> = None;
     let mut loads: Vec<(f64, LoadStep, LoadOutcome)> = Vec::new();
+    let mut blends: HashMap<RequestId, f64> = HashMap::new();
 
     for _ in 0..MAX_EVENTS {
         while let Some(&i) = arrivals.peek() {
@@ -83,7 +86,7 @@ pub fn simulate(
         if busy.is_none() {
             match dispatcher.next_compute(now) {
                 NextCompute::Run(step) => {
-                    let secs = step_secs(&dispatcher, costs, requests, &ids, step);
+                    let secs = step_secs(&dispatcher, costs, requests, &ids, step, &mut blends);
                     busy = Some((now + secs, step, secs));
                 }
                 NextCompute::Wait(at) => recheck = at.filter(|&t| t > now),
@@ -174,21 +177,25 @@ fn simulate_load(
     (end, step, LoadOutcome::Loaded { kv: (), bytes })
 }
 
+/// Seconds `step` takes; blends of imported chunk caches are kept in `blends` until the
+/// tail that runs them.
 fn step_secs(
     dispatcher: &Dispatcher,
     costs: &SimCosts,
     requests: &[SimRequest],
     ids: &[(RequestId, usize)],
     step: ComputeStep,
+    blends: &mut HashMap<RequestId, f64>,
 ) -> f64 {
     let shape = &requests[index_of(ids, step.request())].shape;
     match step {
         ComputeStep::Import { request, chunk } => {
-            // The import, then the recomputation that blends the chunk in.
+            // Its blend is done with the tail: charged there.
             let c = &shape.chunks[chunk];
             let position = dispatcher.position(request, chunk).unwrap_or(0);
+            *blends.entry(request).or_default() +=
+                c.recompute_share * costs.compute(c.tokens, position);
             costs.import_secs_per_token * c.tokens as f64
-                + c.recompute_share * costs.compute(c.tokens, position)
         }
         ComputeStep::Compute { request, chunk } => {
             let position = dispatcher.position(request, chunk).unwrap_or(0);
@@ -198,7 +205,7 @@ fn step_secs(
             let position = dispatcher
                 .position(request, shape.chunks.len())
                 .unwrap_or(0);
-            costs.compute(shape.tail_tokens, position)
+            costs.compute(shape.tail_tokens, position) + blends.remove(&request).unwrap_or(0.0)
         }
     }
 }
