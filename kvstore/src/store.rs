@@ -104,7 +104,11 @@ pub struct KvStore {
     prefix: Path,
     model: LlmFingerprint,
     shape: KvShape,
-    storage_dtype: DType,
+    /// Storage dtype of prefix caches (exact: f32 by default, so a loaded prefix cache is
+    /// the computed KV bit for bit) and of position-independent chunk caches (approximate
+    /// anyway: f16 by default, half the bytes to load).
+    prefix_dtype: DType,
+    chunk_dtype: DType,
     device: Device,
     tier: Option<Mutex<MemoryTier>>,
     counters: Counters,
@@ -156,7 +160,8 @@ impl KvStore {
             prefix,
             model,
             shape,
-            storage_dtype: DType::F16,
+            prefix_dtype: DType::F32,
+            chunk_dtype: DType::F16,
             device,
             tier: None,
             counters: Counters::default(),
@@ -184,10 +189,28 @@ impl KvStore {
         self
     }
 
-    /// Stores tensors in `dtype` (f16 by default).
+    /// Stores every kind of cache in `dtype`.
     pub fn with_storage_dtype(mut self, dtype: DType) -> Self {
-        self.storage_dtype = dtype;
+        self.prefix_dtype = dtype;
+        self.chunk_dtype = dtype;
         self
+    }
+
+    /// Stores caches of `kind` in `dtype` (prefix caches f32, chunk caches f16 by default).
+    pub fn with_storage_dtype_for(mut self, kind: CacheKind, dtype: DType) -> Self {
+        match kind {
+            CacheKind::Prefix => self.prefix_dtype = dtype,
+            CacheKind::Chunk => self.chunk_dtype = dtype,
+        }
+        self
+    }
+
+    /// The dtype caches of `kind` are stored in.
+    pub fn storage_dtype(&self, kind: CacheKind) -> DType {
+        match kind {
+            CacheKind::Prefix => self.prefix_dtype,
+            CacheKind::Chunk => self.chunk_dtype,
+        }
     }
 
     /// The fingerprint of the model whose caches this store holds.
@@ -265,8 +288,9 @@ impl KvStore {
                 self.shape
             )));
         }
-        let stored = range.to_dtype(self.storage_dtype)?;
-        let blob = format::encode(key, &self.model, tokens, &stored, self.storage_dtype)?;
+        let dtype = self.storage_dtype(key.kind());
+        let stored = range.to_dtype(dtype)?;
+        let blob = format::encode(key, &self.model, tokens, &stored, dtype)?;
         let len = blob.len();
         self.store
             .put(&self.path_of(key), PutPayload::from(blob))

@@ -20,6 +20,7 @@ use clap::Args;
 use ragcake::engine::scheduler::{
     CacheKind, ChunkCacheHint, ChunkSpec, LoadBackend, Mode, PlanOptions, PrefillRequest,
     PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, StoredCache, plan,
+    spread_recompute,
 };
 use ragcake::engine::{DType, Engine, GenerateParams, KvCache, Logits, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
@@ -467,12 +468,14 @@ fn chunk_caches(
     mode: Mode,
     recompute: Recompute,
 ) -> PrefillRequest<CacheKey> {
-    request_for(prompt, mode, recompute, |chunk| {
+    let mut request = request_for(prompt, mode, recompute, |chunk| {
         (chunk.chunk_cache == ChunkCacheHint::Stored).then(|| StoredCache {
             key: store.chunk_key(context, &chunk.tokens),
             kind: CacheKind::Chunk,
         })
-    })
+    });
+    spread_recompute(&mut request.chunks, recompute, context);
+    request
 }
 
 /// Runs one arm on one prompt and adds its agreement with the reference to `tally`.

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 
-pub use plan::{ChunkCacheHint, LookupSummary, PlanOptions, PromptChunk, plan};
+pub use plan::{ChunkCacheHint, LookupSummary, PlanOptions, PromptChunk, plan, spread_recompute};
 pub use runtime::{Scheduler, SchedulerStats};
 
 /// How a request fills its cache.

@@ -169,6 +169,8 @@ pub async fn plan<L: LoadBackend>(
             }
         })
         .collect();
+    let mut chunks: Vec<ChunkSpec<L::Key>> = chunks;
+    spread_recompute(&mut chunks, options.recompute, &options.chunk_context);
     let request = PrefillRequest {
         chunks,
         tail,
@@ -180,6 +182,47 @@ pub async fn plan<L: LoadBackend>(
             .first()
             .is_none_or(|first| *first.tokens != *options.chunk_context);
     (request, summary)
+}
+
+/// Sets how each chunk cache of a request is blended: the request's budget —
+/// `recompute.ratio` of the tokens loaded from chunk caches — spread over the chunk caches
+/// that need it (chunks with another kind of cache, or none, get none). A chunk cache right
+/// after the context it was computed after (the first chunk after the standard preamble)
+/// holds this prompt's own KV there, up to storage rounding: it needs none, and its share
+/// goes to the chunks after it, which never saw the chunks before them.
+pub fn spread_recompute<K>(chunks: &mut [ChunkSpec<K>], recompute: Recompute, context: &[u32]) {
+    let is_chunk_cache = |c: &ChunkSpec<K>| {
+        c.stored
+            .as_ref()
+            .is_some_and(|s| s.kind == CacheKind::Chunk)
+    };
+    let in_own_context = |i: usize| i == 1 && !context.is_empty() && *chunks[0].tokens == *context;
+    let loaded: usize = chunks
+        .iter()
+        .filter(|c| is_chunk_cache(c))
+        .map(|c| c.tokens.len())
+        .sum();
+    let needing: usize = chunks
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| is_chunk_cache(c) && !in_own_context(*i))
+        .map(|(_, c)| c.tokens.len())
+        .sum();
+    let ratio = if needing == 0 {
+        0.0
+    } else {
+        (recompute.ratio * loaded as f64 / needing as f64).min(1.0)
+    };
+    let own_context = (0..chunks.len())
+        .filter(|&i| in_own_context(i))
+        .collect::<Vec<_>>();
+    for (i, chunk) in chunks.iter_mut().enumerate() {
+        chunk.recompute = if is_chunk_cache(chunk) && !own_context.contains(&i) {
+            Recompute { ratio, ..recompute }
+        } else {
+            Recompute::NONE
+        };
+    }
 }
 
 /// The cache one chunk loads, and the metadata requests it took to find out.
