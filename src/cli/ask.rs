@@ -102,18 +102,20 @@ fn breakdown_line(answer: &Answer) -> String {
         .meeting_point
         .map_or_else(|| "-".to_string(), |m| m.to_string());
     format!(
-        "{}: TTFT {:.2} s (retrieve {:.3} s, plan {:.3} s with {} lookups: {} prefix / {} chunk caches, prefill {:.2} s: {} chunks computed, {} loaded, {:.1} MB, meeting at {meeting}){}; {} tokens decoded in {:.2} s",
+        "{}: TTFT {:.2} s (retrieve {:.3} s, plan {:.3} s with {} lookups: {} prefix caches ({} of a repeated context) / {} chunk caches, prefill {:.2} s: {} chunks computed, {} loaded, {:.1} MB, {} tokens recomputed to blend chunk caches, meeting at {meeting}){}; {} tokens decoded in {:.2} s",
         p.mode,
         b.ttft_secs,
         b.embed_secs + b.search_secs,
         b.plan_secs + b.lookup_secs,
         b.lookups.requests,
         b.lookups.prefix_hits,
+        b.lookups.repeated_context_hits,
         b.lookups.chunk_hits,
         p.ttft_secs,
         p.chunks_computed,
         p.chunks_loaded,
         p.bytes_loaded as f64 / 1e6,
+        p.tokens_recomputed,
         if b.degraded { " DEGRADED" } else { "" },
         b.generated_tokens,
         b.decode_secs

@@ -97,6 +97,36 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     max_abs(&(f32(a) - f32(b)).unwrap())
 }
 
+/// Mean KL divergence KL(p‖q) over the rows of two logit tensors (`[rows, vocab]`, or one
+/// `[vocab]` row).
+pub fn mean_kl(reference: &Tensor, other: &Tensor) -> f32 {
+    let rows = |t: &Tensor| {
+        let t = t.to_dtype(ragcake::engine::DType::F32).unwrap();
+        if t.rank() == 1 {
+            t.unsqueeze(0).unwrap()
+        } else {
+            t
+        }
+    };
+    let log_softmax = |logits: &Tensor| {
+        let max = logits.max_keepdim(1).unwrap();
+        let shifted = logits.broadcast_sub(&max).unwrap();
+        let sum = shifted
+            .exp()
+            .unwrap()
+            .sum_keepdim(1)
+            .unwrap()
+            .log()
+            .unwrap();
+        shifted.broadcast_sub(&sum).unwrap()
+    };
+    let log_p = log_softmax(&rows(reference));
+    let log_q = log_softmax(&rows(other));
+    let p = log_p.exp().unwrap();
+    let kl = (p * (log_p - log_q).unwrap()).unwrap().sum(1).unwrap();
+    kl.mean_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
 /// Largest absolute value of a tensor (for relative tolerances).
 pub fn max_abs(a: &Tensor) -> f32 {
     a.to_dtype(ragcake::engine::DType::F32)

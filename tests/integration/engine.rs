@@ -10,7 +10,7 @@ use ragcake::engine::{
 };
 
 use crate::common::{
-    dense_engine, engine, logits, max_abs, max_abs_diff, model_path, prose_tokens,
+    dense_engine, engine, logits, max_abs, max_abs_diff, mean_kl, model_path, prose_tokens,
 };
 
 /// Logits of SmolLM2 span roughly ±30; f32 prefill in different chunkings reorders sums, so
@@ -433,28 +433,6 @@ fn kv_import_rejects_a_range_of_another_shape() {
         Err(EngineError::KvMismatch(_))
     ));
     assert!(fresh.is_empty());
-}
-
-/// Mean KL divergence KL(p‖q) over rows of two `[rows, vocab]` logit tensors.
-fn mean_kl(reference: &Tensor, other: &Tensor) -> f32 {
-    let log_p = candle_nn_log_softmax(reference);
-    let log_q = candle_nn_log_softmax(other);
-    let p = log_p.exp().unwrap();
-    let kl = (p * (log_p - log_q).unwrap()).unwrap().sum(1).unwrap();
-    kl.mean_all().unwrap().to_scalar::<f32>().unwrap()
-}
-
-fn candle_nn_log_softmax(logits: &Tensor) -> Tensor {
-    let max = logits.max_keepdim(1).unwrap();
-    let shifted = logits.broadcast_sub(&max).unwrap();
-    let sum = shifted
-        .exp()
-        .unwrap()
-        .sum_keepdim(1)
-        .unwrap()
-        .log()
-        .unwrap();
-    shifted.broadcast_sub(&sum).unwrap()
 }
 
 /// A chat preamble, two retrieved chunks and a question about the first: the second chunk's

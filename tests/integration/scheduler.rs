@@ -7,7 +7,8 @@ use std::time::Duration;
 use ragcake::engine::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 use ragcake::engine::scheduler::{
     CacheKind, ChunkSpec, Filled, LoadBackend, LookupSummary, MissReason, Mode, PlanOptions,
-    PrefillRequest, PromptChunk, Recompute, Scheduler, SchedulerConfig, StoredCache, plan,
+    PrefillRequest, PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, StoredCache,
+    plan, spread_recompute,
 };
 use ragcake::engine::{DType, Engine, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
@@ -16,8 +17,8 @@ use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake::kvstore::{CacheKey, KvStore, Throttle, throttled};
 
 use crate::common::{
-    max_abs, max_abs_diff, prose_tokens, runtime, s3_store_that_is_down, shared_dense_engine,
-    store_over,
+    max_abs, max_abs_diff, mean_kl, prose_tokens, runtime, s3_store_that_is_down,
+    shared_dense_engine, store_over,
 };
 
 /// A preamble, five chunks of prose of different lengths, and a question tail.
@@ -451,6 +452,198 @@ fn a_cancelled_request_frees_its_resources() {
             .await
             .unwrap();
         assert_eq!(done.report.chunks_computed, chunks.len());
+    });
+}
+
+#[test]
+fn prefix_caches_in_the_default_storage_give_the_logits_of_computation_bit_for_bit() {
+    // What `exact` promises: a request over exact prefix caches (stored in f32 by default)
+    // gets the logits computing the same chunks gives, to the bit.
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let store = Arc::new(store_over(Arc::new(InMemory::new()), Path::default()));
+        let scheduler = scheduler(store.clone(), SchedulerConfig::default());
+        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+        let computed = scheduler.prefill(request).await.unwrap();
+        written_back(&scheduler, chunks.len() as u64).await;
+        let options = PlanOptions {
+            mode: Mode::LoadOnly,
+            exact: true,
+            ..PlanOptions::default()
+        };
+        let prompt = chunks.iter().cloned().map(PromptChunk::from).collect();
+        let (request, lookup) = plan(&*store, prompt, tail.clone(), options).await;
+        assert_eq!(lookup.prefix_hits, chunks.len());
+        let loaded = scheduler.prefill(request).await.unwrap();
+        assert_eq!(loaded.report.chunks_loaded, chunks.len());
+        assert_eq!(max_abs_diff(&loaded.logits, &computed.logits), 0.0);
+    });
+}
+
+/// Stores the chunk caches of `chunks[1..]`, each computed after `chunks[0]` (the
+/// preamble: the context the precompute job computes chunk caches after).
+async fn store_chunk_caches_after_the_preamble(store: &KvStore, chunks: &[Vec<u32>]) {
+    let engine = shared_dense_engine();
+    let context = &chunks[0];
+    for tokens in &chunks[1..] {
+        let mut cache = engine.new_cache();
+        engine
+            .append(&mut cache, context, context.len(), false)
+            .unwrap();
+        engine
+            .append(&mut cache, tokens, tokens.len(), false)
+            .unwrap();
+        let kv = cache.export(context.len()..cache.len()).unwrap();
+        let key = store.chunk_key(context, tokens);
+        store.put(&key, tokens, &kv).await.unwrap();
+    }
+}
+
+/// Plans `chunks` (the preamble first, each other one recorded as having a chunk cache)
+/// with chunk caches computed after the preamble, blended by `recompute`.
+async fn planned_with_chunk_caches(
+    store: &KvStore,
+    chunks: &[Vec<u32>],
+    tail: &[u32],
+    mode: Mode,
+    recompute: Recompute,
+) -> (PrefillRequest<CacheKey>, LookupSummary) {
+    let prompt = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, c)| PromptChunk::with_chunk_cache(c.clone(), i > 0))
+        .collect();
+    let options = PlanOptions {
+        mode,
+        exact: false,
+        recompute,
+        chunk_context: chunks[0].as_slice().into(),
+    };
+    plan(store, prompt, tail.to_vec(), options).await
+}
+
+fn deviation(ratio: f64) -> Recompute {
+    Recompute {
+        rule: RecomputeRule::Deviation,
+        ratio,
+    }
+}
+
+#[test]
+fn chunk_caches_are_blended_with_the_tail_and_recomputing_every_token_is_full_computation() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let store = memory_store(DType::F16);
+        store_chunk_caches_after_the_preamble(&store, &chunks).await;
+        let config = SchedulerConfig {
+            write_back: false,
+            ..SchedulerConfig::default()
+        };
+        let scheduler = scheduler(store.clone(), config);
+        let loaded: usize = chunks[1..].iter().map(Vec::len).sum();
+        // The first chunk follows the context its cache was computed after: nothing to
+        // blend there; its share of the budget goes to the chunks after it.
+        let needing = loaded - chunks[1].len();
+
+        let mut kl = Vec::new();
+        for ratio in [0.0, 0.2, 1.0] {
+            let (request, lookup) =
+                planned_with_chunk_caches(&store, &chunks, &tail, Mode::LoadOnly, deviation(ratio))
+                    .await;
+            assert_eq!(
+                (lookup.chunk_hits, lookup.other_context),
+                (chunks.len() - 1, false)
+            );
+            assert_eq!(request.chunks[1].recompute.ratio, 0.0);
+            let spread = (ratio * loaded as f64 / needing as f64).min(1.0);
+            let expected: usize = request.chunks[2..]
+                .iter()
+                .map(|c| {
+                    assert_eq!(c.recompute.ratio, spread);
+                    c.recompute.tokens(c.tokens.len())
+                })
+                .sum();
+            let done = scheduler.prefill(request).await.unwrap();
+            assert_eq!(
+                done.report.chunks_loaded,
+                chunks.len() - 1,
+                "{:?}",
+                done.report
+            );
+            assert_eq!(done.report.tokens_recomputed, expected);
+            assert_eq!(
+                done.report.in_context_chunks, 1,
+                "chunk caches are approximate"
+            );
+            kl.push(mean_kl(&want, &done.logits));
+            if ratio == 1.0 {
+                // Every token after the first chunk recomputed: full computation, up to the
+                // f16 rounding of the first chunk's cache.
+                assert_eq!(expected, needing);
+                assert_same_logits(&done, &want, 2e-2);
+            }
+        }
+        assert!(kl[1] < kl[0], "blending 20% did not come closer: KL {kl:?}");
+        assert!(kl[2] < kl[1], "KL {kl:?}");
+    });
+}
+
+#[test]
+fn chunk_caches_planned_on_a_store_that_is_down_are_computed_and_nothing_is_blended() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let (down, prefix) = s3_store_that_is_down();
+        let store = Arc::new(store_over(down, prefix));
+        let config = SchedulerConfig {
+            load_timeout_secs: 2.0,
+            ..SchedulerConfig::default()
+        };
+        let scheduler = scheduler(store.clone(), config);
+        let mut request = planned_as_stored(&chunks, &tail, Mode::Bidirectional);
+        for (chunk, spec) in request.chunks.iter_mut().enumerate().skip(1) {
+            spec.stored = Some(StoredCache {
+                key: store.chunk_key(&chunks[0], &chunks[chunk]),
+                kind: CacheKind::Chunk,
+            });
+        }
+        spread_recompute(&mut request.chunks, deviation(0.3), &chunks[0]);
+        let done = scheduler.prefill(request).await.unwrap();
+        assert_computed_around_a_failed_store(&done, chunks.len(), &want);
+        assert_eq!(done.report.tokens_recomputed, 0);
+    });
+}
+
+#[test]
+fn a_blended_request_cancelled_in_flight_leaves_the_next_one_unchanged() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let store = memory_store(DType::F16);
+        store_chunk_caches_after_the_preamble(&store, &chunks).await;
+        let config = SchedulerConfig {
+            write_back: false,
+            ..SchedulerConfig::default()
+        };
+        let scheduler = scheduler(store.clone(), config);
+        let request =
+            || planned_with_chunk_caches(&store, &chunks, &tail, Mode::LoadOnly, deviation(1.0));
+        let uninterrupted = scheduler.prefill(request().await.0).await.unwrap();
+        // Every chunk recomputed takes seconds: dropped while its loads or its blend run.
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(300),
+            scheduler.prefill(request().await.0),
+        )
+        .await;
+        assert!(gave_up.is_err(), "a full blend does not finish in 300 ms");
+        let stats = scheduler.stats();
+        assert_eq!((stats.cancelled, stats.in_flight), (1, 0), "{stats:?}");
+        let again = scheduler.prefill(request().await.0).await.unwrap();
+        assert_eq!(
+            again.report.tokens_recomputed,
+            uninterrupted.report.tokens_recomputed
+        );
+        assert_eq!(max_abs_diff(&again.logits, &uninterrupted.logits), 0.0);
     });
 }
 

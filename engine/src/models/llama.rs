@@ -545,14 +545,14 @@ impl Llama {
             cache.reserve(tail.len())?;
         }
         // Per blend: the chunk-relative rows computed, and where they are narrowed.
-        let mut groups: Vec<(Vec<usize>, Vec<(usize, usize)>)> = blends
+        let mut groups: Vec<RowPlan> = blends
             .iter()
             .map(|b| b.selection.plan(b.tokens.len()))
             .collect();
         let ids: Vec<u32> = blends
             .iter()
             .zip(&groups)
-            .flat_map(|(b, (rows, _))| rows.iter().map(|&r| b.tokens[r]))
+            .flat_map(|(b, g)| g.rows.iter().map(|&r| b.tokens[r]))
             .chain(tail.iter().copied())
             .collect();
         if ids.is_empty() {
@@ -566,7 +566,7 @@ impl Llama {
             let blend_rows: Vec<usize> = blends
                 .iter()
                 .zip(&groups)
-                .flat_map(|(b, (rows, _))| rows.iter().map(|&r| b.offset + r))
+                .flat_map(|(b, g)| g.rows.iter().map(|&r| b.offset + r))
                 .collect();
             let rows: Vec<usize> = blend_rows.iter().chain(&tail_rows).copied().collect();
             let (mut q, k, v) = self.project_qkv(block, &x, &rows, cache, None)?;
@@ -575,9 +575,10 @@ impl Llama {
             // blend, the rows kept above this layer (all, when it does not narrow here).
             let mut kept: Vec<u32> = Vec::with_capacity(rows.len());
             let mut first = 0;
-            for (rows_of, narrowing) in groups.iter_mut() {
-                let n = rows_of.len();
-                let keep = narrowing
+            for group in groups.iter_mut() {
+                let n = group.rows.len();
+                let keep = group
+                    .narrowing
                     .iter()
                     .find(|(at, _)| *at == layer)
                     .map(|&(_, keep)| keep)
@@ -593,7 +594,7 @@ impl Llama {
                             &loaded_v,
                             keep,
                         )?;
-                        *rows_of = chosen.iter().map(|&i| rows_of[i as usize]).collect();
+                        group.rows = chosen.iter().map(|&i| group.rows[i as usize]).collect();
                         kept.extend(chosen.iter().map(|&i| first as u32 + i));
                     }
                     None => kept.extend(first as u32..(first + n) as u32),
@@ -626,7 +627,7 @@ impl Llama {
             x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, None)?;
         }
         cache.commit(tail.len());
-        let recomputed = groups.iter().map(|(rows, _)| rows.len()).sum();
+        let recomputed = groups.iter().map(|g| g.rows.len()).sum();
         Ok((x, recomputed))
     }
 
@@ -721,15 +722,22 @@ pub enum Selection {
     Deviating(usize),
 }
 
+/// The tokens of one chunk a blend computes: the rows (token indices within the chunk)
+/// still computed, and the layers at which they are narrowed to how many.
+struct RowPlan {
+    rows: Vec<usize>,
+    narrowing: Vec<(usize, usize)>,
+}
+
 impl Selection {
-    /// The rows (token indices within the chunk) computed from the first layer, and the
-    /// layers at which they are narrowed to how many.
-    fn plan(&self, n: usize) -> (Vec<usize>, Vec<(usize, usize)>) {
-        match *self {
+    /// The rows computed from the first layer of a chunk of `n` tokens, and their narrowing.
+    fn plan(&self, n: usize) -> RowPlan {
+        let (rows, narrowing) = match *self {
             Self::Leading(k) => ((0..k.min(n)).collect(), Vec::new()),
             Self::Deviating(0) => (Vec::new(), Vec::new()),
             Self::Deviating(k) => ((0..n).collect(), vec![(1, (2 * k).min(n)), (2, k.min(n))]),
-        }
+        };
+        RowPlan { rows, narrowing }
     }
 }
 

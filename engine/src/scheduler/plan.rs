@@ -91,6 +91,10 @@ impl From<Mode> for PlanOptions {
 pub struct LookupSummary {
     /// Chunks with an exact prefix cache.
     pub prefix_hits: usize,
+    /// Of those, the ones after the prompt's first chunk (the preamble): this context was
+    /// filled before beyond its preamble — a repeated prompt, or an earlier turn.
+    #[serde(default)]
+    pub repeated_context_hits: usize,
     /// Chunks with only a position-independent chunk cache.
     pub chunk_hits: usize,
     /// Lookups that failed (the store is down): those chunks are planned as computed.
@@ -135,7 +139,8 @@ pub async fn plan<L: LoadBackend>(
         .into_iter()
         .zip(prefix_keys)
         .zip(found)
-        .map(|((chunk, prefix), (found, requests))| {
+        .enumerate()
+        .map(|(i, ((chunk, prefix), (found, requests)))| {
             summary.requests += requests;
             let (stored, looked_up) = match found {
                 Ok(stored) => (stored, options.mode != Mode::ComputeOnly),
@@ -148,6 +153,7 @@ pub async fn plan<L: LoadBackend>(
             let write_back = match stored.as_ref().map(|s| s.kind) {
                 Some(CacheKind::Prefix) => {
                     summary.prefix_hits += 1;
+                    summary.repeated_context_hits += usize::from(i > 0);
                     None // already stored
                 }
                 Some(CacheKind::Chunk) => {
