@@ -411,6 +411,12 @@ fn bad_http_input_gets_a_json_4xx_and_the_service_keeps_serving() {
                 400,
             ),
             (
+                "recompute ratio out of range",
+                &ask,
+                br#"{"question": "q", "options": {"recompute": {"ratio": 1.5}}}"#.to_vec(),
+                400,
+            ),
+            (
                 "unknown option",
                 &ask,
                 br#"{"question": "q", "options": {"warp": 9}}"#.to_vec(),

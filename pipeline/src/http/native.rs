@@ -121,6 +121,8 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use ragcake_engine::scheduler::{Recompute, RecomputeRule};
+
     use super::*;
 
     #[test]
@@ -131,5 +133,14 @@ mod tests {
         assert_eq!(merged.max_tokens, defaults.max_tokens);
         assert!(merge_options(&defaults, Some(json!({"top_k": "five"}))).is_err());
         assert!(merge_options(&defaults, Some(json!([1]))).is_err());
+        let blend = json!({"recompute": {"rule": "leading", "ratio": 0.25}});
+        let merged = merge_options(&defaults, Some(blend)).unwrap();
+        assert_eq!(merged.recompute.rule, RecomputeRule::Leading);
+        assert_eq!(merged.recompute.ratio, 0.25);
+        let ratio_only = json!({"recompute": {"ratio": 0.5}});
+        let merged = merge_options(&defaults, Some(ratio_only)).unwrap();
+        assert_eq!(merged.recompute.rule, Recompute::default().rule);
+        let unknown_rule = json!({"recompute": {"rule": "psychic"}});
+        assert!(merge_options(&defaults, Some(unknown_rule)).is_err());
     }
 }
