@@ -30,7 +30,8 @@ pub enum BenchCommand {
     /// questions, on an index of a few thousand chunks.
     Retrieval(super::bench_retrieval::RetrievalArgs),
     /// Agreement with full computation of answers built on reused caches (exact prefix
-    /// caches, naive chunk caches), in retrieval order and shuffled.
+    /// caches per storage dtype, chunk caches blended by each rule at each ratio, the
+    /// default mode), in retrieval order and shuffled.
     Fidelity(super::bench_fidelity::FidelityArgs),
 }
 

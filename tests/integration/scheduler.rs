@@ -321,18 +321,23 @@ fn planned_as_stored(chunks: &[Vec<u32>], tail: &[u32], mode: Mode) -> PrefillRe
     }
 }
 
+/// A KV store whose backend is down, and a scheduler that gives up a load after 2 s.
+fn on_a_store_that_is_down() -> (Arc<KvStore>, Scheduler<Engine, KvStore>) {
+    let (down, prefix) = s3_store_that_is_down();
+    let store = Arc::new(store_over(down, prefix));
+    let config = SchedulerConfig {
+        load_timeout_secs: 2.0,
+        ..SchedulerConfig::default()
+    };
+    (store.clone(), scheduler(store, config))
+}
+
 #[test]
 fn a_store_that_is_down_is_computed_around_and_flagged_degraded() {
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        let (down, prefix) = s3_store_that_is_down();
-        let store = Arc::new(store_over(down, prefix));
-        let config = SchedulerConfig {
-            load_timeout_secs: 2.0,
-            ..SchedulerConfig::default()
-        };
-        let scheduler = scheduler(store, config);
+        let (_, scheduler) = on_a_store_that_is_down();
         for mode in [Mode::Bidirectional, Mode::LoadOnly] {
             let done = scheduler
                 .prefill(planned_as_stored(&chunks, &tail, mode))
@@ -499,6 +504,18 @@ async fn store_chunk_caches_after_the_preamble(store: &KvStore, chunks: &[Vec<u3
     }
 }
 
+/// An in-memory store holding the chunk caches of `chunks[1..]` computed after `chunks[0]`,
+/// and a scheduler over it that writes nothing back.
+async fn with_chunk_caches(chunks: &[Vec<u32>]) -> (Arc<KvStore>, Scheduler<Engine, KvStore>) {
+    let store = memory_store(DType::F16);
+    store_chunk_caches_after_the_preamble(&store, chunks).await;
+    let config = SchedulerConfig {
+        write_back: false,
+        ..SchedulerConfig::default()
+    };
+    (store.clone(), scheduler(store, config))
+}
+
 /// Plans `chunks` (the preamble first, each other one recorded as having a chunk cache)
 /// with chunk caches computed after the preamble, blended by `recompute`.
 async fn planned_with_chunk_caches(
@@ -534,13 +551,7 @@ fn chunk_caches_are_blended_with_the_tail_and_recomputing_every_token_is_full_co
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        let store = memory_store(DType::F16);
-        store_chunk_caches_after_the_preamble(&store, &chunks).await;
-        let config = SchedulerConfig {
-            write_back: false,
-            ..SchedulerConfig::default()
-        };
-        let scheduler = scheduler(store.clone(), config);
+        let (store, scheduler) = with_chunk_caches(&chunks).await;
         let loaded: usize = chunks[1..].iter().map(Vec::len).sum();
         // The first chunk follows the context its cache was computed after: nothing to
         // blend there; its share of the budget goes to the chunks after it.
@@ -594,13 +605,7 @@ fn chunk_caches_planned_on_a_store_that_is_down_are_computed_and_nothing_is_blen
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        let (down, prefix) = s3_store_that_is_down();
-        let store = Arc::new(store_over(down, prefix));
-        let config = SchedulerConfig {
-            load_timeout_secs: 2.0,
-            ..SchedulerConfig::default()
-        };
-        let scheduler = scheduler(store.clone(), config);
+        let (store, scheduler) = on_a_store_that_is_down();
         let mut request = planned_as_stored(&chunks, &tail, Mode::Bidirectional);
         for (chunk, spec) in request.chunks.iter_mut().enumerate().skip(1) {
             spec.stored = Some(StoredCache {
@@ -619,13 +624,7 @@ fn chunk_caches_planned_on_a_store_that_is_down_are_computed_and_nothing_is_blen
 fn a_blended_request_cancelled_in_flight_leaves_the_next_one_unchanged() {
     runtime().block_on(async {
         let (chunks, tail) = context();
-        let store = memory_store(DType::F16);
-        store_chunk_caches_after_the_preamble(&store, &chunks).await;
-        let config = SchedulerConfig {
-            write_back: false,
-            ..SchedulerConfig::default()
-        };
-        let scheduler = scheduler(store.clone(), config);
+        let (store, scheduler) = with_chunk_caches(&chunks).await;
         let request =
             || planned_with_chunk_caches(&store, &chunks, &tail, Mode::LoadOnly, deviation(1.0));
         let uninterrupted = scheduler.prefill(request().await.0).await.unwrap();
