@@ -124,15 +124,21 @@ mod tests {
         assert!(QuestionSet::parse("[[question]]\ntext = \"Q?\"\n").is_err());
     }
 
+    /// The package directory, read when the test runs (cargo sets it): a test binary that a
+    /// checkout elsewhere built into the shared target directory must not read that checkout.
+    fn package_dir() -> std::path::PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .expect("cargo sets CARGO_MANIFEST_DIR")
+            .into()
+    }
+
     #[test]
     fn the_bundled_demo_questions_parse() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../demo/questions.toml");
+        let path = package_dir().join("../demo/questions.toml");
         let set = QuestionSet::load(&path).unwrap();
         assert!(set.questions.len() >= 20);
         for q in &set.questions {
-            let doc = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../demo/corpus")
-                .join(&q.doc);
+            let doc = package_dir().join("../demo/corpus").join(&q.doc);
             let text = std::fs::read_to_string(&doc).unwrap();
             assert!(
                 text.contains(&q.answer),

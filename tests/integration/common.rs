@@ -13,6 +13,14 @@ use ragcake::kvstore::{KvStore, open_url};
 use ragcake::models::{MINILM, ModelCache, SMOLLM2};
 use ragcake::retriever::Embedder;
 
+/// The repository root, read when the test runs (cargo sets it): a test binary that a
+/// checkout elsewhere built into the shared target directory must not read that checkout.
+pub fn repo_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("cargo sets CARGO_MANIFEST_DIR")
+        .into()
+}
+
 /// Path of the default GGUF model (`RAGCAKE_MODEL` overrides it).
 pub fn model_path() -> PathBuf {
     if let Some(path) = std::env::var_os("RAGCAKE_MODEL") {

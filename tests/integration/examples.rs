@@ -21,7 +21,7 @@ fn example(name: &str) -> PathBuf {
 fn command(program: &Path, data: &Path) -> Command {
     let mut command = Command::new(program);
     command
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(crate::common::repo_dir())
         .env("RAGCAKE_MODEL", crate::common::model_path())
         .env("RAGCAKE_INDEX", data.join("index"))
         .env(

@@ -21,7 +21,7 @@ use crate::common::{
 };
 
 fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+    crate::common::repo_dir().join(relative)
 }
 
 /// The demo corpus, ingested once (index + chunk caches) into a temporary directory shared
