@@ -153,7 +153,11 @@ pub struct DemoArgs {
 pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
     super::tokio_runtime()?.block_on(async {
         let questions = QuestionSet::load(&args.labelled.questions)?;
-        let pipeline = super::build_pipeline(&args.model, &args.stores, PipelineConfig::default()).await?;
+        // Nothing written back: every run meets its questions as new ones (a full
+        // computation's prefix caches would make the next run's default answers replays).
+        let mut config = PipelineConfig::default();
+        config.scheduler.write_back = false;
+        let pipeline = super::build_pipeline(&args.model, &args.stores, config).await?;
         ingest_corpus(&pipeline, &args.labelled.corpus).await?;
 
         let chosen: Vec<_> = questions
