@@ -97,6 +97,11 @@ enum StorageDtype {
 impl StorageDtype {
     const ALL: [StorageDtype; 3] = [Self::F16, Self::Bf16, Self::F32];
 
+    /// Its place in [`StorageDtype::ALL`] (and among the exact stores).
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|&d| d == self).expect("listed")
+    }
+
     fn dtype(self) -> DType {
         match self {
             Self::F16 => DType::F16,
@@ -289,7 +294,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
                 let (scheduler, request) = match fill {
                     Fill::Full => (&stored, computed(&prompt)),
                     Fill::ExactPrefix(dtype) => {
-                        let (store, scheduler) = &exact[dtype as usize];
+                        let (store, scheduler) = &exact[StorageDtype::index(dtype)];
                         let options = PlanOptions {
                             mode: Mode::LoadOnly,
                             exact: true,

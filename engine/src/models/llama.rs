@@ -435,6 +435,18 @@ impl Llama {
         Ok(())
     }
 
+    /// Whether `tokens` more tokens fit from position `start` on.
+    fn check_room(&self, start: usize, tokens: usize) -> Result<()> {
+        let needed = start + tokens;
+        if needed > self.config.context_length {
+            return Err(EngineError::ContextOverflow {
+                needed,
+                max: self.config.context_length,
+            });
+        }
+        Ok(())
+    }
+
     /// The checks every forward pass makes, then the first `layers` blocks over `tokens`
     /// written at cache index `offset`; returns the hidden states after them.
     fn run_blocks(
@@ -447,13 +459,7 @@ impl Llama {
     ) -> Result<Tensor> {
         self.check_input(tokens, cache)?;
         let t = tokens.len();
-        let start = cache.base_position() + offset;
-        if start + t > self.config.context_length {
-            return Err(EngineError::ContextOverflow {
-                needed: start + t,
-                max: self.config.context_length,
-            });
-        }
+        self.check_room(cache.base_position() + offset, t)?;
         cache.reserve(t)?;
         let ids = Tensor::new(tokens, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
@@ -535,13 +541,7 @@ impl Llama {
         }
         if !tail.is_empty() {
             self.check_input(tail, cache)?;
-            let needed = cache.base_position() + len + tail.len();
-            if needed > self.config.context_length {
-                return Err(EngineError::ContextOverflow {
-                    needed,
-                    max: self.config.context_length,
-                });
-            }
+            self.check_room(cache.base_position() + len, tail.len())?;
             cache.reserve(tail.len())?;
         }
         // Per blend: the chunk-relative rows computed, and where they are narrowed.
@@ -603,17 +603,24 @@ impl Llama {
             }
             kept.extend(m as u32..rows.len() as u32);
             // Every token computed at this layer has its keys and values in context: all
-            // are written, also those the narrowing drops from the layers above.
-            let (mut keys, mut values) = if m > 0 {
-                cache.write_rows(layer, &blend_rows, &k.narrow(1, 0, m)?, &v.narrow(1, 0, m)?)?
-            } else {
-                (k.clone(), v.clone())
+            // are written, also those the narrowing drops from the layers above. The views
+            // attended over end at the last row written: the tail's, else the last blend's.
+            let blend_views = match m {
+                0 => None,
+                _ => Some(cache.write_rows(
+                    layer,
+                    &blend_rows,
+                    &k.narrow(1, 0, m)?,
+                    &v.narrow(1, 0, m)?,
+                )?),
             };
-            if !tail.is_empty() {
-                let t = tail.len();
-                (keys, values) =
-                    cache.write_layer_at(layer, len, &k.narrow(1, m, t)?, &v.narrow(1, m, t)?)?;
-            }
+            let (mut keys, mut values) = match blend_views {
+                Some(views) if tail.is_empty() => views,
+                _ => {
+                    let t = tail.len();
+                    cache.write_layer_at(layer, len, &k.narrow(1, m, t)?, &v.narrow(1, m, t)?)?
+                }
+            };
             let mut rows = rows;
             if kept.len() < rows.len() {
                 let index = Tensor::new(kept.as_slice(), &self.device)?;

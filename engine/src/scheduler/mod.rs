@@ -593,6 +593,16 @@ pub struct ChunkSpec<K> {
     pub recompute: Recompute,
 }
 
+impl<K> ChunkSpec<K> {
+    /// Whether planning gave it a position-independent chunk cache to load (approximate:
+    /// blended in, and never followed by a write-back).
+    pub fn loads_chunk_cache(&self) -> bool {
+        self.stored
+            .as_ref()
+            .is_some_and(|s| s.kind == CacheKind::Chunk)
+    }
+}
+
 /// A prompt to prefill: ordered chunks (the preamble first), then the question tail.
 #[derive(Debug, Clone)]
 pub struct PrefillRequest<K> {
@@ -651,13 +661,7 @@ fn in_context_chunks<K>(chunks: &[ChunkSpec<K>], computed: &[usize]) -> usize {
     chunks
         .iter()
         .enumerate()
-        .position(|(i, chunk)| {
-            !computed.contains(&i)
-                && chunk
-                    .stored
-                    .as_ref()
-                    .is_some_and(|s| s.kind == CacheKind::Chunk)
-        })
+        .position(|(i, chunk)| !computed.contains(&i) && chunk.loads_chunk_cache())
         .unwrap_or(chunks.len())
 }
 

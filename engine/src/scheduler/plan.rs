@@ -135,7 +135,7 @@ pub async fn plan<L: LoadBackend>(
         .collect::<Vec<_>>()
         .await;
     let mut summary = LookupSummary::default();
-    let chunks = chunks
+    let mut chunks = chunks
         .into_iter()
         .zip(prefix_keys)
         .zip(found)
@@ -163,31 +163,33 @@ pub async fn plan<L: LoadBackend>(
                 None if looked_up => Some(WriteBack::Store(prefix)),
                 None => Some(WriteBack::StoreIfAbsent(prefix)),
             };
-            let recompute = match stored.as_ref().map(|s| s.kind) {
-                Some(CacheKind::Chunk) => options.recompute,
-                _ => Recompute::NONE,
-            };
             ChunkSpec {
                 tokens: chunk.tokens.into(),
                 stored,
                 write_back,
-                recompute,
+                // Set below, once every chunk's cache is known.
+                recompute: Recompute::NONE,
             }
         })
-        .collect();
-    let mut chunks: Vec<ChunkSpec<L::Key>> = chunks;
+        .collect::<Vec<_>>();
     spread_recompute(&mut chunks, options.recompute, &options.chunk_context);
+    summary.other_context =
+        summary.chunk_hits > 0 && !starts_with_context(&chunks, &options.chunk_context);
     let request = PrefillRequest {
         chunks,
         tail,
         mode: options.mode,
     };
-    summary.other_context = summary.chunk_hits > 0
-        && request
-            .chunks
-            .first()
-            .is_none_or(|first| *first.tokens != *options.chunk_context);
     (request, summary)
+}
+
+/// Whether the first chunk is `context` (not empty), the one chunk caches were computed
+/// after.
+fn starts_with_context<K>(chunks: &[ChunkSpec<K>], context: &[u32]) -> bool {
+    !context.is_empty()
+        && chunks
+            .first()
+            .is_some_and(|first| *first.tokens == *context)
 }
 
 /// Sets how each chunk cache of a request is blended: the request's budget —
@@ -197,33 +199,25 @@ pub async fn plan<L: LoadBackend>(
 /// holds this prompt's own KV there, up to storage rounding: it needs none, and its share
 /// goes to the chunks after it, which never saw the chunks before them.
 pub fn spread_recompute<K>(chunks: &mut [ChunkSpec<K>], recompute: Recompute, context: &[u32]) {
-    let is_chunk_cache = |c: &ChunkSpec<K>| {
-        c.stored
-            .as_ref()
-            .is_some_and(|s| s.kind == CacheKind::Chunk)
-    };
-    let in_own_context = |i: usize| i == 1 && !context.is_empty() && *chunks[0].tokens == *context;
-    let loaded: usize = chunks
-        .iter()
-        .filter(|c| is_chunk_cache(c))
-        .map(|c| c.tokens.len())
-        .sum();
-    let needing: usize = chunks
-        .iter()
-        .enumerate()
-        .filter(|(i, c)| is_chunk_cache(c) && !in_own_context(*i))
-        .map(|(_, c)| c.tokens.len())
-        .sum();
+    // Chunk 1 sits right after the context its cache was computed after.
+    let after_context = starts_with_context(chunks, context);
+    let needs = |i: usize, c: &ChunkSpec<K>| c.loads_chunk_cache() && !(after_context && i == 1);
+    let (mut loaded, mut needing) = (0, 0);
+    for (i, c) in chunks.iter().enumerate() {
+        if c.loads_chunk_cache() {
+            loaded += c.tokens.len();
+        }
+        if needs(i, c) {
+            needing += c.tokens.len();
+        }
+    }
     let ratio = if needing == 0 {
         0.0
     } else {
         (recompute.ratio * loaded as f64 / needing as f64).min(1.0)
     };
-    let own_context = (0..chunks.len())
-        .filter(|&i| in_own_context(i))
-        .collect::<Vec<_>>();
     for (i, chunk) in chunks.iter_mut().enumerate() {
-        chunk.recompute = if is_chunk_cache(chunk) && !own_context.contains(&i) {
+        chunk.recompute = if needs(i, &*chunk) {
             Recompute { ratio, ..recompute }
         } else {
             Recompute::NONE

@@ -15,7 +15,7 @@ use super::dispatch::{
     RequestShape,
 };
 use super::{
-    BlendChunk, CacheKind, ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MissReason,
+    BlendChunk, ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MissReason,
     PrefillRequest, Recompute, SchedulerConfig, WriteBack, check_request, in_context_chunks,
     load_within,
 };
@@ -327,11 +327,8 @@ where
 /// How a chunk's loaded cache is blended in: only a position-independent chunk cache, and
 /// only when its ratio is not 0.
 fn blended<K>(chunk: &ChunkSpec<K>) -> Option<Recompute> {
-    let chunk_cache = chunk
-        .stored
-        .as_ref()
-        .is_some_and(|s| s.kind == CacheKind::Chunk);
-    (chunk_cache && chunk.recompute.tokens(chunk.tokens.len()) > 0).then_some(chunk.recompute)
+    (chunk.loads_chunk_cache() && chunk.recompute.tokens(chunk.tokens.len()) > 0)
+        .then_some(chunk.recompute)
 }
 
 /// What the compute thread runs for a step, taken out of the state so the lock is free
