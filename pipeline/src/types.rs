@@ -36,8 +36,8 @@ pub struct AskOptions {
     /// A cached chunk ranks above an uncached one scoring higher by less than this.
     pub prefer_cached_within: f32,
     /// How a loaded position-independent chunk cache is blended into the prompt: which of
-    /// its tokens are recomputed in context (`deviation` or `leading`) and what share
-    /// (`ratio`, 0 to 1; 0 uses the caches as loaded). Not used with `exact`.
+    /// its tokens are recomputed in context (`deviation`, `leading` or `query`) and what
+    /// share (`ratio`, 0 to 1; 0 uses the caches as loaded). Not used with `exact`.
     pub recompute: Recompute,
 }
 

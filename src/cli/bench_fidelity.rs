@@ -58,7 +58,7 @@ pub struct FidelityArgs {
     #[arg(long, default_value_t = 7)]
     seed: u64,
     /// Recomputation rules measured.
-    #[arg(long, value_delimiter = ',', default_value = "deviation,leading")]
+    #[arg(long, value_delimiter = ',', default_value = "deviation,leading,query")]
     rules: Vec<RecomputeRule>,
     /// Recompute ratios measured for each rule (ratio 0, the naive arm, always runs).
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.15,0.25,0.5")]
@@ -569,7 +569,7 @@ fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
     // One line per rule and chunk order, from the naive arm (ratio 0) up.
     let mut lines: Vec<(String, Vec<&ArmRow>)> = Vec::new();
     for shuffled in [false, true] {
-        for rule in ["deviation", "leading"] {
+        for rule in RecomputeRule::ALL.map(|r| r.as_str()) {
             let points: Vec<&ArmRow> = report
                 .arms
                 .iter()

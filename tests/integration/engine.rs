@@ -5,8 +5,8 @@ use std::io::Write;
 use std::ops::ControlFlow;
 
 use ragcake::engine::{
-    Blend, ChatMessage, Engine, EngineConfig, EngineError, GenerateParams, GgufFile, Logits, Role,
-    Sampling, Selection, Tensor,
+    Blend, ChatMessage, Engine, EngineConfig, EngineError, GenerateParams, GgufFile, KvCache,
+    Logits, Role, Sampling, Selection, Tensor,
 };
 
 use crate::common::{
@@ -444,6 +444,14 @@ struct BlendCase {
     tail: Vec<u32>,
 }
 
+impl BlendCase {
+    /// Cache indices of the first and second chunk after the preamble.
+    fn chunk_offsets(&self) -> [usize; 2] {
+        let first = self.preamble.len();
+        [first, first + self.first.len()]
+    }
+}
+
 fn blend_case() -> BlendCase {
     let tokenizer = dense_engine().tokenizer();
     let control = |s: &str| tokenizer.encode(s, true).unwrap();
@@ -484,17 +492,22 @@ fn tail_logits_over_chunk_cache(case: &BlendCase, selection: Option<Selection>) 
     let context: Vec<u32> = [case.preamble.as_slice(), &case.first].concat();
     engine.append(&mut cache, &context, 512, false).unwrap();
     engine.import(&mut cache, &chunk_cache).unwrap();
-    let recomputed = match selection {
-        Some(selection) => engine
-            .model()
-            .recompute(&case.second, &mut cache, context.len(), selection)
-            .unwrap(),
-        None => 0,
-    };
-    (
-        logits(engine, &case.tail, &mut cache, Logits::All),
-        recomputed,
-    )
+    match selection {
+        // Blended in the question's pass, as a request's prefill does.
+        Some(selection) => {
+            let blend = Blend {
+                tokens: &case.second,
+                offset: context.len(),
+                selection,
+            };
+            let (logits, recomputed) = engine
+                .model()
+                .forward_blended(&case.tail, &mut cache, &[blend], Logits::All)
+                .unwrap();
+            (logits.unwrap(), recomputed)
+        }
+        None => (logits(engine, &case.tail, &mut cache, Logits::All), 0),
+    }
 }
 
 #[test]
@@ -515,7 +528,11 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
         "the naive cache should differ: KL {naive_kl}"
     );
     let share = n.div_ceil(5); // 20% of the chunk
-    for selection in [Selection::Deviating(share), Selection::Leading(share)] {
+    for selection in [
+        Selection::Deviating(share),
+        Selection::Leading(share),
+        Selection::Attended(share),
+    ] {
         let (blended, recomputed) = tail_logits_over_chunk_cache(&case, Some(selection));
         assert_eq!(recomputed, share, "{selection:?}");
         let kl = mean_kl(&full, &blended);
@@ -525,7 +542,11 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
         );
     }
     // Recomputing every token is full computation (up to the order of float sums).
-    for selection in [Selection::Deviating(n), Selection::Leading(n)] {
+    for selection in [
+        Selection::Deviating(n),
+        Selection::Leading(n),
+        Selection::Attended(n),
+    ] {
         let (all, recomputed) = tail_logits_over_chunk_cache(&case, Some(selection));
         assert_eq!(recomputed, n);
         let diff = max_abs_diff(&all, &full);
@@ -542,24 +563,8 @@ fn blending_in_the_tail_pass_equals_blending_chunk_by_chunk_then_the_tail() {
     // logits of recomputing each chunk's selection in turn, then computing the tail.
     let engine = dense_engine();
     let case = blend_case();
-    let filled = || {
-        let mut alone = engine.new_cache();
-        let mut cache = engine.new_cache();
-        engine
-            .append(&mut cache, &case.preamble, 512, false)
-            .unwrap();
-        for chunk in [&case.first, &case.second] {
-            alone.truncate(0);
-            engine
-                .append(&mut alone, &case.preamble, 512, false)
-                .unwrap();
-            engine.append(&mut alone, chunk, 512, false).unwrap();
-            let kv = alone.export(case.preamble.len()..alone.len()).unwrap();
-            engine.import(&mut cache, &kv).unwrap();
-        }
-        cache
-    };
-    let offsets = [case.preamble.len(), case.preamble.len() + case.first.len()];
+    let filled = || two_chunk_caches(engine, &case);
+    let offsets = case.chunk_offsets();
     for rule in [
         Selection::Deviating as fn(usize) -> Selection,
         Selection::Leading,
@@ -595,6 +600,75 @@ fn blending_in_the_tail_pass_equals_blending_chunk_by_chunk_then_the_tail() {
             "{:?}: max |Δlogit| = {diff}",
             blends[0].selection
         );
+    }
+}
+
+/// The preamble, then both chunks of `case` loaded from caches computed after the preamble
+/// alone.
+fn two_chunk_caches(engine: &Engine, case: &BlendCase) -> KvCache {
+    let mut alone = engine.new_cache();
+    let mut cache = engine.new_cache();
+    engine
+        .append(&mut cache, &case.preamble, 512, false)
+        .unwrap();
+    for chunk in [&case.first, &case.second] {
+        alone.truncate(0);
+        engine
+            .append(&mut alone, &case.preamble, 512, false)
+            .unwrap();
+        engine.append(&mut alone, chunk, 512, false).unwrap();
+        let kv = alone.export(case.preamble.len()..alone.len()).unwrap();
+        engine.import(&mut cache, &kv).unwrap();
+    }
+    cache
+}
+
+#[test]
+fn question_aware_selection_pools_the_budget_across_chunks_and_needs_the_question() {
+    let engine = dense_engine();
+    let case = blend_case();
+    let offsets = case.chunk_offsets();
+    let k = case.second.len() / 5;
+    let blended = |budgets: [usize; 2]| {
+        let mut cache = two_chunk_caches(engine, &case);
+        let blends: Vec<Blend> = [&case.first, &case.second]
+            .iter()
+            .zip(offsets)
+            .zip(budgets)
+            .map(|((tokens, offset), n)| Blend {
+                tokens,
+                offset,
+                selection: Selection::Attended(n),
+            })
+            .collect();
+        let (logits, recomputed) = engine
+            .model()
+            .forward_blended(&case.tail, &mut cache, &blends, Logits::All)
+            .unwrap();
+        (logits.unwrap(), recomputed)
+    };
+    // One pool of 2k tokens over both chunks, however the budget is split between them.
+    let (even, recomputed) = blended([k, k]);
+    assert_eq!(recomputed, 2 * k);
+    let (lopsided, recomputed) = blended([0, 2 * k]);
+    assert_eq!(recomputed, 2 * k);
+    assert_eq!(max_abs_diff(&even, &lopsided), 0.0);
+
+    // Without the question there is nothing to select by: a typed error, nothing written.
+    let mut cache = two_chunk_caches(engine, &case);
+    let before = cache.export(0..cache.len()).unwrap();
+    let result =
+        engine
+            .model()
+            .recompute(&case.second, &mut cache, offsets[1], Selection::Attended(k));
+    assert!(
+        matches!(result, Err(EngineError::InvalidSetting(_))),
+        "{result:?}"
+    );
+    let after = cache.export(0..cache.len()).unwrap();
+    for ((k0, v0), (k1, v1)) in before.layers().iter().zip(after.layers()) {
+        assert_eq!(max_abs_diff(k0, k1), 0.0);
+        assert_eq!(max_abs_diff(v0, v1), 0.0);
     }
 }
 

@@ -549,6 +549,12 @@ impl Llama {
             .iter()
             .map(|b| b.selection.plan(b.tokens.len()))
             .collect();
+        if blends
+            .iter()
+            .any(|b| matches!(b.selection, Selection::Attended(_)))
+        {
+            self.select_attended(blends, &mut groups, tail, cache)?;
+        }
         let ids: Vec<u32> = blends
             .iter()
             .zip(&groups)
@@ -636,6 +642,66 @@ impl Llama {
         cache.commit(tail.len());
         let recomputed = groups.iter().map(|g| g.rows.len()).sum();
         Ok((x, recomputed))
+    }
+
+    /// Fills the rows of the blends with [`Selection::Attended`]: their budgets pooled, the
+    /// tokens of those chunks that the `tail`, run over the cache as loaded, attends to most
+    /// (attention summed over its tokens, heads and every layer). The probe's keys and
+    /// values of the tail are written after the cache but not committed: the blended pass
+    /// overwrites them.
+    fn select_attended(
+        &self,
+        blends: &[Blend<'_>],
+        groups: &mut [RowPlan],
+        tail: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<()> {
+        if tail.is_empty() {
+            return Err(EngineError::InvalidSetting(
+                "selecting the tokens a question attends to needs the question".into(),
+            ));
+        }
+        let len = cache.len();
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(tail, &self.device)?, 0)?;
+        let rows: Vec<usize> = (len..len + tail.len()).collect();
+        let scale = (self.config.head_dim as f64).powf(-0.5);
+        let mut mass = Tensor::zeros(len, DType::F32, &self.device)?;
+        let last = self.blocks.len() - 1;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let (q, k, v) = self.project_qkv(block, &x, &rows, cache, None)?;
+            let (keys, values) = cache.write_layer_at(layer, len, &k, &v)?;
+            let probs = attention_probs(&q, &keys, &rows, scale)?;
+            mass = (mass + probs.sum(0)?.narrow(0, 0, len)?)?;
+            if layer < last {
+                x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, None)?;
+            }
+        }
+        let mass: Vec<f32> = mass.to_vec1()?;
+        let budget: usize = blends
+            .iter()
+            .map(|b| match b.selection {
+                Selection::Attended(n) => n.min(b.tokens.len()),
+                _ => 0,
+            })
+            .sum();
+        let mut candidates: Vec<(usize, usize)> = blends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| matches!(b.selection, Selection::Attended(_)))
+            .flat_map(|(i, b)| (0..b.tokens.len()).map(move |r| (i, r)))
+            .collect();
+        candidates.sort_by(|&(a, ra), &(b, rb)| {
+            let (ma, mb) = (mass[blends[a].offset + ra], mass[blends[b].offset + rb]);
+            mb.total_cmp(&ma)
+        });
+        candidates.truncate(budget);
+        candidates.sort_unstable();
+        for (i, row) in candidates {
+            groups[i].rows.push(row);
+        }
+        Ok(())
     }
 
     /// The first half of a block for tokens at the cache indices `rows`: their queries,
@@ -727,6 +793,11 @@ pub enum Selection {
     /// arXiv 2405.16444): every token through the first layer, the `2n` most deviating at
     /// the second, the `n` most deviating at the third and above.
     Deviating(usize),
+    /// The tokens the question attends to most over the loaded caches (query-aware, as
+    /// ProphetKV, arXiv 2602.02579), through every layer: the question is first run over the
+    /// cache as loaded, and the `n` of every blend with this rule in the pass are pooled,
+    /// so the chunks the question reads get the budget. Needs the question in the pass.
+    Attended(usize),
 }
 
 /// The tokens of one chunk a blend computes: the rows (token indices within the chunk)
@@ -741,7 +812,7 @@ impl Selection {
     fn plan(&self, n: usize) -> RowPlan {
         let (rows, narrowing) = match *self {
             Self::Leading(k) => ((0..k.min(n)).collect(), Vec::new()),
-            Self::Deviating(0) => (Vec::new(), Vec::new()),
+            Self::Deviating(0) | Self::Attended(_) => (Vec::new(), Vec::new()),
             Self::Deviating(k) => ((0..n).collect(), vec![(1, (2 * k).min(n)), (2, k.min(n))]),
         };
         RowPlan { rows, narrowing }
@@ -829,6 +900,29 @@ fn attention(
     }
     let out = Tensor::cat(&outputs, 1)?; // [n_kv, t, group, hd]
     Ok(out.transpose(0, 1)?.reshape((t, nh * hd))?)
+}
+
+/// Attention probabilities of the queries `q` (`[t, n_heads, hd]`, tokens at the cache
+/// indices `rows`) over `keys` (`[n_kv, context, hd]`), summed over the query heads:
+/// `[t, kv_end]` (f32), `kv_end` the key after the last row's own.
+fn attention_probs(q: &Tensor, keys: &Tensor, rows: &[usize], scale: f64) -> Result<Tensor> {
+    let (t, nh, hd) = q.dims3()?;
+    let nkv = keys.dim(0)?;
+    let group = nh / nkv;
+    let kv_end = rows[t - 1] + 1;
+    let q = (q * scale)?
+        .reshape((t, nkv, group, hd))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((nkv, t * group, hd))?;
+    let scores = q.matmul(&keys.narrow(1, 0, kv_end)?.t()?)?;
+    let mask = causal_mask(rows, kv_end, q.device())?.to_dtype(scores.dtype())?;
+    let scores = scores
+        .reshape((nkv, t, group, kv_end))?
+        .broadcast_add(&mask)?
+        .to_dtype(DType::F32)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs.sum(2)?.sum(0)?)
 }
 
 /// `[rows, 1, kv_end]` additive mask: the query at cache index `rows[i]` sees the keys up to

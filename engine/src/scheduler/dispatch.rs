@@ -32,6 +32,31 @@ pub struct RequestShape {
     pub tail_tokens: usize,
     /// How this request fills its cache.
     pub mode: Mode,
+    /// Whether blending runs the question over the loaded caches first to choose the
+    /// tokens recomputed ([`crate::scheduler::RecomputeRule::Query`]): one more pass of
+    /// the tail, charged with the first blended chunk.
+    pub probes_tail: bool,
+}
+
+impl RequestShape {
+    /// Compute seconds of blending chunk `chunk` of `compute_secs` in, with the question
+    /// probe when this is the first chunk blended (`blended_so_far` is 0) and the request
+    /// probes; `tail_secs` is the tail's own cost.
+    pub(crate) fn blend_secs(
+        &self,
+        chunk: usize,
+        compute_secs: f64,
+        blended_so_far: f64,
+        tail_secs: impl FnOnce() -> f64,
+    ) -> f64 {
+        let share = self.chunks[chunk].recompute_share;
+        let probe = if share > 0.0 && blended_so_far == 0.0 && self.probes_tail {
+            tail_secs()
+        } else {
+            0.0
+        };
+        share * compute_secs + probe
+    }
 }
 
 /// A unit of work for the compute worker.
@@ -508,8 +533,15 @@ impl Dispatcher {
                 r.report.chunks_loaded += 1;
                 r.report.tokens_loaded += shape.tokens;
                 r.report.import_secs += secs;
-                r.pending_blend_secs += shape.recompute_share
-                    * self.costs.compute_secs(shape.tokens, r.positions[chunk]);
+                let compute = self.costs.compute_secs(shape.tokens, r.positions[chunk]);
+                let tail_position = r.tail_position();
+                let costs = &self.costs;
+                let blend = r
+                    .shape
+                    .blend_secs(chunk, compute, r.pending_blend_secs, || {
+                        costs.compute_secs(r.shape.tail_tokens, tail_position)
+                    });
+                r.pending_blend_secs += blend;
                 None
             }
             ComputeStep::Compute { chunk, .. } => {

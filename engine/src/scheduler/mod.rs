@@ -136,17 +136,25 @@ pub enum RecomputeRule {
     Deviation,
     /// The first tokens of each chunk (EPIC).
     Leading,
+    /// The tokens the question attends to most over the loaded caches, the budget pooled
+    /// across the request's chunks (query-aware, ProphetKV).
+    Query,
 }
 
 impl RecomputeRule {
     /// Every rule, in display order.
-    pub const ALL: [RecomputeRule; 2] = [RecomputeRule::Deviation, RecomputeRule::Leading];
+    pub const ALL: [RecomputeRule; 3] = [
+        RecomputeRule::Deviation,
+        RecomputeRule::Leading,
+        RecomputeRule::Query,
+    ];
 
     /// The rule's name as written on the command line.
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Deviation => "deviation",
             Self::Leading => "leading",
+            Self::Query => "query",
         }
     }
 }
@@ -163,7 +171,7 @@ impl FromStr for RecomputeRule {
         Self::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown recompute rule {s:?} (deviation, leading)"))
+            .ok_or_else(|| format!("unknown recompute rule {s:?} (deviation, leading, query)"))
     }
 }
 
@@ -225,6 +233,7 @@ impl Recompute {
         (n > 0).then_some(match self.rule {
             RecomputeRule::Deviation => crate::Selection::Deviating(n),
             RecomputeRule::Leading => crate::Selection::Leading(n),
+            RecomputeRule::Query => crate::Selection::Attended(n),
         })
     }
 
@@ -238,7 +247,7 @@ impl Recompute {
         }
         let layers = layers.max(1) as f64;
         match self.rule {
-            RecomputeRule::Leading => self.ratio,
+            RecomputeRule::Leading | RecomputeRule::Query => self.ratio,
             RecomputeRule::Deviation => (self.ratio + (1.0 + 2.0 * self.ratio) / layers).min(1.0),
         }
     }

@@ -177,6 +177,10 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                 .collect(),
             tail_tokens: request.tail.len(),
             mode: request.mode,
+            probes_tail: request
+                .chunks
+                .iter()
+                .any(|c| blended(c).is_some_and(|r| r.rule == super::RecomputeRule::Query)),
         };
         let (reply, answer) = oneshot::channel();
         let id = {

@@ -193,8 +193,13 @@ fn step_secs(
             // Its blend is done with the tail: charged there.
             let c = &shape.chunks[chunk];
             let position = dispatcher.position(request, chunk).unwrap_or(0);
-            *blends.entry(request).or_default() +=
-                c.recompute_share * costs.compute(c.tokens, position);
+            let tail_position = dispatcher
+                .position(request, shape.chunks.len())
+                .unwrap_or(0);
+            let so_far = blends.entry(request).or_default();
+            *so_far += shape.blend_secs(chunk, costs.compute(c.tokens, position), *so_far, || {
+                costs.compute(shape.tail_tokens, tail_position)
+            });
             costs.import_secs_per_token * c.tokens as f64
         }
         ComputeStep::Compute { request, chunk } => {

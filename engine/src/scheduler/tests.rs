@@ -54,6 +54,7 @@ fn blended_shape(
             .collect(),
         tail_tokens: 16,
         mode,
+        probes_tail: false,
     }
 }
 
@@ -115,6 +116,22 @@ fn blending_loaded_chunks_is_compute_work_that_enters_the_meeting_point() {
         blended.ttft_secs < 0.75 * 16.0 * CHUNK as f64 * 1e-3,
         "{blended:?}"
     );
+}
+
+#[test]
+fn a_question_probe_costs_one_more_tail_pass_once_per_request() {
+    // Load-only, so both requests import the same chunks and differ only in the probe.
+    let costs = costs(1e-3, 1e-4);
+    let blended = blended_shape(8, |_| true, Mode::LoadOnly, 0.2);
+    let probing = RequestShape {
+        probes_tail: true,
+        ..blended.clone()
+    };
+    let tail = blended.tail_tokens as f64 * 1e-3;
+    let without = run_one(&costs, 1, blended);
+    let with = run_one(&costs, 1, probing);
+    let extra = with.ttft_secs - without.ttft_secs;
+    assert!((extra - tail).abs() < 1e-9, "{extra} s more, a tail is {tail} s");
 }
 
 #[test]
