@@ -692,3 +692,74 @@ fn recomputing_tokens_outside_the_cache_is_a_typed_error_and_changes_nothing() {
         assert_eq!(max_abs_diff(v0, v1), 0.0);
     }
 }
+
+#[test]
+fn a_batched_decode_step_gives_each_sequence_the_greedy_tokens_it_gets_alone() {
+    // Three sequences of different lengths, decoded 8 steps alone and then as one batch
+    // per step, on the Q8_0 decode path that serves answers.
+    let engine = engine();
+    let prose = prose_tokens(120);
+    let prompts = [&prose[..13], &prose[..57], &prose[40..120]];
+    let prefilled = || -> Vec<(KvCache, u32)> {
+        prompts
+            .iter()
+            .map(|prompt| {
+                let mut cache = engine.new_cache();
+                let last = logits(engine, prompt, &mut cache, Logits::Last);
+                (cache, argmax(&last))
+            })
+            .collect()
+    };
+    const STEPS: usize = 8;
+    let mut alone = Vec::new();
+    for (mut cache, mut token) in prefilled() {
+        let mut steps = Vec::new();
+        for _ in 0..STEPS {
+            let next = engine.model().decode(&[token], &mut cache).unwrap();
+            steps.push(next.clone());
+            token = argmax(&next);
+        }
+        alone.push(steps);
+    }
+    let (mut caches, mut tokens): (Vec<KvCache>, Vec<u32>) = prefilled().into_iter().unzip();
+    for step in 0..STEPS {
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        let batch = engine.model().decode_batch(&tokens, &mut refs).unwrap();
+        for (i, token) in tokens.iter_mut().enumerate() {
+            let row = batch.get(i).unwrap();
+            let diff = max_abs_diff(&row, &alone[i][step]);
+            assert!(
+                diff < LOGIT_TOLERANCE,
+                "sequence {i}, step {step}: max |Δlogit| = {diff}"
+            );
+            *token = argmax(&row);
+            assert_eq!(*token, argmax(&alone[i][step]), "sequence {i}, step {step}");
+        }
+    }
+    for (cache, prompt) in caches.iter().zip(prompts) {
+        assert_eq!(cache.len(), prompt.len() + STEPS);
+    }
+}
+
+#[test]
+fn a_decode_batch_that_cannot_run_is_a_typed_error_and_changes_no_cache() {
+    let engine = engine();
+    let tokens = prose_tokens(20);
+    let mut a = engine.new_cache();
+    let mut b = engine.new_cache();
+    engine.prefill(&mut a, &tokens[..10], 64).unwrap();
+    engine.prefill(&mut b, &tokens[..20], 64).unwrap();
+    let mut caches = [&mut a, &mut b];
+    let too_few = engine.model().decode_batch(&[1], &mut caches);
+    assert!(
+        matches!(too_few, Err(EngineError::KvMismatch(_))),
+        "{too_few:?}"
+    );
+    let vocab = engine.model().config().vocab_size as u32;
+    let out_of_range = engine.model().decode_batch(&[1, vocab], &mut caches);
+    assert!(
+        matches!(out_of_range, Err(EngineError::TokenOutOfRange { .. })),
+        "{out_of_range:?}"
+    );
+    assert_eq!((a.len(), b.len()), (10, 20));
+}

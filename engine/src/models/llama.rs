@@ -714,17 +714,34 @@ impl Llama {
         cache: &KvCache,
         decode: Option<&DecodeWeights>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let qkv = self.qkv(block, x, decode)?;
+        self.rotated_qkv(&qkv, cache.base_position(), rows)
+    }
+
+    /// The stacked query, key and value projections of the normalised `x`: `[t, (n_heads +
+    /// 2·n_kv)·hd]`.
+    fn qkv(&self, block: &Block, x: &Tensor, decode: Option<&DecodeWeights>) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x, &block.attn_norm, self.config.rms_eps as f32)?;
+        linear(&h, &block.wqkv, decode.map(|d| &d.wqkv))
+    }
+
+    /// Queries `[t, n_heads, hd]`, keys and values `[n_kv, t, hd]` of the projections `qkv`
+    /// of tokens at the cache indices `rows` of a cache starting at position `base`, the
+    /// queries and keys rotated for their positions.
+    fn rotated_qkv(
+        &self,
+        qkv: &Tensor,
+        base: usize,
+        rows: &[usize],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let cfg = &self.config;
-        let (t, _) = x.dims2()?;
+        let (t, _) = qkv.dims2()?;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
-        let h = candle_nn::ops::rms_norm(x, &block.attn_norm, cfg.rms_eps as f32)?;
-        let qkv = linear(&h, &block.wqkv, decode.map(|d| &d.wqkv))?;
         let q = qkv.narrow(1, 0, nh * hd)?.reshape((t, nh, hd))?;
         let k = qkv.narrow(1, nh * hd, nkv * hd)?.reshape((t, nkv, hd))?;
         let v = qkv
             .narrow(1, (nh + nkv) * hd, nkv * hd)?
             .reshape((t, nkv, hd))?;
-        let base = cache.base_position();
         let consecutive = rows.windows(2).all(|w| w[1] == w[0] + 1);
         let (q, k) = if consecutive {
             (
@@ -755,17 +772,77 @@ impl Llama {
         rows: &[usize],
         decode: Option<&DecodeWeights>,
     ) -> Result<Tensor> {
+        let scale = (self.config.head_dim as f64).powf(-0.5);
+        let attn = attention(q, keys, values, rows, scale)?;
+        self.output_and_mlp(block, x, &attn, decode)
+    }
+
+    /// The attention output projection added to `x`, then the feed-forward.
+    fn output_and_mlp(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        attn: &Tensor,
+        decode: Option<&DecodeWeights>,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
-        let eps = cfg.rms_eps as f32;
-        let attn = attention(q, keys, values, rows, (cfg.head_dim as f64).powf(-0.5))?;
-        let x = (x + linear(&attn, &block.wo, decode.map(|d| &d.wo))?)?;
-        let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+        let x = (x + linear(attn, &block.wo, decode.map(|d| &d.wo))?)?;
+        let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, cfg.rms_eps as f32)?;
         let gate_up = linear(&h, &block.w_gate_up, decode.map(|d| &d.w_gate_up))?;
         let gate = gate_up.narrow(1, 0, cfg.ffn_size)?;
         let up = gate_up.narrow(1, cfg.ffn_size, cfg.ffn_size)?;
         let act = (candle_nn::ops::silu(&gate)? * up)?;
         let mlp = linear(&act, &block.w_down, decode.map(|d| &d.w_down))?;
         Ok((x + mlp)?)
+    }
+
+    /// One decode step of several sequences: `tokens[i]` is appended to `caches[i]`. The
+    /// projections and the feed-forward run as one matrix product over all the rows, so
+    /// the weights are read once for the batch; attention runs per sequence over its own
+    /// cache. Through the Q8_0 decode weights when the model keeps them, like
+    /// [`Llama::decode`], whose logits row `i` equals up to float summation order.
+    /// Returns the logits `[batch, vocab]` (f32). On an error no cache has changed length.
+    pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if tokens.is_empty() || tokens.len() != caches.len() {
+            return Err(EngineError::KvMismatch(format!(
+                "a decode batch of {} tokens for {} caches",
+                tokens.len(),
+                caches.len()
+            )));
+        }
+        for (token, cache) in tokens.iter().zip(caches.iter_mut()) {
+            self.check_input(std::slice::from_ref(token), cache)?;
+            if cache.partial_len() > 0 {
+                return Err(EngineError::KvMismatch(
+                    "a cache in a layer-split prefill cannot decode".into(),
+                ));
+            }
+            self.check_room(cache.next_position(), 1)?;
+            cache.reserve(1)?;
+        }
+        let mut x = self
+            .embed
+            .index_select(&Tensor::new(tokens, &self.device)?, 0)?;
+        let scale = (self.config.head_dim as f64).powf(-0.5);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let decode = block.decode.as_ref();
+            let qkv = self.qkv(block, &x, decode)?;
+            let mut outputs = Vec::with_capacity(tokens.len());
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let row = [cache.len()];
+                let (q, k, v) =
+                    self.rotated_qkv(&qkv.narrow(0, i, 1)?, cache.base_position(), &row)?;
+                let (keys, values) = cache.write_layer(layer, &k, &v)?;
+                outputs.push(attention(&q, &keys, &values, &row, scale)?);
+            }
+            let attn = Tensor::cat(&outputs, 0)?;
+            x = self.output_and_mlp(block, &x, &attn, decode)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.commit(1);
+        }
+        self.head(&x, Logits::All, true)?
+            .ok_or(EngineError::EmptyInput)
     }
 }
 

@@ -131,7 +131,10 @@ fn a_question_probe_costs_one_more_tail_pass_once_per_request() {
     let without = run_one(&costs, 1, blended);
     let with = run_one(&costs, 1, probing);
     let extra = with.ttft_secs - without.ttft_secs;
-    assert!((extra - tail).abs() < 1e-9, "{extra} s more, a tail is {tail} s");
+    assert!(
+        (extra - tail).abs() < 1e-9,
+        "{extra} s more, a tail is {tail} s"
+    );
 }
 
 #[test]
