@@ -51,6 +51,10 @@ pub struct PrefillArgs {
     /// Tokens decoded one at a time after a 256-token prompt.
     #[arg(long, default_value_t = 32)]
     decode_tokens: usize,
+    /// Sequences decoded together, one batched step per token (each after its own
+    /// 256-token prompt), beside single-stream decode.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    decode_batches: Vec<usize>,
     /// Python interpreter with llama-cpp-python
     /// [default: $RAGCAKE_HOME/venv/bin/python when it exists].
     #[arg(long)]
@@ -73,6 +77,9 @@ struct Row {
     measure: &'static str,
     /// Context tokens (decode: the prompt before the decoded tokens).
     context: usize,
+    /// Sequences decoded together (1 for prefill and single-stream decode); tokens/s
+    /// counts the tokens of all of them.
+    batch: usize,
     threads: usize,
     ragcake_tok_s: f64,
     ragcake_min: f64,
@@ -95,6 +102,7 @@ impl Row {
         Self {
             measure,
             context,
+            batch: 1,
             threads,
             ragcake_tok_s: ragcake.median,
             ragcake_min: ragcake.min,
@@ -195,6 +203,30 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         }
         decode.push(args.decode_tokens as f64 / t0.elapsed().as_secs_f64());
     }
+    let mut batched = Vec::new();
+    for &batch in args.decode_batches.iter().filter(|&&b| b > 1) {
+        let mut rates = Vec::new();
+        for _ in 0..args.repeats {
+            let mut caches = Vec::with_capacity(batch);
+            for _ in 0..batch {
+                let mut cache = engine.new_cache();
+                engine.prefill(&mut cache, &tokens[..256], args.chunk)?;
+                caches.push(cache);
+            }
+            let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+            let t0 = Instant::now();
+            for i in 0..args.decode_tokens {
+                let step = vec![tokens[256 + i]; batch];
+                engine.model().decode_batch(&step, &mut refs)?;
+            }
+            rates.push((batch * args.decode_tokens) as f64 / t0.elapsed().as_secs_f64());
+        }
+        eprintln!(
+            "ragcake decode, batch of {batch}: {:.1} tok/s",
+            Stats::of(rates.clone()).median
+        );
+        batched.push((batch, rates));
+    }
 
     let llama = if args.no_llama_cpp {
         None
@@ -247,6 +279,12 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         Stats::of(decode),
         llama_decode,
     ));
+    for (batch, rates) in batched {
+        rows.push(Row {
+            batch,
+            ..Row::new("decode", 256, threads, Stats::of(rates), None)
+        });
+    }
     write_csv(&args.csv, &rows)?;
     let png = args.csv.with_extension("png");
     let prefill_rows = || rows.iter().filter(|r| r.measure == "prefill");
@@ -290,6 +328,7 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
             &[
                 "measure",
                 "context",
+                "batch",
                 "ragcake_tok_s",
                 "ragcake_min",
                 "ragcake_max",
