@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::{EngineError, Result};
-use crate::generate::{GenerateParams, Generation, generate};
+use crate::generate::{GenerateParams, Generation, Sampler, generate};
 use crate::gguf::{GgufFile, LlmFingerprint};
 use crate::kv::{KvCache, KvRange};
 use crate::models::llama::{Blend, Llama, LlamaConfig, Logits};
@@ -371,5 +371,22 @@ impl ComputeBackend for Engine {
 
     fn fill_top(&self, cache: &mut KvCache, kv: &KvRange, first_layer: usize) -> Result<()> {
         Engine::fill_top(self, cache, kv, first_layer)
+    }
+
+    fn decode(&self, caches: &mut [&mut KvCache], tokens: &[u32]) -> Result<Vec<Tensor>> {
+        let logits = self.model.decode_batch(tokens, caches)?;
+        (0..tokens.len()).map(|i| Ok(logits.get(i)?)).collect()
+    }
+
+    fn sample(&self, sampler: &mut Sampler, logits: &Tensor) -> Result<u32> {
+        sampler.sample(logits)
+    }
+
+    fn ends_generation(&self, token: u32) -> bool {
+        self.tokenizer.is_end_of_generation(token)
+    }
+
+    fn next_position(&self, cache: &KvCache) -> usize {
+        cache.next_position()
     }
 }

@@ -209,6 +209,9 @@ pub fn generate(
                 break FinishReason::Cancelled;
             }
         }
+        if tokens.len() >= params.max_tokens {
+            break FinishReason::Length;
+        }
         if cache.next_position() >= context {
             break FinishReason::ContextFull;
         }

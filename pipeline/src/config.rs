@@ -74,8 +74,6 @@ pub struct PipelineConfig {
     pub max_queue: usize,
     /// A question not answered within this many seconds fails (queueing included).
     pub timeout_secs: f64,
-    /// Answers decoding at once (decode shares the CPU with prefill).
-    pub decode_concurrency: usize,
     /// Longest question, in characters.
     pub max_question_chars: usize,
     /// Most generated tokens a request may ask for.
@@ -97,7 +95,6 @@ impl Default for PipelineConfig {
             max_concurrent: 8,
             max_queue: 64,
             timeout_secs: 300.0,
-            decode_concurrency: 1,
             max_question_chars: limits.max_question_chars,
             max_tokens_limit: limits.max_tokens,
             prompt: PromptTemplate::default(),

@@ -165,7 +165,7 @@ impl PipelineBuilder {
                 config.prompt.clone(),
             )?)
             .layer(PrefillLayer::new(scheduler.clone()))
-            .service(Generate::new(engine.clone(), config.decode_concurrency));
+            .service(Generate::new(engine.clone(), scheduler.clone()));
         // Outside in: record metrics, refuse when the queue is full, bound the whole wait,
         // queue, bound the questions in flight.
         let service = ServiceBuilder::new()

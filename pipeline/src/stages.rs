@@ -7,17 +7,17 @@
 //! Ask ─Retrieve─▶ Retrieved ─Plan─▶ Planned ─Prefill─▶ Prefilled ─Generate─▶ Answer
 //! ```
 
-use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use ragcake_engine::scheduler::{PlanOptions, PrefillRequest, Scheduler};
-use ragcake_engine::{Engine, GenerateParams, KvCache, Sampling, Tensor};
+use ragcake_engine::scheduler::{DecodeEvent, PlanOptions, PrefillRequest, Scheduler};
+use ragcake_engine::{
+    Engine, FinishReason, GenerateParams, KvCache, Sampling, StreamDecoder, Tensor,
+};
 use ragcake_kvstore::{CacheKey, KvStore};
 use ragcake_retriever::{Retrieval, RetrieveOptions, Retriever};
-use tokio::sync::Semaphore;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -340,21 +340,26 @@ impl Step<Planned> for PrefillLayer {
     }
 }
 
-/// Stage 4 (the innermost service): decodes the answer from the filled cache, streaming
-/// text pieces to a streaming ask. At most `concurrency` answers decode at once.
-#[derive(Debug, Clone)]
+/// Stage 4 (the innermost service): decodes the answer from the filled cache in the shared
+/// scheduler (every answer being generated advances one token per batched decode step,
+/// between prefill steps), streaming text pieces to a streaming ask. A request dropped or
+/// timed out stops decoding at the next step.
+#[derive(Clone)]
 pub struct Generate {
     engine: Arc<Engine>,
-    permits: Arc<Semaphore>,
+    scheduler: Arc<EngineScheduler>,
+}
+
+impl std::fmt::Debug for Generate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generate").finish_non_exhaustive()
+    }
 }
 
 impl Generate {
-    /// Generation with `engine`, `concurrency` decodes at a time.
-    pub fn new(engine: Arc<Engine>, concurrency: usize) -> Self {
-        Self {
-            engine,
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
-        }
+    /// Generation in `scheduler`, detokenized with `engine`'s tokenizer.
+    pub fn new(engine: Arc<Engine>, scheduler: Arc<EngineScheduler>) -> Self {
+        Self { engine, scheduler }
     }
 }
 
@@ -369,17 +374,13 @@ impl Service<Prefilled> for Generate {
 
     fn call(&mut self, prefilled: Prefilled) -> Self::Future {
         let engine = self.engine.clone();
-        let permits = self.permits.clone();
+        let scheduler = self.scheduler.clone();
         Box::pin(
             async move {
-                let _permit = permits
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| PipelineError::Task(e.to_string()))?;
                 let Prefilled {
                     ask,
                     sources,
-                    mut cache,
+                    cache,
                     logits,
                     mut breakdown,
                 } = prefilled;
@@ -393,27 +394,55 @@ impl Service<Prefilled> for Generate {
                     },
                     stop_tokens: Vec::new(),
                 };
-                let stream = ask.stream.clone();
-                let generation = tokio::task::spawn_blocking(move || {
-                    engine.generate(&mut cache, &logits, &params, |piece| {
-                        match &stream {
-                            // A reader that went away cancels the generation.
-                            Some(tx) if tx.send(StreamEvent::Text(piece.to_string())).is_err() => {
-                                ControlFlow::Break(())
+                let mut events = scheduler
+                    .decode(cache, &logits, params)
+                    .map_err(PipelineError::from)?;
+                let tokenizer = engine.tokenizer();
+                let mut decoder = StreamDecoder::new();
+                let mut text = String::new();
+                let mut generated = 0;
+                let started = Instant::now();
+                let finish_reason = loop {
+                    match events.next().await {
+                        Some(DecodeEvent::Token(token)) => {
+                            generated += 1;
+                            let piece = decoder.push(tokenizer, token);
+                            if piece.is_empty() {
+                                continue;
                             }
-                            _ => ControlFlow::Continue(()),
+                            text += &piece;
+                            // A reader that went away cancels the generation.
+                            if let Some(tx) = &ask.stream
+                                && tx.send(StreamEvent::Text(piece)).is_err()
+                            {
+                                break FinishReason::Cancelled;
+                            }
                         }
-                    })
-                })
-                .await
-                .map_err(|e| PipelineError::Task(e.to_string()))?
-                .map_err(PipelineError::from)?;
-                breakdown.generated_tokens = generation.tokens.len();
-                breakdown.decode_secs = generation.decode_time.as_secs_f64();
+                        Some(DecodeEvent::Finished { reason, .. }) => break reason,
+                        Some(DecodeEvent::Failed(error)) => {
+                            return Err(PipelineError::from(error).into());
+                        }
+                        None => {
+                            return Err(PipelineError::Task("decoding stopped".into()).into());
+                        }
+                    }
+                };
+                drop(events);
+                let rest = decoder.finish();
+                if !rest.is_empty() {
+                    text += &rest;
+                    if let (Some(tx), false) =
+                        (&ask.stream, finish_reason == FinishReason::Cancelled)
+                    {
+                        let _ = tx.send(StreamEvent::Text(rest));
+                    }
+                }
+                breakdown.generated_tokens = generated;
+                breakdown.decode_secs = started.elapsed().as_secs_f64();
                 breakdown.total_secs = ask.started.elapsed().as_secs_f64();
                 let answer = Answer {
-                    text: generation.text,
-                    finish_reason: generation.finish_reason,
+                    text,
+                    finish_reason,
                     sources,
                     breakdown,
                 };

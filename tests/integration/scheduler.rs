@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use ragcake::engine::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 use ragcake::engine::scheduler::{
-    CacheKind, ChunkSpec, Filled, LoadBackend, LookupSummary, MissReason, Mode, PlanOptions,
-    PrefillRequest, PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, StoredCache,
-    plan, spread_recompute,
+    CacheKind, ChunkSpec, DecodeEvent, DecodeStream, Filled, LoadBackend, LookupSummary,
+    MissReason, Mode, PlanOptions, PrefillRequest, PromptChunk, Recompute, RecomputeRule,
+    Scheduler, SchedulerConfig, SchedulerStats, StoredCache, plan, spread_recompute,
 };
-use ragcake::engine::{DType, Engine, Tensor};
+use ragcake::engine::{DType, Engine, FinishReason, GenerateParams, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -806,4 +806,142 @@ fn a_layer_split_computes_around_a_corrupt_top_and_a_store_that_is_down() {
             .unwrap();
         assert_computed_around_a_failed_store(&done, chunks.len(), &want);
     });
+}
+
+/// Three prompts (the preamble, one chunk, the question), each prefilled alone.
+fn decode_prompts() -> Vec<(ragcake::engine::KvCache, Tensor)> {
+    let engine = shared_dense_engine();
+    let (chunks, tail) = context();
+    chunks[1..4]
+        .iter()
+        .map(|chunk| {
+            let prompt: Vec<u32> = [&chunks[0], chunk, &tail]
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            let mut cache = engine.new_cache();
+            let logits = engine.prefill(&mut cache, &prompt, 512).unwrap();
+            (cache, logits)
+        })
+        .collect()
+}
+
+/// Greedy parameters for `max_tokens` tokens.
+fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        ..GenerateParams::default()
+    }
+}
+
+/// Reads a decode stream to its end after the `tokens` read from it already: all its
+/// tokens and how it finished.
+async fn read_to_end(mut stream: DecodeStream, mut tokens: Vec<u32>) -> (Vec<u32>, FinishReason) {
+    for _ in 0..10_000 {
+        match stream
+            .next()
+            .await
+            .expect("a stream ends with Finished or Failed")
+        {
+            DecodeEvent::Token(t) => tokens.push(t),
+            DecodeEvent::Finished {
+                reason, tokens: n, ..
+            } => {
+                assert_eq!(n, tokens.len());
+                return (tokens, reason);
+            }
+            DecodeEvent::Failed(error) => panic!("decode failed: {error}"),
+        }
+    }
+    panic!("no end after 10000 events");
+}
+
+#[test]
+fn sequences_decoded_together_in_the_scheduler_get_the_greedy_tokens_they_get_alone() {
+    runtime().block_on(async {
+        let engine = shared_dense_engine();
+        const TOKENS: usize = 12;
+        let alone: Vec<(Vec<u32>, FinishReason)> = decode_prompts()
+            .into_iter()
+            .map(|(mut cache, logits)| {
+                let generation = engine
+                    .generate(&mut cache, &logits, &greedy(TOKENS), |_| {
+                        std::ops::ControlFlow::Continue(())
+                    })
+                    .unwrap();
+                (generation.tokens, generation.finish_reason)
+            })
+            .collect();
+
+        let scheduler = scheduler(memory_store(DType::F16), SchedulerConfig::default());
+        let mut prompts = decode_prompts().into_iter();
+        // The first sequence decodes a few steps before the others join it.
+        let (cache, logits) = prompts.next().unwrap();
+        let mut first = scheduler.decode(cache, &logits, greedy(TOKENS)).unwrap();
+        let mut early = Vec::new();
+        for _ in 0..3 {
+            match first.next().await {
+                Some(DecodeEvent::Token(t)) => early.push(t),
+                other => panic!("{other:?}"),
+            }
+        }
+        let others: Vec<DecodeStream> = prompts
+            .map(|(cache, logits)| scheduler.decode(cache, &logits, greedy(TOKENS)).unwrap())
+            .collect();
+        let mut together = vec![];
+        together.push(read_to_end(first, early).await);
+        for stream in others {
+            together.push(read_to_end(stream, Vec::new()).await);
+        }
+        for (i, (got, want)) in together.iter().zip(&alone).enumerate() {
+            assert_eq!(got, want, "sequence {i}");
+        }
+        let stats = no_decoding_left(&scheduler).await;
+        // The first token of each comes from its prefill logits, every other from a step;
+        // a stop token takes one more.
+        let stepped: usize = alone
+            .iter()
+            .map(|(t, reason)| t.len() - usize::from(*reason == FinishReason::Length))
+            .sum();
+        assert_eq!(stats.tokens_decoded, stepped as u64, "{stats:?}");
+        assert!(
+            stats.decode_steps < stats.tokens_decoded,
+            "no step decoded two sequences at once: {stats:?}"
+        );
+        assert_eq!(
+            (stats.decodes_finished, stats.decoding),
+            (3, 0),
+            "{stats:?}"
+        );
+    });
+}
+
+#[test]
+fn a_decode_stream_dropped_mid_answer_leaves_at_the_next_step_and_frees_its_place() {
+    runtime().block_on(async {
+        let scheduler = scheduler(memory_store(DType::F16), SchedulerConfig::default());
+        let (cache, logits) = decode_prompts().remove(0);
+        let mut stream = scheduler.decode(cache, &logits, greedy(1000)).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(stream.next().await, Some(DecodeEvent::Token(_))));
+        }
+        drop(stream);
+        let stats = no_decoding_left(&scheduler).await;
+        assert_eq!(stats.decodes_cancelled, 1, "{stats:?}");
+        assert!(stats.tokens_decoded < 100, "it kept decoding: {stats:?}");
+    });
+}
+
+/// Waits (bounded) until no sequence decodes (a step's bookkeeping ends after its
+/// sequences' last events), and returns the counters then.
+async fn no_decoding_left(scheduler: &Scheduler<Engine, KvStore>) -> SchedulerStats {
+    for _ in 0..200 {
+        let stats = scheduler.stats();
+        if stats.decoding == 0 {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("sequences still decode: {:?}", scheduler.stats());
 }

@@ -12,6 +12,7 @@
 //! - [`Scheduler`]: the real thing, generic over a [`ComputeBackend`] (the engine) and a
 //!   [`LoadBackend`] (a KV store).
 
+pub mod decode;
 pub mod dispatch;
 pub mod layer_split;
 pub mod plan;
@@ -30,7 +31,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
+use crate::generate::Sampler;
 
+pub use decode::{DecodeEvent, DecodeStream};
 pub use plan::{ChunkCacheHint, LookupSummary, PlanOptions, PromptChunk, plan, spread_recompute};
 pub use runtime::{Scheduler, SchedulerStats};
 
@@ -275,6 +278,9 @@ pub struct SchedulerConfig {
     pub load_secs_per_token: f64,
     /// Write chunks computed in context back to the store as exact prefix caches.
     pub write_back: bool,
+    /// Most sequences advanced by one decode step; the others wait their turn (first come,
+    /// first served).
+    pub max_decoding: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -292,6 +298,7 @@ impl Default for SchedulerConfig {
             // first finished load replaces this guess.
             load_secs_per_token: 1e-2,
             write_back: true,
+            max_decoding: 16,
         }
     }
 }
@@ -437,6 +444,16 @@ pub trait ComputeBackend: Send + Sync + 'static {
     /// Fills the top layers (`first_layer..`) of the oldest bottom-only tokens with a
     /// loaded range of those layers.
     fn fill_top(&self, cache: &mut Self::Cache, kv: &Self::Kv, first_layer: usize) -> Result<()>;
+    /// One decode step of several sequences in one pass: appends `tokens[i]` to `caches[i]`
+    /// and returns each sequence's next-token logits, in order. On an error no cache has
+    /// grown.
+    fn decode(&self, caches: &mut [&mut Self::Cache], tokens: &[u32]) -> Result<Vec<Self::Logits>>;
+    /// Draws a token from `logits`.
+    fn sample(&self, sampler: &mut Sampler, logits: &Self::Logits) -> Result<u32>;
+    /// Whether `token` is one of the model's end-of-generation tokens.
+    fn ends_generation(&self, token: u32) -> bool;
+    /// The position the next token appended to `cache` takes.
+    fn next_position(&self, cache: &Self::Cache) -> usize;
 }
 
 /// How a load ended. The dispatcher sees it without the data (`LoadOutcome<()>`).

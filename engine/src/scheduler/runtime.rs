@@ -1,7 +1,7 @@
 //! [`Scheduler`]: the decisions of [`Dispatcher`] carried out by one compute thread and a
 //! pool of tokio load tasks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::decode::{Advance, DecodeStream, Decoding, decode_step};
 use super::dispatch::{
     ChunkShape, ComputeStep, Dispatcher, LoadStep, LoadVerdict, NextCompute, RequestId,
     RequestShape,
@@ -20,6 +21,7 @@ use super::{
     load_within,
 };
 use crate::error::{EngineError, Result};
+use crate::generate::GenerateParams;
 
 /// Counters of a scheduler's life.
 #[derive(Debug, Default)]
@@ -31,6 +33,10 @@ struct Counters {
     write_backs: AtomicU64,
     write_backs_skipped: AtomicU64,
     write_back_failures: AtomicU64,
+    decode_steps: AtomicU64,
+    tokens_decoded: AtomicU64,
+    decodes_finished: AtomicU64,
+    decodes_cancelled: AtomicU64,
 }
 
 /// A snapshot of a scheduler's counters.
@@ -52,6 +58,16 @@ pub struct SchedulerStats {
     pub write_back_failures: u64,
     /// Requests in flight now.
     pub in_flight: u64,
+    /// Batched decode steps run.
+    pub decode_steps: u64,
+    /// Tokens those steps appended, over all sequences.
+    pub tokens_decoded: u64,
+    /// Sequences that finished decoding (stop token, length, full context).
+    pub decodes_finished: u64,
+    /// Sequences whose reader went away before they finished.
+    pub decodes_cancelled: u64,
+    /// Sequences decoding now (or waiting for a place in a step).
+    pub decoding: u64,
 }
 
 struct Shared<C: ComputeBackend, L: LoadBackend> {
@@ -69,6 +85,10 @@ struct State<C: ComputeBackend, L: LoadBackend> {
     requests: HashMap<RequestId, Active<C, L>>,
     /// Loads in flight, to stop those the dispatcher gives up.
     loads: HashMap<LoadStep, tokio::task::AbortHandle>,
+    /// Sequences decoding, in arrival order (those in a running step are out of it).
+    decoding: VecDeque<Decoding<C>>,
+    /// Sequences in the decode step running now.
+    stepping: usize,
     shutdown: bool,
 }
 
@@ -117,6 +137,8 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                 dispatcher: Dispatcher::new(config),
                 requests: HashMap::new(),
                 loads: HashMap::new(),
+                decoding: VecDeque::new(),
+                stepping: 0,
                 shutdown: false,
             }),
             wake: Condvar::new(),
@@ -146,6 +168,13 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> SchedulerStats {
+        let (in_flight, decoding) = {
+            let state = self.shared.lock();
+            (
+                state.dispatcher.in_flight(),
+                state.decoding.len() + state.stepping,
+            )
+        };
         let c = &self.shared.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         SchedulerStats {
@@ -156,7 +185,12 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             write_backs: l(&c.write_backs),
             write_backs_skipped: l(&c.write_backs_skipped),
             write_back_failures: l(&c.write_back_failures),
-            in_flight: self.shared.lock().dispatcher.in_flight() as u64,
+            decode_steps: l(&c.decode_steps),
+            tokens_decoded: l(&c.tokens_decoded),
+            decodes_finished: l(&c.decodes_finished),
+            decodes_cancelled: l(&c.decodes_cancelled),
+            in_flight: in_flight as u64,
+            decoding: decoding as u64,
         }
     }
 
@@ -220,6 +254,40 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             .unwrap_or_else(|_| Err(EngineError::Scheduler("the scheduler stopped".into())));
         guard.armed = false;
         result
+    }
+}
+
+impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
+    /// Generates from a filled cache (what [`Scheduler::prefill`] returned): the first token
+    /// is sampled from `logits` at once, the next ones by batched decode steps that the
+    /// compute thread runs for every decoding sequence between prefill steps. Tokens stream
+    /// through the returned [`DecodeStream`]; dropping it stops the generation.
+    pub fn decode(
+        &self,
+        cache: C::Cache,
+        logits: &C::Logits,
+        params: GenerateParams,
+    ) -> Result<DecodeStream> {
+        let (started, stream) = Decoding::start(&*self.shared.compute, cache, logits, params)?;
+        match started {
+            Advance::Done | Advance::Cancelled => {
+                self.shared
+                    .counters
+                    .decodes_finished
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Advance::Continue(sequence) => {
+                let mut state = self.shared.lock();
+                if state.shutdown {
+                    sequence.fail(EngineError::Scheduler("the scheduler is shut down".into()));
+                } else {
+                    state.decoding.push_back(*sequence);
+                    drop(state);
+                    self.shared.wake.notify_all();
+                }
+            }
+        }
+        Ok(stream)
     }
 }
 
@@ -359,7 +427,15 @@ where
                     )));
                 }
             }
+            for sequence in state.decoding.drain(..) {
+                sequence.fail(EngineError::Scheduler("the scheduler is shut down".into()));
+            }
             return;
+        }
+        // Decode first: every decoding sequence advances one token per turn of this loop,
+        // with at most one prefill step between two decode steps.
+        if !state.decoding.is_empty() {
+            state = run_decode_step(&shared, state);
         }
         let now = shared.now();
         let next = state.dispatcher.next_compute(now);
@@ -370,6 +446,7 @@ where
         }
         let step = match next {
             NextCompute::Run(step) => step,
+            NextCompute::Wait(_) if !state.decoding.is_empty() => continue,
             NextCompute::Wait(recheck) => {
                 // Woken by admissions, finished loads and cancellations; the timeout only
                 // covers rechecks of waiting decisions (and bounds the wait).
@@ -475,6 +552,52 @@ where
         }
         pump_loads(&shared, &mut state);
     }
+}
+
+/// Runs one decode step for the first [`SchedulerConfig::max_decoding`] sequences (those
+/// whose reader went away leave without it), the lock released meanwhile.
+fn run_decode_step<'a, C, L>(
+    shared: &'a Shared<C, L>,
+    mut state: MutexGuard<'a, State<C, L>>,
+) -> MutexGuard<'a, State<C, L>>
+where
+    C: ComputeBackend,
+    L: LoadBackend<Kv = C::Kv>,
+{
+    let counters = &shared.counters;
+    let most = state.dispatcher.config().max_decoding.max(1);
+    let mut batch = Vec::with_capacity(most.min(state.decoding.len()));
+    while batch.len() < most
+        && let Some(sequence) = state.decoding.pop_front()
+    {
+        if sequence.is_cancelled() {
+            counters.decodes_cancelled.fetch_add(1, Ordering::Relaxed);
+        } else {
+            batch.push(sequence);
+        }
+    }
+    if batch.is_empty() {
+        return state;
+    }
+    state.stepping = batch.len();
+    drop(state);
+    let tokens = batch.len() as u64;
+    let (going_on, outcome) = decode_step(&*shared.compute, batch);
+    counters.decode_steps.fetch_add(1, Ordering::Relaxed);
+    counters.tokens_decoded.fetch_add(tokens, Ordering::Relaxed);
+    counters
+        .decodes_finished
+        .fetch_add(outcome.ended as u64, Ordering::Relaxed);
+    counters
+        .decodes_cancelled
+        .fetch_add(outcome.cancelled as u64, Ordering::Relaxed);
+    let mut state = shared.lock();
+    state.stepping = 0;
+    // Back ahead of the sequences that arrived meanwhile: running ones keep their place.
+    for sequence in going_on.into_iter().rev() {
+        state.decoding.push_front(sequence);
+    }
+    state
 }
 
 /// A chunk's cache to store: destination, tokens, the exported KV.
