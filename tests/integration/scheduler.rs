@@ -945,3 +945,43 @@ async fn no_decoding_left(scheduler: &Scheduler<Engine, KvStore>) -> SchedulerSt
     }
     panic!("sequences still decode: {:?}", scheduler.stats());
 }
+
+#[test]
+fn a_chunk_computed_while_an_answer_decodes_is_cut_into_pieces_with_decode_steps_between() {
+    runtime().block_on(async {
+        const PIECE: usize = 32;
+        let store = memory_store(DType::F16);
+        let config = SchedulerConfig {
+            prefill_step_tokens: PIECE,
+            write_back: false,
+            ..SchedulerConfig::default()
+        };
+        let scheduler = scheduler(store.clone(), config);
+        // Plain prose goes on without an end-of-generation token for a long while.
+        let engine = shared_dense_engine();
+        let mut cache = engine.new_cache();
+        let logits = engine.prefill(&mut cache, &prose_tokens(100), 512).unwrap();
+        let mut answer = scheduler.decode(cache, &logits, greedy(1000)).unwrap();
+        assert!(matches!(answer.next().await, Some(DecodeEvent::Token(_))));
+
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+        let before = scheduler.stats().decode_steps;
+        let done = scheduler.prefill(request).await.unwrap();
+        let during = scheduler.stats().decode_steps - before;
+        // A decode step after every piece but a chunk's last.
+        let cuts: usize = chunks.iter().map(|c| c.len().div_ceil(PIECE) - 1).sum();
+        assert!(
+            during >= cuts as u64,
+            "{during} decode steps while computing chunks cut {cuts} times"
+        );
+        assert_same_logits(&done, &want, 1e-4);
+        let stats = scheduler.stats();
+        assert_eq!(
+            (stats.decoding, stats.decodes_finished),
+            (1, 0),
+            "{stats:?}"
+        );
+    });
+}

@@ -281,6 +281,10 @@ pub struct SchedulerConfig {
     /// Most sequences advanced by one decode step; the others wait their turn (first come,
     /// first served).
     pub max_decoding: usize,
+    /// While answers are decoding, a chunk is computed in pieces of at most this many
+    /// tokens with a decode step between them: the bound on a prefill step's share of the
+    /// time between two output tokens.
+    pub prefill_step_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -299,6 +303,8 @@ impl Default for SchedulerConfig {
             load_secs_per_token: 1e-2,
             write_back: true,
             max_decoding: 16,
+            // ~0.1 s of prefill on two cores between two decode steps.
+            prefill_step_tokens: 128,
         }
     }
 }

@@ -491,10 +491,15 @@ where
         let started = Instant::now();
         let compute = &shared.compute;
         let mut tokens_recomputed = 0;
+        // Decode steps run between the pieces of a chunk: not this step's compute time.
+        let mut decode_secs = 0.0;
         let outcome = match work {
             Work::Import(Some(kv)) => compute.import(&mut cache, &kv).map(|()| None),
             Work::Import(None) => Err(EngineError::KvMismatch("loaded chunk went missing".into())),
-            Work::Compute(tokens) => compute.compute(&mut cache, &tokens, false),
+            Work::Compute(tokens) => {
+                compute_beside_decoding(&shared, step, &mut cache, &tokens, &mut decode_secs)
+                    .map(|()| None)
+            }
             Work::Tail(tokens, blends) => {
                 compute
                     .compute_tail(&mut cache, &tokens, &blends)
@@ -504,7 +509,7 @@ where
                     })
             }
         };
-        let secs = started.elapsed().as_secs_f64();
+        let secs = started.elapsed().as_secs_f64() - decode_secs;
 
         state = shared.lock();
         let now = shared.now();
@@ -552,6 +557,48 @@ where
         }
         pump_loads(&shared, &mut state);
     }
+}
+
+/// Computes a chunk's `tokens` into `cache`: whole when no answer is decoding, else in
+/// pieces of [`SchedulerConfig::prefill_step_tokens`] with a decode step after each, so a
+/// long chunk does not stall the answers being generated (chunked prefill beside decode).
+/// Stops early when the request was cancelled meanwhile (its cache is dropped). Adds the
+/// seconds spent decoding to `decode_secs`.
+fn compute_beside_decoding<C, L>(
+    shared: &Shared<C, L>,
+    step: ComputeStep,
+    cache: &mut C::Cache,
+    tokens: &[u32],
+    decode_secs: &mut f64,
+) -> Result<()>
+where
+    C: ComputeBackend,
+    L: LoadBackend<Kv = C::Kv>,
+{
+    let mut done = 0;
+    while done < tokens.len() {
+        let (decoding, piece) = {
+            let state = shared.lock();
+            if !state.requests.contains_key(&step.request()) {
+                return Ok(());
+            }
+            let piece = state.dispatcher.config().prefill_step_tokens.max(1);
+            (!state.decoding.is_empty(), piece)
+        };
+        let end = if decoding {
+            (done + piece).min(tokens.len())
+        } else {
+            tokens.len()
+        };
+        shared.compute.compute(cache, &tokens[done..end], false)?;
+        done = end;
+        if decoding && done < tokens.len() {
+            let started = Instant::now();
+            drop(run_decode_step(shared, shared.lock()));
+            *decode_secs += started.elapsed().as_secs_f64();
+        }
+    }
+    Ok(())
 }
 
 /// Runs one decode step for the first [`SchedulerConfig::max_decoding`] sequences (those
