@@ -696,3 +696,58 @@ fn a_question_over_the_timeout_fails_with_504_and_frees_its_place() {
         assert!(text.contains("ragcake_requests_in_flight 0"), "{text}");
     });
 }
+
+#[test]
+fn a_client_that_leaves_mid_answer_stops_its_decoding_at_the_next_step() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        let kv = local_kv(&corpus.dir.path().join("kv"));
+        let pipeline = pipeline_over(corpus.index.clone(), kv, PipelineConfig::default()).await;
+        let handle = pipeline.clone();
+        let base = serve(pipeline, HttpConfig::default()).await;
+        let body = serde_json::json!({
+            "model": "ragcake",
+            "messages": [{"role": "user", "content": "Tell me everything about the island's history."}],
+            "max_tokens": 1000,
+            "stream": true,
+        });
+        let mut response = reqwest::Client::new()
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        // The first piece of the answer arrives; then the client goes away.
+        let mut seen = String::new();
+        let has_text = |seen: &str| {
+            seen.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                .any(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .is_some_and(|t| !t.is_empty())
+                })
+        };
+        for _ in 0..1000 {
+            let chunk = response.chunk().await.unwrap().expect("the stream goes on");
+            seen += &String::from_utf8_lossy(&chunk);
+            if has_text(&seen) {
+                break;
+            }
+        }
+        assert!(has_text(&seen), "{seen}");
+        drop(response);
+        for _ in 0..400 {
+            let stats = handle.scheduler_stats();
+            if stats.decoding == 0 {
+                assert_eq!(stats.decodes_cancelled, 1, "{stats:?}");
+                assert!(stats.tokens_decoded < 1000, "it decoded on: {stats:?}");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("still decoding: {:?}", handle.scheduler_stats());
+    });
+}
