@@ -701,8 +701,10 @@ fn a_question_over_the_timeout_fails_with_504_and_frees_its_place() {
 #[test]
 fn a_client_that_leaves_mid_answer_stops_its_decoding_at_the_next_step() {
     let corpus = demo_corpus();
+    // A KV store of its own: its write-backs must not become the other tests' prefix hits.
+    let own_kv = tempfile::tempdir().unwrap();
     runtime().block_on(async {
-        let kv = local_kv(&corpus.dir.path().join("kv"));
+        let kv = local_kv(own_kv.path());
         let pipeline = pipeline_over(corpus.index.clone(), kv, PipelineConfig::default()).await;
         let handle = pipeline.clone();
         let base = serve(pipeline, HttpConfig::default()).await;
