@@ -175,6 +175,22 @@ impl GgufFile {
         Ok(qtensor.dequantize(device)?.to_dtype(dtype)?)
     }
 
+    /// The tensor's blocks as stored, when it is stored in Q4_1 (`None` for any other
+    /// type): decode steps multiply by these blocks directly.
+    pub fn q4_1_blocks(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        let qtensor = self
+            .content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| EngineError::Tensor {
+                name: name.to_string(),
+                reason: e.to_string(),
+            })?;
+        if qtensor.dtype() != candle_core::quantized::GgmlDType::Q4_1 {
+            return Ok(None);
+        }
+        Ok(Some(qtensor.data()?.into_owned()))
+    }
+
     /// A hash identifying the model: its metadata that shapes computation and all of its
     /// tensor data. Two files with equal fingerprints produce the same KV caches.
     pub fn fingerprint(&mut self) -> Result<LlmFingerprint> {

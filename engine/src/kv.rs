@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
 use crate::error::{EngineError, Result};
 use crate::rope::Rope;
@@ -392,6 +392,33 @@ impl KvCache {
         }
         self.commit(range.len());
         Ok(())
+    }
+
+    /// Runs `f` on one layer's key and value buffers as plain f32 slices, row-major
+    /// `[n_kv_heads, capacity, head_dim]`, with the capacity: the slice-level decode path
+    /// reads the cache without building tensors. CPU f32 caches only.
+    pub(crate) fn with_layer_buffers<R>(
+        &self,
+        layer: usize,
+        f: impl FnOnce(&[f32], &[f32], usize) -> R,
+    ) -> Result<R> {
+        let buf = self.layers.get(layer).ok_or_else(|| {
+            EngineError::KvMismatch(format!("layer {layer} of {}", self.shape.n_layers))
+        })?;
+        let (k_storage, k_layout) = buf.k.storage_and_layout();
+        let (v_storage, v_layout) = buf.v.storage_and_layout();
+        match (&*k_storage, &*v_storage) {
+            (Storage::Cpu(k), Storage::Cpu(v))
+                if k_layout.is_contiguous() && v_layout.is_contiguous() =>
+            {
+                let k = &k.as_slice::<f32>()?[k_layout.start_offset()..];
+                let v = &v.as_slice::<f32>()?[v_layout.start_offset()..];
+                Ok(f(k, v, self.capacity))
+            }
+            _ => Err(EngineError::KvMismatch(
+                "plain buffers are read from contiguous CPU caches only".into(),
+            )),
+        }
     }
 
     /// Views `[n_kv_heads, len, head_dim]` of one layer's keys and values.

@@ -19,6 +19,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kv;
 pub mod models;
+pub mod qmatrix;
 pub mod rope;
 pub mod scheduler;
 pub mod tokenizer;

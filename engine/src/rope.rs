@@ -35,7 +35,7 @@ impl Rope {
                 base / factor / linear_scale
             })
             .collect();
-        let (cos, sin) = Self::angles(&inv_freq, (0..max_positions).map(|p| p as f64))?;
+        let (cos, sin) = Self::angles(&inv_freq, (0..max_positions).map(|p| p as f64));
         let shape = (max_positions, half);
         Ok(Self {
             cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
@@ -46,10 +46,7 @@ impl Rope {
     }
 
     /// cos and sin of `position × inv_freq` for each position, row-major, computed in f64.
-    fn angles(
-        inv_freq: &[f64],
-        positions: impl Iterator<Item = f64>,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn angles(inv_freq: &[f64], positions: impl Iterator<Item = f64>) -> (Vec<f32>, Vec<f32>) {
         let mut cos = Vec::new();
         let mut sin = Vec::new();
         for p in positions {
@@ -59,7 +56,13 @@ impl Rope {
                 sin.push(s as f32);
             }
         }
-        Ok((cos, sin))
+        (cos, sin)
+    }
+
+    /// cos and sin of one position's angles, one per rotated pair: the values of the
+    /// tables' row for `position` (f32), for code that rotates plain rows.
+    pub fn angles_at(&self, position: usize) -> (Vec<f32>, Vec<f32>) {
+        Self::angles(&self.inv_freq, std::iter::once(position as f64))
     }
 
     /// Number of positions the tables cover.
@@ -102,7 +105,7 @@ impl Rope {
             return Ok(keys.clone());
         }
         let (heads, tokens, head_dim) = keys.dims3()?;
-        let (cos, sin) = Self::angles(&self.inv_freq, std::iter::once(delta as f64))?;
+        let (cos, sin) = Self::angles(&self.inv_freq, std::iter::once(delta as f64));
         let device = keys.device();
         let half = head_dim / 2;
         let cos = Tensor::from_vec(cos, (1, half), device)?

@@ -5,12 +5,14 @@
 //! targets are small. The KV cache is the engine's own [`KvCache`], so prefill can run over any
 //! token range at any position and caches can be exported and imported.
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv::{KvCache, KvShape};
+use crate::qmatrix::QMatrix;
+
+use super::row_ops;
 use crate::rope::Rope;
 
 /// Architecture hyper-parameters read from the GGUF metadata.
@@ -137,26 +139,54 @@ struct Block {
     /// Gate and up projections stacked: `[2·ffn, hidden]`.
     w_gate_up: Tensor,
     w_down: Tensor,
-    /// The same projections quantized to Q8_0 for decode steps, when enabled.
+    /// The same projections in 8-bit blocks ([`QMatrix`]) for decode steps, when enabled.
     decode: Option<DecodeWeights>,
 }
 
-/// Q8_0 copies of a block's projections. One-token decode steps are bound by memory
-/// bandwidth, not arithmetic: reading 8.5 bits per weight instead of 32 makes them several
-/// times faster, while prefill keeps the dense f32 weights that its large products need.
+/// 8-bit copies of a block's projections (one scale per 32 weights, the Q8_0 rounding).
+/// One-token decode steps are bound by memory bandwidth, not arithmetic: reading 9 bits
+/// per weight instead of 32 makes them several times faster, while prefill keeps the dense
+/// f32 weights that its large products need.
 struct DecodeWeights {
-    wqkv: QMatMul,
-    wo: QMatMul,
-    w_gate_up: QMatMul,
-    w_down: QMatMul,
+    /// The norms' weights as plain rows, for the slice-level decode path.
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    wqkv: QMatrix,
+    wo: QMatrix,
+    w_gate_up: QMatrix,
+    w_down: QMatrix,
 }
 
 /// Forward passes over at most this many tokens use the quantized decode weights.
 pub const DECODE_MAX_TOKENS: usize = 4;
 
-fn quantized(w: &Tensor) -> Result<QMatMul> {
-    let q = QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
-    Ok(QMatMul::QTensor(std::sync::Arc::new(q)))
+/// The output norm and projection of decode steps.
+struct DecodeHead {
+    lm_head: QMatrix,
+    output_norm: Vec<f32>,
+}
+
+/// A vector's values as f32.
+fn plain(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The decode copy of the matrix stacked from the GGUF tensors `names` (rows in order),
+/// whose dequantized values are `dense`: their own Q4_1 blocks when every one is stored in
+/// Q4_1 (the same weights), 8-bit blocks otherwise.
+fn decode_matrix(gguf: &mut GgufFile, names: &[String], dense: &Tensor) -> Result<QMatrix> {
+    let (rows, cols) = dense.dims2()?;
+    let mut blocks = Vec::new();
+    for name in names {
+        match gguf.q4_1_blocks(name)? {
+            Some(b) => blocks.extend(b),
+            None => return Ok(QMatrix::quantize_q8(&plain(dense)?, rows, cols)),
+        }
+    }
+    match QMatrix::from_q4_1(&blocks, rows, cols) {
+        Some(m) => Ok(m),
+        None => Ok(QMatrix::quantize_q8(&plain(dense)?, rows, cols)),
+    }
 }
 
 /// Queries per attention block: bounds the score matrix to `heads × QUERY_BLOCK × context`
@@ -169,8 +199,8 @@ pub struct Llama {
     embed: Tensor,
     /// `None` when the output projection is tied to the embedding.
     lm_head: Option<Tensor>,
-    /// Q8_0 output projection for decode steps, when enabled.
-    lm_head_decode: Option<QMatMul>,
+    /// The output norm and 8-bit output projection for decode steps, when enabled.
+    decode_head: Option<DecodeHead>,
     output_norm: Tensor,
     blocks: Vec<Block>,
     rope: Rope,
@@ -190,7 +220,7 @@ impl std::fmt::Debug for Llama {
 
 impl Llama {
     /// Loads the model's weights from `gguf`, dequantized to `dtype` on `device`. With
-    /// `quantized_decode` (CPU only), Q8_0 copies of the projections serve decode steps of at
+    /// `quantized_decode` (CPU only), 8-bit copies of the projections serve decode steps of at
     /// most [`DECODE_MAX_TOKENS`] tokens.
     pub fn load(
         gguf: &mut GgufFile,
@@ -241,11 +271,20 @@ impl Llama {
             let wqkv = Tensor::cat(&[&wq, &wk, &wv], 0)?;
             let w_gate_up = Tensor::cat(&[&gate, &up], 0)?;
             let decode = if quantized_decode {
+                let mut matrix = |names: &[&str], dense: &Tensor| {
+                    let names: Vec<String> = names
+                        .iter()
+                        .map(|n| format!("blk.{i}.{n}.weight"))
+                        .collect();
+                    decode_matrix(gguf, &names, dense)
+                };
                 Some(DecodeWeights {
-                    wqkv: quantized(&wqkv)?,
-                    wo: quantized(&wo)?,
-                    w_gate_up: quantized(&w_gate_up)?,
-                    w_down: quantized(&w_down)?,
+                    attn_norm: plain(&attn_norm)?,
+                    ffn_norm: plain(&ffn_norm)?,
+                    wqkv: matrix(&["attn_q", "attn_k", "attn_v"], &wqkv)?,
+                    wo: matrix(&["attn_output"], &wo)?,
+                    w_gate_up: matrix(&["ffn_gate", "ffn_up"], &w_gate_up)?,
+                    w_down: matrix(&["ffn_down"], &w_down)?,
                 })
             } else {
                 None
@@ -275,8 +314,14 @@ impl Llama {
             dtype,
             device,
         )?;
-        let lm_head_decode = if quantized_decode {
-            Some(quantized(lm_head.as_ref().unwrap_or(&embed))?)
+        let decode_head = if quantized_decode {
+            Some(DecodeHead {
+                lm_head: match &lm_head {
+                    Some(w) => decode_matrix(gguf, &["output.weight".to_string()], w)?,
+                    None => decode_matrix(gguf, &["token_embd.weight".to_string()], &embed)?,
+                },
+                output_norm: plain(&output_norm)?,
+            })
         } else {
             None
         };
@@ -284,7 +329,7 @@ impl Llama {
             config,
             embed,
             lm_head,
-            lm_head_decode,
+            decode_head,
             output_norm,
             blocks,
             rope,
@@ -341,9 +386,12 @@ impl Llama {
     }
 
     /// A decode step: [`Llama::forward`] of at most [`DECODE_MAX_TOKENS`] generated tokens,
-    /// through the Q8_0 copies of the weights when the model keeps them (its logits differ
-    /// from the dense path's by the Q8_0 rounding). Returns the last token's logits.
+    /// through the 8-bit copies of the weights when the model keeps them (its logits differ
+    /// from the dense path's by the 8-bit rounding of weights and activations). Returns the last token's logits.
     pub fn decode(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if tokens.len() == 1 && self.decodes_on_rows() {
+            return Ok(self.decode_batch(tokens, &mut [cache])?.squeeze(0)?);
+        }
         let quantized = tokens.len() <= DECODE_MAX_TOKENS;
         self.forward_with(tokens, cache, Logits::Last, quantized)?
             .ok_or(EngineError::EmptyInput)
@@ -372,7 +420,11 @@ impl Llama {
         };
         let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.config.rms_eps as f32)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let quant = self.lm_head_decode.as_ref().filter(|_| quantized);
+        let quant = self
+            .decode_head
+            .as_ref()
+            .filter(|_| quantized)
+            .map(|d| &d.lm_head);
         let out = linear(&x, head, quant)?.to_dtype(DType::F32)?;
         Ok(Some(match logits {
             Logits::Last => out.squeeze(0)?,
@@ -666,7 +718,7 @@ impl Llama {
             .embed
             .index_select(&Tensor::new(tail, &self.device)?, 0)?;
         let rows: Vec<usize> = (len..len + tail.len()).collect();
-        let scale = (self.config.head_dim as f64).powf(-0.5);
+        let scale = attention_scale(self.config.head_dim);
         let mut mass = Tensor::zeros(len, DType::F32, &self.device)?;
         let last = self.blocks.len() - 1;
         for (layer, block) in self.blocks.iter().enumerate() {
@@ -772,7 +824,7 @@ impl Llama {
         rows: &[usize],
         decode: Option<&DecodeWeights>,
     ) -> Result<Tensor> {
-        let scale = (self.config.head_dim as f64).powf(-0.5);
+        let scale = attention_scale(self.config.head_dim);
         let attn = attention(q, keys, values, rows, scale)?;
         self.output_and_mlp(block, x, &attn, decode)
     }
@@ -799,7 +851,7 @@ impl Llama {
     /// One decode step of several sequences: `tokens[i]` is appended to `caches[i]`. The
     /// projections and the feed-forward run as one matrix product over all the rows, so
     /// the weights are read once for the batch; attention runs per sequence over its own
-    /// cache. Through the Q8_0 decode weights when the model keeps them, like
+    /// cache. Through the 8-bit decode weights when the model keeps them, like
     /// [`Llama::decode`], whose logits row `i` equals up to float summation order.
     /// Returns the logits `[batch, vocab]` (f32). On an error no cache has changed length.
     pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
@@ -820,10 +872,13 @@ impl Llama {
             self.check_room(cache.next_position(), 1)?;
             cache.reserve(1)?;
         }
+        if let Some(head) = self.decode_head.as_ref().filter(|_| self.decodes_on_rows()) {
+            return self.decode_rows(tokens, caches, head);
+        }
         let mut x = self
             .embed
             .index_select(&Tensor::new(tokens, &self.device)?, 0)?;
-        let scale = (self.config.head_dim as f64).powf(-0.5);
+        let scale = attention_scale(self.config.head_dim);
         for (layer, block) in self.blocks.iter().enumerate() {
             let decode = block.decode.as_ref();
             let qkv = self.qkv(block, &x, decode)?;
@@ -844,6 +899,92 @@ impl Llama {
         self.head(&x, Logits::All, true)?
             .ok_or(EngineError::EmptyInput)
     }
+}
+
+impl Llama {
+    /// Whether decode steps take the slice-level path ([`Llama::decode_rows`]): 8-bit
+    /// weights kept, f32 activations and caches on the CPU.
+    fn decodes_on_rows(&self) -> bool {
+        self.decode_head.is_some() && self.dtype == DType::F32 && self.device.is_cpu()
+    }
+
+    /// [`Llama::decode_batch`] on plain rows: the projections through [`QMatrix`], the
+    /// norms, rotations, attention and activation by [`row_ops`], one tensor per cache write.
+    /// The caches are checked and have room for one more token.
+    fn decode_rows(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+        head: &DecodeHead,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+        let (q_width, kv_width) = (nh * hd, nkv * hd);
+        let qkv_width = q_width + 2 * kv_width;
+        let eps = cfg.rms_eps as f32;
+        let scale = attention_scale(hd) as f32;
+        let rows = tokens.len();
+        let mut x = plain(
+            &self
+                .embed
+                .index_select(&Tensor::new(tokens, &self.device)?, 0)?,
+        )?;
+        let angles: Vec<(Vec<f32>, Vec<f32>)> = caches
+            .iter()
+            .map(|c| self.rope.angles_at(c.next_position()))
+            .collect();
+        let mut normed = vec![0f32; x.len()];
+        let mut attn = vec![0f32; rows * q_width];
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let w = block.decode.as_ref().ok_or_else(|| {
+                EngineError::KvMismatch("decode weights missing for a layer".into())
+            })?;
+            row_ops::rms_norm_rows(&x, &w.attn_norm, eps, &mut normed);
+            let mut qkv = w.wqkv.matmul(&normed);
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let row = &mut qkv[i * qkv_width..(i + 1) * qkv_width];
+                let (cos, sin) = &angles[i];
+                row_ops::rope_heads(&mut row[..q_width + kv_width], hd, cos, sin);
+                let k = Tensor::from_slice(
+                    &row[q_width..q_width + kv_width],
+                    (nkv, 1, hd),
+                    &self.device,
+                )?;
+                let v = Tensor::from_slice(&row[q_width + kv_width..], (nkv, 1, hd), &self.device)?;
+                cache.write_layer(layer, &k, &v)?;
+                let len = cache.len() + 1;
+                let out = &mut attn[i * q_width..(i + 1) * q_width];
+                cache.with_layer_buffers(layer, |keys, values, capacity| {
+                    let layout = row_ops::KvLayout {
+                        n_heads: nh,
+                        n_kv_heads: nkv,
+                        head_dim: hd,
+                        capacity,
+                    };
+                    row_ops::attend_one(&row[..q_width], keys, values, layout, len, scale, out)
+                })?;
+            }
+            row_ops::add_into(&mut x, &w.wo.matmul(&attn));
+            row_ops::rms_norm_rows(&x, &w.ffn_norm, eps, &mut normed);
+            let act = row_ops::swiglu_rows(&w.w_gate_up.matmul(&normed), cfg.ffn_size);
+            row_ops::add_into(&mut x, &w.w_down.matmul(&act));
+        }
+        for cache in caches.iter_mut() {
+            cache.commit(1);
+        }
+        row_ops::rms_norm_rows(&x, &head.output_norm, eps, &mut normed);
+        let logits = head.lm_head.matmul(&normed);
+        Ok(Tensor::from_vec(
+            logits,
+            (rows, head.lm_head.rows()),
+            &self.device,
+        )?)
+    }
+}
+
+/// The softmax scale of attention scores: `1/√head_dim`.
+fn attention_scale(head_dim: usize) -> f64 {
+    (head_dim as f64).powf(-0.5)
 }
 
 /// A loaded chunk to blend in: its tokens, the cache index of its first, and which of its
@@ -918,9 +1059,13 @@ fn most_deviating(
 }
 
 /// `x · wᵀ`, through the quantized copy when one is given.
-fn linear(x: &Tensor, w: &Tensor, quantized: Option<&QMatMul>) -> Result<Tensor> {
+fn linear(x: &Tensor, w: &Tensor, quantized: Option<&QMatrix>) -> Result<Tensor> {
     Ok(match quantized {
-        Some(q) => q.forward(x)?,
+        Some(q) => {
+            let (t, _) = x.dims2()?;
+            Tensor::from_vec(q.matmul(&plain(x)?), (t, q.rows()), x.device())?
+                .to_dtype(x.dtype())?
+        }
         None => x.matmul(&w.t()?)?,
     })
 }

@@ -1,0 +1,160 @@
+//! A transformer block's small operations on plain f32 rows, for decode steps.
+//!
+//! A decode step pushes one row per sequence through every layer: each operation touches a
+//! few thousand floats, so the fixed cost of a tensor operation (shape checks, allocation,
+//! dispatch to threads) outweighs its arithmetic many times over. These functions do the
+//! same arithmetic as the tensor path on slices; only float summation order differs.
+
+/// `out[r] = x[r] / sqrt(mean(x[r]²) + eps) · weight` for every row of `x`.
+pub(crate) fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let width = weight.len();
+    for (row, dst) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let inverse = 1.0 / (mean + eps).sqrt();
+        for ((d, v), w) in dst.iter_mut().zip(row).zip(weight) {
+            *d = v * inverse * w;
+        }
+    }
+}
+
+/// Rotates every `head_dim`-wide head in `heads` by the angles of one position (interleaved
+/// pairs: `(x[2i], x[2i+1])` turns by the angle whose cosine is `cos[i]`).
+pub(crate) fn rope_heads(heads: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    for head in heads.chunks_exact_mut(head_dim) {
+        for (pair, (c, s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * c - b * s;
+            pair[1] = a * s + b * c;
+        }
+    }
+}
+
+/// The layout of one layer of a KV cache buffer: `[n_kv_heads, capacity, head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KvLayout {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub capacity: usize,
+}
+
+/// Attention of one token's queries `q` (`[n_heads·head_dim]`) over the first `len` keys and
+/// values of one layer's buffers; writes `[n_heads·head_dim]` into `out`. Query head `h`
+/// reads KV head `h / (n_heads / n_kv_heads)`.
+pub(crate) fn attend_one(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    layout: KvLayout,
+    len: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let KvLayout {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        capacity,
+    } = layout;
+    let group = n_heads / n_kv_heads;
+    let mut scores = vec![0f32; len];
+    for h in 0..n_heads {
+        let kv = h / group;
+        let base = kv * capacity * head_dim;
+        let query = &q[h * head_dim..(h + 1) * head_dim];
+        let mut max = f32::NEG_INFINITY;
+        for (t, score) in scores.iter_mut().enumerate() {
+            let key = &keys[base + t * head_dim..base + (t + 1) * head_dim];
+            *score = dot(query, key) * scale;
+            max = max.max(*score);
+        }
+        let mut total = 0f32;
+        for score in scores.iter_mut() {
+            *score = (*score - max).exp();
+            total += *score;
+        }
+        let dst = &mut out[h * head_dim..(h + 1) * head_dim];
+        dst.fill(0.0);
+        for (t, &p) in scores.iter().enumerate() {
+            let value = &values[base + t * head_dim..base + (t + 1) * head_dim];
+            for (d, v) in dst.iter_mut().zip(value) {
+                *d += p * v;
+            }
+        }
+        let inverse = 1.0 / total;
+        for d in dst.iter_mut() {
+            *d *= inverse;
+        }
+    }
+}
+
+/// `Σ a[i]·b[i]` in eight partial sums, so it vectorises.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; 8];
+    let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for i in 0..8 {
+            sums[i] += x[i] * y[i];
+        }
+    }
+    sums.iter().sum::<f32>() + tail
+}
+
+/// The gated feed-forward activation `silu(gate) · up` of rows laid out `[gate | up]`, each
+/// half `width` wide; returns `[rows, width]`.
+pub(crate) fn swiglu_rows(gate_up: &[f32], width: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(gate_up.len() / 2);
+    for row in gate_up.chunks_exact(2 * width) {
+        let (gate, up) = row.split_at(width);
+        out.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+    }
+    out
+}
+
+/// `x += y`, element by element.
+pub(crate) fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_over_one_key_returns_its_value() {
+        let layout = KvLayout {
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 2,
+            capacity: 4,
+        };
+        let keys = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let values = [3.0, -1.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0];
+        let mut out = [0f32; 4];
+        attend_one(
+            &[0.5, 0.5, -2.0, 1.0],
+            &keys,
+            &values,
+            layout,
+            1,
+            1.0,
+            &mut out,
+        );
+        assert_eq!(out, [3.0, -1.0, 3.0, -1.0]);
+    }
+
+    #[test]
+    fn rope_turns_each_pair_by_its_angle() {
+        let mut heads = [1.0, 0.0, 0.0, 2.0];
+        rope_heads(&mut heads, 4, &[0.0, 1.0], &[1.0, 0.0]);
+        assert_eq!(heads, [0.0, 1.0, 0.0, 2.0]);
+    }
+}
