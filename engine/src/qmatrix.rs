@@ -35,7 +35,7 @@ const GROUP: usize = 4;
 /// Instructions per block.
 const STEPS: usize = BLOCK / GROUP;
 /// Activation rows processed together against one tile (keeps the accumulators in registers).
-const ROWS_PER_PASS: usize = 4;
+const ROWS_PER_PASS: usize = 8;
 /// Products of at least this many multiply-adds are split between threads.
 const PARALLEL_MACS: usize = 16 << 20;
 /// Bytes of one Q4_1 block in a GGUF: f16 scale, f16 minimum, 16 bytes of nibbles.
@@ -270,7 +270,11 @@ impl QMatrix {
                         1 => avx512::tile::<1>(self, tile, x, first, dst),
                         2 => avx512::tile::<2>(self, tile, x, first, dst),
                         3 => avx512::tile::<3>(self, tile, x, first, dst),
-                        _ => avx512::tile::<4>(self, tile, x, first, dst),
+                        4 => avx512::tile::<4>(self, tile, x, first, dst),
+                        5 => avx512::tile::<5>(self, tile, x, first, dst),
+                        6 => avx512::tile::<6>(self, tile, x, first, dst),
+                        7 => avx512::tile::<7>(self, tile, x, first, dst),
+                        _ => avx512::tile::<8>(self, tile, x, first, dst),
                     }
                 }
             } else {

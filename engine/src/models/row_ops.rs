@@ -57,33 +57,42 @@ pub(crate) fn attend_one(
         capacity,
     } = layout;
     let group = n_heads / n_kv_heads;
-    let mut scores = vec![0f32; len];
-    for h in 0..n_heads {
-        let kv = h / group;
+    // The query heads of one KV head are handled together, so each key and value is read
+    // once for all of them.
+    let mut scores = vec![0f32; group * len];
+    for kv in 0..n_kv_heads {
         let base = kv * capacity * head_dim;
-        let query = &q[h * head_dim..(h + 1) * head_dim];
-        let mut max = f32::NEG_INFINITY;
-        for (t, score) in scores.iter_mut().enumerate() {
+        let queries = &q[kv * group * head_dim..(kv + 1) * group * head_dim];
+        for t in 0..len {
             let key = &keys[base + t * head_dim..base + (t + 1) * head_dim];
-            *score = dot(query, key) * scale;
-            max = max.max(*score);
-        }
-        let mut total = 0f32;
-        for score in scores.iter_mut() {
-            *score = (*score - max).exp();
-            total += *score;
-        }
-        let dst = &mut out[h * head_dim..(h + 1) * head_dim];
-        dst.fill(0.0);
-        for (t, &p) in scores.iter().enumerate() {
-            let value = &values[base + t * head_dim..base + (t + 1) * head_dim];
-            for (d, v) in dst.iter_mut().zip(value) {
-                *d += p * v;
+            for (g, query) in queries.chunks_exact(head_dim).enumerate() {
+                scores[g * len + t] = dot(query, key) * scale;
             }
         }
-        let inverse = 1.0 / total;
-        for d in dst.iter_mut() {
-            *d *= inverse;
+        let mut totals = vec![0f32; group];
+        for (row, total) in scores.chunks_exact_mut(len).zip(totals.iter_mut()) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for score in row.iter_mut() {
+                *score = (*score - max).exp();
+                *total += *score;
+            }
+        }
+        let heads = &mut out[kv * group * head_dim..(kv + 1) * group * head_dim];
+        heads.fill(0.0);
+        for t in 0..len {
+            let value = &values[base + t * head_dim..base + (t + 1) * head_dim];
+            for (g, dst) in heads.chunks_exact_mut(head_dim).enumerate() {
+                let p = scores[g * len + t];
+                for (d, v) in dst.iter_mut().zip(value) {
+                    *d += p * v;
+                }
+            }
+        }
+        for (dst, total) in heads.chunks_exact_mut(head_dim).zip(&totals) {
+            let inverse = 1.0 / total;
+            for d in dst.iter_mut() {
+                *d *= inverse;
+            }
         }
     }
 }
