@@ -37,7 +37,7 @@ const STEPS: usize = BLOCK / GROUP;
 /// Activation rows processed together against one tile (keeps the accumulators in registers).
 const ROWS_PER_PASS: usize = 8;
 /// Products of at least this many multiply-adds are split between threads.
-const PARALLEL_MACS: usize = 16 << 20;
+const PARALLEL_MACS: usize = 2 << 20;
 /// Bytes of one Q4_1 block in a GGUF: f16 scale, f16 minimum, 16 bytes of nibbles.
 const Q4_1_BYTES: usize = 20;
 

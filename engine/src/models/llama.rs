@@ -12,6 +12,8 @@ use crate::gguf::GgufFile;
 use crate::kv::{KvCache, KvShape};
 use crate::qmatrix::QMatrix;
 
+use rayon::prelude::*;
+
 use super::row_ops;
 use crate::rope::Rope;
 
@@ -952,8 +954,11 @@ impl Llama {
                 )?;
                 let v = Tensor::from_slice(&row[q_width + kv_width..], (nkv, 1, hd), &self.device)?;
                 cache.write_layer(layer, &k, &v)?;
-                let len = cache.len() + 1;
-                let out = &mut attn[i * q_width..(i + 1) * q_width];
+            }
+            // Each sequence attends over its own cache: in parallel when there are enough
+            // of them to outweigh the hand-off between threads.
+            let attend = |(i, (cache, out)): (usize, (&&mut KvCache, &mut [f32]))| {
+                let query = &qkv[i * qkv_width..i * qkv_width + q_width];
                 cache.with_layer_buffers(layer, |keys, values, capacity| {
                     let layout = row_ops::KvLayout {
                         n_heads: nh,
@@ -961,8 +966,21 @@ impl Llama {
                         head_dim: hd,
                         capacity,
                     };
-                    row_ops::attend_one(&row[..q_width], keys, values, layout, len, scale, out)
-                })?;
+                    row_ops::attend_one(query, keys, values, layout, cache.len() + 1, scale, out)
+                })
+            };
+            if rows >= PARALLEL_ATTENTION_ROWS {
+                caches
+                    .par_iter()
+                    .zip(attn.par_chunks_mut(q_width))
+                    .enumerate()
+                    .try_for_each(attend)?;
+            } else {
+                caches
+                    .iter()
+                    .zip(attn.chunks_mut(q_width))
+                    .enumerate()
+                    .try_for_each(attend)?;
             }
             row_ops::add_into(&mut x, &w.wo.matmul(&attn));
             row_ops::rms_norm_rows(&x, &w.ffn_norm, eps, &mut normed);
@@ -981,6 +999,9 @@ impl Llama {
         )?)
     }
 }
+
+/// Decode batches of at least this many sequences attend in parallel.
+const PARALLEL_ATTENTION_ROWS: usize = 4;
 
 /// The softmax scale of attention scores: `1/√head_dim`.
 fn attention_scale(head_dim: usize) -> f64 {
