@@ -49,9 +49,10 @@ pub struct EngineConfig {
     pub device: DeviceChoice,
     /// Compute dtype; f32 when unset (CPU matrix kernels are fastest in f32).
     pub dtype: Option<DTypeChoice>,
-    /// Keep Q8_0 copies of the weights for one-token decode steps (CPU only). Decode is bound
-    /// by memory bandwidth, so this makes it several times faster; its logits differ from the
-    /// dense f32 path by the Q8_0 rounding of weights and activations. Prefill is unaffected.
+    /// Keep quantized copies of the weights for decode steps (CPU only): the GGUF's own Q4_1
+    /// blocks, 8-bit blocks for other types. Decode is bound by memory bandwidth, so this
+    /// makes it several times faster; its logits differ from the dense f32 path by the 8-bit
+    /// rounding of activations (and of weights not stored in Q4_1). Prefill is unaffected.
     #[serde(default = "default_true")]
     pub quantized_decode: bool,
 }

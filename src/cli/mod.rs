@@ -65,8 +65,8 @@ pub struct ModelArgs {
     /// Run on CUDA GPU N (needs a build with the `cuda` feature).
     #[arg(long, value_name = "N")]
     cuda: Option<usize>,
-    /// Decode with the dense f32 weights instead of Q8_0 copies (slower, bit-for-bit the
-    /// prefill arithmetic).
+    /// Decode with the dense f32 weights instead of the quantized blocks (slower, bit-for-bit
+    /// the prefill arithmetic).
     #[arg(long)]
     dense_decode: bool,
 }

@@ -145,10 +145,10 @@ struct Block {
     decode: Option<DecodeWeights>,
 }
 
-/// 8-bit copies of a block's projections (one scale per 32 weights, the Q8_0 rounding).
-/// One-token decode steps are bound by memory bandwidth, not arithmetic: reading 9 bits
-/// per weight instead of 32 makes them several times faster, while prefill keeps the dense
-/// f32 weights that its large products need.
+/// Quantized copies of a block's projections ([`QMatrix`]: the GGUF's Q4_1 blocks, 8-bit
+/// blocks for other types). Decode steps are bound by memory bandwidth, not arithmetic:
+/// reading 5 bits per weight instead of 32 makes them several times faster, while prefill
+/// keeps the dense f32 weights that its large products need.
 struct DecodeWeights {
     /// The norms' weights as plain rows, for the slice-level decode path.
     attn_norm: Vec<f32>,
