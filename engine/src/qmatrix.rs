@@ -91,6 +91,16 @@ fn quantize_block(values: &[f32], out: &mut [i8]) -> f32 {
     scale
 }
 
+/// Rounds block `block` of `row` (zero-padded past the row's end) to signed bytes: returns
+/// the scale.
+fn quantize_row_block(row: &[f32], block: usize, out: &mut [i8]) -> f32 {
+    let start = block * BLOCK;
+    let end = (start + BLOCK).min(row.len());
+    let mut values = [0f32; BLOCK];
+    values[..end - start].copy_from_slice(&row[start..end]);
+    quantize_block(&values, out)
+}
+
 impl QMatrix {
     /// Quantizes the row-major `rows × cols` matrix `w` to 8 bits per weight.
     ///
@@ -103,16 +113,11 @@ impl QMatrix {
         let mut quants = vec![0i8; tiles * blocks * BLOCK * TILE];
         let mut scales = vec![0f32; tiles * blocks * TILE];
         let mut offsets = vec![0f32; tiles * blocks * TILE];
-        let mut values = [0f32; BLOCK];
         let mut q = [0i8; BLOCK];
         for row in 0..rows {
             let (tile, lane) = (row / TILE, row % TILE);
             for block in 0..blocks {
-                let start = block * BLOCK;
-                let end = (start + BLOCK).min(cols);
-                values.fill(0.0);
-                values[..end - start].copy_from_slice(&w[row * cols + start..row * cols + end]);
-                let scale = quantize_block(&values, &mut q);
+                let scale = quantize_row_block(&w[row * cols..(row + 1) * cols], block, &mut q);
                 let at = (tile * blocks + block) * TILE + lane;
                 scales[at] = scale;
                 let sum: i32 = q.iter().map(|&v| i32::from(v)).sum();
@@ -379,15 +384,11 @@ impl Activations {
         let mut quants = vec![shift as u8; rows * width];
         let mut scales = vec![0f32; rows * blocks];
         let mut sums = vec![0f32; rows * blocks];
-        let mut values = [0f32; BLOCK];
         let mut q = [0i8; BLOCK];
         for r in 0..rows {
             for block in 0..blocks {
                 let start = block * BLOCK;
-                let end = (start + BLOCK).min(cols);
-                values.fill(0.0);
-                values[..end - start].copy_from_slice(&x[r * cols + start..r * cols + end]);
-                let scale = quantize_block(&values, &mut q);
+                let scale = quantize_row_block(&x[r * cols..(r + 1) * cols], block, &mut q);
                 scales[r * blocks + block] = scale;
                 sums[r * blocks + block] =
                     scale * q.iter().map(|&v| i32::from(v)).sum::<i32>() as f32;
