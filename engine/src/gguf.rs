@@ -178,6 +178,11 @@ impl GgufFile {
     /// The tensor's blocks as stored, when it is stored in Q4_1 (`None` for any other
     /// type): decode steps multiply by these blocks directly.
     pub fn q4_1_blocks(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        // The type is in the header: no tensor of another type is read for nothing.
+        let stored = self.content.tensor_infos.get(name).map(|i| i.ggml_dtype);
+        if stored.is_some_and(|t| t != candle_core::quantized::GgmlDType::Q4_1) {
+            return Ok(None);
+        }
         let qtensor = self
             .content
             .tensor(&mut self.reader, name, &Device::Cpu)

@@ -80,25 +80,20 @@ impl std::fmt::Debug for QMatrix {
     }
 }
 
-/// Rounds one block to signed bytes: returns the scale (`max |v| / 127`).
-fn quantize_block(values: &[f32], out: &mut [i8]) -> f32 {
-    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = max / 127.0;
-    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    for (q, v) in out.iter_mut().zip(values) {
-        *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
-    }
-    scale
-}
-
 /// Rounds block `block` of `row` (zero-padded past the row's end) to signed bytes: returns
-/// the scale.
-fn quantize_row_block(row: &[f32], block: usize, out: &mut [i8]) -> f32 {
+/// the scale (`max |v| / 127`).
+fn quantize_row_block(row: &[f32], block: usize, out: &mut [i8; BLOCK]) -> f32 {
     let start = block * BLOCK;
     let end = (start + BLOCK).min(row.len());
     let mut values = [0f32; BLOCK];
     values[..end - start].copy_from_slice(&row[start..end]);
-    quantize_block(&values, out)
+    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = max / 127.0;
+    let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    for (q, v) in out.iter_mut().zip(&values) {
+        *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+    }
+    scale
 }
 
 impl QMatrix {

@@ -6,15 +6,13 @@
 //! token range at any position and caches can be exported and imported.
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
+use super::row_ops;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv::{KvCache, KvShape};
 use crate::qmatrix::QMatrix;
-
-use rayon::prelude::*;
-
-use super::row_ops;
 use crate::rope::Rope;
 
 /// Architecture hyper-parameters read from the GGUF metadata.
@@ -141,7 +139,7 @@ struct Block {
     /// Gate and up projections stacked: `[2·ffn, hidden]`.
     w_gate_up: Tensor,
     w_down: Tensor,
-    /// The same projections in 8-bit blocks ([`QMatrix`]) for decode steps, when enabled.
+    /// The same projections in quantized blocks ([`QMatrix`]) for decode steps, when enabled.
     decode: Option<DecodeWeights>,
 }
 
@@ -201,7 +199,7 @@ pub struct Llama {
     embed: Tensor,
     /// `None` when the output projection is tied to the embedding.
     lm_head: Option<Tensor>,
-    /// The output norm and 8-bit output projection for decode steps, when enabled.
+    /// The output norm and quantized output projection for decode steps, when enabled.
     decode_head: Option<DecodeHead>,
     output_norm: Tensor,
     blocks: Vec<Block>,
@@ -222,8 +220,8 @@ impl std::fmt::Debug for Llama {
 
 impl Llama {
     /// Loads the model's weights from `gguf`, dequantized to `dtype` on `device`. With
-    /// `quantized_decode` (CPU only), 8-bit copies of the projections serve decode steps of at
-    /// most [`DECODE_MAX_TOKENS`] tokens.
+    /// `quantized_decode` (CPU only), quantized copies of the projections ([`QMatrix`]) serve
+    /// decode steps of at most [`DECODE_MAX_TOKENS`] tokens.
     pub fn load(
         gguf: &mut GgufFile,
         device: &Device,
@@ -388,10 +386,11 @@ impl Llama {
     }
 
     /// A decode step: [`Llama::forward`] of at most [`DECODE_MAX_TOKENS`] generated tokens,
-    /// through the 8-bit copies of the weights when the model keeps them (its logits differ
-    /// from the dense path's by the 8-bit rounding of weights and activations). Returns the last token's logits.
+    /// through the quantized copies of the weights when the model keeps them (its logits
+    /// differ from the dense path's by the 8-bit rounding of activations, and of weights not
+    /// stored in Q4_1). Returns the last token's logits.
     pub fn decode(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        if tokens.len() == 1 && self.decodes_on_rows() {
+        if tokens.len() == 1 && self.row_decode_head().is_some() {
             return Ok(self.decode_batch(tokens, &mut [cache])?.squeeze(0)?);
         }
         let quantized = tokens.len() <= DECODE_MAX_TOKENS;
@@ -853,7 +852,7 @@ impl Llama {
     /// One decode step of several sequences: `tokens[i]` is appended to `caches[i]`. The
     /// projections and the feed-forward run as one matrix product over all the rows, so
     /// the weights are read once for the batch; attention runs per sequence over its own
-    /// cache. Through the 8-bit decode weights when the model keeps them, like
+    /// cache. Through the quantized decode weights when the model keeps them, like
     /// [`Llama::decode`], whose logits row `i` equals up to float summation order.
     /// Returns the logits `[batch, vocab]` (f32). On an error no cache has changed length.
     pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
@@ -874,7 +873,7 @@ impl Llama {
             self.check_room(cache.next_position(), 1)?;
             cache.reserve(1)?;
         }
-        if let Some(head) = self.decode_head.as_ref().filter(|_| self.decodes_on_rows()) {
+        if let Some(head) = self.row_decode_head() {
             return self.decode_rows(tokens, caches, head);
         }
         let mut x = self
@@ -904,10 +903,12 @@ impl Llama {
 }
 
 impl Llama {
-    /// Whether decode steps take the slice-level path ([`Llama::decode_rows`]): 8-bit
-    /// weights kept, f32 activations and caches on the CPU.
-    fn decodes_on_rows(&self) -> bool {
-        self.decode_head.is_some() && self.dtype == DType::F32 && self.device.is_cpu()
+    /// The decode head when decode steps take the slice-level path ([`Llama::decode_rows`]):
+    /// quantized weights kept, f32 activations and caches on the CPU.
+    fn row_decode_head(&self) -> Option<&DecodeHead> {
+        self.decode_head
+            .as_ref()
+            .filter(|_| self.dtype == DType::F32 && self.device.is_cpu())
     }
 
     /// [`Llama::decode_batch`] on plain rows: the projections through [`QMatrix`], the
