@@ -136,6 +136,18 @@ pub struct GenerateParams {
     pub sampling: Sampling,
     /// Extra token ids that end generation, besides the model's own end-of-generation tokens.
     pub stop_tokens: Vec<u32>,
+    /// Keep generating past the model's end-of-generation tokens (up to `max_tokens`): for
+    /// benchmarks that need every contender to produce the same number of tokens.
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+impl GenerateParams {
+    /// Whether `token` ends the generation; `end_of_generation` says whether the model
+    /// treats it as its own end token.
+    pub fn stops_at(&self, token: u32, end_of_generation: bool) -> bool {
+        (end_of_generation && !self.ignore_eos) || self.stop_tokens.contains(&token)
+    }
 }
 
 impl Default for GenerateParams {
@@ -144,6 +156,7 @@ impl Default for GenerateParams {
             max_tokens: 256,
             sampling: Sampling::greedy(),
             stop_tokens: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -198,7 +211,7 @@ pub fn generate(
             break FinishReason::Length;
         }
         let next = sampler.sample(&logits)?;
-        if tokenizer.is_end_of_generation(next) || params.stop_tokens.contains(&next) {
+        if params.stops_at(next, tokenizer.is_end_of_generation(next)) {
             break FinishReason::Stop;
         }
         tokens.push(next);

@@ -392,7 +392,7 @@ impl Service<Prefilled> for Generate {
                         top_p: options.top_p,
                         seed: options.seed,
                     },
-                    stop_tokens: Vec::new(),
+                    ..GenerateParams::default()
                 };
                 let mut events = scheduler
                     .decode(cache, &logits, params)

@@ -154,7 +154,7 @@ pub(super) fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
         .collect()
 }
 
-fn threads() -> usize {
+pub(super) fn threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())

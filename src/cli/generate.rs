@@ -49,7 +49,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             top_p: args.top_p,
             seed: args.seed,
         },
-        stop_tokens: Vec::new(),
+        ..GenerateParams::default()
     };
     let json = args.json;
     let done = engine.complete(&prompt, &params, |piece| {

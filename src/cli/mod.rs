@@ -9,6 +9,7 @@ mod bench_serve;
 mod bench_ttft;
 mod generate;
 mod ingest;
+mod llama_server;
 mod models;
 mod plot;
 mod report;

@@ -256,7 +256,7 @@ fn seeded_sampling_is_reproducible_and_max_tokens_is_honoured() {
             top_p: 0.9,
             seed,
         },
-        stop_tokens: Vec::new(),
+        ..GenerateParams::default()
     };
     let run = |seed| {
         engine

@@ -7,8 +7,8 @@ use std::time::Duration;
 use ragcake::engine::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 use ragcake::engine::scheduler::{
     CacheKind, ChunkSpec, DecodeEvent, DecodeStream, Filled, LoadBackend, LookupSummary,
-    MissReason, Mode, PlanOptions, PrefillRequest, PromptChunk, Recompute, RecomputeRule,
-    Scheduler, SchedulerConfig, SchedulerStats, StoredCache, plan, spread_recompute,
+    MIN_PREFILL_PIECE, MissReason, Mode, PlanOptions, PrefillRequest, PromptChunk, Recompute,
+    RecomputeRule, Scheduler, SchedulerConfig, SchedulerStats, StoredCache, plan, spread_recompute,
 };
 use ragcake::engine::{DType, Engine, FinishReason, GenerateParams, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
@@ -946,42 +946,75 @@ async fn no_decoding_left(scheduler: &Scheduler<Engine, KvStore>) -> SchedulerSt
     panic!("sequences still decode: {:?}", scheduler.stats());
 }
 
+/// Computes the test context in a scheduler set up by `config` while one answer decodes;
+/// checks the logits and that the answer still decodes. Returns the decode steps taken
+/// meanwhile and the chunks' lengths.
+async fn decode_steps_while_prefilling(config: SchedulerConfig) -> (u64, Vec<usize>) {
+    let store = memory_store(DType::F16);
+    let scheduler = scheduler(store.clone(), config);
+    // Plain prose goes on without an end-of-generation token for a long while.
+    let engine = shared_dense_engine();
+    let mut cache = engine.new_cache();
+    let logits = engine.prefill(&mut cache, &prose_tokens(100), 512).unwrap();
+    let mut answer = scheduler.decode(cache, &logits, greedy(1000)).unwrap();
+    assert!(matches!(answer.next().await, Some(DecodeEvent::Token(_))));
+
+    let (chunks, tail) = context();
+    let want = reference_logits(&chunks, &tail);
+    let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+    let before = scheduler.stats().decode_steps;
+    let done = scheduler.prefill(request).await.unwrap();
+    let during = scheduler.stats().decode_steps - before;
+    assert_same_logits(&done, &want, 1e-4);
+    let stats = scheduler.stats();
+    assert_eq!(
+        (stats.decoding, stats.decodes_finished),
+        (1, 0),
+        "{stats:?}"
+    );
+    (during, chunks.iter().map(Vec::len).collect())
+}
+
+/// Cuts of chunks of `lengths` into pieces of at most `piece` tokens.
+fn cuts(lengths: &[usize], piece: usize) -> u64 {
+    lengths.iter().map(|n| n.div_ceil(piece) as u64 - 1).sum()
+}
+
 #[test]
 fn a_chunk_computed_while_an_answer_decodes_is_cut_into_pieces_with_decode_steps_between() {
     runtime().block_on(async {
         const PIECE: usize = 32;
-        let store = memory_store(DType::F16);
-        let config = SchedulerConfig {
+        let (during, lengths) = decode_steps_while_prefilling(SchedulerConfig {
             prefill_step_tokens: PIECE,
+            tpot_target_secs: 0.0,
             write_back: false,
             ..SchedulerConfig::default()
-        };
-        let scheduler = scheduler(store.clone(), config);
-        // Plain prose goes on without an end-of-generation token for a long while.
-        let engine = shared_dense_engine();
-        let mut cache = engine.new_cache();
-        let logits = engine.prefill(&mut cache, &prose_tokens(100), 512).unwrap();
-        let mut answer = scheduler.decode(cache, &logits, greedy(1000)).unwrap();
-        assert!(matches!(answer.next().await, Some(DecodeEvent::Token(_))));
-
-        let (chunks, tail) = context();
-        let want = reference_logits(&chunks, &tail);
-        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
-        let before = scheduler.stats().decode_steps;
-        let done = scheduler.prefill(request).await.unwrap();
-        let during = scheduler.stats().decode_steps - before;
+        })
+        .await;
         // A decode step after every piece but a chunk's last.
-        let cuts: usize = chunks.iter().map(|c| c.len().div_ceil(PIECE) - 1).sum();
+        let cuts = cuts(&lengths, PIECE);
         assert!(
-            during >= cuts as u64,
+            during >= cuts,
             "{during} decode steps while computing chunks cut {cuts} times"
         );
-        assert_same_logits(&done, &want, 1e-4);
-        let stats = scheduler.stats();
-        assert_eq!(
-            (stats.decoding, stats.decodes_finished),
-            (1, 0),
-            "{stats:?}"
+    });
+}
+
+#[test]
+fn a_tight_time_per_output_token_cuts_prefill_into_the_smallest_pieces() {
+    runtime().block_on(async {
+        let (during, lengths) = decode_steps_while_prefilling(SchedulerConfig {
+            prefill_step_tokens: 128,
+            // Below any decode step: only the smallest piece fits.
+            tpot_target_secs: 1e-9,
+            write_back: false,
+            ..SchedulerConfig::default()
+        })
+        .await;
+        let (smallest, largest) = (cuts(&lengths, MIN_PREFILL_PIECE), cuts(&lengths, 128));
+        assert!(
+            smallest > largest && during >= smallest,
+            "{during} decode steps; {smallest} cuts expected in pieces of {MIN_PREFILL_PIECE}"
         );
     });
 }

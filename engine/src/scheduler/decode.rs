@@ -111,7 +111,7 @@ impl<C: ComputeBackend> Decoding<C> {
     fn advance(mut self, compute: &C, token: u32) -> Advance<C> {
         let reason = if self.produced >= self.params.max_tokens {
             Some(FinishReason::Length)
-        } else if compute.ends_generation(token) || self.params.stop_tokens.contains(&token) {
+        } else if self.params.stops_at(token, compute.ends_generation(token)) {
             Some(FinishReason::Stop)
         } else {
             self.produced += 1;

@@ -285,7 +285,19 @@ pub struct SchedulerConfig {
     /// tokens with a decode step between them: the bound on a prefill step's share of the
     /// time between two output tokens.
     pub prefill_step_tokens: usize,
+    /// The time per output token aimed at while prefill runs beside decode: a piece is cut
+    /// so that, by the cost model, it and the last decode step together take about this
+    /// long (at least [`MIN_PREFILL_PIECE`] tokens, at most `prefill_step_tokens`).
+    /// 0 cuts pieces by `prefill_step_tokens` alone.
+    pub tpot_target_secs: f64,
 }
+
+/// Default of [`SchedulerConfig::tpot_target_secs`].
+const TPOT_TARGET_DEFAULT: f64 = 0.1;
+
+/// The smallest prefill piece beside decode: below it the per-pass overhead outweighs what
+/// a shorter wait between output tokens gains.
+pub const MIN_PREFILL_PIECE: usize = 16;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -303,8 +315,8 @@ impl Default for SchedulerConfig {
             load_secs_per_token: 1e-2,
             write_back: true,
             max_decoding: 16,
-            // ~0.1 s of prefill on two cores between two decode steps.
             prefill_step_tokens: 128,
+            tpot_target_secs: TPOT_TARGET_DEFAULT,
         }
     }
 }

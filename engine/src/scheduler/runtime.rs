@@ -16,9 +16,9 @@ use super::dispatch::{
     RequestShape,
 };
 use super::{
-    BlendChunk, ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MissReason,
-    PrefillRequest, Recompute, SchedulerConfig, WriteBack, check_request, in_context_chunks,
-    load_within,
+    BlendChunk, ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MIN_PREFILL_PIECE,
+    MissReason, PrefillRequest, Recompute, SchedulerConfig, WriteBack, check_request,
+    in_context_chunks, load_within,
 };
 use crate::error::{EngineError, Result};
 use crate::generate::GenerateParams;
@@ -89,6 +89,8 @@ struct State<C: ComputeBackend, L: LoadBackend> {
     decoding: VecDeque<Decoding<C>>,
     /// Sequences in the decode step running now.
     stepping: usize,
+    /// Seconds the last decode step took (sizes the prefill pieces between steps).
+    last_decode_step_secs: f64,
     shutdown: bool,
 }
 
@@ -139,6 +141,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                 loads: HashMap::new(),
                 decoding: VecDeque::new(),
                 stepping: 0,
+                last_decode_step_secs: 0.0,
                 shutdown: false,
             }),
             wake: Condvar::new(),
@@ -560,8 +563,8 @@ where
 }
 
 /// Computes a chunk's `tokens` into `cache`: whole when no answer is decoding, else in
-/// pieces of [`SchedulerConfig::prefill_step_tokens`] with a decode step after each, so a
-/// long chunk does not stall the answers being generated (chunked prefill beside decode).
+/// pieces ([`prefill_piece`]) with a decode step after each, so a long chunk does not stall
+/// the answers being generated (chunked prefill beside decode).
 /// Stops early when the request was cancelled meanwhile (its cache is dropped). Adds the
 /// seconds spent decoding to `decode_secs`.
 fn compute_beside_decoding<C, L>(
@@ -582,8 +585,10 @@ where
             if !state.requests.contains_key(&step.request()) {
                 return Ok(());
             }
-            let piece = state.dispatcher.config().prefill_step_tokens.max(1);
-            (!state.decoding.is_empty(), piece)
+            (
+                !state.decoding.is_empty(),
+                prefill_piece(&state, step, done),
+            )
         };
         let end = if decoding {
             (done + piece).min(tokens.len())
@@ -599,6 +604,33 @@ where
         }
     }
     Ok(())
+}
+
+/// Tokens of the next prefill piece beside decode, `done` tokens into `step`'s chunk: what
+/// fits, by the cost model, in the time per output token aimed at besides the last decode
+/// step, within [`MIN_PREFILL_PIECE`]..=[`SchedulerConfig::prefill_step_tokens`].
+fn prefill_piece<C: ComputeBackend, L: LoadBackend>(
+    state: &State<C, L>,
+    step: ComputeStep,
+    done: usize,
+) -> usize {
+    let config = state.dispatcher.config();
+    let most = config.prefill_step_tokens.max(1);
+    let ComputeStep::Compute { request, chunk } = step else {
+        return most;
+    };
+    if config.tpot_target_secs <= 0.0 {
+        return most;
+    }
+    let room = config.tpot_target_secs - state.last_decode_step_secs;
+    let position = state.dispatcher.position(request, chunk).unwrap_or(0) + done;
+    let per_token = state.dispatcher.costs().compute_secs(most, position) / most as f64;
+    let fits = if per_token > 0.0 {
+        (room.max(0.0) / per_token) as usize
+    } else {
+        most
+    };
+    fits.clamp(MIN_PREFILL_PIECE.min(most), most)
 }
 
 /// Runs one decode step for the first [`SchedulerConfig::max_decoding`] sequences (those
@@ -629,7 +661,9 @@ where
     state.stepping = batch.len();
     drop(state);
     let tokens = batch.len() as u64;
+    let started = Instant::now();
     let (going_on, outcome) = decode_step(&*shared.compute, batch);
+    let step_secs = started.elapsed().as_secs_f64();
     counters.decode_steps.fetch_add(1, Ordering::Relaxed);
     counters.tokens_decoded.fetch_add(tokens, Ordering::Relaxed);
     counters
@@ -640,6 +674,7 @@ where
         .fetch_add(outcome.cancelled as u64, Ordering::Relaxed);
     let mut state = shared.lock();
     state.stepping = 0;
+    state.last_decode_step_secs = step_secs;
     // Back ahead of the sequences that arrived meanwhile: running ones keep their place.
     for sequence in going_on.into_iter().rev() {
         state.decoding.push_front(sequence);
