@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// Seed of the arrival times and request kinds (every contender gets the same trace).
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Also write every request's figures to this CSV (when each was sent, its TTFT, time
+    /// per output token and chunks computed and loaded).
+    #[arg(long)]
+    requests_csv: Option<PathBuf>,
     /// Print JSON: `{"points": [...]}`.
     #[arg(long)]
     json: bool,
@@ -238,6 +242,58 @@ struct Point {
     loads_abandoned: usize,
 }
 
+/// One request of one point, for `--requests-csv`.
+#[derive(Debug, Serialize)]
+struct RequestRow {
+    bandwidth: f64,
+    load: Option<f64>,
+    streams: Option<usize>,
+    contender: &'static str,
+    /// Index in the trace.
+    request: usize,
+    kind: &'static str,
+    /// Seconds from the point's first request to this one's.
+    sent_s: f64,
+    ttft_s: f64,
+    tpot_s: Option<f64>,
+    tokens: usize,
+    chunks_computed: usize,
+    chunks_loaded: usize,
+}
+
+impl RequestRow {
+    /// The rows of `outcomes` (failed requests left out) at `point`.
+    fn of(point: &Point, outcomes: &[anyhow::Result<Served>]) -> Vec<Self> {
+        let served = outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| Some((i, o.as_ref().ok()?)));
+        let Some(first) = served.clone().map(|(_, s)| s.sent).min() else {
+            return Vec::new();
+        };
+        served
+            .map(|(request, s)| Self {
+                bandwidth: point.bandwidth,
+                load: point.load,
+                streams: point.streams,
+                contender: point.contender,
+                request,
+                kind: match s.kind {
+                    Kind::Cached => "cached",
+                    Kind::Partial => "partial",
+                    Kind::Uncached => "uncached",
+                },
+                sent_s: (s.sent - first).as_secs_f64(),
+                ttft_s: s.ttft(),
+                tpot_s: s.tpot(),
+                tokens: s.tokens,
+                chunks_computed: s.chunks_computed,
+                chunks_loaded: s.chunks_loaded,
+            })
+            .collect()
+    }
+}
+
 /// What every contender shares: the model, the prompts and the stored context.
 struct Setup {
     engine: Arc<Engine>,
@@ -294,6 +350,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .collect();
 
     let mut points = Vec::new();
+    let mut request_rows = Vec::new();
     let mut turn = 0;
     for &bandwidth in &bandwidths {
         for &arrival in &arrivals {
@@ -339,10 +396,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                         String::new()
                     }
                 );
+                request_rows.extend(RequestRow::of(&point, &served));
                 points.push(point);
             }
             turn += 1;
         }
+    }
+    if let Some(path) = &args.requests_csv {
+        write_csv(path, &request_rows)?;
     }
     write_outputs(&args, &bandwidths, &points)
 }

@@ -41,7 +41,51 @@ pub(crate) struct KvLayout {
 /// Attention of one token's queries `q` (`[n_heads·head_dim]`) over the first `len` keys and
 /// values of one layer's buffers; writes `[n_heads·head_dim]` into `out`. Query head `h`
 /// reads KV head `h / (n_heads / n_kv_heads)`.
+///
+/// On a CPU with AVX-512 the same code is compiled for its 16-lane registers (the default
+/// target has 4-lane SSE2); the sums run in the same order, so the result is the same.
 pub(crate) fn attend_one(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    layout: KvLayout,
+    len: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { attend_one_avx512(q, keys, values, layout, len, scale, out) };
+    }
+    attend_one_portable(q, keys, values, layout, len, scale, out);
+}
+
+/// Whether the CPU runs AVX-512 code (checked once).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
+}
+
+/// [`attend_one`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn attend_one_avx512(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    layout: KvLayout,
+    len: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    attend_one_portable(q, keys, values, layout, len, scale, out);
+}
+
+/// [`attend_one`]'s arithmetic, for whatever target it is inlined into.
+#[inline(always)]
+fn attend_one_portable(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -78,13 +122,21 @@ pub(crate) fn attend_one(
             }
         }
         let heads = &mut out[kv * group * head_dim..(kv + 1) * group * head_dim];
-        heads.fill(0.0);
-        for t in 0..len {
-            let value = &values[base + t * head_dim..base + (t + 1) * head_dim];
-            for (g, dst) in heads.chunks_exact_mut(head_dim).enumerate() {
-                let p = scores[g * len + t];
-                for (d, v) in dst.iter_mut().zip(value) {
-                    *d += p * v;
+        let values = &values[base..base + len * head_dim];
+        for (weights, dst) in scores
+            .chunks_exact(len)
+            .zip(heads.chunks_exact_mut(head_dim))
+        {
+            match head_dim {
+                64 => weighted_sum::<64>(weights, values, dst),
+                128 => weighted_sum::<128>(weights, values, dst),
+                _ => {
+                    dst.fill(0.0);
+                    for (p, value) in weights.iter().zip(values.chunks_exact(head_dim)) {
+                        for (d, v) in dst.iter_mut().zip(value) {
+                            *d += p * v;
+                        }
+                    }
                 }
             }
         }
@@ -97,7 +149,21 @@ pub(crate) fn attend_one(
     }
 }
 
+/// `out = Σ_t weights[t] · values[t]` over rows of `D` values, summed in `t` order. The
+/// width is a constant so the sums stay in registers for the whole pass.
+#[inline(always)]
+fn weighted_sum<const D: usize>(weights: &[f32], values: &[f32], out: &mut [f32]) {
+    let mut sums = [0f32; D];
+    for (p, value) in weights.iter().zip(values.chunks_exact(D)) {
+        for (sum, v) in sums.iter_mut().zip(value) {
+            *sum += p * v;
+        }
+    }
+    out.copy_from_slice(&sums);
+}
+
 /// `Σ a[i]·b[i]` in eight partial sums, so it vectorises.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut sums = [0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -158,6 +224,32 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, [3.0, -1.0, 3.0, -1.0]);
+    }
+
+    #[test]
+    fn attention_compiled_for_wide_registers_gives_the_portable_bits() {
+        let layout = KvLayout {
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            capacity: 200,
+        };
+        // Deterministic values of both signs and varied magnitude.
+        let fill = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5
+                })
+                .collect()
+        };
+        let q = fill(9 * 64, 1);
+        let keys = fill(3 * 200 * 64, 2);
+        let values = fill(3 * 200 * 64, 3);
+        let (mut wide, mut portable) = (vec![0f32; 9 * 64], vec![0f32; 9 * 64]);
+        attend_one(&q, &keys, &values, layout, 173, 0.125, &mut wide);
+        attend_one_portable(&q, &keys, &values, layout, 173, 0.125, &mut portable);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide), bits(&portable));
     }
 
     #[test]

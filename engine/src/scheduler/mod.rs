@@ -293,11 +293,11 @@ pub struct SchedulerConfig {
 }
 
 /// Default of [`SchedulerConfig::tpot_target_secs`].
-const TPOT_TARGET_DEFAULT: f64 = 0.1;
+const TPOT_TARGET_DEFAULT: f64 = 0.25;
 
 /// The smallest prefill piece beside decode: below it the per-pass overhead outweighs what
 /// a shorter wait between output tokens gains.
-pub const MIN_PREFILL_PIECE: usize = 16;
+pub const MIN_PREFILL_PIECE: usize = 32;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
