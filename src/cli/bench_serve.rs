@@ -836,7 +836,6 @@ fn write_outputs(args: &ServeArgs, bandwidths: &[f64], points: &[Point]) -> anyh
     for (i, &bandwidth) in bandwidths.iter().enumerate() {
         let at: Vec<&Point> = points.iter().filter(|p| p.bandwidth == bandwidth).collect();
         let mut names: Vec<&str> = at.iter().map(|p| p.contender).collect();
-        names.dedup();
         names.sort();
         names.dedup();
         let series: Vec<plot::Series> = names

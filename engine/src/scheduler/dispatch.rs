@@ -442,6 +442,10 @@ impl Dispatcher {
                 LoadVerdict::Discard
             }
             LoadOutcome::Failed(error) => {
+                // A load that timed out would have taken at least that long: without
+                // this, a store slower than the timeout would never teach its speed and
+                // every request would wait on its loads again.
+                self.costs.observe_load_at_least(tokens, now - since);
                 // A failing store fails every later load too: compute the rest.
                 r.slots[step.chunk] = Slot::Pending;
                 r.loadable.iter_mut().for_each(|l| *l = false);

@@ -1,8 +1,8 @@
 //! The scheduling logic under the deterministic simulator.
 
-use super::dispatch::{ChunkShape, RequestShape};
+use super::dispatch::{ChunkShape, Dispatcher, RequestShape};
 use super::sim::{SimCosts, SimRequest, simulate};
-use super::{MissReason, Mode, Policy, PrefillReport, SchedulerConfig};
+use super::{LoadOutcome, MissReason, Mode, Policy, PrefillReport, SchedulerConfig};
 
 const CHUNK: usize = 256;
 
@@ -284,6 +284,26 @@ fn a_stalled_load_is_overtaken_by_compute() {
             .misses
             .iter()
             .any(|m| m.reason == MissReason::Stalled)
+    );
+}
+
+#[test]
+fn a_load_that_times_out_raises_the_expected_load_time() {
+    let mut config = SchedulerConfig {
+        load_secs_per_token: 1e-4,
+        ..SchedulerConfig::default()
+    };
+    config.load_timeout_secs = 5.0;
+    let mut dispatcher = Dispatcher::new(config);
+    dispatcher.admit(0.0, shape(4, |_| true, Mode::LoadOnly));
+    let step = dispatcher.next_load(0.0).expect("a stored chunk to load");
+    let before = dispatcher.costs().load_secs(CHUNK);
+    // The load gave up at the timeout: it would have taken at least that long.
+    dispatcher.load_done(5.0, step, LoadOutcome::Failed("timed out after 5s".into()));
+    let after = dispatcher.costs().load_secs(CHUNK);
+    assert!(
+        before < 1.0 && after >= 5.0,
+        "expected load of a chunk: {before:.3} s before the timeout, {after:.3} s after"
     );
 }
 
