@@ -842,11 +842,16 @@ fn write_outputs(args: &ServeArgs, bandwidths: &[f64], points: &[Point]) -> anyh
             .iter()
             .map(|name| plot::Series {
                 name: name.to_string(),
-                points: at
-                    .iter()
-                    .filter(|p| p.contender == *name && p.load.is_some())
-                    .map(|p| (p.req_per_s, p.ttft_p99))
-                    .collect(),
+                // Poisson and closed-loop points alike, in throughput order.
+                points: {
+                    let mut line: Vec<(f64, f64)> = at
+                        .iter()
+                        .filter(|p| p.contender == *name)
+                        .map(|p| (p.req_per_s, p.ttft_p99))
+                        .collect();
+                    line.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    line
+                },
             })
             .collect();
         let png = args.csv.with_file_name(format!(
