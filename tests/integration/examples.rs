@@ -172,3 +172,50 @@ fn the_examples_and_the_cli_ingest_answer_and_serve_the_demo_corpus() {
         );
     });
 }
+
+#[test]
+fn bench_serve_reports_every_contender_at_every_point_with_the_documented_fields() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let csv = out_dir.path().join("serve.csv");
+    let output = command(Path::new(env!("CARGO_BIN_EXE_ragcake")), out_dir.path())
+        .args(["bench", "serve", "--context", "64", "--chunk", "32"])
+        .args(["--max-tokens", "3", "--requests", "3", "--loads", "4"])
+        .args(["--streams", "2", "--bandwidths", "100"])
+        .args(["--contenders", "adaptive,compute-only", "--json", "--csv"])
+        .arg(&csv)
+        .output()
+        .unwrap();
+    let stdout = succeeded(output, "ragcake bench serve");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let points = report["points"].as_array().expect("a points array");
+    // One Poisson load and one closed-loop point, two contenders each.
+    assert_eq!(points.len(), 4, "{report:#}");
+    for point in points {
+        for field in [
+            "load",
+            "bandwidth",
+            "contender",
+            "req_per_s",
+            "output_tok_per_s",
+            "ttft_p50",
+            "ttft_p99",
+            "tpot_p50",
+            "tpot_p99",
+        ] {
+            assert!(point.get(field).is_some(), "{field} missing in {point:#}");
+        }
+        assert_eq!(point["failed"], 0, "{point:#}");
+        for positive in ["req_per_s", "output_tok_per_s", "ttft_p99", "tpot_p99"] {
+            let value = point[positive].as_f64().unwrap_or(f64::NAN);
+            assert!(value > 0.0, "{positive} = {value} in {point:#}");
+        }
+        // Every answer decodes exactly its three tokens.
+        let tokens =
+            point["output_tok_per_s"].as_f64().unwrap() / point["req_per_s"].as_f64().unwrap();
+        assert!(
+            (tokens - 3.0).abs() < 1e-6,
+            "{tokens} tokens per answer in {point:#}"
+        );
+    }
+    assert!(csv.is_file());
+}
