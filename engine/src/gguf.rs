@@ -190,9 +190,6 @@ impl GgufFile {
                 name: name.to_string(),
                 reason: e.to_string(),
             })?;
-        if qtensor.dtype() != candle_core::quantized::GgmlDType::Q4_1 {
-            return Ok(None);
-        }
         Ok(Some(qtensor.data()?.into_owned()))
     }
 

@@ -19,7 +19,7 @@ use ragcake::engine::scheduler::dispatch::chunk_starts;
 use ragcake::engine::scheduler::{
     DecodeEvent, LoadBackend, Mode, Policy, PromptChunk, Scheduler, SchedulerConfig, plan,
 };
-use ragcake::engine::{Engine, GenerateParams, KvRange, TokenKind};
+use ragcake::engine::{Engine, GenerateParams, KvCache, KvRange, TokenKind};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use super::bench::bench_tokens;
-use super::llama_server::{LlamaServer, LlamaServerConfig, find_binary};
+use super::llama_server::{Completion, LlamaServer, LlamaServerConfig, TokenClock, find_binary};
 use super::report::{percentile, print_json, print_table, write_csv};
 use super::{ModelArgs, plot};
 
@@ -155,7 +155,8 @@ impl ContenderId {
 }
 
 /// How much of a request's context is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 enum Kind {
     Cached,
     Partial,
@@ -186,9 +187,7 @@ struct Served {
     kind: Kind,
     /// Arrival (Poisson) or send (closed loop).
     sent: Instant,
-    first_token: Instant,
-    last_token: Instant,
-    tokens: usize,
+    answer: Completion,
     chunks_computed: usize,
     chunks_loaded: usize,
     loads_abandoned: usize,
@@ -196,13 +195,17 @@ struct Served {
 
 impl Served {
     fn ttft(&self) -> f64 {
-        (self.first_token - self.sent).as_secs_f64()
+        (self.answer.first_token - self.sent).as_secs_f64()
     }
 
     /// Time per output token after the first (None for a one-token answer).
     fn tpot(&self) -> Option<f64> {
-        (self.tokens > 1)
-            .then(|| (self.last_token - self.first_token).as_secs_f64() / (self.tokens - 1) as f64)
+        let Completion {
+            first_token,
+            last_token,
+            tokens,
+        } = self.answer;
+        (tokens > 1).then(|| (last_token - first_token).as_secs_f64() / (tokens - 1) as f64)
     }
 }
 
@@ -242,6 +245,18 @@ struct Point {
     loads_abandoned: usize,
 }
 
+impl Point {
+    /// How the point's requests arrived.
+    fn arrivals(&self) -> Arrivals {
+        match (self.load, self.streams) {
+            (Some(load), _) => Arrivals::Poisson { load },
+            (None, streams) => Arrivals::Closed {
+                streams: streams.unwrap_or(0),
+            },
+        }
+    }
+}
+
 /// One request of one point, for `--requests-csv`.
 #[derive(Debug, Serialize)]
 struct RequestRow {
@@ -251,7 +266,7 @@ struct RequestRow {
     contender: &'static str,
     /// Index in the trace.
     request: usize,
-    kind: &'static str,
+    kind: Kind,
     /// Seconds from the point's first request to this one's.
     sent_s: f64,
     ttft_s: f64,
@@ -278,15 +293,11 @@ impl RequestRow {
                 streams: point.streams,
                 contender: point.contender,
                 request,
-                kind: match s.kind {
-                    Kind::Cached => "cached",
-                    Kind::Partial => "partial",
-                    Kind::Uncached => "uncached",
-                },
+                kind: s.kind,
                 sent_s: (s.sent - first).as_secs_f64(),
                 ttft_s: s.ttft(),
                 tpot_s: s.tpot(),
-                tokens: s.tokens,
+                tokens: s.answer.tokens,
                 chunks_computed: s.chunks_computed,
                 chunks_loaded: s.chunks_loaded,
             })
@@ -382,7 +393,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 );
                 eprintln!(
                     "  {bandwidth:.2} MB/s, {}: {:<26} {:.3} req/s, {:.1} tok/s, TTFT p50 {:.2} p99 {:.2} s, TPOT p50 {:.0} p99 {:.0} ms{}",
-                    describe(arrival),
+                    arrival,
                     point.contender,
                     point.req_per_s,
                     point.output_tok_per_s,
@@ -408,10 +419,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     write_outputs(&args, &bandwidths, &points)
 }
 
-fn describe(arrival: Arrivals) -> String {
-    match arrival {
-        Arrivals::Poisson { load } => format!("load {load}"),
-        Arrivals::Closed { streams } => format!("{streams} streams"),
+impl std::fmt::Display for Arrivals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Poisson { load } => write!(f, "load {load}"),
+            Self::Closed { streams } => write!(f, "{streams} streams"),
+        }
     }
 }
 
@@ -429,41 +442,35 @@ async fn prepare(args: &ServeArgs) -> anyhow::Result<Setup> {
 
     // One request alone: the whole context computed, then its answer decoded. Its time is
     // the unit of the offered loads. The second of two runs counts (the first warms up).
-    let mut prefill_secs = 0.0;
-    let mut cache = engine.new_cache();
-    for _ in 0..2 {
+    let compute_alone = || -> anyhow::Result<(KvCache, f64)> {
         let started = Instant::now();
-        cache = engine.new_cache();
+        let mut cache = engine.new_cache();
         for chunk in &base {
             engine.append(&mut cache, chunk, args.chunk, false)?;
         }
         engine.append(&mut cache, &tail, args.chunk, true)?;
-        prefill_secs = started.elapsed().as_secs_f64();
-    }
-    let stored = {
-        let keys = KvStore::for_engine(Arc::new(InMemory::new()), Path::default(), &engine)
-            .prefix_chain(base.iter().map(Vec::as_slice));
-        let starts = chunk_starts(base.iter().map(Vec::len));
-        let mut stored = Vec::new();
-        for ((key, tokens), w) in keys.into_iter().zip(&base).zip(starts.windows(2)) {
-            stored.push((key, tokens.clone(), cache.export(w[0]..w[1])?));
-        }
-        stored
+        Ok((cache, started.elapsed().as_secs_f64()))
     };
+    compute_alone()?;
+    let (mut cache, prefill_secs) = compute_alone()?;
+    // Keys and the stored size of a chunk, from a scratch store.
+    let scratch = KvStore::for_engine(Arc::new(InMemory::new()), Path::default(), &engine);
+    let keys = scratch.prefix_chain(base.iter().map(Vec::as_slice));
+    let starts = chunk_starts(base.iter().map(Vec::len));
+    let mut stored = Vec::new();
+    for ((key, tokens), w) in keys.into_iter().zip(&base).zip(starts.windows(2)) {
+        stored.push((key, tokens.clone(), cache.export(w[0]..w[1])?));
+    }
+    let (key, tokens, kv) = &stored[0];
+    let chunk_bytes = scratch.put(key, tokens, kv).await? as f64;
+    // Any tokens do: a decode step costs the same whichever token it appends.
     let decode_started = Instant::now();
-    let mut token = base[0][0];
-    for _ in 0..args.max_tokens {
+    for &token in base.iter().flatten().cycle().take(args.max_tokens) {
         engine.model().decode(&[token], &mut cache)?;
-        token = base[0][1];
     }
     let decode_secs = decode_started.elapsed().as_secs_f64();
     drop(cache);
 
-    let chunk_bytes = {
-        let sizer = KvStore::for_engine(Arc::new(InMemory::new()), Path::default(), &engine);
-        let (key, tokens, kv) = &stored[0];
-        sizer.put(key, tokens, kv).await? as f64
-    };
     let chunk_compute_secs = prefill_secs / base.len() as f64;
     let crossover_mb_s = chunk_bytes / chunk_compute_secs / args.io_concurrency as f64 / 1e6;
     eprintln!(
@@ -665,28 +672,19 @@ async fn serve_ragcake(
             let (prefill, _) = plan(&*store, chunks, tail.to_vec(), mode.into()).await;
             let filled = scheduler.prefill(prefill).await?;
             let mut stream = scheduler.decode(filled.cache, &filled.logits, params)?;
-            let (mut first, mut last, mut tokens) = (None, None, 0);
+            let mut clock = TokenClock::default();
             loop {
                 match stream.next().await {
-                    Some(DecodeEvent::Token(_)) => {
-                        let now = Instant::now();
-                        first.get_or_insert(now);
-                        last = Some(now);
-                        tokens += 1;
-                    }
+                    Some(DecodeEvent::Token(_)) => clock.tick(Instant::now()),
                     Some(DecodeEvent::Finished { .. }) | None => break,
                     Some(DecodeEvent::Failed(e)) => return Err(e.into()),
                 }
             }
-            let (Some(first_token), Some(last_token)) = (first, last) else {
-                anyhow::bail!("no token generated");
-            };
+            let answer = clock.finish().context("no token generated")?;
             Ok(Served {
                 kind: request.kind,
                 sent,
-                first_token,
-                last_token,
-                tokens,
+                answer,
                 chunks_computed: filled.report.chunks_computed,
                 chunks_loaded: filled.report.chunks_loaded,
                 loads_abandoned: filled.report.loads_abandoned,
@@ -715,35 +713,22 @@ async fn serve_llama_server(
         threads: super::bench::threads(),
     };
     let server = Arc::new(LlamaServer::start(&config, Duration::from_secs(120)).await?);
-    let warm: Vec<u32> = setup
-        .base
-        .iter()
-        .flatten()
-        .chain(&setup.tail)
-        .copied()
-        .collect();
-    server.complete(&warm, 1).await?;
+    server
+        .complete(&prompt(&setup.base, &setup.tail), 1)
+        .await?;
     let tail = Arc::new(setup.tail.clone());
     let max_tokens = args.max_tokens;
     let serve_one: ServeOne = Arc::new(move |trace, i| {
         let (server, tail) = (server.clone(), tail.clone());
         Box::pin(async move {
             let request = &trace[i];
-            let prompt: Vec<u32> = request
-                .chunks
-                .iter()
-                .flatten()
-                .chain(&*tail)
-                .copied()
-                .collect();
+            let prompt = prompt(&request.chunks, &tail);
             let sent = Instant::now();
-            let done = server.complete(&prompt, max_tokens).await?;
+            let answer = server.complete(&prompt, max_tokens).await?;
             Ok(Served {
                 kind: request.kind,
                 sent,
-                first_token: done.first_token,
-                last_token: done.last_token,
-                tokens: done.tokens,
+                answer,
                 chunks_computed: 0,
                 chunks_loaded: 0,
                 loads_abandoned: 0,
@@ -751,6 +736,11 @@ async fn serve_llama_server(
         })
     });
     drive(trace, arrival, serve_one).await
+}
+
+/// The token prompt of `chunks` followed by the question `tail`.
+fn prompt(chunks: &[Vec<u32>], tail: &[u32]) -> Vec<u32> {
+    chunks.iter().flatten().chain(tail).copied().collect()
 }
 
 /// The point's figures from its requests' outcomes.
@@ -769,12 +759,12 @@ fn summarize(
         eprintln!("    {contender}: request failed: {e:#}");
     }
     let start = served.iter().map(|s| s.sent).min();
-    let end = served.iter().map(|s| s.last_token).max();
+    let end = served.iter().map(|s| s.answer.last_token).max();
     let makespan = match (start, end) {
         (Some(start), Some(end)) => (end - start).as_secs_f64(),
         _ => f64::NAN,
     };
-    let tokens: usize = served.iter().map(|s| s.tokens).sum();
+    let tokens: usize = served.iter().map(|s| s.answer.tokens).sum();
     let of_kind = |kind: Option<Kind>| -> (Vec<f64>, Vec<f64>) {
         let chosen = served.iter().filter(|s| kind.is_none_or(|k| s.kind == k));
         let ttfts = chosen.clone().map(Served::ttft).collect();
@@ -909,10 +899,7 @@ fn headline(points: &[Point]) {
             println!(
                 "{:.2} MB/s, {}: adaptive {:.3} req/s vs best other ({}) {:.3} = {:.2}x; p99 TTFT {:.2} vs {:.2} s",
                 adaptive.bandwidth,
-                adaptive.load.map_or_else(
-                    || format!("{} streams", adaptive.streams.unwrap_or(0)),
-                    |l| format!("load {l}")
-                ),
+                adaptive.arrivals(),
                 adaptive.req_per_s,
                 best.contender,
                 best.req_per_s,

@@ -32,15 +32,41 @@ pub struct LlamaServer {
     client: reqwest::Client,
 }
 
-/// When one streamed completion's tokens came.
+/// When one streamed answer's tokens came.
 #[derive(Debug, Clone, Copy)]
 pub struct Completion {
     /// The first token's arrival.
     pub first_token: Instant,
     /// The last token's arrival.
     pub last_token: Instant,
-    /// Tokens generated (the server's own count).
+    /// Tokens generated.
     pub tokens: usize,
+}
+
+/// Times a streamed answer as its tokens arrive.
+#[derive(Debug, Default)]
+pub struct TokenClock {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: usize,
+}
+
+impl TokenClock {
+    /// A token arrived at `at`.
+    pub fn tick(&mut self, at: Instant) {
+        self.first.get_or_insert(at);
+        self.last = Some(at);
+        self.tokens += 1;
+    }
+
+    /// The answer's timing; `None` when no token came.
+    pub fn finish(self) -> Option<Completion> {
+        Some(Completion {
+            first_token: self.first?,
+            last_token: self.last?,
+            tokens: self.tokens,
+        })
+    }
 }
 
 impl LlamaServer {
@@ -118,7 +144,7 @@ impl LlamaServer {
             bail!("llama-server: {status}: {}", response.text().await?);
         }
         let mut pending = String::new();
-        let (mut first, mut last, mut counted, mut reported) = (None, None, 0, None);
+        let (mut clock, mut reported) = (TokenClock::default(), None);
         while let Some(bytes) = response.chunk().await? {
             let now = Instant::now();
             pending.push_str(&String::from_utf8_lossy(&bytes));
@@ -135,9 +161,7 @@ impl LlamaServer {
                         .as_str()
                         .is_some_and(|t| !t.is_empty());
                     if has_text {
-                        first.get_or_insert(now);
-                        last = Some(now);
-                        counted += 1;
+                        clock.tick(now);
                     }
                     if let Some(n) = value["usage"]["completion_tokens"].as_u64() {
                         reported = Some(n as usize);
@@ -145,14 +169,14 @@ impl LlamaServer {
                 }
             }
         }
-        match (first, last) {
-            (Some(first_token), Some(last_token)) => Ok(Completion {
-                first_token,
-                last_token,
-                tokens: reported.unwrap_or(counted),
-            }),
-            _ => bail!("llama-server streamed no token"),
-        }
+        let Some(done) = clock.finish() else {
+            bail!("llama-server streamed no token");
+        };
+        // The server's own count: a text event may carry more than one token.
+        Ok(Completion {
+            tokens: reported.unwrap_or(done.tokens),
+            ..done
+        })
     }
 }
 

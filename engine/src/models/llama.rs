@@ -176,14 +176,18 @@ fn plain(t: &Tensor) -> Result<Vec<f32>> {
 /// Q4_1 (the same weights), 8-bit blocks otherwise.
 fn decode_matrix(gguf: &mut GgufFile, names: &[String], dense: &Tensor) -> Result<QMatrix> {
     let (rows, cols) = dense.dims2()?;
-    let mut blocks = Vec::new();
-    for name in names {
-        match gguf.q4_1_blocks(name)? {
-            Some(b) => blocks.extend(b),
-            None => return Ok(QMatrix::quantize_q8(&plain(dense)?, rows, cols)),
+    let own = 'own: {
+        let mut blocks = Vec::new();
+        for name in names {
+            // The first tensor in another type settles it: the rest are not read.
+            let Some(b) = gguf.q4_1_blocks(name)? else {
+                break 'own None;
+            };
+            blocks.extend(b);
         }
-    }
-    match QMatrix::from_q4_1(&blocks, rows, cols) {
+        QMatrix::from_q4_1(&blocks, rows, cols)
+    };
+    match own {
         Some(m) => Ok(m),
         None => Ok(QMatrix::quantize_q8(&plain(dense)?, rows, cols)),
     }
