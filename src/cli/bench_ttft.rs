@@ -72,9 +72,19 @@ struct Row {
     load_only_s: f64,
     load_only_min: f64,
     load_only_max: f64,
+    /// The shared scheduler, splitting chunks at a layer where its cost model predicts a
+    /// gain ([`SchedulerConfig::layer_split`]).
     bidirectional_s: f64,
     bidirectional_min: f64,
     bidirectional_max: f64,
+    /// Chunks the bidirectional runs split at a layer (median).
+    bidir_chunks_split: f64,
+    /// The shared scheduler at the chunk level only (no layer split), in turn with
+    /// `bidirectional` (each repeat alternates which goes first).
+    chunk_level_s: f64,
+    chunk_level_min: f64,
+    chunk_level_max: f64,
+    bidir_over_chunk_level: f64,
     /// Best split with hindsight from measured per-chunk compute and load times.
     t_star_s: f64,
     /// N / (compute rate + load rate), plus the tail.
@@ -90,7 +100,8 @@ struct Row {
     split_layer: usize,
     /// The layer split's predicted TTFT.
     layer_split_predicted_s: f64,
-    /// Bidirectional at the layer level: bottom layers computed, top layers loaded.
+    /// One request split at one layer for every chunk from `split_chunk` on
+    /// ([`prefill_layer_split`]): bottom layers computed, top layers loaded.
     layer_split_s: f64,
     layer_split_min: f64,
     layer_split_max: f64,
@@ -170,6 +181,14 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     write_back: false,
                     ..SchedulerConfig::default()
                 };
+                let chunk_level = Scheduler::start(
+                    engine.clone(),
+                    store.clone(),
+                    SchedulerConfig {
+                        layer_split: false,
+                        ..config.clone()
+                    },
+                );
                 let scheduler = Scheduler::start(engine.clone(), store.clone(), config);
                 let run_mode = async |mode: Mode| -> anyhow::Result<(Stats, f64)> {
                     let (ttft, reports) =
@@ -184,7 +203,34 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     compute_only = Some(run_mode(Mode::ComputeOnly).await?.0);
                 }
                 let (load_only, _) = run_mode(Mode::LoadOnly).await?;
-                let (bidirectional, computed) = run_mode(Mode::Bidirectional).await?;
+                // Splitting at layers or not, in turns: each repeat swaps which goes first.
+                let (mut with_split, mut without) = (Vec::new(), Vec::new());
+                let (mut computed, mut split_chunks) = (Vec::new(), Vec::new());
+                for repeat in 0..args.repeats {
+                    for split_first in [repeat % 2 == 0, repeat % 2 == 1] {
+                        let scheduler = if split_first {
+                            &scheduler
+                        } else {
+                            &chunk_level
+                        };
+                        let (ttft, reports) =
+                            time_prefills(&store, &chunks, &tail, Mode::Bidirectional, 1, |r| {
+                                Box::pin(scheduler.prefill(r))
+                            })
+                            .await?;
+                        if split_first {
+                            with_split.push(ttft.median);
+                            computed.push(reports[0].chunks_computed as f64);
+                            split_chunks.push(reports[0].chunks_split as f64);
+                        } else {
+                            without.push(ttft.median);
+                        }
+                    }
+                }
+                let bidirectional = Stats::of(with_split);
+                let chunk_level = Stats::of(without);
+                let computed = Stats::of(computed).median;
+                let split_chunks = Stats::of(split_chunks).median;
                 let import_each = import_secs(&engine, &kv)?;
                 let loads = LoadTimes {
                     total: load_total,
@@ -249,6 +295,11 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     bidirectional_s: bidirectional.median,
                     bidirectional_min: bidirectional.min,
                     bidirectional_max: bidirectional.max,
+                    bidir_chunks_split: split_chunks,
+                    chunk_level_s: chunk_level.median,
+                    chunk_level_min: chunk_level.min,
+                    chunk_level_max: chunk_level.max,
+                    bidir_over_chunk_level: bidirectional.median / chunk_level.median,
                     t_star_s: t_star,
                     t_continuous_s: t_continuous,
                     bidir_chunks_computed: computed,
@@ -260,7 +311,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     layer_split_s: layer_split.median,
                     layer_split_min: layer_split.min,
                     layer_split_max: layer_split.max,
-                    layer_split_over_bidir: layer_split.median / bidirectional.median,
+                    layer_split_over_bidir: layer_split.median / chunk_level.median,
                 });
             }
         }
@@ -404,6 +455,7 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             line("compute-only", &|r| r.compute_only_s),
             line("load-only", &|r| r.load_only_s),
             line("bidirectional", &|r| r.bidirectional_s),
+            line("bidirectional, chunk level", &|r| r.chunk_level_s),
             line("ideal T*", &|r| r.t_star_s),
             line("layer split", &|r| r.layer_split_s),
         ];
@@ -432,6 +484,8 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             "compute_only_s",
             "load_only_s",
             "bidirectional_s",
+            "bidir_chunks_split",
+            "chunk_level_s",
             "t_star_s",
             "t_continuous_s",
             "bidir_over_t_star",
@@ -448,7 +502,17 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
         mean(&|r| r.load_only_s / r.bidirectional_s)
     );
     println!(
-        "layer split / chunk-level bidirectional: mean {:.2}, best {:.2}, worst {:.2}",
+        "bidirectional with layer splits / chunk level only: mean {:.2}, best {:.2}, worst {:.2}",
+        mean(&|r| r.bidir_over_chunk_level),
+        rows.iter()
+            .map(|r| r.bidir_over_chunk_level)
+            .fold(f64::INFINITY, f64::min),
+        rows.iter()
+            .map(|r| r.bidir_over_chunk_level)
+            .fold(0.0, f64::max)
+    );
+    println!(
+        "one request split at one layer / chunk-level bidirectional: mean {:.2}, best {:.2}, worst {:.2}",
         mean(&|r| r.layer_split_over_bidir),
         rows.iter()
             .map(|r| r.layer_split_over_bidir)

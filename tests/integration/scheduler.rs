@@ -808,6 +808,60 @@ fn a_layer_split_computes_around_a_corrupt_top_and_a_store_that_is_down() {
     });
 }
 
+#[test]
+fn the_shared_scheduler_splits_chunks_at_a_layer_on_a_slow_store_and_keeps_the_logits() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let fast =
+            Arc::new(store_over(inner.clone(), Path::default()).with_storage_dtype(DType::F32));
+        let filler = scheduler(fast.clone(), SchedulerConfig::default());
+        fill_with_prefix_caches(&filler, &fast, &chunks, &tail).await;
+
+        // The same f32 blobs (46 KB per token) at 2 MB/s per read: a whole chunk loads in
+        // 2-5 s, longer than computing the context up to it, so the chunks the compute
+        // worker would otherwise compute whole are split.
+        let bandwidth = 2e6;
+        let slow = throttled(
+            inner,
+            Throttle {
+                bytes_per_second: Some(bandwidth),
+                latency: Duration::ZERO,
+            },
+        );
+        let store = Arc::new(store_over(slow, Path::default()).with_storage_dtype(DType::F32));
+        let bytes_per_token = shared_dense_engine()
+            .model()
+            .config()
+            .kv_shape()
+            .values_per_token()
+            * 4;
+        let config = SchedulerConfig {
+            load_secs_per_token: bytes_per_token as f64 / bandwidth,
+            ..SchedulerConfig::default()
+        };
+        let scheduler = scheduler(store.clone(), config);
+        let (request, _) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;
+        let done = scheduler.prefill(request).await.unwrap();
+        let report = &done.report;
+        assert!(report.chunks_split >= 1, "{report:?}");
+        assert!(
+            report.split_layer.is_some_and(|l| l > 0 && l < 30),
+            "{report:?}"
+        );
+        assert_eq!(
+            report.chunks_computed + report.chunks_loaded,
+            chunks.len(),
+            "{report:?}"
+        );
+        assert!(report.misses.is_empty() && !report.degraded, "{report:?}");
+        // Bottom layers computed in context, top layers loaded from exact prefix caches
+        // stored in f32: the logits of full computation.
+        assert_same_logits(&done, &want, 1e-4);
+    });
+}
+
 /// Three prompts (the preamble, one chunk, the question), each prefilled alone.
 fn decode_prompts() -> Vec<(ragcake::engine::KvCache, Tensor)> {
     let engine = shared_dense_engine();

@@ -36,6 +36,9 @@ pub struct RequestShape {
     /// tokens recomputed ([`crate::scheduler::RecomputeRule::Query`]): one more pass of
     /// the tail, charged with the first blended chunk.
     pub probes_tail: bool,
+    /// Layers of the model's cache. With two or more, a stored exact chunk may be filled
+    /// split at a layer boundary (bottom layers computed, top layers loaded); 0 never splits.
+    pub layers: usize,
 }
 
 impl RequestShape {
@@ -76,6 +79,26 @@ pub enum ComputeStep {
         /// The chunk.
         chunk: usize,
     },
+    /// Compute the bottom `layers` layers of chunk `chunk` while a ranged read loads the
+    /// rest (the layer split of the chunk where the two sides meet).
+    Bottom {
+        /// The request.
+        request: RequestId,
+        /// The chunk.
+        chunk: usize,
+        /// Layers computed.
+        layers: usize,
+    },
+    /// Fill the top layers (`first_layer..`) of chunk `chunk`, whose bottom layers were
+    /// computed, with their loaded cache.
+    FillTop {
+        /// The request.
+        request: RequestId,
+        /// The chunk.
+        chunk: usize,
+        /// The first loaded layer.
+        first_layer: usize,
+    },
     /// Compute the question tail and produce the first token's logits.
     Tail {
         /// The request.
@@ -89,6 +112,8 @@ impl ComputeStep {
         match *self {
             Self::Import { request, .. }
             | Self::Compute { request, .. }
+            | Self::Bottom { request, .. }
+            | Self::FillTop { request, .. }
             | Self::Tail { request } => request,
         }
     }
@@ -111,6 +136,9 @@ pub struct LoadStep {
     pub request: RequestId,
     /// The chunk whose stored cache to fetch.
     pub chunk: usize,
+    /// The first layer to fetch: 0 reads the whole cache, more a ranged read of the top
+    /// layers (the compute worker computes the layers below).
+    pub first_layer: usize,
 }
 
 /// What the driver does with the data of a finished load.
@@ -125,8 +153,15 @@ pub enum LoadVerdict {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Slot {
     Pending,
-    Loading { since: f64 },
-    Loaded,
+    /// A load in flight of the layers from `first_layer` on.
+    Loading {
+        since: f64,
+        first_layer: usize,
+    },
+    /// Loaded from `first_layer` on.
+    Loaded {
+        first_layer: usize,
+    },
     Computing,
     Filled,
 }
@@ -146,6 +181,10 @@ struct Request {
     loads_in_flight: usize,
     /// Expected seconds of blending the chunk caches imported so far, done with the tail.
     pending_blend_secs: f64,
+    /// Bottom layers of the front chunk (`next`) in the cache, its top awaited.
+    bottom: usize,
+    /// A step computing the front chunk's bottom layers is running.
+    computing_bottom: bool,
     report: PrefillReport,
 }
 
@@ -172,6 +211,8 @@ impl Request {
             tail_started: false,
             loads_in_flight: 0,
             pending_blend_secs: 0.0,
+            bottom: 0,
+            computing_bottom: false,
             report,
             shape,
         }
@@ -187,6 +228,12 @@ impl Request {
         (self.next..self.slots.len())
             .rev()
             .find(|&i| self.slots[i] == Slot::Pending && self.loadable[i])
+    }
+
+    /// The share of a chunk's bytes that a read of its layers from `first_layer` on moves.
+    fn read_share(&self, first_layer: usize) -> f64 {
+        let layers = self.shape.layers.max(first_layer).max(1);
+        (layers - first_layer) as f64 / layers as f64
     }
 
     fn miss(&mut self, chunk: usize, reason: MissReason) {
@@ -369,9 +416,13 @@ impl Dispatcher {
     pub fn cancel(&mut self, request: RequestId) -> Option<PrefillReport> {
         let r = self.requests.remove(&request)?;
         for (chunk, slot) in r.slots.iter().enumerate() {
-            if matches!(slot, Slot::Loading { .. }) {
+            if let Slot::Loading { first_layer, .. } = *slot {
                 self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
-                self.aborted.push(LoadStep { request, chunk });
+                self.aborted.push(LoadStep {
+                    request,
+                    chunk,
+                    first_layer,
+                });
             }
         }
         Some(r.report)
@@ -407,12 +458,91 @@ impl Dispatcher {
                 (id, chunk)
             }
         };
+        let first_layer = self.split_layer(id, chunk);
         let r = self.requests.get_mut(&id)?;
-        r.slots[chunk] = Slot::Loading { since: now };
+        r.slots[chunk] = Slot::Loading {
+            since: now,
+            first_layer,
+        };
         r.loads_in_flight += 1;
         r.report.loads_issued += 1;
         self.loads_in_flight += 1;
-        Some(LoadStep { request: id, chunk })
+        Some(LoadStep {
+            request: id,
+            chunk,
+            first_layer,
+        })
+    }
+
+    /// The first layer to load of `chunk` of `request` when the loader fetches it now: 0
+    /// loads it whole. Above 0, the compute worker computes the layers below while a ranged
+    /// read fetches the rest, so the chunk where the two sides meet is shared at a layer
+    /// instead of going wholly to whichever side finishes it later (CacheFlow's layer
+    /// dimension). Chosen only where the cost model predicts the chunk done sooner than
+    /// either side alone would, so a store fast enough to deliver the chunk before the
+    /// compute worker reaches it is always read whole.
+    ///
+    /// A split turns load work into compute work the ranged read cannot replace: it pays
+    /// only where the compute worker would otherwise wait for this request's loads, so it
+    /// is not chosen while another request is being prefilled (under load the compute
+    /// worker is the bottleneck, and a split would take its time from that request).
+    fn split_layer(&self, request: RequestId, chunk: usize) -> usize {
+        let r = &self.requests[&request];
+        let layers = r.shape.layers;
+        let shape = r.shape.chunks[chunk];
+        let others_prefilling = self
+            .requests
+            .iter()
+            .any(|(&id, other)| id != request && !other.tail_started);
+        if !self.config.layer_split
+            || r.shape.mode != Mode::Bidirectional
+            || layers < 2
+            || shape.recompute_share > 0.0
+            || others_prefilling
+        {
+            return 0;
+        }
+        // When the compute worker reaches the chunk: after the chunks before it that no
+        // load is delivering.
+        let ahead: f64 = (r.next..chunk)
+            .map(|i| {
+                let compute = self
+                    .costs
+                    .compute_secs(r.shape.chunks[i].tokens, r.positions[i]);
+                match r.slots[i] {
+                    Slot::Pending => compute,
+                    Slot::Computing => compute / 2.0,
+                    _ => compute * IMPORT_SHARE,
+                }
+            })
+            .sum();
+        let compute = self.costs.compute_secs(shape.tokens, r.positions[chunk]);
+        let load = self.costs.load_secs(shape.tokens);
+        // Only a chunk the compute worker would otherwise compute whole (it gets there and
+        // through it before the load arrives) is split: the split then costs less compute
+        // than the chunk level, never more. Splitting a chunk the load would deliver in
+        // time would add compute to save waiting, a loss whenever other work wants it.
+        if !(ahead + compute < load && compute > 0.0 && load.is_finite()) {
+            return 0;
+        }
+        // The bottom share x computed while the top share 1 - x loads, both done together:
+        // ahead + x * compute = (1 - x) * load. Rounded down: the side that was measured
+        // less recently (the store) gets the larger part of any error.
+        let share = (load - ahead) / (compute + load);
+        let first_layer = (share * layers as f64).floor() as usize;
+        if first_layer == 0 || first_layer >= layers {
+            return 0;
+        }
+        let part = first_layer as f64 / layers as f64;
+        let split = (ahead + part * compute).max((1.0 - part) * load);
+        let whole = load.min(ahead + compute);
+        // A split costs a pass of its own and a second handling of the chunk: it must
+        // gain clearly.
+        if split < whole - SPLIT_MIN_GAIN * compute {
+            first_layer
+        } else {
+            0
+        }
     }
 
     /// Records the end of a load and says whether its data is still wanted. A load that
@@ -421,18 +551,22 @@ impl Dispatcher {
         let Some(r) = self.requests.get_mut(&step.request) else {
             return LoadVerdict::Discard;
         };
-        let Slot::Loading { since } = r.slots[step.chunk] else {
+        let Slot::Loading { since, .. } = r.slots[step.chunk] else {
             return LoadVerdict::Discard;
         };
         self.loads_in_flight = self.loads_in_flight.saturating_sub(1);
         r.loads_in_flight = r.loads_in_flight.saturating_sub(1);
         let tokens = r.shape.chunks[step.chunk].tokens;
+        // A ranged read teaches what a whole read would have taken.
+        let whole_secs = (now - since) / r.read_share(step.first_layer);
         match result {
             LoadOutcome::Loaded { bytes, .. } => {
-                r.slots[step.chunk] = Slot::Loaded;
+                r.slots[step.chunk] = Slot::Loaded {
+                    first_layer: step.first_layer,
+                };
                 r.report.bytes_loaded += bytes;
                 r.report.load_secs += now - since;
-                self.costs.observe_load(tokens, now - since);
+                self.costs.observe_load(tokens, whole_secs);
                 LoadVerdict::Keep
             }
             LoadOutcome::Missing(reason) => {
@@ -445,7 +579,7 @@ impl Dispatcher {
                 // A load that timed out would have taken at least that long: without
                 // this, a store slower than the timeout would never teach its speed and
                 // every request would wait on its loads again.
-                self.costs.observe_load_at_least(tokens, now - since);
+                self.costs.observe_load_at_least(tokens, whole_secs);
                 // A failing store fails every later load too: compute the rest.
                 r.slots[step.chunk] = Slot::Pending;
                 r.loadable.iter_mut().for_each(|l| *l = false);
@@ -460,11 +594,12 @@ impl Dispatcher {
         let mut recheck: Option<f64> = None;
         let mut imports = Vec::new();
         let mut runnable = Vec::new();
-        for (&id, r) in self.eligible() {
-            match self.front(now, r) {
-                Front::Import(chunk) => imports.push((id, chunk)),
-                Front::Compute(chunk) => runnable.push((id, Some(chunk))),
-                Front::Tail => runnable.push((id, None)),
+        for (&request, r) in self.eligible() {
+            match self.front(now, request, r) {
+                Front::Run(step @ (ComputeStep::Import { .. } | ComputeStep::FillTop { .. })) => {
+                    imports.push(step)
+                }
+                Front::Run(step) => runnable.push(step),
                 Front::Wait(at) => {
                     if let Some(at) = at {
                         recheck = Some(recheck.map_or(at, |r: f64| r.min(at)));
@@ -474,28 +609,28 @@ impl Dispatcher {
             }
         }
         // Imports first: they are cheap, and each one moves a compute front forward.
-        let step = if let Some(&(request, chunk)) = imports.first() {
-            ComputeStep::Import { request, chunk }
-        } else {
-            let Some(chosen) = self.choose_compute(now, &runnable) else {
-                return NextCompute::Wait(recheck);
-            };
-            match chosen {
-                (request, Some(chunk)) => ComputeStep::Compute { request, chunk },
-                (request, None) => ComputeStep::Tail { request },
-            }
+        let step = match imports.first() {
+            Some(&step) => step,
+            None => match self.choose_compute(now, &runnable) {
+                Some(step) => step,
+                None => return NextCompute::Wait(recheck),
+            },
         };
         let r = self
             .requests
             .get_mut(&step.request())
             .expect("chosen among live requests");
         match step {
-            ComputeStep::Import { chunk, .. } => {
+            ComputeStep::Import { chunk, .. } | ComputeStep::FillTop { chunk, .. } => {
                 r.report.meeting_point.get_or_insert(chunk);
                 r.slots[chunk] = Slot::Computing;
             }
+            ComputeStep::Bottom { chunk, .. } => {
+                r.report.meeting_point.get_or_insert(chunk);
+                r.computing_bottom = true;
+            }
             ComputeStep::Compute { chunk, .. } => {
-                if let Slot::Loading { since } = r.slots[chunk] {
+                if let Slot::Loading { since, first_layer } = r.slots[chunk] {
                     // Computing beats waiting for this load: it is abandoned, and its I/O
                     // slot goes to another load at once.
                     r.report.meeting_point.get_or_insert(chunk);
@@ -505,13 +640,16 @@ impl Dispatcher {
                     self.aborted.push(LoadStep {
                         request: step.request(),
                         chunk,
+                        first_layer,
                     });
                     let tokens = r.shape.chunks[chunk].tokens;
-                    let expected = self.costs.finished_load_secs(tokens);
+                    let share = r.read_share(first_layer);
+                    let expected = self.costs.finished_load_secs(tokens) * share;
                     if now - since > self.config.stall_factor * expected.max(1e-3) {
                         r.miss(chunk, MissReason::Stalled);
                     }
-                    self.costs.observe_load_at_least(tokens, now - since);
+                    self.costs
+                        .observe_load_at_least(tokens, (now - since) / share);
                 }
                 r.slots[chunk] = Slot::Computing;
             }
@@ -530,7 +668,18 @@ impl Dispatcher {
     ) -> Option<PrefillReport> {
         let r = self.requests.get_mut(&step.request())?;
         match step {
-            ComputeStep::Import { chunk, .. } => {
+            ComputeStep::Bottom { layers, .. } => {
+                r.computing_bottom = false;
+                r.bottom = layers;
+                r.report.compute_secs += secs;
+                None
+            }
+            ComputeStep::Import { chunk, .. } | ComputeStep::FillTop { chunk, .. } => {
+                if let ComputeStep::FillTop { first_layer, .. } = step {
+                    r.bottom = 0;
+                    r.report.chunks_split += 1;
+                    r.report.split_layer = Some(first_layer);
+                }
                 r.slots[chunk] = Slot::Filled;
                 r.next = chunk + 1;
                 let shape = r.shape.chunks[chunk];
@@ -549,6 +698,8 @@ impl Dispatcher {
                 None
             }
             ComputeStep::Compute { chunk, .. } => {
+                // Computed whole: any bottom layers of a split were computed again.
+                r.bottom = 0;
                 r.slots[chunk] = Slot::Filled;
                 r.next = chunk + 1;
                 let tokens = r.shape.chunks[chunk].tokens;
@@ -589,7 +740,8 @@ impl Dispatcher {
     /// Records an import that failed (the loaded cache did not fit): the chunk is computed
     /// instead.
     pub fn import_failed(&mut self, step: ComputeStep, reason: String) {
-        if let ComputeStep::Import { request, chunk } = step
+        if let ComputeStep::Import { request, chunk } | ComputeStep::FillTop { request, chunk, .. } =
+            step
             && let Some(r) = self.requests.get_mut(&request)
         {
             r.slots[chunk] = Slot::Pending;
@@ -613,18 +765,35 @@ impl Dispatcher {
         self.requests.iter().take(take)
     }
 
-    fn front(&self, now: f64, r: &Request) -> Front {
+    fn front(&self, now: f64, request: RequestId, r: &Request) -> Front {
+        if r.computing_bottom {
+            return Front::Busy;
+        }
         if r.next == r.slots.len() {
             return if r.tail_started {
                 Front::Busy
             } else {
-                Front::Tail
+                Front::Run(ComputeStep::Tail { request })
             };
         }
         let chunk = r.next;
+        let compute_step = Front::Run(ComputeStep::Compute { request, chunk });
         match r.slots[chunk] {
             Slot::Computing | Slot::Filled => Front::Busy,
-            Slot::Loaded => Front::Import(chunk),
+            Slot::Loaded { first_layer: 0 } => Front::Run(ComputeStep::Import { request, chunk }),
+            // A ranged read's top fills the chunk once its bottom layers are computed.
+            Slot::Loaded { first_layer } if r.bottom == first_layer => {
+                Front::Run(ComputeStep::FillTop {
+                    request,
+                    chunk,
+                    first_layer,
+                })
+            }
+            Slot::Loaded { first_layer } => Front::Run(ComputeStep::Bottom {
+                request,
+                chunk,
+                layers: first_layer,
+            }),
             Slot::Pending if r.loadable[chunk] && r.shape.mode == Mode::LoadOnly => {
                 // Load-only computes nothing that is stored: the loader will take it.
                 Front::Wait(None)
@@ -648,7 +817,7 @@ impl Dispatcher {
                     .slots
                     .iter()
                     .filter_map(|s| match s {
-                        Slot::Loading { since } => Some(*since),
+                        Slot::Loading { since, .. } => Some(*since),
                         _ => None,
                     })
                     .min_by(f64::total_cmp);
@@ -657,33 +826,43 @@ impl Dispatcher {
                     .load_secs(tokens)
                     .max(oldest.map_or(0.0, |o| now - o));
                 if compute <= rounds * per_load + blend {
-                    Front::Compute(chunk)
+                    compute_step
                 } else {
                     Front::Wait(oldest.map(|o| o + compute / rounds + 1e-6))
                 }
             }
-            Slot::Pending => Front::Compute(chunk),
-            Slot::Loading { since } => {
+            Slot::Pending => compute_step,
+            Slot::Loading { since, first_layer } => {
                 if r.shape.mode != Mode::Bidirectional {
                     return Front::Wait(None);
                 }
-                // The meeting point: wait for the load, or compute the chunk if that is
-                // faster. A load past its expected time is assumed to need as long again
-                // (it may be stalled), so a stuck store costs at most one compute time.
                 let tokens = r.shape.chunks[chunk].tokens;
                 let compute = self.costs.compute_secs(tokens, r.positions[chunk]);
                 let blend = compute * r.shape.chunks[chunk].recompute_share;
-                let expected = self.costs.load_secs(tokens);
+                let expected = self.costs.load_secs(tokens) * r.read_share(first_layer);
                 let elapsed = now - since;
-                let remaining = if elapsed < expected {
-                    expected - elapsed
+                if first_layer > 0 && r.bottom < first_layer && elapsed <= expected {
+                    // The bottom of a split chunk is computed while its top loads.
+                    return Front::Run(ComputeStep::Bottom {
+                        request,
+                        chunk,
+                        layers: first_layer,
+                    });
+                }
+                // The meeting point: wait for the load, or compute the chunk if that is
+                // faster. A load well past its expected time is assumed to need as long
+                // again (it may be stalled), so a stuck store costs at most about one
+                // compute time; one just past it is late, not stalled.
+                let overdue = expected * OVERDUE_SLACK;
+                let remaining = if elapsed < overdue {
+                    (expected - elapsed).max(0.0)
                 } else {
                     elapsed
                 };
                 if remaining + blend > compute {
-                    Front::Compute(chunk)
+                    compute_step
                 } else {
-                    Front::Wait(Some(since + expected.max(compute) + 1e-6))
+                    Front::Wait(Some(since + overdue.max(compute) + 1e-6))
                 }
             }
         }
@@ -727,13 +906,17 @@ impl Dispatcher {
             let c = self.costs.compute_secs(tokens, r.positions[i]);
             match r.slots[i] {
                 Slot::Filled | Slot::Computing => {}
-                Slot::Loaded => {
+                Slot::Loaded { first_layer } => {
+                    // A split chunk's bottom layers are still to compute.
+                    let bottom =
+                        first_layer.saturating_sub(r.bottom) as f64 / r.shape.layers.max(1) as f64;
                     must += self.costs.compute_secs(tokens, 0) * IMPORT_SHARE
-                        + c * r.shape.chunks[i].recompute_share;
+                        + c * (r.shape.chunks[i].recompute_share + bottom);
                 }
-                Slot::Loading { since } => {
+                Slot::Loading { since, first_layer } => {
                     compute += c;
-                    load += (self.costs.load_secs(tokens) - (now - since)).max(0.0) / streams;
+                    let read = self.costs.load_secs(tokens) * r.read_share(first_layer);
+                    load += (read - (now - since)).max(0.0) / streams;
                 }
                 Slot::Pending if r.loadable[i] => {
                     compute += c;
@@ -745,11 +928,7 @@ impl Dispatcher {
         (must, compute, load)
     }
 
-    fn choose_compute(
-        &self,
-        now: f64,
-        runnable: &[(RequestId, Option<usize>)],
-    ) -> Option<(RequestId, Option<usize>)> {
+    fn choose_compute(&self, now: f64, runnable: &[ComputeStep]) -> Option<ComputeStep> {
         match self.policy {
             Policy::PerRequest | Policy::Fcfs => runnable.first().copied(),
             Policy::Adaptive => {
@@ -762,19 +941,31 @@ impl Dispatcher {
                 // throws away the I/O already spent). Within a class, the highest response
                 // ratio: the request closest to done first, which cuts the sum of TTFTs
                 // most, with a claim that grows with its wait, so none starves.
+                // The bottom of a split chunk is stored-chunk work: it goes with the stored
+                // chunks, after work that only the compute worker can do.
                 runnable
                     .iter()
-                    .map(|&(id, chunk)| {
+                    .map(|&step| {
+                        let id = step.request();
                         let r = &self.requests[&id];
-                        let class = match chunk {
-                            Some(i) if matches!(r.slots[i], Slot::Loading { .. }) => 2,
-                            Some(i) if r.loadable[i] => 1,
+                        let class = match step {
+                            ComputeStep::Compute { chunk, .. }
+                                if matches!(r.slots[chunk], Slot::Loading { .. }) =>
+                            {
+                                2
+                            }
+                            ComputeStep::Compute { chunk, .. } if r.loadable[chunk] => 1,
+                            ComputeStep::Bottom { .. } => 1,
                             _ => 0,
                         };
-                        (id, chunk, class, self.response_ratio(now, id))
+                        (step, class, self.response_ratio(now, id))
                     })
-                    .min_by(|a, b| a.2.cmp(&b.2).then(b.3.total_cmp(&a.3)).then(a.0.cmp(&b.0)))
-                    .map(|(id, chunk, _, _)| (id, chunk))
+                    .min_by(|a, b| {
+                        a.1.cmp(&b.1)
+                            .then(b.2.total_cmp(&a.2))
+                            .then(a.0.request().cmp(&b.0.request()))
+                    })
+                    .map(|(step, _, _)| step)
             }
         }
     }
@@ -783,6 +974,15 @@ impl Dispatcher {
 /// Share of a chunk's compute time that importing its loaded cache costs (a copy and, for
 /// position-independent caches, a rotation): small, but not zero.
 const IMPORT_SHARE: f64 = 0.05;
+
+/// A load is overdue (perhaps stalled) past this multiple of its expected time; before,
+/// it is merely late: reads vary, and overtaking a load that was about to arrive throws
+/// away its I/O and a chunk of compute.
+const OVERDUE_SLACK: f64 = 1.25;
+
+/// Least gain, as a share of the chunk's compute time, for which a chunk is split at a
+/// layer: below it the extra pass and the second handling of the chunk eat the gain.
+const SPLIT_MIN_GAIN: f64 = 0.1;
 
 /// Time to finish work that both sides can do, when they split it to finish together.
 fn overlap(compute: f64, load: f64, mode: Mode) -> f64 {
@@ -795,9 +995,8 @@ fn overlap(compute: f64, load: f64, mode: Mode) -> f64 {
 }
 
 enum Front {
-    Import(usize),
-    Compute(usize),
-    Tail,
+    /// The request's next step.
+    Run(ComputeStep),
     /// Waiting for a load; look again at this time, if any.
     Wait(Option<f64>),
     /// A step of this request is running.

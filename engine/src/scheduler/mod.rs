@@ -290,6 +290,10 @@ pub struct SchedulerConfig {
     /// long (at least [`MIN_PREFILL_PIECE`] tokens, at most `prefill_step_tokens`).
     /// 0 cuts pieces by `prefill_step_tokens` alone.
     pub tpot_target_secs: f64,
+    /// Split the chunk where compute and loads meet at a layer boundary (its bottom layers
+    /// computed while a ranged read loads the rest) where the cost model predicts a gain;
+    /// off, every chunk goes whole to one side.
+    pub layer_split: bool,
 }
 
 /// Default of [`SchedulerConfig::tpot_target_secs`].
@@ -317,6 +321,7 @@ impl Default for SchedulerConfig {
             max_decoding: 16,
             prefill_step_tokens: 128,
             tpot_target_secs: TPOT_TARGET_DEFAULT,
+            layer_split: true,
         }
     }
 }
@@ -411,9 +416,12 @@ pub struct PrefillReport {
     /// after them attend to an approximation. Only these are written back as prefix caches.
     #[serde(default)]
     pub in_context_chunks: usize,
-    /// The first loaded layer, when the stored chunks were split at a layer boundary
-    /// (their bottom layers computed, their top layers loaded; see [`layer_split`]). Such
-    /// chunks count as loaded.
+    /// Stored chunks filled split at a layer boundary (their bottom layers computed, their
+    /// top layers loaded; see [`SchedulerConfig::layer_split`]). They count as loaded.
+    #[serde(default)]
+    pub chunks_split: usize,
+    /// The first loaded layer of the last chunk split at a layer boundary (see
+    /// [`layer_split`] for a whole request split at one layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split_layer: Option<usize>,
 }

@@ -218,6 +218,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                 .chunks
                 .iter()
                 .any(|c| blended(c).is_some_and(|r| r.rule == super::RecomputeRule::Query)),
+            layers: self.shared.compute.layers(),
         };
         let (reply, answer) = oneshot::channel();
         let id = {
@@ -367,8 +368,16 @@ where
         };
         let shared = shared.clone();
         let timeout = Duration::from_secs_f64(state.dispatcher.config().load_timeout_secs.max(0.0));
+        let layers = shared.compute.layers();
         let load = shared.runtime.clone().spawn(async move {
-            let outcome = load_within(timeout, shared.loader.load(&key, &tokens)).await;
+            let outcome = if step.first_layer == 0 {
+                load_within(timeout, shared.loader.load(&key, &tokens)).await
+            } else {
+                let read = shared
+                    .loader
+                    .load_layers(&key, &tokens, step.first_layer..layers);
+                load_within(timeout, read).await
+            };
             finish_load(&shared, step, outcome);
         });
         state.loads.insert(step, load.abort_handle());
@@ -410,7 +419,11 @@ fn blended<K>(chunk: &ChunkSpec<K>) -> Option<Recompute> {
 /// while it runs.
 enum Work<Kv> {
     Import(Option<Kv>),
+    /// The top layers from the given one on, loaded.
+    FillTop(Option<Kv>, usize),
     Compute(Arc<[u32]>),
+    /// The bottom layers (this many) of a chunk's tokens.
+    Bottom(Arc<[u32]>, usize),
     /// The tail, and the imported chunk caches blended in the same pass.
     Tail(Arc<[u32]>, Vec<BlendChunk>),
 }
@@ -470,8 +483,14 @@ where
         };
         let work = match step {
             ComputeStep::Import { chunk, .. } => Work::Import(active.staged.remove(&chunk)),
+            ComputeStep::FillTop {
+                chunk, first_layer, ..
+            } => Work::FillTop(active.staged.remove(&chunk), first_layer),
             ComputeStep::Compute { chunk, .. } => {
                 Work::Compute(active.chunks[chunk].tokens.clone())
+            }
+            ComputeStep::Bottom { chunk, layers, .. } => {
+                Work::Bottom(active.chunks[chunk].tokens.clone(), layers)
             }
             ComputeStep::Tail { .. } => {
                 let blends = active
@@ -496,22 +515,29 @@ where
         let mut tokens_recomputed = 0;
         // Decode steps run between the pieces of a chunk: not this step's compute time.
         let mut decode_secs = 0.0;
-        let outcome = match work {
-            Work::Import(Some(kv)) => compute.import(&mut cache, &kv).map(|()| None),
-            Work::Import(None) => Err(EngineError::KvMismatch("loaded chunk went missing".into())),
-            Work::Compute(tokens) => {
-                compute_beside_decoding(&shared, step, &mut cache, &tokens, &mut decode_secs)
-                    .map(|()| None)
-            }
-            Work::Tail(tokens, blends) => {
-                compute
+        let outcome =
+            match work {
+                Work::Import(Some(kv)) => compute.import(&mut cache, &kv).map(|()| None),
+                Work::FillTop(Some(kv), first_layer) => compute
+                    .fill_top(&mut cache, &kv, first_layer)
+                    .map(|()| None),
+                Work::Import(None) | Work::FillTop(None, _) => {
+                    Err(EngineError::KvMismatch("loaded chunk went missing".into()))
+                }
+                Work::Bottom(tokens, layers) => compute
+                    .compute_bottom(&mut cache, &tokens, layers)
+                    .map(|()| None),
+                Work::Compute(tokens) => {
+                    compute_beside_decoding(&shared, step, &mut cache, &tokens, &mut decode_secs)
+                        .map(|()| None)
+                }
+                Work::Tail(tokens, blends) => compute
                     .compute_tail(&mut cache, &tokens, &blends)
                     .map(|(logits, recomputed)| {
                         tokens_recomputed = recomputed;
                         Some(logits)
-                    })
-            }
-        };
+                    }),
+            };
         let secs = started.elapsed().as_secs_f64() - decode_secs;
 
         state = shared.lock();
@@ -527,7 +553,8 @@ where
                     continue; // cancelled meanwhile
                 };
                 active.cache = Some(cache);
-                if let ComputeStep::Import { chunk, .. } = step {
+                if let ComputeStep::Import { chunk, .. } | ComputeStep::FillTop { chunk, .. } = step
+                {
                     active.imported.push(chunk);
                 }
                 if let Some(report) = state.dispatcher.compute_done(now, step, secs) {
@@ -540,7 +567,12 @@ where
                     state = shared.lock();
                 }
             }
-            Err(error) if matches!(step, ComputeStep::Import { .. }) => {
+            Err(error)
+                if matches!(
+                    step,
+                    ComputeStep::Import { .. } | ComputeStep::FillTop { .. }
+                ) =>
+            {
                 // A loaded cache that does not fit is a miss, not a failure: compute it.
                 tracing::warn!(%error, "loaded KV could not be imported; computing instead");
                 state.dispatcher.import_failed(step, error.to_string());

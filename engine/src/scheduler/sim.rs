@@ -79,7 +79,10 @@ pub fn simulate(
             ids.push((dispatcher.admit(now, requests[i].shape.clone()), i));
         }
         while let Some(step) = dispatcher.next_load(now) {
-            let tokens = chunk_tokens(requests, &ids, step);
+            let shape = &requests[index_of(&ids, step.request)].shape;
+            // A ranged read of the top layers moves their share of the bytes.
+            let share = 1.0 - layer_share(step.first_layer, shape.layers);
+            let tokens = shape.chunks[step.chunk].tokens as f64 * share;
             loads.push(simulate_load(costs, timeout, now, tokens, step));
         }
         let mut recheck = None;
@@ -147,18 +150,24 @@ fn index_of(ids: &[(RequestId, usize)], id: RequestId) -> usize {
         .expect("admitted")
 }
 
-fn chunk_tokens(requests: &[SimRequest], ids: &[(RequestId, usize)], step: LoadStep) -> usize {
-    requests[index_of(ids, step.request)].shape.chunks[step.chunk].tokens
+/// The share of a model's `layers` layers below `layer`.
+fn layer_share(layer: usize, layers: usize) -> f64 {
+    if layers == 0 {
+        0.0
+    } else {
+        layer.min(layers) as f64 / layers as f64
+    }
 }
 
+/// A load of `tokens` tokens' worth of bytes (fractional for ranged reads).
 fn simulate_load(
     costs: &SimCosts,
     timeout: f64,
     now: f64,
-    tokens: usize,
+    tokens: f64,
     step: LoadStep,
 ) -> (f64, LoadStep, LoadOutcome) {
-    let duration = costs.load_latency_secs + costs.load_secs_per_token * tokens as f64;
+    let duration = costs.load_latency_secs + costs.load_secs_per_token * tokens;
     let end = now + duration;
     if let Some(dies) = costs.store_fails_at
         && end >= dies
@@ -173,7 +182,7 @@ fn simulate_load(
             LoadOutcome::Failed(format!("timed out after {timeout}s")),
         );
     }
-    let bytes = tokens as u64 * costs.bytes_per_token;
+    let bytes = (tokens * costs.bytes_per_token as f64).round() as u64;
     (end, step, LoadOutcome::Loaded { kv: (), bytes })
 }
 
@@ -205,6 +214,23 @@ fn step_secs(
         ComputeStep::Compute { request, chunk } => {
             let position = dispatcher.position(request, chunk).unwrap_or(0);
             costs.compute(shape.chunks[chunk].tokens, position)
+        }
+        ComputeStep::Bottom {
+            request,
+            chunk,
+            layers,
+        } => {
+            // One pass, through the bottom layers only.
+            let position = dispatcher.position(request, chunk).unwrap_or(0);
+            let whole = costs.compute(shape.chunks[chunk].tokens, position);
+            costs.compute_secs_per_step
+                + (whole - costs.compute_secs_per_step) * layer_share(layers, shape.layers)
+        }
+        ComputeStep::FillTop {
+            chunk, first_layer, ..
+        } => {
+            let share = 1.0 - layer_share(first_layer, shape.layers);
+            costs.import_secs_per_token * shape.chunks[chunk].tokens as f64 * share
         }
         ComputeStep::Tail { request } => {
             let position = dispatcher

@@ -55,6 +55,7 @@ fn blended_shape(
         tail_tokens: 16,
         mode,
         probes_tail: false,
+        layers: 30,
     }
 }
 
@@ -491,4 +492,105 @@ fn per_request_policy_serves_one_request_at_a_time() {
             "request {i} finished at {finished}, expected {expected} ({reports:?})"
         );
     }
+}
+
+/// One request alone, with the layer split on or off.
+fn run_split(costs: &SimCosts, io: usize, shape: RequestShape, layer_split: bool) -> PrefillReport {
+    let config = SchedulerConfig {
+        layer_split,
+        ..config(costs, Policy::Adaptive, io)
+    };
+    let request = SimRequest {
+        arrival: 0.0,
+        shape,
+    };
+    simulate(config, costs, &[request]).unwrap().remove(0)
+}
+
+#[test]
+fn the_meeting_chunk_is_split_at_a_layer_where_compute_and_loads_are_even() {
+    // Four chunks, four reads at once, each read as slow as computing all four: at the
+    // chunk level every split point takes four chunk times; split at layers, each side
+    // takes a share of the chunks it meets on.
+    let costs = costs(1e-3, 4e-3);
+    let whole = run_split(&costs, 4, shape(4, |_| true, Mode::Bidirectional), false);
+    let split = run_split(&costs, 4, shape(4, |_| true, Mode::Bidirectional), true);
+    let report = format!("chunk level {whole:?}\nlayer split {split:?}");
+    assert_eq!(whole.chunks_split, 0, "{report}");
+    assert!(split.chunks_split >= 1, "{report}");
+    assert_eq!(split.chunks_computed + split.chunks_loaded, 4, "{report}");
+    assert!(
+        split.split_layer.is_some_and(|l| l > 0 && l < 30),
+        "{report}"
+    );
+    assert!(split.ttft_secs < 0.9 * whole.ttft_secs, "{report}");
+    assert!(!split.degraded && split.misses.is_empty(), "{report}");
+}
+
+#[test]
+fn a_store_fast_enough_to_deliver_before_compute_arrives_is_never_split() {
+    // Loads 10x faster than computing: nothing to gain at a layer, and the same TTFT.
+    let costs = costs(1e-3, 1e-4);
+    for io in [1, 4] {
+        let whole = run_split(&costs, io, shape(8, |_| true, Mode::Bidirectional), false);
+        let split = run_split(&costs, io, shape(8, |_| true, Mode::Bidirectional), true);
+        assert_eq!(split.chunks_split, 0, "{split:?}");
+        assert_eq!(split.ttft_secs, whole.ttft_secs, "{whole:?}\n{split:?}");
+    }
+    // Chunk caches blended in are never split (their recomputation needs the whole chunk).
+    let costs = self::costs(1e-3, 4e-3);
+    let blended = blended_shape(4, |_| true, Mode::Bidirectional, 0.2);
+    assert_eq!(run_split(&costs, 4, blended, true).chunks_split, 0);
+    // Nor are chunks of load-only requests.
+    let load_only = run_split(&costs, 4, shape(4, |_| true, Mode::LoadOnly), true);
+    assert_eq!(load_only.chunks_split, 0);
+}
+
+#[test]
+fn a_split_chunk_whose_top_never_arrives_is_computed_whole() {
+    // The store dies just after the ranged reads start: every chunk is computed, bottoms
+    // included, and the request completes flagged degraded.
+    let mut costs = costs(1e-3, 4e-3);
+    costs.store_fails_at = Some(0.05);
+    let report = run_split(&costs, 4, shape(4, |_| true, Mode::Bidirectional), true);
+    assert_eq!(report.chunks_computed, 4, "{report:?}");
+    assert_eq!(report.chunks_split, 0, "{report:?}");
+    assert!(report.degraded, "{report:?}");
+}
+
+#[test]
+fn splitting_at_layers_shortens_served_ttft_on_the_whole() {
+    // A split is chosen while a request is the only one being prefilled; a request that
+    // arrives during it waits for the bottoms already committed. Across loads and store
+    // speeds the splits must pay on the whole, and always when requests rarely overlap.
+    let mut ratios = Vec::new();
+    for rate in [0.1, 0.2, 0.3, 0.4] {
+        for load_per_token in [0.005, 0.01, 0.023, 0.05] {
+            let mut costs = costs(3.8e-3, load_per_token);
+            costs.compute_secs_per_token_per_position = 3e-7;
+            let requests = serving_trace(60, rate, Mode::Bidirectional);
+            let mean_ttft = |layer_split| {
+                let config = SchedulerConfig {
+                    layer_split,
+                    load_secs_per_token: 1e-2,
+                    ..config(&costs, Policy::Adaptive, 4)
+                };
+                let reports = simulate(config, &costs, &requests).unwrap();
+                reports.iter().map(|r| r.ttft_secs).sum::<f64>() / reports.len() as f64
+            };
+            let ratio = mean_ttft(true) / mean_ttft(false);
+            if rate == 0.1 {
+                assert!(
+                    ratio <= 1.0,
+                    "light load, {load_per_token} s/token: {ratio:.3}"
+                );
+            }
+            ratios.push(ratio);
+        }
+    }
+    let geomean = (ratios.iter().map(|r| r.ln()).sum::<f64>() / ratios.len() as f64).exp();
+    assert!(
+        geomean < 0.995,
+        "mean TTFT with / without splits: {ratios:.3?}"
+    );
 }
