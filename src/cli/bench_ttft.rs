@@ -501,25 +501,20 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
         mean(&|r| r.compute_only_s / r.bidirectional_s),
         mean(&|r| r.load_only_s / r.bidirectional_s)
     );
-    println!(
-        "bidirectional with layer splits / chunk level only: mean {:.2}, best {:.2}, worst {:.2}",
-        mean(&|r| r.bidir_over_chunk_level),
-        rows.iter()
-            .map(|r| r.bidir_over_chunk_level)
-            .fold(f64::INFINITY, f64::min),
-        rows.iter()
-            .map(|r| r.bidir_over_chunk_level)
-            .fold(0.0, f64::max)
-    );
-    println!(
-        "one request split at one layer / chunk-level bidirectional: mean {:.2}, best {:.2}, worst {:.2}",
-        mean(&|r| r.layer_split_over_bidir),
-        rows.iter()
-            .map(|r| r.layer_split_over_bidir)
-            .fold(f64::INFINITY, f64::min),
-        rows.iter()
-            .map(|r| r.layer_split_over_bidir)
-            .fold(0.0, f64::max)
+    let ratio_summary = |label: &str, ratio: &dyn Fn(&Row) -> f64| {
+        let worst = rows.iter().map(ratio).fold(0.0, f64::max);
+        let best = rows.iter().map(ratio).fold(f64::INFINITY, f64::min);
+        println!(
+            "{label}: mean {:.2}, best {best:.2}, worst {worst:.2}",
+            mean(ratio)
+        );
+    };
+    ratio_summary("bidirectional with layer splits / chunk level only", &|r| {
+        r.bidir_over_chunk_level
+    });
+    ratio_summary(
+        "one request split at one layer / chunk-level bidirectional",
+        &|r| r.layer_split_over_bidir,
     );
     Ok(())
 }
