@@ -335,6 +335,10 @@ impl ComputeBackend for Engine {
         cache.export(range)
     }
 
+    fn kv_bytes(&self, kv: &KvRange) -> usize {
+        kv.bytes()
+    }
+
     fn compute_tail(
         &self,
         cache: &mut KvCache,

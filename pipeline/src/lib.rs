@@ -24,6 +24,6 @@ pub mod types;
 pub use config::{HttpConfig, PipelineConfig, RequestLimits, ServiceConfig};
 pub use error::{BoxError, PipelineError, Result};
 pub use metrics::Metrics;
-pub use pipeline::{Health, Pipeline, PipelineBuilder};
+pub use pipeline::{Health, Pipeline, PipelineBuilder, SchedulerHealth};
 pub use prompt::{Prompt, PromptTemplate};
 pub use types::{Answer, Ask, AskOptions, AskRequest, Breakdown, CitedChunk, StreamEvent};

@@ -12,6 +12,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tower::{Layer, Service};
 
+use ragcake_engine::scheduler::SchedulerStats;
+
 use crate::error::{BoxError, PipelineError};
 use crate::types::{Answer, Ask};
 
@@ -35,6 +37,19 @@ pub struct Metrics {
     hit_ratio: Gauge<f64, AtomicU64>,
     in_flight: Gauge,
     http_responses: Family<Labels, Counter>,
+    write_backs: SchedulerCounters,
+}
+
+/// The scheduler's write-back counters, mirrored at each scrape.
+#[derive(Debug, Default)]
+struct SchedulerCounters {
+    written: Counter,
+    skipped: Counter,
+    failed: Counter,
+    dropped: Counter,
+    pending_bytes: Gauge,
+    /// Mirroring is a read then an add: one scrape at a time.
+    sync: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -107,7 +122,38 @@ impl Metrics {
             "HTTP responses, by status code",
             http_responses.clone(),
         );
+        let write_backs = SchedulerCounters::default();
+        for (name, help, counter) in [
+            (
+                "writeback_written",
+                "Computed chunks written back to the store",
+                &write_backs.written,
+            ),
+            (
+                "writeback_skipped",
+                "Write-backs left out because the store already held the chunk",
+                &write_backs.skipped,
+            ),
+            (
+                "writeback_failed",
+                "Write-backs that failed or timed out",
+                &write_backs.failed,
+            ),
+            (
+                "writeback_dropped",
+                "Write-backs dropped because the write-back queue was full",
+                &write_backs.dropped,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "writeback_pending_bytes",
+            "Bytes of KV waiting to be written back",
+            write_backs.pending_bytes.clone(),
+        );
         Self {
+            write_backs,
             registry,
             requests,
             ttft,
@@ -128,6 +174,23 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Mirrors the scheduler's counters (they live in the scheduler; call before
+    /// [`Metrics::encode`]).
+    pub fn observe_scheduler(&self, stats: &SchedulerStats) {
+        let w = &self.write_backs;
+        let _one_at_a_time = w.sync.lock().unwrap_or_else(|p| p.into_inner());
+        for (counter, total) in [
+            (&w.written, stats.write_backs),
+            (&w.skipped, stats.write_backs_skipped),
+            (&w.failed, stats.write_back_failures),
+            (&w.dropped, stats.write_backs_dropped),
+        ] {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
+        w.pending_bytes
+            .set(stats.write_back_pending_bytes.min(i64::MAX as u64) as i64);
     }
 
     /// Records a finished question.

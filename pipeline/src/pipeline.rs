@@ -230,6 +230,25 @@ pub struct Health {
     pub index: std::result::Result<usize, String>,
     /// Questions being answered now.
     pub in_flight: u64,
+    /// The scheduler: its compute worker, queue and write-back backlog.
+    pub scheduler: SchedulerHealth,
+}
+
+/// The scheduler's part of [`Health`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SchedulerHealth {
+    /// The compute worker is running.
+    pub worker_alive: bool,
+    /// Times it panicked in a step and was restarted.
+    pub worker_restarts: u64,
+    /// Prefills admitted and not finished (the compute worker's queue).
+    pub queued_prefills: u64,
+    /// Sequences decoding.
+    pub decoding: u64,
+    /// Bytes of KV waiting to be written back.
+    pub write_back_pending_bytes: u64,
+    /// Write-backs dropped because the queue was full, since start.
+    pub write_backs_dropped: u64,
 }
 
 impl Pipeline {
@@ -288,10 +307,19 @@ impl Pipeline {
             .count()
             .await
             .map_err(|e| e.to_string());
+        let stats = self.parts.scheduler.stats();
         Health {
-            ok: index.is_ok(),
+            ok: index.is_ok() && stats.worker_alive,
             index,
-            in_flight: self.parts.scheduler.stats().in_flight,
+            in_flight: stats.in_flight,
+            scheduler: SchedulerHealth {
+                worker_alive: stats.worker_alive,
+                worker_restarts: stats.worker_restarts,
+                queued_prefills: stats.in_flight,
+                decoding: stats.decoding,
+                write_back_pending_bytes: stats.write_back_pending_bytes,
+                write_backs_dropped: stats.write_backs_dropped,
+            },
         }
     }
 
@@ -318,6 +346,15 @@ impl Pipeline {
     /// The scheduler's counters.
     pub fn scheduler_stats(&self) -> SchedulerStats {
         self.parts.scheduler.stats()
+    }
+
+    /// The metrics in the Prometheus (OpenMetrics) text format, the scheduler's counters
+    /// brought up to date first.
+    pub fn metrics_text(&self) -> String {
+        self.parts
+            .metrics
+            .observe_scheduler(&self.scheduler_stats());
+        self.parts.metrics.encode()
     }
 
     /// The settings it was built with.

@@ -171,8 +171,13 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// A real S3 client pointed at a loopback port where nothing listens: a store that is down.
 pub fn s3_store_that_is_down() -> (Arc<dyn ObjectStore>, Path) {
+    s3_store_at("http://127.0.0.1:9")
+}
+
+/// A real S3 client for the bucket `nowhere` at `endpoint`.
+pub fn s3_store_at(endpoint: &str) -> (Arc<dyn ObjectStore>, Path) {
     let options = [
-        ("aws_endpoint", "http://127.0.0.1:9"),
+        ("aws_endpoint", endpoint),
         ("aws_allow_http", "true"),
         ("aws_region", "us-east-1"),
         ("aws_access_key_id", "x"),
@@ -180,6 +185,20 @@ pub fn s3_store_that_is_down() -> (Arc<dyn ObjectStore>, Path) {
     ]
     .map(|(k, v)| (k.to_string(), v.to_string()));
     open_url("s3://nowhere/kv", options).unwrap()
+}
+
+/// A loopback server that accepts connections and never answers (a store that hangs), as
+/// an HTTP endpoint. It holds up to 256 connections, then stops accepting.
+pub fn silent_server() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(256).flatten().collect();
+        // Keep them open (unanswered) for as long as the tests run.
+        std::thread::park();
+        drop(held);
+    });
+    endpoint
 }
 
 /// The body of a GET of `url`, as text.

@@ -459,6 +459,13 @@ fn bad_http_input_gets_a_json_4xx_and_the_service_keeps_serving() {
         assert!(answer["breakdown"]["ttft_secs"].as_f64().unwrap() > 0.0);
         let health = client.get(format!("{base}/healthz")).send().await.unwrap();
         assert_eq!(health.status().as_u16(), 200);
+        let health: serde_json::Value = health.json().await.unwrap();
+        assert_eq!(health["scheduler"]["worker_alive"], true, "{health}");
+        assert_eq!(health["scheduler"]["worker_restarts"], 0, "{health}");
+        assert!(
+            health["scheduler"]["write_back_pending_bytes"].is_u64(),
+            "{health}"
+        );
 
         // The index goes down: a clear 503, and the health check says so.
         index.down.store(true, Ordering::SeqCst);
@@ -484,6 +491,9 @@ fn bad_http_input_gets_a_json_4xx_and_the_service_keeps_serving() {
             "{text}"
         );
         assert!(text.contains("ragcake_ttft_seconds_count 1"), "{text}");
+        // The scheduler's write-back counters, mirrored at the scrape.
+        assert!(text.contains("ragcake_writeback_dropped_total 0"), "{text}");
+        assert!(text.contains("ragcake_writeback_pending_bytes "), "{text}");
         drop(metrics);
     });
 }
@@ -695,6 +705,62 @@ fn a_question_over_the_timeout_fails_with_504_and_frees_its_place() {
             "{text}"
         );
         assert!(text.contains("ragcake_requests_in_flight 0"), "{text}");
+    });
+}
+
+#[test]
+fn questions_that_time_out_mid_answer_stop_decoding_and_the_decode_limit_holds() {
+    let corpus = demo_corpus();
+    let own_kv = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let kv = local_kv(own_kv.path());
+        let mut config = PipelineConfig {
+            timeout_secs: 6.0,
+            max_concurrent: 4,
+            ..PipelineConfig::default()
+        };
+        config.scheduler.max_decoding = 2;
+        let pipeline = pipeline_over(corpus.index.clone(), kv, config).await;
+        let handle = pipeline.clone();
+        let base = serve(pipeline, HttpConfig::default()).await;
+        let client = reqwest::Client::new();
+        let url = format!("{base}/v1/chat/completions");
+        // Started a second and a half apart, so each gets its first token before its
+        // timeout and times out while its answer (up to 1000 tokens) is being decoded.
+        let asks = (0..4).map(|i| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(1500 * i)).await;
+                let body = serde_json::json!({
+                    "model": "ragcake",
+                    "messages": [{"role": "user", "content": "Tell me everything about the island's history."}],
+                    "max_tokens": 1000,
+                });
+                post_raw(&client, &url, serde_json::to_vec(&body).unwrap()).await
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        for (status, json) in &answers {
+            assert!(*status == 504 || *status == 200, "{status}: {json}");
+        }
+        assert!(answers.iter().any(|(status, _)| *status == 504));
+        // Nothing decodes on after its question timed out.
+        for _ in 0..200 {
+            let stats = handle.scheduler_stats();
+            if stats.decoding == 0 && stats.in_flight == 0 {
+                assert!(stats.decodes_cancelled >= 1, "{stats:?}");
+                // Every answer that got its first token ended, finished or cancelled.
+                assert_eq!(
+                    stats.decodes_cancelled + stats.decodes_finished,
+                    stats.completed,
+                    "{stats:?}"
+                );
+                assert!(stats.peak_decode_batch <= 2, "{stats:?}");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("still decoding: {:?}", handle.scheduler_stats());
     });
 }
 

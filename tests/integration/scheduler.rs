@@ -2,23 +2,27 @@
 //! and every fault turning into computation.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ragcake::engine::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 use ragcake::engine::scheduler::{
-    CacheKind, ChunkSpec, DecodeEvent, DecodeStream, Filled, LoadBackend, LookupSummary,
-    MIN_PREFILL_PIECE, MissReason, Mode, PlanOptions, PrefillRequest, PromptChunk, Recompute,
-    RecomputeRule, Scheduler, SchedulerConfig, SchedulerStats, StoredCache, plan, spread_recompute,
+    BlendChunk, CacheKind, ChunkSpec, ComputeBackend, DecodeEvent, DecodeStream, Filled,
+    LoadBackend, LookupSummary, MIN_PREFILL_PIECE, MissReason, Mode, PlanOptions, PrefillRequest,
+    PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, SchedulerStats, StoredCache,
+    plan, spread_recompute,
 };
-use ragcake::engine::{DType, Engine, FinishReason, GenerateParams, Tensor};
+use ragcake::engine::{
+    DType, Engine, FinishReason, GenerateParams, KvCache, KvRange, Sampler, Tensor,
+};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake::kvstore::{CacheKey, KvStore, Throttle, throttled};
 
 use crate::common::{
-    max_abs, max_abs_diff, mean_kl, prose_tokens, runtime, s3_store_that_is_down,
-    shared_dense_engine, store_over,
+    max_abs, max_abs_diff, mean_kl, prose_tokens, runtime, s3_store_at, s3_store_that_is_down,
+    shared_dense_engine, silent_server, store_over,
 };
 
 /// A preamble, five chunks of prose of different lengths, and a question tail.
@@ -85,7 +89,11 @@ async fn fill_with_prefix_caches(
     written_back(scheduler, before + chunks.len() as u64).await;
 }
 
-fn assert_same_logits(got: &Filled<Engine>, want: &Tensor, tolerance: f32) {
+fn assert_same_logits<C: ComputeBackend<Logits = Tensor>>(
+    got: &Filled<C>,
+    want: &Tensor,
+    tolerance: f32,
+) {
     let diff = max_abs_diff(&got.logits, want);
     assert!(
         diff <= tolerance * max_abs(want),
@@ -859,6 +867,222 @@ fn the_shared_scheduler_splits_chunks_at_a_layer_on_a_slow_store_and_keeps_the_l
         // Bottom layers computed in context, top layers loaded from exact prefix caches
         // stored in f32: the logits of full computation.
         assert_same_logits(&done, &want, 1e-4);
+    });
+}
+
+#[test]
+fn write_back_to_a_store_that_never_answers_is_bounded_counted_and_never_delays_answers() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let (silent, prefix) = s3_store_at(&silent_server());
+        let store = Arc::new(store_over(silent, prefix));
+        // Room for one request's chunks (exported as the cache holds them: f32).
+        let per_token = shared_dense_engine()
+            .model()
+            .config()
+            .kv_shape()
+            .values_per_token()
+            * 4;
+        let request_bytes = chunks.iter().map(Vec::len).sum::<usize>() * per_token;
+        let config = SchedulerConfig {
+            write_back_queue_bytes: request_bytes * 3 / 2,
+            write_back_timeout_secs: 60.0,
+            ..SchedulerConfig::default()
+        };
+        let scheduler = scheduler(store.clone(), config);
+        for _ in 0..3 {
+            let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+            let done = scheduler.prefill(request).await.unwrap();
+            assert_eq!(done.report.chunks_computed, chunks.len());
+            let stats = scheduler.stats();
+            assert!(
+                stats.write_back_pending_bytes as usize <= request_bytes * 3 / 2,
+                "{stats:?}"
+            );
+        }
+        // The first request's chunks wait on the silent store; the others' did not fit.
+        let stats = scheduler.stats();
+        assert_eq!(
+            stats.write_back_pending_bytes as usize, request_bytes,
+            "{stats:?}"
+        );
+        assert_eq!(
+            stats.write_backs_dropped,
+            2 * chunks.len() as u64,
+            "{stats:?}"
+        );
+        assert_eq!(stats.write_backs, 0);
+
+        // Each write is given up at the timeout: the queue drains, the failures counted.
+        let config = SchedulerConfig {
+            write_back_timeout_secs: 0.5,
+            ..SchedulerConfig::default()
+        };
+        let scheduler = self::scheduler(store.clone(), config);
+        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+        scheduler.prefill(request).await.unwrap();
+        for _ in 0..100 {
+            if scheduler.stats().write_back_pending_bytes == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let stats = scheduler.stats();
+        assert_eq!(stats.write_back_pending_bytes, 0, "{stats:?}");
+        assert_eq!(stats.write_back_failures, chunks.len() as u64, "{stats:?}");
+        assert_eq!(stats.write_backs_dropped, 0, "{stats:?}");
+    });
+}
+
+/// The engine behind a fault switch: the next prefill pass or decode step panics when set.
+struct Faulty {
+    engine: Arc<Engine>,
+    panic_in_compute: AtomicBool,
+    panic_in_decode: AtomicBool,
+}
+
+impl Faulty {
+    fn trip(switch: &AtomicBool, step: &str) {
+        if switch.swap(false, Ordering::SeqCst) {
+            panic!("fault injected in a {step} step");
+        }
+    }
+}
+
+impl ComputeBackend for Faulty {
+    type Cache = KvCache;
+    type Kv = KvRange;
+    type Logits = Tensor;
+
+    fn new_cache(&self) -> KvCache {
+        self.engine.new_cache()
+    }
+    fn max_tokens(&self) -> usize {
+        ComputeBackend::max_tokens(&*self.engine)
+    }
+    fn compute(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        logits: bool,
+    ) -> ragcake::engine::Result<Option<Tensor>> {
+        Self::trip(&self.panic_in_compute, "prefill");
+        ComputeBackend::compute(&*self.engine, cache, tokens, logits)
+    }
+    fn import(&self, cache: &mut KvCache, kv: &KvRange) -> ragcake::engine::Result<()> {
+        ComputeBackend::import(&*self.engine, cache, kv)
+    }
+    fn export(
+        &self,
+        cache: &KvCache,
+        range: std::ops::Range<usize>,
+    ) -> ragcake::engine::Result<KvRange> {
+        ComputeBackend::export(&*self.engine, cache, range)
+    }
+    fn kv_bytes(&self, kv: &KvRange) -> usize {
+        kv.bytes()
+    }
+    fn compute_tail(
+        &self,
+        cache: &mut KvCache,
+        tail: &[u32],
+        blends: &[BlendChunk],
+    ) -> ragcake::engine::Result<(Tensor, usize)> {
+        self.engine.compute_tail(cache, tail, blends)
+    }
+    fn layers(&self) -> usize {
+        ComputeBackend::layers(&*self.engine)
+    }
+    fn compute_bottom(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        layers: usize,
+    ) -> ragcake::engine::Result<()> {
+        self.engine.compute_bottom(cache, tokens, layers)
+    }
+    fn fill_top(
+        &self,
+        cache: &mut KvCache,
+        kv: &KvRange,
+        first_layer: usize,
+    ) -> ragcake::engine::Result<()> {
+        ComputeBackend::fill_top(&*self.engine, cache, kv, first_layer)
+    }
+    fn decode(
+        &self,
+        caches: &mut [&mut KvCache],
+        tokens: &[u32],
+    ) -> ragcake::engine::Result<Vec<Tensor>> {
+        Self::trip(&self.panic_in_decode, "decode");
+        ComputeBackend::decode(&*self.engine, caches, tokens)
+    }
+    fn sample(&self, sampler: &mut Sampler, logits: &Tensor) -> ragcake::engine::Result<u32> {
+        ComputeBackend::sample(&*self.engine, sampler, logits)
+    }
+    fn ends_generation(&self, token: u32) -> bool {
+        self.engine.ends_generation(token)
+    }
+    fn next_position(&self, cache: &KvCache) -> usize {
+        cache.next_position()
+    }
+}
+
+#[test]
+fn a_panic_in_a_step_fails_that_request_and_the_restarted_worker_serves_the_rest() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let want = reference_logits(&chunks, &tail);
+        let store = memory_store(DType::F32);
+        let faulty = Arc::new(Faulty {
+            engine: shared_dense_engine(),
+            panic_in_compute: AtomicBool::new(false),
+            panic_in_decode: AtomicBool::new(false),
+        });
+        let scheduler = Scheduler::start(faulty.clone(), store.clone(), SchedulerConfig::default());
+
+        faulty.panic_in_compute.store(true, Ordering::SeqCst);
+        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+        let failed = tokio::time::timeout(Duration::from_secs(60), scheduler.prefill(request))
+            .await
+            .expect("a panicking step fails its request, it does not wedge it");
+        let Err(error) = failed else {
+            panic!("the panicking step's request fails");
+        };
+        assert!(error.to_string().contains("compute worker"), "{error}");
+
+        // The next request is served by the restarted worker, with the right answer.
+        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+        let done = scheduler.prefill(request).await.unwrap();
+        assert_same_logits(&done, &want, 1e-4);
+
+        // A decode step that panics ends its sequences' streams without a finish.
+        faulty.panic_in_decode.store(true, Ordering::SeqCst);
+        let mut stream = scheduler
+            .decode(done.cache, &done.logits, greedy(8))
+            .unwrap();
+        let mut finished = false;
+        for _ in 0..100 {
+            match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+                Ok(Some(DecodeEvent::Token(_))) => {}
+                Ok(Some(_)) => finished = true,
+                Ok(None) => break,
+                Err(_) => panic!("a stream of a panicked decode step never ended"),
+            }
+        }
+        assert!(
+            !finished,
+            "a decode step that panicked cannot have finished"
+        );
+
+        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+        let done = scheduler.prefill(request).await.unwrap();
+        assert_same_logits(&done, &want, 1e-4);
+        let stats = scheduler.stats();
+        assert_eq!(stats.worker_restarts, 2, "{stats:?}");
+        assert!(stats.worker_alive, "{stats:?}");
+        assert_eq!((stats.in_flight, stats.decoding), (0, 0), "{stats:?}");
+        assert_eq!(stats.failed, 1, "{stats:?}");
     });
 }
 

@@ -20,6 +20,7 @@ mod runtime;
 pub mod sim;
 #[cfg(test)]
 mod tests;
+mod write_back;
 
 use std::fmt;
 use std::future::Future;
@@ -294,6 +295,12 @@ pub struct SchedulerConfig {
     /// computed while a ranged read loads the rest) where the cost model predicts a gain;
     /// off, every chunk goes whole to one side.
     pub layer_split: bool,
+    /// Most bytes of KV waiting to be written back; the chunks of a request that would go
+    /// past it are dropped (and counted), so a slow store costs write-backs, not memory.
+    pub write_back_queue_bytes: usize,
+    /// A write-back (its existence check and its put) still running after this long is
+    /// given up and counted as failed.
+    pub write_back_timeout_secs: f64,
 }
 
 /// Default of [`SchedulerConfig::tpot_target_secs`].
@@ -322,6 +329,9 @@ impl Default for SchedulerConfig {
             prefill_step_tokens: 128,
             tpot_target_secs: TPOT_TARGET_DEFAULT,
             layer_split: true,
+            // About 11k tokens of SmolLM2-135M's f32 KV.
+            write_back_queue_bytes: 256 << 20,
+            write_back_timeout_secs: 30.0,
         }
     }
 }
@@ -451,6 +461,8 @@ pub trait ComputeBackend: Send + Sync + 'static {
     fn import(&self, cache: &mut Self::Cache, kv: &Self::Kv) -> Result<()>;
     /// Copies out the tokens `range` (cache indices).
     fn export(&self, cache: &Self::Cache, range: Range<usize>) -> Result<Self::Kv>;
+    /// Bytes a range holds in memory (what it costs in the write-back queue).
+    fn kv_bytes(&self, kv: &Self::Kv) -> usize;
     /// Computes the question `tail` after the whole context, blending in the loaded chunk
     /// caches `blends` in the same pass (their selected tokens recomputed in context, so
     /// they attend to the chunks before them); returns the last token's logits and how many

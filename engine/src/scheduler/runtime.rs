@@ -2,6 +2,7 @@
 //! pool of tokio load tasks.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -15,10 +16,11 @@ use super::dispatch::{
     ChunkShape, ComputeStep, Dispatcher, LoadStep, LoadVerdict, NextCompute, RequestId,
     RequestShape,
 };
+use super::write_back::{self, WriteBackQueue};
 use super::{
     BlendChunk, ChunkSpec, ComputeBackend, Filled, LoadBackend, LoadOutcome, MIN_PREFILL_PIECE,
-    MissReason, PrefillRequest, Recompute, SchedulerConfig, WriteBack, check_request,
-    in_context_chunks, load_within,
+    MissReason, PrefillRequest, Recompute, SchedulerConfig, check_request, in_context_chunks,
+    load_within,
 };
 use crate::error::{EngineError, Result};
 use crate::generate::GenerateParams;
@@ -30,13 +32,12 @@ struct Counters {
     completed: AtomicU64,
     failed: AtomicU64,
     cancelled: AtomicU64,
-    write_backs: AtomicU64,
-    write_backs_skipped: AtomicU64,
-    write_back_failures: AtomicU64,
     decode_steps: AtomicU64,
     tokens_decoded: AtomicU64,
     decodes_finished: AtomicU64,
     decodes_cancelled: AtomicU64,
+    worker_restarts: AtomicU64,
+    peak_decode_batch: AtomicU64,
 }
 
 /// A snapshot of a scheduler's counters.
@@ -54,8 +55,13 @@ pub struct SchedulerStats {
     pub write_backs: u64,
     /// Write-backs left out because the store already held the chunk's prefix cache.
     pub write_backs_skipped: u64,
-    /// Write-backs that failed (logged; the request was not affected).
+    /// Write-backs that failed or timed out (logged; the request was not affected).
     pub write_back_failures: u64,
+    /// Write-backs dropped because the queue's bytes were full (the store is slower than
+    /// the chunks computed).
+    pub write_backs_dropped: u64,
+    /// Bytes of KV waiting in the write-back queue or being written.
+    pub write_back_pending_bytes: u64,
     /// Requests in flight now.
     pub in_flight: u64,
     /// Batched decode steps run.
@@ -68,6 +74,14 @@ pub struct SchedulerStats {
     pub decodes_cancelled: u64,
     /// Sequences decoding now (or waiting for a place in a step).
     pub decoding: u64,
+    /// Times the compute worker panicked in a step and was restarted (the step's requests
+    /// failed with an error; the others carried on).
+    pub worker_restarts: u64,
+    /// The compute worker is running (it stops only when the scheduler shuts down).
+    pub worker_alive: bool,
+    /// The most sequences one decode step has advanced (at most
+    /// [`SchedulerConfig::max_decoding`]).
+    pub peak_decode_batch: u64,
 }
 
 struct Shared<C: ComputeBackend, L: LoadBackend> {
@@ -78,6 +92,7 @@ struct Shared<C: ComputeBackend, L: LoadBackend> {
     epoch: Instant,
     runtime: tokio::runtime::Handle,
     counters: Counters,
+    write_back: WriteBackQueue<L::Key, C::Kv>,
 }
 
 struct State<C: ComputeBackend, L: LoadBackend> {
@@ -89,6 +104,8 @@ struct State<C: ComputeBackend, L: LoadBackend> {
     decoding: VecDeque<Decoding<C>>,
     /// Sequences in the decode step running now.
     stepping: usize,
+    /// The request whose prefill step is running now (its cache is out of its entry).
+    running: Option<RequestId>,
     /// Seconds the last decode step took (sizes the prefill pieces between steps).
     last_decode_step_secs: f64,
     shutdown: bool,
@@ -134,6 +151,13 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn start(compute: Arc<C>, loader: Arc<L>, config: SchedulerConfig) -> Self {
+        let runtime = tokio::runtime::Handle::current();
+        let write_back = WriteBackQueue::start(
+            loader.clone(),
+            &runtime,
+            config.write_back_queue_bytes,
+            Duration::from_secs_f64(config.write_back_timeout_secs.max(1e-3)),
+        );
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 dispatcher: Dispatcher::new(config),
@@ -141,6 +165,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                 loads: HashMap::new(),
                 decoding: VecDeque::new(),
                 stepping: 0,
+                running: None,
                 last_decode_step_secs: 0.0,
                 shutdown: false,
             }),
@@ -148,14 +173,15 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             compute,
             loader,
             epoch: Instant::now(),
-            runtime: tokio::runtime::Handle::current(),
+            runtime,
             counters: Counters::default(),
+            write_back,
         });
         let worker = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("ragcake-compute".into())
-                .spawn(move || compute_loop(shared))
+                .spawn(move || supervise(shared))
                 .expect("spawn the compute thread")
         };
         Self {
@@ -179,19 +205,25 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             )
         };
         let c = &self.shared.counters;
+        let w = &self.shared.write_back.counts;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         SchedulerStats {
             admitted: l(&c.admitted),
             completed: l(&c.completed),
             failed: l(&c.failed),
             cancelled: l(&c.cancelled),
-            write_backs: l(&c.write_backs),
-            write_backs_skipped: l(&c.write_backs_skipped),
-            write_back_failures: l(&c.write_back_failures),
+            write_backs: l(&w.written),
+            write_backs_skipped: l(&w.skipped),
+            write_back_failures: l(&w.failed),
+            write_backs_dropped: l(&w.dropped),
+            write_back_pending_bytes: w.pending_bytes.load(Ordering::Relaxed) as u64,
             decode_steps: l(&c.decode_steps),
             tokens_decoded: l(&c.tokens_decoded),
             decodes_finished: l(&c.decodes_finished),
             decodes_cancelled: l(&c.decodes_cancelled),
+            worker_restarts: l(&c.worker_restarts),
+            peak_decode_batch: l(&c.peak_decode_batch),
+            worker_alive: self.worker.as_ref().is_some_and(|w| !w.is_finished()),
             in_flight: in_flight as u64,
             decoding: decoding as u64,
         }
@@ -428,6 +460,50 @@ enum Work<Kv> {
     Tail(Arc<[u32]>, Vec<BlendChunk>),
 }
 
+/// Runs the compute loop, and runs it again after a panic: the request whose step panicked
+/// fails with an error (the sequences of a decode step that panicked see their stream end),
+/// every other request carries on. A bug or a fault in one step must not wedge all prefill
+/// while `/healthz` says all is well.
+fn supervise<C, L>(shared: Arc<Shared<C, L>>)
+where
+    C: ComputeBackend,
+    L: LoadBackend<Kv = C::Kv>,
+{
+    loop {
+        let run = std::panic::catch_unwind(AssertUnwindSafe(|| compute_loop(shared.clone())));
+        let Err(panic) = run else {
+            return; // shut down
+        };
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        tracing::error!(%what, "the compute worker panicked; failing its step and restarting");
+        shared
+            .counters
+            .worker_restarts
+            .fetch_add(1, Ordering::Relaxed);
+        let mut state = shared.lock();
+        state.stepping = 0;
+        if let Some(id) = state.running.take() {
+            state.dispatcher.cancel(id);
+            state.abort_given_up_loads();
+            shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+            if let Some(mut active) = state.requests.remove(&id)
+                && let Some(reply) = active.reply.take()
+            {
+                let _ = reply.send(Err(EngineError::Scheduler(format!(
+                    "the compute worker failed in this request's step ({what}) and was restarted"
+                ))));
+            }
+        }
+        drop(state);
+        // A fault that repeats outside any step must not spin a core.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn compute_loop<C, L>(shared: Arc<Shared<C, L>>)
 where
     C: ComputeBackend,
@@ -508,6 +584,7 @@ where
                 Work::Tail(active.tail.clone(), blends)
             }
         };
+        state.running = Some(step.request());
         drop(state);
 
         let started = Instant::now();
@@ -541,6 +618,7 @@ where
         let secs = started.elapsed().as_secs_f64() - decode_secs;
 
         state = shared.lock();
+        state.running = None;
         let now = shared.now();
         if tokens_recomputed > 0 {
             state
@@ -693,6 +771,9 @@ where
     state.stepping = batch.len();
     drop(state);
     let tokens = batch.len() as u64;
+    counters
+        .peak_decode_batch
+        .fetch_max(tokens, Ordering::Relaxed);
     let started = Instant::now();
     let (going_on, outcome) = decode_step(&*shared.compute, batch);
     let step_secs = started.elapsed().as_secs_f64();
@@ -714,10 +795,7 @@ where
     state
 }
 
-/// A chunk's cache to store: destination, tokens, the exported KV.
-type Export<K, Kv> = (WriteBack<K>, Arc<[u32]>, Result<Kv>);
-
-/// Replies, then writes the chunks computed in context back to the store, off the TTFT path.
+/// Replies, then queues the chunks computed in context for write-back, off the TTFT path.
 /// Their KV is exported before the reply: the caller may reuse the cache's buffers at once.
 fn finish_request<C, L>(
     shared: &Arc<Shared<C, L>>,
@@ -732,21 +810,34 @@ fn finish_request<C, L>(
     shared.counters.completed.fetch_add(1, Ordering::Relaxed);
     let cache = active.cache.take().expect("the cache is back");
     report.in_context_chunks = in_context_chunks(&active.chunks, &report.computed_chunks);
-    let exports: Vec<Export<L::Key, C::Kv>> = if write_back {
-        report
-            .computed_chunks
-            .iter()
-            .filter(|&&i| i < report.in_context_chunks)
-            .filter_map(|&i| {
-                let dest = active.chunks[i].write_back.clone()?;
-                let range = active.starts[i]..active.starts[i + 1];
-                let kv = shared.compute.export(&cache, range);
-                Some((dest, active.chunks[i].tokens.clone(), kv))
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let mut jobs = Vec::new();
+    if write_back {
+        for &i in &report.computed_chunks {
+            let Some(dest) = active.chunks[i].write_back.clone() else {
+                continue;
+            };
+            if i >= report.in_context_chunks {
+                continue;
+            }
+            let range = active.starts[i]..active.starts[i + 1];
+            match shared.compute.export(&cache, range) {
+                Ok(kv) => jobs.push(write_back::Job {
+                    bytes: shared.compute.kv_bytes(&kv),
+                    dest,
+                    tokens: active.chunks[i].tokens.clone(),
+                    kv,
+                }),
+                Err(error) => {
+                    tracing::warn!(%error, "a computed chunk could not be exported for write-back");
+                    shared
+                        .write_back
+                        .counts
+                        .failed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
     if let Some(reply) = active.reply.take() {
         let _ = reply.send(Ok(Filled {
             cache,
@@ -754,38 +845,7 @@ fn finish_request<C, L>(
             report,
         }));
     }
-    if exports.is_empty() {
-        return;
+    if !jobs.is_empty() {
+        shared.write_back.offer(jobs);
     }
-    let shared = shared.clone();
-    shared.runtime.clone().spawn(async move {
-        for (dest, tokens, kv) in exports {
-            let stored = match (dest, kv) {
-                (_, Err(e)) => Err(e.to_string()),
-                (WriteBack::Store(key), Ok(kv)) => shared.loader.store(&key, &tokens, kv).await,
-                (WriteBack::StoreIfAbsent(key), Ok(kv)) => {
-                    match shared.loader.contains(&key).await {
-                        Ok(true) => {
-                            // Stored already: not written again.
-                            shared
-                                .counters
-                                .write_backs_skipped
-                                .fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        Ok(false) => shared.loader.store(&key, &tokens, kv).await,
-                        Err(e) => Err(e),
-                    }
-                }
-            };
-            let counter = match stored {
-                Ok(()) => &shared.counters.write_backs,
-                Err(error) => {
-                    tracing::warn!(%error, "write-back of a computed chunk failed");
-                    &shared.counters.write_back_failures
-                }
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-    });
 }

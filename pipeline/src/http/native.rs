@@ -104,6 +104,7 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Response {
         "index_chunks": health.index.as_ref().ok(),
         "index_error": health.index.as_ref().err(),
         "in_flight": health.in_flight,
+        "scheduler": health.scheduler,
     });
     (status, Json(body)).into_response()
 }
@@ -114,7 +115,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.pipeline.metrics().encode(),
+        state.pipeline.metrics_text(),
     )
         .into_response()
 }
