@@ -226,10 +226,36 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<SourceFile>> {
             walk(input, &name, &mut files)?;
         }
     }
-    // The same document named twice (overlapping inputs) is read once.
-    let mut seen = HashSet::new();
-    files.retain(|f| seen.insert(f.doc_id.clone()));
-    Ok(files)
+    unique_documents(files)
+}
+
+/// The same file reached twice (overlapping inputs: a directory and a file in it) is read
+/// once, under the id it was first found with. Two different files with the same id (two
+/// inputs of the same name, `a/docs` and `b/docs`) are refused: keeping one would drop the
+/// other, and a later run of either would replace the other's chunks.
+fn unique_documents(files: Vec<SourceFile>) -> Result<Vec<SourceFile>> {
+    let mut by_id: HashMap<String, PathBuf> = HashMap::new();
+    let mut seen_files = HashSet::new();
+    let mut unique = Vec::with_capacity(files.len());
+    for file in files {
+        let real = std::fs::canonicalize(&file.path).unwrap_or_else(|_| file.path.clone());
+        if !seen_files.insert(real.clone()) {
+            continue;
+        }
+        if let Some(first) = by_id.get(&file.doc_id) {
+            return Err(IngestError::InvalidSetting(format!(
+                "two inputs give the document id {:?}: {} and {}; ingest inputs with \
+                 different names (the input's own name starts each id), or in separate \
+                 indexes",
+                file.doc_id,
+                first.display(),
+                file.path.display()
+            )));
+        }
+        by_id.insert(file.doc_id.clone(), file.path.clone());
+        unique.push(file);
+    }
+    Ok(unique)
 }
 
 fn walk(dir: &Path, id_prefix: &str, out: &mut Vec<SourceFile>) -> Result<()> {
@@ -662,16 +688,28 @@ mod tests {
         for name in ["b.md", "a.txt", "sub/c.markdown", "image.png", ".git/x.txt"] {
             std::fs::write(root.join(name), "text").unwrap();
         }
+        // A file also reached through its directory is read once.
         let files = discover(&[root.clone(), root.join("a.txt")]).unwrap();
         let ids: Vec<&str> = files.iter().map(|f| f.doc_id.as_str()).collect();
         assert_eq!(
             ids,
-            [
-                "corpus/a.txt",
-                "corpus/b.md",
-                "corpus/sub/c.markdown",
-                "a.txt"
-            ]
+            ["corpus/a.txt", "corpus/b.md", "corpus/sub/c.markdown"]
         );
+    }
+
+    #[test]
+    fn two_inputs_that_would_share_document_ids_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for side in ["a", "b"] {
+            let docs = dir.path().join(side).join("docs");
+            std::fs::create_dir_all(&docs).unwrap();
+            std::fs::write(docs.join("guide.md"), format!("{side}'s guide")).unwrap();
+        }
+        let inputs = [dir.path().join("a/docs"), dir.path().join("b/docs")];
+        let error = discover(&inputs).unwrap_err().to_string();
+        assert!(error.contains("docs/guide.md"), "{error}");
+        assert!(error.contains("a/docs/guide.md") && error.contains("b/docs/guide.md"));
+        // Each alone is fine.
+        assert_eq!(discover(&inputs[..1]).unwrap().len(), 1);
     }
 }
