@@ -195,9 +195,19 @@ impl GgufFile {
 
     /// A hash identifying the model: its metadata that shapes computation and all of its
     /// tensor data. Two files with equal fingerprints produce the same KV caches.
+    ///
+    /// The encoding is fixed here, not borrowed from a library's `Debug` text (which an
+    /// upgrade may change, orphaning every stored cache): blake3 over
+    /// `"ragcake-model-fingerprint-v2\0"`; then each metadata entry in key order, except
+    /// `general.*` and `tokenizer.chat_template*`, as the key's UTF-8 bytes, a 0 byte and the
+    /// value (integers and floats little-endian at their own width, booleans one byte,
+    /// strings UTF-8 then a 0 byte, arrays their length as a little-endian u64 then each
+    /// value); then each tensor in name order as its name, a 0 byte, its GGUF type id
+    /// (little-endian u32), its rank and dimensions (little-endian u64s); then the tensor
+    /// data region as stored in the file.
     pub fn fingerprint(&mut self) -> Result<LlmFingerprint> {
         let mut hasher = blake3::Hasher::new();
-        hasher.update(b"ragcake-model-fingerprint-v1\0");
+        hasher.update(b"ragcake-model-fingerprint-v2\0");
         let mut keys: Vec<&String> = self
             .content
             .metadata
@@ -216,7 +226,12 @@ impl GgufFile {
         for (name, info) in &infos {
             hasher.update(name.as_bytes());
             hasher.update(&[0]);
-            hasher.update(format!("{:?}{:?}", info.ggml_dtype, info.shape.dims()).as_bytes());
+            hasher.update(&ggml_type_id(info.ggml_dtype).to_le_bytes());
+            let dims = info.shape.dims();
+            hasher.update(&(dims.len() as u64).to_le_bytes());
+            for &dim in dims {
+                hasher.update(&(dim as u64).to_le_bytes());
+            }
         }
         // The tensor data region, in file order.
         let io_err = |source| EngineError::Io {
@@ -235,6 +250,28 @@ impl GgufFile {
             hasher.update(&buf[..n]);
         }
         Ok(LlmFingerprint(*hasher.finalize().as_bytes()))
+    }
+}
+
+/// A tensor type's id in the GGUF format (the number a GGUF file stores for it).
+fn ggml_type_id(dtype: candle_core::quantized::GgmlDType) -> u32 {
+    use candle_core::quantized::GgmlDType as T;
+    match dtype {
+        T::F32 => 0,
+        T::F16 => 1,
+        T::Q4_0 => 2,
+        T::Q4_1 => 3,
+        T::Q5_0 => 6,
+        T::Q5_1 => 7,
+        T::Q8_0 => 8,
+        T::Q8_1 => 9,
+        T::Q2K => 10,
+        T::Q3K => 11,
+        T::Q4K => 12,
+        T::Q5K => 13,
+        T::Q6K => 14,
+        T::Q8K => 15,
+        T::BF16 => 30,
     }
 }
 
@@ -308,5 +345,51 @@ impl std::fmt::Debug for LlmFingerprint {
 impl std::fmt::Display for LlmFingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_hex())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    use super::GgufFile;
+
+    /// A two-tensor GGUF with metadata of each kind the encoding distinguishes.
+    fn tiny_gguf(path: &std::path::Path, weight: f32) {
+        let w = Tensor::new(&[1.0f32, 2.0, 3.0, weight], &Device::Cpu).unwrap();
+        let b = Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w = QTensor::quantize(&w, GgmlDType::F32).unwrap();
+        let b = QTensor::quantize(&b, GgmlDType::Q8_0).unwrap();
+        let metadata = [
+            ("general.name", Value::String("left out".into())),
+            ("llama.block_count", Value::U32(2)),
+            ("llama.rope.freq_base", Value::F32(10000.0)),
+            ("llama.use_parallel_residual", Value::Bool(false)),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(vec![Value::String("a".into()), Value::String("b".into())]),
+            ),
+        ];
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let mut file = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut file, &metadata, &[("w", &w), ("b", &b)]).unwrap();
+    }
+
+    #[test]
+    fn the_fingerprint_encoding_is_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny_gguf(&path, 4.0);
+        let fingerprint = GgufFile::open(&path).unwrap().fingerprint().unwrap();
+        // The documented encoding of this file; a change here orphans every stored cache.
+        assert_eq!(
+            fingerprint.to_hex(),
+            "a9eca5f6aa3291010cd344a6b030cf4e993bb25ea3a41733ad96c876f986bd2f"
+        );
+        tiny_gguf(&path, 5.0);
+        let changed = GgufFile::open(&path).unwrap().fingerprint().unwrap();
+        assert_ne!(changed, fingerprint);
     }
 }

@@ -5,7 +5,7 @@
 //! layer, then all values: any run of layers is two contiguous byte ranges, fetched with one
 //! ranged-read call. Metadata (string map) records everything needed to refuse a wrong blob.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
@@ -124,8 +124,39 @@ pub fn encode(
         );
     }
     meta.insert("meta_crc32c".into(), meta_checksum(&meta));
-    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-        .map_err(|e| KvStoreError::Encode(e.to_string()))
+    let blob = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(|e| KvStoreError::Encode(e.to_string()))?;
+    with_sorted_header(blob)
+}
+
+/// The same safetensors blob with its JSON header's keys, and its metadata's, in sorted
+/// order. safetensors writes the metadata from a `HashMap`, whose order differs from one
+/// map to the next, so two writers of the same cache would store different bytes (and
+/// ETags); sorted, the bytes depend on the cache alone. The header stays padded with spaces
+/// to a multiple of 8 bytes, as safetensors pads it, so the data keeps its alignment.
+fn with_sorted_header(blob: Vec<u8>) -> Result<Vec<u8>> {
+    let encode = |e: &dyn std::fmt::Display| KvStoreError::Encode(e.to_string());
+    let header_len = blob
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+        .ok_or_else(|| encode(&"no header"))?;
+    let header = blob
+        .get(8..8 + header_len)
+        .ok_or_else(|| encode(&"short header"))?;
+    let mut entries: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| encode(&e))?;
+    if let Some(metadata) = entries.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, String> =
+            serde_json::from_value(metadata.take()).map_err(|e| encode(&e))?;
+        *metadata = serde_json::to_value(sorted).map_err(|e| encode(&e))?;
+    }
+    let mut sorted = serde_json::to_vec(&entries).map_err(|e| encode(&e))?;
+    sorted.resize(sorted.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + sorted.len() + blob.len() - 8 - header_len);
+    out.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+    out.extend_from_slice(&sorted);
+    out.extend_from_slice(&blob[8 + header_len..]);
+    Ok(out)
 }
 
 /// crc32c over every metadata entry but itself, in sorted order, so a changed base position
