@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ragcake_engine::scheduler::LoadBackend;
 use ragcake_engine::{Engine, KvRange};
 use ragcake_kvstore::{CacheKey, KvStore};
 use ragcake_pipeline::PromptTemplate;
@@ -489,7 +490,7 @@ impl Ingest {
 
         let keys: Vec<CacheKey> = chunks
             .iter()
-            .map(|c| CacheKey::chunk(&model, &self.context, &c.token_ids))
+            .map(|c| self.kv.chunk_key(&self.context, &c.token_ids))
             .collect();
         // The documents' cache lookups go out together (one round trip, not one per chunk).
         let stored: Vec<bool> = if self.config.precompute_kv {

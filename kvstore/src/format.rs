@@ -63,7 +63,7 @@ pub struct Expectation<'a> {
     pub tokens: Option<&'a [u32]>,
 }
 
-fn dtype_name(dtype: DType) -> &'static str {
+pub(crate) fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::F16 => "f16",
         DType::BF16 => "bf16",

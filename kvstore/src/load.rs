@@ -8,7 +8,7 @@ use std::ops::Range;
 use ragcake_engine::KvRange;
 use ragcake_engine::scheduler::{LoadBackend, LoadOutcome, MissReason};
 
-use crate::key::CacheKey;
+use crate::key::{CacheKey, CacheKind};
 use crate::store::{KvStore, Lookup};
 
 impl LoadBackend for KvStore {
@@ -16,11 +16,11 @@ impl LoadBackend for KvStore {
     type Kv = KvRange;
 
     fn prefix_key(&self, parent: Option<&CacheKey>, tokens: &[u32]) -> CacheKey {
-        CacheKey::prefix(&self.model(), parent, tokens)
+        CacheKey::prefix(&self.key_space(CacheKind::Prefix), parent, tokens)
     }
 
     fn chunk_key(&self, context: &[u32], tokens: &[u32]) -> CacheKey {
-        CacheKey::chunk(&self.model(), context, tokens)
+        CacheKey::chunk(&self.key_space(CacheKind::Chunk), context, tokens)
     }
 
     async fn contains(&self, key: &CacheKey) -> Result<bool, String> {

@@ -109,6 +109,10 @@ pub struct KvStore {
     /// anyway: f16 by default, half the bytes to load).
     prefix_dtype: DType,
     chunk_dtype: DType,
+    /// The dtype the engine computes caches in: part of every key, with the device kind and
+    /// the storage dtype, so a cache computed in bf16 on a GPU is never loaded as exact by
+    /// an f32 replica on a CPU (and the other way round).
+    compute_dtype: DType,
     device: Device,
     tier: Option<Mutex<MemoryTier>>,
     counters: Counters,
@@ -162,6 +166,7 @@ impl KvStore {
             shape,
             prefix_dtype: DType::F32,
             chunk_dtype: DType::F16,
+            compute_dtype: DType::F32,
             device,
             tier: None,
             counters: Counters::default(),
@@ -177,6 +182,35 @@ impl KvStore {
             engine.model().config().kv_shape(),
             engine.model().device().clone(),
         )
+        .with_compute_dtype(engine.new_cache().dtype())
+    }
+
+    /// Caches are computed in `dtype` (f32 unless said).
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// What the keys of caches of `kind` are derived from besides their tokens: the model,
+    /// the compute dtype, the kind of device and the storage dtype. Two stores whose caches
+    /// differ in any of them never share a key.
+    pub fn key_space(&self, kind: CacheKind) -> LlmFingerprint {
+        let device = match self.device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu",
+            candle_core::DeviceLocation::Cuda { .. } => "cuda",
+            candle_core::DeviceLocation::Metal { .. } => "metal",
+        };
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"ragcake-kv-key-space-v1\0");
+        hasher.update(&self.model.0);
+        for part in [
+            format::dtype_name(self.compute_dtype),
+            device,
+            format::dtype_name(self.storage_dtype(kind)),
+        ] {
+            hasher.update(part.as_bytes()).update(&[0]);
+        }
+        LlmFingerprint(*hasher.finalize().as_bytes())
     }
 
     /// Keeps up to `capacity_bytes` of decoded caches in memory (LRU).

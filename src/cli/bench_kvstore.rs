@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use clap::Args;
 use futures::{StreamExt, TryStreamExt};
+use ragcake::engine::scheduler::LoadBackend;
 use ragcake::engine::{Device, KvRange, Tensor};
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt};
-use ragcake::kvstore::{CacheKey, KvStore, format, open_url};
+use ragcake::kvstore::{KvStore, format, open_url};
 use serde::Serialize;
 
 use super::ModelArgs;
@@ -132,7 +133,7 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
         let mut keys = Vec::new();
         let mut total = 0u64;
         for (tokens, range) in &chunks {
-            let key = CacheKey::chunk(&model, &[], tokens);
+            let key = store.chunk_key(&[], tokens);
             total += store.put(&key, tokens, range).await? as u64;
             keys.push((key, tokens.clone()));
         }

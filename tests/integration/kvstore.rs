@@ -5,7 +5,7 @@ use std::sync::Arc;
 use ragcake::engine::scheduler::LoadBackend;
 use ragcake::engine::{DType, KvRange, LlmFingerprint, Logits};
 use ragcake::kvstore::object_store::ObjectStoreExt;
-use ragcake::kvstore::{CacheKey, KvStore, Lookup, RejectReason, format};
+use ragcake::kvstore::{CacheKey, CacheKind, KvStore, Lookup, RejectReason, format};
 
 use crate::common::{engine, logits, max_abs_diff, prose_tokens, runtime, store_for};
 
@@ -379,18 +379,47 @@ fn s3_backend_passes_the_conformance_suite() {
 #[test]
 fn prefix_keys_chain_each_chunk_to_the_ones_before_it() {
     let store = store_for("memory://");
-    let model = engine().fingerprint();
-    let a = CacheKey::prefix(&model, None, &[1, 2]);
-    let b = CacheKey::prefix(&model, Some(&a), &[5]);
+    let prefixes = store.key_space(CacheKind::Prefix);
+    let a = CacheKey::prefix(&prefixes, None, &[1, 2]);
+    let b = CacheKey::prefix(&prefixes, Some(&a), &[5]);
     assert_eq!(store.prefix_chain([&[1u32, 2][..], &[5][..]]), vec![a, b]);
     assert_eq!(
         store.chunk_key(&[1], &[5]),
-        CacheKey::chunk(&model, &[1], &[5])
+        CacheKey::chunk(&store.key_space(CacheKind::Chunk), &[1], &[5])
     );
     assert_ne!(
         store.chunk_key(&[], &[5]),
-        CacheKey::prefix(&model, None, &[5])
+        CacheKey::prefix(&prefixes, None, &[5])
     );
+}
+
+#[test]
+fn keys_differ_with_the_compute_dtype_the_device_kind_and_the_storage_dtype() {
+    let store = store_for("memory://");
+    let key = |store: &KvStore| store.prefix_chain([&[1u32, 2][..]])[0];
+    let plain = key(&store);
+    assert_eq!(
+        key(&store_for("memory://")),
+        plain,
+        "keys are deterministic"
+    );
+    // A bf16 replica's caches (on any device) are not this f32 one's.
+    let bf16 = store_for("memory://").with_compute_dtype(DType::BF16);
+    assert_ne!(key(&bf16), plain);
+    // Nor are caches stored in f16 where this store keeps prefix caches in f32.
+    let f16 = store_for("memory://").with_storage_dtype(DType::F16);
+    assert_ne!(key(&f16), plain);
+    assert_ne!(key(&f16), key(&bf16));
+    // The model is part of it too.
+    let engine = engine();
+    let other_model = KvStore::new(
+        store.object_store().clone(),
+        Default::default(),
+        LlmFingerprint([9; 32]),
+        engine.model().config().kv_shape(),
+        ragcake::engine::Device::Cpu,
+    );
+    assert_ne!(key(&other_model), plain);
 }
 
 #[test]

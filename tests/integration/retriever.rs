@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
+use ragcake::engine::scheduler::LoadBackend;
 use ragcake::ingest::{Ingest, IngestConfig, IngestSummary, Shard};
 use ragcake::kvstore::{CacheKey, CacheKind, KvStore, open_url};
 use ragcake::pipeline::PromptTemplate;
@@ -438,10 +439,7 @@ fn ingest_then_retrieve_finds_the_passage_with_its_cache() {
         let hit = &found.chunks[0];
         let key = CacheKey::from_hex(CacheKind::Chunk, &hit.chunk.kv_key).unwrap();
         let context = PromptTemplate::default().chunk_context(&engine).unwrap();
-        assert_eq!(
-            key,
-            CacheKey::chunk(&engine.fingerprint(), &context, &hit.chunk.token_ids)
-        );
+        assert_eq!(key, kv.chunk_key(&context, &hit.chunk.token_ids));
         let range = kv
             .get(&key, Some(&hit.chunk.token_ids))
             .await
