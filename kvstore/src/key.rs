@@ -78,6 +78,19 @@ impl CacheKey {
         }
     }
 
+    /// The root of the prefix chains of cache salt `salt`: never the key of a stored cache
+    /// itself, only the parent of a salted chain's first key.
+    pub fn salt(model: &LlmFingerprint, salt: &str) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"ragcake-kv-key-v1\0salt\0");
+        hasher.update(&model.0);
+        hasher.update(salt.as_bytes());
+        Self {
+            kind: CacheKind::Prefix,
+            hash: *hasher.finalize().as_bytes(),
+        }
+    }
+
     /// The kind of cache this key names.
     pub fn kind(&self) -> CacheKind {
         self.kind

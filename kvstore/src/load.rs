@@ -19,6 +19,10 @@ impl LoadBackend for KvStore {
         CacheKey::prefix(&self.key_space(CacheKind::Prefix), parent, tokens)
     }
 
+    fn salt_key(&self, salt: &str) -> CacheKey {
+        CacheKey::salt(&self.key_space(CacheKind::Prefix), salt)
+    }
+
     fn chunk_key(&self, context: &[u32], tokens: &[u32]) -> CacheKey {
         CacheKey::chunk(&self.key_space(CacheKind::Chunk), context, tokens)
     }

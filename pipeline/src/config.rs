@@ -23,6 +23,56 @@ pub struct HttpConfig {
     /// The model name clients use in `/v1/chat/completions` (the GGUF's file stem is
     /// accepted too).
     pub model_name: String,
+    /// Keys a client must present (`Authorization: Bearer KEY` or `X-Api-Key: KEY`) on the
+    /// question routes; none: open. Each key is a tenant: its cache salt is mixed into the
+    /// keys of everything before the retrieved chunks, so tenants never see each other's
+    /// prefix hits.
+    pub api_keys: Vec<ApiKey>,
+}
+
+/// One client key and the tenant it stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// The secret the client presents.
+    pub key: String,
+    /// Its tenant's cache salt: keys with the same salt share prefix caches. Default: a hash
+    /// of the key (each key its own tenant).
+    #[serde(default)]
+    pub cache_salt: Option<String>,
+}
+
+impl ApiKey {
+    /// The salt this key's requests are cached under.
+    pub fn salt(&self) -> String {
+        self.cache_salt
+            .clone()
+            .unwrap_or_else(|| blake3::hash(self.key.as_bytes()).to_hex().to_string())
+    }
+
+    /// Keys from `KEY[=SALT]` entries separated by commas (the `RAGCAKE_API_KEYS`
+    /// variable).
+    pub fn parse_list(list: &str) -> Result<Vec<Self>> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| {
+                let (key, salt) = match entry.split_once('=') {
+                    Some((key, salt)) => (key.trim(), Some(salt.trim().to_string())),
+                    None => (entry, None),
+                };
+                if key.is_empty() {
+                    return Err(PipelineError::InvalidRequest(format!(
+                        "an API key entry without a key: {entry:?}"
+                    )));
+                }
+                Ok(Self {
+                    key: key.to_string(),
+                    cache_salt: salt,
+                })
+            })
+            .collect()
+    }
 }
 
 impl Default for HttpConfig {
@@ -31,6 +81,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 64 * 1024,
             model_name: "ragcake".into(),
+            api_keys: Vec::new(),
         }
     }
 }
@@ -194,6 +245,17 @@ impl RequestLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_keys_parse_with_and_without_salts_and_each_key_is_its_own_tenant() {
+        let keys = ApiKey::parse_list(" a=team , b,, c=team ").unwrap();
+        assert_eq!(keys.len(), 3);
+        assert_eq!((keys[0].key.as_str(), keys[0].salt().as_str()), ("a", "team"));
+        assert_eq!(keys[2].salt(), keys[0].salt(), "one salt, one tenant");
+        assert_ne!(keys[1].salt(), keys[0].salt());
+        assert_ne!(keys[1].salt(), "b", "a derived salt is not the key itself");
+        assert!(ApiKey::parse_list("=salt").is_err());
+    }
 
     #[test]
     fn the_documented_configuration_file_is_the_defaults() {

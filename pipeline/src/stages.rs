@@ -208,6 +208,7 @@ impl PlanLayer {
             exact: request.options.exact,
             recompute: request.options.recompute,
             chunk_context: self.chunk_context.clone(),
+            cache_salt: request.options.cache_salt.as_deref().map(Arc::from),
         };
         let (plan, lookups) =
             ragcake_engine::scheduler::plan(&*self.kv, prompt.chunks, prompt.tail, options).await;

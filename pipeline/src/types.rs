@@ -39,6 +39,11 @@ pub struct AskOptions {
     /// its tokens are recomputed in context (`deviation`, `leading` or `query`) and what
     /// share (`ratio`, 0 to 1; 0 uses the caches as loaded). Not used with `exact`.
     pub recompute: Recompute,
+    /// Salts the keys of everything before the retrieved chunks (system prompt, history)
+    /// and what follows them in the prompt: only requests with the same salt share those
+    /// caches, and the breakdown reports only their hits (vLLM's `cache_salt`). With API
+    /// keys configured, the key's own salt comes first, so a client cannot take another's.
+    pub cache_salt: Option<String>,
 }
 
 impl Default for AskOptions {
@@ -54,6 +59,7 @@ impl Default for AskOptions {
             exact: false,
             prefer_cached_within: 0.0,
             recompute: Recompute::default(),
+            cache_salt: None,
         }
     }
 }

@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// Model name clients pass to /v1/chat/completions.
     #[arg(long, env = "RAGCAKE_MODEL_NAME")]
     model_name: Option<String>,
+    /// API keys required on the question routes, `KEY[=CACHE_SALT]` separated by commas
+    /// (replaces `[http] api_keys`); each key is a tenant whose prefix caches are its own.
+    #[arg(long, env = "RAGCAKE_API_KEYS", hide_env_values = true)]
+    api_keys: Option<String>,
     #[command(flatten)]
     model: ModelArgs,
     #[command(flatten)]
@@ -54,6 +58,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.model_name.clone() {
         http_config.model_name = v;
+    }
+    if let Some(v) = &args.api_keys {
+        http_config.api_keys = ragcake::pipeline::ApiKey::parse_list(v)?;
     }
     if let Some(v) = args.max_concurrent {
         pipeline_config.max_concurrent = v;

@@ -10,7 +10,9 @@ use std::time::Duration;
 use ragcake::engine::scheduler::{MissReason, Mode};
 use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::kvstore::{KvStore, open_url};
-use ragcake::pipeline::{AskOptions, AskRequest, HttpConfig, Pipeline, PipelineConfig, http};
+use ragcake::pipeline::{
+    ApiKey, AskOptions, AskRequest, HttpConfig, Pipeline, PipelineConfig, http,
+};
 use ragcake::retriever::{
     ChunkId, EdgeIndex, IndexPoint, IndexedChunk, RetrieverError, ScoredChunk, VectorIndex,
 };
@@ -818,5 +820,70 @@ fn a_client_that_leaves_mid_answer_stops_its_decoding_at_the_next_step() {
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
         panic!("still decoding: {:?}", handle.scheduler_stats());
+    });
+}
+
+#[test]
+fn tenants_with_their_own_api_keys_never_see_each_others_prefix_hits() {
+    let corpus = demo_corpus();
+    let own_kv = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let kv = local_kv(own_kv.path());
+        let pipeline = pipeline_over(corpus.index.clone(), kv, PipelineConfig::default()).await;
+        let handle = pipeline.clone();
+        let config = HttpConfig {
+            api_keys: ApiKey::parse_list("key-a, key-b").unwrap(),
+            ..HttpConfig::default()
+        };
+        let base = serve(pipeline, config).await;
+        let client = reqwest::Client::new();
+        let url = format!("{base}/v1/ask");
+        let ask = |key: Option<&'static str>, question: &'static str| {
+            let mut request = client.post(&url).json(&serde_json::json!({
+                "question": question,
+                "system": "You are the Isle of Varrow's guide. Answer in one sentence.",
+                "options": {"max_tokens": 4, "mode": "bidirectional"},
+            }));
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            async move {
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                (status, response.json::<serde_json::Value>().await.unwrap())
+            }
+        };
+        let prefix_hits = |answer: &serde_json::Value| {
+            answer["breakdown"]["lookups"]["prefix_hits"]
+                .as_u64()
+                .unwrap()
+        };
+
+        // Without a key, or with a wrong one: 401, as JSON. Health needs none.
+        let (status, json) = ask(None, "When is the Ember Festival held?").await;
+        assert_eq!(status, 401, "{json}");
+        assert_eq!(json["error"]["code"], "invalid_api_key");
+        let (status, _) = ask(Some("key-c"), "When is the Ember Festival held?").await;
+        assert_eq!(status, 401);
+        let health = client.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(health.status().as_u16(), 200);
+
+        // Tenant A asks; its system prompt's cache is written back under its salt.
+        let (status, first) = ask(Some("key-a"), "When is the Ember Festival held?").await;
+        assert_eq!(status, 200, "{first}");
+        assert_eq!(prefix_hits(&first), 0, "{first}");
+        for _ in 0..200 {
+            if handle.scheduler_stats().write_back_pending_bytes == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        // A's next question finds it...
+        let (_, again) = ask(Some("key-a"), "How many pupils attend Varrow School?").await;
+        assert!(prefix_hits(&again) >= 1, "{again}");
+        // ...B, with the same system prompt, does not.
+        let (status, other) = ask(Some("key-b"), "How many pupils attend Varrow School?").await;
+        assert_eq!(status, 200, "{other}");
+        assert_eq!(prefix_hits(&other), 0, "{other}");
     });
 }

@@ -543,6 +543,7 @@ async fn planned_with_chunk_caches(
         exact: false,
         recompute,
         chunk_context: chunks[0].as_slice().into(),
+        ..PlanOptions::default()
     };
     plan(store, prompt, tail.to_vec(), options).await
 }

@@ -567,9 +567,25 @@ pub trait LoadBackend: Send + Sync + 'static {
 
     /// The prefix keys of `chunks` in prompt order, each chained to the one before.
     fn prefix_chain<'a>(&self, chunks: impl IntoIterator<Item = &'a [u32]>) -> Vec<Self::Key> {
+        self.salted_prefix_chain(None, chunks)
+    }
+
+    /// The root that the prefix chains of a cache salt hang from (as vLLM's `cache_salt`):
+    /// prefix caches computed under different salts never share a key, so one tenant
+    /// cannot tell from its hits what another has sent.
+    fn salt_key(&self, salt: &str) -> Self::Key;
+
+    /// [`LoadBackend::prefix_chain`] under `salt`, if any: the first chunk's key chained to
+    /// the salt's root, the others to it.
+    fn salted_prefix_chain<'a>(
+        &self,
+        salt: Option<&str>,
+        chunks: impl IntoIterator<Item = &'a [u32]>,
+    ) -> Vec<Self::Key> {
+        let root = salt.map(|s| self.salt_key(s));
         let mut keys: Vec<Self::Key> = Vec::new();
         for chunk in chunks {
-            let key = self.prefix_key(keys.last(), chunk);
+            let key = self.prefix_key(keys.last().or(root.as_ref()), chunk);
             keys.push(key);
         }
         keys

@@ -75,6 +75,10 @@ pub struct PlanOptions {
     /// The tokens position-independent chunk caches were computed after (the standard
     /// preamble the precompute job used; empty: alone at position 0). Part of their key.
     pub chunk_context: Arc<[u32]>,
+    /// Salts every prefix key (see [`LoadBackend::salt_key`]): only caches written under
+    /// the same salt are found, and the ones computed are written back under it.
+    #[serde(default)]
+    pub cache_salt: Option<Arc<str>>,
 }
 
 impl From<Mode> for PlanOptions {
@@ -122,7 +126,10 @@ pub async fn plan<L: LoadBackend>(
     tail: Vec<u32>,
     options: PlanOptions,
 ) -> (PrefillRequest<L::Key>, LookupSummary) {
-    let prefix_keys = loader.prefix_chain(chunks.iter().map(|c| c.tokens.as_slice()));
+    let prefix_keys = loader.salted_prefix_chain(
+        options.cache_salt.as_deref(),
+        chunks.iter().map(|c| c.tokens.as_slice()),
+    );
     // Futures built up front (no closure inside the stream), so the planning future stays
     // `Send` for callers that spawn it.
     let lookups: Vec<_> = chunks

@@ -7,6 +7,8 @@ pub mod error;
 mod native;
 mod openai;
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
@@ -32,10 +34,20 @@ pub fn router(pipeline: Pipeline, config: &HttpConfig) -> Router {
         pipeline,
         model_names: model_names.into(),
     };
-    Router::new()
+    let tenants: Arc<[(String, String)]> = config
+        .api_keys
+        .iter()
+        .map(|k| (k.key.clone(), k.salt()))
+        .collect();
+    // The question routes need a key when keys are configured; health and metrics do not
+    // (they say nothing of any request's content).
+    let questions = Router::new()
         .route("/v1/ask", post(native::ask))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .layer(middleware::from_fn_with_state(tenants, authenticate));
+    Router::new()
+        .merge(questions)
         .route("/healthz", get(native::healthz))
         .route("/metrics", get(native::metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -75,6 +87,68 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// The tenant a request's API key stands for: its cache salt.
+#[derive(Debug, Clone)]
+pub(crate) struct Tenant {
+    salt: String,
+}
+
+impl Tenant {
+    /// The cache salt of a request of this tenant (or of no tenant) that asked for
+    /// `requested`: the tenant's salt first, so a client cannot take another tenant's.
+    pub(crate) fn salt(tenant: Option<&Tenant>, requested: Option<String>) -> Option<String> {
+        match (tenant, requested) {
+            (Some(t), Some(r)) => Some(format!("{}\u{0}{r}", t.salt)),
+            (Some(t), None) => Some(t.salt.clone()),
+            (None, requested) => requested,
+        }
+    }
+}
+
+/// Lets a request through with its [`Tenant`] when it presents one of `tenants`' keys
+/// (`Authorization: Bearer KEY` or `X-Api-Key: KEY`); 401 otherwise. No keys: all pass.
+async fn authenticate(
+    State(tenants): State<Arc<[(String, String)]>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if tenants.is_empty() {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim);
+    // Every key compared in full, so the time taken does not tell how much of one matched.
+    let found = presented.and_then(|p| {
+        tenants.iter().fold(None, |found, (key, salt)| {
+            let same = key.len() == p.len()
+                && key
+                    .bytes()
+                    .zip(p.bytes())
+                    .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                    == 0;
+            found.or(same.then(|| salt.clone()))
+        })
+    });
+    match found {
+        Some(salt) => {
+            request.extensions_mut().insert(Tenant { salt });
+            next.run(request).await
+        }
+        None => ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "authentication_error",
+            code: Some("invalid_api_key"),
+            message: "a valid API key is required (Authorization: Bearer KEY)".into(),
+        }
+        .into_response(),
+    }
 }
 
 #[derive(Clone)]

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,8 +13,8 @@ use ragcake_engine::ChatMessage;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::error::{ApiError, ApiJson};
+use super::{AppState, Tenant};
 use crate::types::{AskOptions, AskRequest, StreamEvent};
 
 /// Request options: the pipeline's defaults with the fields the client set.
@@ -52,12 +52,14 @@ pub(super) struct AskBody {
 
 pub(super) async fn ask(
     State(state): State<AppState>,
+    tenant: Option<Extension<Tenant>>,
     ApiJson(body): ApiJson<AskBody>,
 ) -> Response {
-    let options = match merge_options(&state.pipeline.config().defaults, body.options) {
+    let mut options = match merge_options(&state.pipeline.config().defaults, body.options) {
         Ok(options) => options,
         Err(e) => return e.into_response(),
     };
+    options.cache_salt = Tenant::salt(tenant.as_deref(), options.cache_salt.take());
     let request = AskRequest {
         question: body.question,
         history: body.history,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -15,9 +15,9 @@ use ragcake_engine::{ChatMessage, FinishReason, Role};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::error::{ApiError, ApiJson};
 use super::native::merge_options;
+use super::{AppState, Tenant};
 use crate::error::PipelineError;
 use crate::types::{Answer, AskOptions, AskRequest, StreamEvent};
 
@@ -90,6 +90,9 @@ pub(super) struct ChatBody {
     /// ragcake's own options (top_k, mode, exact, …), as in `/v1/ask`.
     #[serde(default)]
     ragcake: Option<Value>,
+    /// Isolates this request's prefix caches (vLLM's field); see `AskOptions::cache_salt`.
+    #[serde(default)]
+    cache_salt: Option<String>,
 }
 
 impl ChatBody {
@@ -110,6 +113,9 @@ impl ChatBody {
         }
         if let Some(seed) = self.seed {
             options.seed = seed;
+        }
+        if self.cache_salt.is_some() {
+            options.cache_salt = self.cache_salt;
         }
         let mut system = Vec::new();
         let mut turns = Vec::new();
@@ -183,6 +189,7 @@ fn unix_now() -> u64 {
 
 pub(super) async fn chat_completions(
     State(state): State<AppState>,
+    tenant: Option<Extension<Tenant>>,
     ApiJson(body): ApiJson<ChatBody>,
 ) -> Response {
     if !state.model_names.contains(&body.model) {
@@ -199,10 +206,12 @@ pub(super) async fn chat_completions(
     }
     let model = body.model.clone();
     let stream = body.stream;
-    let (request, include_usage) = match body.into_request(&state.pipeline.config().defaults) {
+    let (mut request, include_usage) = match body.into_request(&state.pipeline.config().defaults) {
         Ok(parsed) => parsed,
         Err(e) => return e.into_response(),
     };
+    let salt = request.options.cache_salt.take();
+    request.options.cache_salt = Tenant::salt(tenant.as_deref(), salt);
     let id = completion_id();
     let created = unix_now();
     if !stream {
