@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
         http::router(pipeline, &config).route("/hello", get(|| async { "ragcake QA service\n" }));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    http::serve(listener, router, async {
+    http::serve(listener, router, &config, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

@@ -28,6 +28,13 @@ pub struct HttpConfig {
     /// keys of everything before the retrieved chunks, so tenants never see each other's
     /// prefix hits.
     pub api_keys: Vec<ApiKey>,
+    /// A connection that has not sent a request's headers this long after it opened or
+    /// after its last response (an idle keep-alive connection) is closed.
+    pub header_read_timeout_secs: f64,
+    /// A request whose body has not arrived this long after its headers gets a 408.
+    pub body_read_timeout_secs: f64,
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
 }
 
 /// One client key and the tenant it stands for.
@@ -82,6 +89,9 @@ impl Default for HttpConfig {
             max_body_bytes: 64 * 1024,
             model_name: "ragcake".into(),
             api_keys: Vec::new(),
+            header_read_timeout_secs: 10.0,
+            body_read_timeout_secs: 30.0,
+            max_connections: 1024,
         }
     }
 }
@@ -250,7 +260,10 @@ mod tests {
     fn api_keys_parse_with_and_without_salts_and_each_key_is_its_own_tenant() {
         let keys = ApiKey::parse_list(" a=team , b,, c=team ").unwrap();
         assert_eq!(keys.len(), 3);
-        assert_eq!((keys[0].key.as_str(), keys[0].salt().as_str()), ("a", "team"));
+        assert_eq!(
+            (keys[0].key.as_str(), keys[0].salt().as_str()),
+            ("a", "team")
+        );
         assert_eq!(keys[2].salt(), keys[0].salt(), "one salt, one tenant");
         assert_ne!(keys[1].salt(), keys[0].salt());
         assert_ne!(keys[1].salt(), "b", "a derived salt is not the key itself");

@@ -78,7 +78,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // The bound address on stdout, so a caller that asked for port 0 learns the port.
         println!("listening on http://{}", listener.local_addr()?);
         let router = http::router(pipeline, &config.http);
-        http::serve(listener, router, async {
+        http::serve(listener, router, &config.http, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;

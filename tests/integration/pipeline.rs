@@ -337,7 +337,9 @@ async fn serve(pipeline: Pipeline, config: HttpConfig) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let router = http::router(pipeline, &config);
-    tokio::spawn(http::serve(listener, router, std::future::pending()));
+    tokio::spawn(
+        async move { http::serve(listener, router, &config, std::future::pending()).await },
+    );
     base
 }
 
@@ -885,5 +887,71 @@ fn tenants_with_their_own_api_keys_never_see_each_others_prefix_hits() {
         let (status, other) = ask(Some("key-b"), "How many pupils attend Varrow School?").await;
         assert_eq!(status, 200, "{other}");
         assert_eq!(prefix_hits(&other), 0, "{other}");
+    });
+}
+
+#[test]
+fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        let kv = local_kv(&corpus.dir.path().join("kv"));
+        let pipeline = pipeline_over(corpus.index.clone(), kv, PipelineConfig::default()).await;
+        let config = HttpConfig {
+            header_read_timeout_secs: 1.0,
+            body_read_timeout_secs: 1.0,
+            max_connections: 3,
+            ..HttpConfig::default()
+        };
+        let base = serve(pipeline, config).await;
+        let address = base.strip_prefix("http://").unwrap().to_string();
+        let connect = || tokio::net::TcpStream::connect(address.clone());
+        let health = || async {
+            let response = reqwest::get(format!("{base}/healthz")).await.unwrap();
+            response.status().as_u16()
+        };
+
+        // A body that trickles: 10 of its 100 bytes, then nothing.
+        let mut trickle = connect().await.unwrap();
+        trickle
+            .write_all(
+                b"POST /v1/ask HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                  Content-Length: 100\r\n\r\n{\"question",
+            )
+            .await
+            .unwrap();
+        // A client that connects and says nothing.
+        let mut silent = connect().await.unwrap();
+        // Others are served meanwhile.
+        assert_eq!(health().await, 200);
+
+        let mut reply = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            trickle.read_to_end(&mut reply),
+        )
+        .await;
+        assert!(read.is_ok(), "the trickling client was never answered");
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+        assert!(reply.contains("\"error\""), "{reply}");
+
+        let mut nothing = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            silent.read_to_end(&mut nothing),
+        )
+        .await;
+        assert!(closed.is_ok(), "the silent connection was never closed");
+
+        // Silent connections up to the cap do not lock others out for good: they are
+        // closed at the header timeout and the waiting request is served.
+        let _held: Vec<_> = futures::future::join_all((0..3).map(|_| connect()))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let served = tokio::time::timeout(std::time::Duration::from_secs(20), health()).await;
+        assert_eq!(served.ok(), Some(200));
     });
 }

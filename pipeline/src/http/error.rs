@@ -94,6 +94,18 @@ impl From<PipelineError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        // A body that trickles slower than the body timeout: the client's fault, 408.
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
+        while let Some(error) = source {
+            if error.is::<tower_http::timeout::TimeoutError>() {
+                return Self::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    "the request body did not arrive in time",
+                );
+            }
+            source = error.source();
+        }
         let status = rejection.status();
         let kind = if status == StatusCode::PAYLOAD_TOO_LARGE {
             "request_too_large"

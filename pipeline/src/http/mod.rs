@@ -59,6 +59,9 @@ pub fn router(pipeline: Pipeline, config: &HttpConfig) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            std::time::Duration::from_secs_f64(config.body_read_timeout_secs.max(1e-3)),
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_responses,
@@ -78,15 +81,75 @@ pub fn router(pipeline: Pipeline, config: &HttpConfig) -> Router {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets requests in flight
-/// finish.
+/// finish. At most `config.max_connections` connections are served at once (more wait in
+/// the listen backlog); one that sends no request headers within
+/// `config.header_read_timeout_secs` of opening or of its last response is closed, so
+/// clients that connect and stay silent cannot hold the service's connections.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    config: &HttpConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let header_timeout =
+        std::time::Duration::from_secs_f64(config.header_read_timeout_secs.max(1e-3));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(header_timeout))
+        .keep_alive_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let (router, builder, watcher) = (router.clone(), builder.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            // The protocol is detected from the first bytes, and waiting for them has no
+            // timeout of its own: a client that connects and sends nothing is cut here.
+            let first_bytes =
+                tokio::time::timeout(header_timeout, stream.peek(&mut [0u8; 1])).await;
+            if !matches!(first_bytes, Ok(Ok(n)) if n > 0) {
+                drop(permit);
+                return;
+            }
+            let service = TowerToHyperService::new(router);
+            let connection = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// The tenant a request's API key stands for: its cache salt.
