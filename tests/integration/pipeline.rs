@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ragcake::engine::scheduler::{MissReason, Mode};
+use ragcake::engine::scheduler::{MissReason, Mode, SchedulerStats};
 use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::kvstore::{KvStore, open_url};
 use ragcake::pipeline::{
@@ -82,6 +82,18 @@ async fn pipeline_over(
         .build()
         .await
         .unwrap()
+}
+
+/// A pipeline over the demo index with a KV store of its own, so its write-backs never
+/// become another test's prefix hits (the directory lives as long as the pipeline needs it).
+async fn pipeline_with_own_kv(
+    corpus: &DemoCorpus,
+    config: PipelineConfig,
+) -> (Pipeline, tempfile::TempDir) {
+    let own_kv = tempfile::tempdir().unwrap();
+    let kv = local_kv(own_kv.path());
+    let pipeline = pipeline_over(corpus.index.clone(), kv, config).await;
+    (pipeline, own_kv)
 }
 
 fn options(mode: Mode, exact: bool, max_tokens: usize) -> AskOptions {
@@ -715,29 +727,37 @@ fn a_question_over_the_timeout_fails_with_504_and_frees_its_place() {
 #[test]
 fn questions_that_time_out_mid_answer_stop_decoding_and_the_decode_limit_holds() {
     let corpus = demo_corpus();
-    let own_kv = tempfile::tempdir().unwrap();
     runtime().block_on(async {
-        let kv = local_kv(own_kv.path());
+        const QUESTION: &str = "Tell me everything about the island's history.";
+        // The time to a first token on this machine, now (tests share its cores): the
+        // timeout must fall after it and long before 1000 tokens are decoded.
+        let (probe, _probe_kv) = pipeline_with_own_kv(corpus, PipelineConfig::default()).await;
+        let started = std::time::Instant::now();
+        let mut request = AskRequest::new(QUESTION);
+        request.options.max_tokens = 1;
+        probe.ask(request).await.unwrap();
+        let ttft = started.elapsed().as_secs_f64();
         let mut config = PipelineConfig {
-            timeout_secs: 6.0,
-            max_concurrent: 4,
+            timeout_secs: (4.0 * ttft).max(3.0),
+            max_concurrent: 3,
             ..PipelineConfig::default()
         };
         config.scheduler.max_decoding = 2;
-        let pipeline = pipeline_over(corpus.index.clone(), kv, config).await;
+        let (pipeline, _kv) = pipeline_with_own_kv(corpus, config).await;
         let handle = pipeline.clone();
         let base = serve(pipeline, HttpConfig::default()).await;
         let client = reqwest::Client::new();
         let url = format!("{base}/v1/chat/completions");
-        // Started a second and a half apart, so each gets its first token before its
-        // timeout and times out while its answer (up to 1000 tokens) is being decoded.
-        let asks = (0..4).map(|i| {
+        // Started apart, so each gets its first token before its timeout and times out
+        // while its answer (up to 1000 tokens) is being decoded.
+        let asks = (0..3u32).map(|i| {
             let (client, url) = (client.clone(), url.clone());
             async move {
-                tokio::time::sleep(std::time::Duration::from_millis(1500 * i)).await;
+                let gap = std::time::Duration::from_secs_f64(1.5 * ttft);
+                tokio::time::sleep(gap * i).await;
                 let body = serde_json::json!({
                     "model": "ragcake",
-                    "messages": [{"role": "user", "content": "Tell me everything about the island's history."}],
+                    "messages": [{"role": "user", "content": QUESTION}],
                     "max_tokens": 1000,
                 });
                 post_raw(&client, &url, serde_json::to_vec(&body).unwrap()).await
@@ -749,33 +769,36 @@ fn questions_that_time_out_mid_answer_stop_decoding_and_the_decode_limit_holds()
         }
         assert!(answers.iter().any(|(status, _)| *status == 504));
         // Nothing decodes on after its question timed out.
-        for _ in 0..200 {
-            let stats = handle.scheduler_stats();
-            if stats.decoding == 0 && stats.in_flight == 0 {
-                assert!(stats.decodes_cancelled >= 1, "{stats:?}");
-                // Every answer that got its first token ended, finished or cancelled.
-                assert_eq!(
-                    stats.decodes_cancelled + stats.decodes_finished,
-                    stats.completed,
-                    "{stats:?}"
-                );
-                assert!(stats.peak_decode_batch <= 2, "{stats:?}");
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        panic!("still decoding: {:?}", handle.scheduler_stats());
+        let stats = once_nothing_decodes(&handle).await;
+        assert!(stats.decodes_cancelled >= 1, "{stats:?}");
+        // Every answer that got its first token ended, finished or cancelled.
+        assert_eq!(
+            stats.decodes_cancelled + stats.decodes_finished,
+            stats.completed,
+            "{stats:?}"
+        );
+        assert!(stats.peak_decode_batch <= 2, "{stats:?}");
     });
+}
+
+/// The scheduler's counters once no answer is decoding and no prefill is in flight (waits
+/// up to ten seconds).
+async fn once_nothing_decodes(pipeline: &Pipeline) -> SchedulerStats {
+    for _ in 0..400 {
+        let stats = pipeline.scheduler_stats();
+        if stats.decoding == 0 && stats.in_flight == 0 {
+            return stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("still decoding: {:?}", pipeline.scheduler_stats());
 }
 
 #[test]
 fn a_client_that_leaves_mid_answer_stops_its_decoding_at_the_next_step() {
     let corpus = demo_corpus();
-    // A KV store of its own: its write-backs must not become the other tests' prefix hits.
-    let own_kv = tempfile::tempdir().unwrap();
     runtime().block_on(async {
-        let kv = local_kv(own_kv.path());
-        let pipeline = pipeline_over(corpus.index.clone(), kv, PipelineConfig::default()).await;
+        let (pipeline, _kv) = pipeline_with_own_kv(corpus, PipelineConfig::default()).await;
         let handle = pipeline.clone();
         let base = serve(pipeline, HttpConfig::default()).await;
         let body = serde_json::json!({
@@ -812,26 +835,17 @@ fn a_client_that_leaves_mid_answer_stops_its_decoding_at_the_next_step() {
         }
         assert!(has_text(&seen), "{seen}");
         drop(response);
-        for _ in 0..400 {
-            let stats = handle.scheduler_stats();
-            if stats.decoding == 0 {
-                assert_eq!(stats.decodes_cancelled, 1, "{stats:?}");
-                assert!(stats.tokens_decoded < 1000, "it decoded on: {stats:?}");
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-        panic!("still decoding: {:?}", handle.scheduler_stats());
+        let stats = once_nothing_decodes(&handle).await;
+        assert_eq!(stats.decodes_cancelled, 1, "{stats:?}");
+        assert!(stats.tokens_decoded < 1000, "it decoded on: {stats:?}");
     });
 }
 
 #[test]
 fn tenants_with_their_own_api_keys_never_see_each_others_prefix_hits() {
     let corpus = demo_corpus();
-    let own_kv = tempfile::tempdir().unwrap();
     runtime().block_on(async {
-        let kv = local_kv(own_kv.path());
-        let pipeline = pipeline_over(corpus.index.clone(), kv, PipelineConfig::default()).await;
+        let (pipeline, _kv) = pipeline_with_own_kv(corpus, PipelineConfig::default()).await;
         let handle = pipeline.clone();
         let config = HttpConfig {
             api_keys: ApiKey::parse_list("key-a, key-b").unwrap(),
