@@ -30,5 +30,13 @@ if ! "$client_venv/bin/python" -c "import openai" 2>/dev/null; then
 fi
 export RAGCAKE_TEST_OPENAI_PYTHON="$client_venv/bin/python"
 
+echo "== Qdrant server (when QDRANT_BIN points to one)"
+source scripts/qdrant-server.sh
+
 echo "== tests"
-cargo test --workspace
+if [ -n "${QDRANT_URL:-}" ]; then
+    # The tests that need a server are ignored by default; here one runs.
+    cargo test --workspace -- --include-ignored
+else
+    cargo test --workspace
+fi

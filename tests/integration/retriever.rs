@@ -267,11 +267,9 @@ fn embedded_qdrant_passes_the_index_conformance_suite() {
 }
 
 #[test]
+#[ignore = "needs a Qdrant server: QDRANT_URL (scripts/test.sh starts one from QDRANT_BIN)"]
 fn qdrant_server_passes_the_index_conformance_suite() {
-    let Ok(url) = std::env::var("QDRANT_URL") else {
-        eprintln!("QDRANT_URL not set: the Qdrant server backend was not tested");
-        return;
-    };
+    let url = std::env::var("QDRANT_URL").expect("QDRANT_URL: the server this test runs against");
     runtime().block_on(async {
         let collection = format!("ragcake-test-{}", std::process::id());
         let index = QdrantServerIndex::connect(&url, &collection, 8)
