@@ -232,8 +232,7 @@ impl Request {
 
     /// The share of a chunk's bytes that a read of its layers from `first_layer` on moves.
     fn read_share(&self, first_layer: usize) -> f64 {
-        let layers = self.shape.layers.max(first_layer).max(1);
-        (layers - first_layer) as f64 / layers as f64
+        1.0 - layer_share(first_layer, self.shape.layers)
     }
 
     fn miss(&mut self, chunk: usize, reason: MissReason) {
@@ -241,6 +240,15 @@ impl Request {
             self.report.degraded = true;
         }
         self.report.misses.push(Miss { chunk, reason });
+    }
+}
+
+/// The share of a model's `layers` layers below `layer` (0 for a model of no layers).
+pub(crate) fn layer_share(layer: usize, layers: usize) -> f64 {
+    if layers == 0 {
+        0.0
+    } else {
+        layer.min(layers) as f64 / layers as f64
     }
 }
 

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use super::LoadOutcome;
-use super::dispatch::{ComputeStep, Dispatcher, LoadStep, NextCompute, RequestId, RequestShape};
+use super::dispatch::{
+    ComputeStep, Dispatcher, LoadStep, NextCompute, RequestId, RequestShape, layer_share,
+};
 use super::{PrefillReport, SchedulerConfig};
 use crate::error::{EngineError, Result};
 
@@ -148,15 +150,6 @@ fn index_of(ids: &[(RequestId, usize)], id: RequestId) -> usize {
         .find(|(r, _)| *r == id)
         .map(|(_, i)| *i)
         .expect("admitted")
-}
-
-/// The share of a model's `layers` layers below `layer`.
-fn layer_share(layer: usize, layers: usize) -> f64 {
-    if layers == 0 {
-        0.0
-    } else {
-        layer.min(layers) as f64 / layers as f64
-    }
 }
 
 /// A load of `tokens` tokens' worth of bytes (fractional for ranged reads).
