@@ -19,12 +19,13 @@ if [ -n "${QDRANT_BIN:-}" ] && [ -f "$QDRANT_BIN" ]; then
     qdrant_http=$(free_port)
     qdrant_grpc=$(free_port)
     qdrant_data="$(mktemp -d)"
+    server_dirs="${server_dirs:-} $qdrant_data"
     QDRANT__SERVICE__HOST=127.0.0.1 QDRANT__SERVICE__HTTP_PORT=$qdrant_http \
     QDRANT__SERVICE__GRPC_PORT=$qdrant_grpc QDRANT__STORAGE__STORAGE_PATH=$qdrant_data/storage \
     QDRANT__STORAGE__SNAPSHOTS_PATH=$qdrant_data/snapshots QDRANT__TELEMETRY_DISABLED=true \
         "$qdrant_exe" > "$RAGCAKE_HOME/qdrant.log" 2>&1 &
     server_pids="${server_pids:-} $!"
-    trap 'kill $server_pids 2>/dev/null || true' EXIT
+    trap 'kill $server_pids 2>/dev/null || true; rm -rf ${server_dirs:-}' EXIT
     qdrant_started=0
     for _ in $(seq 1 300); do   # up to 60 s
         if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$qdrant_http/', timeout=1)" 2>/dev/null; then

@@ -10,7 +10,7 @@ moto_port=$("$moto_venv/bin/python" -c "import socket; s=socket.socket(); s.bind
 "$moto_venv/bin/moto_server" -H 127.0.0.1 -p "$moto_port" > "$RAGCAKE_HOME/moto.log" 2>&1 &
 moto_pid=$!
 server_pids="${server_pids:-} $moto_pid"
-trap 'kill $server_pids 2>/dev/null || true' EXIT
+trap 'kill $server_pids 2>/dev/null || true; rm -rf ${server_dirs:-}' EXIT
 export AWS_ENDPOINT="http://127.0.0.1:$moto_port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
     AWS_ACCESS_KEY_ID=ragcake-test AWS_SECRET_ACCESS_KEY=ragcake-test
 moto_started=0

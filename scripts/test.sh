@@ -22,6 +22,9 @@ echo "== S3 test server (moto_server on loopback)"
 source scripts/s3-server.sh
 export RAGCAKE_TEST_S3_URL="s3://ragcake-test/kv"
 
+echo "== s3rver and Azurite on loopback (the same conformance suite as on moto)"
+source scripts/store-servers.sh
+
 echo "== the official OpenAI Python client (for the compatibility test)"
 client_venv="$RAGCAKE_HOME/client-venv"
 if ! "$client_venv/bin/python" -c "import openai" 2>/dev/null; then

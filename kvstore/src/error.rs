@@ -55,6 +55,14 @@ pub enum RejectReason {
         /// What was wrong.
         reason: String,
     },
+    /// Larger than any cache its key can name: refused before it is read.
+    #[error("object of {size} bytes exceeds the {limit} bytes a cache of this model can take")]
+    Oversized {
+        /// The object's size.
+        size: u64,
+        /// The most a cache can take.
+        limit: u64,
+    },
     /// A tensor's bytes do not match their checksum.
     #[error("checksum mismatch in tensor {0}")]
     Checksum(String),

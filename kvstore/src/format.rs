@@ -293,7 +293,7 @@ pub fn tensor_from_bytes(
 }
 
 /// The stored tensors of `layers`, keys and values in layer order (`k.i`, `v.i`, …), each
-/// checked to be present and of the blob's dtype.
+/// checked to be present and of the blob's dtype and shape.
 pub fn layer_tensors(
     header: &Metadata,
     blob: &BlobMeta,
@@ -308,6 +308,15 @@ pub fn layer_tensors(
             })?;
             if info.dtype != safetensors_dtype(blob.dtype) {
                 return Err(RejectReason::Dtype(format!("{:?} in {name}", info.dtype)));
+            }
+            // Checked before any byte range is fetched: the header's offsets (which
+            // safetensors checks against shape and dtype) then bound what is read.
+            let dims = [blob.shape.n_kv_heads, blob.token_count, blob.shape.head_dim];
+            if info.shape != dims {
+                return Err(RejectReason::Shape {
+                    name,
+                    reason: format!("shape {:?}, expected {dims:?}", info.shape),
+                });
             }
             out.push((name, info.clone()));
         }

@@ -7,6 +7,7 @@
 pub mod error;
 pub mod format;
 pub mod key;
+pub mod lifecycle;
 pub mod load;
 pub mod store;
 pub mod throttle;

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake_engine::{Engine, KvRange, KvShape, LlmFingerprint};
@@ -16,6 +15,9 @@ use serde::Serialize;
 use crate::error::{KvStoreError, RejectReason, Result};
 use crate::format::{self, Expectation};
 use crate::key::{CacheKey, CacheKind, tokens_hash};
+
+/// The longest cache a blob may hold unless the store is told (the model's context).
+const DEFAULT_MAX_TOKENS: usize = 128 << 10;
 
 /// Counters of a store's traffic.
 #[derive(Debug, Default)]
@@ -114,6 +116,9 @@ pub struct KvStore {
     /// an f32 replica on a CPU (and the other way round).
     compute_dtype: DType,
     device: Device,
+    /// The longest cache a blob may hold (the model's context): bounds the size of an
+    /// object a read accepts before reading it.
+    max_tokens: usize,
     tier: Option<Mutex<MemoryTier>>,
     counters: Counters,
 }
@@ -168,6 +173,7 @@ impl KvStore {
             chunk_dtype: DType::F16,
             compute_dtype: DType::F32,
             device,
+            max_tokens: DEFAULT_MAX_TOKENS,
             tier: None,
             counters: Counters::default(),
         }
@@ -183,6 +189,27 @@ impl KvStore {
             engine.model().device().clone(),
         )
         .with_compute_dtype(engine.new_cache().dtype())
+        .with_max_tokens(engine.model().config().context_length)
+    }
+
+    /// No blob holds more than `tokens` tokens (the model's context; 128k unless said).
+    pub fn with_max_tokens(mut self, tokens: usize) -> Self {
+        self.max_tokens = tokens;
+        self
+    }
+
+    /// The most bytes a blob's header may take: fixed entries and a checksum and a tensor
+    /// entry per layer, with room to spare.
+    pub fn max_header_bytes(&self) -> u64 {
+        4096 + 1024 * self.shape.n_layers as u64
+    }
+
+    /// The largest object a blob of `tokens` tokens (when known, else of the longest cache
+    /// a blob may hold) can be: its header, and keys and values of every layer in f32, the
+    /// widest storage dtype. A read refuses a larger object before reading it.
+    pub fn max_blob_bytes(&self, tokens: Option<usize>) -> u64 {
+        let tokens = tokens.unwrap_or(self.max_tokens) as u64;
+        8 + self.max_header_bytes() + self.shape.values_per_token() as u64 * tokens * 4
     }
 
     /// Caches are computed in `dtype` (f32 unless said).
@@ -351,7 +378,14 @@ impl KvStore {
         }
         let path = self.path_of(key);
         let started = Instant::now();
+        let limit = self.max_blob_bytes(tokens.map(<[u32]>::len));
         let bytes = match self.store.get(&path).await {
+            // The size is in the response's headers: an object too large for any cache
+            // this key can name is refused before its body is read.
+            Ok(got) if got.meta.size > limit => {
+                let size = got.meta.size;
+                return Ok(self.reject(&path, RejectReason::Oversized { size, limit }));
+            }
             Ok(got) => got.bytes().await?,
             Err(object_store::Error::NotFound { .. }) => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
@@ -433,7 +467,7 @@ impl KvStore {
             ));
         }
         let header_len = u64::from_le_bytes(len_bytes[..8].try_into().expect("8 bytes"));
-        if header_len > 16 << 20 {
+        if header_len > self.max_header_bytes() {
             return Ok(self.reject(&path, RejectReason::Malformed("oversized header".into())));
         }
         let header = self.store.get_range(&path, 8..8 + header_len).await?;
@@ -492,30 +526,11 @@ impl KvStore {
 
     /// Every key stored for this model, of both kinds.
     pub async fn list(&self) -> Result<Vec<CacheKey>> {
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&self.model_dir()))
-            .try_collect()
-            .await?;
-        let mut keys = Vec::new();
-        for meta in metas {
-            let parts: Vec<String> = meta
-                .location
-                .parts()
-                .map(|p| p.as_ref().to_string())
-                .collect();
-            let n = parts.len();
-            if n < 3 {
-                continue;
-            }
-            let (kind, file) = (&parts[n - 3], &parts[n - 1]);
-            if let (Some(kind), Some(hex)) =
-                (CacheKind::parse(kind), file.strip_suffix(".safetensors"))
-                && let Some(key) = CacheKey::from_hex(kind, hex)
-            {
-                keys.push(key);
-            }
-        }
+        let objects = crate::lifecycle::inventory(&*self.store, &self.model_dir()).await?;
+        let mut keys: Vec<CacheKey> = objects
+            .into_iter()
+            .filter_map(|o| o.cache.map(|(_, key)| key))
+            .collect();
         keys.sort();
         Ok(keys)
     }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use ragcake_engine::scheduler::SchedulerConfig;
+use ragcake_engine::{ChatMessage, Role};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PipelineError, Result};
@@ -143,8 +144,37 @@ pub struct PipelineConfig {
     pub prompt: PromptTemplate,
     /// Options of a request that sets none.
     pub defaults: AskOptions,
+    /// Which prompts' computed caches are written back to the store.
+    pub write_back: WriteBackAdmission,
     /// The prefill scheduler.
     pub scheduler: SchedulerConfig,
+}
+
+/// Which requests write the caches they compute back to the store (the admission rule:
+/// a write-back costs store bytes, worth it only for a cache another request can load).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WriteBackAdmission {
+    /// Prompts other requests can reuse: every prompt but one that carries a conversation's
+    /// history (its whole prefix chain follows that history, so only the same conversation
+    /// at the same turn could load it, and its next turn's prompt differs).
+    #[default]
+    Shared,
+    /// Every prompt, histories included.
+    All,
+    /// None: the store holds what the precompute job wrote, and nothing more.
+    Off,
+}
+
+impl WriteBackAdmission {
+    /// Whether a prompt with `history` writes back what it computes.
+    pub fn admits(self, history: &[ChatMessage]) -> bool {
+        match self {
+            Self::Shared => history.iter().all(|m| m.role == Role::System),
+            Self::All => true,
+            Self::Off => false,
+        }
+    }
 }
 
 impl Default for PipelineConfig {
@@ -160,6 +190,7 @@ impl Default for PipelineConfig {
             max_tokens_limit: limits.max_tokens,
             prompt: PromptTemplate::default(),
             defaults: AskOptions::default(),
+            write_back: WriteBackAdmission::default(),
             scheduler: SchedulerConfig::default(),
         }
     }

@@ -21,7 +21,9 @@ pub mod prompt;
 pub mod stages;
 pub mod types;
 
-pub use config::{ApiKey, HttpConfig, PipelineConfig, RequestLimits, ServiceConfig};
+pub use config::{
+    ApiKey, HttpConfig, PipelineConfig, RequestLimits, ServiceConfig, WriteBackAdmission,
+};
 pub use error::{BoxError, PipelineError, Result};
 pub use metrics::Metrics;
 pub use pipeline::{Health, Pipeline, PipelineBuilder, SchedulerHealth};

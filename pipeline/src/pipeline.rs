@@ -163,6 +163,7 @@ impl PipelineBuilder {
                 engine.clone(),
                 kv.clone(),
                 config.prompt.clone(),
+                config.write_back,
             )?)
             .layer(PrefillLayer::new(scheduler.clone()))
             .service(Generate::new(engine.clone(), scheduler.clone()));

@@ -21,7 +21,7 @@ use ragcake_retriever::{Retrieval, RetrieveOptions, Retriever};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
-use crate::config::RequestLimits;
+use crate::config::{RequestLimits, WriteBackAdmission};
 use crate::error::{BoxError, PipelineError};
 use crate::prompt::PromptTemplate;
 use crate::types::{Answer, Ask, Breakdown, CitedChunk, StreamEvent};
@@ -164,14 +164,18 @@ pub struct PlanLayer {
     prompt: Arc<PromptTemplate>,
     /// What the precompute job computed chunk caches after ([`PromptTemplate::chunk_context`]).
     chunk_context: Arc<[u32]>,
+    /// Which prompts write back what they compute.
+    admission: WriteBackAdmission,
 }
 
 impl PlanLayer {
-    /// Planning for `engine`'s model against `kv`, with `prompt` around the chunks.
+    /// Planning for `engine`'s model against `kv`, with `prompt` around the chunks; what is
+    /// computed is written back where `admission` admits it.
     pub fn new(
         engine: Arc<Engine>,
         kv: Arc<KvStore>,
         prompt: PromptTemplate,
+        admission: WriteBackAdmission,
     ) -> Result<Self, PipelineError> {
         let chunk_context = prompt.chunk_context(&engine)?.into();
         Ok(Self {
@@ -179,6 +183,7 @@ impl PlanLayer {
             kv,
             prompt: Arc::new(prompt),
             chunk_context,
+            admission,
         })
     }
 
@@ -209,6 +214,7 @@ impl PlanLayer {
             recompute: request.options.recompute,
             chunk_context: self.chunk_context.clone(),
             cache_salt: request.options.cache_salt.as_deref().map(Arc::from),
+            write_back: self.admission.admits(&request.history),
         };
         let (plan, lookups) =
             ragcake_engine::scheduler::plan(&*self.kv, prompt.chunks, prompt.tail, options).await;

@@ -9,6 +9,7 @@ mod bench_serve;
 mod bench_ttft;
 mod generate;
 mod ingest;
+mod kv;
 mod llama_server;
 mod models;
 mod plot;
@@ -50,6 +51,11 @@ enum Command {
     /// The main job on the embedded defaults: ingest the demo corpus, answer its questions
     /// compute-only and bidirectional, compare TTFT.
     Demo(ask::DemoArgs),
+    /// The KV store: what it holds, and garbage collection.
+    Kv {
+        #[command(subcommand)]
+        command: kv::KvCommand,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -204,6 +210,7 @@ pub fn run() -> ExitCode {
         Command::Ask(args) => ask::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => ask::demo(args),
+        Command::Kv { command } => kv::run(command),
         Command::Bench { command } => bench::run(command),
     };
     match result {

@@ -171,6 +171,58 @@ fn the_examples_and_the_cli_ingest_answer_and_serve_the_demo_corpus() {
             "{metrics}"
         );
     });
+    drop(serve);
+
+    // The store's lifecycle: stats, a dry run that deletes nothing, then a collection that
+    // deletes the prefix caches (the requests' write-backs) and keeps ingest's chunk caches.
+    let kv_stats = || -> serde_json::Value {
+        let out = succeeded(
+            command(ragcake, data.path())
+                .args(["kv", "stats", "--json"])
+                .output()
+                .unwrap(),
+            "ragcake kv stats",
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    let of_kind = |stats: &serde_json::Value, kind: &str| -> u64 {
+        stats
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["kind"] == kind)
+            .map(|g| g["objects"].as_u64().unwrap())
+            .sum()
+    };
+    let before = kv_stats();
+    let chunks = of_kind(&before, "chunk");
+    assert!(
+        chunks >= 12,
+        "a chunk cache per chunk of 12 documents: {before}"
+    );
+    let gc = |args: &[&str]| -> serde_json::Value {
+        let out = succeeded(
+            command(ragcake, data.path())
+                .args(["kv", "gc", "--json"])
+                .args(args)
+                .output()
+                .unwrap(),
+            "ragcake kv gc",
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    let dry = gc(&["--max-bytes", "1", "--dry-run"]);
+    assert_eq!(dry["deleted"], 0, "{dry}");
+    assert_eq!(dry["selected_chunk"].as_u64(), Some(chunks), "{dry}");
+    assert_eq!(kv_stats(), before, "a dry run deletes nothing");
+    let done = gc(&["--older-than", "0s", "--kind", "prefix"]);
+    assert_eq!(done["deleted"], done["selected_prefix"], "{done}");
+    assert_eq!(done["selected_chunk"], 0, "{done}");
+    let after = kv_stats();
+    assert_eq!(
+        (of_kind(&after, "prefix"), of_kind(&after, "chunk")),
+        (0, chunks)
+    );
 }
 
 #[test]

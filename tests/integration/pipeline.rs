@@ -8,10 +8,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ragcake::engine::scheduler::{MissReason, Mode, SchedulerStats};
+use ragcake::engine::{ChatMessage, Role};
 use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::kvstore::{KvStore, open_url};
 use ragcake::pipeline::{
-    ApiKey, AskOptions, AskRequest, HttpConfig, Pipeline, PipelineConfig, http,
+    Answer, ApiKey, AskOptions, AskRequest, HttpConfig, Pipeline, PipelineConfig,
+    WriteBackAdmission, http,
 };
 use ragcake::retriever::{
     ChunkId, EdgeIndex, IndexPoint, IndexedChunk, RetrieverError, ScoredChunk, VectorIndex,
@@ -967,5 +969,59 @@ fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
             .collect();
         let served = tokio::time::timeout(std::time::Duration::from_secs(20), health()).await;
         assert_eq!(served.ok(), Some(200));
+    });
+}
+
+#[test]
+fn a_conversations_history_is_written_back_only_when_the_admission_rule_says_all() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        for (admission, history_written) in [
+            (WriteBackAdmission::Shared, false),
+            (WriteBackAdmission::All, true),
+        ] {
+            let config = PipelineConfig {
+                write_back: admission,
+                ..PipelineConfig::default()
+            };
+            let (pipeline, _kv) = pipeline_with_own_kv(corpus, config).await;
+            let mut follow_up = AskRequest::new("And how many teachers does it have?")
+                .with_options(options(Mode::Bidirectional, true, 2));
+            follow_up.history = vec![
+                ChatMessage::new(Role::User, "How many pupils attend Varrow School?"),
+                ChatMessage::new(Role::Assistant, "Varrow School has 212 pupils."),
+            ];
+            let with_history = pipeline.ask(follow_up).await.unwrap();
+            // Then a new question: its prompt is one anybody could send again.
+            let fresh = pipeline
+                .ask(
+                    AskRequest::new("When is the Ember Festival held?").with_options(options(
+                        Mode::Bidirectional,
+                        true,
+                        2,
+                    )),
+                )
+                .await
+                .unwrap();
+            // Nothing was stored before (a fresh store): every chunk was computed.
+            let computed = |a: &Answer| a.breakdown.prefill.chunks_computed as u64;
+            assert_eq!(computed(&fresh), fresh.breakdown.prefill.chunks as u64);
+            let expected = computed(&fresh) + u64::from(history_written) * computed(&with_history);
+            wait_for_write_backs(&pipeline, expected).await;
+            for _ in 0..300 {
+                if pipeline.scheduler_stats().write_back_pending_bytes == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let stats = pipeline.scheduler_stats();
+            assert_eq!(
+                stats.write_backs + stats.write_backs_skipped,
+                expected,
+                "{admission:?}: {stats:?}"
+            );
+            let stored = pipeline.kv().list().await.unwrap();
+            assert_eq!(stored.len() as u64, stats.write_backs, "{admission:?}");
+        }
     });
 }

@@ -64,7 +64,7 @@ impl From<Vec<u32>> for PromptChunk {
 }
 
 /// What a request allows planning to use.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanOptions {
     /// How the cache is filled (compute-only looks nothing up).
     pub mode: Mode,
@@ -79,6 +79,28 @@ pub struct PlanOptions {
     /// the same salt are found, and the ones computed are written back under it.
     #[serde(default)]
     pub cache_salt: Option<Arc<str>>,
+    /// Whether the chunks computed are written back (their prefix keys named as
+    /// destinations). Off for a prompt no other request can reuse, such as one that starts
+    /// with a conversation's own history.
+    #[serde(default = "yes")]
+    pub write_back: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            mode: Mode::default(),
+            exact: false,
+            recompute: Recompute::default(),
+            chunk_context: Arc::from([]),
+            cache_salt: None,
+            write_back: true,
+        }
+    }
 }
 
 impl From<Mode> for PlanOptions {
@@ -169,7 +191,8 @@ pub async fn plan<L: LoadBackend>(
                 }
                 None if looked_up => Some(WriteBack::Store(prefix)),
                 None => Some(WriteBack::StoreIfAbsent(prefix)),
-            };
+            }
+            .filter(|_| options.write_back);
             ChunkSpec {
                 tokens: chunk.tokens.into(),
                 stored,
