@@ -23,6 +23,21 @@ pub enum IngestError {
     /// A setting is out of range, or the parts do not fit together.
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
+    /// A document id is indexed already from another file: replacing its chunks would
+    /// delete another input's document.
+    #[error(
+        "document id {doc_id:?} is indexed from {indexed}, not {given}: two inputs give the \
+         same id (the input's own name starts each id; ingest them under different names or \
+         into separate indexes), or the corpus moved (then pass --allow-moved)"
+    )]
+    OtherSource {
+        /// The document id.
+        doc_id: String,
+        /// The file the indexed chunks came from.
+        indexed: String,
+        /// The file this run read.
+        given: String,
+    },
     /// A worker task of the job failed.
     #[error("{0}")]
     Task(String),

@@ -91,6 +91,10 @@ pub struct IngestConfig {
     /// computed after its standard preamble ([`PromptTemplate::chunk_context`]), which is
     /// part of their key, so the service finds them only with the same template.
     pub template: PromptTemplate,
+    /// A document indexed from another file (the corpus moved) is replaced; off, such a
+    /// document stops the run with [`IngestError::OtherSource`] before anything of it is
+    /// deleted.
+    pub allow_moved: bool,
 }
 
 impl Default for IngestConfig {
@@ -101,6 +105,7 @@ impl Default for IngestConfig {
             batch: 32,
             precompute_kv: true,
             template: PromptTemplate::default(),
+            allow_moved: false,
         }
     }
 }
@@ -470,6 +475,11 @@ impl Ingest {
         let model = self.engine.fingerprint();
         let llm = model.to_hex();
         let doc_hash = blake3::hash(text.as_bytes()).to_hex().to_string();
+        // The absolute path: the same file is recognised from any working directory.
+        let source = std::fs::canonicalize(&file.path)
+            .unwrap_or_else(|_| file.path.clone())
+            .display()
+            .to_string();
         let ids: Vec<ChunkId> = chunks
             .iter()
             .map(|c| ChunkId::new(&file.doc_id, c.chunk_no, &c.text))
@@ -525,7 +535,7 @@ impl Ingest {
                     token_count: c.token_ids.len(),
                     token_ids: c.token_ids,
                     text: c.text,
-                    source: file.path.display().to_string(),
+                    source: source.clone(),
                     llm: llm.clone(),
                     kv_key,
                     doc_hash: doc_hash.clone(),
@@ -540,6 +550,9 @@ impl Ingest {
         if new == 0 {
             return Ok((total, 0));
         }
+        if !self.config.allow_moved {
+            self.check_same_source(file, &source).await?;
+        }
         // Stale chunks of an earlier version of the document go first: a run killed after
         // this point still finds the new chunks missing and finishes the job.
         if pending.iter().any(|p| p.needs_index) {
@@ -553,6 +566,28 @@ impl Ingest {
             self.index_batch(batch, summary).await?;
         }
         Ok((total, new))
+    }
+
+    /// Refuses to touch a document whose id is indexed from another file than `source`
+    /// (`file`'s absolute path). Sources written as given (relative, by older runs) are
+    /// resolved from the working directory.
+    async fn check_same_source(&self, file: &SourceFile, source: &str) -> Result<()> {
+        /// Chunks looked at: a document's chunks share their source unless a run with
+        /// `allow_moved` was cut short.
+        const SAMPLE: usize = 16;
+        let indexed = self.index.doc_chunks(&file.doc_id, SAMPLE).await?;
+        let same = |indexed: &str| {
+            indexed == source
+                || std::fs::canonicalize(indexed).is_ok_and(|p| p.display().to_string() == source)
+        };
+        match indexed.iter().find(|c| !same(&c.source)) {
+            Some(other) => Err(IngestError::OtherSource {
+                doc_id: file.doc_id.clone(),
+                indexed: other.source.clone(),
+                given: source.to_string(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Computes and stores the caches a batch lacks; each put overlaps the next compute.

@@ -32,6 +32,11 @@ pub struct IngestArgs {
     /// Index only; do not compute KV caches.
     #[arg(long)]
     no_kv: bool,
+    /// The corpus moved: a document indexed from another path is replaced (without it, such
+    /// a document stops the run before anything of it is deleted — it may be another
+    /// input's document of the same id).
+    #[arg(long)]
+    allow_moved: bool,
     /// The service's TOML configuration: chunk caches are computed after its prompt
     /// template's preamble (the service finds them only with the same template).
     #[arg(long, env = "RAGCAKE_CONFIG")]
@@ -60,6 +65,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         batch: args.batch,
         precompute_kv: !args.no_kv,
         template,
+        allow_moved: args.allow_moved,
     };
     let job = Ingest::new(engine, embedder, index, kv, config)?;
     let bar = Mutex::new(None::<ProgressBar>);

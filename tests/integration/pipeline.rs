@@ -332,6 +332,14 @@ impl VectorIndex for SwitchableIndex {
         self.check()?;
         self.inner.get(ids).await
     }
+    async fn doc_chunks(
+        &self,
+        doc_id: &str,
+        limit: usize,
+    ) -> ragcake::retriever::Result<Vec<IndexedChunk>> {
+        self.check()?;
+        self.inner.doc_chunks(doc_id, limit).await
+    }
     async fn delete_doc_except(
         &self,
         doc_id: &str,

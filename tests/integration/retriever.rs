@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use ragcake::engine::scheduler::LoadBackend;
-use ragcake::ingest::{Ingest, IngestConfig, IngestSummary, Shard};
+use ragcake::ingest::{Ingest, IngestConfig, IngestError, IngestSummary, Shard};
 use ragcake::kvstore::{CacheKey, CacheKind, KvStore, open_url};
 use ragcake::pipeline::PromptTemplate;
 use ragcake::retriever::{
@@ -201,6 +201,13 @@ async fn index_conformance(index: &dyn VectorIndex) {
     assert_eq!(got, HashSet::from([ids[0], ids[2]]));
     assert!(index.get(&[]).await.unwrap().is_empty());
 
+    // A document's chunks, up to a limit.
+    let of_a = index.doc_chunks("a.md", 10).await.unwrap();
+    assert_eq!(of_a.len(), 3);
+    assert!(of_a.iter().all(|c| c.doc_id == "a.md"));
+    assert_eq!(index.doc_chunks("b.md", 2).await.unwrap().len(), 2);
+    assert!(index.doc_chunks("nowhere", 10).await.unwrap().is_empty());
+
     // Upserting an id again replaces the point.
     let mut moved = points[0].clone();
     moved.vector = unit(dim, 5, 0.0);
@@ -355,12 +362,24 @@ fn edge_index(dir: &Path) -> Arc<dyn VectorIndex> {
 /// Runs the ingest job (48-token chunks) on the shared engine and embedder over `corpus`,
 /// writing to `index_dir` and `kv_dir`.
 fn ingest(index_dir: &Path, kv_dir: &Path, corpus: &Path, shard: Shard) -> IngestSummary {
+    try_ingest(index_dir, kv_dir, corpus, shard, false).unwrap()
+}
+
+/// [`ingest`], its error returned; `allow_moved` as [`IngestConfig::allow_moved`].
+fn try_ingest(
+    index_dir: &Path,
+    kv_dir: &Path,
+    corpus: &Path,
+    shard: Shard,
+    allow_moved: bool,
+) -> Result<IngestSummary, IngestError> {
     let config = IngestConfig {
         chunk_tokens: 48,
         shard,
         batch: 4,
         precompute_kv: true,
         template: PromptTemplate::default(),
+        allow_moved,
     };
     let job = Ingest::new(
         shared_dense_engine(),
@@ -370,9 +389,7 @@ fn ingest(index_dir: &Path, kv_dir: &Path, corpus: &Path, shard: Shard) -> Inges
         config,
     )
     .unwrap();
-    runtime()
-        .block_on(job.run(&[corpus.to_path_buf()], &|_| {}))
-        .unwrap()
+    runtime().block_on(job.run(&[corpus.to_path_buf()], &|_| {}))
 }
 
 #[test]
@@ -518,6 +535,52 @@ fn a_changed_document_is_reingested_without_stale_chunks() {
     let count = runtime().block_on(index.count()).unwrap();
     assert_eq!(count, second.chunks);
     assert!(second.chunks <= first.chunks);
+}
+
+#[test]
+fn a_later_run_over_another_input_of_the_same_name_is_refused_and_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a/corpus"), dir.path().join("b/corpus"));
+    for (root, text) in [
+        (&a, "Rye bread is dense. It keeps for a week.\n"),
+        (&b, "Spelt bread is light. It keeps for two days.\n"),
+    ] {
+        std::fs::create_dir_all(root).unwrap();
+        std::fs::write(root.join("bread.txt"), text).unwrap();
+    }
+    let (index_dir, kv_dir) = (dir.path().join("index"), dir.path().join("kv"));
+    let first = ingest(&index_dir, &kv_dir, &a, Shard::ALL);
+    assert_eq!(first.chunks_indexed, 1);
+    // `b/corpus/bread.txt` has the id `corpus/bread.txt` too: refused, a's chunk kept.
+    let error = try_ingest(&index_dir, &kv_dir, &b, Shard::ALL, false).unwrap_err();
+    assert!(
+        matches!(&error, IngestError::OtherSource { doc_id, .. } if doc_id == "corpus/bread.txt"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("--allow-moved"), "{error}");
+    let kept = runtime()
+        .block_on(edge_index(&index_dir).doc_chunks("corpus/bread.txt", 10))
+        .unwrap();
+    assert_eq!(kept.len(), 1);
+    assert!(kept[0].text.contains("Rye"), "{kept:?}");
+    // A changed document from the same input is taken (the same file, a new version)...
+    std::fs::write(
+        a.join("bread.txt"),
+        "Rye bread is dense. It keeps for ten days.\n",
+    )
+    .unwrap();
+    assert_eq!(
+        ingest(&index_dir, &kv_dir, &a, Shard::ALL).chunks_indexed,
+        1
+    );
+    // ...and a corpus that moved is taken when the run says so.
+    let moved = try_ingest(&index_dir, &kv_dir, &b, Shard::ALL, true).unwrap();
+    assert_eq!(moved.chunks_indexed, 1);
+    let now = runtime()
+        .block_on(edge_index(&index_dir).doc_chunks("corpus/bread.txt", 10))
+        .unwrap();
+    assert_eq!(now.len(), 1);
+    assert!(now[0].text.contains("Spelt"), "{now:?}");
 }
 
 #[test]

@@ -9,12 +9,24 @@ use qdrant_edge::{
     Condition, CountRequest, DEFAULT_VECTOR_NAME, Distance, EdgeConfigBuilder, EdgeShard,
     EdgeVectorParamsBuilder, FieldCondition, Filter, HasIdCondition, JsonPath, Match, NamedQuery,
     Payload, PointId, PointInsertOperations, PointOperations, PointStructPersisted, QueryEnum,
-    QueryRequest, ScoringQuery, UpdateOperation, VectorStructPersisted, WithPayloadInterface,
-    WithVector,
+    QueryRequest, ScoringQuery, ScrollRequest, UpdateOperation, VectorStructPersisted,
+    WithPayloadInterface, WithVector,
 };
 
 use super::{ChunkId, IndexPoint, IndexedChunk, ScoredChunk, VectorIndex, check_dim, index_error};
 use crate::error::{Result, RetrieverError};
+
+/// Points of the document `doc_id`.
+fn doc_filter(doc_id: &str) -> Result<Filter> {
+    Ok(Filter::new_must(Condition::Field(
+        FieldCondition::new_match(
+            "doc_id"
+                .parse::<JsonPath>()
+                .map_err(|_| RetrieverError::Index("bad payload path".into()))?,
+            Match::from(doc_id.to_string()),
+        ),
+    )))
+}
 
 /// The file qdrant-edge keeps its configuration in (present once a shard exists).
 const EDGE_CONFIG_FILE: &str = "edge_config.json";
@@ -227,13 +239,25 @@ impl VectorIndex for EdgeIndex {
             .collect()
     }
 
+    async fn doc_chunks(&self, doc_id: &str, limit: usize) -> Result<Vec<IndexedChunk>> {
+        let request = ScrollRequest {
+            limit: Some(limit.max(1)),
+            filter: Some(doc_filter(doc_id)?),
+            with_payload: Some(WithPayloadInterface::Bool(true)),
+            with_vector: WithVector::Bool(false),
+            ..ScrollRequest::default()
+        };
+        let (records, _) = self
+            .read(move |shard| shard.scroll(request).map_err(index_error))
+            .await?;
+        records
+            .into_iter()
+            .map(|r| chunk_of(&r.id, r.payload))
+            .collect()
+    }
+
     async fn delete_doc_except(&self, doc_id: &str, keep: &[ChunkId]) -> Result<()> {
-        let mut filter = Filter::new_must(Condition::Field(FieldCondition::new_match(
-            "doc_id"
-                .parse::<JsonPath>()
-                .map_err(|_| RetrieverError::Index("bad payload path".into()))?,
-            Match::from(doc_id.to_string()),
-        )));
+        let mut filter = doc_filter(doc_id)?;
         if !keep.is_empty() {
             let keep: HasIdCondition = keep.iter().copied().map(point_id).collect();
             filter.must_not = Some(vec![Condition::HasId(keep)]);

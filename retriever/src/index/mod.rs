@@ -151,6 +151,9 @@ pub trait VectorIndex: Send + Sync + fmt::Debug {
     /// The chunks with these ids that exist (in no particular order).
     async fn get(&self, ids: &[ChunkId]) -> Result<Vec<IndexedChunk>>;
 
+    /// Up to `limit` chunks of the document `doc_id` (in no particular order).
+    async fn doc_chunks(&self, doc_id: &str, limit: usize) -> Result<Vec<IndexedChunk>>;
+
     /// Deletes the chunks of `doc_id` whose ids are not in `keep` (a document that changed
     /// leaves no stale chunks behind).
     async fn delete_doc_except(&self, doc_id: &str, keep: &[ChunkId]) -> Result<()>;

@@ -8,7 +8,7 @@ use qdrant_client::qdrant::vectors_config::Config as VectorsConfigKind;
 use qdrant_client::qdrant::{
     Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
     DeletePointsBuilder, Distance, FieldType, Filter, GetPointsBuilder, PointId, PointStruct,
-    Query, QueryPointsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
+    Query, QueryPointsBuilder, ScrollPointsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
 };
 
 use super::{ChunkId, IndexPoint, IndexedChunk, ScoredChunk, VectorIndex, check_dim, index_error};
@@ -188,6 +188,25 @@ impl VectorIndex for QdrantServerIndex {
         let response = self
             .client
             .get_points(GetPointsBuilder::new(&self.collection, ids).with_payload(true))
+            .await
+            .map_err(index_error)?;
+        response
+            .result
+            .into_iter()
+            .map(|p| chunk_of(p.id, p.payload))
+            .collect()
+    }
+
+    async fn doc_chunks(&self, doc_id: &str, limit: usize) -> Result<Vec<IndexedChunk>> {
+        let filter = Filter::must([Condition::matches("doc_id", doc_id.to_string())]);
+        let response = self
+            .client
+            .scroll(
+                ScrollPointsBuilder::new(&self.collection)
+                    .filter(filter)
+                    .limit(limit.max(1) as u32)
+                    .with_payload(true),
+            )
             .await
             .map_err(index_error)?;
         response
