@@ -6,8 +6,9 @@
 # Each holds a store URL and object_store options, separated by spaces. The bucket or
 # container `ragcake-test` is created on each. Installs the servers once, under
 # $RAGCAKE_HOME/store-servers.
-# No GCS server runs: fake-gcs-server has no XML API (its issue #331), and object_store
-# writes GCS objects through it, so every put fails there with "invalid uploadType".
+# No GCS server runs: object_store speaks GCS's XML API for objects, which fake-gcs-server
+# lacks (its issue #331: every put fails with "invalid uploadType"), and gcp-storage-emulator
+# answers its HEAD requests with 501.
 servers_home="$RAGCAKE_HOME/store-servers"
 mkdir -p "$servers_home"
 node_dir="$servers_home/node"
