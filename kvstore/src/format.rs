@@ -4,6 +4,12 @@
 //! default. safetensors lays tensors out sorted by name, so all keys come first, layer by
 //! layer, then all values: any run of layers is two contiguous byte ranges, fetched with one
 //! ranged-read call. Metadata (string map) records everything needed to refuse a wrong blob.
+//!
+//! In `int8` blobs keys and values are 8-bit integers with scales beside them, as KIVI
+//! quantizes them: keys per channel (`ks.{layer:03}`, f32 `[n_kv_heads, 1, head_dim]`: a
+//! key channel's outliers persist across tokens), values per token (`vs.{layer:03}`, f16
+//! `[n_kv_heads, tokens, 1]`). Symmetric, absolute maximum to ±127. A layer run is then four
+//! contiguous ranges.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -44,8 +50,8 @@ pub struct BlobMeta {
     pub base_position: usize,
     /// blake3 of the token ids.
     pub tokens_hash: [u8; 32],
-    /// Element type of the tensors.
-    pub dtype: DType,
+    /// How keys and values are stored.
+    pub dtype: StorageDtype,
     /// Cache dimensions.
     pub shape: KvShape,
 }
@@ -64,30 +70,222 @@ pub struct Expectation<'a> {
 }
 
 pub(crate) fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::F32 => "f32",
-        _ => "other",
+    match StorageDtype::from_dtype(dtype) {
+        Some(storage) => storage.name(),
+        None => "other",
     }
 }
 
-fn parse_dtype(s: &str) -> Option<DType> {
-    match s {
-        "f16" => Some(DType::F16),
-        "bf16" => Some(DType::BF16),
-        "f32" => Some(DType::F32),
-        _ => None,
+/// How a blob stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StorageDtype {
+    /// 32-bit floats: the computed cache bit for bit.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 8-bit integers with per-channel key and per-token value scales; decoded to f16.
+    Int8,
+}
+
+impl StorageDtype {
+    /// Every storage dtype.
+    pub const ALL: [Self; 4] = [Self::F32, Self::F16, Self::Bf16, Self::Int8];
+
+    /// Its name in metadata, keys and configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Int8 => "int8",
+        }
+    }
+
+    /// The storage dtype named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// The float storage dtype of `dtype` (f32, f16, bf16), if it is one.
+    pub fn from_dtype(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::F32 => Some(Self::F32),
+            DType::F16 => Some(Self::F16),
+            DType::BF16 => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The dtype a loaded cache has: the stored one, or f16 for int8 (an 8-bit value times
+    /// its scale fits f16's 11-bit significand).
+    pub fn loaded_dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 | Self::Int8 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+
+    /// The element type of the stored key and value tensors.
+    fn element(self) -> safetensors::Dtype {
+        match self {
+            Self::F32 => safetensors::Dtype::F32,
+            Self::F16 => safetensors::Dtype::F16,
+            Self::Bf16 => safetensors::Dtype::BF16,
+            Self::Int8 => safetensors::Dtype::I8,
+        }
     }
 }
 
-/// Encodes `range` (the KV of `tokens`) as a blob for `key`, converting tensors to `dtype`.
+impl std::str::FromStr for StorageDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::parse(s).ok_or_else(|| format!("{s:?} is none of f32, f16, bf16, int8"))
+    }
+}
+
+impl std::fmt::Display for StorageDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Name of layer `layer`'s key scales (int8 blobs).
+pub fn k_scale_name(layer: usize) -> String {
+    format!("ks.{layer:03}")
+}
+
+/// Name of layer `layer`'s value scales (int8 blobs).
+pub fn v_scale_name(layer: usize) -> String {
+    format!("vs.{layer:03}")
+}
+
+/// A tensor to serialize: its element type, dimensions and bytes.
+struct RawTensor {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &RawTensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl RawTensor {
+    /// A float tensor's bytes in `dtype`.
+    fn float(t: &Tensor, dtype: DType) -> Result<Self> {
+        let t = t.to_dtype(dtype)?.contiguous()?;
+        Ok(Self {
+            dtype: safetensors::View::dtype(&t),
+            shape: t.dims().to_vec(),
+            data: safetensors::View::data(&t).into_owned(),
+        })
+    }
+}
+
+/// The largest magnitude an int8 value takes (symmetric: -127..=127).
+const INT8_MAX: f32 = 127.0;
+
+fn scale_of(max_abs: f32) -> f32 {
+    if max_abs > 0.0 && max_abs.is_finite() {
+        max_abs / INT8_MAX
+    } else {
+        1.0
+    }
+}
+
+fn quantize(x: f32, scale: f32) -> u8 {
+    ((x / scale).round().clamp(-INT8_MAX, INT8_MAX) as i8) as u8
+}
+
+/// Keys `[heads, tokens, dim]` as int8 with one f32 scale per head and channel.
+fn quantize_keys(k: &Tensor) -> Result<[RawTensor; 2]> {
+    let (heads, tokens, dim) = k.dims3()?;
+    let values = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut scales = vec![0f32; heads * dim];
+    for h in 0..heads {
+        for t in 0..tokens {
+            let row = &values[(h * tokens + t) * dim..][..dim];
+            for (m, x) in scales[h * dim..][..dim].iter_mut().zip(row) {
+                *m = m.max(x.abs());
+            }
+        }
+    }
+    scales.iter_mut().for_each(|m| *m = scale_of(*m));
+    let data = values
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let (h, c) = (i / (tokens * dim), i % dim);
+            quantize(x, scales[h * dim + c])
+        })
+        .collect();
+    Ok([
+        RawTensor {
+            dtype: safetensors::Dtype::I8,
+            shape: vec![heads, tokens, dim],
+            data,
+        },
+        RawTensor {
+            dtype: safetensors::Dtype::F32,
+            shape: vec![heads, 1, dim],
+            data: scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+        },
+    ])
+}
+
+/// Values `[heads, tokens, dim]` as int8 with one f16 scale per head and token.
+fn quantize_values(v: &Tensor) -> Result<[RawTensor; 2]> {
+    let (heads, tokens, dim) = v.dims3()?;
+    let values = v.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut data = Vec::with_capacity(values.len());
+    let mut scales = Vec::with_capacity(heads * tokens);
+    for row in values.chunks_exact(dim.max(1)) {
+        let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        // Rounded to f16 first: the scale used to quantize is the one stored.
+        let scale = half::f16::from_f32(scale_of(max));
+        let scale = if scale.to_f32() > 0.0 && scale.is_finite() {
+            scale
+        } else {
+            half::f16::ONE
+        };
+        data.extend(row.iter().map(|&x| quantize(x, scale.to_f32())));
+        scales.push(scale);
+    }
+    Ok([
+        RawTensor {
+            dtype: safetensors::Dtype::I8,
+            shape: vec![heads, tokens, dim],
+            data,
+        },
+        RawTensor {
+            dtype: safetensors::Dtype::F16,
+            shape: vec![heads, tokens, 1],
+            data: scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+        },
+    ])
+}
+
+/// Encodes `range` (the KV of `tokens`) as a blob for `key`, storing it as `dtype`.
 pub fn encode(
     key: &CacheKey,
     model: &LlmFingerprint,
     tokens: &[u32],
     range: &KvRange,
-    dtype: DType,
+    dtype: StorageDtype,
 ) -> Result<Vec<u8>> {
     if tokens.len() != range.len() {
         return Err(KvStoreError::Encode(format!(
@@ -97,10 +295,23 @@ pub fn encode(
         )));
     }
     let shape = range.shape();
-    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(2 * shape.n_layers);
+    let mut tensors: Vec<(String, RawTensor)> = Vec::with_capacity(4 * shape.n_layers);
     for (layer, (k, v)) in range.layers().iter().enumerate() {
-        tensors.push((k_name(layer), k.to_dtype(dtype)?.contiguous()?));
-        tensors.push((v_name(layer), v.to_dtype(dtype)?.contiguous()?));
+        match dtype {
+            StorageDtype::Int8 => {
+                let [kq, ks] = quantize_keys(k)?;
+                let [vq, vs] = quantize_values(v)?;
+                tensors.push((k_name(layer), kq));
+                tensors.push((k_scale_name(layer), ks));
+                tensors.push((v_name(layer), vq));
+                tensors.push((v_scale_name(layer), vs));
+            }
+            float => {
+                let dtype = float.loaded_dtype();
+                tensors.push((k_name(layer), RawTensor::float(k, dtype)?));
+                tensors.push((v_name(layer), RawTensor::float(v, dtype)?));
+            }
+        }
     }
     let mut meta: HashMap<String, String> = HashMap::from([
         ("format".into(), FORMAT.into()),
@@ -111,16 +322,15 @@ pub fn encode(
         ("token_count".into(), range.len().to_string()),
         ("base_position".into(), range.base_position().to_string()),
         ("tokens_blake3".into(), hex(&tokens_hash(tokens))),
-        ("dtype".into(), dtype_name(dtype).into()),
+        ("dtype".into(), dtype.name().into()),
         ("n_layers".into(), shape.n_layers.to_string()),
         ("n_kv_heads".into(), shape.n_kv_heads.to_string()),
         ("head_dim".into(), shape.head_dim.to_string()),
     ]);
     for (name, t) in &tensors {
-        let bytes = safetensors::View::data(t);
         meta.insert(
             format!("crc32c.{name}"),
-            format!("{:08x}", crc32c::crc32c(&bytes)),
+            format!("{:08x}", crc32c::crc32c(&t.data)),
         );
     }
     meta.insert("meta_crc32c".into(), meta_checksum(&meta));
@@ -233,7 +443,8 @@ pub fn check_meta(
         }
     }
     let dtype_str = field(meta, "dtype")?;
-    let dtype = parse_dtype(dtype_str).ok_or_else(|| RejectReason::Dtype(dtype_str.into()))?;
+    let dtype =
+        StorageDtype::parse(dtype_str).ok_or_else(|| RejectReason::Dtype(dtype_str.into()))?;
     let shape = KvShape {
         n_layers: number(meta, "n_layers")?,
         n_kv_heads: number(meta, "n_kv_heads")?,
@@ -266,52 +477,50 @@ pub fn check_meta(
     })
 }
 
-/// Checks one tensor's dtype, shape and checksum and copies it onto `device`.
-pub fn tensor_from_bytes(
-    name: &str,
-    bytes: &[u8],
-    stored_dims: &[usize],
-    meta: &HashMap<String, String>,
-    blob: &BlobMeta,
-    device: &Device,
-) -> Result<Tensor, RejectReason> {
-    let dims = [blob.shape.n_kv_heads, blob.token_count, blob.shape.head_dim];
-    if stored_dims != dims {
-        return Err(RejectReason::Shape {
-            name: name.into(),
-            reason: format!("{stored_dims:?} instead of {dims:?}"),
-        });
+/// The tensors layer `layer` of a blob of `blob`'s dtype holds, with their element types
+/// and dimensions, in the order they are stored.
+fn layer_layout(blob: &BlobMeta, layer: usize) -> Vec<(String, safetensors::Dtype, Vec<usize>)> {
+    let (heads, tokens, dim) = (blob.shape.n_kv_heads, blob.token_count, blob.shape.head_dim);
+    let data = |name| (name, blob.dtype.element(), vec![heads, tokens, dim]);
+    match blob.dtype {
+        StorageDtype::Int8 => vec![
+            data(k_name(layer)),
+            (
+                k_scale_name(layer),
+                safetensors::Dtype::F32,
+                vec![heads, 1, dim],
+            ),
+            data(v_name(layer)),
+            (
+                v_scale_name(layer),
+                safetensors::Dtype::F16,
+                vec![heads, tokens, 1],
+            ),
+        ],
+        _ => vec![data(k_name(layer)), data(v_name(layer))],
     }
-    let expected_crc = field(meta, &format!("crc32c.{name}"))?;
-    if format!("{:08x}", crc32c::crc32c(bytes)) != expected_crc {
-        return Err(RejectReason::Checksum(name.into()));
-    }
-    Tensor::from_raw_buffer(bytes, blob.dtype, &dims, device).map_err(|e| RejectReason::Shape {
-        name: name.into(),
-        reason: e.to_string(),
-    })
 }
 
-/// The stored tensors of `layers`, keys and values in layer order (`k.i`, `v.i`, …), each
-/// checked to be present and of the blob's dtype and shape.
+/// The stored tensors of `layers`, layer by layer in the order [`layer_layout`] gives (`k.i`,
+/// `v.i`, with `ks.i` and `vs.i` in int8 blobs), each checked to be present and of its
+/// element type and shape.
 pub fn layer_tensors(
     header: &Metadata,
     blob: &BlobMeta,
     layers: Range<usize>,
 ) -> Result<Vec<(String, TensorInfo)>, RejectReason> {
-    let mut out = Vec::with_capacity(2 * layers.len());
+    let mut out = Vec::with_capacity(4 * layers.len());
     for layer in layers {
-        for name in [k_name(layer), v_name(layer)] {
+        for (name, dtype, dims) in layer_layout(blob, layer) {
             let info = header.info(&name).ok_or_else(|| RejectReason::Shape {
                 name: name.clone(),
                 reason: "missing".into(),
             })?;
-            if info.dtype != safetensors_dtype(blob.dtype) {
+            if info.dtype != dtype {
                 return Err(RejectReason::Dtype(format!("{:?} in {name}", info.dtype)));
             }
             // Checked before any byte range is fetched: the header's offsets (which
             // safetensors checks against shape and dtype) then bound what is read.
-            let dims = [blob.shape.n_kv_heads, blob.token_count, blob.shape.head_dim];
             if info.shape != dims {
                 return Err(RejectReason::Shape {
                     name,
@@ -324,8 +533,50 @@ pub fn layer_tensors(
     Ok(out)
 }
 
-/// Checks the bytes of tensors listed by [`layer_tensors`] (shapes, checksums) and builds
-/// the KV range they form on `device`.
+/// A tensor's bytes, checked against their checksum.
+fn checked<'b>(
+    name: &str,
+    bytes: &'b [u8],
+    meta: &HashMap<String, String>,
+) -> Result<&'b [u8], RejectReason> {
+    let expected_crc = field(meta, &format!("crc32c.{name}"))?;
+    if format!("{:08x}", crc32c::crc32c(bytes)) != expected_crc {
+        return Err(RejectReason::Checksum(name.into()));
+    }
+    Ok(bytes)
+}
+
+/// Keys `[heads, tokens, dim]` from int8 bytes and per-channel f32 scales, as f16.
+fn dequantize_keys(q: &[u8], scales: &[u8], dims: [usize; 3]) -> Vec<half::f16> {
+    let [_, tokens, dim] = dims;
+    let scales: Vec<f32> = scales
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect();
+    q.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let (h, c) = (i / (tokens * dim), i % dim);
+            half::f16::from_f32(x as i8 as f32 * scales[h * dim + c])
+        })
+        .collect()
+}
+
+/// Values `[heads, tokens, dim]` from int8 bytes and per-token f16 scales, as f16.
+fn dequantize_values(q: &[u8], scales: &[u8], dims: [usize; 3]) -> Vec<half::f16> {
+    let dim = dims[2].max(1);
+    q.chunks_exact(dim)
+        .zip(scales.chunks_exact(2))
+        .flat_map(|(row, s)| {
+            let scale = half::f16::from_le_bytes([s[0], s[1]]).to_f32();
+            row.iter()
+                .map(move |&x| half::f16::from_f32(x as i8 as f32 * scale))
+        })
+        .collect()
+}
+
+/// Checks the bytes of tensors listed by [`layer_tensors`] (checksums) and builds the KV
+/// range they form on `device`, in [`StorageDtype::loaded_dtype`].
 pub fn range_from_tensors<'b>(
     tensors: &[(String, TensorInfo)],
     bytes: impl IntoIterator<Item = &'b [u8]>,
@@ -333,16 +584,45 @@ pub fn range_from_tensors<'b>(
     blob: &BlobMeta,
     device: &Device,
 ) -> Result<KvRange, RejectReason> {
-    let mut decoded = tensors
+    let dims = [blob.shape.n_kv_heads, blob.token_count, blob.shape.head_dim];
+    let shape_error = |name: &str| {
+        let name = name.to_string();
+        move |e: candle_core::Error| RejectReason::Shape {
+            name,
+            reason: e.to_string(),
+        }
+    };
+    let checked: Vec<(&str, &[u8])> = tensors
         .iter()
         .zip(bytes)
-        .map(|((name, info), b)| tensor_from_bytes(name, b, &info.shape, meta, blob, device));
-    let mut layers = Vec::with_capacity(tensors.len() / 2);
-    while let Some(k) = decoded.next() {
-        let v = decoded
-            .next()
-            .ok_or_else(|| RejectReason::Malformed("odd tensor count".into()))?;
-        layers.push((k?, v?));
+        .map(|((name, _), b)| Ok((name.as_str(), checked(name, b, meta)?)))
+        .collect::<Result<_, RejectReason>>()?;
+    let per_layer = match blob.dtype {
+        StorageDtype::Int8 => 4,
+        _ => 2,
+    };
+    if checked.len() % per_layer != 0 {
+        return Err(RejectReason::Malformed("incomplete layer".into()));
+    }
+    let mut layers = Vec::with_capacity(checked.len() / per_layer);
+    for layer in checked.chunks_exact(per_layer) {
+        let (k, v) = match (blob.dtype, layer) {
+            (StorageDtype::Int8, [(k, kq), (_, ks), (v, vq), (_, vs)]) => (
+                Tensor::from_vec(dequantize_keys(kq, ks, dims), &dims, device)
+                    .map_err(shape_error(k))?,
+                Tensor::from_vec(dequantize_values(vq, vs, dims), &dims, device)
+                    .map_err(shape_error(v))?,
+            ),
+            (float, [(k, kb), (v, vb)]) => {
+                let dtype = float.loaded_dtype();
+                (
+                    Tensor::from_raw_buffer(kb, dtype, &dims, device).map_err(shape_error(k))?,
+                    Tensor::from_raw_buffer(vb, dtype, &dims, device).map_err(shape_error(v))?,
+                )
+            }
+            _ => return Err(RejectReason::Malformed("unexpected tensors".into())),
+        };
+        layers.push((k, v));
     }
     KvRange::new(blob.base_position, layers).map_err(|e| RejectReason::Shape {
         name: "range".into(),
@@ -376,13 +656,4 @@ pub fn decode(
         .collect::<Result<Vec<_>, _>>()?;
     let range = range_from_tensors(&tensors, slices, &meta, &blob, device)?;
     Ok((blob, range))
-}
-
-/// The safetensors element type for a candle dtype.
-pub fn safetensors_dtype(dtype: DType) -> safetensors::Dtype {
-    match dtype {
-        DType::F16 => safetensors::Dtype::F16,
-        DType::BF16 => safetensors::Dtype::BF16,
-        _ => safetensors::Dtype::F32,
-    }
 }

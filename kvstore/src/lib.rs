@@ -14,6 +14,7 @@ pub mod throttle;
 pub mod url;
 
 pub use error::{KvStoreError, RejectReason, Result};
+pub use format::StorageDtype;
 pub use key::{CacheKey, CacheKind};
 /// The object store crate, for building stores to pass to [`KvStore::new`].
 pub use object_store;

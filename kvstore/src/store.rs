@@ -13,7 +13,7 @@ use safetensors::tensor::Metadata;
 use serde::Serialize;
 
 use crate::error::{KvStoreError, RejectReason, Result};
-use crate::format::{self, Expectation};
+use crate::format::{self, Expectation, StorageDtype};
 use crate::key::{CacheKey, CacheKind, tokens_hash};
 
 /// The longest cache a blob may hold unless the store is told (the model's context).
@@ -109,8 +109,8 @@ pub struct KvStore {
     /// Storage dtype of prefix caches (exact: f32 by default, so a loaded prefix cache is
     /// the computed KV bit for bit) and of position-independent chunk caches (approximate
     /// anyway: f16 by default, half the bytes to load).
-    prefix_dtype: DType,
-    chunk_dtype: DType,
+    prefix_dtype: StorageDtype,
+    chunk_dtype: StorageDtype,
     /// The dtype the engine computes caches in: part of every key, with the device kind and
     /// the storage dtype, so a cache computed in bf16 on a GPU is never loaded as exact by
     /// an f32 replica on a CPU (and the other way round).
@@ -169,8 +169,8 @@ impl KvStore {
             prefix,
             model,
             shape,
-            prefix_dtype: DType::F32,
-            chunk_dtype: DType::F16,
+            prefix_dtype: StorageDtype::F32,
+            chunk_dtype: StorageDtype::F16,
             compute_dtype: DType::F32,
             device,
             max_tokens: DEFAULT_MAX_TOKENS,
@@ -233,7 +233,7 @@ impl KvStore {
         for part in [
             format::dtype_name(self.compute_dtype),
             device,
-            format::dtype_name(self.storage_dtype(kind)),
+            self.storage_dtype(kind).name(),
         ] {
             hasher.update(part.as_bytes()).update(&[0]);
         }
@@ -250,15 +250,15 @@ impl KvStore {
         self
     }
 
-    /// Stores every kind of cache in `dtype`.
-    pub fn with_storage_dtype(mut self, dtype: DType) -> Self {
+    /// Stores every kind of cache as `dtype`.
+    pub fn with_storage_dtype(mut self, dtype: StorageDtype) -> Self {
         self.prefix_dtype = dtype;
         self.chunk_dtype = dtype;
         self
     }
 
-    /// Stores caches of `kind` in `dtype` (prefix caches f32, chunk caches f16 by default).
-    pub fn with_storage_dtype_for(mut self, kind: CacheKind, dtype: DType) -> Self {
+    /// Stores caches of `kind` as `dtype` (prefix caches f32, chunk caches f16 by default).
+    pub fn with_storage_dtype_for(mut self, kind: CacheKind, dtype: StorageDtype) -> Self {
         match kind {
             CacheKind::Prefix => self.prefix_dtype = dtype,
             CacheKind::Chunk => self.chunk_dtype = dtype,
@@ -266,8 +266,8 @@ impl KvStore {
         self
     }
 
-    /// The dtype caches of `kind` are stored in.
-    pub fn storage_dtype(&self, kind: CacheKind) -> DType {
+    /// How caches of `kind` are stored.
+    pub fn storage_dtype(&self, kind: CacheKind) -> StorageDtype {
         match kind {
             CacheKind::Prefix => self.prefix_dtype,
             CacheKind::Chunk => self.chunk_dtype,
@@ -350,8 +350,22 @@ impl KvStore {
             )));
         }
         let dtype = self.storage_dtype(key.kind());
-        let stored = range.to_dtype(dtype)?;
-        let blob = format::encode(key, &self.model, tokens, &stored, dtype)?;
+        let blob = format::encode(key, &self.model, tokens, range, dtype)?;
+        // The memory tier holds what a read would return.
+        let stored = match dtype {
+            StorageDtype::Int8 => {
+                let expected = Expectation {
+                    key,
+                    model: &self.model,
+                    shape: self.shape,
+                    tokens: Some(tokens),
+                };
+                format::decode(&blob, &expected, &self.device)
+                    .map_err(|reason| KvStoreError::Encode(reason.to_string()))?
+                    .1
+            }
+            float => range.to_dtype(float.loaded_dtype())?,
+        };
         let len = blob.len();
         self.store
             .put(&self.path_of(key), PutPayload::from(blob))

@@ -22,10 +22,10 @@ use ragcake::engine::scheduler::{
     PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, StoredCache, plan,
     spread_recompute,
 };
-use ragcake::engine::{DType, Engine, GenerateParams, KvCache, Logits, Tensor};
+use ragcake::engine::{Engine, GenerateParams, KvCache, Logits, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path as StorePath;
-use ragcake::kvstore::{CacheKey, KvStore};
+use ragcake::kvstore::{CacheKey, KvStore, StorageDtype};
 use ragcake::pipeline::{Pipeline, PipelineConfig, Prompt};
 use ragcake::retriever::{ChunkOrder, LabelledQuestion, QuestionSet, RetrieveOptions};
 use rand::SeedableRng;
@@ -86,37 +86,15 @@ enum Fill {
     Default,
 }
 
-/// A storage dtype of the exact arms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum StorageDtype {
-    F16,
-    Bf16,
-    F32,
-}
+/// The storage dtypes of the exact arms.
+const EXACT_DTYPES: [StorageDtype; 3] = [StorageDtype::F16, StorageDtype::Bf16, StorageDtype::F32];
 
-impl StorageDtype {
-    const ALL: [StorageDtype; 3] = [Self::F16, Self::Bf16, Self::F32];
-
-    /// Its place in [`StorageDtype::ALL`] (and among the exact stores).
-    fn index(self) -> usize {
-        Self::ALL.iter().position(|&d| d == self).expect("listed")
-    }
-
-    fn dtype(self) -> DType {
-        match self {
-            Self::F16 => DType::F16,
-            Self::Bf16 => DType::BF16,
-            Self::F32 => DType::F32,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Self::F16 => "f16",
-            Self::Bf16 => "bf16",
-            Self::F32 => "f32",
-        }
-    }
+/// A dtype's place in [`EXACT_DTYPES`] (and among the exact stores).
+fn exact_index(dtype: StorageDtype) -> usize {
+    EXACT_DTYPES
+        .iter()
+        .position(|&d| d == dtype)
+        .expect("an exact arm's dtype")
 }
 
 impl Fill {
@@ -158,7 +136,7 @@ impl Fill {
 /// The arms of a run, in table order.
 fn arms(args: &FidelityArgs) -> Vec<Fill> {
     let mut arms = vec![Fill::Full];
-    arms.extend(StorageDtype::ALL.map(Fill::ExactPrefix));
+    arms.extend(EXACT_DTYPES.map(Fill::ExactPrefix));
     arms.push(Fill::Chunks(Recompute::NONE));
     for &rule in &args.rules {
         for &ratio in args.ratios.iter().filter(|&&r| r > 0.0) {
@@ -254,12 +232,12 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         scheduler_config.clone(),
     );
     // One in-memory store of the reference's prefix caches per storage dtype.
-    let exact: Vec<(Arc<KvStore>, Scheduler<Engine, KvStore>)> = StorageDtype::ALL
+    let exact: Vec<(Arc<KvStore>, Scheduler<Engine, KvStore>)> = EXACT_DTYPES
         .iter()
         .map(|d| {
             let store = Arc::new(
                 KvStore::for_engine(Arc::new(InMemory::new()), StorePath::default(), &engine)
-                    .with_storage_dtype(d.dtype()),
+                    .with_storage_dtype(*d),
             );
             let scheduler =
                 Scheduler::start(engine.clone(), store.clone(), scheduler_config.clone());
@@ -294,7 +272,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
                 let (scheduler, request) = match fill {
                     Fill::Full => (&stored, computed(&prompt)),
                     Fill::ExactPrefix(dtype) => {
-                        let (store, scheduler) = &exact[StorageDtype::index(dtype)];
+                        let (store, scheduler) = &exact[exact_index(dtype)];
                         let options = PlanOptions {
                             mode: Mode::LoadOnly,
                             exact: true,

@@ -7,9 +7,13 @@ use ragcake::engine::scheduler::LoadBackend;
 use ragcake::engine::{DType, KvRange, LlmFingerprint, Logits};
 use ragcake::kvstore::lifecycle::{self, GcPolicy};
 use ragcake::kvstore::object_store::ObjectStoreExt;
-use ragcake::kvstore::{CacheKey, CacheKind, KvStore, Lookup, RejectReason, format, open_url};
+use ragcake::kvstore::{
+    CacheKey, CacheKind, KvStore, Lookup, RejectReason, StorageDtype, format, open_url,
+};
 
-use crate::common::{engine, logits, max_abs_diff, prose_tokens, runtime, store_for, store_over};
+use crate::common::{
+    engine, logits, max_abs, max_abs_diff, prose_tokens, runtime, store_for, store_over,
+};
 
 /// KV of `tokens` computed from position 0, and the key it is stored under.
 fn chunk_kv(tokens: &[u32]) -> (CacheKey, KvRange) {
@@ -227,7 +231,14 @@ fn stored_kv_continues_with_the_same_logits_as_the_original() {
 fn valid_blob() -> (CacheKey, Vec<u32>, Vec<u8>) {
     let tokens = prose_tokens(16);
     let (key, range) = chunk_kv(&tokens);
-    let blob = format::encode(&key, &engine().fingerprint(), &tokens, &range, DType::F16).unwrap();
+    let blob = format::encode(
+        &key,
+        &engine().fingerprint(),
+        &tokens,
+        &range,
+        StorageDtype::F16,
+    )
+    .unwrap();
     (key, tokens, blob)
 }
 
@@ -284,7 +295,7 @@ fn every_kind_of_corrupt_or_foreign_blob_is_rejected_with_its_reason() {
         &other_model,
         &tokens,
         &decode(&key, &tokens, &blob).unwrap(),
-        DType::F16,
+        StorageDtype::F16,
     )
     .unwrap();
     assert!(matches!(
@@ -532,7 +543,7 @@ fn keys_differ_with_the_compute_dtype_the_device_kind_and_the_storage_dtype() {
     let bf16 = store_for("memory://").with_compute_dtype(DType::BF16);
     assert_ne!(key(&bf16), plain);
     // Nor are caches stored in f16 where this store keeps prefix caches in f32.
-    let f16 = store_for("memory://").with_storage_dtype(DType::F16);
+    let f16 = store_for("memory://").with_storage_dtype(StorageDtype::F16);
     assert_ne!(key(&f16), plain);
     assert_ne!(key(&f16), key(&bf16));
     // The model is part of it too.
@@ -568,4 +579,64 @@ fn two_writers_of_the_same_cache_store_the_same_bytes() {
         let decoded = decode(&key, &tokens, &blobs[0]);
         assert!(decoded.is_ok(), "{decoded:?}");
     });
+}
+
+#[test]
+fn int8_blobs_take_about_half_the_bytes_of_f16_within_half_a_quantization_step() {
+    let tokens = prose_tokens(256);
+    let (key, range) = chunk_kv(&tokens);
+    let model = engine().fingerprint();
+    let f16 = format::encode(&key, &model, &tokens, &range, StorageDtype::F16).unwrap();
+    let int8 = format::encode(&key, &model, &tokens, &range, StorageDtype::Int8).unwrap();
+    let ratio = int8.len() as f64 / f16.len() as f64;
+    assert!(ratio <= 0.55, "int8 / f16 bytes = {ratio:.3}");
+
+    let loaded = decode(&key, &tokens, &int8).unwrap();
+    assert_eq!(loaded.dtype(), DType::F16);
+    assert_eq!(loaded.len(), tokens.len());
+    for ((k, v), (k0, v0)) in loaded.layers().iter().zip(range.layers()) {
+        // Keys are scaled per channel, values per token: each element lies within half a
+        // step (its group's absolute maximum / 127 / 2) of the original, plus f16 rounding.
+        let k_step = max_abs(k0) / 127.0;
+        assert!(
+            max_abs_diff(k, k0) <= 0.5 * k_step + 1e-3 * max_abs(k0),
+            "keys"
+        );
+        let v_step = max_abs(v0) / 127.0;
+        assert!(
+            max_abs_diff(v, v0) <= 0.5 * v_step + 1e-3 * max_abs(v0),
+            "values"
+        );
+    }
+
+    // Through a store: the whole blob and a ranged read of a few layers agree.
+    runtime().block_on(async {
+        let store = store_for("memory://").with_storage_dtype(StorageDtype::Int8);
+        let key = store.chunk_key(&[], &tokens);
+        store.put(&key, &tokens, &range).await.unwrap();
+        let got = store.get(&key, Some(&tokens)).await.unwrap().hit().unwrap();
+        let part = store
+            .get_layers(&key, Some(&tokens), 3..5)
+            .await
+            .unwrap()
+            .hit()
+            .unwrap();
+        for (i, (k, v)) in part.layers().iter().enumerate() {
+            assert_eq!(max_abs_diff(k, &got.layers()[3 + i].0), 0.0);
+            assert_eq!(max_abs_diff(v, &got.layers()[3 + i].1), 0.0);
+        }
+        // The storage dtype is part of the key: an f16 store never finds it.
+        assert_ne!(store_for("memory://").chunk_key(&[], &tokens), key);
+    });
+
+    // A flipped byte in a scale is caught by its checksum.
+    let header_len = u64::from_le_bytes(int8[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&int8[8..8 + header_len]).unwrap();
+    let at = header["vs.000"]["data_offsets"][0].as_u64().unwrap() as usize;
+    let mut flipped = int8.clone();
+    flipped[8 + header_len + at] ^= 0x01;
+    assert!(matches!(
+        decode(&key, &tokens, &flipped),
+        Err(RejectReason::Checksum(name)) if name == "vs.000"
+    ));
 }

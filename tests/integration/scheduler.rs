@@ -12,13 +12,11 @@ use ragcake::engine::scheduler::{
     PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, SchedulerStats, StoredCache,
     plan, spread_recompute,
 };
-use ragcake::engine::{
-    DType, Engine, FinishReason, GenerateParams, KvCache, KvRange, Sampler, Tensor,
-};
+use ragcake::engine::{Engine, FinishReason, GenerateParams, KvCache, KvRange, Sampler, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use ragcake::kvstore::{CacheKey, KvStore, Throttle, throttled};
+use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, throttled};
 
 use crate::common::{
     max_abs, max_abs_diff, mean_kl, prose_tokens, runtime, s3_store_at, s3_store_that_is_down,
@@ -59,7 +57,7 @@ fn scheduler(store: Arc<KvStore>, config: SchedulerConfig) -> Scheduler<Engine, 
     Scheduler::start(shared_dense_engine(), store, config)
 }
 
-fn memory_store(dtype: DType) -> Arc<KvStore> {
+fn memory_store(dtype: StorageDtype) -> Arc<KvStore> {
     Arc::new(store_over(Arc::new(InMemory::new()), Path::default()).with_storage_dtype(dtype))
 }
 
@@ -110,7 +108,7 @@ fn prefix_caches_written_back_then_loaded_reproduce_full_computation() {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
         // f32 storage: loading must reproduce computation to float-reordering noise.
-        let store = memory_store(DType::F32);
+        let store = memory_store(StorageDtype::F32);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
 
         let (request, lookup) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;
@@ -144,7 +142,7 @@ fn f16_stored_prefix_caches_keep_the_greedy_answer() {
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        let store = memory_store(DType::F16);
+        let store = memory_store(StorageDtype::F16);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
         fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
         let (request, _) = planned(&store, &chunks, &tail, Mode::LoadOnly).await;
@@ -174,7 +172,7 @@ fn a_chunk_cache_in_the_middle_writes_back_only_the_chunks_before_it() {
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        let store = memory_store(DType::F32);
+        let store = memory_store(StorageDtype::F32);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
         store_chunk_cache(&store, &chunks[2]).await;
 
@@ -214,7 +212,7 @@ fn the_caller_reusing_its_cache_at_once_does_not_change_what_is_written_back() {
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        let store = memory_store(DType::F32);
+        let store = memory_store(StorageDtype::F32);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
         let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
         let mut done = scheduler.prefill(request).await.unwrap();
@@ -238,7 +236,7 @@ fn the_caller_reusing_its_cache_at_once_does_not_change_what_is_written_back() {
 fn a_prefix_cache_already_stored_is_not_written_again() {
     runtime().block_on(async {
         let (chunks, tail) = context();
-        let store = memory_store(DType::F16);
+        let store = memory_store(StorageDtype::F16);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
         fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
         let puts = store.stats().puts;
@@ -308,7 +306,7 @@ async fn planned(
 }
 
 fn planned_as_stored(chunks: &[Vec<u32>], tail: &[u32], mode: Mode) -> PrefillRequest<CacheKey> {
-    let store = memory_store(DType::F16);
+    let store = memory_store(StorageDtype::F16);
     let keys = store.prefix_chain(chunks.iter().map(Vec::as_slice));
     PrefillRequest {
         chunks: chunks
@@ -406,7 +404,7 @@ fn a_corrupt_blob_is_recomputed_and_the_answer_is_unchanged() {
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        let store = memory_store(DType::F32);
+        let store = memory_store(StorageDtype::F32);
         let scheduler = scheduler(store.clone(), SchedulerConfig::default());
         fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
 
@@ -515,7 +513,7 @@ async fn store_chunk_caches_after_the_preamble(store: &KvStore, chunks: &[Vec<u3
 /// An in-memory store holding the chunk caches of `chunks[1..]` computed after `chunks[0]`,
 /// and a scheduler over it that writes nothing back.
 async fn with_chunk_caches(chunks: &[Vec<u32>]) -> (Arc<KvStore>, Scheduler<Engine, KvStore>) {
-    let store = memory_store(DType::F16);
+    let store = memory_store(StorageDtype::F16);
     store_chunk_caches_after_the_preamble(&store, chunks).await;
     let config = SchedulerConfig {
         write_back: false,
@@ -670,7 +668,7 @@ fn concurrent_requests_share_the_compute_worker_and_all_finish() {
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        let store = memory_store(DType::F32);
+        let store = memory_store(StorageDtype::F32);
         let scheduler = Arc::new(scheduler(store.clone(), SchedulerConfig::default()));
         fill_with_prefix_caches(&scheduler, &store, &chunks, &tail).await;
 
@@ -703,7 +701,7 @@ fn concurrent_requests_share_the_compute_worker_and_all_finish() {
 async fn stored_context() -> (Vec<Vec<u32>>, Vec<u32>, Tensor, Arc<KvStore>) {
     let (chunks, tail) = context();
     let want = reference_logits(&chunks, &tail);
-    let store = memory_store(DType::F32);
+    let store = memory_store(StorageDtype::F32);
     let filler = scheduler(store.clone(), SchedulerConfig::default());
     fill_with_prefix_caches(&filler, &store, &chunks, &tail).await;
     (chunks, tail, want, store)
@@ -823,8 +821,9 @@ fn the_shared_scheduler_splits_chunks_at_a_layer_on_a_slow_store_and_keeps_the_l
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
         let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let fast =
-            Arc::new(store_over(inner.clone(), Path::default()).with_storage_dtype(DType::F32));
+        let fast = Arc::new(
+            store_over(inner.clone(), Path::default()).with_storage_dtype(StorageDtype::F32),
+        );
         let filler = scheduler(fast.clone(), SchedulerConfig::default());
         fill_with_prefix_caches(&filler, &fast, &chunks, &tail).await;
 
@@ -839,7 +838,8 @@ fn the_shared_scheduler_splits_chunks_at_a_layer_on_a_slow_store_and_keeps_the_l
                 latency: Duration::ZERO,
             },
         );
-        let store = Arc::new(store_over(slow, Path::default()).with_storage_dtype(DType::F32));
+        let store =
+            Arc::new(store_over(slow, Path::default()).with_storage_dtype(StorageDtype::F32));
         let bytes_per_token = shared_dense_engine()
             .model()
             .config()
@@ -1034,7 +1034,7 @@ fn a_panic_in_a_step_fails_that_request_and_the_restarted_worker_serves_the_rest
     runtime().block_on(async {
         let (chunks, tail) = context();
         let want = reference_logits(&chunks, &tail);
-        let store = memory_store(DType::F32);
+        let store = memory_store(StorageDtype::F32);
         let faulty = Arc::new(Faulty {
             engine: shared_dense_engine(),
             panic_in_compute: AtomicBool::new(false),
@@ -1153,7 +1153,7 @@ fn sequences_decoded_together_in_the_scheduler_get_the_greedy_tokens_they_get_al
             })
             .collect();
 
-        let scheduler = scheduler(memory_store(DType::F16), SchedulerConfig::default());
+        let scheduler = scheduler(memory_store(StorageDtype::F16), SchedulerConfig::default());
         let mut prompts = decode_prompts().into_iter();
         // The first sequence decodes a few steps before the others join it.
         let (cache, logits) = prompts.next().unwrap();
@@ -1199,7 +1199,7 @@ fn sequences_decoded_together_in_the_scheduler_get_the_greedy_tokens_they_get_al
 #[test]
 fn a_decode_stream_dropped_mid_answer_leaves_at_the_next_step_and_frees_its_place() {
     runtime().block_on(async {
-        let scheduler = scheduler(memory_store(DType::F16), SchedulerConfig::default());
+        let scheduler = scheduler(memory_store(StorageDtype::F16), SchedulerConfig::default());
         let (cache, logits) = decode_prompts().remove(0);
         let mut stream = scheduler.decode(cache, &logits, greedy(1000)).unwrap();
         for _ in 0..2 {
@@ -1229,7 +1229,7 @@ async fn no_decoding_left(scheduler: &Scheduler<Engine, KvStore>) -> SchedulerSt
 /// checks the logits and that the answer still decodes. Returns the decode steps taken
 /// meanwhile and the chunks' lengths.
 async fn decode_steps_while_prefilling(config: SchedulerConfig) -> (u64, Vec<usize>) {
-    let store = memory_store(DType::F16);
+    let store = memory_store(StorageDtype::F16);
     let scheduler = scheduler(store.clone(), config);
     // Plain prose goes on without an end-of-generation token for a long while.
     let engine = shared_dense_engine();
