@@ -601,7 +601,7 @@ pub fn range_from_tensors<'b>(
         StorageDtype::Int8 => 4,
         _ => 2,
     };
-    if checked.len() % per_layer != 0 {
+    if !checked.len().is_multiple_of(per_layer) {
         return Err(RejectReason::Malformed("incomplete layer".into()));
     }
     let mut layers = Vec::with_capacity(checked.len() / per_layer);
