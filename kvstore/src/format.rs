@@ -77,7 +77,8 @@ pub(crate) fn dtype_name(dtype: DType) -> &'static str {
 }
 
 /// How a blob stores keys and values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StorageDtype {
     /// 32-bit floats: the computed cache bit for bit.
     F32,

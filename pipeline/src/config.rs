@@ -7,6 +7,7 @@ use std::path::Path;
 
 use ragcake_engine::scheduler::SchedulerConfig;
 use ragcake_engine::{ChatMessage, Role};
+use ragcake_kvstore::StorageDtype;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PipelineError, Result};
@@ -146,6 +147,12 @@ pub struct PipelineConfig {
     pub defaults: AskOptions,
     /// Which prompts' computed caches are written back to the store.
     pub write_back: WriteBackAdmission,
+    /// How exact prefix caches are stored (f32: loaded caches are the computed ones bit for
+    /// bit). Part of their keys.
+    pub prefix_cache_dtype: StorageDtype,
+    /// How position-independent chunk caches are stored (f16, or int8 at about half the
+    /// bytes). Part of their keys: ingest must store them the same way.
+    pub chunk_cache_dtype: StorageDtype,
     /// The prefill scheduler.
     pub scheduler: SchedulerConfig,
 }
@@ -191,6 +198,8 @@ impl Default for PipelineConfig {
             prompt: PromptTemplate::default(),
             defaults: AskOptions::default(),
             write_back: WriteBackAdmission::default(),
+            prefix_cache_dtype: StorageDtype::F32,
+            chunk_cache_dtype: StorageDtype::F16,
             scheduler: SchedulerConfig::default(),
         }
     }

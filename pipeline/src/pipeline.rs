@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::Stream;
 use ragcake_engine::scheduler::SchedulerStats;
 use ragcake_engine::{Engine, EngineConfig};
-use ragcake_kvstore::KvStore;
+use ragcake_kvstore::{CacheKind, KvStore};
 use ragcake_retriever::{Embedder, Retriever, VectorIndex};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -133,7 +133,9 @@ impl PipelineBuilder {
             None => {
                 let url = self.kv_url.ok_or_else(|| missing("KV store"))?;
                 let (store, prefix) = ragcake_kvstore::open_url(&url, Vec::new())?;
-                let mut kv = KvStore::for_engine(store, prefix, &engine);
+                let mut kv = KvStore::for_engine(store, prefix, &engine)
+                    .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
+                    .with_storage_dtype_for(CacheKind::Chunk, config.chunk_cache_dtype);
                 if config.memory_tier_bytes > 0 {
                     kv = kv.with_memory_tier(config.memory_tier_bytes);
                 }

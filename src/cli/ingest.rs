@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use ragcake::ingest::{Ingest, IngestConfig, IngestEvent, IngestSummary, Shard};
-use ragcake::pipeline::{PromptTemplate, ServiceConfig};
+use ragcake::pipeline::{PipelineConfig, ServiceConfig};
 
 use super::{ModelArgs, StoreArgs};
 
@@ -54,11 +54,14 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let engine = Arc::new(args.model.load()?);
     let embedder = Arc::new(super::load_embedder()?);
     let index = args.stores.open_index(embedder.dim()).await?;
-    let kv = Arc::new(args.stores.open_kv(&engine)?);
-    let template = match &args.config {
-        Some(path) => ServiceConfig::load(path)?.pipeline.prompt,
-        None => PromptTemplate::default(),
+    // The service's settings: its prompt template (chunk caches are computed after its
+    // preamble) and how it stores chunk caches, both part of their keys.
+    let service = match &args.config {
+        Some(path) => ServiceConfig::load(path)?.pipeline,
+        None => PipelineConfig::default(),
     };
+    let kv = Arc::new(args.stores.open_kv(&engine, &service)?);
+    let template = service.prompt;
     let config = IngestConfig {
         chunk_tokens: args.chunk_tokens,
         shard: args.shard.unwrap_or(Shard::ALL),

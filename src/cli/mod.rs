@@ -115,6 +115,11 @@ pub struct StoreArgs {
     /// [default: file://$RAGCAKE_HOME/data/kv].
     #[arg(long, env = "RAGCAKE_KV")]
     kv: Option<String>,
+    /// How chunk caches are stored: f16, int8 (about half the bytes), bf16, f32
+    /// [default: the configuration's `chunk_cache_dtype`, f16]. Ingest and the service must
+    /// agree: it is part of the caches' keys.
+    #[arg(long, env = "RAGCAKE_CHUNK_DTYPE")]
+    chunk_dtype: Option<ragcake::kvstore::StorageDtype>,
 }
 
 impl StoreArgs {
@@ -129,13 +134,25 @@ impl StoreArgs {
         Ok(ragcake::retriever::open_index(&location, &self.collection, dim).await?)
     }
 
-    fn open_kv(&self, engine: &Engine) -> anyhow::Result<ragcake::kvstore::KvStore> {
+    /// The KV store, its chunk caches stored as `--chunk-dtype` says, else as `config`
+    /// says.
+    fn open_kv(
+        &self,
+        engine: &Engine,
+        config: &ragcake::pipeline::PipelineConfig,
+    ) -> anyhow::Result<ragcake::kvstore::KvStore> {
+        use ragcake::kvstore::CacheKind;
         let url = match &self.kv {
             Some(url) => url.clone(),
             None => ragcake::paths::default_kv_url(),
         };
         let (store, prefix) = ragcake::kvstore::open_url(&url, Vec::new())?;
-        Ok(ragcake::kvstore::KvStore::for_engine(store, prefix, engine))
+        let chunk_dtype = self.chunk_dtype.unwrap_or(config.chunk_cache_dtype);
+        Ok(
+            ragcake::kvstore::KvStore::for_engine(store, prefix, engine)
+                .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
+                .with_storage_dtype_for(CacheKind::Chunk, chunk_dtype),
+        )
     }
 }
 
@@ -146,6 +163,9 @@ async fn build_pipeline(
     mut config: ragcake::pipeline::PipelineConfig,
 ) -> anyhow::Result<ragcake::pipeline::Pipeline> {
     config.collection = stores.collection.clone();
+    if let Some(dtype) = stores.chunk_dtype {
+        config.chunk_cache_dtype = dtype;
+    }
     let mut builder = ragcake::default_pipeline_builder()?
         .engine_config(model.engine_config())
         .config(config);
