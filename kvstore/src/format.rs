@@ -86,7 +86,7 @@ pub enum StorageDtype {
     F16,
     /// bfloat16.
     Bf16,
-    /// 8-bit integers with per-channel key and per-token value scales; decoded to f16.
+    /// 8-bit integers with per-channel key and per-token value scales; decoded to f32.
     Int8,
 }
 
@@ -119,12 +119,12 @@ impl StorageDtype {
         }
     }
 
-    /// The dtype a loaded cache has: the stored one, or f16 for int8 (an 8-bit value times
-    /// its scale fits f16's 11-bit significand).
+    /// The dtype a loaded cache has: the stored one, or f32 for int8 (dequantized straight
+    /// into the dtype the engine computes in, no second conversion).
     pub fn loaded_dtype(self) -> DType {
         match self {
-            Self::F32 => DType::F32,
-            Self::F16 | Self::Int8 => DType::F16,
+            Self::F32 | Self::Int8 => DType::F32,
+            Self::F16 => DType::F16,
             Self::Bf16 => DType::BF16,
         }
     }
@@ -547,33 +547,31 @@ fn checked<'b>(
     Ok(bytes)
 }
 
-/// Keys `[heads, tokens, dim]` from int8 bytes and per-channel f32 scales, as f16.
-fn dequantize_keys(q: &[u8], scales: &[u8], dims: [usize; 3]) -> Vec<half::f16> {
-    let [_, tokens, dim] = dims;
+/// Keys `[heads, tokens, dim]` from int8 bytes and per-channel f32 scales, in f32.
+fn dequantize_keys(q: &[u8], scales: &[u8], dims: [usize; 3]) -> Vec<f32> {
+    let [heads, tokens, dim] = dims;
     let scales: Vec<f32> = scales
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
         .collect();
-    q.iter()
-        .enumerate()
-        .map(|(i, &x)| {
-            let (h, c) = (i / (tokens * dim), i % dim);
-            half::f16::from_f32(x as i8 as f32 * scales[h * dim + c])
-        })
-        .collect()
+    let mut out = Vec::with_capacity(q.len());
+    for h in 0..heads {
+        let scale = &scales[h * dim..][..dim];
+        for row in q[h * tokens * dim..][..tokens * dim].chunks_exact(dim.max(1)) {
+            out.extend(row.iter().zip(scale).map(|(&x, &s)| x as i8 as f32 * s));
+        }
+    }
+    out
 }
 
-/// Values `[heads, tokens, dim]` from int8 bytes and per-token f16 scales, as f16.
-fn dequantize_values(q: &[u8], scales: &[u8], dims: [usize; 3]) -> Vec<half::f16> {
-    let dim = dims[2].max(1);
-    q.chunks_exact(dim)
-        .zip(scales.chunks_exact(2))
-        .flat_map(|(row, s)| {
-            let scale = half::f16::from_le_bytes([s[0], s[1]]).to_f32();
-            row.iter()
-                .map(move |&x| half::f16::from_f32(x as i8 as f32 * scale))
-        })
-        .collect()
+/// Values `[heads, tokens, dim]` from int8 bytes and per-token f16 scales, in f32.
+fn dequantize_values(q: &[u8], scales: &[u8], dims: [usize; 3]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(q.len());
+    for (row, s) in q.chunks_exact(dims[2].max(1)).zip(scales.chunks_exact(2)) {
+        let scale = half::f16::from_le_bytes([s[0], s[1]]).to_f32();
+        out.extend(row.iter().map(|&x| x as i8 as f32 * scale));
+    }
+    out
 }
 
 /// Checks the bytes of tensors listed by [`layer_tensors`] (checksums) and builds the KV

@@ -279,6 +279,11 @@ impl KvStore {
         self.model
     }
 
+    /// The dimensions of the caches this store holds.
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
     /// The backend.
     pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
         &self.store

@@ -82,6 +82,8 @@ enum Fill {
     /// Every retrieved chunk with a stored position-independent cache loaded (load-only),
     /// blended by recomputing a share of its tokens (ratio 0: used as loaded).
     Chunks(Recompute),
+    /// The same with the chunk caches stored as int8 (computed as ingest computes them).
+    Int8Chunks(Recompute),
     /// What a request with default options gets: bidirectional, the default recomputation.
     Default,
 }
@@ -104,6 +106,8 @@ impl Fill {
             Self::ExactPrefix(d) => format!("exact prefix caches ({})", d.name()),
             Self::Chunks(r) if r.ratio == 0.0 => "naive chunk caches".into(),
             Self::Chunks(r) => format!("chunk caches, {} {:.2}", r.rule, r.ratio),
+            Self::Int8Chunks(r) if r.ratio == 0.0 => "naive chunk caches (int8)".into(),
+            Self::Int8Chunks(r) => format!("chunk caches (int8), {} {:.2}", r.rule, r.ratio),
             Self::Default => format!(
                 "default mode ({} {:.2})",
                 Recompute::default().rule,
@@ -117,8 +121,8 @@ impl Fill {
         match self {
             Self::Full => "all",
             Self::ExactPrefix(_) => "none",
-            Self::Chunks(r) if r.ratio == 0.0 => "none",
-            Self::Chunks(r) => r.rule.as_str(),
+            Self::Chunks(r) | Self::Int8Chunks(r) if r.ratio == 0.0 => "none",
+            Self::Chunks(r) | Self::Int8Chunks(r) => r.rule.as_str(),
             Self::Default => Recompute::default().rule.as_str(),
         }
     }
@@ -127,7 +131,7 @@ impl Fill {
         match self {
             Self::Full => 1.0,
             Self::ExactPrefix(_) => 0.0,
-            Self::Chunks(r) => r.ratio,
+            Self::Chunks(r) | Self::Int8Chunks(r) => r.ratio,
             Self::Default => Recompute::default().ratio,
         }
     }
@@ -144,6 +148,8 @@ fn arms(args: &FidelityArgs) -> Vec<Fill> {
         }
     }
     arms.push(Fill::Default);
+    // int8 chunk caches beside f16 ones: naive, and blended as the default blends.
+    arms.extend([Recompute::NONE, Recompute::default()].map(Fill::Int8Chunks));
     arms
 }
 
@@ -244,6 +250,12 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
             (store, scheduler)
         })
         .collect();
+    // The corpus's chunk caches stored as int8, filled as prompts need them.
+    let int8 = Arc::new(
+        KvStore::for_engine(Arc::new(InMemory::new()), StorePath::default(), &engine)
+            .with_storage_dtype(StorageDtype::Int8),
+    );
+    let int8_scheduler = Scheduler::start(engine.clone(), int8.clone(), scheduler_config.clone());
     let params = GenerateParams {
         max_tokens: args.max_tokens,
         ..GenerateParams::default()
@@ -262,6 +274,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         // The preamble stays first.
         let mut shuffled = prompt.clone();
         shuffled.chunks[1..].shuffle(&mut rng);
+        store_chunk_caches(&engine, &int8, &chunk_context, &prompt).await?;
         for (order, prompt) in [prompt, shuffled].into_iter().enumerate() {
             let exact_stores: Vec<&KvStore> = exact.iter().map(|(s, _)| &**s).collect();
             let reference = reference(&engine, &prompt, &params, &exact_stores).await?;
@@ -290,6 +303,11 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
                             recompute,
                         );
                         (&stored, request)
+                    }
+                    Fill::Int8Chunks(recompute) => {
+                        let request =
+                            chunk_caches(&int8, &chunk_context, &prompt, Mode::LoadOnly, recompute);
+                        (&int8_scheduler, request)
                     }
                     Fill::Default => {
                         let request = chunk_caches(
@@ -459,6 +477,29 @@ fn chunk_caches(
     });
     spread_recompute(&mut request.chunks, recompute, context);
     request
+}
+
+/// Computes and stores in `store` the chunk caches `prompt` has stored ones of, as the
+/// precompute job computes them: after `context`, at the positions that follow it.
+async fn store_chunk_caches(
+    engine: &Engine,
+    store: &KvStore,
+    context: &[u32],
+    prompt: &Prompt,
+) -> anyhow::Result<()> {
+    for chunk in &prompt.chunks {
+        let key = store.chunk_key(context, &chunk.tokens);
+        if chunk.chunk_cache != ChunkCacheHint::Stored || store.contains(&key).await? {
+            continue;
+        }
+        let mut cache = engine.new_cache();
+        engine.append(&mut cache, context, context.len().max(1), false)?;
+        let start = cache.len();
+        engine.append(&mut cache, &chunk.tokens, chunk.tokens.len(), false)?;
+        let range = cache.export(start..cache.len())?;
+        store.put(&key, &chunk.tokens, &range).await?;
+    }
+    Ok(())
 }
 
 /// Runs one arm on one prompt and adds its agreement with the reference to `tally`.

@@ -1,6 +1,6 @@
-//! `ragcake bench kvstore`: load throughput of a 4k-token context from each backend,
-//! through the KV store (GET + verify + decode) and as raw object_store GETs of the same
-//! bytes, in one run.
+//! `ragcake bench kvstore`: load throughput of a 4k-token context from each backend and in
+//! each storage dtype, through the KV store (GET + verify + decode) and as raw object_store
+//! GETs of the same bytes, in one run; the dtypes take turns within each repeat.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 use ragcake::engine::scheduler::LoadBackend;
 use ragcake::engine::{Device, KvRange, Tensor};
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt};
-use ragcake::kvstore::{KvStore, format, open_url};
+use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, format, open_url, throttled};
 use serde::Serialize;
 
 use super::ModelArgs;
@@ -33,6 +33,12 @@ pub struct KvstoreArgs {
     /// Timed repeats (median reported).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Storage dtypes of the chunk caches, each measured on every backend.
+    #[arg(long, value_delimiter = ',', default_value = "f16,int8")]
+    dtypes: Vec<StorageDtype>,
+    /// Also a local directory read at this many MB/s per request (a load-bound store).
+    #[arg(long, default_value_t = 20.0)]
+    throttle_mb_s: f64,
     /// Also measure an S3 store (credentials and endpoint from AWS_* variables).
     #[arg(long, env = "RAGCAKE_BENCH_S3_URL")]
     s3_url: Option<String>,
@@ -48,10 +54,12 @@ pub struct KvstoreArgs {
 #[derive(Debug, Serialize)]
 struct Row {
     backend: String,
+    dtype: String,
     context: usize,
     chunk: usize,
     concurrency: usize,
     bytes: u64,
+    bytes_per_token: f64,
     /// Raw object_store GETs of the same objects (median, min, max).
     raw_mb_s: f64,
     raw_min: f64,
@@ -122,82 +130,157 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
             false,
         ));
     }
+    // In memory behind a throttle (object_store's throttle cannot slow local files).
+    let throttled_name = format!("memory at {} MB/s", args.throttle_mb_s);
+    if args.throttle_mb_s > 0.0 {
+        backends.push((throttled_name.clone(), "memory://".to_string(), false));
+    }
 
     let mut rows = Vec::new();
     for (name, url, tier) in backends {
-        let (object_store, prefix) = open_url(&url, Vec::new())?;
-        let mut store = KvStore::new(object_store.clone(), prefix, model, shape, Device::Cpu);
-        if tier {
-            store = store.with_memory_tier(usize::MAX);
+        let (mut object_store, prefix) = open_url(&url, Vec::new())?;
+        if name == throttled_name {
+            let throttle = Throttle {
+                bytes_per_second: Some(args.throttle_mb_s * 1e6),
+                latency: std::time::Duration::ZERO,
+            };
+            object_store = throttled(object_store, throttle);
         }
-        let mut keys = Vec::new();
-        let mut total = 0u64;
-        for (tokens, range) in &chunks {
-            let key = store.chunk_key(&[], tokens);
-            total += store.put(&key, tokens, range).await? as u64;
-            keys.push((key, tokens.clone()));
-        }
-        let paths: Vec<_> = keys.iter().map(|(k, _)| store.path_of(k)).collect();
-        let mut raw = Vec::new();
-        let mut ours = Vec::new();
-        let mut decode_secs = Vec::new();
-        for _ in 0..args.repeats {
-            let t0 = Instant::now();
-            let blobs: Vec<_> = futures::stream::iter(paths.iter().cloned())
-                .map(|p| {
-                    let s: Arc<dyn ObjectStore> = object_store.clone();
-                    async move { s.get(&p).await?.bytes().await }
-                })
-                .buffered(args.concurrency)
-                .try_collect()
-                .await?;
-            raw.push(total as f64 / 1e6 / t0.elapsed().as_secs_f64());
-
-            let t0 = Instant::now();
-            let loaded: Vec<_> = futures::stream::iter(keys.iter())
-                .map(|(k, t)| store.get(k, Some(t)))
-                .buffered(args.concurrency)
-                .try_collect()
-                .await?;
-            ours.push(total as f64 / 1e6 / t0.elapsed().as_secs_f64());
-            anyhow::ensure!(
-                loaded.into_iter().all(|l| l.hit().is_some()),
-                "a stored chunk did not load"
-            );
-
-            // Decode alone (verify + tensors), on bytes already in memory.
-            let t0 = Instant::now();
-            for ((key, tokens), blob) in keys.iter().zip(&blobs) {
-                let expected = format::Expectation {
-                    key,
-                    model: &model,
-                    shape,
-                    tokens: Some(tokens),
-                };
-                format::decode(blob, &expected, &Device::Cpu)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // One store per dtype (its keys differ), filled once.
+        let mut contenders = Vec::new();
+        for &dtype in &args.dtypes {
+            let mut store = KvStore::new(
+                object_store.clone(),
+                prefix.clone(),
+                model,
+                shape,
+                Device::Cpu,
+            )
+            .with_storage_dtype(dtype);
+            if tier {
+                store = store.with_memory_tier(usize::MAX);
             }
-            decode_secs.push(t0.elapsed().as_secs_f64());
+            let mut keys = Vec::new();
+            let mut total = 0u64;
+            for (tokens, range) in &chunks {
+                let key = store.chunk_key(&[], tokens);
+                total += store.put(&key, tokens, range).await? as u64;
+                keys.push((key, tokens.clone()));
+            }
+            contenders.push(Contender {
+                dtype,
+                store,
+                keys,
+                total,
+                raw: Vec::new(),
+                ours: Vec::new(),
+                decode_secs: Vec::new(),
+            });
         }
-        let raw = Stats::of(raw);
-        let ours = Stats::of(ours);
-        let load_secs = total as f64 / 1e6 / ours.median;
-        let decode = Stats::of(decode_secs).median;
+        for repeat in 0..args.repeats {
+            // The dtypes take turns going first.
+            let n = contenders.len();
+            for k in 0..n {
+                let c = &mut contenders[(k + repeat) % n];
+                c.measure(&object_store, args.concurrency).await?;
+            }
+        }
+        for c in contenders {
+            rows.push(c.row(&name, tier, &args));
+        }
+    }
+    write_outputs(&args, &rows)
+}
+
+/// One storage dtype's store on one backend, and its timings.
+struct Contender {
+    dtype: StorageDtype,
+    store: KvStore,
+    keys: Vec<(CacheKey, Vec<u32>)>,
+    total: u64,
+    raw: Vec<f64>,
+    ours: Vec<f64>,
+    decode_secs: Vec<f64>,
+}
+
+impl Contender {
+    /// One timed repeat: raw GETs, verified loads, then decoding alone.
+    async fn measure(
+        &mut self,
+        object_store: &Arc<dyn ObjectStore>,
+        concurrency: usize,
+    ) -> anyhow::Result<()> {
+        let paths: Vec<_> = self
+            .keys
+            .iter()
+            .map(|(k, _)| self.store.path_of(k))
+            .collect();
+        let t0 = Instant::now();
+        let blobs: Vec<_> = futures::stream::iter(paths)
+            .map(|p| {
+                let s = object_store.clone();
+                async move { s.get(&p).await?.bytes().await }
+            })
+            .buffered(concurrency)
+            .try_collect()
+            .await?;
+        self.raw
+            .push(self.total as f64 / 1e6 / t0.elapsed().as_secs_f64());
+
+        let t0 = Instant::now();
+        let loaded: Vec<_> = futures::stream::iter(self.keys.iter())
+            .map(|(k, t)| self.store.get(k, Some(t)))
+            .buffered(concurrency)
+            .try_collect()
+            .await?;
+        self.ours
+            .push(self.total as f64 / 1e6 / t0.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            loaded.into_iter().all(|l| l.hit().is_some()),
+            "a stored chunk did not load"
+        );
+
+        // Decode alone (verify + tensors), on bytes already in memory.
+        let (model, shape) = (self.store.model(), self.store.shape());
+        let t0 = Instant::now();
+        for ((key, tokens), blob) in self.keys.iter().zip(&blobs) {
+            let expected = format::Expectation {
+                key,
+                model: &model,
+                shape,
+                tokens: Some(tokens),
+            };
+            format::decode(blob, &expected, &Device::Cpu).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        self.decode_secs.push(t0.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn row(self, backend: &str, tier: bool, args: &KvstoreArgs) -> Row {
+        let raw = Stats::of(self.raw);
+        let ours = Stats::of(self.ours);
+        let total = self.total as f64;
+        let load_secs = total / 1e6 / ours.median;
+        let decode = Stats::of(self.decode_secs).median;
         eprintln!(
-            "{name}: raw {:.0} MB/s, kvstore {:.0} MB/s, decode alone {:.0} MB/s",
+            "{backend} ({}): raw {:.0} MB/s, kvstore {:.0} MB/s ({:.0} tokens/s), decode alone {:.0} MB/s",
+            self.dtype,
             raw.median,
             ours.median,
-            total as f64 / 1e6 / decode
+            args.context as f64 / load_secs,
+            total / 1e6 / decode
         );
-        rows.push(Row {
-            backend: name,
+        Row {
+            backend: backend.to_string(),
+            dtype: self.dtype.name().to_string(),
             context: args.context,
             chunk: args.chunk,
             concurrency: args.concurrency,
-            bytes: total,
+            bytes: self.total,
+            bytes_per_token: total / args.context as f64,
             kvstore_tokens_s: args.context as f64 / load_secs,
             ratio: ours.median / raw.median,
-            decode_mb_s: total as f64 / 1e6 / decode,
+            decode_mb_s: total / 1e6 / decode,
             decode_share: if tier { 0.0 } else { decode / load_secs },
             raw_mb_s: raw.median,
             raw_min: raw.min,
@@ -205,9 +288,8 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
             kvstore_mb_s: ours.median,
             kvstore_min: ours.min,
             kvstore_max: ours.max,
-        });
+        }
     }
-    write_outputs(&args, &rows)
 }
 
 fn write_outputs(args: &KvstoreArgs, rows: &[Row]) -> anyhow::Result<()> {
@@ -223,6 +305,8 @@ fn write_outputs(args: &KvstoreArgs, rows: &[Row]) -> anyhow::Result<()> {
         rows,
         &[
             "backend",
+            "dtype",
+            "bytes_per_token",
             "raw_mb_s",
             "raw_min",
             "raw_max",

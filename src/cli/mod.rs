@@ -148,11 +148,9 @@ impl StoreArgs {
         };
         let (store, prefix) = ragcake::kvstore::open_url(&url, Vec::new())?;
         let chunk_dtype = self.chunk_dtype.unwrap_or(config.chunk_cache_dtype);
-        Ok(
-            ragcake::kvstore::KvStore::for_engine(store, prefix, engine)
-                .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
-                .with_storage_dtype_for(CacheKind::Chunk, chunk_dtype),
-        )
+        Ok(ragcake::kvstore::KvStore::for_engine(store, prefix, engine)
+            .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
+            .with_storage_dtype_for(CacheKind::Chunk, chunk_dtype))
     }
 }
 
