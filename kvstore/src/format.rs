@@ -234,18 +234,22 @@ fn quantize_keys(k: &Tensor) -> Result<[RawTensor; 2]> {
             quantize(x, scales[h * dim + c])
         })
         .collect();
-    Ok([
-        RawTensor {
-            dtype: safetensors::Dtype::I8,
-            shape: vec![heads, tokens, dim],
-            data,
-        },
-        RawTensor {
-            dtype: safetensors::Dtype::F32,
-            shape: vec![heads, 1, dim],
-            data: scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-        },
-    ])
+    let scales = RawTensor {
+        dtype: safetensors::Dtype::F32,
+        shape: vec![heads, 1, dim],
+        data: scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+    };
+    Ok(int8_with(data, [heads, tokens, dim], scales))
+}
+
+/// int8 data of `dims` with its scales beside it.
+fn int8_with(data: Vec<u8>, dims: [usize; 3], scales: RawTensor) -> [RawTensor; 2] {
+    let data = RawTensor {
+        dtype: safetensors::Dtype::I8,
+        shape: dims.to_vec(),
+        data,
+    };
+    [data, scales]
 }
 
 /// Values `[heads, tokens, dim]` as int8 with one f16 scale per head and token.
@@ -266,18 +270,12 @@ fn quantize_values(v: &Tensor) -> Result<[RawTensor; 2]> {
         data.extend(row.iter().map(|&x| quantize(x, scale.to_f32())));
         scales.push(scale);
     }
-    Ok([
-        RawTensor {
-            dtype: safetensors::Dtype::I8,
-            shape: vec![heads, tokens, dim],
-            data,
-        },
-        RawTensor {
-            dtype: safetensors::Dtype::F16,
-            shape: vec![heads, tokens, 1],
-            data: scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-        },
-    ])
+    let scales = RawTensor {
+        dtype: safetensors::Dtype::F16,
+        shape: vec![heads, tokens, 1],
+        data: scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+    };
+    Ok(int8_with(data, [heads, tokens, dim], scales))
 }
 
 /// Encodes `range` (the KV of `tokens`) as a blob for `key`, storing it as `dtype`.
