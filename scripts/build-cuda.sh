@@ -43,12 +43,15 @@ for lib in "$cuda_root"/lib64/lib*.so.*; do
     base="${lib%%.so.*}.so"
     [ -e "$base" ] || ln -s "$(basename "$lib")" "$base"
 done
-# The driver API stub: linking needs libcuda.so; at run time the GPU machine's driver
-# provides it.
+# The driver library: the link names libcuda, which none of the packages has (the driver
+# installs it). A stub with the driver's soname defines every driver API name cuda.h
+# mentions (each returning an error) to satisfy the linker; on the GPU machine the driver's
+# own libcuda.so.1 is loaded in its place.
 stubs="$cuda_root/lib64/stubs"
-if [ -d "$stubs" ] && [ -e "$stubs/libcuda.so" ]; then
-    ln -sf stubs/libcuda.so "$cuda_root/lib64/libcuda.so"
-fi
+mkdir -p "$stubs"
+grep -ohE '\bcu[A-Z][A-Za-z0-9_]*\b' "$cuda_root/include/cuda.h" | sort -u \
+    | sed 's/.*/int &(void) { return 999; }/' > "$stubs/libcuda_stub.c"
+cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stubs/libcuda.so" "$stubs/libcuda_stub.c"
 
 export CUDA_ROOT="$cuda_root" CUDA_PATH="$cuda_root" CUDA_HOME="$cuda_root"
 export PATH="$cuda_root/bin:$PATH"
