@@ -356,30 +356,33 @@ impl KvStore {
         }
         let dtype = self.storage_dtype(key.kind());
         let blob = format::encode(key, &self.model, tokens, range, dtype)?;
-        // The memory tier holds what a read would return.
-        let stored = match dtype {
-            StorageDtype::Int8 => {
-                let expected = Expectation {
-                    key,
-                    model: &self.model,
-                    shape: self.shape,
-                    tokens: Some(tokens),
-                };
-                format::decode(&blob, &expected, &self.device)
-                    .map_err(|reason| KvStoreError::Encode(reason.to_string()))?
-                    .1
-            }
-            float => range.to_dtype(float.loaded_dtype())?,
-        };
+        let blob = bytes::Bytes::from(blob);
         let len = blob.len();
         self.store
-            .put(&self.path_of(key), PutPayload::from(blob))
+            .put(&self.path_of(key), PutPayload::from(blob.clone()))
             .await?;
         self.counters.puts.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_written
             .fetch_add(len as u64, Ordering::Relaxed);
-        self.tier_insert(*key, &stored, tokens_hash(tokens));
+        // The memory tier holds what a read would return; without one, nothing to convert.
+        if self.tier.is_some() {
+            let loaded = match dtype {
+                StorageDtype::Int8 => {
+                    let expected = Expectation {
+                        key,
+                        model: &self.model,
+                        shape: self.shape,
+                        tokens: Some(tokens),
+                    };
+                    format::decode(&blob, &expected, &self.device)
+                        .map_err(|reason| KvStoreError::Encode(reason.to_string()))?
+                        .1
+                }
+                float => range.to_dtype(float.loaded_dtype())?,
+            };
+            self.tier_insert(*key, &loaded, tokens_hash(tokens));
+        }
         Ok(len)
     }
 

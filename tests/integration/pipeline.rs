@@ -121,6 +121,16 @@ async fn wait_for_write_backs(pipeline: &Pipeline, n: u64) {
     panic!("write-backs: {:?}", pipeline.scheduler_stats());
 }
 
+/// Waits (bounded: 15 s) until no write-back is pending.
+async fn write_backs_drained(pipeline: &Pipeline) {
+    for _ in 0..300 {
+        if pipeline.scheduler_stats().write_back_pending_bytes == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn a_demo_question_is_answered_from_the_corpus_and_a_repeat_loads_its_prefix_caches_exactly() {
     let corpus = demo_corpus();
@@ -898,12 +908,7 @@ fn tenants_with_their_own_api_keys_never_see_each_others_prefix_hits() {
         let (status, first) = ask(Some("key-a"), "When is the Ember Festival held?").await;
         assert_eq!(status, 200, "{first}");
         assert_eq!(prefix_hits(&first), 0, "{first}");
-        for _ in 0..200 {
-            if handle.scheduler_stats().write_back_pending_bytes == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
+        write_backs_drained(&handle).await;
         // A's next question finds it...
         let (_, again) = ask(Some("key-a"), "How many pupils attend Varrow School?").await;
         assert!(prefix_hits(&again) >= 1, "{again}");
@@ -1016,12 +1021,7 @@ fn a_conversations_history_is_written_back_only_when_the_admission_rule_says_all
             assert_eq!(computed(&fresh), fresh.breakdown.prefill.chunks as u64);
             let expected = computed(&fresh) + u64::from(history_written) * computed(&with_history);
             wait_for_write_backs(&pipeline, expected).await;
-            for _ in 0..300 {
-                if pipeline.scheduler_stats().write_back_pending_bytes == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            write_backs_drained(&pipeline).await;
             let stats = pipeline.scheduler_stats();
             assert_eq!(
                 stats.write_backs + stats.write_backs_skipped,
