@@ -32,9 +32,8 @@ async fn main() -> anyhow::Result<()> {
 
     let index_location = ragcake::paths::default_index_location();
     let index = ragcake::retriever::open_index(&index_location, "ragcake", embedder.dim()).await?;
-    let (store, prefix) =
-        ragcake::kvstore::open_url(&ragcake::paths::default_kv_url(), Vec::new())?;
-    let kv = Arc::new(KvStore::for_engine(store, prefix, &engine));
+    let kv_url = ragcake::paths::default_kv_url();
+    let kv = Arc::new(KvStore::open_for_engine(&kv_url, Vec::new(), &engine)?);
 
     let job = Ingest::new(engine, embedder, index, kv, IngestConfig::default())?;
     let summary = job

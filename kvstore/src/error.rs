@@ -82,6 +82,14 @@ pub enum KvStoreError {
         /// Why.
         reason: RejectReason,
     },
+    /// Reading a blob of a local directory failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
     /// A store URL that cannot be used.
     #[error("invalid store URL {url:?}: {reason}")]
     InvalidUrl {

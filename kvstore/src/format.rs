@@ -12,6 +12,7 @@
 //! contiguous ranges.
 
 use std::collections::{BTreeMap, HashMap};
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
@@ -532,31 +533,33 @@ pub fn layer_tensors(
     Ok(out)
 }
 
-/// A tensor's bytes, checked against their checksum.
-fn checked<'b>(
-    name: &str,
-    bytes: &'b [u8],
-    meta: &HashMap<String, String>,
-) -> Result<&'b [u8], RejectReason> {
+/// Checks a tensor's bytes against their checksum.
+fn check_crc(name: &str, bytes: &[u8], meta: &HashMap<String, String>) -> Result<(), RejectReason> {
     let expected_crc = field(meta, &format!("crc32c.{name}"))?;
     if format!("{:08x}", crc32c::crc32c(bytes)) != expected_crc {
         return Err(RejectReason::Checksum(name.into()));
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// Keys `[heads, tokens, dim]` from int8 bytes and per-channel f32 scales, in f32.
 fn dequantize_keys(q: &[u8], scales: &[u8], dims: [usize; 3]) -> Vec<f32> {
-    let [heads, tokens, dim] = dims;
     let scales: Vec<f32> = scales
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
         .collect();
-    let mut out = Vec::with_capacity(q.len());
+    // Written in place row by row: these loops vectorize, collecting would not.
+    let mut out = vec![0f32; q.len()];
+    let [heads, tokens, dim] = dims;
+    let dim = dim.max(1);
     for h in 0..heads {
         let scale = &scales[h * dim..][..dim];
-        for row in q[h * tokens * dim..][..tokens * dim].chunks_exact(dim.max(1)) {
-            out.extend(row.iter().zip(scale).map(|(&x, &s)| x as i8 as f32 * s));
+        let rows = h * tokens * dim..(h + 1) * tokens * dim;
+        let (q_rows, out_rows) = (&q[rows.clone()], &mut out[rows]);
+        for (o, x) in out_rows.chunks_exact_mut(dim).zip(q_rows.chunks_exact(dim)) {
+            for ((o, &x), &s) in o.iter_mut().zip(x).zip(scale) {
+                *o = f32::from(x as i8) * s;
+            }
         }
     }
     out
@@ -564,60 +567,184 @@ fn dequantize_keys(q: &[u8], scales: &[u8], dims: [usize; 3]) -> Vec<f32> {
 
 /// Values `[heads, tokens, dim]` from int8 bytes and per-token f16 scales, in f32.
 fn dequantize_values(q: &[u8], scales: &[u8], dims: [usize; 3]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(q.len());
-    for (row, s) in q.chunks_exact(dims[2].max(1)).zip(scales.chunks_exact(2)) {
+    let mut out = vec![0f32; q.len()];
+    let dim = dims[2].max(1);
+    let rows = out.chunks_exact_mut(dim).zip(q.chunks_exact(dim));
+    for ((o, x), s) in rows.zip(scales.chunks_exact(2)) {
         let scale = half::f16::from_le_bytes([s[0], s[1]]).to_f32();
-        out.extend(row.iter().map(|&x| x as i8 as f32 * scale));
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = f32::from(x as i8) * scale;
+        }
     }
     out
 }
 
-/// Checks the bytes of tensors listed by [`layer_tensors`] (checksums) and builds the KV
-/// range they form on `device`, in [`StorageDtype::loaded_dtype`].
-pub fn range_from_tensors<'b>(
+/// Dequantizes int8 data with its scales (bytes as stored) of the given dimensions.
+type Dequantize = fn(&[u8], &[u8], [usize; 3]) -> Vec<f32>;
+
+/// Where [`range_from_tensors`] reads stored tensors from: `fill(i, info, dest)` writes
+/// the bytes of tensor `i` of the list (described by `info`) into `dest`, which has exactly
+/// their length. The destination is the loaded cache's own buffer, not yet initialized, so
+/// a source reading a file copies each byte once and nothing is zeroed first.
+///
+/// # Safety
+/// `fill` returns `Ok` only when it has written every byte of `dest`.
+pub(crate) unsafe trait TensorSource {
+    /// Fills all of `dest` with the stored bytes of tensor `index`.
+    fn fill(
+        &mut self,
+        index: usize,
+        info: &TensorInfo,
+        dest: &mut [MaybeUninit<u8>],
+    ) -> Result<(), RejectReason>;
+}
+
+// SAFETY: forwards to a source that keeps the contract.
+unsafe impl<T: TensorSource + ?Sized> TensorSource for &mut T {
+    fn fill(
+        &mut self,
+        index: usize,
+        info: &TensorInfo,
+        dest: &mut [MaybeUninit<u8>],
+    ) -> Result<(), RejectReason> {
+        (**self).fill(index, info, dest)
+    }
+}
+
+/// Tensors already in memory, one byte slice per listed tensor.
+// SAFETY: a slice of the destination's length is copied over all of it, or it fails.
+unsafe impl TensorSource for Vec<&[u8]> {
+    fn fill(
+        &mut self,
+        index: usize,
+        _: &TensorInfo,
+        dest: &mut [MaybeUninit<u8>],
+    ) -> Result<(), RejectReason> {
+        match self.get(index) {
+            Some(src) if src.len() == dest.len() => {
+                dest.write_copy_of_slice(src);
+                Ok(())
+            }
+            _ => Err(RejectReason::Malformed(format!(
+                "tensor {index} is not {} bytes",
+                dest.len()
+            ))),
+        }
+    }
+}
+
+/// Reads listed tensors into fresh buffers, each checked against its checksum where it
+/// landed (still in cache).
+struct Reader<'a, S> {
+    tensors: &'a [(String, TensorInfo)],
+    source: S,
+    meta: &'a HashMap<String, String>,
+    dims: [usize; 3],
+    device: &'a Device,
+}
+
+impl<S: TensorSource> Reader<'_, S> {
+    /// Tensor `index` as `len` elements of `T`, read straight into a new buffer and checked
+    /// against its checksum. safetensors stores little-endian values, taken here as native
+    /// ones (as candle reads raw buffers).
+    fn read<T: bytemuck::Pod>(&mut self, index: usize, len: usize) -> Result<Vec<T>, RejectReason> {
+        let (name, info) = &self.tensors[index];
+        let bytes = len * size_of::<T>();
+        if info.data_offsets.1 - info.data_offsets.0 != bytes {
+            return Err(RejectReason::Malformed(format!(
+                "{name} is not {bytes} bytes"
+            )));
+        }
+        let mut data: Vec<T> = Vec::with_capacity(len);
+        let spare = data.spare_capacity_mut();
+        // SAFETY: the spare capacity holds at least `len` elements of `T`, which are
+        // `bytes` bytes; any byte may be left uninitialized in a `MaybeUninit<u8>`.
+        let dest = unsafe {
+            std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<MaybeUninit<u8>>(), bytes)
+        };
+        self.source.fill(index, info, dest)?;
+        // SAFETY: `fill` succeeded, so all `bytes` bytes are written, and every bit
+        // pattern is a valid `T` (`Pod`).
+        unsafe { data.set_len(len) };
+        check_crc(name, bytemuck::cast_slice(&data), self.meta)?;
+        Ok(data)
+    }
+
+    fn tensor<T: candle_core::WithDType>(
+        &self,
+        index: usize,
+        data: Vec<T>,
+    ) -> Result<Tensor, RejectReason> {
+        Tensor::from_vec(data, &self.dims, self.device).map_err(|e| RejectReason::Shape {
+            name: self.tensors[index].0.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// A float tensor read straight into its buffer.
+    fn float<T: candle_core::WithDType + bytemuck::Pod>(
+        &mut self,
+        index: usize,
+    ) -> Result<Tensor, RejectReason> {
+        let data = self.read::<T>(index, self.dims.iter().product())?;
+        self.tensor(index, data)
+    }
+
+    /// An int8 tensor and its scales (tensors `index` and `index + 1`, `scale_bytes` of
+    /// them), dequantized by `dequantize` into f32.
+    fn int8(
+        &mut self,
+        index: usize,
+        scale_bytes: usize,
+        dequantize: Dequantize,
+    ) -> Result<Tensor, RejectReason> {
+        let quants = self.read::<u8>(index, self.dims.iter().product())?;
+        let scales = self.read::<u8>(index + 1, scale_bytes)?;
+        self.tensor(index, dequantize(&quants, &scales, self.dims))
+    }
+}
+
+/// Builds the KV range that tensors listed by [`layer_tensors`] form on `device`, in
+/// [`StorageDtype::loaded_dtype`], reading each from `source` once and checking its
+/// checksum.
+pub(crate) fn range_from_tensors(
     tensors: &[(String, TensorInfo)],
-    bytes: impl IntoIterator<Item = &'b [u8]>,
+    source: impl TensorSource,
     meta: &HashMap<String, String>,
     blob: &BlobMeta,
     device: &Device,
 ) -> Result<KvRange, RejectReason> {
-    let dims = [blob.shape.n_kv_heads, blob.token_count, blob.shape.head_dim];
-    let shape_error = |name: &str| {
-        let name = name.to_string();
-        move |e: candle_core::Error| RejectReason::Shape {
-            name,
-            reason: e.to_string(),
-        }
-    };
-    let checked: Vec<(&str, &[u8])> = tensors
-        .iter()
-        .zip(bytes)
-        .map(|((name, _), b)| Ok((name.as_str(), checked(name, b, meta)?)))
-        .collect::<Result<_, RejectReason>>()?;
+    let (heads, dim) = (blob.shape.n_kv_heads, blob.shape.head_dim);
     let per_layer = match blob.dtype {
         StorageDtype::Int8 => 4,
         _ => 2,
     };
-    if !checked.len().is_multiple_of(per_layer) {
+    if !tensors.len().is_multiple_of(per_layer) {
         return Err(RejectReason::Malformed("incomplete layer".into()));
     }
-    let mut layers = Vec::with_capacity(checked.len() / per_layer);
-    for layer in checked.chunks_exact(per_layer) {
-        let (k, v) = match (blob.dtype, layer) {
-            (StorageDtype::Int8, [(k, kq), (_, ks), (v, vq), (_, vs)]) => (
-                Tensor::from_vec(dequantize_keys(kq, ks, dims), &dims, device)
-                    .map_err(shape_error(k))?,
-                Tensor::from_vec(dequantize_values(vq, vs, dims), &dims, device)
-                    .map_err(shape_error(v))?,
+    let mut reader = Reader {
+        tensors,
+        source,
+        meta,
+        dims: [heads, blob.token_count, dim],
+        device,
+    };
+    let mut layers = Vec::with_capacity(tensors.len() / per_layer);
+    for at in (0..tensors.len()).step_by(per_layer) {
+        let (k, v) = match blob.dtype {
+            StorageDtype::Int8 => (
+                reader.int8(at, 4 * heads * dim, dequantize_keys)?,
+                reader.int8(at + 2, 2 * heads * blob.token_count, dequantize_values)?,
             ),
-            (float, [(k, kb), (v, vb)]) => {
-                let dtype = float.loaded_dtype();
-                (
-                    Tensor::from_raw_buffer(kb, dtype, &dims, device).map_err(shape_error(k))?,
-                    Tensor::from_raw_buffer(vb, dtype, &dims, device).map_err(shape_error(v))?,
-                )
-            }
-            _ => return Err(RejectReason::Malformed("unexpected tensors".into())),
+            StorageDtype::F32 => (reader.float::<f32>(at)?, reader.float::<f32>(at + 1)?),
+            StorageDtype::F16 => (
+                reader.float::<half::f16>(at)?,
+                reader.float::<half::f16>(at + 1)?,
+            ),
+            StorageDtype::Bf16 => (
+                reader.float::<half::bf16>(at)?,
+                reader.float::<half::bf16>(at + 1)?,
+            ),
         };
         layers.push((k, v));
     }
@@ -625,6 +752,28 @@ pub fn range_from_tensors<'b>(
         name: "range".into(),
         reason: e.to_string(),
     })
+}
+
+/// Parses the JSON header (the bytes after the 8-byte length) of a blob `blob_len` bytes
+/// long: safetensors' own header type checks that the tensors' offsets tile the data, and
+/// the data must end where the blob does.
+pub fn parse_header(
+    header: &[u8],
+    blob_len: u64,
+) -> Result<(Metadata, HashMap<String, String>), RejectReason> {
+    let parsed: Metadata = serde_json::from_slice(header)
+        .map_err(|e| RejectReason::Malformed(format!("unparsable header: {e}")))?;
+    let end = 8 + header.len() as u64 + parsed.data_len() as u64;
+    if end != blob_len {
+        return Err(RejectReason::Malformed(format!(
+            "the tensors end at byte {end} of a {blob_len}-byte blob"
+        )));
+    }
+    let meta = parsed
+        .metadata()
+        .clone()
+        .ok_or_else(|| RejectReason::Metadata("__metadata__".into()))?;
+    Ok((parsed, meta))
 }
 
 /// Decodes and verifies a whole blob into a KV range on `device` (in the stored dtype).

@@ -9,6 +9,8 @@ pub mod format;
 pub mod key;
 pub mod lifecycle;
 pub mod load;
+#[cfg(unix)]
+mod local;
 pub mod store;
 pub mod throttle;
 pub mod url;

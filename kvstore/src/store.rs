@@ -6,15 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
+use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake_engine::{Engine, KvRange, KvShape, LlmFingerprint};
-use safetensors::tensor::Metadata;
 use serde::Serialize;
 
 use crate::error::{KvStoreError, RejectReason, Result};
 use crate::format::{self, Expectation, StorageDtype};
 use crate::key::{CacheKey, CacheKind, tokens_hash};
+use crate::url::open_url_parts;
 
 /// The longest cache a blob may hold unless the store is told (the model's context).
 const DEFAULT_MAX_TOKENS: usize = 128 << 10;
@@ -103,6 +104,9 @@ impl MemoryTier {
 /// Chunk KV caches of one model in an object store, verified on every read.
 pub struct KvStore {
     store: Arc<dyn ObjectStore>,
+    /// The same store when it is a local directory: whole-blob reads then go to its files
+    /// directly, straight into the loaded cache's buffers.
+    local: Option<Arc<LocalFileSystem>>,
     prefix: Path,
     model: LlmFingerprint,
     shape: KvShape,
@@ -166,6 +170,7 @@ impl KvStore {
     ) -> Self {
         Self {
             store,
+            local: None,
             prefix,
             model,
             shape,
@@ -188,8 +193,45 @@ impl KvStore {
             engine.model().config().kv_shape(),
             engine.model().device().clone(),
         )
-        .with_compute_dtype(engine.new_cache().dtype())
-        .with_max_tokens(engine.model().config().context_length)
+        .with_engine_settings(engine)
+    }
+
+    /// A store at `url` (see [`open_url`](crate::open_url)) of caches of the model `model`. A local
+    /// directory's loads read each tensor from its file straight into the cache's buffer.
+    pub fn open(
+        url: &str,
+        options: impl IntoIterator<Item = (String, String)>,
+        model: LlmFingerprint,
+        shape: KvShape,
+        device: Device,
+    ) -> Result<Self> {
+        let opened = open_url_parts(url, options)?;
+        let mut store = Self::new(opened.store, opened.prefix, model, shape, device);
+        store.local = opened.local;
+        Ok(store)
+    }
+
+    /// A store of `engine`'s caches at `url`, as [`KvStore::open`] opens it.
+    pub fn open_for_engine(
+        url: &str,
+        options: impl IntoIterator<Item = (String, String)>,
+        engine: &Engine,
+    ) -> Result<Self> {
+        let config = engine.model().config();
+        let device = engine.model().device().clone();
+        Ok(Self::open(
+            url,
+            options,
+            engine.fingerprint(),
+            config.kv_shape(),
+            device,
+        )?
+        .with_engine_settings(engine))
+    }
+
+    fn with_engine_settings(self, engine: &Engine) -> Self {
+        self.with_compute_dtype(engine.new_cache().dtype())
+            .with_max_tokens(engine.model().config().context_length)
     }
 
     /// No blob holds more than `tokens` tokens (the model's context; 128k unless said).
@@ -399,6 +441,10 @@ impl KvStore {
             return Ok(Lookup::Hit(range));
         }
         let path = self.path_of(key);
+        #[cfg(unix)]
+        if self.local.is_some() {
+            return self.get_local(&path, key, tokens, None).await;
+        }
         let started = Instant::now();
         let limit = self.max_blob_bytes(tokens.map(<[u32]>::len));
         let bytes = match self.store.get(&path).await {
@@ -432,12 +478,68 @@ impl KvStore {
         .await
         .map_err(|e| KvStoreError::Task(e.to_string()))?;
         match decoded {
-            Ok((blob, range)) => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                self.tier_insert(*key, &range, blob.tokens_hash);
-                Ok(Lookup::Hit(range))
-            }
+            Ok((blob, range)) => Ok(self.hit(key, range, Some(blob.tokens_hash))),
             Err(reason) => Ok(self.reject(&path, reason)),
+        }
+    }
+
+    /// A verified cache read from the backend: counted, and kept in the memory tier when
+    /// it is the whole cache (`tokens_hash` given).
+    fn hit(&self, key: &CacheKey, range: KvRange, tokens_hash: Option<[u8; 32]>) -> Lookup {
+        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(hash) = tokens_hash {
+            self.tier_insert(*key, &range, hash);
+        }
+        Lookup::Hit(range)
+    }
+
+    /// [`KvStore::get`] (or, with `layers`, [`KvStore::get_layers`]) from a local
+    /// directory's file, read straight into the cache's buffers off the async workers.
+    #[cfg(unix)]
+    async fn get_local(
+        &self,
+        path: &Path,
+        key: &CacheKey,
+        tokens: Option<&[u32]>,
+        layers: Option<Range<usize>>,
+    ) -> Result<Lookup> {
+        use crate::local::{Limits, LocalRead, read_blob};
+        let local = self.local.as_ref().expect("a local store");
+        let file = local.path_to_filesystem(path)?;
+        let limits = Limits {
+            blob_bytes: self.max_blob_bytes(tokens.map(<[u32]>::len)),
+            header_bytes: self.max_header_bytes(),
+        };
+        let whole = layers.is_none();
+        let (key_copy, model, shape, device) = (*key, self.model, self.shape, self.device.clone());
+        let tokens = tokens.map(<[u32]>::to_vec);
+        let started = Instant::now();
+        let read = tokio::task::spawn_blocking(move || {
+            let expected = Expectation {
+                key: &key_copy,
+                model: &model,
+                shape,
+                tokens: tokens.as_deref(),
+            };
+            read_blob(&file, &limits, &expected, layers, &device).map_err(|source| {
+                KvStoreError::Io {
+                    path: file.display().to_string(),
+                    source,
+                }
+            })
+        })
+        .await
+        .map_err(|e| KvStoreError::Task(e.to_string()))??;
+        match read {
+            LocalRead::Absent => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(Lookup::Absent)
+            }
+            LocalRead::Hit { bytes, blob, range } => {
+                self.record_read(bytes as usize, started);
+                Ok(self.hit(key, range, whole.then_some(blob.tokens_hash)))
+            }
+            LocalRead::Rejected(reason) => Ok(self.reject(path, reason)),
         }
     }
 
@@ -473,9 +575,19 @@ impl KvStore {
             });
         }
         let path = self.path_of(key);
+        #[cfg(unix)]
+        if self.local.is_some() {
+            return self.get_local(&path, key, tokens, Some(layers)).await;
+        }
         let started = Instant::now();
-        let len_bytes = match self.store.get_range(&path, 0..8).await {
-            Ok(b) => b,
+        // The first read also gives the object's size: ranges past its end (a truncated
+        // object) are then refused as malformed instead of failing as requests.
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(0..8)),
+            ..GetOptions::default()
+        };
+        let (size, len_bytes) = match self.store.get_opts(&path, options).await {
+            Ok(got) => (got.meta.size, got.bytes().await?),
             Err(object_store::Error::NotFound { .. }) => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
                 return Ok(Lookup::Absent);
@@ -489,24 +601,21 @@ impl KvStore {
             ));
         }
         let header_len = u64::from_le_bytes(len_bytes[..8].try_into().expect("8 bytes"));
-        if header_len > self.max_header_bytes() {
+        if header_len > self.max_header_bytes() || 8 + header_len > size {
             return Ok(self.reject(&path, RejectReason::Malformed("oversized header".into())));
         }
         let header = self.store.get_range(&path, 8..8 + header_len).await?;
-        // safetensors' own header type: it also checks that the offsets tile the data.
-        let Ok(parsed) = serde_json::from_slice::<Metadata>(&header) else {
-            return Ok(self.reject(&path, RejectReason::Malformed("unparsable header".into())));
-        };
-        let meta = parsed.metadata().clone().unwrap_or_default();
         let expected = Expectation {
             key,
             model: &self.model,
             shape: self.shape,
             tokens,
         };
-        let checked = format::check_meta(&meta, &expected)
-            .and_then(|blob| Ok((format::layer_tensors(&parsed, &blob, layers)?, blob)));
-        let (tensors, blob) = match checked {
+        let checked = format::parse_header(&header, size).and_then(|(parsed, meta)| {
+            let blob = format::check_meta(&meta, &expected)?;
+            Ok((format::layer_tensors(&parsed, &blob, layers)?, blob, meta))
+        });
+        let (tensors, blob, meta) = match checked {
             Ok(found) => found,
             Err(reason) => return Ok(self.reject(&path, reason)),
         };
@@ -523,12 +632,9 @@ impl KvStore {
             8 + header.len() + chunks.iter().map(|c| c.len()).sum::<usize>(),
             started,
         );
-        let slices = chunks.iter().map(|c| c.as_ref());
+        let slices: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
         match format::range_from_tensors(&tensors, slices, &meta, &blob, &self.device) {
-            Ok(range) => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                Ok(Lookup::Hit(range))
-            }
+            Ok(range) => Ok(self.hit(key, range, None)),
             Err(reason) => Ok(self.reject(&path, reason)),
         }
     }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use url::Url;
 
@@ -17,6 +18,23 @@ pub fn open_url(
     url: &str,
     options: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    let opened = open_url_parts(url, options)?;
+    Ok((opened.store, opened.prefix))
+}
+
+/// An object store opened from a URL.
+pub(crate) struct OpenedStore {
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: Path,
+    /// The same store, when it is a local directory.
+    pub local: Option<Arc<LocalFileSystem>>,
+}
+
+/// [`open_url`], keeping a local directory's store as one.
+pub(crate) fn open_url_parts(
+    url: &str,
+    options: impl IntoIterator<Item = (String, String)>,
+) -> Result<OpenedStore> {
     let invalid = |reason: String| KvStoreError::InvalidUrl {
         url: url.to_string(),
         reason,
@@ -27,9 +45,13 @@ pub fn open_url(
             .to_file_path()
             .map_err(|_| invalid("not an absolute local path".into()))?;
         std::fs::create_dir_all(&dir).map_err(|e| invalid(format!("{}: {e}", dir.display())))?;
-        let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-            .map_err(|e| invalid(e.to_string()))?;
-        return Ok((Arc::new(store), Path::default()));
+        let local =
+            Arc::new(LocalFileSystem::new_with_prefix(&dir).map_err(|e| invalid(e.to_string()))?);
+        return Ok(OpenedStore {
+            store: local.clone(),
+            prefix: Path::default(),
+            local: Some(local),
+        });
     }
     // object_store's URL parser starts from empty builders; take the usual environment
     // variables first (as the builders' `from_env` would), then the explicit options.
@@ -50,7 +72,11 @@ pub fn open_url(
     let (store, prefix) =
         object_store::parse_url_opts(&parsed, from_env.into_iter().chain(options))
             .map_err(|e| invalid(e.to_string()))?;
-    Ok((Arc::from(store), prefix))
+    Ok(OpenedStore {
+        store: Arc::from(store),
+        prefix,
+        local: None,
+    })
 }
 
 #[cfg(test)]

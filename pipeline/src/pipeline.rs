@@ -132,8 +132,7 @@ impl PipelineBuilder {
             Some(kv) => kv,
             None => {
                 let url = self.kv_url.ok_or_else(|| missing("KV store"))?;
-                let (store, prefix) = ragcake_kvstore::open_url(&url, Vec::new())?;
-                let mut kv = KvStore::for_engine(store, prefix, &engine)
+                let mut kv = KvStore::open_for_engine(&url, Vec::new(), &engine)?
                     .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
                     .with_storage_dtype_for(CacheKind::Chunk, config.chunk_cache_dtype);
                 if config.memory_tier_bytes > 0 {

@@ -110,17 +110,22 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
 
     let dir = tempfile::tempdir()?;
+    let local_url = |name: &str| format!("file://{}", dir.path().join(name).display());
+    // (name, URL, memory tier, read through object_store even when local)
     let mut backends = vec![
-        ("memory".to_string(), "memory://".to_string(), false),
+        ("memory".to_string(), "memory://".to_string(), false, false),
+        ("local dir".to_string(), local_url("direct"), false, false),
         (
-            "local dir".to_string(),
-            format!("file://{}", dir.path().display()),
+            "local dir via object_store".to_string(),
+            local_url("object-store"),
             false,
+            true,
         ),
         (
             "local dir + memory tier".to_string(),
-            format!("file://{}", dir.path().join("tiered").display()),
+            local_url("tiered"),
             true,
+            false,
         ),
     ];
     if let Some(url) = &args.s3_url {
@@ -128,16 +133,22 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
             "s3".to_string(),
             format!("{url}/bench-{}", std::process::id()),
             false,
+            false,
         ));
     }
     // In memory behind a throttle (object_store's throttle cannot slow local files).
     let throttled_name = format!("memory at {} MB/s", args.throttle_mb_s);
     if args.throttle_mb_s > 0.0 {
-        backends.push((throttled_name.clone(), "memory://".to_string(), false));
+        backends.push((
+            throttled_name.clone(),
+            "memory://".to_string(),
+            false,
+            false,
+        ));
     }
 
     let mut rows = Vec::new();
-    for (name, url, tier) in backends {
+    for (name, url, tier, via_object_store) in backends {
         let (mut object_store, prefix) = open_url(&url, Vec::new())?;
         if name == throttled_name {
             let throttle = Throttle {
@@ -146,16 +157,22 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
             };
             object_store = throttled(object_store, throttle);
         }
-        // One store per dtype (its keys differ), filled once.
+        // One store per dtype (its keys differ), filled once. A local directory opened by
+        // URL reads its files straight into the caches' buffers; the raw GETs read the
+        // same files through object_store.
         let mut contenders = Vec::new();
         for &dtype in &args.dtypes {
-            let mut store = KvStore::new(
-                object_store.clone(),
-                prefix.clone(),
-                model,
-                shape,
-                Device::Cpu,
-            )
+            let mut store = if url.starts_with("file://") && !via_object_store {
+                KvStore::open(&url, Vec::new(), model, shape, Device::Cpu)?
+            } else {
+                KvStore::new(
+                    object_store.clone(),
+                    prefix.clone(),
+                    model,
+                    shape,
+                    Device::Cpu,
+                )
+            }
             .with_storage_dtype(dtype);
             if tier {
                 store = store.with_memory_tier(usize::MAX);

@@ -153,11 +153,8 @@ pub async fn run(args: RetrievalArgs) -> anyhow::Result<()> {
     let embedder = Arc::new(super::load_embedder()?);
     let index: Arc<dyn VectorIndex> =
         Arc::new(EdgeIndex::open(&work.path().join("index"), embedder.dim())?);
-    let (store, prefix) = ragcake::kvstore::open_url(
-        &format!("file://{}", work.path().join("kv").display()),
-        Vec::new(),
-    )?;
-    let kv = Arc::new(KvStore::for_engine(store, prefix, &engine));
+    let kv_url = format!("file://{}", work.path().join("kv").display());
+    let kv = Arc::new(KvStore::open_for_engine(&kv_url, Vec::new(), &engine)?);
     let ingest = |precompute_kv| {
         let config = IngestConfig {
             chunk_tokens: args.chunk_tokens,

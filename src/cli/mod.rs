@@ -146,11 +146,12 @@ impl StoreArgs {
             Some(url) => url.clone(),
             None => ragcake::paths::default_kv_url(),
         };
-        let (store, prefix) = ragcake::kvstore::open_url(&url, Vec::new())?;
         let chunk_dtype = self.chunk_dtype.unwrap_or(config.chunk_cache_dtype);
-        Ok(ragcake::kvstore::KvStore::for_engine(store, prefix, engine)
-            .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
-            .with_storage_dtype_for(CacheKind::Chunk, chunk_dtype))
+        Ok(
+            ragcake::kvstore::KvStore::open_for_engine(&url, Vec::new(), engine)?
+                .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
+                .with_storage_dtype_for(CacheKind::Chunk, chunk_dtype),
+        )
     }
 }
 

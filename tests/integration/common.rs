@@ -151,8 +151,7 @@ pub fn max_abs(a: &Tensor) -> f32 {
 
 /// A KV store for the default model over the object store `url` names.
 pub fn store_for(url: &str) -> KvStore {
-    let (store, prefix) = open_url(url, Vec::new()).unwrap();
-    store_over(store, prefix)
+    KvStore::open_for_engine(url, Vec::new(), engine()).unwrap()
 }
 
 /// A KV store for the default model over `store`.
@@ -208,8 +207,8 @@ pub async fn get_text(url: &str) -> String {
 
 /// The shared dense engine's KV store in the local directory `dir`.
 pub fn local_kv(dir: &std::path::Path) -> Arc<KvStore> {
-    let (store, prefix) = open_url(&format!("file://{}", dir.display()), Vec::new()).unwrap();
-    Arc::new(KvStore::for_engine(store, prefix, &shared_dense_engine()))
+    let url = format!("file://{}", dir.display());
+    Arc::new(KvStore::open_for_engine(&url, Vec::new(), &shared_dense_engine()).unwrap())
 }
 
 /// A real object store behind a wrapper that counts the requests passed to it: metadata

@@ -88,6 +88,7 @@ async fn conformance(store: KvStore) {
     expected.sort();
     assert_eq!(listed, expected);
 
+    corrupt_objects_are_rejected(&store, &key, &tokens).await;
     lifecycle_conformance(&store, (key, written as u64), (second, prefix_bytes as u64)).await;
     oversized_objects_are_refused_before_they_are_read(&store, &tokens).await;
 
@@ -167,6 +168,46 @@ async fn lifecycle_conformance(
 }
 
 /// An object larger than any cache of its key can be is refused by its size, unread.
+/// A truncated object, a flipped byte in the last tensor and a garbled header are each
+/// rejected by whole and by ranged reads, and the intact object loads again afterwards.
+async fn corrupt_objects_are_rejected(store: &KvStore, key: &CacheKey, tokens: &[u32]) {
+    let backend = store.object_store();
+    let path = store.path_of(key);
+    let intact = backend
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let truncated = intact[..intact.len() - 100].to_vec();
+    let mut flipped = intact.clone();
+    *flipped.last_mut().unwrap() ^= 1;
+    let mut garbled = intact.clone();
+    garbled[9] = b'#';
+    let last_layer = engine().model().config().n_layers - 1;
+    for (what, bytes) in [
+        ("truncated", truncated),
+        ("flipped", flipped),
+        ("garbled", garbled),
+    ] {
+        backend.put(&path, bytes.into()).await.unwrap();
+        let whole = store.get(key, Some(tokens)).await.unwrap();
+        assert!(matches!(whole, Lookup::Rejected(_)), "{what}: {whole:?}");
+        let part = store
+            .get_layers(key, Some(tokens), last_layer..last_layer + 1)
+            .await
+            .unwrap();
+        assert!(
+            matches!(part, Lookup::Rejected(_)),
+            "{what}, last layer: {part:?}"
+        );
+    }
+    backend.put(&path, intact.into()).await.unwrap();
+    assert!(loads(store, key, tokens).await);
+}
+
 async fn oversized_objects_are_refused_before_they_are_read(store: &KvStore, tokens: &[u32]) {
     let key = CacheKey::chunk(&engine().fingerprint(), &[1], tokens);
     let limit = store.max_blob_bytes(Some(tokens.len()));
@@ -198,6 +239,63 @@ fn local_directory_backend_passes_the_conformance_suite() {
     // Objects are laid out by model and kind, readable in a listing.
     let model_dir = dir.path().join("kv").join(engine().fingerprint().short());
     assert!(model_dir.join("prefix").is_dir());
+}
+
+/// The same suite with the directory read through object_store's reads, as any wrapper
+/// around a local store reads it (the plain store reads files into the cache's buffers).
+#[test]
+fn local_directory_read_through_object_store_passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let (store, prefix) = open_url(&url, Vec::new()).unwrap();
+    runtime().block_on(conformance(store_over(store, prefix)));
+}
+
+/// Reading files straight into the cache's buffers loads what decoding the same bytes in
+/// memory loads, bit for bit, in every storage dtype, whole and by layers.
+#[test]
+fn local_reads_into_cache_buffers_equal_decoding_in_memory_for_every_storage_dtype() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let tokens = prose_tokens(40);
+        let (_, range) = chunk_kv(&tokens);
+        for dtype in StorageDtype::ALL {
+            let local = store_for(&url).with_storage_dtype(dtype);
+            let key = local.chunk_key(&[], &tokens);
+            local.put(&key, &tokens, &range).await.unwrap();
+            let blob = local
+                .object_store()
+                .get(&local.path_of(&key))
+                .await
+                .unwrap();
+            let in_memory = decode(&key, &tokens, &blob.bytes().await.unwrap()).unwrap();
+            let read = local.get(&key, Some(&tokens)).await.unwrap().hit().unwrap();
+            assert_eq!(read.dtype(), dtype.loaded_dtype(), "{dtype}");
+            let layers = local
+                .get_layers(&key, Some(&tokens), 2..5)
+                .await
+                .unwrap()
+                .hit()
+                .unwrap();
+            for (i, (k, v)) in read.layers().iter().enumerate() {
+                assert_eq!(
+                    max_abs_diff(k, &in_memory.layers()[i].0),
+                    0.0,
+                    "{dtype} k{i}"
+                );
+                assert_eq!(
+                    max_abs_diff(v, &in_memory.layers()[i].1),
+                    0.0,
+                    "{dtype} v{i}"
+                );
+            }
+            for (i, (k, v)) in layers.layers().iter().enumerate() {
+                assert_eq!(max_abs_diff(k, &read.layers()[2 + i].0), 0.0, "{dtype}");
+                assert_eq!(max_abs_diff(v, &read.layers()[2 + i].1), 0.0, "{dtype}");
+            }
+        }
+    });
 }
 
 #[test]
