@@ -18,14 +18,15 @@ use ragcake::engine::scheduler::{
     ComputeBackend, Filled, LoadBackend, Mode, Policy, PrefillReport, PrefillRequest, PromptChunk,
     Scheduler, SchedulerConfig, plan,
 };
-use ragcake::engine::{Engine, KvRange};
+use ragcake::engine::{Engine, KvRange, Tensor};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
-use ragcake::kvstore::{CacheKey, KvStore, Throttle, open_url, throttled};
+use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, open_url, throttled};
 use serde::Serialize;
 
 use super::bench::bench_tokens;
+use super::bench_ttft_dtypes;
 use super::report::{Stats, print_json, print_table, write_csv};
 use super::{ModelArgs, plot};
 
@@ -51,6 +52,11 @@ pub struct TtftArgs {
     /// Also measure an S3 store (credentials and endpoint from AWS_* variables).
     #[arg(long, env = "RAGCAKE_BENCH_S3_URL")]
     s3_url: Option<String>,
+    /// Also compare these storage dtypes of the stored caches at every bandwidth
+    /// (load-only and bidirectional TTFT, bytes per token, agreement with full
+    /// computation), written beside the CSV as `<name>-dtypes.csv`; e.g. `f32,f16,int8`.
+    #[arg(long, value_delimiter = ',')]
+    dtypes: Vec<StorageDtype>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -117,11 +123,12 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
     let tail = engine
         .tokenizer()
         .encode("\nQuestion: what does the context say?", false)?;
-    let mut rows = Vec::new();
+    let (mut rows, mut dtype_rows) = (Vec::new(), Vec::new());
     for &context in &args.contexts {
         let tokens = bench_tokens(&engine, context);
         let chunks: Vec<Vec<u32>> = tokens.chunks(args.chunk).map(<[u32]>::to_vec).collect();
-        let (compute_each, tail_secs, kv) = measure_compute(&engine, &chunks, &tail, args.repeats)?;
+        let computed = measure_compute(&engine, &chunks, &tail, args.repeats)?;
+        let (compute_each, tail_secs, kv) = (&computed.each, computed.tail_secs, &computed.kv);
         let compute_total: f64 = compute_each.iter().sum();
         eprintln!(
             "context {context}: {} chunks, compute {compute_total:.2} s + tail {tail_secs:.3} s",
@@ -167,7 +174,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
         for ((_, target, prefix), views) in stores {
             let writer = KvStore::for_engine(target, prefix.clone(), &engine);
             let keys = writer.prefix_chain(chunks.iter().map(Vec::as_slice));
-            for ((key, tokens), range) in keys.iter().zip(&chunks).zip(&kv) {
+            for ((key, tokens), range) in keys.iter().zip(&chunks).zip(kv) {
                 writer.put(key, tokens, range).await?;
             }
             for (name, view, _) in views {
@@ -191,7 +198,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 );
                 let scheduler = Scheduler::start(engine.clone(), store.clone(), config);
                 let run_mode = async |mode: Mode| -> anyhow::Result<(Stats, f64)> {
-                    let (ttft, reports) =
+                    let (ttft, reports, _) =
                         time_prefills(&store, &chunks, &tail, mode, args.repeats, |r| {
                             Box::pin(scheduler.prefill(r))
                         })
@@ -213,7 +220,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                         } else {
                             &chunk_level
                         };
-                        let (ttft, reports) =
+                        let (ttft, reports, _) =
                             time_prefills(&store, &chunks, &tail, Mode::Bidirectional, 1, |r| {
                                 Box::pin(scheduler.prefill(r))
                             })
@@ -231,7 +238,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 let chunk_level = Stats::of(without);
                 let computed = Stats::of(computed).median;
                 let split_chunks = Stats::of(split_chunks).median;
-                let import_each = import_secs(&engine, &kv)?;
+                let import_each = import_secs(&engine, kv)?;
                 let loads = LoadTimes {
                     total: load_total,
                     one: load_one,
@@ -239,13 +246,13 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 };
                 let n = chunks.len();
                 let (split, predicted) =
-                    choose_split(&compute_each, |m| loads.of(m, n), engine.layers());
+                    choose_split(compute_each, |m| loads.of(m, n), engine.layers());
                 let split_config = LayerSplitConfig {
                     split,
                     io_concurrency: args.io_concurrency,
                     load_timeout_secs: SchedulerConfig::default().load_timeout_secs,
                 };
-                let (layer_split, reports) = time_prefills(
+                let (layer_split, reports, _) = time_prefills(
                     &store,
                     &chunks,
                     &tail,
@@ -269,7 +276,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     );
                 }
                 let compute_only = compute_only.expect("measured");
-                let t_star = ideal_split(&compute_each, &loads, &import_each) + tail_secs;
+                let t_star = ideal_split(compute_each, &loads, &import_each) + tail_secs;
                 let t_continuous =
                     compute_total * load_total / (compute_total + load_total) + tail_secs;
                 let best_single = compute_only.median.min(load_only.median);
@@ -315,21 +322,44 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 });
             }
         }
+        if args.dtypes.len() > 1 {
+            eprintln!("context {context}: storage dtypes {:?}", args.dtypes);
+            let context = bench_ttft_dtypes::Context {
+                engine: &engine,
+                chunks: &chunks,
+                tail: &tail,
+                kv,
+                logits: &computed.logits,
+            };
+            dtype_rows.extend(
+                bench_ttft_dtypes::compare(
+                    &context,
+                    &args.dtypes,
+                    &args.bandwidths,
+                    args.io_concurrency,
+                    args.repeats,
+                )
+                .await?,
+            );
+        }
+    }
+    if !dtype_rows.is_empty() {
+        bench_ttft_dtypes::write_outputs(&args.csv, &dtype_rows, args.json)?;
     }
     write_outputs(&args, &rows)
 }
 
-/// Plans and times `repeats` prefills of the context by `prefill`; returns the TTFTs and
-/// every run's report.
-async fn time_prefills<'a>(
+/// Plans and times `repeats` prefills of the context by `prefill`; returns the TTFTs,
+/// every run's report and the last run's logits of the prompt's last token.
+pub(super) async fn time_prefills<'a>(
     store: &KvStore,
     chunks: &[Vec<u32>],
     tail: &[u32],
     mode: Mode,
     repeats: usize,
     prefill: impl Fn(PrefillRequest<CacheKey>) -> BoxFuture<'a, ragcake::engine::Result<Filled<Engine>>>,
-) -> anyhow::Result<(Stats, Vec<PrefillReport>)> {
-    let (mut ttft, mut reports) = (Vec::new(), Vec::new());
+) -> anyhow::Result<(Stats, Vec<PrefillReport>, Tensor)> {
+    let (mut ttft, mut reports, mut logits) = (Vec::new(), Vec::new(), None);
     for _ in 0..repeats {
         let chunks = chunks.iter().cloned().map(PromptChunk::from).collect();
         let (request, _) = plan(store, chunks, tail.to_vec(), mode.into()).await;
@@ -337,22 +367,36 @@ async fn time_prefills<'a>(
         let done = prefill(request).await?;
         ttft.push(started.elapsed().as_secs_f64());
         reports.push(done.report);
+        logits = Some(done.logits);
     }
-    Ok((Stats::of(ttft), reports))
+    let logits = logits.ok_or_else(|| anyhow::anyhow!("no repeats"))?;
+    Ok((Stats::of(ttft), reports, logits))
 }
 
-/// Per-chunk compute seconds at their positions (median of `repeats`), the tail's, and the
-/// exact KV of every chunk in context (from the last repeat, so the context is not
-/// computed once more just to be stored).
+/// Full computation of a context, measured.
+struct Computed {
+    /// Seconds per chunk at its position (median of the repeats).
+    each: Vec<f64>,
+    /// Seconds of the question tail.
+    tail_secs: f64,
+    /// The KV of every chunk in context (from the last repeat, so the context is not
+    /// computed once more just to be stored).
+    kv: Vec<KvRange>,
+    /// Logits of the prompt's last token.
+    logits: Tensor,
+}
+
+/// Computes the context `repeats` times, timing each chunk and the tail.
 fn measure_compute(
     engine: &Engine,
     chunks: &[Vec<u32>],
     tail: &[u32],
     repeats: usize,
-) -> anyhow::Result<(Vec<f64>, f64, Vec<KvRange>)> {
+) -> anyhow::Result<Computed> {
     let mut per_chunk = vec![Vec::new(); chunks.len()];
     let mut tails = Vec::new();
     let mut kv = Vec::new();
+    let mut logits = None;
     for _ in 0..repeats {
         let mut cache = engine.new_cache();
         for (i, chunk) in chunks.iter().enumerate() {
@@ -361,7 +405,7 @@ fn measure_compute(
             per_chunk[i].push(started.elapsed().as_secs_f64());
         }
         let started = Instant::now();
-        engine.append(&mut cache, tail, 512, true)?;
+        logits = engine.append(&mut cache, tail, 512, true)?;
         tails.push(started.elapsed().as_secs_f64());
         let starts = chunk_starts(chunks.iter().map(Vec::len));
         kv = starts
@@ -369,8 +413,12 @@ fn measure_compute(
             .map(|w| cache.export(w[0]..w[1]))
             .collect::<Result<_, _>>()?;
     }
-    let each = per_chunk.into_iter().map(|t| Stats::of(t).median).collect();
-    Ok((each, Stats::of(tails).median, kv))
+    Ok(Computed {
+        each: per_chunk.into_iter().map(|t| Stats::of(t).median).collect(),
+        tail_secs: Stats::of(tails).median,
+        kv,
+        logits: logits.ok_or_else(|| anyhow::anyhow!("no repeats or no logits"))?,
+    })
 }
 
 /// Seconds to load every chunk with `concurrency` reads in flight, and the bytes read.

@@ -7,6 +7,7 @@ mod bench_kvstore;
 mod bench_retrieval;
 mod bench_serve;
 mod bench_ttft;
+mod bench_ttft_dtypes;
 mod generate;
 mod ingest;
 mod kv;
