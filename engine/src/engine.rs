@@ -47,7 +47,8 @@ impl DeviceChoice {
 pub struct EngineConfig {
     /// Where to compute.
     pub device: DeviceChoice,
-    /// Compute dtype; f32 when unset (CPU matrix kernels are fastest in f32).
+    /// Compute dtype of weights and KV; when unset f32 on the CPU (its matrix kernels are
+    /// fastest in f32) and bf16 on a GPU (tensor cores, half the memory traffic).
     pub dtype: Option<DTypeChoice>,
     /// Keep quantized copies of the weights for decode steps (CPU only): the GGUF's own Q4_1
     /// blocks, 8-bit blocks for other types. Decode is bound by memory bandwidth, so this
@@ -81,6 +82,32 @@ pub enum DTypeChoice {
     F16,
     /// bfloat16.
     Bf16,
+}
+
+impl DTypeChoice {
+    /// Every choice, by name.
+    pub const ALL: [(Self, &'static str); 3] =
+        [(Self::F32, "f32"), (Self::F16, "f16"), (Self::Bf16, "bf16")];
+
+    /// The dtype an engine on `device` computes in unless told: f32 on a CPU, bf16 on a GPU.
+    pub fn default_for(device: &Device) -> Self {
+        if device.is_cpu() {
+            Self::F32
+        } else {
+            Self::Bf16
+        }
+    }
+}
+
+impl std::str::FromStr for DTypeChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(_, name)| *name == s)
+            .map(|(d, _)| *d)
+            .ok_or_else(|| format!("{s:?} is none of f32, f16, bf16"))
+    }
 }
 
 impl From<DTypeChoice> for DType {
@@ -119,7 +146,7 @@ impl Engine {
     pub fn load(path: impl AsRef<Path>, config: &EngineConfig) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let device = config.device.device()?;
-        let dtype = config.dtype.map(DType::from).unwrap_or(DType::F32);
+        let dtype = DType::from(config.dtype.unwrap_or(DTypeChoice::default_for(&device)));
         let mut gguf = GgufFile::open(&path)?;
         // Architecture and tokenizer first: an unsupported file fails before weights load.
         LlamaConfig::from_gguf(&gguf)?;

@@ -161,12 +161,29 @@ pub(super) fn threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
+fn prefill(mut args: PrefillArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
     anyhow::ensure!(!args.contexts.is_empty(), "--contexts is empty");
     let model_path = args.model.model_path()?;
     let engine = args.model.load()?;
+    // Contexts past the model's are left out, said so (a GPU run asks for up to 32k tokens
+    // whatever model it is given).
+    let context_length = engine.model().config().context_length;
+    let (contexts, too_long): (Vec<usize>, Vec<usize>) = args
+        .contexts
+        .iter()
+        .partition(|&&n| n + args.decode_tokens <= context_length);
+    if !too_long.is_empty() {
+        eprintln!("contexts {too_long:?} skipped: the model's context is {context_length} tokens");
+    }
+    anyhow::ensure!(
+        !contexts.is_empty(),
+        "no context fits the model's {context_length} tokens"
+    );
+    args.contexts = contexts;
     let max_ctx = *args.contexts.iter().max().unwrap_or(&256);
+    // GPU kernels run asynchronously: a timer stops only after the device has finished.
+    let finish = || -> anyhow::Result<()> { Ok(engine.model().device().synchronize()?) };
     let tokens = bench_tokens(&engine, max_ctx.max(256 + args.decode_tokens));
     let threads = threads();
 
@@ -176,6 +193,7 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         &tokens[..256.min(max_ctx)],
         args.chunk,
     )?;
+    finish()?;
     let mut ours = Vec::new();
     for &n in &args.contexts {
         let mut rates = Vec::new();
@@ -183,6 +201,7 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
             let mut cache = engine.new_cache();
             let t0 = Instant::now();
             engine.prefill(&mut cache, &tokens[..n], args.chunk)?;
+            finish()?;
             rates.push(n as f64 / t0.elapsed().as_secs_f64());
         }
         eprintln!(
@@ -201,6 +220,7 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
                 .model()
                 .decode(&tokens[256 + i..257 + i], &mut cache)?;
         }
+        finish()?;
         decode.push(args.decode_tokens as f64 / t0.elapsed().as_secs_f64());
     }
     let mut batched = Vec::new();
@@ -219,6 +239,7 @@ fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
                 let step = vec![tokens[256 + i]; batch];
                 engine.model().decode_batch(&step, &mut refs)?;
             }
+            finish()?;
             rates.push((batch * args.decode_tokens) as f64 / t0.elapsed().as_secs_f64());
         }
         eprintln!(

@@ -117,6 +117,9 @@ struct Row {
 /// What one backend needs: a name, the object store, its path prefix.
 type Backend = (String, Arc<dyn ObjectStore>, Path);
 
+/// The local directory backend's name.
+const LOCAL: &str = "local dir";
+
 pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repeats > 0 && args.chunk > 0 && args.io_concurrency > 0);
     let engine = Arc::new(args.model.load()?);
@@ -161,8 +164,9 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
             ("memory".into(), memory.clone(), Path::default()),
             throttled_views,
         ));
-        let (local, prefix) = open_url(&format!("file://{}", dir.path().display()), Vec::new())?;
-        let local: Backend = ("local dir".into(), local, prefix);
+        let local_url = format!("file://{}", dir.path().display());
+        let (local, prefix) = open_url(&local_url, Vec::new())?;
+        let local: Backend = (LOCAL.into(), local, prefix);
         stores.push((local.clone(), vec![local]));
         if let Some(url) = &args.s3_url {
             let (s3, prefix) = open_url(&format!("{url}/ttft-{}", std::process::id()), Vec::new())?;
@@ -178,7 +182,13 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 writer.put(key, tokens, range).await?;
             }
             for (name, view, _) in views {
-                let store = Arc::new(KvStore::for_engine(view, prefix.clone(), &engine));
+                // The local directory as users open it: by URL, its loads reading files
+                // straight into the caches' buffers.
+                let store = Arc::new(if name == LOCAL {
+                    KvStore::open_for_engine(&local_url, Vec::new(), &engine)?
+                } else {
+                    KvStore::for_engine(view, prefix.clone(), &engine)
+                });
                 let (load_total, bytes) =
                     measure_loads(&store, &keys, &chunks, args.io_concurrency).await?;
                 let (load_one, _) = measure_loads(&store, &keys[..1], &chunks[..1], 1).await?;
@@ -365,6 +375,8 @@ pub(super) async fn time_prefills<'a>(
         let (request, _) = plan(store, chunks, tail.to_vec(), mode.into()).await;
         let started = Instant::now();
         let done = prefill(request).await?;
+        // GPU kernels run asynchronously: the first token exists once the device is done.
+        done.logits.device().synchronize()?;
         ttft.push(started.elapsed().as_secs_f64());
         reports.push(done.report);
         logits = Some(done.logits);

@@ -73,6 +73,10 @@ pub struct ModelArgs {
     /// Run on CUDA GPU N (needs a build with the `cuda` feature).
     #[arg(long, value_name = "N")]
     cuda: Option<usize>,
+    /// Compute dtype of weights and KV cache: f32, f16 or bf16 [default: f32 on the CPU,
+    /// bf16 on a GPU].
+    #[arg(long, env = "RAGCAKE_DTYPE")]
+    dtype: Option<ragcake::engine::DTypeChoice>,
     /// Decode with the dense f32 weights instead of the quantized blocks (slower, bit-for-bit
     /// the prefill arithmetic).
     #[arg(long)]
@@ -92,7 +96,7 @@ impl ModelArgs {
         EngineConfig {
             device: self.cuda.map(DeviceChoice::Cuda).unwrap_or_default(),
             quantized_decode: !self.dense_decode,
-            ..EngineConfig::default()
+            dtype: self.dtype,
         }
     }
 

@@ -271,3 +271,49 @@ fn bench_serve_reports_every_contender_at_every_point_with_the_documented_fields
     }
     assert!(csv.is_file());
 }
+
+/// Without a GPU the GPU benchmark script runs nothing and says why, with exit status 2:
+/// when `nvidia-smi` is missing and when it lists no device.
+#[test]
+fn gpu_bench_script_refuses_clearly_without_a_gpu() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu-bench.sh");
+    let bin = tempfile::tempdir().unwrap();
+    let which = |name: &str| {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .output()
+            .unwrap();
+        PathBuf::from(String::from_utf8(found.stdout).unwrap().trim())
+    };
+    // Only what the script needs before its GPU check: no nvidia-smi on this PATH.
+    std::os::unix::fs::symlink(which("dirname"), bin.path().join("dirname")).unwrap();
+    let bash = which("bash");
+    let out_dir = bin.path().join("results");
+    let run = || {
+        Command::new(&bash)
+            .arg(&script)
+            .arg(&out_dir)
+            .env("PATH", bin.path())
+            .output()
+            .unwrap()
+    };
+    let missing = run();
+    let said = String::from_utf8_lossy(&missing.stderr).to_string();
+    assert_eq!(missing.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("nvidia-smi not found") && said.contains("nothing was run"),
+        "{said}"
+    );
+
+    let fake = bin.path().join("nvidia-smi");
+    std::fs::write(&fake, "#!/bin/sh\necho 'No devices were found'\nexit 6\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let none = run();
+    let said = String::from_utf8_lossy(&none.stderr).to_string();
+    assert_eq!(none.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("finds no usable GPU: No devices were found"),
+        "{said}"
+    );
+    assert!(!out_dir.exists(), "nothing was written");
+}
