@@ -12,15 +12,18 @@ use ragcake::engine::scheduler::{
     PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, SchedulerStats, StoredCache,
     plan, spread_recompute,
 };
-use ragcake::engine::{Engine, FinishReason, GenerateParams, KvCache, KvRange, Sampler, Tensor};
+use ragcake::engine::{
+    DType, DTypeChoice, Engine, EngineConfig, FinishReason, GenerateParams, KvCache, KvRange,
+    Sampler, Tensor,
+};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, throttled};
 
 use crate::common::{
-    max_abs, max_abs_diff, mean_kl, prose_tokens, runtime, s3_store_at, s3_store_that_is_down,
-    shared_dense_engine, silent_server, store_over,
+    max_abs, max_abs_diff, mean_kl, model_path, prose_tokens, runtime, s3_store_at,
+    s3_store_that_is_down, shared_dense_engine, silent_server, store_over,
 };
 
 /// A preamble, five chunks of prose of different lengths, and a question tail.
@@ -484,6 +487,55 @@ fn prefix_caches_in_the_default_storage_give_the_logits_of_computation_bit_for_b
         };
         let prompt = chunks.iter().cloned().map(PromptChunk::from).collect();
         let (request, lookup) = plan(&*store, prompt, tail.clone(), options).await;
+        assert_eq!(lookup.prefix_hits, chunks.len());
+        let loaded = scheduler.prefill(request).await.unwrap();
+        assert_eq!(loaded.report.chunks_loaded, chunks.len());
+        assert_eq!(max_abs_diff(&loaded.logits, &computed.logits), 0.0);
+    });
+}
+
+#[test]
+fn an_engine_computing_in_bf16_keeps_the_greedy_token_and_loads_its_own_prefix_caches_bit_for_bit()
+{
+    // The GPU's dtype, on the CPU: weights and KV in bf16 (as `--dtype bf16`, the default
+    // on a GPU). Its exact prefix caches are keyed apart from the f32 engine's and reproduce
+    // its own computation to the bit.
+    runtime().block_on(async {
+        let config = EngineConfig {
+            dtype: Some(DTypeChoice::Bf16),
+            quantized_decode: false,
+            ..EngineConfig::default()
+        };
+        let engine = Arc::new(Engine::load(model_path(), &config).unwrap());
+        assert_eq!(engine.new_cache().dtype(), DType::BF16);
+        let (chunks, tail) = context();
+        let f32_logits = reference_logits(&chunks, &tail);
+        let store = Arc::new(KvStore::for_engine(
+            Arc::new(InMemory::new()),
+            Path::default(),
+            &engine,
+        ));
+        let f32_store = memory_store(StorageDtype::F32);
+        assert_ne!(
+            store.prefix_key(None, &chunks[0]),
+            f32_store.prefix_key(None, &chunks[0]),
+            "bf16 and f32 caches share no key"
+        );
+        let scheduler = Scheduler::start(engine.clone(), store.clone(), SchedulerConfig::default());
+        let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
+        let computed = scheduler.prefill(request).await.unwrap();
+        written_back(&scheduler, chunks.len() as u64).await;
+        // bf16 rounding moves the logits a little, not the answer.
+        let argmax = |t: &Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        let f32_of_bf16 = computed.logits.to_dtype(DType::F32).unwrap();
+        assert_eq!(argmax(&f32_of_bf16), argmax(&f32_logits));
+        let diff = max_abs_diff(&f32_of_bf16, &f32_logits);
+        assert!(
+            diff < 0.1 * max_abs(&f32_logits),
+            "bf16 logits {diff} off f32"
+        );
+
+        let (request, lookup) = planned(&store, &chunks, &tail, Mode::LoadOnly).await;
         assert_eq!(lookup.prefix_hits, chunks.len());
         let loaded = scheduler.prefill(request).await.unwrap();
         assert_eq!(loaded.report.chunks_loaded, chunks.len());
