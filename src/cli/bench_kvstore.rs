@@ -1,11 +1,13 @@
 //! `ragcake bench kvstore`: load throughput of a 4k-token context from each backend and in
 //! each storage dtype, through the KV store (GET + verify + decode) and as raw object_store
-//! GETs of the same bytes, in one run; the dtypes take turns within each repeat.
+//! GETs of the same bytes, in one run. Every contender is read once untimed first; the dtypes
+//! take turns within each repeat, and raw GETs and verified loads take turns going first.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use clap::Args;
 use futures::{StreamExt, TryStreamExt};
 use ragcake::engine::scheduler::LoadBackend;
@@ -71,6 +73,10 @@ struct Row {
     kvstore_tokens_s: f64,
     /// kvstore / raw (medians).
     ratio: f64,
+    /// Median of each repeat's kvstore / raw, in the repeats where the raw GETs went
+    /// first, and in those where the verified loads did (empty with a single repeat).
+    ratio_raw_first: Option<f64>,
+    ratio_kvstore_first: Option<f64>,
     /// Verify + decode alone, on bytes already in memory.
     decode_mb_s: f64,
     /// Share of a load spent verifying and decoding.
@@ -191,15 +197,27 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
                 total,
                 raw: Vec::new(),
                 ours: Vec::new(),
+                ratios_raw_first: Vec::new(),
+                ratios_verified_first: Vec::new(),
                 decode_secs: Vec::new(),
             });
         }
+        // Every contender read once untimed (both ways), so none is timed cold.
+        for c in &mut contenders {
+            c.measure(&object_store, args.concurrency, Order::Warmup)
+                .await?;
+        }
         for repeat in 0..args.repeats {
-            // The dtypes take turns going first.
+            // The dtypes take turns going first, and so do raw GETs and verified loads.
             let n = contenders.len();
+            let order = if repeat % 2 == 0 {
+                Order::RawFirst
+            } else {
+                Order::VerifiedFirst
+            };
             for k in 0..n {
                 let c = &mut contenders[(k + repeat) % n];
-                c.measure(&object_store, args.concurrency).await?;
+                c.measure(&object_store, args.concurrency, order).await?;
             }
         }
         for c in contenders {
@@ -207,6 +225,15 @@ pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
         }
     }
     write_outputs(&args, &rows)
+}
+
+/// Which read of a repeat goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Both read, nothing recorded.
+    Warmup,
+    RawFirst,
+    VerifiedFirst,
 }
 
 /// One storage dtype's store on one backend, and its timings.
@@ -217,23 +244,26 @@ struct Contender {
     total: u64,
     raw: Vec<f64>,
     ours: Vec<f64>,
+    /// verified / raw of each repeat, by which went first.
+    ratios_raw_first: Vec<f64>,
+    ratios_verified_first: Vec<f64>,
     decode_secs: Vec<f64>,
 }
 
 impl Contender {
-    /// One timed repeat: raw GETs, verified loads, then decoding alone.
-    async fn measure(
-        &mut self,
+    /// Plain object_store GETs of every blob: seconds, and the bytes.
+    async fn raw_reads(
+        &self,
         object_store: &Arc<dyn ObjectStore>,
         concurrency: usize,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<(f64, Vec<Bytes>)> {
         let paths: Vec<_> = self
             .keys
             .iter()
             .map(|(k, _)| self.store.path_of(k))
             .collect();
         let t0 = Instant::now();
-        let blobs: Vec<_> = futures::stream::iter(paths)
+        let blobs = futures::stream::iter(paths)
             .map(|p| {
                 let s = object_store.clone();
                 async move { s.get(&p).await?.bytes().await }
@@ -241,21 +271,49 @@ impl Contender {
             .buffered(concurrency)
             .try_collect()
             .await?;
-        self.raw
-            .push(self.total as f64 / 1e6 / t0.elapsed().as_secs_f64());
+        Ok((t0.elapsed().as_secs_f64(), blobs))
+    }
 
+    /// Verified loads of every blob through the KV store: seconds.
+    async fn verified_reads(&self, concurrency: usize) -> anyhow::Result<f64> {
         let t0 = Instant::now();
         let loaded: Vec<_> = futures::stream::iter(self.keys.iter())
             .map(|(k, t)| self.store.get(k, Some(t)))
             .buffered(concurrency)
             .try_collect()
             .await?;
-        self.ours
-            .push(self.total as f64 / 1e6 / t0.elapsed().as_secs_f64());
+        let secs = t0.elapsed().as_secs_f64();
         anyhow::ensure!(
             loaded.into_iter().all(|l| l.hit().is_some()),
             "a stored chunk did not load"
         );
+        Ok(secs)
+    }
+
+    /// One repeat: raw GETs and verified loads in `order`, then decoding alone.
+    async fn measure(
+        &mut self,
+        object_store: &Arc<dyn ObjectStore>,
+        concurrency: usize,
+        order: Order,
+    ) -> anyhow::Result<()> {
+        let (raw_secs, blobs, ours_secs) = if order == Order::VerifiedFirst {
+            let ours = self.verified_reads(concurrency).await?;
+            let (raw, blobs) = self.raw_reads(object_store, concurrency).await?;
+            (raw, blobs, ours)
+        } else {
+            let (raw, blobs) = self.raw_reads(object_store, concurrency).await?;
+            (raw, blobs, self.verified_reads(concurrency).await?)
+        };
+        let raw_rate = self.total as f64 / 1e6 / raw_secs;
+        let ours_rate = self.total as f64 / 1e6 / ours_secs;
+        match order {
+            Order::Warmup => return Ok(()),
+            Order::RawFirst => self.ratios_raw_first.push(ours_rate / raw_rate),
+            Order::VerifiedFirst => self.ratios_verified_first.push(ours_rate / raw_rate),
+        }
+        self.raw.push(raw_rate);
+        self.ours.push(ours_rate);
 
         // Decode alone (verify + tensors), on bytes already in memory.
         let (model, shape) = (self.store.model(), self.store.shape());
@@ -297,6 +355,8 @@ impl Contender {
             bytes_per_token: total / args.context as f64,
             kvstore_tokens_s: args.context as f64 / load_secs,
             ratio: ours.median / raw.median,
+            ratio_raw_first: median(self.ratios_raw_first),
+            ratio_kvstore_first: median(self.ratios_verified_first),
             decode_mb_s: total / 1e6 / decode,
             decode_share: if tier { 0.0 } else { decode / load_secs },
             raw_mb_s: raw.median,
@@ -307,6 +367,11 @@ impl Contender {
             kvstore_max: ours.max,
         }
     }
+}
+
+/// The median of `xs`, when there are any.
+fn median(xs: Vec<f64>) -> Option<f64> {
+    (!xs.is_empty()).then(|| Stats::of(xs).median)
 }
 
 fn write_outputs(args: &KvstoreArgs, rows: &[Row]) -> anyhow::Result<()> {
@@ -331,6 +396,8 @@ fn write_outputs(args: &KvstoreArgs, rows: &[Row]) -> anyhow::Result<()> {
             "kvstore_min",
             "kvstore_max",
             "ratio",
+            "ratio_raw_first",
+            "ratio_kvstore_first",
             "kvstore_tokens_s",
             "decode_share",
         ],
