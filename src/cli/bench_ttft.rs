@@ -1,5 +1,6 @@
 //! `ragcake bench ttft`: time to first token of compute-only, load-only and bidirectional
-//! prefill across storage bandwidths, beside the ideal split T* measured in the same run,
+//! prefill across storage bandwidths, beside lower bounds from the same run's costs (T*,
+//! the best chunk-level split, and a layer-level bound no schedule can beat),
 //! and of the layer split (the front chunks computed, then each chunk's bottom layers
 //! computed while its top layers are loaded).
 
@@ -10,6 +11,7 @@ use std::time::Instant;
 use clap::Args;
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use ragcake::engine::scheduler::bounds::{Bounds, ChunkCosts, prefill_bounds};
 use ragcake::engine::scheduler::dispatch::chunk_starts;
 use ragcake::engine::scheduler::layer_split::{
     LayerSplitConfig, choose_split, prefill_layer_split,
@@ -22,7 +24,7 @@ use ragcake::engine::{Engine, KvRange, Tensor};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
-use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, open_url, throttled};
+use ragcake::kvstore::{CacheKey, CacheKind, KvStore, StorageDtype, Throttle, open_url, throttled};
 use serde::Serialize;
 
 use super::bench::bench_tokens;
@@ -91,13 +93,21 @@ struct Row {
     chunk_level_min: f64,
     chunk_level_max: f64,
     bidir_over_chunk_level: f64,
-    /// Best split with hindsight from measured per-chunk compute and load times.
+    /// T*: the chunk-level lower bound ([`prefill_bounds`]) from this run's costs — each
+    /// chunk's fastest compute at its position, its import as loaded, one read's load time
+    /// with the reads the store sustains at once — and the chunks its split computes.
     t_star_s: f64,
-    /// N / (compute rate + load rate), plus the tail.
-    t_continuous_s: f64,
+    t_star_split: usize,
+    /// The layer-level lower bound from the same costs: no schedule, with layer splits or
+    /// without, can beat it.
+    layer_bound_s: f64,
+    /// The bidirectional median is below T* (with layer splits: below the layer bound) by
+    /// more than its own spread: the costs were measured wrong.
+    below_bound: bool,
     /// Chunks computed by bidirectional runs (median).
     bidir_chunks_computed: f64,
     bidir_over_t_star: f64,
+    chunk_level_over_t_star: f64,
     bidir_over_best_single: f64,
     /// Where the layer split divided the work (planned from the compute and load times
     /// measured in this run): chunks before `split_chunk` computed, layers from
@@ -130,8 +140,8 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
     for &context in &args.contexts {
         let tokens = bench_tokens(&engine, context);
         let chunks: Vec<Vec<u32>> = tokens.chunks(args.chunk).map(<[u32]>::to_vec).collect();
-        let computed = measure_compute(&engine, &chunks, &tail, args.repeats)?;
-        let (compute_each, tail_secs, kv) = (&computed.each, computed.tail_secs, &computed.kv);
+        let measured = measure_compute(&engine, &chunks, &tail, args.repeats)?;
+        let (compute_each, tail_secs, kv) = (&measured.each, measured.tail_secs, &measured.kv);
         let compute_total: f64 = compute_each.iter().sum();
         eprintln!(
             "context {context}: {} chunks, compute {compute_total:.2} s + tail {tail_secs:.3} s",
@@ -248,7 +258,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 let chunk_level = Stats::of(without);
                 let computed = Stats::of(computed).median;
                 let split_chunks = Stats::of(split_chunks).median;
-                let import_each = import_secs(&engine, kv)?;
+                let import_each = import_secs(&engine, &store, kv)?;
                 let loads = LoadTimes {
                     total: load_total,
                     one: load_one,
@@ -286,9 +296,16 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     );
                 }
                 let compute_only = compute_only.expect("measured");
-                let t_star = ideal_split(compute_each, &loads, &import_each) + tail_secs;
-                let t_continuous =
-                    compute_total * load_total / (compute_total + load_total) + tail_secs;
+                let bounds = loads.bounds(&measured, &import_each);
+                let t_star = bounds.chunk_level;
+                let spread = bidirectional.max - bidirectional.min;
+                let below_bound = bidirectional.median < bounds.layer_level - spread
+                    || chunk_level.median < t_star - (chunk_level.max - chunk_level.min);
+                if below_bound {
+                    eprintln!(
+                        "  warning: {name}: measured below the bounds ({bounds:?}): the costs were measured wrong"
+                    );
+                }
                 let best_single = compute_only.median.min(load_only.median);
                 eprintln!(
                     "  {name}: compute-only {:.2} s, load-only {:.2} s, bidirectional {:.2} s, T* {t_star:.2} s, layer split at chunk {} layer {} {:.2} s",
@@ -318,9 +335,12 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                     chunk_level_max: chunk_level.max,
                     bidir_over_chunk_level: bidirectional.median / chunk_level.median,
                     t_star_s: t_star,
-                    t_continuous_s: t_continuous,
+                    t_star_split: bounds.chunk_split,
+                    layer_bound_s: bounds.layer_level,
+                    below_bound,
                     bidir_chunks_computed: computed,
                     bidir_over_t_star: bidirectional.median / t_star,
+                    chunk_level_over_t_star: chunk_level.median / t_star,
                     bidir_over_best_single: bidirectional.median / best_single,
                     split_chunk: split.chunk,
                     split_layer: split.layer,
@@ -339,7 +359,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 chunks: &chunks,
                 tail: &tail,
                 kv,
-                logits: &computed.logits,
+                logits: &measured.logits,
             };
             dtype_rows.extend(
                 bench_ttft_dtypes::compare(
@@ -391,6 +411,9 @@ struct Computed {
     each: Vec<f64>,
     /// Seconds of the question tail.
     tail_secs: f64,
+    /// The fastest of the repeats, per chunk and for the tail: a bound's costs.
+    fastest: Vec<f64>,
+    tail_fastest: f64,
     /// The KV of every chunk in context (from the last repeat, so the context is not
     /// computed once more just to be stored).
     kv: Vec<KvRange>,
@@ -425,9 +448,13 @@ fn measure_compute(
             .map(|w| cache.export(w[0]..w[1]))
             .collect::<Result<_, _>>()?;
     }
+    let per_chunk: Vec<Stats> = per_chunk.into_iter().map(Stats::of).collect();
+    let tails = Stats::of(tails);
     Ok(Computed {
-        each: per_chunk.into_iter().map(|t| Stats::of(t).median).collect(),
-        tail_secs: Stats::of(tails).median,
+        each: per_chunk.iter().map(|t| t.median).collect(),
+        fastest: per_chunk.iter().map(|t| t.min).collect(),
+        tail_secs: tails.median,
+        tail_fastest: tails.min,
         kv,
         logits: logits.ok_or_else(|| anyhow::anyhow!("no repeats or no logits"))?,
     })
@@ -457,17 +484,23 @@ async fn measure_loads(
     Ok((secs, bytes))
 }
 
-/// Seconds to import each chunk's loaded cache (f16, as stored) into a cache.
-fn import_secs(engine: &Engine, kv: &[KvRange]) -> anyhow::Result<Vec<f64>> {
-    let mut cache = engine.new_cache();
-    kv.iter()
-        .map(|range| {
-            let stored = range.to_dtype(ragcake::engine::DType::F16)?;
-            let started = Instant::now();
-            engine.import(&mut cache, &stored)?;
-            Ok(started.elapsed().as_secs_f64())
-        })
-        .collect()
+/// Seconds to import each chunk's cache, in the dtype a load from `store` gives it, into a
+/// cache (the fastest of two).
+fn import_secs(engine: &Engine, store: &KvStore, kv: &[KvRange]) -> anyhow::Result<Vec<f64>> {
+    let loaded = store.storage_dtype(CacheKind::Prefix).loaded_dtype();
+    let once = || -> anyhow::Result<Vec<f64>> {
+        let mut cache = engine.new_cache();
+        kv.iter()
+            .map(|range| {
+                let stored = range.to_dtype(loaded)?;
+                let started = Instant::now();
+                engine.import(&mut cache, &stored)?;
+                Ok(started.elapsed().as_secs_f64())
+            })
+            .collect()
+    };
+    let (a, b) = (once()?, once()?);
+    Ok(a.iter().zip(&b).map(|(x, y)| x.min(*y)).collect())
 }
 
 /// Measured load times: all chunks with the loader's concurrency, and one chunk alone.
@@ -478,25 +511,31 @@ struct LoadTimes {
 }
 
 impl LoadTimes {
+    /// The lower bounds from this run's costs: each chunk's fastest compute, its import,
+    /// one read's load, and as many reads at once as the store sustained (the measured
+    /// aggregate over one read's time, at most the concurrency).
+    fn bounds(&self, computed: &Computed, import_each: &[f64]) -> Bounds {
+        let n = computed.fastest.len();
+        let parallel = (n as f64 * self.one / self.total).clamp(1.0, self.concurrency as f64);
+        let chunks: Vec<ChunkCosts> = computed
+            .fastest
+            .iter()
+            .zip(import_each)
+            .map(|(&compute, &import)| ChunkCosts {
+                compute,
+                load: self.one,
+                import,
+            })
+            .collect();
+        prefill_bounds(&chunks, computed.tail_fastest, parallel)
+    }
+
     /// Seconds to load `m` of `n` chunks: bounded by rounds of concurrent single loads
     /// (latency, per-read bandwidth) and by the aggregate rate.
     fn of(&self, m: usize, n: usize) -> f64 {
         let rounds = m.div_ceil(self.concurrency) as f64 * self.one;
         rounds.max(self.total * m as f64 / n as f64)
     }
-}
-
-/// The best TTFT over split points k: chunks before k computed in order, chunks from k
-/// loaded concurrently with the compute and then imported.
-fn ideal_split(compute_each: &[f64], loads: &LoadTimes, import_each: &[f64]) -> f64 {
-    let n = compute_each.len();
-    (0..=n)
-        .map(|k| {
-            let compute: f64 = compute_each[..k].iter().sum();
-            let import: f64 = import_each[k..].iter().sum();
-            compute.max(loads.of(n - k, n)) + import
-        })
-        .fold(f64::INFINITY, f64::min)
 }
 
 fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
@@ -516,7 +555,8 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             line("load-only", &|r| r.load_only_s),
             line("bidirectional", &|r| r.bidirectional_s),
             line("bidirectional, chunk level", &|r| r.chunk_level_s),
-            line("ideal T*", &|r| r.t_star_s),
+            line("T* (chunk-level bound)", &|r| r.t_star_s),
+            line("layer-level bound", &|r| r.layer_bound_s),
             line("layer split", &|r| r.layer_split_s),
         ];
         let title = format!(
@@ -547,8 +587,11 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             "bidir_chunks_split",
             "chunk_level_s",
             "t_star_s",
-            "t_continuous_s",
+            "t_star_split",
+            "layer_bound_s",
+            "below_bound",
             "bidir_over_t_star",
+            "chunk_level_over_t_star",
             "bidir_over_best_single",
             "layer_split_s",
             "split_chunk",

@@ -12,6 +12,7 @@
 //! - [`Scheduler`]: the real thing, generic over a [`ComputeBackend`] (the engine) and a
 //!   [`LoadBackend`] (a KV store).
 
+pub mod bounds;
 pub mod decode;
 pub mod dispatch;
 pub mod layer_split;

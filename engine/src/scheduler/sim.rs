@@ -33,7 +33,8 @@ pub struct SimCosts {
 }
 
 impl SimCosts {
-    fn compute(&self, tokens: usize, position: usize) -> f64 {
+    /// Seconds to compute `tokens` tokens starting at `position`, in one step.
+    pub fn compute(&self, tokens: usize, position: usize) -> f64 {
         let mid = position as f64 + tokens as f64 / 2.0;
         self.compute_secs_per_step
             + tokens as f64

@@ -1,5 +1,6 @@
 //! The scheduling logic under the deterministic simulator.
 
+use super::bounds::{ChunkCosts, prefill_bounds};
 use super::dispatch::{ChunkShape, Dispatcher, RequestShape};
 use super::sim::{SimCosts, SimRequest, simulate};
 use super::{LoadOutcome, MissReason, Mode, Policy, PrefillReport, SchedulerConfig};
@@ -593,4 +594,48 @@ fn splitting_at_layers_shortens_served_ttft_on_the_whole() {
         geomean < 0.995,
         "mean TTFT with / without splits: {ratios:.3?}"
     );
+}
+
+#[test]
+fn no_simulated_schedule_beats_the_bounds_computed_from_its_own_costs() {
+    // Across store speeds from far faster to far slower than computing, with per-position
+    // and per-step compute costs and load latency, one read or four, layer splits on or
+    // off: the chunk-level schedule never beats the chunk-level bound, and nothing beats
+    // the layer-level bound.
+    for load_per_token in [1e-4, 5e-4, 1e-3, 2e-3, 4e-3, 1e-2, 4e-2] {
+        for io in [1, 4] {
+            for chunks in [3, 8] {
+                let mut costs = costs(1e-3, load_per_token);
+                costs.compute_secs_per_token_per_position = 2e-7;
+                costs.compute_secs_per_step = 2e-3;
+                costs.load_latency_secs = 5e-3;
+                costs.import_secs_per_token = 2e-5;
+                let request = shape(chunks, |_| true, Mode::Bidirectional);
+                let per_chunk: Vec<ChunkCosts> = (0..chunks)
+                    .map(|i| ChunkCosts {
+                        compute: costs.compute(CHUNK, i * CHUNK),
+                        load: costs.load_latency_secs + costs.load_secs_per_token * CHUNK as f64,
+                        import: costs.import_secs_per_token * CHUNK as f64,
+                    })
+                    .collect();
+                let tail = costs.compute(request.tail_tokens, chunks * CHUNK);
+                let bounds = prefill_bounds(&per_chunk, tail, io as f64);
+                let whole = run_split(&costs, io, request.clone(), false);
+                let split = run_split(&costs, io, request, true);
+                let case = format!(
+                    "{load_per_token} s/token, {io} reads, {chunks} chunks: {bounds:?}\n\
+                     chunk level {whole:?}\nlayer split {split:?}"
+                );
+                let eps = 1e-9;
+                assert!(whole.ttft_secs >= bounds.chunk_level - eps, "{case}");
+                assert!(whole.ttft_secs >= bounds.layer_level - eps, "{case}");
+                assert!(split.ttft_secs >= bounds.layer_level - eps, "{case}");
+                // Where loads are slower than computing, the chunk-level schedule meets
+                // its bound: the bound is the best schedule, not a loose floor.
+                if load_per_token >= 4e-3 {
+                    assert!(whole.ttft_secs <= 1.01 * bounds.chunk_level, "{case}");
+                }
+            }
+        }
+    }
 }
