@@ -127,6 +127,34 @@ struct Row {
 /// What one backend needs: a name, the object store, its path prefix.
 type Backend = (String, Arc<dyn ObjectStore>, Path);
 
+/// `memory` read at `mb` MB/s per read (0: unthrottled), and its name in the results.
+pub(super) fn throttled_view(
+    memory: &Arc<dyn ObjectStore>,
+    mb: f64,
+) -> (String, Arc<dyn ObjectStore>) {
+    let (name, bytes_per_second) = if mb > 0.0 {
+        (format!("{mb} MB/s per read"), Some(mb * 1e6))
+    } else {
+        ("memory".to_string(), None)
+    };
+    let throttle = Throttle {
+        bytes_per_second,
+        ..Throttle::NONE
+    };
+    (name, throttled(memory.clone(), throttle))
+}
+
+/// The scheduler the TTFT benchmarks time: first come first served, `io_concurrency`
+/// reads, no write-back (the caches are stored already).
+pub(super) fn bench_scheduler_config(io_concurrency: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        policy: Policy::Fcfs,
+        io_concurrency,
+        write_back: false,
+        ..SchedulerConfig::default()
+    }
+}
+
 /// The local directory backend's name.
 const LOCAL: &str = "local dir";
 
@@ -155,18 +183,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
             .bandwidths
             .iter()
             .map(|&mb| {
-                let (name, bytes_per_second) = if mb > 0.0 {
-                    (format!("{mb} MB/s per read"), Some(mb * 1e6))
-                } else {
-                    ("memory".to_string(), None)
-                };
-                let store = throttled(
-                    memory.clone(),
-                    Throttle {
-                        bytes_per_second,
-                        ..Throttle::NONE
-                    },
-                );
+                let (name, store) = throttled_view(&memory, mb);
                 (name, store, Path::default())
             })
             .collect();
@@ -202,12 +219,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 let (load_total, bytes) =
                     measure_loads(&store, &keys, &chunks, args.io_concurrency).await?;
                 let (load_one, _) = measure_loads(&store, &keys[..1], &chunks[..1], 1).await?;
-                let config = SchedulerConfig {
-                    policy: Policy::Fcfs,
-                    io_concurrency: args.io_concurrency,
-                    write_back: false,
-                    ..SchedulerConfig::default()
-                };
+                let config = bench_scheduler_config(args.io_concurrency);
                 let chunk_level = Scheduler::start(
                     engine.clone(),
                     store.clone(),

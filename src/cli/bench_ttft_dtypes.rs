@@ -5,15 +5,15 @@
 
 use std::sync::Arc;
 
-use ragcake::engine::scheduler::{LoadBackend, Mode, Policy, Scheduler, SchedulerConfig};
+use ragcake::engine::scheduler::{LoadBackend, Mode, Scheduler};
 use ragcake::engine::{DType, Engine, KvRange, Tensor};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
-use ragcake::kvstore::{CacheKind, KvStore, StorageDtype, Throttle, throttled};
+use ragcake::kvstore::{CacheKind, KvStore, StorageDtype};
 use serde::Serialize;
 
-use super::bench_ttft::time_prefills;
+use super::bench_ttft::{bench_scheduler_config, throttled_view, time_prefills};
 use super::report::{Stats, print_json, print_table, write_csv};
 
 /// One storage dtype at one bandwidth.
@@ -77,24 +77,8 @@ pub(super) async fn compare(
     }
     let mut rows = Vec::new();
     for &mb in bandwidths {
-        let (backend, bytes_per_second) = if mb > 0.0 {
-            (format!("{mb} MB/s per read"), Some(mb * 1e6))
-        } else {
-            ("memory".to_string(), None)
-        };
-        let view = throttled(
-            memory.clone(),
-            Throttle {
-                bytes_per_second,
-                ..Throttle::NONE
-            },
-        );
-        let config = SchedulerConfig {
-            policy: Policy::Fcfs,
-            io_concurrency,
-            write_back: false,
-            ..SchedulerConfig::default()
-        };
+        let (backend, view) = throttled_view(&memory, mb);
+        let config = bench_scheduler_config(io_concurrency);
         let contenders: Vec<_> = dtypes
             .iter()
             .map(|&dtype| {

@@ -311,3 +311,10 @@ impl ObjectStore for CountingStore {
         self.inner.copy_opts(from, to, options).await
     }
 }
+
+/// The bytes stored under `key` in `store`'s backend, read past the KV store.
+pub async fn stored_bytes(store: &KvStore, key: &ragcake::kvstore::CacheKey) -> Vec<u8> {
+    use ragcake::kvstore::object_store::ObjectStoreExt;
+    let got = store.object_store().get(&store.path_of(key)).await.unwrap();
+    got.bytes().await.unwrap().to_vec()
+}

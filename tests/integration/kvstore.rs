@@ -13,6 +13,7 @@ use ragcake::kvstore::{
 
 use crate::common::{
     engine, logits, max_abs, max_abs_diff, prose_tokens, runtime, store_for, store_over,
+    stored_bytes,
 };
 
 /// KV of `tokens` computed from position 0, and the key it is stored under.
@@ -173,14 +174,7 @@ async fn lifecycle_conformance(
 async fn corrupt_objects_are_rejected(store: &KvStore, key: &CacheKey, tokens: &[u32]) {
     let backend = store.object_store();
     let path = store.path_of(key);
-    let intact = backend
-        .get(&path)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+    let intact = stored_bytes(store, key).await;
     let truncated = intact[..intact.len() - 100].to_vec();
     let mut flipped = intact.clone();
     *flipped.last_mut().unwrap() ^= 1;

@@ -23,7 +23,7 @@ use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, throttled};
 
 use crate::common::{
     max_abs, max_abs_diff, mean_kl, model_path, prose_tokens, runtime, s3_store_at,
-    s3_store_that_is_down, shared_dense_engine, silent_server, store_over,
+    s3_store_that_is_down, shared_dense_engine, silent_server, store_over, stored_bytes,
 };
 
 /// A preamble, five chunks of prose of different lengths, and a question tail.
@@ -271,15 +271,7 @@ fn a_prefix_cache_already_stored_is_not_written_again() {
 /// Flips one byte at `fraction` of the length of the blob stored under `key`.
 async fn corrupt_blob(store: &KvStore, key: &CacheKey, fraction: f64) {
     let path = store.path_of(key);
-    let mut blob = store
-        .object_store()
-        .get(&path)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+    let mut blob = stored_bytes(store, key).await;
     let at = (blob.len() as f64 * fraction) as usize;
     blob[at] ^= 0x40;
     store
