@@ -1,8 +1,8 @@
 //! `ragcake bench …`: performance measurements written as a table, JSON and CSV.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -194,35 +194,75 @@ fn prefill(mut args: PrefillArgs) -> anyhow::Result<()> {
         args.chunk,
     )?;
     finish()?;
-    let mut ours = Vec::new();
+    let mut llama = if args.no_llama_cpp {
+        None
+    } else {
+        let python = args.llama_cpp_python.clone().unwrap_or_else(|| {
+            ragcake::models::ragcake_home()
+                .join("venv")
+                .join("bin")
+                .join("python")
+        });
+        let n_ctx = max_ctx.max(256 + args.decode_tokens) + 16;
+        match LlamaCpp::start(&python, &model_path, &tokens, n_ctx, threads, args.chunk) {
+            Ok(worker) => Some(worker),
+            Err(e) => {
+                eprintln!("llama.cpp comparison skipped: {e:#}");
+                None
+            }
+        }
+    };
+    // ragcake and llama.cpp take turns going first in every repeat.
+    let turns = |repeat: usize| {
+        let ragcake_first = repeat.is_multiple_of(2);
+        [ragcake_first, !ragcake_first]
+    };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for &n in &args.contexts {
-        let mut rates = Vec::new();
-        for _ in 0..args.repeats {
-            let mut cache = engine.new_cache();
-            let t0 = Instant::now();
-            engine.prefill(&mut cache, &tokens[..n], args.chunk)?;
-            finish()?;
-            rates.push(n as f64 / t0.elapsed().as_secs_f64());
+        let (mut rates, mut llama_rates) = (Vec::new(), Vec::new());
+        for repeat in 0..args.repeats {
+            for ragcake_turn in turns(repeat) {
+                if ragcake_turn {
+                    let mut cache = engine.new_cache();
+                    let t0 = Instant::now();
+                    engine.prefill(&mut cache, &tokens[..n], args.chunk)?;
+                    finish()?;
+                    rates.push(n as f64 / t0.elapsed().as_secs_f64());
+                } else if let Some(llama) = llama.as_mut() {
+                    llama_rates.push(n as f64 / llama.time(serde_json::json!({ "prefill": n }))?);
+                }
+            }
         }
         eprintln!(
             "ragcake prefill {n}: {:.1} tok/s",
             Stats::of(rates.clone()).median
         );
         ours.push(rates);
+        theirs.push(llama_rates);
     }
-    let mut decode = Vec::new();
-    for _ in 0..args.repeats {
-        let mut cache = engine.new_cache();
-        engine.prefill(&mut cache, &tokens[..256], args.chunk)?;
-        let t0 = Instant::now();
-        for i in 0..args.decode_tokens {
-            engine
-                .model()
-                .decode(&tokens[256 + i..257 + i], &mut cache)?;
+    let (mut decode, mut llama_decode) = (Vec::new(), Vec::new());
+    let decoded = args.decode_tokens as f64;
+    for repeat in 0..args.repeats {
+        for ragcake_turn in turns(repeat) {
+            if ragcake_turn {
+                let mut cache = engine.new_cache();
+                engine.prefill(&mut cache, &tokens[..256], args.chunk)?;
+                let t0 = Instant::now();
+                for i in 0..args.decode_tokens {
+                    engine
+                        .model()
+                        .decode(&tokens[256 + i..257 + i], &mut cache)?;
+                }
+                finish()?;
+                decode.push(decoded / t0.elapsed().as_secs_f64());
+            } else if let Some(llama) = llama.as_mut() {
+                let request = serde_json::json!({ "decode": args.decode_tokens });
+                llama_decode.push(decoded / llama.time(request)?);
+            }
         }
-        finish()?;
-        decode.push(args.decode_tokens as f64 / t0.elapsed().as_secs_f64());
     }
+    let llama_ran = llama.is_some();
+    drop(llama);
     let mut batched = Vec::new();
     for &batch in args.decode_batches.iter().filter(|&&b| b > 1) {
         let mut rates = Vec::new();
@@ -249,56 +289,22 @@ fn prefill(mut args: PrefillArgs) -> anyhow::Result<()> {
         batched.push((batch, rates));
     }
 
-    let llama = if args.no_llama_cpp {
-        None
-    } else {
-        let python = args.llama_cpp_python.clone().unwrap_or_else(|| {
-            ragcake::models::ragcake_home()
-                .join("venv")
-                .join("bin")
-                .join("python")
-        });
-        match run_llama_cpp(&python, &model_path, &tokens, &args, threads) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                eprintln!("llama.cpp comparison skipped: {e:#}");
-                None
-            }
-        }
-    };
-
+    let llama_stats = |rates: Vec<f64>| llama_ran.then(|| Stats::of(rates));
     let mut rows: Vec<Row> = args
         .contexts
         .iter()
-        .zip(ours)
-        .enumerate()
-        .map(|(i, (&context, rates))| {
-            let llama_cpp = llama.as_ref().map(|l| {
-                Stats::of(
-                    l.prefill[i]
-                        .seconds
-                        .iter()
-                        .map(|s| context as f64 / s)
-                        .collect(),
-                )
-            });
+        .zip(ours.into_iter().zip(theirs))
+        .map(|(&context, (rates, llama_rates))| {
+            let llama_cpp = llama_stats(llama_rates);
             Row::new("prefill", context, threads, Stats::of(rates), llama_cpp)
         })
         .collect();
-    let llama_decode = llama.as_ref().map(|l| {
-        Stats::of(
-            l.decode_seconds
-                .iter()
-                .map(|s| args.decode_tokens as f64 / s)
-                .collect(),
-        )
-    });
     rows.push(Row::new(
         "decode",
         256,
         threads,
         Stats::of(decode),
-        llama_decode,
+        llama_stats(llama_decode),
     ));
     for (batch, rates) in batched {
         rows.push(Row {
@@ -315,7 +321,7 @@ fn prefill(mut args: PrefillArgs) -> anyhow::Result<()> {
             .map(|r| (r.context as f64, r.ragcake_tok_s))
             .collect(),
     }];
-    if llama.is_some() {
+    if llama_ran {
         series.push(plot::Series {
             name: "llama.cpp".into(),
             points: prefill_rows()
@@ -362,59 +368,92 @@ fn prefill(mut args: PrefillArgs) -> anyhow::Result<()> {
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct LlamaCppPrefill {
-    seconds: Vec<f64>,
+/// llama-cpp-python in a worker process (`scripts/llama_cpp_bench.py`): the model loaded
+/// once, then one timed prefill or decode per request, so the engines can take turns.
+struct LlamaCpp {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    script: PathBuf,
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct LlamaCppReport {
-    prefill: Vec<LlamaCppPrefill>,
-    decode_seconds: Vec<f64>,
+impl LlamaCpp {
+    /// Starts the worker on `model` with the benchmark's token ids and settings, and waits
+    /// for its warm-up pass.
+    fn start(
+        python: &PathBuf,
+        model: &PathBuf,
+        tokens: &[u32],
+        n_ctx: usize,
+        threads: usize,
+        batch: usize,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            python.exists(),
+            "{} not found (scripts/bench.sh installs llama-cpp-python there)",
+            python.display()
+        );
+        let script =
+            std::env::temp_dir().join(format!("ragcake-llama-cpp-bench-{}.py", std::process::id()));
+        std::fs::write(&script, include_str!("../../scripts/llama_cpp_bench.py"))?;
+        let mut child = Command::new(python)
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", python.display()))?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut worker = Self {
+            child,
+            stdin: Some(stdin),
+            stdout,
+            script,
+        };
+        let settings = serde_json::json!({
+            "model": model, "tokens": tokens, "n_ctx": n_ctx, "threads": threads, "batch": batch,
+        });
+        let ready = worker.exchange(&settings)?;
+        anyhow::ensure!(ready["ready"] == true, "llama.cpp worker said {ready}");
+        Ok(worker)
+    }
+
+    /// Seconds the worker took for `request` (`{"prefill": n}` or `{"decode": d}`).
+    fn time(&mut self, request: serde_json::Value) -> anyhow::Result<f64> {
+        let answer = self.exchange(&request)?;
+        answer["seconds"]
+            .as_f64()
+            .with_context(|| format!("llama.cpp worker answered {answer} to {request}"))
+    }
+
+    /// Sends one line and reads the answer line; when the worker has died, says why.
+    fn exchange(&mut self, message: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .context("the llama.cpp worker is closed")?;
+        let sent = writeln!(stdin, "{message}").and_then(|()| stdin.flush());
+        let mut line = String::new();
+        let read = sent.and_then(|()| self.stdout.read_line(&mut line));
+        if !matches!(read, Ok(n) if n > 0) {
+            self.stdin = None;
+            let _ = self.child.wait();
+            let mut stderr = String::new();
+            if let Some(mut err) = self.child.stderr.take() {
+                let _ = err.read_to_string(&mut stderr);
+            }
+            anyhow::bail!("the llama.cpp worker stopped: {}", stderr.trim());
+        }
+        serde_json::from_str(&line).context("parsing the llama.cpp worker's answer")
+    }
 }
 
-fn run_llama_cpp(
-    python: &PathBuf,
-    model: &PathBuf,
-    tokens: &[u32],
-    args: &PrefillArgs,
-    threads: usize,
-) -> anyhow::Result<LlamaCppReport> {
-    anyhow::ensure!(
-        python.exists(),
-        "{} not found (scripts/bench.sh installs llama-cpp-python there)",
-        python.display()
-    );
-    let script =
-        std::env::temp_dir().join(format!("ragcake-llama-cpp-bench-{}.py", std::process::id()));
-    std::fs::write(&script, include_str!("../../scripts/llama_cpp_bench.py"))?;
-    let input = serde_json::json!({
-        "model": model,
-        "tokens": tokens,
-        "contexts": args.contexts,
-        "repeats": args.repeats,
-        "threads": threads,
-        "batch": args.chunk,
-        "decode_tokens": args.decode_tokens,
-    });
-    let mut child = Command::new(python)
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {}", python.display()))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.to_string().as_bytes())?;
-    let out = child.wait_with_output()?;
-    let _ = std::fs::remove_file(&script);
-    anyhow::ensure!(
-        out.status.success(),
-        "llama.cpp bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).context("parsing the llama.cpp bench output")
+impl Drop for LlamaCpp {
+    fn drop(&mut self) {
+        // Closing its stdin ends the worker's loop.
+        self.stdin = None;
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.script);
+    }
 }
