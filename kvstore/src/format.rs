@@ -754,13 +754,26 @@ pub(crate) fn range_from_tensors(
     })
 }
 
+/// The length of the JSON header that a blob's first bytes `first` announce, refused when
+/// the blob is shorter than the length field, or the header longer than `max_header` or
+/// than the `blob_len`-byte blob itself.
+pub fn header_len(first: &[u8], blob_len: u64, max_header: u64) -> Result<u64, RejectReason> {
+    let Some(field) = first.get(..8) else {
+        return Err(RejectReason::Malformed("shorter than 8 bytes".into()));
+    };
+    let len = u64::from_le_bytes(field.try_into().expect("8 bytes"));
+    if len > max_header || 8 + len > blob_len {
+        return Err(RejectReason::Malformed(format!(
+            "a {len}-byte header in a {blob_len}-byte blob"
+        )));
+    }
+    Ok(len)
+}
+
 /// Parses the JSON header (the bytes after the 8-byte length) of a blob `blob_len` bytes
 /// long: safetensors' own header type checks that the tensors' offsets tile the data, and
 /// the data must end where the blob does.
-pub fn parse_header(
-    header: &[u8],
-    blob_len: u64,
-) -> Result<(Metadata, HashMap<String, String>), RejectReason> {
+pub fn parse_header(header: &[u8], blob_len: u64) -> Result<Metadata, RejectReason> {
     let parsed: Metadata = serde_json::from_slice(header)
         .map_err(|e| RejectReason::Malformed(format!("unparsable header: {e}")))?;
     let end = 8 + header.len() as u64 + parsed.data_len() as u64;
@@ -769,11 +782,39 @@ pub fn parse_header(
             "the tensors end at byte {end} of a {blob_len}-byte blob"
         )));
     }
-    let meta = parsed
+    Ok(parsed)
+}
+
+/// What a parsed header says, checked: its metadata, the blob it describes, and the
+/// tensors a read of it takes.
+pub struct CheckedHeader {
+    /// The metadata (with each tensor's checksum).
+    pub meta: HashMap<String, String>,
+    /// The blob, checked against what the reader requires.
+    pub blob: BlobMeta,
+    /// The tensors of the layers read, each checked for element type and shape.
+    pub tensors: Vec<(String, TensorInfo)>,
+}
+
+/// Checks a parsed header against `expected` and lists the tensors of `layers` (every
+/// layer when `None`).
+pub fn check_header(
+    header: &Metadata,
+    expected: &Expectation<'_>,
+    layers: Option<Range<usize>>,
+) -> Result<CheckedHeader, RejectReason> {
+    let meta = header
         .metadata()
         .clone()
         .ok_or_else(|| RejectReason::Metadata("__metadata__".into()))?;
-    Ok((parsed, meta))
+    let blob = check_meta(&meta, expected)?;
+    let layers = layers.unwrap_or(0..blob.shape.n_layers);
+    let tensors = layer_tensors(header, &blob, layers)?;
+    Ok(CheckedHeader {
+        meta,
+        blob,
+        tensors,
+    })
 }
 
 /// Decodes and verifies a whole blob into a KV range on `device` (in the stored dtype).
@@ -786,12 +827,11 @@ pub fn decode(
     // `read_metadata` checks that the tensors' offsets tile the data section exactly.
     let (header_len, header) =
         SafeTensors::read_metadata(bytes).map_err(|e| RejectReason::Malformed(e.to_string()))?;
-    let meta = header
-        .metadata()
-        .clone()
-        .ok_or_else(|| RejectReason::Metadata("__metadata__".into()))?;
-    let blob = check_meta(&meta, expected)?;
-    let tensors = layer_tensors(&header, &blob, 0..blob.shape.n_layers)?;
+    let CheckedHeader {
+        meta,
+        blob,
+        tensors,
+    } = check_header(&header, expected, None)?;
     let data = &bytes[8 + header_len..];
     let slices = tensors
         .iter()

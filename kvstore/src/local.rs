@@ -15,7 +15,7 @@ use ragcake_engine::KvRange;
 use safetensors::tensor::TensorInfo;
 
 use crate::error::RejectReason;
-use crate::format::{self, BlobMeta, Expectation, TensorSource};
+use crate::format::{self, BlobMeta, CheckedHeader, Expectation, TensorSource};
 
 /// What reading one local blob found.
 pub(crate) enum LocalRead {
@@ -94,25 +94,26 @@ pub(crate) fn read_blob(
         let limit = limits.blob_bytes;
         return Ok(LocalRead::Rejected(RejectReason::Oversized { size, limit }));
     }
-    let reject = |reason: String| Ok(LocalRead::Rejected(RejectReason::Malformed(reason)));
-    let mut len = [0u8; 8];
-    if size < 8 {
-        return reject("shorter than 8 bytes".into());
-    }
-    file.read_exact(&mut len)?;
-    let header_len = u64::from_le_bytes(len);
-    if header_len > limits.header_bytes || 8 + header_len > size {
-        return reject(format!("a {header_len}-byte header"));
-    }
+    let mut first = [0u8; 8];
+    let first = if size >= 8 {
+        file.read_exact(&mut first)?;
+        &first[..]
+    } else {
+        &[]
+    };
+    let header_len = match format::header_len(first, size, limits.header_bytes) {
+        Ok(len) => len,
+        Err(reason) => return Ok(LocalRead::Rejected(reason)),
+    };
     let mut header = vec![0u8; header_len as usize];
     file.read_exact(&mut header)?;
-    let checked = format::parse_header(&header, size).and_then(|(parsed, meta)| {
-        let blob = format::check_meta(&meta, expected)?;
-        let layers = layers.unwrap_or(0..blob.shape.n_layers);
-        let tensors = format::layer_tensors(&parsed, &blob, layers)?;
-        Ok((meta, blob, tensors))
-    });
-    let (meta, blob, tensors) = match checked {
+    let checked = format::parse_header(&header, size)
+        .and_then(|parsed| format::check_header(&parsed, expected, layers));
+    let CheckedHeader {
+        meta,
+        blob,
+        tensors,
+    } = match checked {
         Ok(found) => found,
         Err(reason) => return Ok(LocalRead::Rejected(reason)),
     };

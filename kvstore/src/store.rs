@@ -193,7 +193,8 @@ impl KvStore {
             engine.model().config().kv_shape(),
             engine.model().device().clone(),
         )
-        .with_engine_settings(engine)
+        .with_compute_dtype(engine.new_cache().dtype())
+        .with_max_tokens(engine.model().config().context_length)
     }
 
     /// A store at `url` (see [`open_url`](crate::open_url)) of caches of the model `model`. A local
@@ -206,9 +207,11 @@ impl KvStore {
         device: Device,
     ) -> Result<Self> {
         let opened = open_url_parts(url, options)?;
-        let mut store = Self::new(opened.store, opened.prefix, model, shape, device);
-        store.local = opened.local;
-        Ok(store)
+        let store = Self::new(opened.store, opened.prefix, model, shape, device);
+        Ok(Self {
+            local: opened.local,
+            ..store
+        })
     }
 
     /// A store of `engine`'s caches at `url`, as [`KvStore::open`] opens it.
@@ -217,21 +220,12 @@ impl KvStore {
         options: impl IntoIterator<Item = (String, String)>,
         engine: &Engine,
     ) -> Result<Self> {
-        let config = engine.model().config();
-        let device = engine.model().device().clone();
-        Ok(Self::open(
-            url,
-            options,
-            engine.fingerprint(),
-            config.kv_shape(),
-            device,
-        )?
-        .with_engine_settings(engine))
-    }
-
-    fn with_engine_settings(self, engine: &Engine) -> Self {
-        self.with_compute_dtype(engine.new_cache().dtype())
-            .with_max_tokens(engine.model().config().context_length)
+        let opened = open_url_parts(url, options)?;
+        let store = Self::for_engine(opened.store, opened.prefix, engine);
+        Ok(Self {
+            local: opened.local,
+            ..store
+        })
     }
 
     /// No blob holds more than `tokens` tokens (the model's context; 128k unless said).
@@ -594,16 +588,10 @@ impl KvStore {
             }
             Err(e) => return Err(e.into()),
         };
-        if len_bytes.len() < 8 {
-            return Ok(self.reject(
-                &path,
-                RejectReason::Malformed("shorter than 8 bytes".into()),
-            ));
-        }
-        let header_len = u64::from_le_bytes(len_bytes[..8].try_into().expect("8 bytes"));
-        if header_len > self.max_header_bytes() || 8 + header_len > size {
-            return Ok(self.reject(&path, RejectReason::Malformed("oversized header".into())));
-        }
+        let header_len = match format::header_len(&len_bytes, size, self.max_header_bytes()) {
+            Ok(len) => len,
+            Err(reason) => return Ok(self.reject(&path, reason)),
+        };
         let header = self.store.get_range(&path, 8..8 + header_len).await?;
         let expected = Expectation {
             key,
@@ -611,11 +599,13 @@ impl KvStore {
             shape: self.shape,
             tokens,
         };
-        let checked = format::parse_header(&header, size).and_then(|(parsed, meta)| {
-            let blob = format::check_meta(&meta, &expected)?;
-            Ok((format::layer_tensors(&parsed, &blob, layers)?, blob, meta))
-        });
-        let (tensors, blob, meta) = match checked {
+        let checked = format::parse_header(&header, size)
+            .and_then(|parsed| format::check_header(&parsed, &expected, Some(layers)));
+        let format::CheckedHeader {
+            meta,
+            blob,
+            tensors,
+        } = match checked {
             Ok(found) => found,
             Err(reason) => return Ok(self.reject(&path, reason)),
         };

@@ -27,6 +27,25 @@ fn chunk_kv(tokens: &[u32]) -> (CacheKey, KvRange) {
     )
 }
 
+/// Asserts that `part`'s layers equal `whole`'s from layer `first` on, bit for bit.
+fn assert_same_layers(part: &KvRange, whole: &KvRange, first: usize, what: &str) {
+    for (i, (k, v)) in part.layers().iter().enumerate() {
+        let (whole_k, whole_v) = &whole.layers()[first + i];
+        assert_eq!(
+            max_abs_diff(k, whole_k),
+            0.0,
+            "{what}: keys of layer {}",
+            first + i
+        );
+        assert_eq!(
+            max_abs_diff(v, whole_v),
+            0.0,
+            "{what}: values of layer {}",
+            first + i
+        );
+    }
+}
+
 /// Whether `key` loads as a verified hit.
 async fn loads(store: &KvStore, key: &CacheKey, tokens: &[u32]) -> bool {
     store.get(key, Some(tokens)).await.unwrap().hit().is_some()
@@ -55,10 +74,7 @@ async fn conformance(store: KvStore) {
     assert_eq!(got.len(), 64);
     assert_eq!(got.dtype(), DType::F16);
     let f16 = range.to_dtype(DType::F16).unwrap();
-    for (a, b) in got.layers().iter().zip(f16.layers()) {
-        assert_eq!(max_abs_diff(&a.0, &b.0), 0.0);
-        assert_eq!(max_abs_diff(&a.1, &b.1), 0.0);
-    }
+    assert_same_layers(&got, &f16, 0, "stored and read");
 
     // Ranged read of a few layers equals those layers of the full read.
     let part = store
@@ -68,10 +84,7 @@ async fn conformance(store: KvStore) {
         .hit()
         .unwrap();
     assert_eq!(part.layers().len(), 3);
-    for (i, (k, v)) in part.layers().iter().enumerate() {
-        assert_eq!(max_abs_diff(k, &got.layers()[10 + i].0), 0.0);
-        assert_eq!(max_abs_diff(v, &got.layers()[10 + i].1), 0.0);
-    }
+    assert_same_layers(&part, &got, 10, "ranged read");
 
     // The token ids are checked: same key, other tokens → rejected, never returned.
     let mut other = tokens.clone();
@@ -258,12 +271,7 @@ fn local_reads_into_cache_buffers_equal_decoding_in_memory_for_every_storage_dty
             let local = store_for(&url).with_storage_dtype(dtype);
             let key = local.chunk_key(&[], &tokens);
             local.put(&key, &tokens, &range).await.unwrap();
-            let blob = local
-                .object_store()
-                .get(&local.path_of(&key))
-                .await
-                .unwrap();
-            let in_memory = decode(&key, &tokens, &blob.bytes().await.unwrap()).unwrap();
+            let in_memory = decode(&key, &tokens, &stored_bytes(&local, &key).await).unwrap();
             let read = local.get(&key, Some(&tokens)).await.unwrap().hit().unwrap();
             assert_eq!(read.dtype(), dtype.loaded_dtype(), "{dtype}");
             let layers = local
@@ -272,22 +280,8 @@ fn local_reads_into_cache_buffers_equal_decoding_in_memory_for_every_storage_dty
                 .unwrap()
                 .hit()
                 .unwrap();
-            for (i, (k, v)) in read.layers().iter().enumerate() {
-                assert_eq!(
-                    max_abs_diff(k, &in_memory.layers()[i].0),
-                    0.0,
-                    "{dtype} k{i}"
-                );
-                assert_eq!(
-                    max_abs_diff(v, &in_memory.layers()[i].1),
-                    0.0,
-                    "{dtype} v{i}"
-                );
-            }
-            for (i, (k, v)) in layers.layers().iter().enumerate() {
-                assert_eq!(max_abs_diff(k, &read.layers()[2 + i].0), 0.0, "{dtype}");
-                assert_eq!(max_abs_diff(v, &read.layers()[2 + i].1), 0.0, "{dtype}");
-            }
+            assert_same_layers(&read, &in_memory, 0, &format!("{dtype}, whole"));
+            assert_same_layers(&layers, &read, 2, &format!("{dtype}, layers 2..5"));
         }
     });
 }
@@ -714,10 +708,7 @@ fn int8_blobs_take_about_half_the_bytes_of_f16_within_half_a_quantization_step()
             .unwrap()
             .hit()
             .unwrap();
-        for (i, (k, v)) in part.layers().iter().enumerate() {
-            assert_eq!(max_abs_diff(k, &got.layers()[3 + i].0), 0.0);
-            assert_eq!(max_abs_diff(v, &got.layers()[3 + i].1), 0.0);
-        }
+        assert_same_layers(&part, &got, 3, "int8, ranged read");
         // The storage dtype is part of the key: an f16 store never finds it.
         assert_ne!(store_for("memory://").chunk_key(&[], &tokens), key);
     });
