@@ -64,15 +64,29 @@ fn memory_store(dtype: StorageDtype) -> Arc<KvStore> {
     Arc::new(store_over(Arc::new(InMemory::new()), Path::default()).with_storage_dtype(dtype))
 }
 
-/// Waits (bounded) until the scheduler has written back `n` chunks.
-async fn written_back(scheduler: &Scheduler<Engine, KvStore>, n: u64) {
-    for _ in 0..200 {
-        if scheduler.stats().write_backs >= n {
-            return;
+/// The scheduler's stats once `settled` holds of them, or after 10 s: write-backs are
+/// queued and finished after the answer, so counts are read when they have settled.
+async fn stats_when(
+    scheduler: &Scheduler<Engine, KvStore>,
+    settled: impl Fn(&SchedulerStats) -> bool,
+) -> SchedulerStats {
+    for _ in 0..400 {
+        let stats = scheduler.stats();
+        if settled(&stats) {
+            return stats;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("write-back did not finish: {:?}", scheduler.stats());
+    scheduler.stats()
+}
+
+/// Waits (bounded) until the scheduler has written back `n` chunks.
+async fn written_back(scheduler: &Scheduler<Engine, KvStore>, n: u64) {
+    let stats = stats_when(scheduler, |s| s.write_backs >= n).await;
+    assert!(
+        stats.write_backs >= n,
+        "write-back did not finish: {stats:?}"
+    );
 }
 
 /// Computes the context once with write-back on, so every chunk's exact prefix cache is
@@ -946,7 +960,8 @@ fn write_back_to_a_store_that_never_answers_is_bounded_counted_and_never_delays_
             );
         }
         // The first request's chunks wait on the silent store; the others' did not fit.
-        let stats = scheduler.stats();
+        let dropped = 2 * chunks.len() as u64;
+        let stats = stats_when(&scheduler, |s| s.write_backs_dropped >= dropped).await;
         assert_eq!(
             stats.write_back_pending_bytes as usize, request_bytes,
             "{stats:?}"
@@ -966,13 +981,11 @@ fn write_back_to_a_store_that_never_answers_is_bounded_counted_and_never_delays_
         let scheduler = self::scheduler(store.clone(), config);
         let (request, _) = planned(&store, &chunks, &tail, Mode::ComputeOnly).await;
         scheduler.prefill(request).await.unwrap();
-        for _ in 0..100 {
-            if scheduler.stats().write_back_pending_bytes == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let stats = scheduler.stats();
+        let failed = chunks.len() as u64;
+        let stats = stats_when(&scheduler, |s| {
+            s.write_back_failures >= failed && s.write_back_pending_bytes == 0
+        })
+        .await;
         assert_eq!(stats.write_back_pending_bytes, 0, "{stats:?}");
         assert_eq!(stats.write_back_failures, chunks.len() as u64, "{stats:?}");
         assert_eq!(stats.write_backs_dropped, 0, "{stats:?}");
