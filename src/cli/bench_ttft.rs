@@ -11,7 +11,7 @@ use std::time::Instant;
 use clap::Args;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use ragcake::engine::scheduler::bounds::{Bounds, ChunkCosts, prefill_bounds};
+use ragcake::engine::scheduler::bounds::{ChunkCosts, prefill_bounds};
 use ragcake::engine::scheduler::dispatch::chunk_starts;
 use ragcake::engine::scheduler::layer_split::{
     LayerSplitConfig, choose_split, prefill_layer_split,
@@ -24,7 +24,7 @@ use ragcake::engine::{Engine, KvRange, Tensor};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
-use ragcake::kvstore::{CacheKey, CacheKind, KvStore, StorageDtype, Throttle, open_url, throttled};
+use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, open_url, throttled};
 use serde::Serialize;
 
 use super::bench::bench_tokens;
@@ -59,6 +59,12 @@ pub struct TtftArgs {
     /// computation), written beside the CSV as `<name>-dtypes.csv`; e.g. `f32,f16,int8`.
     #[arg(long, value_delimiter = ',')]
     dtypes: Vec<StorageDtype>,
+    /// After each context's sweep, also measure the crossover: the per-read bandwidth
+    /// where load-only is as fast as compute-only, interpolated (in 1/bandwidth) between the
+    /// two swept bandwidths on either side, with compute-only measured again in turn with
+    /// the other modes.
+    #[arg(long)]
+    crossover: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -72,6 +78,8 @@ pub struct TtftArgs {
 struct Row {
     context: usize,
     backend: String,
+    /// The bandwidth of one read, MB/s, for a throttled view of memory.
+    read_mb_s: Option<f64>,
     /// Aggregate load throughput measured for this backend, MB/s.
     load_mb_s: f64,
     compute_only_s: f64,
@@ -93,9 +101,10 @@ struct Row {
     chunk_level_min: f64,
     chunk_level_max: f64,
     bidir_over_chunk_level: f64,
-    /// T*: the chunk-level lower bound ([`prefill_bounds`]) from this run's costs — each
-    /// chunk's fastest compute at its position, its import as loaded, one read's load time
-    /// with the reads the store sustains at once — and the chunks its split computes.
+    /// T*: the chunk-level lower bound ([`prefill_bounds`]) from the costs this run's own
+    /// prefills recorded ([`observed_costs`]) — each chunk's fastest compute at its position,
+    /// its fastest read and import, the store's time per token in the load-only runs — and
+    /// the chunks its split computes.
     t_star_s: f64,
     t_star_split: usize,
     /// The layer-level lower bound from the same costs: no schedule, with layer splits or
@@ -109,6 +118,8 @@ struct Row {
     bidir_over_t_star: f64,
     chunk_level_over_t_star: f64,
     bidir_over_best_single: f64,
+    /// How far apart the two single modes are: |compute-only − load-only| over the faster.
+    single_modes_apart: f64,
     /// Where the layer split divided the work (planned from the compute and load times
     /// measured in this run): chunks before `split_chunk` computed, layers from
     /// `split_layer` loaded.
@@ -122,6 +133,211 @@ struct Row {
     layer_split_min: f64,
     layer_split_max: f64,
     layer_split_over_bidir: f64,
+}
+
+/// One context, computed directly once, that every backend's row shares.
+struct ContextBench<'a> {
+    args: &'a TtftArgs,
+    engine: &'a Arc<Engine>,
+    context: usize,
+    chunks: &'a [Vec<u32>],
+    tail: &'a [u32],
+    measured: &'a Computed,
+}
+
+/// A context's compute-only runs through the scheduler: their TTFTs and reports.
+type ComputeOnlyRuns = Option<(Stats, Vec<PrefillReport>)>;
+
+impl ContextBench<'_> {
+    /// One backend's row. Every repeat runs the contenders in turn, each repeat starting
+    /// one later; compute-only is one of them where `compute_only` is not measured yet (it
+    /// reads nothing, so later rows of the context reuse it).
+    async fn backend(
+        &self,
+        name: String,
+        read_mb_s: Option<f64>,
+        store: Arc<KvStore>,
+        keys: &[CacheKey],
+        compute_only: &mut ComputeOnlyRuns,
+    ) -> anyhow::Result<Row> {
+        let (args, engine, chunks, tail) = (self.args, self.engine, self.chunks, self.tail);
+        let (load_total, bytes) = measure_loads(&store, keys, chunks, args.io_concurrency).await?;
+        let (load_one, _) = measure_loads(&store, &keys[..1], &chunks[..1], 1).await?;
+        let config = bench_scheduler_config(args.io_concurrency);
+        let chunk_level = Scheduler::start(
+            engine.clone(),
+            store.clone(),
+            SchedulerConfig {
+                layer_split: false,
+                ..config.clone()
+            },
+        );
+        let scheduler = Scheduler::start(engine.clone(), store.clone(), config);
+        // (mode, whether layer splits are allowed)
+        let mut contenders = vec![
+            (Mode::LoadOnly, true),
+            (Mode::Bidirectional, true),
+            (Mode::Bidirectional, false),
+        ];
+        if compute_only.is_none() {
+            contenders.insert(0, (Mode::ComputeOnly, true));
+        }
+        let mut runs = vec![(Vec::new(), Vec::new()); contenders.len()];
+        for repeat in 0..args.repeats {
+            for turn in 0..contenders.len() {
+                let which = (turn + repeat) % contenders.len();
+                let (mode, layer_split) = contenders[which];
+                let scheduler = if layer_split {
+                    &scheduler
+                } else {
+                    &chunk_level
+                };
+                let (ttft, reports, _) = time_prefills(&store, chunks, tail, mode, 1, |r| {
+                    Box::pin(scheduler.prefill(r))
+                })
+                .await?;
+                runs[which].0.push(ttft.median);
+                runs[which].1.extend(reports);
+            }
+        }
+        let mut runs = runs
+            .into_iter()
+            .map(|(ttft, reports)| (Stats::of(ttft), reports));
+        if compute_only.is_none() {
+            *compute_only = runs.next();
+        }
+        let mut next = || runs.next().expect("one per contender");
+        let ((load_only, load_only_reports), (bidirectional, bidir_reports)) = (next(), next());
+        let (chunk_level, chunk_level_reports) = next();
+        let median = |f: &dyn Fn(&PrefillReport) -> usize| {
+            Stats::of(bidir_reports.iter().map(|r| f(r) as f64).collect()).median
+        };
+        let (computed, split_chunks) =
+            (median(&|r| r.chunks_computed), median(&|r| r.chunks_split));
+
+        let loads = LoadTimes {
+            total: load_total,
+            one: load_one,
+            concurrency: args.io_concurrency,
+        };
+        let n = chunks.len();
+        let (split, predicted) =
+            choose_split(&self.measured.each, |m| loads.of(m, n), engine.layers());
+        let split_config = LayerSplitConfig {
+            split,
+            io_concurrency: args.io_concurrency,
+            load_timeout_secs: SchedulerConfig::default().load_timeout_secs,
+        };
+        let (layer_split, reports, _) = time_prefills(
+            &store,
+            chunks,
+            tail,
+            Mode::Bidirectional,
+            args.repeats,
+            |r| {
+                Box::pin(prefill_layer_split(
+                    engine.clone(),
+                    store.clone(),
+                    r,
+                    &split_config,
+                ))
+            },
+        )
+        .await?;
+        for report in &reports {
+            anyhow::ensure!(
+                report.chunks_loaded == n - split.chunk.min(n),
+                "a layer-split run did not load every top: {:?}",
+                report.misses
+            );
+        }
+        let (compute_only, compute_only_reports) = compute_only.as_ref().expect("measured");
+        let (costs, tail_cost) = observed_costs(
+            self.measured,
+            chunks,
+            compute_only_reports,
+            &load_only_reports,
+            &[bidir_reports, chunk_level_reports].concat(),
+        )?;
+        let bounds = prefill_bounds(&costs, tail_cost);
+        let t_star = bounds.chunk_level;
+        let spread = bidirectional.max - bidirectional.min;
+        let below_bound = bidirectional.median < bounds.layer_level - spread
+            || chunk_level.median < t_star - (chunk_level.max - chunk_level.min);
+        if below_bound {
+            eprintln!(
+                "  warning: {name}: measured below the bounds ({bounds:?}): the costs were measured wrong"
+            );
+        }
+        let best_single = compute_only.median.min(load_only.median);
+        eprintln!(
+            "  {name}: compute-only {:.2} s, load-only {:.2} s, bidirectional {:.2} s, chunk level {:.2} s, T* {t_star:.2} s, layer split at chunk {} layer {} {:.2} s",
+            compute_only.median,
+            load_only.median,
+            bidirectional.median,
+            chunk_level.median,
+            split.chunk,
+            split.layer,
+            layer_split.median
+        );
+        Ok(Row {
+            context: self.context,
+            backend: name,
+            read_mb_s,
+            load_mb_s: bytes as f64 / 1e6 / load_total,
+            compute_only_s: compute_only.median,
+            compute_only_min: compute_only.min,
+            compute_only_max: compute_only.max,
+            load_only_s: load_only.median,
+            load_only_min: load_only.min,
+            load_only_max: load_only.max,
+            bidirectional_s: bidirectional.median,
+            bidirectional_min: bidirectional.min,
+            bidirectional_max: bidirectional.max,
+            bidir_chunks_split: split_chunks,
+            chunk_level_s: chunk_level.median,
+            chunk_level_min: chunk_level.min,
+            chunk_level_max: chunk_level.max,
+            bidir_over_chunk_level: bidirectional.median / chunk_level.median,
+            t_star_s: t_star,
+            t_star_split: bounds.chunk_split,
+            layer_bound_s: bounds.layer_level,
+            below_bound,
+            bidir_chunks_computed: computed,
+            bidir_over_t_star: bidirectional.median / t_star,
+            chunk_level_over_t_star: chunk_level.median / t_star,
+            bidir_over_best_single: bidirectional.median / best_single,
+            single_modes_apart: (compute_only.median - load_only.median).abs() / best_single,
+            split_chunk: split.chunk,
+            split_layer: split.layer,
+            layer_split_predicted_s: predicted + self.measured.tail_secs,
+            layer_split_s: layer_split.median,
+            layer_split_min: layer_split.min,
+            layer_split_max: layer_split.max,
+            layer_split_over_bidir: layer_split.median / chunk_level.median,
+        })
+    }
+}
+
+/// The per-read bandwidth (MB/s, two decimals) where load-only would take as long as
+/// compute-only, between the two adjacent swept bandwidths whose load-only times lie on
+/// either side of it; load-only time taken as `a + b / bandwidth` through those two.
+fn crossover_bandwidth(rows: &[Row]) -> Option<f64> {
+    let mut swept: Vec<(f64, f64, f64)> = rows
+        .iter()
+        .filter_map(|r| Some((r.read_mb_s?, r.load_only_s, r.compute_only_s)))
+        .collect();
+    swept.sort_by(|a, b| a.0.total_cmp(&b.0));
+    swept.windows(2).find_map(|w| {
+        let ((slow_mb, slow_t, compute), (fast_mb, fast_t, _)) = (w[0], w[1]);
+        if !(slow_t >= compute && compute >= fast_t) || slow_t == fast_t {
+            return None;
+        }
+        let b = (slow_t - fast_t) / (1.0 / slow_mb - 1.0 / fast_mb);
+        let a = fast_t - b / fast_mb;
+        let mb = b / (compute - a);
+        (mb.is_finite() && mb > 0.0).then(|| (mb * 100.0).round() / 100.0)
+    })
 }
 
 /// What one backend needs: a name, the object store, its path prefix.
@@ -169,22 +385,24 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
         let tokens = bench_tokens(&engine, context);
         let chunks: Vec<Vec<u32>> = tokens.chunks(args.chunk).map(<[u32]>::to_vec).collect();
         let measured = measure_compute(&engine, &chunks, &tail, args.repeats)?;
-        let (compute_each, tail_secs, kv) = (&measured.each, measured.tail_secs, &measured.kv);
-        let compute_total: f64 = compute_each.iter().sum();
+        let kv = &measured.kv;
+        let compute_total: f64 = measured.each.iter().sum();
         eprintln!(
-            "context {context}: {} chunks, compute {compute_total:.2} s + tail {tail_secs:.3} s",
-            chunks.len()
+            "context {context}: {} chunks, compute {compute_total:.2} s + tail {:.3} s",
+            chunks.len(),
+            measured.tail_secs
         );
 
         let memory: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let dir = tempfile::tempdir()?;
-        let mut stores: Vec<(Backend, Vec<Backend>)> = Vec::new();
+        // Each store, and the views of it measured (with their per-read bandwidth).
+        let mut stores: Vec<(Backend, Vec<(Backend, Option<f64>)>)> = Vec::new();
         let throttled_views = args
             .bandwidths
             .iter()
             .map(|&mb| {
                 let (name, store) = throttled_view(&memory, mb);
-                (name, store, Path::default())
+                ((name, store, Path::default()), (mb > 0.0).then_some(mb))
             })
             .collect();
         stores.push((
@@ -194,21 +412,30 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
         let local_url = format!("file://{}", dir.path().display());
         let (local, prefix) = open_url(&local_url, Vec::new())?;
         let local: Backend = (LOCAL.into(), local, prefix);
-        stores.push((local.clone(), vec![local]));
+        stores.push((local.clone(), vec![(local, None)]));
         if let Some(url) = &args.s3_url {
             let (s3, prefix) = open_url(&format!("{url}/ttft-{}", std::process::id()), Vec::new())?;
             let s3: Backend = ("s3".into(), s3, prefix);
-            stores.push((s3.clone(), vec![s3]));
+            stores.push((s3.clone(), vec![(s3, None)]));
         }
 
-        let mut compute_only: Option<Stats> = None;
+        let bench = ContextBench {
+            args: &args,
+            engine: &engine,
+            context,
+            chunks: &chunks,
+            tail: &tail,
+            measured: &measured,
+        };
+        let mut compute_only = None;
+        let first_row = rows.len();
         for ((_, target, prefix), views) in stores {
             let writer = KvStore::for_engine(target, prefix.clone(), &engine);
             let keys = writer.prefix_chain(chunks.iter().map(Vec::as_slice));
             for ((key, tokens), range) in keys.iter().zip(&chunks).zip(kv) {
                 writer.put(key, tokens, range).await?;
             }
-            for (name, view, _) in views {
+            for ((name, view, _), read_mb_s) in views {
                 // The local directory as users open it: by URL, its loads reading files
                 // straight into the caches' buffers.
                 let store = Arc::new(if name == LOCAL {
@@ -216,152 +443,35 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 } else {
                     KvStore::for_engine(view, prefix.clone(), &engine)
                 });
-                let (load_total, bytes) =
-                    measure_loads(&store, &keys, &chunks, args.io_concurrency).await?;
-                let (load_one, _) = measure_loads(&store, &keys[..1], &chunks[..1], 1).await?;
-                let config = bench_scheduler_config(args.io_concurrency);
-                let chunk_level = Scheduler::start(
-                    engine.clone(),
-                    store.clone(),
-                    SchedulerConfig {
-                        layer_split: false,
-                        ..config.clone()
-                    },
+                rows.push(
+                    bench
+                        .backend(name, read_mb_s, store, &keys, &mut compute_only)
+                        .await?,
                 );
-                let scheduler = Scheduler::start(engine.clone(), store.clone(), config);
-                let run_mode = async |mode: Mode| -> anyhow::Result<(Stats, f64)> {
-                    let (ttft, reports, _) =
-                        time_prefills(&store, &chunks, &tail, mode, args.repeats, |r| {
-                            Box::pin(scheduler.prefill(r))
-                        })
+            }
+        }
+        if args.crossover {
+            match crossover_bandwidth(&rows[first_row..]) {
+                Some(mb) => {
+                    let (name, view) = throttled_view(&memory, mb);
+                    let store = Arc::new(KvStore::for_engine(view, Path::default(), &engine));
+                    let keys = store.prefix_chain(chunks.iter().map(Vec::as_slice));
+                    // Its own compute-only runs, in turn with the others: the two single
+                    // modes compared here are measured side by side.
+                    let mut fresh = None;
+                    let row = bench
+                        .backend(name, Some(mb), store, &keys, &mut fresh)
                         .await?;
-                    let computed = reports.iter().map(|r| r.chunks_computed as f64);
-                    Ok((ttft, Stats::of(computed.collect()).median))
-                };
-                if compute_only.is_none() {
-                    compute_only = Some(run_mode(Mode::ComputeOnly).await?.0);
-                }
-                let (load_only, _) = run_mode(Mode::LoadOnly).await?;
-                // Splitting at layers or not, in turns: each repeat swaps which goes first.
-                let (mut with_split, mut without) = (Vec::new(), Vec::new());
-                let (mut computed, mut split_chunks) = (Vec::new(), Vec::new());
-                for repeat in 0..args.repeats {
-                    for split_first in [repeat % 2 == 0, repeat % 2 == 1] {
-                        let scheduler = if split_first {
-                            &scheduler
-                        } else {
-                            &chunk_level
-                        };
-                        let (ttft, reports, _) =
-                            time_prefills(&store, &chunks, &tail, Mode::Bidirectional, 1, |r| {
-                                Box::pin(scheduler.prefill(r))
-                            })
-                            .await?;
-                        if split_first {
-                            with_split.push(ttft.median);
-                            computed.push(reports[0].chunks_computed as f64);
-                            split_chunks.push(reports[0].chunks_split as f64);
-                        } else {
-                            without.push(ttft.median);
-                        }
-                    }
-                }
-                let bidirectional = Stats::of(with_split);
-                let chunk_level = Stats::of(without);
-                let computed = Stats::of(computed).median;
-                let split_chunks = Stats::of(split_chunks).median;
-                let import_each = import_secs(&engine, &store, kv)?;
-                let loads = LoadTimes {
-                    total: load_total,
-                    one: load_one,
-                    concurrency: args.io_concurrency,
-                };
-                let n = chunks.len();
-                let (split, predicted) =
-                    choose_split(compute_each, |m| loads.of(m, n), engine.layers());
-                let split_config = LayerSplitConfig {
-                    split,
-                    io_concurrency: args.io_concurrency,
-                    load_timeout_secs: SchedulerConfig::default().load_timeout_secs,
-                };
-                let (layer_split, reports, _) = time_prefills(
-                    &store,
-                    &chunks,
-                    &tail,
-                    Mode::Bidirectional,
-                    args.repeats,
-                    |r| {
-                        Box::pin(prefill_layer_split(
-                            engine.clone(),
-                            store.clone(),
-                            r,
-                            &split_config,
-                        ))
-                    },
-                )
-                .await?;
-                for report in &reports {
-                    anyhow::ensure!(
-                        report.chunks_loaded == n - split.chunk.min(n),
-                        "a layer-split run did not load every top: {:?}",
-                        report.misses
-                    );
-                }
-                let compute_only = compute_only.expect("measured");
-                let bounds = loads.bounds(&measured, &import_each);
-                let t_star = bounds.chunk_level;
-                let spread = bidirectional.max - bidirectional.min;
-                let below_bound = bidirectional.median < bounds.layer_level - spread
-                    || chunk_level.median < t_star - (chunk_level.max - chunk_level.min);
-                if below_bound {
                     eprintln!(
-                        "  warning: {name}: measured below the bounds ({bounds:?}): the costs were measured wrong"
+                        "  crossover at {mb} MB/s per read: compute-only and load-only {:.0}% apart, bidirectional {:.2}x the better one",
+                        100.0 * row.single_modes_apart,
+                        row.bidir_over_best_single
                     );
+                    rows.push(row);
                 }
-                let best_single = compute_only.median.min(load_only.median);
-                eprintln!(
-                    "  {name}: compute-only {:.2} s, load-only {:.2} s, bidirectional {:.2} s, T* {t_star:.2} s, layer split at chunk {} layer {} {:.2} s",
-                    compute_only.median,
-                    load_only.median,
-                    bidirectional.median,
-                    split.chunk,
-                    split.layer,
-                    layer_split.median
-                );
-                rows.push(Row {
-                    context,
-                    backend: name,
-                    load_mb_s: bytes as f64 / 1e6 / load_total,
-                    compute_only_s: compute_only.median,
-                    compute_only_min: compute_only.min,
-                    compute_only_max: compute_only.max,
-                    load_only_s: load_only.median,
-                    load_only_min: load_only.min,
-                    load_only_max: load_only.max,
-                    bidirectional_s: bidirectional.median,
-                    bidirectional_min: bidirectional.min,
-                    bidirectional_max: bidirectional.max,
-                    bidir_chunks_split: split_chunks,
-                    chunk_level_s: chunk_level.median,
-                    chunk_level_min: chunk_level.min,
-                    chunk_level_max: chunk_level.max,
-                    bidir_over_chunk_level: bidirectional.median / chunk_level.median,
-                    t_star_s: t_star,
-                    t_star_split: bounds.chunk_split,
-                    layer_bound_s: bounds.layer_level,
-                    below_bound,
-                    bidir_chunks_computed: computed,
-                    bidir_over_t_star: bidirectional.median / t_star,
-                    chunk_level_over_t_star: chunk_level.median / t_star,
-                    bidir_over_best_single: bidirectional.median / best_single,
-                    split_chunk: split.chunk,
-                    split_layer: split.layer,
-                    layer_split_predicted_s: predicted + tail_secs,
-                    layer_split_s: layer_split.median,
-                    layer_split_min: layer_split.min,
-                    layer_split_max: layer_split.max,
-                    layer_split_over_bidir: layer_split.median / chunk_level.median,
-                });
+                None => eprintln!(
+                    "  no crossover: no two swept bandwidths put load-only on both sides of compute-only"
+                ),
             }
         }
         if args.dtypes.len() > 1 {
@@ -496,25 +606,6 @@ async fn measure_loads(
     Ok((secs, bytes))
 }
 
-/// Seconds to import each chunk's cache, in the dtype a load from `store` gives it, into a
-/// cache (the fastest of two).
-fn import_secs(engine: &Engine, store: &KvStore, kv: &[KvRange]) -> anyhow::Result<Vec<f64>> {
-    let loaded = store.storage_dtype(CacheKind::Prefix).loaded_dtype();
-    let once = || -> anyhow::Result<Vec<f64>> {
-        let mut cache = engine.new_cache();
-        kv.iter()
-            .map(|range| {
-                let stored = range.to_dtype(loaded)?;
-                let started = Instant::now();
-                engine.import(&mut cache, &stored)?;
-                Ok(started.elapsed().as_secs_f64())
-            })
-            .collect()
-    };
-    let (a, b) = (once()?, once()?);
-    Ok(a.iter().zip(&b).map(|(x, y)| x.min(*y)).collect())
-}
-
 /// Measured load times: all chunks with the loader's concurrency, and one chunk alone.
 struct LoadTimes {
     total: f64,
@@ -523,25 +614,6 @@ struct LoadTimes {
 }
 
 impl LoadTimes {
-    /// The lower bounds from this run's costs: each chunk's fastest compute, its import,
-    /// one read's load, and as many reads at once as the store sustained (the measured
-    /// aggregate over one read's time, at most the concurrency).
-    fn bounds(&self, computed: &Computed, import_each: &[f64]) -> Bounds {
-        let n = computed.fastest.len();
-        let parallel = (n as f64 * self.one / self.total).clamp(1.0, self.concurrency as f64);
-        let chunks: Vec<ChunkCosts> = computed
-            .fastest
-            .iter()
-            .zip(import_each)
-            .map(|(&compute, &import)| ChunkCosts {
-                compute,
-                load: self.one,
-                import,
-            })
-            .collect();
-        prefill_bounds(&chunks, computed.tail_fastest, parallel)
-    }
-
     /// Seconds to load `m` of `n` chunks: bounded by rounds of concurrent single loads
     /// (latency, per-read bandwidth) and by the aggregate rate.
     fn of(&self, m: usize, n: usize) -> f64 {
@@ -550,14 +622,68 @@ impl LoadTimes {
     }
 }
 
+/// Each chunk's costs as this context's runs saw them, and the tail's: the fastest of every
+/// observation of the same work, so the bounds built from them hold for every run they came
+/// from. Compute at each chunk's position: the direct measurement and the scheduler's
+/// compute-only runs; reads and imports: every run that read or imported the chunk whole;
+/// the store's time per chunk: its share (by tokens) of the load-only runs' read phase, from
+/// the first read's start to the last read's end — the store at the run's I/O concurrency.
+fn observed_costs(
+    direct: &Computed,
+    chunks: &[Vec<u32>],
+    compute_only: &[PrefillReport],
+    load_only: &[PrefillReport],
+    others: &[PrefillReport],
+) -> anyhow::Result<(Vec<ChunkCosts>, f64)> {
+    let fastest = |values: &mut dyn Iterator<Item = f64>| values.fold(f64::INFINITY, f64::min);
+    let every = || compute_only.iter().chain(load_only).chain(others);
+    let read_phase = fastest(&mut load_only.iter().map(|r| {
+        let spans = r.chunk_timings.iter().filter_map(|t| t.read_span);
+        let (first, last) = spans.fold((f64::INFINITY, 0.0f64), |(a, b), (s, e)| {
+            (a.min(s), b.max(e))
+        });
+        last - first
+    }));
+    let tokens: usize = chunks.iter().map(Vec::len).sum();
+    let costs = chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            let timings = || every().filter_map(move |r| r.chunk_timings.get(i));
+            let costs = ChunkCosts {
+                compute: direct.fastest[i].min(fastest(
+                    &mut compute_only
+                        .iter()
+                        .filter_map(|r| r.chunk_timings[i].computed_secs),
+                )),
+                read: fastest(&mut timings().filter_map(|t| t.read_span.map(|(s, e)| e - s))),
+                store: read_phase * chunk.len() as f64 / tokens as f64,
+                import: fastest(&mut timings().filter_map(|t| t.imported_secs)),
+            };
+            anyhow::ensure!(
+                [costs.compute, costs.read, costs.store, costs.import]
+                    .iter()
+                    .all(|c| c.is_finite()),
+                "chunk {i} was not both computed and loaded in the runs: {costs:?}"
+            );
+            Ok(costs)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let tail = direct
+        .tail_fastest
+        .min(fastest(&mut compute_only.iter().map(|r| r.tail_secs)));
+    Ok((costs, tail))
+}
+
 fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
     write_csv(&args.csv, rows)?;
     if let Some(&context) = args.contexts.iter().max() {
         let png = args.csv.with_extension("png");
-        let swept: Vec<&Row> = rows
+        let mut swept: Vec<&Row> = rows
             .iter()
-            .filter(|r| r.context == context && r.backend.ends_with("per read"))
+            .filter(|r| r.context == context && r.read_mb_s.is_some())
             .collect();
+        swept.sort_by(|a, b| a.load_mb_s.total_cmp(&b.load_mb_s));
         let line = |name: &str, f: &dyn Fn(&Row) -> f64| plot::Series {
             name: name.to_string(),
             points: swept.iter().map(|r| (r.load_mb_s, f(r))).collect(),
@@ -605,6 +731,7 @@ fn write_outputs(args: &TtftArgs, rows: &[Row]) -> anyhow::Result<()> {
             "bidir_over_t_star",
             "chunk_level_over_t_star",
             "bidir_over_best_single",
+            "single_modes_apart",
             "layer_split_s",
             "split_chunk",
             "split_layer",

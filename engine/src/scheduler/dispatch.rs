@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{LoadOutcome, Miss, MissReason, Mode, Policy, PrefillReport, SchedulerConfig};
+use super::{
+    ChunkTiming, LoadOutcome, Miss, MissReason, Mode, Policy, PrefillReport, SchedulerConfig,
+};
 
 /// A request's handle inside the scheduler.
 pub type RequestId = u64;
@@ -200,6 +202,7 @@ impl Request {
         let report = PrefillReport {
             mode: shape.mode,
             chunks: n,
+            chunk_timings: vec![ChunkTiming::default(); n],
             ..PrefillReport::default()
         };
         Self {
@@ -574,6 +577,10 @@ impl Dispatcher {
                 };
                 r.report.bytes_loaded += bytes;
                 r.report.load_secs += now - since;
+                if step.first_layer == 0 {
+                    r.report.chunk_timings[step.chunk].read_span =
+                        Some((since - r.arrival, now - r.arrival));
+                }
                 self.costs.observe_load(tokens, whole_secs);
                 LoadVerdict::Keep
             }
@@ -694,6 +701,9 @@ impl Dispatcher {
                 r.report.chunks_loaded += 1;
                 r.report.tokens_loaded += shape.tokens;
                 r.report.import_secs += secs;
+                if matches!(step, ComputeStep::Import { .. }) {
+                    r.report.chunk_timings[chunk].imported_secs = Some(secs);
+                }
                 let compute = self.costs.compute_secs(shape.tokens, r.positions[chunk]);
                 let tail_position = r.tail_position();
                 let costs = &self.costs;
@@ -715,6 +725,7 @@ impl Dispatcher {
                 r.report.tokens_computed += tokens;
                 r.report.compute_secs += secs;
                 r.report.computed_chunks.push(chunk);
+                r.report.chunk_timings[chunk].computed_secs = Some(secs);
                 self.costs.observe_compute(tokens, r.positions[chunk], secs);
                 None
             }
@@ -723,6 +734,7 @@ impl Dispatcher {
                 let position = r.tail_position();
                 r.report.tokens_computed += tokens;
                 r.report.compute_secs += secs;
+                r.report.tail_secs = secs;
                 if r.pending_blend_secs == 0.0 {
                     // A tail pass that blended chunks in says nothing of the tail alone.
                     self.costs.observe_compute(tokens, position, secs);

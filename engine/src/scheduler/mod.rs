@@ -435,6 +435,27 @@ pub struct PrefillReport {
     /// [`layer_split`] for a whole request split at one layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split_layer: Option<usize>,
+    /// What each chunk cost in this run, in prompt order: the measurements a lower bound on
+    /// the same work is built from (see [`bounds`]). Recorded by the shared scheduler, empty
+    /// elsewhere; kept in process (not serialized), as it grows with the prompt.
+    #[serde(skip)]
+    pub chunk_timings: Vec<ChunkTiming>,
+    /// Seconds of the pass that computed the question tail (blending included), in process
+    /// only like `chunk_timings`.
+    #[serde(skip)]
+    pub tail_secs: f64,
+}
+
+/// One chunk's costs as one run saw them; `None` where the run did not do that work.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ChunkTiming {
+    /// Seconds computing it in full at its position.
+    pub computed_secs: Option<f64>,
+    /// When the whole read of its stored cache started and ended, seconds after the
+    /// request arrived (ranged reads of a layer split are not recorded).
+    pub read_span: Option<(f64, f64)>,
+    /// Seconds importing its loaded cache into the prompt's cache.
+    pub imported_secs: Option<f64>,
 }
 
 /// The compute side: a model that appends tokens to a cache, and imports/exports ranges.

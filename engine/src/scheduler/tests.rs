@@ -612,14 +612,20 @@ fn no_simulated_schedule_beats_the_bounds_computed_from_its_own_costs() {
                 costs.import_secs_per_token = 2e-5;
                 let request = shape(chunks, |_| true, Mode::Bidirectional);
                 let per_chunk: Vec<ChunkCosts> = (0..chunks)
-                    .map(|i| ChunkCosts {
-                        compute: costs.compute(CHUNK, i * CHUNK),
-                        load: costs.load_latency_secs + costs.load_secs_per_token * CHUNK as f64,
-                        import: costs.import_secs_per_token * CHUNK as f64,
+                    .map(|i| {
+                        // The simulated reads do not slow each other: `io` at once.
+                        let read =
+                            costs.load_latency_secs + costs.load_secs_per_token * CHUNK as f64;
+                        ChunkCosts {
+                            compute: costs.compute(CHUNK, i * CHUNK),
+                            read,
+                            store: read / io as f64,
+                            import: costs.import_secs_per_token * CHUNK as f64,
+                        }
                     })
                     .collect();
                 let tail = costs.compute(request.tail_tokens, chunks * CHUNK);
-                let bounds = prefill_bounds(&per_chunk, tail, io as f64);
+                let bounds = prefill_bounds(&per_chunk, tail);
                 let whole = run_split(&costs, io, request.clone(), false);
                 let split = run_split(&costs, io, request, true);
                 let case = format!(
@@ -638,4 +644,58 @@ fn no_simulated_schedule_beats_the_bounds_computed_from_its_own_costs() {
             }
         }
     }
+}
+
+#[test]
+fn reports_carry_each_chunks_own_costs_and_the_bounds_built_from_them_hold() {
+    // What a benchmark builds its bounds from: each chunk's compute at its position in a
+    // compute-only run, each chunk's read and import in a load-only run. Under the
+    // simulator they are the machine's true costs, and the bidirectional run does not
+    // beat the bounds built from them.
+    let mut costs = costs(1e-3, 2e-3);
+    costs.compute_secs_per_token_per_position = 2e-7;
+    costs.load_latency_secs = 5e-3;
+    costs.import_secs_per_token = 2e-5;
+    let (chunks, io) = (6, 2);
+    let compute_only = run_one(&costs, io, shape(chunks, |_| true, Mode::ComputeOnly));
+    let load_only = run_one(&costs, io, shape(chunks, |_| true, Mode::LoadOnly));
+    let read = costs.load_latency_secs + costs.load_secs_per_token * CHUNK as f64;
+    let import = costs.import_secs_per_token * CHUNK as f64;
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    assert_eq!(compute_only.chunk_timings.len(), chunks);
+    assert_eq!(load_only.chunk_timings.len(), chunks);
+    let mut per_chunk = Vec::new();
+    for i in 0..chunks {
+        let (computed, loaded) = (compute_only.chunk_timings[i], load_only.chunk_timings[i]);
+        let compute = computed.computed_secs.expect("computed");
+        assert!(
+            close(compute, costs.compute(CHUNK, i * CHUNK)),
+            "{computed:?}"
+        );
+        assert_eq!((computed.read_span, computed.imported_secs), (None, None));
+        let (start, end) = loaded.read_span.expect("read whole");
+        assert!(close(end - start, read), "{loaded:?}");
+        assert!(
+            close(loaded.imported_secs.expect("imported"), import),
+            "{loaded:?}"
+        );
+        assert_eq!(loaded.computed_secs, None);
+        per_chunk.push(ChunkCosts {
+            compute,
+            read: end - start,
+            store: (end - start) / io as f64,
+            import,
+        });
+    }
+    let tail = costs.compute(16, chunks * CHUNK);
+    assert!(close(compute_only.tail_secs, tail));
+    let bounds = prefill_bounds(&per_chunk, compute_only.tail_secs);
+    let bidirectional = run_one(&costs, io, shape(chunks, |_| true, Mode::Bidirectional));
+    assert!(
+        bidirectional.ttft_secs >= bounds.chunk_level - 1e-9,
+        "{bounds:?} {bidirectional:?}"
+    );
+    assert!(
+        compute_only.ttft_secs >= bounds.chunk_level && load_only.ttft_secs >= bounds.chunk_level
+    );
 }
