@@ -438,12 +438,16 @@ impl LlamaCpp {
         let read = sent.and_then(|()| self.stdout.read_line(&mut line));
         if !matches!(read, Ok(n) if n > 0) {
             self.stdin = None;
-            let _ = self.child.wait();
+            // How it ended says what went wrong where it printed nothing (a crash).
+            let status = self
+                .child
+                .wait()
+                .map_or_else(|e| format!("status unknown: {e}"), |s| s.to_string());
             let mut stderr = String::new();
             if let Some(mut err) = self.child.stderr.take() {
                 let _ = err.read_to_string(&mut stderr);
             }
-            anyhow::bail!("the llama.cpp worker stopped: {}", stderr.trim());
+            anyhow::bail!("the llama.cpp worker stopped ({status}): {}", stderr.trim());
         }
         serde_json::from_str(&line).context("parsing the llama.cpp worker's answer")
     }
