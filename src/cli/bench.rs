@@ -56,7 +56,7 @@ pub struct PrefillArgs {
     #[arg(long, value_delimiter = ',', default_value = "8")]
     decode_batches: Vec<usize>,
     /// Python interpreter with llama-cpp-python
-    /// [default: $RAGCAKE_HOME/venv/bin/python when it exists].
+    /// [default: $RAGCAKE_HOME/venv-llama-cpp/bin/python when it exists].
     #[arg(long)]
     llama_cpp_python: Option<PathBuf>,
     /// Skip the llama.cpp comparison.
@@ -199,7 +199,7 @@ fn prefill(mut args: PrefillArgs) -> anyhow::Result<()> {
     } else {
         let python = args.llama_cpp_python.clone().unwrap_or_else(|| {
             ragcake::models::ragcake_home()
-                .join("venv")
+                .join("venv-llama-cpp")
                 .join("bin")
                 .join("python")
         });
