@@ -674,7 +674,7 @@ fn observed_costs(
                 compute: direct.fastest[i].min(fastest(
                     &mut compute_only
                         .iter()
-                        .filter_map(|r| r.chunk_timings[i].computed_secs),
+                        .filter_map(|r| r.chunk_timings.get(i)?.computed_secs),
                 )),
                 read: fastest(&mut timings().filter_map(|t| t.read_span.map(|(s, e)| e - s))),
                 store: read_phase * chunk.len() as f64 / tokens as f64,
