@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Writes the tokenizer fixture: reference token ids for a set of texts, produced by
+"""Writes a tokenizer fixture: reference token ids for a set of texts, produced by
 llama.cpp (through llama-cpp-python) from the same GGUF file the engine loads.
 
-    python scripts/reference_tokens.py MODEL.gguf engine/tests/fixtures/smollm2_tokens.json
+    python scripts/reference_tokens.py SmolLM2-135M-Instruct.Q4_1.gguf tests/fixtures/smollm2_tokens.json
+    python scripts/reference_tokens.py --gemma3 gemma-3-270m-q4_k_m.gguf tests/fixtures/gemma3_tokens.json
 
-The engine's tokenizer test compares its own output against this file.
+--gemma3 appends cases with Gemma's own control tokens to the shared texts (whose ChatML
+markers are plain text to Gemma's vocabulary). The engine's tokenizer tests compare their
+own output against these files.
 """
+import argparse
 import json
-import sys
 
 from llama_cpp import Llama
 
@@ -38,11 +41,29 @@ TEXTS = [
 ]
 
 
+# Gemma's turn markers and BOS/EOS, parsed as control tokens and as plain text.
+GEMMA3_TEXTS = [
+    ("<start_of_turn>user\nHi<end_of_turn>\n", True),
+    ("<start_of_turn>user\nHi<end_of_turn>\n", False),
+    ("<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n", True),
+    ("<bos>text", True),
+    ("<bos>text", False),
+    ("text <eos> more", True),
+    ("<start_of_turn>model\n\n\nAnswer: Paris.<end_of_turn>", True),
+]
+
+
 def main():
-    model_path, out_path = sys.argv[1], sys.argv[2]
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_path")
+    ap.add_argument("out_path")
+    ap.add_argument("--gemma3", action="store_true", help="also the Gemma control-token cases")
+    args = ap.parse_args()
+    model_path, out_path = args.model_path, args.out_path
+    texts = TEXTS + (GEMMA3_TEXTS if args.gemma3 else [])
     llm = Llama(model_path=model_path, vocab_only=True, verbose=False)
     cases = []
-    for text, special in TEXTS:
+    for text, special in texts:
         ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
         cases.append({"text": text, "parse_special": special, "ids": ids})
     # One case per line: reviewable diffs when the fixture is regenerated.

@@ -13,6 +13,17 @@ cargo build --workspace --all-targets --quiet
 
 echo "== models (cached in $RAGCAKE_HOME/models)"
 "$CARGO_TARGET_DIR/debug/ragcake" models fetch
+# The second real model: the llama.cpp conformance tests and the Gemma 3 paths need it.
+"$CARGO_TARGET_DIR/debug/ragcake" models fetch gemma3-270m
+
+echo "== tiny models of every family for the llama.cpp conformance tests (deterministic, written once)"
+gguf_venv="$RAGCAKE_HOME/gguf-venv"
+if ! "$gguf_venv/bin/python" -c "import gguf, numpy" 2>/dev/null; then
+    python3 -m venv "$gguf_venv"
+    # Pinned: the files must be byte for byte the ones the reference logits were computed on.
+    "$gguf_venv/bin/pip" install --quiet "gguf==0.19.0" "numpy==2.4.6"
+fi
+"$gguf_venv/bin/python" scripts/conformance_fixtures.py --gguf-only --out "$RAGCAKE_HOME/conformance" >/dev/null
 
 echo "== format and lints"
 cargo fmt --all -- --check

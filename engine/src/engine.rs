@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{ChatMessage, ChatTemplate};
+use crate::chat::{ChatMessage, ChatPiece, ChatTemplate};
 use crate::error::{EngineError, Result};
 use crate::generate::{GenerateParams, Generation, Sampler, generate};
 use crate::gguf::{GgufFile, LlmFingerprint};
-use crate::kv::{KvCache, KvRange};
-use crate::models::llama::{Blend, Llama, LlamaConfig, Logits};
+use crate::kv::{KvCache, KvRange, KvShape};
+use crate::models::{Blend, Logits, ModelConfig, Transformer, config_from_gguf};
 use crate::scheduler::{BlendChunk, ComputeBackend};
 use crate::tokenizer::Tokenizer;
 
@@ -123,7 +123,7 @@ impl From<DTypeChoice> for DType {
 /// A loaded model ready to prefill and generate.
 #[derive(Debug)]
 pub struct Engine {
-    model: Llama,
+    model: Transformer,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     fingerprint: LlmFingerprint,
@@ -142,18 +142,33 @@ pub struct Completion {
 }
 
 impl Engine {
-    /// Loads a llama-family GGUF model.
+    /// Loads a GGUF model of any supported family ([`crate::models::FAMILIES`]).
     pub fn load(path: impl AsRef<Path>, config: &EngineConfig) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let device = config.device.device()?;
         let dtype = DType::from(config.dtype.unwrap_or(DTypeChoice::default_for(&device)));
         let mut gguf = GgufFile::open(&path)?;
         // Architecture and tokenizer first: an unsupported file fails before weights load.
-        LlamaConfig::from_gguf(&gguf)?;
+        let model_config = config_from_gguf(&gguf)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let template = ChatTemplate::detect(gguf.opt_string("tokenizer.chat_template"));
+        let token_text = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.token_bytes(id))
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        };
+        let template = ChatTemplate::new(
+            gguf.opt_string("tokenizer.chat_template"),
+            &token_text(tokenizer.bos()),
+            &token_text(tokenizer.eos()),
+        )?;
         let fingerprint = gguf.fingerprint()?;
-        let model = Llama::load(&mut gguf, &device, dtype, config.quantized_decode)?;
+        let model = Transformer::load(
+            model_config,
+            &mut gguf,
+            &device,
+            dtype,
+            config.quantized_decode,
+        )?;
         if tokenizer.vocab_size() > model.config().vocab_size {
             return Err(EngineError::Tokenizer(format!(
                 "{} tokens but the model embeds only {}",
@@ -164,6 +179,7 @@ impl Engine {
         tracing::info!(
             path = %path.display(),
             fingerprint = %fingerprint.short(),
+            family = %model.config().family,
             layers = model.config().n_layers,
             "model loaded"
         );
@@ -176,9 +192,29 @@ impl Engine {
         })
     }
 
-    /// The model.
-    pub fn model(&self) -> &Llama {
+    /// The model: forward passes at explicit positions, blending, decode steps.
+    pub fn model(&self) -> &Transformer {
         &self.model
+    }
+
+    /// The model's hyper-parameters and block shape.
+    pub fn config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// The shape of this model's KV cache.
+    pub fn kv_shape(&self) -> KvShape {
+        self.model.config().kv_shape()
+    }
+
+    /// The model's context window in positions.
+    pub fn context_length(&self) -> usize {
+        self.model.config().context_length
+    }
+
+    /// The device the model computes on.
+    pub fn device(&self) -> &Device {
+        self.model.device()
     }
 
     /// The tokenizer.
@@ -207,15 +243,31 @@ impl Engine {
     }
 
     /// Tokenizes a conversation in the model's chat format, ready for the assistant's reply.
+    /// The template's text is tokenized with its special tokens, the messages' contents as
+    /// plain text (a message cannot forge a turn).
     pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let text = self.template.render(messages, true);
+        let pieces = self.template.pieces(messages, true)?;
+        self.encode_pieces(&pieces, true)
+    }
+
+    /// The tokens of rendered chat pieces: markup with special tokens recognised, contents
+    /// without; with `opening`, BOS first when the tokenizer adds one and the template did
+    /// not write it.
+    pub fn encode_pieces(&self, pieces: &[ChatPiece], opening: bool) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
-        if self.tokenizer.add_bos()
-            && let Some(bos) = self.tokenizer.bos()
-        {
-            ids.push(bos);
+        for piece in pieces {
+            match piece {
+                ChatPiece::Markup(text) => ids.extend(self.tokenizer.encode(text, true)?),
+                ChatPiece::Content { text, .. } => ids.extend(self.tokenizer.encode(text, false)?),
+            }
         }
-        ids.extend(self.tokenizer.encode(&text, true)?);
+        if opening
+            && self.tokenizer.add_bos()
+            && let Some(bos) = self.tokenizer.bos()
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
         Ok(ids)
     }
 
@@ -271,11 +323,11 @@ impl Engine {
 
     /// Appends a stored KV range to `cache`, moving its keys to the cache's next position.
     pub fn import(&self, cache: &mut KvCache, range: &KvRange) -> Result<()> {
-        cache.import(range, self.model.rope())
+        cache.import(range, self.model.ropes())
     }
 
     /// Computes the bottom `layers` layers of `tokens` only, in pieces of at most
-    /// `chunk_size`, after the tokens those layers already hold; see [`Llama::forward_bottom`].
+    /// `chunk_size`, after the tokens those layers already hold; see [`Transformer::forward_bottom`].
     pub fn append_bottom(
         &self,
         cache: &mut KvCache,
@@ -293,7 +345,7 @@ impl Engine {
     /// Fills the top layers (`first_layer..`) of the oldest tokens [`Engine::append_bottom`]
     /// computed with a loaded range of those layers; see [`KvCache::fill_top`].
     pub fn fill_top(&self, cache: &mut KvCache, range: &KvRange, first_layer: usize) -> Result<()> {
-        cache.fill_top(range, first_layer, self.model.rope())
+        cache.fill_top(range, first_layer, self.model.ropes())
     }
 
     /// Generates after a prefill; see [`generate`].

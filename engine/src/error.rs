@@ -36,7 +36,10 @@ pub enum EngineError {
         actual: u64,
     },
     /// The GGUF describes a model family this engine does not implement.
-    #[error("unsupported model architecture {0:?} (supported: llama)")]
+    #[error(
+        "unsupported model architecture {0:?} (supported: {supported})",
+        supported = crate::models::family_names().join(", ")
+    )]
     UnsupportedArchitecture(String),
     /// A GGUF describes a feature of a supported family that this engine does not implement.
     #[error("unsupported model feature: {0}")]
@@ -57,6 +60,9 @@ pub enum EngineError {
         /// What was wrong with it.
         reason: String,
     },
+    /// The model's chat template could not be compiled or rendered.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     /// The tokenizer could not be built or failed on some input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

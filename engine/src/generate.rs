@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::kv::KvCache;
-use crate::models::llama::Llama;
+use crate::models::Transformer;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// How the next token is picked from the logits.
@@ -192,7 +192,7 @@ pub struct Generation {
 /// token, feeds it back, and so on. `on_text` receives each piece of text as it becomes
 /// complete and can stop generation by returning `ControlFlow::Break`.
 pub fn generate(
-    model: &Llama,
+    model: &Transformer,
     tokenizer: &Tokenizer,
     cache: &mut KvCache,
     first_logits: &Tensor,

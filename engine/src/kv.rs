@@ -6,7 +6,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Storage, Tensor};
 
 use crate::error::{EngineError, Result};
-use crate::rope::Rope;
+use crate::rope::LayerRopes;
 
 /// The dimensions of a model's KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -119,13 +119,20 @@ impl KvRange {
         })
     }
 
-    /// The same range with its keys re-rotated to start at `position`.
-    pub fn moved_to(&self, position: usize, rope: &Rope) -> Result<Self> {
+    /// The same range with its keys re-rotated to start at `position`, each layer by its
+    /// own table of `ropes` (the range holds the layers `first_layer..`).
+    pub fn moved_to(
+        &self,
+        position: usize,
+        ropes: &LayerRopes,
+        first_layer: usize,
+    ) -> Result<Self> {
         let delta = position as i64 - self.base_position as i64;
         let layers = self
             .layers
             .iter()
-            .map(|(k, v)| Ok((rope.shift(k, delta)?, v.clone())))
+            .enumerate()
+            .map(|(i, (k, v))| Ok((ropes.layer(first_layer + i)?.shift(k, delta)?, v.clone())))
             .collect::<Result<_>>()?;
         Ok(Self {
             base_position: position,
@@ -366,7 +373,12 @@ impl KvCache {
     /// Fills the top layers of the oldest partial tokens with `range`, which holds the
     /// layers `first_layer..` of those tokens (a ranged read of a stored cache), re-rotating
     /// its keys when it was computed at another position. The tokens are then whole.
-    pub fn fill_top(&mut self, range: &KvRange, first_layer: usize, rope: &Rope) -> Result<()> {
+    pub fn fill_top(
+        &mut self,
+        range: &KvRange,
+        first_layer: usize,
+        ropes: &LayerRopes,
+    ) -> Result<()> {
         let expected = KvShape {
             n_layers: self.shape.n_layers.saturating_sub(first_layer),
             ..self.shape
@@ -386,7 +398,7 @@ impl KvCache {
                 expected
             )));
         }
-        let range = self.placed(range, rope)?;
+        let range = self.placed(range, ropes, first_layer)?;
         for (i, (k, v)) in range.layers().iter().enumerate() {
             self.write_layer(first_layer + i, k, v)?;
         }
@@ -457,7 +469,7 @@ impl KvCache {
 
     /// Appends `range` at [`KvCache::next_position`], re-rotating its keys by the position
     /// difference when it was computed elsewhere (a position-independent chunk cache).
-    pub fn import(&mut self, range: &KvRange, rope: &Rope) -> Result<()> {
+    pub fn import(&mut self, range: &KvRange, ropes: &LayerRopes) -> Result<()> {
         if range.shape() != self.shape {
             return Err(EngineError::KvMismatch(format!(
                 "range shape {:?} does not match cache shape {:?}",
@@ -465,7 +477,7 @@ impl KvCache {
                 self.shape
             )));
         }
-        let range = self.placed(range, rope)?;
+        let range = self.placed(range, ropes, 0)?;
         self.reserve(range.len())?;
         for (i, (k, v)) in range.layers().iter().enumerate() {
             self.write_layer(i, k, v)?;
@@ -476,11 +488,16 @@ impl KvCache {
 
     /// `range` with its keys at [`KvCache::next_position`]: as it is when it was computed
     /// there, else re-rotated by the position difference (a position-independent cache).
-    fn placed<'a>(&self, range: &'a KvRange, rope: &Rope) -> Result<Cow<'a, KvRange>> {
+    fn placed<'a>(
+        &self,
+        range: &'a KvRange,
+        ropes: &LayerRopes,
+        first_layer: usize,
+    ) -> Result<Cow<'a, KvRange>> {
         Ok(if range.base_position() == self.next_position() {
             Cow::Borrowed(range)
         } else {
-            Cow::Owned(range.moved_to(self.next_position(), rope)?)
+            Cow::Owned(range.moved_to(self.next_position(), ropes, first_layer)?)
         })
     }
 
@@ -523,8 +540,19 @@ mod tests {
         KvCache::new(SHAPE, 0, DType::F32, &Device::Cpu)
     }
 
-    fn rope() -> Rope {
-        Rope::new(4, 10_000.0, None, 1.0, 64, DType::F32, &Device::Cpu).unwrap()
+    fn rope() -> LayerRopes {
+        let rope = crate::rope::Rope::new(
+            crate::rope::RopeStyle::Interleaved,
+            4,
+            10_000.0,
+            None,
+            1.0,
+            64,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        LayerRopes::uniform(rope, SHAPE.n_layers)
     }
 
     /// Asserts that every layer's keys and values are bit-equal in both caches.

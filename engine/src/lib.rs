@@ -1,4 +1,5 @@
-//! ragcake's inference engine: llama-family models from GGUF on candle, with a KV cache that
+//! ragcake's inference engine: decoder-only models from GGUF (llama, Qwen 2/3, Gemma 3,
+//! Phi-3) on candle, with a KV cache that
 //! can be computed in chunks at explicit positions, exported, stored, imported (re-rotated
 //! to a new position when needed) and continued from.
 //!
@@ -28,12 +29,14 @@ pub mod tokenizer;
 mod test_util;
 
 pub use candle_core::{DType, Device, Tensor};
-pub use chat::{ChatMessage, ChatTemplate, Role};
+pub use chat::{ChatMessage, ChatPiece, ChatTemplate, Role};
 pub use engine::{Completion, DTypeChoice, DeviceChoice, Engine, EngineConfig};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateParams, Generation, Sampler, Sampling};
 pub use gguf::{GgufFile, LlmFingerprint};
 pub use kv::{KvCache, KvRange, KvShape};
-pub use models::llama::{Blend, DECODE_MAX_TOKENS, Llama, LlamaConfig, Logits, Selection};
-pub use rope::Rope;
+pub use models::{
+    Blend, DECODE_MAX_TOKENS, Logits, ModelConfig, Selection, Transformer, config_from_gguf,
+};
+pub use rope::{LayerRopes, Rope, RopeStyle};
 pub use tokenizer::{StreamDecoder, TokenKind, Tokenizer};

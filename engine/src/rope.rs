@@ -1,8 +1,24 @@
-//! Rotary position embeddings (interleaved pairs, as GGUF llama weights expect).
+//! Rotary position embeddings: the two pairings GGUF files use, and the tables of every
+//! layer of a model (layers may rotate with different bases, as Gemma 3's local and global
+//! layers do).
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
+
+/// Which elements of a head rotate together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeStyle {
+    /// Adjacent pairs `(x[2i], x[2i+1])`: llama files, whose converter permuted the query
+    /// and key weights for it (llama.cpp's "norm" rope).
+    Interleaved,
+    /// The two halves `(x[i], x[i + d/2])`: Qwen, Gemma, Phi-3 (llama.cpp's "neox" rope).
+    Halves,
+}
 
 /// Precomputed rotation tables for positions `0..max_positions`.
 #[derive(Debug, Clone)]
@@ -12,13 +28,16 @@ pub struct Rope {
     cos: Tensor,
     sin: Tensor,
     dtype: DType,
+    style: RopeStyle,
 }
 
 impl Rope {
     /// Builds tables for `head_dim`-wide heads with base `theta`, optional per-pair frequency
     /// factors (llama 3 style `rope_freqs`) and a linear position scale (positions are divided
-    /// by `linear_scale`).
+    /// by `linear_scale`), pairing elements by `style`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        style: RopeStyle,
         head_dim: usize,
         theta: f64,
         freq_factors: Option<&[f32]>,
@@ -42,7 +61,13 @@ impl Rope {
             sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
             inv_freq,
             dtype,
+            style,
         })
+    }
+
+    /// How this rope pairs a head's elements.
+    pub fn style(&self) -> RopeStyle {
+        self.style
     }
 
     /// cos and sin of `position × inv_freq` for each position, row-major, computed in f64.
@@ -75,7 +100,7 @@ impl Rope {
         let tokens = xs.dim(0)?;
         let cos = self.cos.narrow(0, start, tokens)?;
         let sin = self.sin.narrow(0, start, tokens)?;
-        Self::rotate(xs, &cos, &sin)
+        self.rotate(xs, &cos, &sin)
     }
 
     /// Rotates `xs` of shape `[tokens, heads, head_dim]`; token `i` is at `positions[i]`
@@ -84,18 +109,27 @@ impl Rope {
         let index = Tensor::new(positions, self.cos.device())?;
         let cos = self.cos.index_select(&index, 0)?;
         let sin = self.sin.index_select(&index, 0)?;
-        Self::rotate(xs, &cos, &sin)
+        self.rotate(xs, &cos, &sin)
     }
 
     /// Rotates each token of `xs` (`[tokens, heads, head_dim]`) by its row of `cos`/`sin`.
-    fn rotate(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    fn rotate(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (tokens, heads, head_dim) = xs.dims3()?;
         let cos = cos.unsqueeze(1)?;
         let sin = sin.unsqueeze(1)?;
         // Viewed as (batch = tokens, heads, 1, head_dim) so every token gets its own row.
         let xs = xs.contiguous()?.reshape((tokens, heads, 1, head_dim))?;
-        let out = candle_nn::rotary_emb::rope_i(&xs, &cos, &sin)?;
+        let out = self.rotate_bhtd(&xs, &cos, &sin)?;
         Ok(out.reshape((tokens, heads, head_dim))?)
+    }
+
+    /// Rotates `xs` (`[batch, heads, tokens, head_dim]`, contiguous) by the rows of
+    /// `cos`/`sin` (`[tokens, head_dim / 2]`), pairing elements by the rope's style.
+    fn rotate_bhtd(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(xs, cos, sin)?,
+            RopeStyle::Halves => candle_nn::rotary_emb::rope(xs, cos, sin)?,
+        })
     }
 
     /// Moves keys of shape `[heads, tokens, head_dim]` by `delta` positions: a key rotated for
@@ -120,8 +154,49 @@ impl Rope {
             .to_dtype(self.dtype)?
             .contiguous()?
             .reshape((1, heads, tokens, head_dim))?;
-        let out = candle_nn::rotary_emb::rope_i(&keys, &cos, &sin)?;
+        let out = self.rotate_bhtd(&keys, &cos, &sin)?;
         Ok(out.reshape((heads, tokens, head_dim))?)
+    }
+}
+
+/// The rotary tables of every layer of a model: layers sharing a base share one table.
+#[derive(Debug, Clone)]
+pub struct LayerRopes {
+    tables: Vec<Arc<Rope>>,
+}
+
+impl LayerRopes {
+    /// One table per layer (in layer order).
+    pub fn new(tables: Vec<Arc<Rope>>) -> Self {
+        Self { tables }
+    }
+
+    /// Every layer rotating with the same table.
+    pub fn uniform(rope: Rope, layers: usize) -> Self {
+        let rope = Arc::new(rope);
+        Self {
+            tables: vec![rope; layers],
+        }
+    }
+
+    /// Layer `layer`'s table.
+    pub fn layer(&self, layer: usize) -> Result<&Rope> {
+        self.tables.get(layer).map(|r| r.as_ref()).ok_or_else(|| {
+            EngineError::KvMismatch(format!(
+                "no rotary table for layer {layer} of {}",
+                self.tables.len()
+            ))
+        })
+    }
+
+    /// Layers covered.
+    pub fn len(&self) -> usize {
+        self.tables.len()
+    }
+
+    /// Whether no layer is covered.
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
     }
 }
 
@@ -133,7 +208,17 @@ mod tests {
 
     #[test]
     fn shifting_composes_with_rotation() {
-        let rope = Rope::new(8, 10_000.0, None, 1.0, 512, DType::F32, &Device::Cpu).unwrap();
+        let rope = Rope::new(
+            RopeStyle::Interleaved,
+            8,
+            10_000.0,
+            None,
+            1.0,
+            512,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         let x = Tensor::randn(0f32, 1.0, (5, 2, 8), &Device::Cpu).unwrap();
         // Rotate for positions 10.. then shift by +300: same as rotating for 310...
         let at_10 = rope.apply(&x, 10).unwrap().transpose(0, 1).unwrap();
@@ -148,7 +233,17 @@ mod tests {
 
     #[test]
     fn scattered_positions_rotate_like_contiguous_ones() {
-        let rope = Rope::new(8, 10_000.0, None, 1.0, 64, DType::F32, &Device::Cpu).unwrap();
+        let rope = Rope::new(
+            RopeStyle::Interleaved,
+            8,
+            10_000.0,
+            None,
+            1.0,
+            64,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         let x = Tensor::randn(0f32, 1.0, (4, 2, 8), &Device::Cpu).unwrap();
         let contiguous = rope.apply(&x, 20).unwrap();
         let listed = rope.apply_at(&x, &[20, 21, 22, 23]).unwrap();
@@ -161,7 +256,17 @@ mod tests {
 
     #[test]
     fn position_zero_is_the_identity() {
-        let rope = Rope::new(8, 10_000.0, None, 1.0, 16, DType::F32, &Device::Cpu).unwrap();
+        let rope = Rope::new(
+            RopeStyle::Interleaved,
+            8,
+            10_000.0,
+            None,
+            1.0,
+            16,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 3, 8), &Device::Cpu).unwrap();
         assert!(max_diff(&rope.apply(&x, 0).unwrap(), &x) < 1e-6);
     }

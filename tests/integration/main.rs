@@ -4,8 +4,10 @@
 //! script runs first); a missing model fails the tests with that instruction.
 
 mod common;
+mod conformance;
 mod engine;
 mod examples;
+mod gemma3;
 mod kvstore;
 mod pipeline;
 mod retriever;

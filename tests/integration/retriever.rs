@@ -686,7 +686,7 @@ fn ingest_refuses_a_store_of_another_model() {
         store,
         prefix,
         ragcake::engine::LlmFingerprint([7; 32]),
-        engine.model().config().kv_shape(),
+        engine.kv_shape(),
         ragcake::engine::Device::Cpu,
     );
     let err = Ingest::new(

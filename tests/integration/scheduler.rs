@@ -779,7 +779,7 @@ fn a_layer_split_of_stored_prefix_caches_reproduces_full_computation() {
     runtime().block_on(async {
         let (chunks, tail, want, store) = stored_context().await;
         let engine = shared_dense_engine();
-        let layers = engine.model().config().kv_shape().n_layers;
+        let layers = engine.kv_shape().n_layers;
 
         for split in [1, layers / 3, layers - 1] {
             let (request, _) = planned(&store, &chunks, &tail, Mode::Bidirectional).await;

@@ -5,6 +5,11 @@
 //! dispatch to threads) outweighs its arithmetic many times over. These functions do the
 //! same arithmetic as the tensor path on slices; only float summation order differs.
 
+use std::ops::Range;
+
+use super::Activation;
+use crate::rope::RopeStyle;
+
 /// `out[r] = x[r] / sqrt(mean(x[r]²) + eps) · weight` for every row of `x`.
 pub(crate) fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let width = weight.len();
@@ -17,14 +22,39 @@ pub(crate) fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]
     }
 }
 
-/// Rotates every `head_dim`-wide head in `heads` by the angles of one position (interleaved
-/// pairs: `(x[2i], x[2i+1])` turns by the angle whose cosine is `cos[i]`).
-pub(crate) fn rope_heads(heads: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+/// [`rms_norm_rows`] of `x` onto itself: every `weight.len()`-wide row (a head, for the
+/// per-head query and key norms) normalised in place.
+pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let width = weight.len();
+    for row in x.chunks_exact_mut(width) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let inverse = 1.0 / (mean + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = *v * inverse * w;
+        }
+    }
+}
+
+/// Rotates every `head_dim`-wide head in `heads` by the angles of one position: pair `i`
+/// turns by the angle whose cosine is `cos[i]`; the pairs are `(x[2i], x[2i+1])`
+/// (interleaved) or `(x[i], x[i + head_dim/2])` (halves).
+pub(crate) fn rope_heads(
+    heads: &mut [f32],
+    head_dim: usize,
+    style: RopeStyle,
+    cos: &[f32],
+    sin: &[f32],
+) {
+    let half = head_dim / 2;
     for head in heads.chunks_exact_mut(head_dim) {
-        for (pair, (c, s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
-            let (a, b) = (pair[0], pair[1]);
-            pair[0] = a * c - b * s;
-            pair[1] = a * s + b * c;
+        for (i, (c, s)) in cos.iter().zip(sin).enumerate() {
+            let (ia, ib) = match style {
+                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                RopeStyle::Halves => (i, i + half),
+            };
+            let (a, b) = (head[ia], head[ib]);
+            head[ia] = a * c - b * s;
+            head[ib] = a * s + b * c;
         }
     }
 }
@@ -38,9 +68,10 @@ pub(crate) struct KvLayout {
     pub capacity: usize,
 }
 
-/// Attention of one token's queries `q` (`[n_heads·head_dim]`) over the first `len` keys and
-/// values of one layer's buffers; writes `[n_heads·head_dim]` into `out`. Query head `h`
-/// reads KV head `h / (n_heads / n_kv_heads)`.
+/// Attention of one token's queries `q` (`[n_heads·head_dim]`) over the keys and values at
+/// the cache indices `seen` of one layer's buffers (all before it, or its sliding window);
+/// writes `[n_heads·head_dim]` into `out`. Query head `h` reads KV head
+/// `h / (n_heads / n_kv_heads)`.
 ///
 /// On a CPU with AVX-512 the same code is compiled for its 16-lane registers (the default
 /// target has 4-lane SSE2); the sums run in the same order, so the result is the same.
@@ -49,16 +80,16 @@ pub(crate) fn attend_one(
     keys: &[f32],
     values: &[f32],
     layout: KvLayout,
-    len: usize,
+    seen: Range<usize>,
     scale: f32,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { attend_one_avx512(q, keys, values, layout, len, scale, out) };
+        return unsafe { attend_one_avx512(q, keys, values, layout, seen, scale, out) };
     }
-    attend_one_portable(q, keys, values, layout, len, scale, out);
+    attend_one_portable(q, keys, values, layout, seen, scale, out);
 }
 
 /// Whether the CPU runs AVX-512 code (checked once).
@@ -76,11 +107,11 @@ fn attend_one_avx512(
     keys: &[f32],
     values: &[f32],
     layout: KvLayout,
-    len: usize,
+    seen: Range<usize>,
     scale: f32,
     out: &mut [f32],
 ) {
-    attend_one_portable(q, keys, values, layout, len, scale, out);
+    attend_one_portable(q, keys, values, layout, seen, scale, out);
 }
 
 /// [`attend_one`]'s arithmetic, for whatever target it is inlined into.
@@ -90,7 +121,7 @@ fn attend_one_portable(
     keys: &[f32],
     values: &[f32],
     layout: KvLayout,
-    len: usize,
+    seen: Range<usize>,
     scale: f32,
     out: &mut [f32],
 ) {
@@ -101,11 +132,12 @@ fn attend_one_portable(
         capacity,
     } = layout;
     let group = n_heads / n_kv_heads;
+    let (first, len) = (seen.start, seen.end - seen.start);
     // The query heads of one KV head are handled together, so each key and value is read
     // once for all of them.
     let mut scores = vec![0f32; group * len];
     for kv in 0..n_kv_heads {
-        let base = kv * capacity * head_dim;
+        let base = (kv * capacity + first) * head_dim;
         let queries = &q[kv * group * head_dim..(kv + 1) * group * head_dim];
         for t in 0..len {
             let key = &keys[base + t * head_dim..base + (t + 1) * head_dim];
@@ -130,6 +162,7 @@ fn attend_one_portable(
             match head_dim {
                 64 => weighted_sum::<64>(weights, values, dst),
                 128 => weighted_sum::<128>(weights, values, dst),
+                256 => weighted_sum::<256>(weights, values, dst),
                 _ => {
                     dst.fill(0.0);
                     for (p, value) in weights.iter().zip(values.chunks_exact(head_dim)) {
@@ -181,15 +214,27 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sums.iter().sum::<f32>() + tail
 }
 
-/// The gated feed-forward activation `silu(gate) · up` of rows laid out `[gate | up]`, each
+/// The gated feed-forward activation `act(gate) · up` of rows laid out `[gate | up]`, each
 /// half `width` wide; returns `[rows, width]`.
-pub(crate) fn swiglu_rows(gate_up: &[f32], width: usize) -> Vec<f32> {
+pub(crate) fn gated_rows(gate_up: &[f32], width: usize, activation: Activation) -> Vec<f32> {
     let mut out = Vec::with_capacity(gate_up.len() / 2);
     for row in gate_up.chunks_exact(2 * width) {
         let (gate, up) = row.split_at(width);
-        out.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u));
+        match activation {
+            Activation::Silu => {
+                out.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u))
+            }
+            Activation::GeluTanh => out.extend(gate.iter().zip(up).map(|(g, u)| gelu_tanh(*g) * u)),
+        }
     }
     out
+}
+
+/// GELU with the tanh approximation, as the tensor path computes it:
+/// `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }
 
 /// `x += y`, element by element.
@@ -219,7 +264,7 @@ mod tests {
             &keys,
             &values,
             layout,
-            1,
+            0..1,
             1.0,
             &mut out,
         );
@@ -246,8 +291,8 @@ mod tests {
         let keys = fill(3 * 200 * 64, 2);
         let values = fill(3 * 200 * 64, 3);
         let (mut wide, mut portable) = (vec![0f32; 9 * 64], vec![0f32; 9 * 64]);
-        attend_one(&q, &keys, &values, layout, 173, 0.125, &mut wide);
-        attend_one_portable(&q, &keys, &values, layout, 173, 0.125, &mut portable);
+        attend_one(&q, &keys, &values, layout, 9..173, 0.125, &mut wide);
+        attend_one_portable(&q, &keys, &values, layout, 9..173, 0.125, &mut portable);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&wide), bits(&portable));
     }
@@ -255,7 +300,17 @@ mod tests {
     #[test]
     fn rope_turns_each_pair_by_its_angle() {
         let mut heads = [1.0, 0.0, 0.0, 2.0];
-        rope_heads(&mut heads, 4, &[0.0, 1.0], &[1.0, 0.0]);
+        rope_heads(
+            &mut heads,
+            4,
+            RopeStyle::Interleaved,
+            &[0.0, 1.0],
+            &[1.0, 0.0],
+        );
         assert_eq!(heads, [0.0, 1.0, 0.0, 2.0]);
+        // Halves pair x[0] with x[2]: the first pair turns a quarter, the second not at all.
+        let mut heads = [1.0, 0.0, 0.0, 2.0];
+        rope_heads(&mut heads, 4, RopeStyle::Halves, &[0.0, 1.0], &[1.0, 0.0]);
+        assert_eq!(heads, [0.0, 0.0, 1.0, 2.0]);
     }
 }

@@ -1,0 +1,163 @@
+//! Gemma 3 270M, the second real model: a base model with a SentencePiece vocabulary,
+//! sliding-window local layers (base 10,000) beside global layers (base 1e6), and weights in
+//! Q4_K, Q5_0, Q6_K and Q8_0 — through the paths the default model takes.
+
+use std::ops::ControlFlow;
+
+use ragcake::engine::{GenerateParams, Logits};
+
+use crate::common::{gemma3_engine, logits, max_abs, max_abs_diff};
+
+/// The tolerance chunked prefill is held to on the default model (f32 sums in another order).
+const LOGIT_TOLERANCE: f32 = 2e-3;
+
+fn prose(min_tokens: usize) -> Vec<u32> {
+    const TEXT: &str = "The history of the lighthouse is a history of coastal trade. Before \
+        electric lamps, keepers trimmed wicks through the night, and a lens the size of a \
+        small room gathered the flame into a beam that ships could see twenty miles out. \
+        Each light had its own rhythm of flashes so that a navigator could tell one headland \
+        from the next. ";
+    let tokenizer = gemma3_engine().tokenizer();
+    let mut tokens = vec![tokenizer.bos().expect("Gemma has a BOS")];
+    while tokens.len() < min_tokens {
+        tokens.extend(tokenizer.encode(TEXT, false).unwrap());
+    }
+    tokens.truncate(min_tokens);
+    tokens
+}
+
+#[test]
+fn gemma3_is_read_with_its_local_and_global_layers() {
+    let config = gemma3_engine().config();
+    assert_eq!(config.family, "gemma3");
+    assert_eq!(
+        (
+            config.n_layers,
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim
+        ),
+        (18, 4, 1, 256)
+    );
+    let global: Vec<usize> = (0..18)
+        .filter(|&i| config.layers[i].window.is_none())
+        .collect();
+    assert_eq!(global, [5, 11, 17]);
+    assert!(config.layers[0].window == Some(512) && config.layers[0].rope_theta == 10_000.0);
+    assert_eq!(config.layers[5].rope_theta, 1_000_000.0);
+    assert!(
+        gemma3_engine().template().is_completion(),
+        "a base model: no chat template"
+    );
+}
+
+#[test]
+fn gemma3_completes_a_prompt_streaming_what_it_generates() {
+    // A 270M base model's greedy text is not a fact check (its logits are, in the
+    // conformance tests); this checks the generation path end to end.
+    let engine = gemma3_engine();
+    let mut prompt = vec![engine.tokenizer().bos().unwrap()];
+    prompt.extend(
+        engine
+            .tokenizer()
+            .encode("The capital of France is", false)
+            .unwrap(),
+    );
+    let params = GenerateParams {
+        max_tokens: 8,
+        ..GenerateParams::default()
+    };
+    let mut streamed = String::new();
+    let done = engine
+        .complete(&prompt, &params, |piece| {
+            streamed += piece;
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    let generation = done.generation;
+    assert!(!generation.text.trim().is_empty());
+    assert_eq!(streamed, generation.text);
+    assert_eq!(
+        engine.tokenizer().decode(&generation.tokens, false),
+        generation.text
+    );
+}
+
+#[test]
+fn gemma3_prefill_in_chunks_across_the_window_matches_one_shot() {
+    // 1,300 tokens: more than two windows, so local layers drop keys the global ones keep.
+    let engine = gemma3_engine();
+    let tokens = prose(1300);
+    let mut one = engine.new_cache();
+    let reference = engine.prefill(&mut one, &tokens, tokens.len()).unwrap();
+    let mut chunked = engine.new_cache();
+    let got = engine.prefill(&mut chunked, &tokens, 300).unwrap();
+    let diff = max_abs_diff(&got, &reference);
+    assert!(diff < LOGIT_TOLERANCE, "max |Δlogit| = {diff}");
+}
+
+#[test]
+fn gemma3_exported_and_imported_kv_continues_with_the_same_logits() {
+    let engine = gemma3_engine();
+    let tokens = prose(700);
+    let next = prose(710)[700..].to_vec();
+    let mut original = engine.new_cache();
+    engine.prefill(&mut original, &tokens, 256).unwrap();
+    let mut rebuilt = engine.new_cache();
+    engine
+        .import(&mut rebuilt, &original.export(0..300).unwrap())
+        .unwrap();
+    engine
+        .import(&mut rebuilt, &original.export(300..700).unwrap())
+        .unwrap();
+    let expected = logits(engine, &next, &mut original, Logits::All);
+    let got = logits(engine, &next, &mut rebuilt, Logits::All);
+    assert_eq!(max_abs_diff(&expected, &got), 0.0, "same KV, same logits");
+}
+
+#[test]
+fn gemma3_chunk_moved_to_p_matches_it_computed_at_p_in_local_and_global_layers() {
+    // Local layers rotate with base 10,000, global ones with 1e6: moving a chunk cache
+    // re-rotates each layer with its own base, or the keys would not match.
+    let engine = gemma3_engine();
+    let chunk = prose(96);
+    for p in [37usize, 700, 5000] {
+        let mut at_zero = engine.model().new_cache(0);
+        engine
+            .model()
+            .forward(&chunk, &mut at_zero, Logits::None)
+            .unwrap();
+        let mut at_p = engine.model().new_cache(p);
+        engine
+            .model()
+            .forward(&chunk, &mut at_p, Logits::None)
+            .unwrap();
+        let mut moved = engine.model().new_cache(p);
+        engine
+            .import(&mut moved, &at_zero.export(0..96).unwrap())
+            .unwrap();
+        for layer in [0, 4, 5, 11, 17] {
+            let (k_moved, _) = moved.layer(layer).unwrap();
+            let (k_direct, _) = at_p.layer(layer).unwrap();
+            let dk = max_abs_diff(&k_moved, &k_direct) / max_abs(&k_direct).max(1.0);
+            assert!(dk < 1e-3, "p={p} layer {layer}: relative key error {dk}");
+        }
+    }
+}
+
+#[test]
+fn gemma3_decode_steps_follow_prefill() {
+    // Quantized decode (8-bit copies of Q4_K/Q5_0/Q6_K weights) picks the token the dense
+    // prefill of the same sequence picks, over a context past the window.
+    let engine = gemma3_engine();
+    let tokens = prose(600);
+    let mut cache = engine.new_cache();
+    engine.prefill(&mut cache, &tokens[..599], 512).unwrap();
+    let step = engine.model().decode(&tokens[599..], &mut cache).unwrap();
+    let mut dense = engine.new_cache();
+    let full = engine.prefill(&mut dense, &tokens, 512).unwrap();
+    let argmax = |t: &ragcake::engine::Tensor| t.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    assert_eq!(argmax(&step), argmax(&full));
+    let diff = max_abs_diff(&step, &full);
+    assert!(diff < 1.0, "decode moved logits by {diff}");
+}
