@@ -49,9 +49,18 @@ pub fn gemma3_path() -> PathBuf {
 
 /// Gemma 3 270M, loaded on first use and shared by every test.
 pub fn gemma3_engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    shared_gemma3_engine_cell()
+}
+
+/// The same model behind an `Arc`, as the pipeline and ingest hold it.
+pub fn shared_gemma3_engine() -> Arc<Engine> {
+    shared_gemma3_engine_cell().clone()
+}
+
+fn shared_gemma3_engine_cell() -> &'static Arc<Engine> {
+    static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
     ENGINE.get_or_init(|| {
-        Engine::load(gemma3_path(), &EngineConfig::default()).expect("load Gemma 3")
+        Arc::new(Engine::load(gemma3_path(), &EngineConfig::default()).expect("load Gemma 3"))
     })
 }
 

@@ -4,9 +4,17 @@
 
 use std::ops::ControlFlow;
 
-use ragcake::engine::{GenerateParams, Logits};
+use std::sync::Arc;
 
-use crate::common::{gemma3_engine, logits, max_abs, max_abs_diff};
+use ragcake::engine::scheduler::Mode;
+use ragcake::engine::{GenerateParams, Logits};
+use ragcake::ingest::{Ingest, IngestConfig};
+use ragcake::pipeline::{AskOptions, AskRequest, Pipeline, PipelineConfig};
+use ragcake::retriever::{EdgeIndex, VectorIndex};
+
+use crate::common::{
+    embedder, gemma3_engine, logits, max_abs, max_abs_diff, repo_dir, runtime, shared_gemma3_engine,
+};
 
 /// The tolerance chunked prefill is held to on the default model (f32 sums in another order).
 const LOGIT_TOLERANCE: f32 = 2e-3;
@@ -160,4 +168,87 @@ fn gemma3_decode_steps_follow_prefill() {
     assert_eq!(argmax(&step), argmax(&full));
     let diff = max_abs_diff(&step, &full);
     assert!(diff < 1.0, "decode moved logits by {diff}");
+}
+
+/// Gemma's KV store in the local directory `dir`.
+fn gemma3_kv(dir: &std::path::Path) -> Arc<ragcake::kvstore::KvStore> {
+    let url = format!("file://{}", dir.display());
+    Arc::new(
+        ragcake::kvstore::KvStore::open_for_engine(&url, Vec::new(), &shared_gemma3_engine())
+            .unwrap(),
+    )
+}
+
+#[test]
+fn gemma3_answers_over_its_chunk_caches_and_a_repeat_loads_its_prefix_caches_exactly() {
+    // The whole path with the second model: ingest computes Gemma's chunk caches after the
+    // completion format's preamble; a new question loads them (bidirectional, blended);
+    // in exact mode the computed chunks are written back and a repeat loads them, giving
+    // full computation's answer token for token.
+    let dir = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let index: Arc<dyn VectorIndex> =
+            Arc::new(EdgeIndex::open(&dir.path().join("index"), embedder().dim()).unwrap());
+        let job = Ingest::new(
+            shared_gemma3_engine(),
+            embedder(),
+            index.clone(),
+            gemma3_kv(&dir.path().join("kv")),
+            IngestConfig::default(),
+        )
+        .unwrap();
+        let summary = job
+            .run(&[repo_dir().join("demo/corpus")], &|_| {})
+            .await
+            .unwrap();
+        assert!(summary.kv_computed > 10, "{summary:?}");
+        let pipeline = Pipeline::builder()
+            .engine(shared_gemma3_engine())
+            .embedder(embedder())
+            .index(index)
+            .kv_store(gemma3_kv(&dir.path().join("kv")))
+            .config(PipelineConfig::default())
+            .build()
+            .await
+            .unwrap();
+        let question = "What kind of cheese is Varrow Blue and what milk is it made from?";
+        let ask = |exact: bool| {
+            AskRequest::new(question).with_options(AskOptions {
+                mode: Mode::Bidirectional,
+                exact,
+                max_tokens: 24,
+                ..AskOptions::default()
+            })
+        };
+        let blended = pipeline.ask(ask(false)).await.unwrap();
+        assert!(
+            blended
+                .sources
+                .iter()
+                .any(|s| s.doc_id.ends_with("food.md")),
+            "{:?}",
+            blended.sources
+        );
+        let b = &blended.breakdown.prefill;
+        assert!(b.chunks_loaded >= 1 && b.tokens_recomputed > 0, "{b:?}");
+        assert!(!blended.text.trim().is_empty());
+
+        let computed = pipeline.ask(ask(true)).await.unwrap();
+        let written = computed.breakdown.prefill.chunks_computed as u64;
+        for _ in 0..300 {
+            let stats = pipeline.scheduler_stats();
+            if stats.write_backs + stats.write_backs_skipped >= written {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let again = pipeline.ask(ask(true)).await.unwrap();
+        let b2 = &again.breakdown;
+        assert_eq!(b2.lookups.prefix_hits, b2.prefill.chunks, "{b2:?}");
+        assert!(b2.prefill.chunks_loaded >= 1, "{b2:?}");
+        assert_eq!(
+            again.text, computed.text,
+            "exact caches give the computed answer"
+        );
+    });
 }
