@@ -265,3 +265,135 @@ impl ModelConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::gguf_file::{self, Value};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+
+    /// A metadata-only file of `arch` (one embedding tensor) with `extra` keys and tensors.
+    fn config_of(arch: &str, extra: &[(&str, Value)], tensors: &[&str]) -> Result<ModelConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let key = |k: &str| format!("{arch}.{k}");
+        let mut metadata: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (key("embedding_length"), Value::U32(64)),
+            (key("block_count"), Value::U32(6)),
+            (key("feed_forward_length"), Value::U32(128)),
+            (key("attention.head_count"), Value::U32(4)),
+            (key("attention.head_count_kv"), Value::U32(2)),
+            (key("context_length"), Value::U32(256)),
+            (key("attention.sliding_window"), Value::U32(16)),
+        ];
+        for (k, v) in extra {
+            metadata.retain(|(existing, _)| existing != k);
+            metadata.push((k.to_string(), v.clone()));
+        }
+        let embed = QTensor::quantize(
+            &Tensor::zeros((32, 64), DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
+        let mut named: Vec<(&str, &QTensor)> = vec![("token_embd.weight", &embed)];
+        named.extend(tensors.iter().map(|n| (*n, &embed)));
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut file = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut file, &metadata, &named).unwrap();
+        config_from_gguf(&GgufFile::open(&path).unwrap())
+    }
+
+    #[test]
+    fn each_family_reads_its_block_shape() {
+        let llama = config_of("llama", &[], &[]).unwrap();
+        assert_eq!(llama.rope_style, RopeStyle::Interleaved);
+        assert_eq!((llama.vocab_size, llama.head_dim), (32, 16));
+        assert!(llama.layers.iter().all(|l| l.window.is_none()));
+        assert_eq!(
+            config_of("qwen2", &[], &[]).unwrap().rope_style,
+            RopeStyle::Halves
+        );
+        assert!(config_of("qwen3", &[], &[]).unwrap().qk_norm);
+        let phi3 = config_of("phi3", &[], &[]).unwrap();
+        assert_eq!(
+            (phi3.qkv, phi3.gate_up),
+            (QkvLayout::Fused, GateUpLayout::Fused)
+        );
+        assert!(
+            phi3.layers.iter().all(|l| l.window.is_none()),
+            "as llama.cpp: no window"
+        );
+        let gemma = config_of("gemma3", &[], &[]).unwrap();
+        let windows: Vec<Option<usize>> = gemma.layers.iter().map(|l| l.window).collect();
+        assert_eq!(
+            windows,
+            [Some(16), Some(16), Some(16), Some(16), Some(16), None]
+        );
+        assert_eq!(gemma.layers[0].rope_theta, 10_000.0);
+        assert_eq!(gemma.embedding_scale, Some(8.0));
+        assert_eq!(gemma.activation, Activation::GeluTanh);
+        assert!(gemma.qk_norm && gemma.post_norms);
+    }
+
+    #[test]
+    fn what_the_engine_does_not_implement_is_a_typed_error_naming_it() {
+        let unsupported = |r: Result<ModelConfig>| match r {
+            Err(EngineError::UnsupportedFeature(what)) => what,
+            other => panic!("expected UnsupportedFeature, got {other:?}"),
+        };
+        let experts = config_of("qwen2", &[("qwen2.expert_count", Value::U32(8))], &[]);
+        assert!(unsupported(experts).contains("mixture-of-experts"));
+        let partial = config_of(
+            "llama",
+            &[("llama.rope.dimension_count", Value::U32(8))],
+            &[],
+        );
+        assert!(unsupported(partial).contains("partial rotary"));
+        let yarn = config_of(
+            "qwen3",
+            &[("qwen3.rope.scaling.type", Value::String("yarn".into()))],
+            &[],
+        );
+        assert!(unsupported(yarn).contains("yarn"));
+        let longrope = config_of("phi3", &[], &["rope_factors_long.weight"]);
+        assert!(unsupported(longrope).contains("longrope"));
+        let values = config_of(
+            "llama",
+            &[("llama.attention.value_length", Value::U32(8))],
+            &[],
+        );
+        assert!(unsupported(values).contains("value heads"));
+        match config_of("mamba", &[], &[]) {
+            Err(e @ EngineError::UnsupportedArchitecture(_)) => {
+                let text = e.to_string();
+                assert!(text.contains("mamba") && text.contains("gemma3"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn impossible_shapes_are_metadata_errors_not_panics() {
+        let ungroupable = config_of(
+            "llama",
+            &[("llama.attention.head_count_kv", Value::U32(3))],
+            &[],
+        );
+        assert!(matches!(ungroupable, Err(EngineError::Metadata { .. })));
+        let no_heads = config_of(
+            "llama",
+            &[("llama.attention.head_count", Value::U32(0))],
+            &[],
+        );
+        assert!(no_heads.is_err());
+        let no_window = config_of(
+            "gemma3",
+            &[("gemma3.attention.sliding_window", Value::U32(0))],
+            &[],
+        );
+        assert!(matches!(no_window, Err(EngineError::Metadata { .. })));
+    }
+}

@@ -1382,4 +1382,74 @@ mod tests {
         let diff = crate::test_util::max_abs_diff(&got, &expected);
         assert!(diff < 1e-5, "{diff}");
     }
+
+    /// Reference attention: each query head against its KV head over the whole cache, with
+    /// the mask built position by position.
+    fn reference_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rows: &[usize],
+        window: Option<usize>,
+    ) -> Tensor {
+        let (t, nh, hd) = q.dims3().unwrap();
+        let (nkv, context, _) = k.dims3().unwrap();
+        let scale = (hd as f64).powf(-0.5);
+        let mut mask = vec![0f32; t * context];
+        for (i, &row) in rows.iter().enumerate() {
+            for key in 0..context {
+                let visible = key <= row && window.is_none_or(|w| row - key < w);
+                if !visible {
+                    mask[i * context + key] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (t, context), &Device::Cpu).unwrap();
+        let heads: Vec<Tensor> = (0..nh)
+            .map(|h| {
+                let qh = q.narrow(1, h, 1).unwrap().squeeze(1).unwrap();
+                let kh = k.get(h / (nh / nkv)).unwrap();
+                let vh = v.get(h / (nh / nkv)).unwrap();
+                let scores = (qh.matmul(&kh.t().unwrap()).unwrap() * scale).unwrap();
+                let p = candle_nn::ops::softmax_last_dim(&(scores + &mask).unwrap()).unwrap();
+                p.matmul(&vh).unwrap()
+            })
+            .collect();
+        Tensor::stack(&heads, 1)
+            .unwrap()
+            .reshape((t, nh * hd))
+            .unwrap()
+    }
+
+    #[test]
+    fn sliding_window_attention_sees_exactly_the_last_window_positions() {
+        let dev = Device::Cpu;
+        let (past, t, nh, nkv, hd) = (90, 300, 4, 1, 8);
+        let q = Tensor::randn(0f32, 1.0, (t, nh, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (nkv, past + t, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (nkv, past + t, hd), &dev).unwrap();
+        let scale = (hd as f64).powf(-0.5);
+        let rows: Vec<usize> = (past..past + t).collect();
+        // Windows shorter than a query block, longer than one, longer than the context.
+        for window in [1, 7, 16, 300, 1000] {
+            let got = attention(&q, &k, &v, &rows, scale, Some(window)).unwrap();
+            let expected = reference_attention(&q, &k, &v, &rows, Some(window));
+            let diff = crate::test_util::max_abs_diff(&got, &expected);
+            assert!(diff < 1e-5, "window {window}: {diff}");
+        }
+        // Scattered rows (a blend's selected tokens), one row alone (a decode step).
+        let scattered = [3usize, 40, 41, 200, 389];
+        let qs = Tensor::randn(0f32, 1.0, (scattered.len(), nh, hd), &dev).unwrap();
+        for rows in [&scattered[..], &scattered[4..]] {
+            let qs = qs.narrow(0, 5 - rows.len(), rows.len()).unwrap();
+            let got = attention(&qs, &k, &v, rows, scale, Some(16)).unwrap();
+            let expected = reference_attention(&qs, &k, &v, rows, Some(16));
+            let diff = crate::test_util::max_abs_diff(&got, &expected);
+            assert!(diff < 1e-5, "rows {rows:?}: {diff}");
+        }
+        // And the window changes the result: it is not global attention.
+        let global = attention(&q, &k, &v, &rows, scale, None).unwrap();
+        let local = attention(&q, &k, &v, &rows, scale, Some(16)).unwrap();
+        assert!(crate::test_util::max_abs_diff(&global, &local) > 0.1);
+    }
 }
