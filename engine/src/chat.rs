@@ -115,6 +115,9 @@ impl ChatTemplate {
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        // Templates that print today's date make the preamble, and so every chunk cache
+        // computed after it, change at midnight (UTC): such caches then miss, visibly, and
+        // are computed again; they are never loaded under another day's preamble.
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| EngineError::ChatTemplate(format!("the model's template: {e}")))?;
@@ -228,6 +231,13 @@ impl ChatTemplate {
                     *text = format!("{system}\n\n{text}");
                 }
             }
+        }
+        if let Some(system) = merged {
+            return Err(EngineError::ChatTemplate(format!(
+                "the template refuses a system message and no user message follows to carry \
+                 it ({} characters of system prompt)",
+                system.len()
+            )));
         }
         Ok(pieces)
     }

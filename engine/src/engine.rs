@@ -247,19 +247,23 @@ impl Engine {
     /// plain text (a message cannot forge a turn).
     pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let pieces = self.template.pieces(messages, true)?;
-        self.encode_pieces(&pieces, true)
+        self.encode_pieces(&pieces, None)
     }
 
-    /// The tokens of rendered chat pieces: markup with special tokens recognised, contents
-    /// without; with `opening`, BOS first when the tokenizer adds one and the template did
+    /// The tokens of rendered chat pieces, continuing a prompt whose last token so far is
+    /// `previous` (`None`: they open it): markup with special tokens recognised, contents
+    /// without; at the opening, BOS first when the tokenizer adds one and the template did
     /// not write it.
-    pub fn encode_pieces(&self, pieces: &[ChatPiece], opening: bool) -> Result<Vec<u32>> {
+    pub fn encode_pieces(&self, pieces: &[ChatPiece], previous: Option<u32>) -> Result<Vec<u32>> {
+        let opening = previous.is_none();
         let mut ids = Vec::new();
         for piece in pieces {
-            match piece {
-                ChatPiece::Markup(text) => ids.extend(self.tokenizer.encode(text, true)?),
-                ChatPiece::Content { text, .. } => ids.extend(self.tokenizer.encode(text, false)?),
-            }
+            let (text, special) = match piece {
+                ChatPiece::Markup(text) => (text, true),
+                ChatPiece::Content { text, .. } => (text, false),
+            };
+            let last = ids.last().copied().or(previous);
+            ids.extend(self.tokenizer.encode_after(last, text, special)?);
         }
         if opening
             && self.tokenizer.add_bos()

@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
+/// A stand-in for "the previous token was ordinary text" when encoding a segment that follows
+/// text not yet tokenized (the tail follows the retrieved chunks): no token id is special
+/// by this value, since `encode_after` only asks whether the id is a special token.
+const NORMAL_TEXT: u32 = u32::MAX;
+
 /// The fixed text around the retrieved chunks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,11 +59,14 @@ impl PromptTemplate {
         question: &str,
     ) -> Result<PromptSegments> {
         let tokenizer = engine.tokenizer();
-        let (mut preamble, after) = self.user_turn(engine, system, history)?;
-        preamble.extend(tokenizer.encode(&self.context_intro, false)?);
-        let mut tail = tokenizer.encode(&self.question_intro, false)?;
-        tail.extend(tokenizer.encode(question, false)?);
-        tail.extend(after);
+        let (preamble, after) = self.user_turn(engine, system, history)?;
+        let preamble = self.with_context_intro(engine, preamble)?;
+        // The tail follows the chunks, which end in ordinary text.
+        let mut tail = tokenizer.encode_after(Some(NORMAL_TEXT), &self.question_intro, false)?;
+        let last = tail.last().copied().unwrap_or(NORMAL_TEXT);
+        tail.extend(tokenizer.encode_after(Some(last), question, false)?);
+        let last = tail.last().copied().unwrap_or(NORMAL_TEXT);
+        tail.extend(engine.encode_pieces(&after, Some(last))?);
         Ok(PromptSegments { preamble, tail })
     }
 
@@ -70,21 +78,31 @@ impl PromptTemplate {
         system: Option<&str>,
         history: &[ChatMessage],
     ) -> Result<Vec<u32>> {
-        let (mut preamble, _) = self.user_turn(engine, system, history)?;
-        preamble.extend(engine.tokenizer().encode(&self.context_intro, false)?);
+        let (preamble, _) = self.user_turn(engine, system, history)?;
+        self.with_context_intro(engine, preamble)
+    }
+
+    /// `preamble` followed by the context intro's tokens.
+    fn with_context_intro(&self, engine: &Engine, mut preamble: Vec<u32>) -> Result<Vec<u32>> {
+        let intro = engine.tokenizer().encode_after(
+            preamble.last().copied(),
+            &self.context_intro,
+            false,
+        )?;
+        preamble.extend(intro);
         Ok(preamble)
     }
 
     /// The model's chat template rendered around the user's message: the tokens before
-    /// its content (BOS, system prompt, history, the turn's opening) and after it (the
-    /// turn's end and the opening of the reply). Whatever the template, the user's content
+    /// its content (BOS, system prompt, history, the turn's opening) and the pieces after it
+    /// (the turn's end and the opening of the reply). Whatever the template, the user's content
     /// — context and question — is what lies between.
     fn user_turn(
         &self,
         engine: &Engine,
         system: Option<&str>,
         history: &[ChatMessage],
-    ) -> Result<(Vec<u32>, Vec<u32>)> {
+    ) -> Result<(Vec<u32>, Vec<ChatPiece>)> {
         let mut messages = vec![ChatMessage::new(
             Role::System,
             system.unwrap_or(&self.system),
@@ -104,8 +122,7 @@ impl PromptTemplate {
         let after = pieces.split_off(at + 1);
         // The user's content piece is empty, or holds the system prompt where the template
         // has no system role: either way it belongs before the context.
-        let before = engine.encode_pieces(&pieces, true)?;
-        let after = engine.encode_pieces(&after, false)?;
+        let before = engine.encode_pieces(&pieces, None)?;
         Ok((before, after))
     }
 

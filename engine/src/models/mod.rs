@@ -54,7 +54,9 @@ pub fn config_from_gguf(gguf: &GgufFile) -> Result<ModelConfig> {
         .find(|(name, _)| *name == arch)
         .map(|(_, read)| read)
         .ok_or_else(|| EngineError::UnsupportedArchitecture(arch.to_string()))?;
-    read(gguf)
+    let config = read(gguf)?;
+    config.validate()?;
+    Ok(config)
 }
 
 /// The feed-forward activation applied to the gate before it multiplies the up projection.
@@ -151,10 +153,10 @@ impl ModelConfig {
     /// with the file's rotary base. A family's `config` starts here and changes what differs.
     pub fn common(gguf: &GgufFile, arch: &str, rope_style: RopeStyle) -> Result<Self> {
         let key = |name: &str| format!("{arch}.{name}");
-        if gguf.opt_usize(&key("expert_count")).unwrap_or(0) > 0 {
+        let experts = gguf.opt_usize(&key("expert_count")).unwrap_or(0);
+        if experts > 0 {
             return Err(EngineError::UnsupportedFeature(format!(
-                "mixture-of-experts {arch} models ({} experts)",
-                gguf.opt_usize(&key("expert_count")).unwrap_or(0)
+                "mixture-of-experts {arch} models ({experts} experts)"
             )));
         }
         let hidden_size = gguf.usize(&key("embedding_length"))?;
@@ -189,9 +191,16 @@ impl ModelConfig {
                 "partial rotary embeddings ({rope_dim} of {head_dim} dimensions)"
             )));
         }
+        // As llama.cpp reads it: a factor without a type is linear, the legacy
+        // `rope.scale_linear` key counts too, and a factor of 0 (or less) means unscaled.
+        let factor = gguf
+            .opt_f64(&key("rope.scaling.factor"))
+            .or_else(|| gguf.opt_f64(&key("rope.scale_linear")))
+            .filter(|&f| f > 0.0)
+            .unwrap_or(1.0);
         let rope_linear_scale = match gguf.opt_string(&key("rope.scaling.type")) {
-            None | Some("none") => 1.0,
-            Some("linear") => gguf.opt_f64(&key("rope.scaling.factor")).unwrap_or(1.0),
+            None | Some("linear") => factor,
+            Some("none") => 1.0,
             Some(other) => {
                 return Err(EngineError::UnsupportedFeature(format!(
                     "RoPE scaling {other:?}"
@@ -209,6 +218,20 @@ impl ModelConfig {
                 })?,
         };
         let n_layers = gguf.usize(&key("block_count"))?;
+        if n_layers == 0 {
+            return Err(EngineError::Metadata {
+                key: key("block_count"),
+                reason: "a model of 0 layers".into(),
+            });
+        }
+        // Biases the transformer does not apply: refused rather than silently dropped.
+        for i in 0..n_layers {
+            for name in ["attn_output", "ffn_gate", "ffn_up", "ffn_down"] {
+                let tensor = format!("blk.{i}.{name}.bias");
+                Self::refuse_tensors(gguf, &[(&tensor, "a bias on this projection")])?;
+            }
+        }
+        Self::refuse_tensors(gguf, &[("output.bias", "a bias on the output projection")])?;
         let rope_theta = gguf.opt_f64(&key("rope.freq_base")).unwrap_or(10_000.0);
         Ok(Self {
             family: arch.to_string(),
@@ -241,6 +264,38 @@ impl ModelConfig {
             attention_scale: (head_dim as f64).powf(-0.5),
             final_logit_softcap: None,
         })
+    }
+
+    /// Checks what the forward pass relies on: heads that group evenly, an even head width,
+    /// one attention description per layer, windows of at least one position.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |reason: String| EngineError::Metadata {
+            key: format!("{}.*", self.family),
+            reason,
+        };
+        if self.n_layers == 0 || self.layers.len() != self.n_layers {
+            return Err(invalid(format!(
+                "{} layer descriptions for {} layers",
+                self.layers.len(),
+                self.n_layers
+            )));
+        }
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
+            return Err(invalid(format!(
+                "{} query heads over {} KV heads",
+                self.n_heads, self.n_kv_heads
+            )));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return Err(invalid(format!("heads of width {}", self.head_dim)));
+        }
+        if self.layers.iter().any(|l| l.window == Some(0)) {
+            return Err(invalid("a sliding window of 0 positions".into()));
+        }
+        Ok(())
     }
 
     /// The shape of this model's KV cache.

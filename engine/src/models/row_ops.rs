@@ -230,11 +230,31 @@ pub(crate) fn gated_rows(gate_up: &[f32], width: usize, activation: Activation) 
     out
 }
 
-/// GELU with the tanh approximation, as the tensor path computes it:
-/// `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+/// [`gated_rows`] with the rows shared among the threads: the prefill path's activation,
+/// one pass over `gate_up` instead of one per tensor operation.
+pub(crate) fn gated_rows_parallel(
+    gate_up: &[f32],
+    width: usize,
+    activation: Activation,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let rows = gate_up.len() / (2 * width);
+    // Rows per task: enough work to outweigh handing it to another thread.
+    let per_task = (16_384 / width).max(1);
+    let mut out = vec![0f32; rows * width];
+    out.par_chunks_mut(per_task * width)
+        .zip(gate_up.par_chunks(per_task * 2 * width))
+        .for_each(|(dst, src)| dst.copy_from_slice(&gated_rows(src, width, activation)));
+    out
+}
+
+/// GELU with the tanh approximation, `x/2 · (1 + tanh(√(2/π)·(x + 0.044715·x³)))`, written
+/// as the identical `x · σ(2·√(2/π)·(x + 0.044715·x³))`: one exponential instead of a
+/// tanh, which is several times slower in the C library.
 fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+    const TWO_SQRT_TWO_OVER_PI: f32 = 1.595_769_1;
+    let z = TWO_SQRT_TWO_OVER_PI * (x + 0.044_715 * x * x * x);
+    x / (1.0 + (-z).exp())
 }
 
 /// `x += y`, element by element.
@@ -295,6 +315,33 @@ mod tests {
         attend_one_portable(&q, &keys, &values, layout, 9..173, 0.125, &mut portable);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&wide), bits(&portable));
+    }
+
+    #[test]
+    fn gelu_through_the_sigmoid_is_the_tanh_formula() {
+        for i in -400..=400 {
+            let x = i as f32 / 40.0;
+            let tanh_form = 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh());
+            assert!(
+                (gelu_tanh(x) - tanh_form).abs() <= 1e-6 * (1.0 + x.abs()),
+                "{x}"
+            );
+        }
+        assert_eq!(gelu_tanh(-100.0), -0.0);
+        assert_eq!(gelu_tanh(100.0), 100.0);
+    }
+
+    #[test]
+    fn the_parallel_activation_is_the_row_by_row_one() {
+        let gate_up: Vec<f32> = (0..7 * 2 * 96)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        for activation in [Activation::Silu, Activation::GeluTanh] {
+            assert_eq!(
+                gated_rows_parallel(&gate_up, 96, activation),
+                gated_rows(&gate_up, 96, activation)
+            );
+        }
     }
 
     #[test]

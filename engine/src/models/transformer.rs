@@ -48,8 +48,8 @@ struct Block {
     w_down: Tensor,
     /// RMSNorm of the feed-forward output before the residual add (Gemma).
     post_ffn_norm: Option<Tensor>,
-    /// The first cache index this layer's queries may see, relative to their own: `None`
-    /// for global attention, `Some(w)` for a window of `w` positions.
+    /// How many positions this layer's queries see, their own included: `None` for every
+    /// one before them (global attention), `Some(w)` for a sliding window of `w`.
     window: Option<usize>,
     /// The same projections in quantized blocks ([`QMatrix`]) for decode steps, when enabled.
     decode: Option<DecodeWeights>,
@@ -181,16 +181,7 @@ impl Transformer {
         quantized_decode: bool,
     ) -> Result<Self> {
         let quantized_decode = quantized_decode && device.is_cpu();
-        if config.layers.len() != config.n_layers {
-            return Err(EngineError::Metadata {
-                key: format!("{}.block_count", config.family),
-                reason: format!(
-                    "{} layers described for {} blocks",
-                    config.layers.len(),
-                    config.n_layers
-                ),
-            });
-        }
+        config.validate()?;
         let mut weights = Weights {
             gguf,
             device,
@@ -881,7 +872,6 @@ impl Transformer {
         attn: &Tensor,
         decode: Option<&DecodeWeights>,
     ) -> Result<Tensor> {
-        let cfg = &self.config;
         let mut out = linear(attn, &block.wo, decode.map(|d| &d.wo))?;
         if let Some(norm) = &block.post_attn_norm {
             out = self.norm(&out, norm)?;
@@ -889,17 +879,31 @@ impl Transformer {
         let x = (x + out)?;
         let h = self.norm(&x, &block.ffn_norm)?;
         let gate_up = linear(&h, &block.w_gate_up, decode.map(|d| &d.w_gate_up))?;
+        let act = self.gated_activation(&gate_up)?;
+        let mut mlp = linear(&act, &block.w_down, decode.map(|d| &d.w_down))?;
+        if let Some(norm) = &block.post_ffn_norm {
+            mlp = self.norm(&mlp, norm)?;
+        }
+        Ok((x + mlp)?)
+    }
+
+    /// `act(gate) · up` of the stacked feed-forward projections `[t, 2·ffn]`: in one pass
+    /// over plain rows for f32 on the CPU, else by tensor operations.
+    fn gated_activation(&self, gate_up: &Tensor) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (t, width) = gate_up.dims2()?;
+        if gate_up.device().is_cpu() && gate_up.dtype() == DType::F32 {
+            let rows = gate_up.flatten_all()?.to_vec1::<f32>()?;
+            let act = row_ops::gated_rows_parallel(&rows, width / 2, cfg.activation);
+            return Ok(Tensor::from_vec(act, (t, width / 2), gate_up.device())?);
+        }
         let gate = gate_up.narrow(1, 0, cfg.ffn_size)?;
         let up = gate_up.narrow(1, cfg.ffn_size, cfg.ffn_size)?;
         let gate = match cfg.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             Activation::GeluTanh => gate.gelu()?,
         };
-        let mut mlp = linear(&(gate * up)?, &block.w_down, decode.map(|d| &d.w_down))?;
-        if let Some(norm) = &block.post_ffn_norm {
-            mlp = self.norm(&mlp, norm)?;
-        }
-        Ok((x + mlp)?)
+        Ok((gate * up)?)
     }
 
     /// One decode step of several sequences: `tokens[i]` is appended to `caches[i]`. The

@@ -248,8 +248,26 @@ impl Tokenizer {
     /// the text and after every special token in it, as in llama.cpp; so pieces encoded one
     /// by one differ from the same pieces encoded joined.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        self.encode_after(None, text, parse_special)
+    }
+
+    /// [`Tokenizer::encode`] of `text` as it continues a prompt whose last token so far is
+    /// `previous` (`None`: the prompt's start). Pieces of one prompt encoded one by one this
+    /// way get a SentencePiece space prefix only where the joined text would (at the start and
+    /// after a special token), not at every piece.
+    pub fn encode_after(
+        &self,
+        previous: Option<u32>,
+        text: &str,
+        parse_special: bool,
+    ) -> Result<Vec<u32>> {
         let mut ids = Vec::with_capacity(text.len() / 3 + 1);
-        let mut after_special = true;
+        let mut after_special = previous.is_none_or(|id| {
+            matches!(
+                self.kind(id),
+                Some(TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown)
+            )
+        });
         for fragment in self.specials.partition(text, parse_special) {
             match fragment {
                 Fragment::Token(id) => {

@@ -197,6 +197,27 @@ fn a_vocabulary_without_byte_tokens_writes_the_unknown_token() {
 }
 
 #[test]
+fn a_piece_continuing_a_prompt_gets_the_space_prefix_only_after_a_special_token() {
+    let tok = spm(true);
+    let hello = ids(&tok, &["▁hello"])[0];
+    let end = ids(&tok, &["</s>"])[0];
+    // After ordinary text: no prefix, as in the joined text "hello world".
+    assert_eq!(
+        tok.encode_after(Some(hello), " world", false).unwrap(),
+        ids(&tok, &["▁world"])
+    );
+    // After a special token, and at the start: the prefix, as llama.cpp adds it.
+    assert_eq!(
+        tok.encode_after(Some(end), "hello", false).unwrap(),
+        ids(&tok, &["▁hello"])
+    );
+    assert_eq!(
+        tok.encode_after(None, "hello", false).unwrap(),
+        tok.encode("hello", false).unwrap()
+    );
+}
+
+#[test]
 fn special_tokens_are_parsed_only_when_asked_and_the_prefix_follows_them() {
     let tok = spm(true);
     assert_eq!(
