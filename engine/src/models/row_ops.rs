@@ -252,7 +252,7 @@ pub(crate) fn gated_rows_parallel(
 /// as the identical `x · σ(2·√(2/π)·(x + 0.044715·x³))`: one exponential instead of a
 /// tanh, which is several times slower in the C library.
 fn gelu_tanh(x: f32) -> f32 {
-    const TWO_SQRT_TWO_OVER_PI: f32 = 1.595_769_1;
+    const TWO_SQRT_TWO_OVER_PI: f32 = 1.595_769;
     let z = TWO_SQRT_TWO_OVER_PI * (x + 0.044_715 * x * x * x);
     x / (1.0 + (-z).exp())
 }
