@@ -180,8 +180,9 @@ async fn build_pipeline(
     let mut builder = ragcake::default_pipeline_builder()?
         .engine_config(model.engine_config())
         .config(config);
-    if let Some(path) = &model.model {
-        builder = builder.model_path(path);
+    if model.model.is_some() {
+        // A path, or a model by name resolved (and fetched) here.
+        builder = builder.model_path(model.model_path()?);
     }
     if let Some(index) = &stores.index {
         builder = builder.index_location(index);

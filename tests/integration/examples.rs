@@ -335,3 +335,52 @@ fn gpu_bench_script_refuses_clearly_without_a_gpu() {
     );
     assert!(!out_dir.exists(), "nothing was written");
 }
+
+#[test]
+fn the_cli_answers_and_runs_the_demo_with_gemma3_by_name() {
+    // `--model gemma3-270m` resolves the fetched model by name (the test script fetches it)
+    // for every command: generate alone, and the demo end to end (ingest, chunk caches,
+    // default-mode answers over them, full computation beside them).
+    let _ = crate::common::gemma3_path();
+    let data = tempfile::tempdir().unwrap();
+    let ragcake = Path::new(env!("CARGO_BIN_EXE_ragcake"));
+    let out = succeeded(
+        command(ragcake, data.path())
+            .args([
+                "generate",
+                "--model",
+                "gemma3-270m",
+                "--json",
+                "--max-tokens",
+                "8",
+            ])
+            .arg("The capital of France is")
+            .output()
+            .unwrap(),
+        "ragcake generate --model gemma3-270m",
+    );
+    let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(done["generated_tokens"], 8, "{done}");
+    assert!(
+        done["text"].as_str().is_some_and(|t| !t.trim().is_empty()),
+        "{done}"
+    );
+
+    let out = succeeded(
+        command(ragcake, data.path())
+            .args(["demo", "--model", "gemma3-270m"])
+            .output()
+            .unwrap(),
+        "ragcake demo --model gemma3-270m",
+    );
+    assert!(out.contains("12 documents"), "{out}");
+    assert!(out.contains("A (default): "), "{out}");
+    assert!(out.contains("new questions: mean TTFT default"), "{out}");
+    // The default mode loaded the chunk caches ingest stored for Gemma.
+    assert!(
+        out.lines()
+            .filter(|l| l.contains("loaded from the store"))
+            .any(|l| !l.contains("loaded from the store 0, from memory 0")),
+        "{out}"
+    );
+}
