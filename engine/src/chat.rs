@@ -69,7 +69,9 @@ pub enum ChatPiece {
 /// The model's own template is rendered with each message's content replaced by a marker, and
 /// the output split at the markers: the prompt then comes apart into template text and
 /// message contents, so the pipeline can cut it into segments (preamble, retrieved chunks,
-/// question) whose tokens line up with stored chunk caches, whatever the template.
+/// question) whose tokens line up with stored chunk caches, whatever the template. What a
+/// template does to a content itself (`| trim`, `.upper()`) is not applied: the marker
+/// stands in for the content and the caller's text is put back as given.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
     format: Format,

@@ -1366,23 +1366,7 @@ mod tests {
         let rows: Vec<usize> = (past..past + t).collect();
         let got = attention(&q, &k, &v, &rows, scale, None).unwrap();
         // Reference: each query head against its KV head, full mask, no blocking.
-        let mut heads = Vec::new();
-        for h in 0..nh {
-            let qh = q.narrow(1, h, 1).unwrap().squeeze(1).unwrap();
-            let kh = k.get(h / (nh / nkv)).unwrap();
-            let vh = v.get(h / (nh / nkv)).unwrap();
-            let scores = (qh.matmul(&kh.t().unwrap()).unwrap() * scale).unwrap();
-            let mask = attention_mask(&rows, 0..past + t, None, &dev)
-                .unwrap()
-                .squeeze(1)
-                .unwrap();
-            let p = candle_nn::ops::softmax_last_dim(&(scores + mask).unwrap()).unwrap();
-            heads.push(p.matmul(&vh).unwrap());
-        }
-        let expected = Tensor::stack(&heads, 1)
-            .unwrap()
-            .reshape((t, nh * hd))
-            .unwrap();
+        let expected = reference_attention(&q, &k, &v, &rows, None);
         let diff = crate::test_util::max_abs_diff(&got, &expected);
         assert!(diff < 1e-5, "{diff}");
     }
