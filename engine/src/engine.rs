@@ -14,7 +14,7 @@ use crate::gguf::{GgufFile, LlmFingerprint};
 use crate::kv::{KvCache, KvRange, KvShape};
 use crate::models::{Blend, Logits, ModelConfig, Transformer, config_from_gguf};
 use crate::scheduler::{BlendChunk, ComputeBackend};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Follows, Tokenizer};
 
 /// Where the engine computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -247,25 +247,23 @@ impl Engine {
     /// plain text (a message cannot forge a turn).
     pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let pieces = self.template.pieces(messages, true)?;
-        self.encode_pieces(&pieces, None)
+        self.encode_pieces(&pieces, Follows::Start)
     }
 
-    /// The tokens of rendered chat pieces, continuing a prompt whose last token so far is
-    /// `previous` (`None`: they open it): markup with special tokens recognised, contents
-    /// without; at the opening, BOS first when the tokenizer adds one and the template did
-    /// not write it.
-    pub fn encode_pieces(&self, pieces: &[ChatPiece], previous: Option<u32>) -> Result<Vec<u32>> {
-        let opening = previous.is_none();
+    /// The tokens of rendered chat pieces standing where `follows` says in a prompt: markup
+    /// with special tokens recognised, contents without; at the prompt's start, BOS first
+    /// when the tokenizer adds one and the template did not write it.
+    pub fn encode_pieces(&self, pieces: &[ChatPiece], follows: Follows) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
         for piece in pieces {
             let (text, special) = match piece {
                 ChatPiece::Markup(text) => (text, true),
                 ChatPiece::Content { text, .. } => (text, false),
             };
-            let last = ids.last().copied().or(previous);
-            ids.extend(self.tokenizer.encode_after(last, text, special)?);
+            let here = self.tokenizer.after(&ids, follows);
+            ids.extend(self.tokenizer.encode_after(here, text, special)?);
         }
-        if opening
+        if follows == Follows::Start
             && self.tokenizer.add_bos()
             && let Some(bos) = self.tokenizer.bos()
             && ids.first() != Some(&bos)

@@ -39,4 +39,4 @@ pub use models::{
     Blend, DECODE_MAX_TOKENS, Logits, ModelConfig, Selection, Transformer, config_from_gguf,
 };
 pub use rope::{LayerRopes, Rope, RopeStyle};
-pub use tokenizer::{StreamDecoder, TokenKind, Tokenizer};
+pub use tokenizer::{Follows, StreamDecoder, TokenKind, Tokenizer};

@@ -2,8 +2,6 @@
 //! layer of a model (layers may rotate with different bases, as Gemma 3's local and global
 //! layers do).
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
@@ -159,44 +157,63 @@ impl Rope {
     }
 }
 
-/// The rotary tables of every layer of a model: layers sharing a base share one table.
+/// The rotary tables of every layer of a model: one table per distinct base and scale, and
+/// which one each layer rotates with.
 #[derive(Debug, Clone)]
 pub struct LayerRopes {
-    tables: Vec<Arc<Rope>>,
+    tables: Vec<Rope>,
+    /// Index into `tables` of each layer's table.
+    of_layer: Vec<usize>,
 }
 
 impl LayerRopes {
-    /// One table per layer (in layer order).
-    pub fn new(tables: Vec<Arc<Rope>>) -> Self {
-        Self { tables }
+    /// `tables`, layer `i` rotating with `tables[of_layer[i]]`.
+    pub fn new(tables: Vec<Rope>, of_layer: Vec<usize>) -> Result<Self> {
+        if let Some(&bad) = of_layer.iter().find(|&&t| t >= tables.len()) {
+            return Err(EngineError::KvMismatch(format!(
+                "a layer names rotary table {bad} of {}",
+                tables.len()
+            )));
+        }
+        Ok(Self { tables, of_layer })
     }
 
     /// Every layer rotating with the same table.
     pub fn uniform(rope: Rope, layers: usize) -> Self {
-        let rope = Arc::new(rope);
         Self {
-            tables: vec![rope; layers],
+            tables: vec![rope],
+            of_layer: vec![0; layers],
         }
     }
 
     /// Layer `layer`'s table.
     pub fn layer(&self, layer: usize) -> Result<&Rope> {
-        self.tables.get(layer).map(|r| r.as_ref()).ok_or_else(|| {
+        Ok(&self.tables[self.table_of(layer)?])
+    }
+
+    /// The index in [`LayerRopes::tables`] of layer `layer`'s table.
+    pub fn table_of(&self, layer: usize) -> Result<usize> {
+        self.of_layer.get(layer).copied().ok_or_else(|| {
             EngineError::KvMismatch(format!(
                 "no rotary table for layer {layer} of {}",
-                self.tables.len()
+                self.of_layer.len()
             ))
         })
     }
 
+    /// The distinct tables.
+    pub fn tables(&self) -> &[Rope] {
+        &self.tables
+    }
+
     /// Layers covered.
     pub fn len(&self) -> usize {
-        self.tables.len()
+        self.of_layer.len()
     }
 
     /// Whether no layer is covered.
     pub fn is_empty(&self) -> bool {
-        self.tables.is_empty()
+        self.of_layer.is_empty()
     }
 }
 

@@ -3,16 +3,11 @@
 //! a tail (the question and the opening of the reply).
 
 use ragcake_engine::scheduler::PromptChunk;
-use ragcake_engine::{ChatMessage, ChatPiece, Engine, Role};
+use ragcake_engine::{ChatMessage, ChatPiece, Engine, Follows, Role};
 use ragcake_retriever::RetrievedChunk;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-
-/// A stand-in for "the previous token was ordinary text" when encoding a segment that follows
-/// text not yet tokenized (the tail follows the retrieved chunks): no token id is special
-/// by this value, since `encode_after` only asks whether the id is a special token.
-const NORMAL_TEXT: u32 = u32::MAX;
 
 /// The fixed text around the retrieved chunks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,11 +57,11 @@ impl PromptTemplate {
         let (preamble, after) = self.user_turn(engine, system, history)?;
         let preamble = self.with_context_intro(engine, preamble)?;
         // The tail follows the chunks, which end in ordinary text.
-        let mut tail = tokenizer.encode_after(Some(NORMAL_TEXT), &self.question_intro, false)?;
-        let last = tail.last().copied().unwrap_or(NORMAL_TEXT);
-        tail.extend(tokenizer.encode_after(Some(last), question, false)?);
-        let last = tail.last().copied().unwrap_or(NORMAL_TEXT);
-        tail.extend(engine.encode_pieces(&after, Some(last))?);
+        let mut tail = tokenizer.encode_after(Follows::Text, &self.question_intro, false)?;
+        let here = tokenizer.after(&tail, Follows::Text);
+        tail.extend(tokenizer.encode_after(here, question, false)?);
+        let here = tokenizer.after(&tail, Follows::Text);
+        tail.extend(engine.encode_pieces(&after, here)?);
         Ok(PromptSegments { preamble, tail })
     }
 
@@ -84,11 +79,9 @@ impl PromptTemplate {
 
     /// `preamble` followed by the context intro's tokens.
     fn with_context_intro(&self, engine: &Engine, mut preamble: Vec<u32>) -> Result<Vec<u32>> {
-        let intro = engine.tokenizer().encode_after(
-            preamble.last().copied(),
-            &self.context_intro,
-            false,
-        )?;
+        let tokenizer = engine.tokenizer();
+        let here = tokenizer.after(&preamble, Follows::Start);
+        let intro = tokenizer.encode_after(here, &self.context_intro, false)?;
         preamble.extend(intro);
         Ok(preamble)
     }
@@ -122,7 +115,7 @@ impl PromptTemplate {
         let after = pieces.split_off(at + 1);
         // The user's content piece is empty, or holds the system prompt where the template
         // has no system role: either way it belongs before the context.
-        let before = engine.encode_pieces(&pieces, None)?;
+        let before = engine.encode_pieces(&pieces, Follows::Start)?;
         Ok((before, after))
     }
 

@@ -14,8 +14,7 @@ use crate::rope::RopeStyle;
 pub(crate) fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let width = weight.len();
     for (row, dst) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-        let inverse = 1.0 / (mean + eps).sqrt();
+        let inverse = inverse_rms(row, eps);
         for ((d, v), w) in dst.iter_mut().zip(row).zip(weight) {
             *d = v * inverse * w;
         }
@@ -25,14 +24,18 @@ pub(crate) fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]
 /// [`rms_norm_rows`] of `x` onto itself: every `weight.len()`-wide row (a head, for the
 /// per-head query and key norms) normalised in place.
 pub(crate) fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
-    let width = weight.len();
-    for row in x.chunks_exact_mut(width) {
-        let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-        let inverse = 1.0 / (mean + eps).sqrt();
+    for row in x.chunks_exact_mut(weight.len()) {
+        let inverse = inverse_rms(row, eps);
         for (v, w) in row.iter_mut().zip(weight) {
             *v = *v * inverse * w;
         }
     }
+}
+
+/// `1 / sqrt(mean(row²) + eps)`.
+fn inverse_rms(row: &[f32], eps: f32) -> f32 {
+    let mean = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (mean + eps).sqrt()
 }
 
 /// Rotates every `head_dim`-wide head in `heads` by the angles of one position: pair `i`
@@ -217,17 +220,24 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The gated feed-forward activation `act(gate) · up` of rows laid out `[gate | up]`, each
 /// half `width` wide; returns `[rows, width]`.
 pub(crate) fn gated_rows(gate_up: &[f32], width: usize, activation: Activation) -> Vec<f32> {
-    let mut out = Vec::with_capacity(gate_up.len() / 2);
-    for row in gate_up.chunks_exact(2 * width) {
+    let mut out = vec![0f32; gate_up.len() / 2];
+    gated_rows_into(gate_up, width, activation, &mut out);
+    out
+}
+
+/// [`gated_rows`] written into `out` (`[rows, width]`).
+fn gated_rows_into(gate_up: &[f32], width: usize, activation: Activation, out: &mut [f32]) {
+    for (row, dst) in gate_up
+        .chunks_exact(2 * width)
+        .zip(out.chunks_exact_mut(width))
+    {
         let (gate, up) = row.split_at(width);
+        let pairs = dst.iter_mut().zip(gate.iter().zip(up));
         match activation {
-            Activation::Silu => {
-                out.extend(gate.iter().zip(up).map(|(g, u)| g / (1.0 + (-g).exp()) * u))
-            }
-            Activation::GeluTanh => out.extend(gate.iter().zip(up).map(|(g, u)| gelu_tanh(*g) * u)),
+            Activation::Silu => pairs.for_each(|(d, (g, u))| *d = g / (1.0 + (-g).exp()) * u),
+            Activation::GeluTanh => pairs.for_each(|(d, (g, u))| *d = gelu_tanh(*g) * u),
         }
     }
-    out
 }
 
 /// [`gated_rows`] with the rows shared among the threads: the prefill path's activation,
@@ -244,7 +254,7 @@ pub(crate) fn gated_rows_parallel(
     let mut out = vec![0f32; rows * width];
     out.par_chunks_mut(per_task * width)
         .zip(gate_up.par_chunks(per_task * 2 * width))
-        .for_each(|(dst, src)| dst.copy_from_slice(&gated_rows(src, width, activation)));
+        .for_each(|(dst, src)| gated_rows_into(src, width, activation, dst));
     out
 }
 

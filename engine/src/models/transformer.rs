@@ -5,8 +5,6 @@
 //! targets are small. The KV cache is the engine's own [`KvCache`], so prefill can run over any
 //! token range at any position and caches can be exported and imported.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
@@ -985,23 +983,17 @@ impl Transformer {
         let mut x = plain(&self.embed_tokens(tokens)?)?;
         // Each sequence's rotation angles, per distinct table (layers sharing a base share
         // their angles).
-        let mut angle_sets: Vec<(*const Rope, Vec<Angles>)> = Vec::new();
-        let mut layer_angles = Vec::with_capacity(self.blocks.len());
-        for layer in 0..self.blocks.len() {
-            let rope = self.ropes.layer(layer)?;
-            let at = match angle_sets.iter().position(|(p, _)| std::ptr::eq(*p, rope)) {
-                Some(at) => at,
-                None => {
-                    let angles = caches
-                        .iter()
-                        .map(|c| rope.angles_at(c.next_position()))
-                        .collect();
-                    angle_sets.push((rope as *const Rope, angles));
-                    angle_sets.len() - 1
-                }
-            };
-            layer_angles.push(at);
-        }
+        let angle_sets: Vec<Vec<Angles>> = self
+            .ropes
+            .tables()
+            .iter()
+            .map(|rope| {
+                caches
+                    .iter()
+                    .map(|c| rope.angles_at(c.next_position()))
+                    .collect()
+            })
+            .collect();
         let style = cfg.rope_style;
         let mut normed = vec![0f32; x.len()];
         let mut attn = vec![0f32; rows * q_width];
@@ -1011,7 +1003,7 @@ impl Transformer {
             })?;
             row_ops::rms_norm_rows(&x, &w.attn_norm, eps, &mut normed);
             let mut qkv = w.wqkv.matmul(&normed);
-            let angles = &angle_sets[layer_angles[layer]].1;
+            let angles = &angle_sets[self.ropes.table_of(layer)?];
             for (i, cache) in caches.iter_mut().enumerate() {
                 let row = &mut qkv[i * qkv_width..(i + 1) * qkv_width];
                 if let Some(bias) = &w.qkv_bias {
@@ -1300,17 +1292,18 @@ fn layer_ropes(
     dtype: DType,
     device: &Device,
 ) -> Result<LayerRopes> {
-    let mut built: Vec<((u64, u64), Arc<Rope>)> = Vec::new();
-    let mut tables = Vec::with_capacity(config.layers.len());
+    let mut keys: Vec<(u64, u64)> = Vec::new();
+    let mut tables = Vec::new();
+    let mut of_layer = Vec::with_capacity(config.layers.len());
     for layer in &config.layers {
         let key = (
             layer.rope_theta.to_bits(),
             layer.rope_linear_scale.to_bits(),
         );
-        let rope = match built.iter().find(|(k, _)| *k == key) {
-            Some((_, rope)) => rope.clone(),
+        let index = match keys.iter().position(|k| *k == key) {
+            Some(index) => index,
             None => {
-                let rope = Arc::new(Rope::new(
+                tables.push(Rope::new(
                     config.rope_style,
                     config.head_dim,
                     layer.rope_theta,
@@ -1320,13 +1313,13 @@ fn layer_ropes(
                     dtype,
                     device,
                 )?);
-                built.push((key, rope.clone()));
-                rope
+                keys.push(key);
+                tables.len() - 1
             }
         };
-        tables.push(rope);
+        of_layer.push(index);
     }
-    Ok(LayerRopes::new(tables))
+    LayerRopes::new(tables, of_layer)
 }
 
 fn expect_dims(name: &str, t: &Tensor, dims: &[usize]) -> Result<()> {

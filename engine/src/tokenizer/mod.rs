@@ -22,6 +22,19 @@ use crate::gguf::GgufFile;
 use special::{Fragment, SpecialTokens};
 use spm::Spm;
 
+/// What a piece of a prompt follows, for the SentencePiece space prefix: a vocabulary with
+/// `add_space_prefix` adds it at the prompt's start and after a special token, never after
+/// ordinary text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follows {
+    /// Nothing: the piece opens the prompt.
+    Start,
+    /// A special token.
+    Special,
+    /// Ordinary text.
+    Text,
+}
+
 /// How a vocabulary entry behaves, from `tokenizer.ggml.token_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenKind {
@@ -248,26 +261,20 @@ impl Tokenizer {
     /// the text and after every special token in it, as in llama.cpp; so pieces encoded one
     /// by one differ from the same pieces encoded joined.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
-        self.encode_after(None, text, parse_special)
+        self.encode_after(Follows::Start, text, parse_special)
     }
 
-    /// [`Tokenizer::encode`] of `text` as it continues a prompt whose last token so far is
-    /// `previous` (`None`: the prompt's start). Pieces of one prompt encoded one by one this
-    /// way get a SentencePiece space prefix only where the joined text would (at the start and
-    /// after a special token), not at every piece.
+    /// [`Tokenizer::encode`] of `text` where it stands in a prompt (`follows`). Pieces of one
+    /// prompt encoded one by one this way get a SentencePiece space prefix only where the
+    /// joined text would (at the start and after a special token), not at every piece.
     pub fn encode_after(
         &self,
-        previous: Option<u32>,
+        follows: Follows,
         text: &str,
         parse_special: bool,
     ) -> Result<Vec<u32>> {
         let mut ids = Vec::with_capacity(text.len() / 3 + 1);
-        let mut after_special = previous.is_none_or(|id| {
-            matches!(
-                self.kind(id),
-                Some(TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown)
-            )
-        });
+        let mut after_special = follows != Follows::Text;
         for fragment in self.specials.partition(text, parse_special) {
             match fragment {
                 Fragment::Token(id) => {
@@ -286,6 +293,18 @@ impl Tokenizer {
             }
         }
         Ok(ids)
+    }
+
+    /// What text after the tokens `ids` follows: their last token's kind, or `empty` when
+    /// there are none.
+    pub fn after(&self, ids: &[u32], empty: Follows) -> Follows {
+        match ids.last().map(|&id| self.kind(id)) {
+            None => empty,
+            Some(Some(TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown)) => {
+                Follows::Special
+            }
+            Some(_) => Follows::Text,
+        }
     }
 
     /// The bytes token `id` stands for; control tokens give their text.

@@ -2,7 +2,7 @@
 
 use candle_core::quantized::gguf_file::{self, Value};
 
-use super::{StreamDecoder, TokenKind, Tokenizer};
+use super::{Follows, StreamDecoder, TokenKind, Tokenizer};
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 
@@ -199,20 +199,25 @@ fn a_vocabulary_without_byte_tokens_writes_the_unknown_token() {
 #[test]
 fn a_piece_continuing_a_prompt_gets_the_space_prefix_only_after_a_special_token() {
     let tok = spm(true);
-    let hello = ids(&tok, &["▁hello"])[0];
-    let end = ids(&tok, &["</s>"])[0];
+    let hello = ids(&tok, &["▁hello"]);
+    let end = ids(&tok, &["</s>"]);
     // After ordinary text: no prefix, as in the joined text "hello world".
+    let after_hello = tok.after(&hello, Follows::Start);
+    assert_eq!(after_hello, Follows::Text);
     assert_eq!(
-        tok.encode_after(Some(hello), " world", false).unwrap(),
+        tok.encode_after(after_hello, " world", false).unwrap(),
         ids(&tok, &["▁world"])
     );
     // After a special token, and at the start: the prefix, as llama.cpp adds it.
+    let after_end = tok.after(&end, Follows::Text);
+    assert_eq!(after_end, Follows::Special);
     assert_eq!(
-        tok.encode_after(Some(end), "hello", false).unwrap(),
+        tok.encode_after(after_end, "hello", false).unwrap(),
         ids(&tok, &["▁hello"])
     );
+    assert_eq!(tok.after(&[], Follows::Start), Follows::Start);
     assert_eq!(
-        tok.encode_after(None, "hello", false).unwrap(),
+        tok.encode_after(Follows::Start, "hello", false).unwrap(),
         tok.encode("hello", false).unwrap()
     );
 }
