@@ -3,12 +3,16 @@
 # directory, for this shell's lifetime, and exports where each one is:
 #   RAGCAKE_TEST_S3RVER_STORE   a second S3 implementation (npm `s3rver`)
 #   RAGCAKE_TEST_AZURITE_STORE  Azure Blob Storage's emulator (npm `azurite`)
+#   RAGCAKE_TEST_GCS_STORE      object_store's GCS client against moto (see below)
 # Each holds a store URL and object_store options, separated by spaces. The bucket or
 # container `ragcake-test` is created on each. Installs the servers once, under
 # $RAGCAKE_HOME/store-servers.
-# No GCS server runs: object_store speaks GCS's XML API for objects, which fake-gcs-server
-# lacks (its issue #331: every put fails with "invalid uploadType"), and gcp-storage-emulator
-# answers its HEAD requests with 501.
+# GCS: object_store's GCS client speaks GCS's XML API (S3-shaped requests with a bearer
+# token). No GCS emulator installable here answers all of it — fake-gcs-server (pip wrapper
+# 0.1.1) refuses every XML put ("invalid uploadType"), gcp-storage-emulator answers HEAD and
+# list with 501 and puts without an ETag — but moto's S3 server does (put, get, ranged get,
+# head, list, multipart, delete; it ignores the GCS headers of copy and create-if-absent,
+# which the store does not use). It must be sourced after scripts/s3-server.sh.
 servers_home="$RAGCAKE_HOME/store-servers"
 mkdir -p "$servers_home"
 node_dir="$servers_home/node"
@@ -58,4 +62,12 @@ BlobServiceClient.from_connection_string('$azurite_connection').create_container
 export AZURITE_BLOB_STORAGE_URL="http://127.0.0.1:$azurite_port"
 export RAGCAKE_TEST_AZURITE_STORE="az://ragcake-test/kv azure_storage_use_emulator=true"
 
-echo "s3rver on :$s3rver_port, Azurite on :$azurite_port"
+# moto takes a bucket name of letters and digits only for GCS-shaped paths (object_store
+# percent-encodes '-'); any bearer token without '/' is taken as S3's.
+"$moto_venv/bin/python" - <<'PY'
+import os, boto3
+boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT"]).create_bucket(Bucket="ragcakegcs")
+PY
+export RAGCAKE_TEST_GCS_STORE="gs://ragcakegcs/kv google_base_url=$AWS_ENDPOINT google_bearer_token=ragcake"
+
+echo "s3rver on :$s3rver_port, Azurite on :$azurite_port, GCS client on moto at $AWS_ENDPOINT"

@@ -36,10 +36,15 @@ impl GgufFile {
         let file = File::open(&path).map_err(io_err)?;
         let file_len = file.metadata().map_err(io_err)?.len();
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| EngineError::InvalidGguf {
+        let invalid = |reason: String| EngineError::InvalidGguf {
             path: path.clone(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        // Every count, length and size checked against the file first: candle's reader
+        // trusts some (a zero alignment divides by zero, element counts can overflow).
+        check_layout(&mut reader, file_len).map_err(invalid)?;
+        reader.seek(SeekFrom::Start(0)).map_err(io_err)?;
+        let content = Content::read(&mut reader).map_err(|e| invalid(e.to_string()))?;
         // Check all tensor extents up front: a truncated download must fail with a clear
         // error before any weight is loaded, not halfway through with an I/O error.
         let mut infos: Vec<_> = content.tensor_infos.iter().collect();
@@ -53,7 +58,9 @@ impl GgufFile {
                     reason: format!("{elems} elements is not a multiple of the block size {block}"),
                 });
             }
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let bytes = (elems / block)
+                .checked_mul(info.ggml_dtype.type_size())
+                .map_or(u64::MAX, |b| b as u64);
             let end = content
                 .tensor_data_offset
                 .saturating_add(info.offset)
@@ -143,6 +150,11 @@ impl GgufFile {
     /// Whether the file has a tensor called `name`.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
+    }
+
+    /// How many tensors the file holds.
+    pub fn tensor_count(&self) -> usize {
+        self.content.tensor_infos.len()
     }
 
     /// The shape of tensor `name` in candle's (row-major) order.
@@ -346,6 +358,229 @@ impl std::fmt::Display for LlmFingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_hex())
     }
+}
+
+/// The GGUF versions read (llama.cpp writes 3; 2 differs only in nothing read here).
+const GGUF_VERSIONS: [u32; 2] = [2, 3];
+/// Longest metadata key or tensor name accepted (llama.cpp's own limit is 64 bytes for
+/// names; keys are short).
+const MAX_NAME_BYTES: u64 = 1 << 16;
+/// Arrays nested deeper than this are refused.
+const MAX_ARRAY_DEPTH: usize = 4;
+
+/// A reader that knows how many bytes of the file are left.
+struct Cursor<'a, R> {
+    inner: &'a mut R,
+    left: u64,
+}
+
+impl<R: Read> Cursor<'_, R> {
+    fn bytes<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
+        if self.left < N as u64 {
+            return Err(format!("the file ends inside {what}"));
+        }
+        let mut buf = [0u8; N];
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| format!("reading {what}: {e}"))?;
+        self.left -= N as u64;
+        Ok(buf)
+    }
+
+    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+        self.bytes::<4>(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+        self.bytes::<8>(what).map(u64::from_le_bytes)
+    }
+
+    /// Skips `n` bytes that must lie inside the file.
+    fn skip(&mut self, n: u64, what: &str) -> std::result::Result<(), String> {
+        if n > self.left {
+            return Err(format!("{what} runs {n} bytes past the end of the file"));
+        }
+        let copied = std::io::copy(&mut self.inner.take(n), &mut std::io::sink())
+            .map_err(|e| format!("reading {what}: {e}"))?;
+        if copied != n {
+            return Err(format!("the file ends inside {what}"));
+        }
+        self.left -= n;
+        Ok(())
+    }
+
+    /// A length-prefixed string of at most `max` bytes, read (`keep`) or skipped.
+    fn string(
+        &mut self,
+        max: u64,
+        keep: bool,
+        what: &str,
+    ) -> std::result::Result<Option<String>, String> {
+        let len = self.u64(what)?;
+        if len > max.min(self.left) {
+            return Err(format!(
+                "{what} of {len} bytes (the file has {} left)",
+                self.left
+            ));
+        }
+        if !keep {
+            self.skip(len, what)?;
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| format!("reading {what}: {e}"))?;
+        self.left -= len;
+        String::from_utf8(buf)
+            .map(Some)
+            .map_err(|_| format!("{what} is not UTF-8"))
+    }
+
+    /// Skips one metadata value of type `ty`; returns it when it is an unsigned 32-bit
+    /// integer (the one kind of value this check needs to know).
+    fn value(
+        &mut self,
+        ty: u32,
+        depth: usize,
+        what: &str,
+    ) -> std::result::Result<Option<u32>, String> {
+        match ty {
+            0 | 1 | 7 => self.skip(1, what)?,
+            2 | 3 => self.skip(2, what)?,
+            4 => return self.u32(what).map(Some),
+            5 | 6 => self.skip(4, what)?,
+            10..=12 => self.skip(8, what)?,
+            8 => {
+                self.string(u64::MAX, false, what)?;
+            }
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(format!(
+                        "{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep"
+                    ));
+                }
+                let item = self.u32(what)?;
+                let n = self.u64(what)?;
+                match fixed_size(item) {
+                    Some(size) => {
+                        let bytes = n
+                            .checked_mul(size)
+                            .ok_or_else(|| format!("{what}: an array of {n} items"))?;
+                        self.skip(bytes, what)?;
+                    }
+                    None if item == 8 || item == 9 => {
+                        // Each item takes at least 8 bytes on disk.
+                        if n > self.left / 8 {
+                            return Err(format!(
+                                "{what}: an array of {n} items in {} bytes",
+                                self.left
+                            ));
+                        }
+                        for _ in 0..n {
+                            self.value(item, depth + 1, what)?;
+                        }
+                    }
+                    None => return Err(format!("{what}: unknown array item type {item}")),
+                }
+            }
+            other => return Err(format!("{what}: unknown value type {other}")),
+        }
+        Ok(None)
+    }
+}
+
+/// The on-disk size of a fixed-size metadata value type.
+fn fixed_size(ty: u32) -> Option<u64> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+/// Checks a GGUF file's structure against its length before anything is allocated by
+/// it: magic and version; tensor and key counts the rest of the file can hold; every key,
+/// string and array inside the file, no key twice; `general.alignment` a power of two;
+/// tensor names unique, at most 4 dimensions, element counts that neither overflow nor
+/// exceed what the file's bytes can encode, data offsets aligned.
+fn check_layout<R: Read>(reader: &mut R, file_len: u64) -> std::result::Result<(), String> {
+    let mut r = Cursor {
+        inner: reader,
+        left: file_len,
+    };
+    let magic = r.bytes::<4>("the magic number")?;
+    if &magic != b"GGUF" {
+        return Err(format!("not a GGUF file (magic {magic:02x?})"));
+    }
+    let version = r.u32("the version")?;
+    if !GGUF_VERSIONS.contains(&version) {
+        return Err(format!(
+            "GGUF version {version} (versions 2 and 3 are read)"
+        ));
+    }
+    let tensor_count = r.u64("the tensor count")?;
+    let kv_count = r.u64("the metadata count")?;
+    // A key-value pair takes at least 13 bytes, a tensor description at least 24.
+    if kv_count > r.left / 13 || tensor_count > r.left / 24 {
+        return Err(format!(
+            "{tensor_count} tensors and {kv_count} metadata entries in a file of {file_len} bytes"
+        ));
+    }
+    let mut keys = std::collections::HashSet::new();
+    let mut alignment = 32u64;
+    for _ in 0..kv_count {
+        let key = r
+            .string(MAX_NAME_BYTES, true, "a metadata key")?
+            .unwrap_or_default();
+        let ty = r.u32(&key)?;
+        let value = r.value(ty, 0, &key)?;
+        if key == "general.alignment" {
+            alignment = match value {
+                Some(a) if a.is_power_of_two() => a as u64,
+                _ => return Err("general.alignment is not a u32 power of two".into()),
+            };
+        }
+        if !keys.insert(key.clone()) {
+            return Err(format!("metadata key {key} appears twice"));
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..tensor_count {
+        let name = r
+            .string(MAX_NAME_BYTES, true, "a tensor name")?
+            .unwrap_or_default();
+        let n_dims = r.u32(&name)?;
+        if n_dims > 4 {
+            return Err(format!("tensor {name} has {n_dims} dimensions (at most 4)"));
+        }
+        let mut elements = 1u64;
+        for _ in 0..n_dims {
+            let dim = r.u64(&name)?;
+            elements = elements
+                .checked_mul(dim)
+                .ok_or_else(|| format!("tensor {name}: its dimensions overflow"))?;
+        }
+        // No weight type takes less than one bit per element.
+        if elements > file_len.saturating_mul(8) {
+            return Err(format!(
+                "tensor {name} of {elements} elements in a file of {file_len} bytes"
+            ));
+        }
+        let _dtype = r.u32(&name)?;
+        let offset = r.u64(&name)?;
+        if !offset.is_multiple_of(alignment) {
+            return Err(format!(
+                "tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}"
+            ));
+        }
+        if !names.insert(name.clone()) {
+            return Err(format!("tensor {name} appears twice"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -642,21 +642,154 @@ mod tests {
         }
     }
 
-    #[test]
-    fn kernels_and_portable_code_give_the_same_bits() {
-        let (rows, cols, n) = (64, 576, 6);
-        let q8 = QMatrix::quantize_q8(&values(rows * cols, 5), rows, cols);
-        let q4 = QMatrix::from_q4_1(&q4_1(&values(rows * cols, 5)).0, rows, cols).unwrap();
-        for m in [q8, q4] {
-            let offset = m.format() == "q8";
-            let x = Activations::quantize(&values(n * cols, 6), n, cols, m.blocks, offset);
-            for tile in 0..m.tiles {
-                let mut fast = vec![0f32; n * TILE];
-                let mut portable = vec![0f32; n * TILE];
-                m.tile(tile, &x, &mut fast, vnni_available());
-                m.tile(tile, &x, &mut portable, false);
-                assert_eq!(fast, portable, "{}", m.format());
+    /// Signed-byte rounding of 32 values, written apart from the code under test: scale
+    /// `max |v| / 127`, `round(v / scale)` (half away from zero) through the scale's
+    /// reciprocal, clamped to ±127. Returns the quants and the scale.
+    fn reference_round(block: &[f32]) -> ([i32; BLOCK], f32) {
+        let mut padded = [0f32; BLOCK];
+        padded[..block.len()].copy_from_slice(block);
+        let max = padded.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = max / 127.0;
+        let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        (
+            padded.map(|v| (v * inverse).round().clamp(-127.0, 127.0) as i32),
+            scale,
+        )
+    }
+
+    /// The product as the module documents its arithmetic, computed row-major and scalar
+    /// (no tiles, no interleaving, no lanes), apart from the code under test: activations
+    /// rounded per block; per output, blocks in order, with fused multiply-adds —
+    /// 8-bit weights: `acc = (Σ(xq+128)·wq · ws + (−128·ws·Σwq)) · xs + acc`;
+    /// Q4_1 weights: `acc = m · (xs·Σxq) + ((Σxq·q) · d · xs + acc)`.
+    fn reference_product(weights: &Reference, x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let n = x.len() / cols;
+        let blocks = cols.div_ceil(BLOCK);
+        let mut out = vec![0f32; n * rows];
+        for r in 0..n {
+            let row = &x[r * cols..(r + 1) * cols];
+            for o in 0..rows {
+                let mut acc = 0f32;
+                for block in 0..blocks {
+                    let span = block * BLOCK..((block + 1) * BLOCK).min(cols);
+                    let (xq, xs) = reference_round(&row[span]);
+                    acc = match weights {
+                        Reference::Q8(w) => {
+                            let wrow = &w[o * cols..(o + 1) * cols];
+                            let span = block * BLOCK..((block + 1) * BLOCK).min(cols);
+                            let (wq, ws) = reference_round(&wrow[span]);
+                            let dot: i32 = xq.iter().zip(&wq).map(|(a, b)| (a + 128) * b).sum();
+                            let offset = -128.0 * ws * wq.iter().sum::<i32>() as f32;
+                            (dot as f32).mul_add(ws, offset).mul_add(xs, acc)
+                        }
+                        Reference::Q4_1(bytes) => {
+                            let src = &bytes[(o * blocks + block) * Q4_1_BYTES..][..Q4_1_BYTES];
+                            let d = f16::from_le_bytes([src[0], src[1]]).to_f32();
+                            let m = f16::from_le_bytes([src[2], src[3]]).to_f32();
+                            let q = |j: usize| {
+                                i32::from(if j < 16 {
+                                    src[4 + j] & 0x0F
+                                } else {
+                                    src[4 + j - 16] >> 4
+                                })
+                            };
+                            let dot: i32 = (0..BLOCK).map(|j| xq[j] * q(j)).sum();
+                            let x_sum = xs * xq.iter().sum::<i32>() as f32;
+                            m.mul_add(x_sum, (dot as f32 * d).mul_add(xs, acc))
+                        }
+                    };
+                }
+                out[r * rows + o] = acc;
             }
+        }
+        out
+    }
+
+    /// What a reference product is computed from: the f32 weights (rounded to 8 bits as
+    /// the module does) or the GGUF's Q4_1 blocks.
+    enum Reference {
+        Q8(Vec<f32>),
+        Q4_1(Vec<u8>),
+    }
+
+    /// Ragged shapes (rows not a multiple of 16, more activation rows than one pass, a
+    /// partial last block for 8-bit weights), each matrix and its reference.
+    fn reference_cases() -> Vec<(QMatrix, Reference, Vec<f32>)> {
+        let mut cases = Vec::new();
+        for (rows, cols, n, seed) in [(37, 70, 11, 21), (64, 576, 6, 22), (5, 32, 1, 23)] {
+            let w = values(rows * cols, seed);
+            let x = values(n * cols, seed + 100);
+            cases.push((QMatrix::quantize_q8(&w, rows, cols), Reference::Q8(w), x));
+        }
+        for (rows, cols, n, seed) in [(37, 96, 11, 31), (64, 576, 6, 32)] {
+            let blocks = q4_1(&values(rows * cols, seed)).0;
+            let x = values(n * cols, seed + 100);
+            let m = QMatrix::from_q4_1(&blocks, rows, cols).unwrap();
+            cases.push((m, Reference::Q4_1(blocks), x));
+        }
+        cases
+    }
+
+    /// `m`'s product of `x` through one path: the VNNI kernels or the portable code.
+    fn product_through(m: &QMatrix, x: &[f32], vnni: bool) -> Vec<f32> {
+        let n = x.len() / m.cols;
+        let offset = m.format() == "q8";
+        let acts = Activations::quantize(x, n, m.cols, m.blocks, offset);
+        let mut out = vec![0f32; n * m.rows];
+        for tile in 0..m.tiles {
+            let mut tiled = vec![0f32; n * TILE];
+            m.tile(tile, &acts, &mut tiled, vnni);
+            let first = tile * TILE;
+            let width = TILE.min(m.rows - first);
+            for r in 0..n {
+                out[r * m.rows + first..][..width].copy_from_slice(&tiled[r * TILE..][..width]);
+            }
+        }
+        out
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn the_portable_product_gives_the_bits_of_a_scalar_reference() {
+        for (m, reference, x) in reference_cases() {
+            let want = reference_product(&reference, &x, m.rows, m.cols);
+            let got = product_through(&m, &x, false);
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{} {}×{}",
+                m.format(),
+                m.rows,
+                m.cols
+            );
+        }
+    }
+
+    /// The name is printed as skipped on a CPU without AVX-512 VNNI (scripts/test.sh also
+    /// says which SIMD tests this machine cannot run).
+    #[test]
+    fn the_vnni_kernels_give_the_bits_of_a_scalar_reference() {
+        if !vnni_available() {
+            eprintln!(
+                "SKIPPED the_vnni_kernels_give_the_bits_of_a_scalar_reference: this CPU has no AVX-512 VNNI"
+            );
+            return;
+        }
+        for (m, reference, x) in reference_cases() {
+            let want = reference_product(&reference, &x, m.rows, m.cols);
+            let got = product_through(&m, &x, true);
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{} {}×{}",
+                m.format(),
+                m.rows,
+                m.cols
+            );
+            assert_eq!(bits(&m.matmul(&x)), bits(&want), "matmul takes the kernels");
         }
     }
 }

@@ -90,6 +90,9 @@ pub enum KvStoreError {
         /// What failed.
         source: std::io::Error,
     },
+    /// A setting out of its range.
+    #[error("{0}")]
+    Config(String),
     /// A store URL that cannot be used.
     #[error("invalid store URL {url:?}: {reason}")]
     InvalidUrl {

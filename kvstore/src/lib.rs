@@ -22,4 +22,4 @@ pub use key::{CacheKey, CacheKind};
 pub use object_store;
 pub use store::{KvStore, Lookup, StoreStats};
 pub use throttle::{Throttle, throttled};
-pub use url::open_url;
+pub use url::{StoreClientConfig, open_url, open_url_with};

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::error::{KvStoreError, RejectReason, Result};
 use crate::format::{self, Expectation, StorageDtype};
 use crate::key::{CacheKey, CacheKind, tokens_hash};
-use crate::url::open_url_parts;
+use crate::url::{StoreClientConfig, open_url_parts};
 
 /// The longest cache a blob may hold unless the store is told (the model's context).
 const DEFAULT_MAX_TOKENS: usize = 128 << 10;
@@ -206,7 +206,7 @@ impl KvStore {
         shape: KvShape,
         device: Device,
     ) -> Result<Self> {
-        let opened = open_url_parts(url, options)?;
+        let opened = open_url_parts(url, &StoreClientConfig::default(), options)?;
         let store = Self::new(opened.store, opened.prefix, model, shape, device);
         Ok(Self {
             local: opened.local,
@@ -220,7 +220,17 @@ impl KvStore {
         options: impl IntoIterator<Item = (String, String)>,
         engine: &Engine,
     ) -> Result<Self> {
-        let opened = open_url_parts(url, options)?;
+        Self::open_for_engine_with(url, &StoreClientConfig::default(), options, engine)
+    }
+
+    /// [`KvStore::open_for_engine`], with cloud requests bounded by `client`.
+    pub fn open_for_engine_with(
+        url: &str,
+        client: &StoreClientConfig,
+        options: impl IntoIterator<Item = (String, String)>,
+        engine: &Engine,
+    ) -> Result<Self> {
+        let opened = open_url_parts(url, client, options)?;
         let store = Self::for_engine(opened.store, opened.prefix, engine);
         Ok(Self {
             local: opened.local,
@@ -258,6 +268,11 @@ impl KvStore {
     /// the compute dtype, the kind of device and the storage dtype. Two stores whose caches
     /// differ in any of them never share a key.
     pub fn key_space(&self, kind: CacheKind) -> LlmFingerprint {
+        self.key_space_stored_as(self.storage_dtype(kind))
+    }
+
+    /// The key space of caches stored as `storage` (see [`KvStore::key_space`]).
+    fn key_space_stored_as(&self, storage: StorageDtype) -> LlmFingerprint {
         let device = match self.device.location() {
             candle_core::DeviceLocation::Cpu => "cpu",
             candle_core::DeviceLocation::Cuda { .. } => "cuda",
@@ -269,11 +284,23 @@ impl KvStore {
         for part in [
             format::dtype_name(self.compute_dtype),
             device,
-            self.storage_dtype(kind).name(),
+            storage.name(),
         ] {
             hasher.update(part.as_bytes()).update(&[0]);
         }
         LlmFingerprint(*hasher.finalize().as_bytes())
+    }
+
+    /// The key the chunk cache of `tokens` computed after `context` would have if this
+    /// store kept chunk caches as `storage`: tells which dtype another writer (an ingest
+    /// run with other settings) stored a recorded key in.
+    pub fn chunk_key_stored_as(
+        &self,
+        storage: StorageDtype,
+        context: &[u32],
+        tokens: &[u32],
+    ) -> CacheKey {
+        CacheKey::chunk(&self.key_space_stored_as(storage), context, tokens)
     }
 
     /// Keeps up to `capacity_bytes` of decoded caches in memory (LRU).

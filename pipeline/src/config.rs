@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ragcake_engine::scheduler::SchedulerConfig;
 use ragcake_engine::{ChatMessage, Role};
-use ragcake_kvstore::StorageDtype;
+use ragcake_kvstore::{StorageDtype, StoreClientConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PipelineError, Result};
@@ -155,6 +155,9 @@ pub struct PipelineConfig {
     pub chunk_cache_dtype: StorageDtype,
     /// The prefill scheduler.
     pub scheduler: SchedulerConfig,
+    /// How requests to a cloud object store are bounded (connect and request timeouts,
+    /// retries); a local directory needs none.
+    pub store: StoreClientConfig,
 }
 
 /// Which requests write the caches they compute back to the store (the admission rule:
@@ -201,6 +204,7 @@ impl Default for PipelineConfig {
             prefix_cache_dtype: StorageDtype::F32,
             chunk_cache_dtype: StorageDtype::F16,
             scheduler: SchedulerConfig::default(),
+            store: StoreClientConfig::default(),
         }
     }
 }
@@ -228,6 +232,13 @@ impl PipelineConfig {
         if self.scheduler.io_concurrency == 0 {
             return bad("scheduler.io_concurrency must be at least 1");
         }
+        let lookup = self.scheduler.lookup_timeout_secs;
+        if lookup.is_nan() || lookup <= 0.0 {
+            return bad("scheduler.lookup_timeout_secs must be positive");
+        }
+        self.store
+            .validate()
+            .map_err(|e| PipelineError::Config(e.to_string()))?;
         self.limits()
             .check(&AskRequest::new("?").with_options(self.defaults.clone()))
             .map_err(|e| PipelineError::Config(format!("defaults: {e}")))

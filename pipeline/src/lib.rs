@@ -26,6 +26,6 @@ pub use config::{
 };
 pub use error::{BoxError, PipelineError, Result};
 pub use metrics::Metrics;
-pub use pipeline::{Health, Pipeline, PipelineBuilder, SchedulerHealth};
+pub use pipeline::{ChunkCacheCheck, Health, Pipeline, PipelineBuilder, SchedulerHealth};
 pub use prompt::{Prompt, PromptTemplate};
 pub use types::{Answer, Ask, AskOptions, AskRequest, Breakdown, CitedChunk, StreamEvent};

@@ -101,7 +101,7 @@ impl Metrics {
         let misses = Family::<Labels, Counter>::default();
         registry.register(
             "cache_misses",
-            "Stored caches not used, by reason (absent, rejected, store_failed, stalled)",
+            "Stored caches not used, by reason (absent, rejected, store_failed, stalled; lookup_failed, lookup_timed_out: planning could not tell, so the chunk was computed)",
             misses.clone(),
         );
         let hit_ratio = Gauge::<f64, AtomicU64>::default();
@@ -244,6 +244,16 @@ impl Metrics {
                 ragcake_engine::scheduler::MissReason::Stalled => "stalled",
             };
             self.misses.get_or_create(&label("reason", reason)).inc();
+        }
+        for (reason, n) in [
+            ("lookup_failed", b.lookups.errors),
+            ("lookup_timed_out", b.lookups.timed_out),
+        ] {
+            if n > 0 {
+                self.misses
+                    .get_or_create(&label("reason", reason))
+                    .inc_by(n as u64);
+            }
         }
     }
 

@@ -132,9 +132,10 @@ impl PipelineBuilder {
             Some(kv) => kv,
             None => {
                 let url = self.kv_url.ok_or_else(|| missing("KV store"))?;
-                let mut kv = KvStore::open_for_engine(&url, Vec::new(), &engine)?
-                    .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
-                    .with_storage_dtype_for(CacheKind::Chunk, config.chunk_cache_dtype);
+                let mut kv =
+                    KvStore::open_for_engine_with(&url, &config.store, Vec::new(), &engine)?
+                        .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
+                        .with_storage_dtype_for(CacheKind::Chunk, config.chunk_cache_dtype);
                 if config.memory_tier_bytes > 0 {
                     kv = kv.with_memory_tier(config.memory_tier_bytes);
                 }
@@ -152,6 +153,13 @@ impl PipelineBuilder {
             Retriever::new(embedder, index, Some(engine.fingerprint().to_hex()))
                 .map_err(PipelineError::from_retrieval)?,
         );
+        let chunk_caches = match config.prompt.chunk_context(&engine) {
+            Ok(context) => check_chunk_caches(&retriever, &kv, &context).await,
+            Err(error) => ChunkCacheCheck::unchecked(&kv, error.to_string()),
+        };
+        if let Some(warning) = &chunk_caches.warning {
+            tracing::warn!("{warning}");
+        }
         let scheduler = Arc::new(EngineScheduler::start(
             engine.clone(),
             kv.clone(),
@@ -160,12 +168,15 @@ impl PipelineBuilder {
         let metrics = Arc::new(Metrics::new());
         let stages = ServiceBuilder::new()
             .layer(RetrieveLayer::new(retriever.clone(), config.limits()))
-            .layer(PlanLayer::new(
-                engine.clone(),
-                kv.clone(),
-                config.prompt.clone(),
-                config.write_back,
-            )?)
+            .layer(
+                PlanLayer::new(
+                    engine.clone(),
+                    kv.clone(),
+                    config.prompt.clone(),
+                    config.write_back,
+                )?
+                .with_lookup_timeout(config.scheduler.lookup_timeout_secs),
+            )
             .layer(PrefillLayer::new(scheduler.clone()))
             .service(Generate::new(engine.clone(), scheduler.clone()));
         // Outside in: record metrics, refuse when the queue is full, bound the whole wait,
@@ -186,6 +197,7 @@ impl PipelineBuilder {
                 scheduler,
                 metrics,
                 config,
+                chunk_caches,
             }),
         })
     }
@@ -197,6 +209,114 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| PipelineError::Task(e.to_string()))
 }
 
+/// Chunks sampled from the index at start to compare their recorded chunk-cache keys with
+/// the keys this service looks for.
+const CHUNK_CACHE_SAMPLE: usize = 16;
+
+/// Whether the chunk caches the index records are the ones this service will look for: a
+/// service whose `chunk_cache_dtype` (or prompt preamble, compute dtype or device) differs
+/// from what ingest used finds every chunk cache absent, and says so here instead of
+/// silently computing everything.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChunkCacheCheck {
+    /// Chunks sampled whose index entry records a chunk cache for this model.
+    pub sampled: usize,
+    /// Of those, the ones recorded under the key this service looks for.
+    pub matching: usize,
+    /// How this service looks chunk caches up (their storage dtype, part of the key).
+    pub looked_up_as: ragcake_kvstore::StorageDtype,
+    /// When some did not match: the storage dtype they were recorded in, if one of the
+    /// others explains them (else their preamble, compute dtype or device differs).
+    pub recorded_as: Option<ragcake_kvstore::StorageDtype>,
+    /// What is wrong, when something is.
+    pub warning: Option<String>,
+}
+
+impl ChunkCacheCheck {
+    fn unchecked(kv: &KvStore, why: String) -> Self {
+        Self {
+            sampled: 0,
+            matching: 0,
+            looked_up_as: kv.storage_dtype(CacheKind::Chunk),
+            recorded_as: None,
+            warning: Some(format!("chunk caches not checked: {why}")),
+        }
+    }
+}
+
+/// Samples the index (the chunks nearest a neutral query) and checks each recorded chunk
+/// cache key against the one `kv` derives for it after `context`.
+async fn check_chunk_caches(
+    retriever: &Retriever,
+    kv: &KvStore,
+    context: &[u32],
+) -> ChunkCacheCheck {
+    use ragcake_engine::scheduler::LoadBackend;
+    let looked_up_as = kv.storage_dtype(CacheKind::Chunk);
+    let sample = async {
+        let vector = retriever
+            .embedder()
+            .embed_one("overview")
+            .map_err(|e| e.to_string())?;
+        retriever
+            .index()
+            .search(&vector, CHUNK_CACHE_SAMPLE)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let sample = match tokio::time::timeout(Duration::from_secs(10), sample).await {
+        Ok(Ok(sample)) => sample,
+        Ok(Err(error)) => return ChunkCacheCheck::unchecked(kv, error),
+        Err(_) => return ChunkCacheCheck::unchecked(kv, "the index did not answer in 10 s".into()),
+    };
+    let recorded: Vec<_> = sample
+        .into_iter()
+        .map(|scored| scored.chunk)
+        .filter(|chunk| retriever.cache_status(chunk).is_stored())
+        .collect();
+    let matching = recorded
+        .iter()
+        .filter(|c| kv.chunk_key(context, &c.token_ids).to_hex() == c.kv_key)
+        .count();
+    let mut check = ChunkCacheCheck {
+        sampled: recorded.len(),
+        matching,
+        looked_up_as,
+        recorded_as: None,
+        warning: None,
+    };
+    if matching == recorded.len() {
+        return check;
+    }
+    let other = recorded
+        .iter()
+        .find(|c| kv.chunk_key(context, &c.token_ids).to_hex() != c.kv_key);
+    check.recorded_as = other.and_then(|c| {
+        ragcake_kvstore::StorageDtype::ALL
+            .into_iter()
+            .find(|&dtype| {
+                kv.chunk_key_stored_as(dtype, context, &c.token_ids)
+                    .to_hex()
+                    == c.kv_key
+            })
+    });
+    let why = match check.recorded_as {
+        Some(dtype) => format!(
+            "they were stored as {} and this service looks for {} (set pipeline.chunk_cache_dtype = \"{}\", or ingest again)",
+            dtype.name(),
+            looked_up_as.name(),
+            dtype.name()
+        ),
+        None => "they were computed after another preamble, in another compute dtype or on another kind of device (ingest again with this service's configuration)".into(),
+    };
+    check.warning = Some(format!(
+        "{} of {} sampled chunks record a chunk cache this service will not look for, so it will compute them: {why}",
+        recorded.len() - matching,
+        recorded.len()
+    ));
+    check
+}
+
 struct Parts {
     engine: Arc<Engine>,
     retriever: Arc<Retriever>,
@@ -204,6 +324,8 @@ struct Parts {
     scheduler: Arc<EngineScheduler>,
     metrics: Arc<Metrics>,
     config: PipelineConfig,
+    /// What the start-up check found of the index's recorded chunk caches.
+    chunk_caches: ChunkCacheCheck,
 }
 
 /// A question-answering pipeline: retrieval, cache-aware planning, bidirectional prefill
@@ -234,6 +356,9 @@ pub struct Health {
     pub in_flight: u64,
     /// The scheduler: its compute worker, queue and write-back backlog.
     pub scheduler: SchedulerHealth,
+    /// Whether the index's recorded chunk caches are the ones this service looks for
+    /// (checked at start).
+    pub chunk_caches: ChunkCacheCheck,
 }
 
 /// The scheduler's part of [`Health`].
@@ -322,6 +447,7 @@ impl Pipeline {
                 write_back_pending_bytes: stats.write_back_pending_bytes,
                 write_backs_dropped: stats.write_backs_dropped,
             },
+            chunk_caches: self.parts.chunk_caches.clone(),
         }
     }
 
@@ -350,6 +476,29 @@ impl Pipeline {
         self.parts.scheduler.stats()
     }
 
+    /// Waits until every write-back queued so far is finished (written, found already
+    /// stored, or failed), or until `timeout` has passed; `progress` sees the scheduler's
+    /// counters every 100 ms meanwhile. Returns the bytes still waiting (0: all finished).
+    /// A process about to exit calls it, else its queued write-backs are lost with it.
+    pub async fn finish_write_backs(
+        &self,
+        timeout: Duration,
+        mut progress: impl FnMut(&SchedulerStats),
+    ) -> u64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let stats = self.scheduler_stats();
+            if stats.write_back_pending_bytes == 0 {
+                return 0;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return stats.write_back_pending_bytes;
+            }
+            progress(&stats);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The metrics in the Prometheus (OpenMetrics) text format, the scheduler's counters
     /// brought up to date first.
     pub fn metrics_text(&self) -> String {
@@ -362,6 +511,11 @@ impl Pipeline {
     /// The settings it was built with.
     pub fn config(&self) -> &PipelineConfig {
         &self.parts.config
+    }
+
+    /// What the start-up check found of the index's recorded chunk caches.
+    pub fn chunk_cache_check(&self) -> &ChunkCacheCheck {
+        &self.parts.chunk_caches
     }
 }
 

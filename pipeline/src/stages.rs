@@ -166,6 +166,8 @@ pub struct PlanLayer {
     chunk_context: Arc<[u32]>,
     /// Which prompts write back what they compute.
     admission: WriteBackAdmission,
+    /// Lookups unanswered this long after planning began are given up.
+    lookup_timeout_secs: f64,
 }
 
 impl PlanLayer {
@@ -184,7 +186,15 @@ impl PlanLayer {
             prompt: Arc::new(prompt),
             chunk_context,
             admission,
+            lookup_timeout_secs: ragcake_engine::scheduler::plan::DEFAULT_LOOKUP_TIMEOUT_SECS,
         })
+    }
+
+    /// Lookups unanswered `secs` after planning began are given up (their chunks are
+    /// computed); not finite: no deadline.
+    pub fn with_lookup_timeout(mut self, secs: f64) -> Self {
+        self.lookup_timeout_secs = secs;
+        self
     }
 
     async fn plan(&self, retrieved: Retrieved) -> Result<Planned, PipelineError> {
@@ -215,6 +225,7 @@ impl PlanLayer {
             chunk_context: self.chunk_context.clone(),
             cache_salt: request.options.cache_salt.as_deref().map(Arc::from),
             write_back: self.admission.admits(&request.history),
+            lookup_timeout_secs: self.lookup_timeout_secs,
         };
         let (plan, lookups) =
             ragcake_engine::scheduler::plan(&*self.kv, prompt.chunks, prompt.tail, options).await;
@@ -236,7 +247,7 @@ impl PlanLayer {
             plan_secs,
             prompt_tokens,
             lookups,
-            degraded: lookups.errors > 0,
+            degraded: lookups.errors + lookups.timed_out > 0,
             ..Breakdown::default()
         };
         Ok(Planned {

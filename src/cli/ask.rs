@@ -79,8 +79,52 @@ pub fn run(args: AskArgs) -> anyhow::Result<()> {
             print_sources(&answer);
             println!("{}", breakdown_line(&answer));
         }
+        finish_write_backs(&pipeline).await;
         Ok(())
     })
+}
+
+/// Waits for the chunks this process computed to be written back (each write is bounded by
+/// the scheduler's write-back timeout; the wait by two of them), saying so on stderr: a
+/// process that exits drops what is still queued.
+async fn finish_write_backs(pipeline: &Pipeline) {
+    let stats = pipeline.scheduler_stats();
+    let queued = stats.write_backs
+        + stats.write_backs_skipped
+        + stats.write_back_failures
+        + stats.write_backs_dropped;
+    if stats.write_back_pending_bytes == 0 && queued == 0 {
+        return; // nothing was computed to write back
+    }
+    let timeout = std::time::Duration::from_secs_f64(
+        2.0 * pipeline.config().scheduler.write_back_timeout_secs,
+    );
+    let mut said = None;
+    let left = pipeline
+        .finish_write_backs(timeout, |stats| {
+            let mb = (stats.write_back_pending_bytes as f64 / 1e6 * 10.0).round() / 10.0;
+            if said != Some(mb) {
+                eprintln!("writing back computed chunk caches: {mb:.1} MB to go");
+                said = Some(mb);
+            }
+        })
+        .await;
+    let stats = pipeline.scheduler_stats();
+    if left > 0 {
+        eprintln!(
+            "gave up waiting for write-backs after {:.0} s: {:.1} MB not written (they are computed again next time)",
+            timeout.as_secs_f64(),
+            left as f64 / 1e6
+        );
+    } else {
+        eprintln!(
+            "write-backs finished: {} written, {} already stored, {} failed, {} dropped (queue full)",
+            stats.write_backs,
+            stats.write_backs_skipped,
+            stats.write_back_failures,
+            stats.write_backs_dropped
+        );
+    }
 }
 
 fn print_sources(answer: &Answer) {

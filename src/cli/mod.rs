@@ -159,11 +159,14 @@ impl StoreArgs {
             None => ragcake::paths::default_kv_url(),
         };
         let chunk_dtype = self.chunk_dtype.unwrap_or(config.chunk_cache_dtype);
-        Ok(
-            ragcake::kvstore::KvStore::open_for_engine(&url, Vec::new(), engine)?
-                .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
-                .with_storage_dtype_for(CacheKind::Chunk, chunk_dtype),
-        )
+        Ok(ragcake::kvstore::KvStore::open_for_engine_with(
+            &url,
+            &config.store,
+            Vec::new(),
+            engine,
+        )?
+        .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
+        .with_storage_dtype_for(CacheKind::Chunk, chunk_dtype))
     }
 }
 

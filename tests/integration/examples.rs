@@ -43,6 +43,23 @@ fn succeeded(output: Output, what: &str) -> String {
     stdout
 }
 
+/// Every file under `dir`, as a path string.
+fn walk_files(dir: &Path) -> impl Iterator<Item = String> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path.display().to_string());
+            }
+        }
+    }
+    files.into_iter()
+}
+
 /// Reads the child's first stdout line, "listening on http://…", and returns the URL.
 fn listening_url(child: &mut Child) -> String {
     let mut line = String::new();
@@ -91,16 +108,35 @@ fn the_examples_and_the_cli_ingest_answer_and_serve_the_demo_corpus() {
     assert!(out.contains("from corpus/geography.md"), "{out}");
     assert!(out.contains("streamed: (3 sources)"), "{out}");
 
-    // The CLI: the answer, its sources and the breakdown as JSON.
-    let out = succeeded(
-        command(ragcake, data.path())
-            .args(["ask", "--json", "--max-tokens", "16"])
-            .arg("Who first described the Varrow primrose?")
-            .output()
-            .unwrap(),
-        "ragcake ask",
-    );
+    // The CLI: the answer, its sources and the breakdown as JSON. Computed in context, its
+    // chunks are written back as prefix caches, and it waits for those writes before
+    // exiting: they are in the store after.
+    let prefix_objects = || {
+        walk_files(&data.path().join("kv"))
+            .filter(|p| p.contains("/prefix/"))
+            .count()
+    };
+    let before = prefix_objects();
+    let output = command(ragcake, data.path())
+        .args([
+            "ask",
+            "--json",
+            "--max-tokens",
+            "16",
+            "--mode",
+            "compute-only",
+        ])
+        .arg("Who first described the Varrow primrose?")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let out = succeeded(output, "ragcake ask");
+    assert!(stderr.contains("write-backs finished"), "{stderr}");
     let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        prefix_objects() > before,
+        "no prefix cache written back before exit: {stderr}"
+    );
     assert!(
         answer["sources"][0]["doc_id"].as_str().is_some(),
         "{answer}"

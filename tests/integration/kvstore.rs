@@ -598,6 +598,72 @@ fn azure_backend_on_azurite_passes_the_conformance_suite() {
     }
 }
 
+/// GCS through object_store's own GCS client (`gs://`: its XML API requests, bearer-token
+/// auth) against moto's S3 server, which answers those requests (put, get, ranged get,
+/// head, list, multipart, delete); no GCS emulator installable here answers its puts.
+/// Copy and create-if-absent, which moto's S3 side ignores the GCS headers of, are not
+/// used by the store and not exercised.
+#[test]
+fn gcs_backend_on_moto_passes_the_conformance_suite() {
+    if let Some(store) = store_from_env("RAGCAKE_TEST_GCS_STORE") {
+        runtime().block_on(conformance(store));
+    }
+}
+
+/// The client settings bound every request: a metadata request to a server that accepts
+/// connections and never answers fails after the request timeout and its retries, not after
+/// object_store's defaults (30 s an attempt, retries for 3 minutes); a refused connection
+/// fails after its retries' backoff. Both are errors, never "absent".
+#[test]
+fn store_requests_to_a_hung_or_refusing_server_fail_within_the_client_bound() {
+    use ragcake::kvstore::{StoreClientConfig, open_url_with};
+    let client = StoreClientConfig {
+        connect_timeout_secs: 0.5,
+        request_timeout_secs: 0.5,
+        max_retries: 1,
+        retry_timeout_secs: 1.0,
+        initial_backoff_secs: 0.05,
+        max_backoff_secs: 0.1,
+    };
+    let bound = client.request_bound() + Duration::from_secs(1);
+    runtime().block_on(async {
+        for (what, endpoint) in [
+            ("silent", crate::common::silent_server()),
+            ("refused", "http://127.0.0.1:9".to_string()),
+        ] {
+            let options = [
+                ("aws_endpoint", endpoint.as_str()),
+                ("aws_allow_http", "true"),
+                ("aws_region", "us-east-1"),
+                ("aws_access_key_id", "x"),
+                ("aws_secret_access_key", "x"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+            let (backend, prefix) = open_url_with("s3://nowhere/kv", &client, options).unwrap();
+            let store = store_over(backend, prefix);
+            let key = CacheKey::chunk(&store.key_space(CacheKind::Chunk), &[], &[1, 2, 3]);
+            let started = std::time::Instant::now();
+            let result = store.contains(&key).await;
+            let took = started.elapsed();
+            assert!(result.is_err(), "{what}: {result:?}");
+            assert!(took <= bound, "{what}: {took:?} > {bound:?}");
+        }
+    });
+}
+
+/// A misspelt option is an error naming it, not silently ignored (an endpoint left unset
+/// would send the store's traffic elsewhere).
+#[cfg(feature = "cloud")]
+#[test]
+fn an_unknown_store_option_is_an_error_that_names_it() {
+    let options = vec![(
+        "aws_endpointt".to_string(),
+        "http://127.0.0.1:1".to_string(),
+    )];
+    let error = open_url("s3://bucket/kv", options).unwrap_err().to_string();
+    assert!(error.contains("aws_endpointt"), "{error}");
+}
+
 #[test]
 fn prefix_keys_chain_each_chunk_to_the_ones_before_it() {
     let store = store_for("memory://");

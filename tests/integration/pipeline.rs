@@ -10,7 +10,7 @@ use std::time::Duration;
 use ragcake::engine::scheduler::{MissReason, Mode, SchedulerStats};
 use ragcake::engine::{ChatMessage, Role};
 use ragcake::ingest::{Ingest, IngestConfig};
-use ragcake::kvstore::{KvStore, open_url};
+use ragcake::kvstore::{KvStore, StorageDtype, open_url};
 use ragcake::pipeline::{
     Answer, ApiKey, AskOptions, AskRequest, HttpConfig, Pipeline, PipelineConfig,
     WriteBackAdmission, http,
@@ -301,6 +301,127 @@ fn a_kv_store_that_is_down_gives_computed_answers_flagged_degraded() {
                 .encode()
                 .contains("ragcake_requests_total{outcome=\"degraded\"} 1")
         );
+    });
+}
+
+/// A store that accepts connections and never answers, and a port that refuses them,
+/// behind the whole pipeline and its HTTP service: planning gives up each chunk's lookup at
+/// its deadline (or on the refusal), the question is answered by computation within that
+/// deadline plus the time the same question takes computed, flagged degraded, and
+/// `/metrics` counts every chunk's lookup as a miss with its reason.
+#[test]
+fn a_store_that_hangs_or_refuses_costs_a_question_its_lookup_deadline_not_the_clients_retries() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        let question = "How many steps does the Varrow Head lighthouse tower have?";
+        let body = serde_json::json!({
+            "question": question,
+            "options": {"max_tokens": 8, "top_k": 3},
+        });
+        let client = reqwest::Client::new();
+        // The same question computed, over a store that works, for the bound.
+        let (working, _own) = pipeline_with_own_kv(corpus, PipelineConfig::default()).await;
+        let base = serve(working, HttpConfig::default()).await;
+        let mut computed = serde_json::json!(body);
+        computed["options"]["mode"] = "compute-only".into();
+        let started = std::time::Instant::now();
+        let (status, json) =
+            post_raw(&client, &format!("{base}/v1/ask"), computed.to_string()).await;
+        let compute_secs = started.elapsed().as_secs_f64();
+        assert_eq!(status, 200, "{json}");
+
+        let lookup_timeout = 1.0;
+        for (what, endpoint, reason) in [
+            ("silent", crate::common::silent_server(), "lookup_timed_out"),
+            ("refused", "http://127.0.0.1:9".to_string(), "lookup_failed"),
+        ] {
+            let (store, prefix) = crate::common::s3_store_at(&endpoint);
+            let kv = Arc::new(KvStore::for_engine(store, prefix, &shared_dense_engine()));
+            let mut config = PipelineConfig::default();
+            config.scheduler.lookup_timeout_secs = lookup_timeout;
+            let pipeline = pipeline_over(corpus.index.clone(), kv, config).await;
+            let base = serve(pipeline, HttpConfig::default()).await;
+            let started = std::time::Instant::now();
+            let (status, json) =
+                post_raw(&client, &format!("{base}/v1/ask"), body.to_string()).await;
+            let took = started.elapsed().as_secs_f64();
+            assert_eq!(status, 200, "{what}: {json}");
+            let breakdown = &json["breakdown"];
+            assert_eq!(breakdown["degraded"], true, "{what}: {json}");
+            assert_eq!(breakdown["prefill"]["chunks_loaded"], 0, "{what}: {json}");
+            // Two cores shared with the other tests: the computed time doubled, plus a
+            // second, is still far below one of object_store's own 30 s attempts.
+            let bound = lookup_timeout + 2.0 * compute_secs + 1.0;
+            assert!(took <= bound, "{what}: {took:.2} s > {bound:.2} s");
+            let chunks = breakdown["prefill"]["chunks"].as_u64().unwrap();
+            let lookups = &breakdown["lookups"];
+            let counted = if reason == "lookup_timed_out" {
+                lookups["timed_out"].as_u64().unwrap()
+            } else {
+                lookups["errors"].as_u64().unwrap()
+            };
+            assert_eq!(
+                counted, chunks,
+                "{what}: every chunk's lookup missed: {json}"
+            );
+            let text = get_text(&format!("{base}/metrics")).await;
+            let line = format!("ragcake_cache_misses_total{{reason=\"{reason}\"}} {chunks}");
+            assert!(text.contains(&line), "{what}: no {line:?} in\n{text}");
+            assert!(
+                text.contains("ragcake_requests_total{outcome=\"degraded\"} 1"),
+                "{what}: {text}"
+            );
+        }
+    });
+}
+
+/// Ingest stored the demo corpus's chunk caches in f16; a service configured for int8
+/// would find every one absent. It says so at start (the warning names both dtypes and
+/// the setting) and in `/healthz`; a service configured as ingest was finds every sampled
+/// chunk's key and says nothing.
+#[test]
+fn a_service_looking_for_chunk_caches_in_another_dtype_than_ingest_stored_says_so() {
+    let corpus = demo_corpus();
+    runtime().block_on(async {
+        let url = format!("file://{}", corpus.dir.path().join("kv").display());
+        let engine = shared_dense_engine();
+        let int8 = KvStore::open_for_engine(&url, Vec::new(), &engine)
+            .unwrap()
+            .with_storage_dtype_for(ragcake::kvstore::CacheKind::Chunk, StorageDtype::Int8);
+        let config = PipelineConfig {
+            chunk_cache_dtype: StorageDtype::Int8,
+            ..PipelineConfig::default()
+        };
+        let mismatched = pipeline_over(corpus.index.clone(), Arc::new(int8), config).await;
+        let check = mismatched.chunk_cache_check().clone();
+        assert!(check.sampled > 0, "{check:?}");
+        assert_eq!(check.matching, 0, "{check:?}");
+        assert_eq!(check.recorded_as, Some(StorageDtype::F16), "{check:?}");
+        let warning = check.warning.clone().unwrap();
+        assert!(
+            warning.contains("f16") && warning.contains("int8"),
+            "{warning}"
+        );
+        assert!(warning.contains("chunk_cache_dtype"), "{warning}");
+        let base = serve(mismatched, HttpConfig::default()).await;
+        let health: serde_json::Value =
+            serde_json::from_str(&get_text(&format!("{base}/healthz")).await).unwrap();
+        assert_eq!(health["chunk_caches"]["matching"], 0, "{health}");
+        assert_eq!(health["chunk_caches"]["recorded_as"], "f16", "{health}");
+        assert!(health["chunk_caches"]["warning"].is_string(), "{health}");
+
+        let matched = pipeline_over(
+            corpus.index.clone(),
+            local_kv(&corpus.dir.path().join("kv")),
+            PipelineConfig::default(),
+        )
+        .await;
+        let check = matched.chunk_cache_check();
+        assert!(
+            check.sampled > 0 && check.matching == check.sampled,
+            "{check:?}"
+        );
+        assert_eq!(check.warning, None);
     });
 }
 
@@ -598,7 +719,7 @@ fn openai_chat_completions_answer_with_and_without_streaming_alike() {
 }
 
 #[test]
-fn bounded_concurrent_load_is_answered_or_cleanly_rejected_with_consistent_metrics() {
+fn a_full_queue_sheds_with_429_and_retry_after_while_accepted_requests_are_all_answered() {
     let corpus = demo_corpus();
     runtime().block_on(async {
         let kv = local_kv(&corpus.dir.path().join("kv"));
@@ -631,17 +752,26 @@ fn bounded_concurrent_load_is_answered_or_cleanly_rejected_with_consistent_metri
                 let _permit = permit;
                 let response = client.post(url).json(&body).send().await.unwrap();
                 let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
                 let json: serde_json::Value = response.json().await.unwrap();
-                (status, json)
+                (status, retry_after, json)
             }));
         }
         let (mut ok, mut rejected) = (0, 0);
         for task in tasks {
-            let (status, json) = task.await.unwrap();
+            let (status, retry_after, json) = task.await.unwrap();
             match status {
                 200 => ok += 1,
                 429 => {
                     assert_eq!(json["error"]["code"], "overloaded");
+                    let secs: u64 = retry_after
+                        .expect("a 429 says when to retry")
+                        .parse()
+                        .unwrap();
+                    assert!(secs >= 1, "Retry-After: {secs}");
                     rejected += 1
                 }
                 other => panic!("status {other}: {json}"),
@@ -649,6 +779,8 @@ fn bounded_concurrent_load_is_answered_or_cleanly_rejected_with_consistent_metri
         }
         assert_eq!(ok + rejected, REQUESTS);
         assert!(ok >= questions.len(), "{ok} answered");
+        // 16 clients at once against room for 6 (2 answering, 4 queued): the queue overflows.
+        assert!(rejected > 0, "no request was shed: {ok} answered");
         let text = get_text(&format!("{base}/metrics")).await;
         let value = |name: &str| -> usize {
             text.lines()

@@ -32,6 +32,14 @@ use crate::rope::RopeStyle;
 /// Reads a family's [`ModelConfig`] from its GGUF metadata.
 pub type ReadConfig = fn(&GgufFile) -> Result<ModelConfig>;
 
+/// The widest attention head the engine runs.
+pub const MAX_HEAD_DIM: usize = 1024;
+/// The widest projection (heads × head width) the engine runs; hidden and feed-forward
+/// sizes and the vocabulary may be 16 times this.
+pub const MAX_WIDTH: usize = 1 << 16;
+/// The longest context a model may declare (its rotary tables are sized by it).
+pub const MAX_CONTEXT: usize = 1 << 20;
+
 /// The supported families: `general.architecture` and the function reading its config.
 pub const FAMILIES: &[(&str, ReadConfig)] = &[
     ("llama", llama::config),
@@ -218,10 +226,15 @@ impl ModelConfig {
                 })?,
         };
         let n_layers = gguf.usize(&key("block_count"))?;
-        if n_layers == 0 {
+        // Every layer has several tensors: a count the file's tensors cannot hold is refused
+        // before anything is sized by it.
+        if n_layers == 0 || n_layers > gguf.tensor_count() {
             return Err(EngineError::Metadata {
                 key: key("block_count"),
-                reason: "a model of 0 layers".into(),
+                reason: format!(
+                    "{n_layers} layers in a file of {} tensors",
+                    gguf.tensor_count()
+                ),
             });
         }
         // Biases the transformer does not apply: refused rather than silently dropped.
@@ -267,7 +280,8 @@ impl ModelConfig {
     }
 
     /// Checks what the forward pass relies on: heads that group evenly, an even head width,
-    /// one attention description per layer, windows of at least one position.
+    /// one attention description per layer, windows of at least one position, and sizes
+    /// within the engine's bounds.
     pub fn validate(&self) -> Result<()> {
         let invalid = |reason: String| EngineError::Metadata {
             key: format!("{}.*", self.family),
@@ -294,6 +308,30 @@ impl ModelConfig {
         }
         if self.layers.iter().any(|l| l.window == Some(0)) {
             return Err(invalid("a sliding window of 0 positions".into()));
+        }
+        // Sizes the forward pass allocates by before a weight is read (rotary tables, head
+        // widths): bounded here, so a corrupt value is an error, not an allocation.
+        let widths = self.n_heads.checked_mul(self.head_dim);
+        if self.head_dim > MAX_HEAD_DIM || widths.is_none_or(|w| w > MAX_WIDTH) {
+            return Err(invalid(format!(
+                "{} heads of width {} (at most {MAX_HEAD_DIM} wide, {MAX_WIDTH} in all)",
+                self.n_heads, self.head_dim
+            )));
+        }
+        for (what, size) in [
+            ("hidden size", self.hidden_size),
+            ("feed-forward size", self.ffn_size),
+            ("vocabulary", self.vocab_size),
+        ] {
+            if size == 0 || size > MAX_WIDTH * 16 {
+                return Err(invalid(format!("a {what} of {size}")));
+            }
+        }
+        if self.context_length == 0 || self.context_length > MAX_CONTEXT {
+            return Err(invalid(format!(
+                "a context of {} positions (at most {MAX_CONTEXT})",
+                self.context_length
+            )));
         }
         Ok(())
     }
@@ -329,7 +367,8 @@ mod tests {
 
     use super::*;
 
-    /// A metadata-only file of `arch` (one embedding tensor) with `extra` keys and tensors.
+    /// A metadata-only file of `arch` (an embedding tensor and one per layer, as the layer
+    /// count must be one the file's tensors can hold) with `extra` keys and tensors.
     fn config_of(arch: &str, extra: &[(&str, Value)], tensors: &[&str]) -> Result<ModelConfig> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
@@ -353,7 +392,11 @@ mod tests {
             GgmlDType::F32,
         )
         .unwrap();
+        let layers: Vec<String> = (0..6)
+            .map(|i| format!("blk.{i}.attn_norm.weight"))
+            .collect();
         let mut named: Vec<(&str, &QTensor)> = vec![("token_embd.weight", &embed)];
+        named.extend(layers.iter().map(|n| (n.as_str(), &embed)));
         named.extend(tensors.iter().map(|n| (*n, &embed)));
         let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut file = std::fs::File::create(&path).unwrap();

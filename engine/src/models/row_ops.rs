@@ -301,30 +301,124 @@ mod tests {
         assert_eq!(out, [3.0, -1.0, 3.0, -1.0]);
     }
 
-    #[test]
-    fn attention_compiled_for_wide_registers_gives_the_portable_bits() {
-        let layout = KvLayout {
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
-            capacity: 200,
-        };
-        // Deterministic values of both signs and varied magnitude.
-        let fill = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| {
-                    ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5
+    /// One token's attention written apart from the code under test, scalar, in the order
+    /// the module sums: per query head, each score `q·k` in eight partial sums (lane `i`
+    /// takes elements `i, i+8, …`; lanes added 0 to 7, then the remainder's products in
+    /// order) times the scale; `exp(score − max)` totalled in key order; the values
+    /// weighted in key order, then multiplied by the total's reciprocal.
+    fn reference_attention(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        layout: KvLayout,
+        seen: Range<usize>,
+        scale: f32,
+    ) -> Vec<f32> {
+        let d = layout.head_dim;
+        let group = layout.n_heads / layout.n_kv_heads;
+        let mut out = vec![0f32; layout.n_heads * d];
+        for h in 0..layout.n_heads {
+            let kv = h / group;
+            let query = &q[h * d..(h + 1) * d];
+            let at = |t: usize| (kv * layout.capacity + t) * d;
+            let scores: Vec<f32> = seen
+                .clone()
+                .map(|t| {
+                    let key = &keys[at(t)..at(t) + d];
+                    let mut lanes = [0f32; 8];
+                    let whole = d / 8 * 8;
+                    for i in 0..whole {
+                        lanes[i % 8] += query[i] * key[i];
+                    }
+                    let mut total = lanes[0];
+                    for lane in &lanes[1..] {
+                        total += lane;
+                    }
+                    let mut tail = -0.0f32;
+                    for i in whole..d {
+                        tail += query[i] * key[i];
+                    }
+                    (total + tail) * scale
                 })
-                .collect()
-        };
-        let q = fill(9 * 64, 1);
-        let keys = fill(3 * 200 * 64, 2);
-        let values = fill(3 * 200 * 64, 3);
-        let (mut wide, mut portable) = (vec![0f32; 9 * 64], vec![0f32; 9 * 64]);
-        attend_one(&q, &keys, &values, layout, 9..173, 0.125, &mut wide);
-        attend_one_portable(&q, &keys, &values, layout, 9..173, 0.125, &mut portable);
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+            let mut total = 0f32;
+            for w in &weights {
+                total += w;
+            }
+            for j in 0..d {
+                let mut sum = 0f32;
+                for (w, t) in weights.iter().zip(seen.clone()) {
+                    sum += w * values[at(t) + j];
+                }
+                out[h * d + j] = sum * (1.0 / total);
+            }
+        }
+        out
+    }
+
+    /// Deterministic values of both signs and varied magnitude.
+    fn fill(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect()
+    }
+
+    /// Head widths with a fixed-width sum (64, 128) and one without (40, with a remainder
+    /// in the dot product); grouped heads; a window that starts past index 0.
+    fn attention_cases() -> Vec<(KvLayout, Range<usize>)> {
+        [(9, 3, 64), (4, 1, 128), (6, 2, 40)]
+            .into_iter()
+            .map(|(n_heads, n_kv_heads, head_dim)| {
+                let layout = KvLayout {
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                    capacity: 200,
+                };
+                (layout, 9..173)
+            })
+            .collect()
+    }
+
+    fn check_against_reference(
+        attend: impl Fn(&[f32], &[f32], &[f32], KvLayout, Range<usize>, &mut [f32]),
+    ) {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&wide), bits(&portable));
+        for (layout, seen) in attention_cases() {
+            let width = layout.n_heads * layout.head_dim;
+            let kv_len = layout.n_kv_heads * layout.capacity * layout.head_dim;
+            let (q, keys, values) = (fill(width, 1), fill(kv_len, 2), fill(kv_len, 3));
+            let want = reference_attention(&q, &keys, &values, layout, seen.clone(), 0.125);
+            let mut got = vec![0f32; width];
+            attend(&q, &keys, &values, layout, seen.clone(), &mut got);
+            assert_eq!(bits(&got), bits(&want), "{layout:?}");
+        }
+    }
+
+    #[test]
+    fn portable_attention_gives_the_bits_of_a_scalar_reference() {
+        check_against_reference(|q, k, v, layout, seen, out| {
+            attend_one_portable(q, k, v, layout, seen, 0.125, out)
+        });
+    }
+
+    /// The name is printed as skipped on a CPU without AVX-512 (scripts/test.sh also says
+    /// which SIMD tests this machine cannot run).
+    #[test]
+    fn attention_compiled_for_avx512_gives_the_bits_of_a_scalar_reference() {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            check_against_reference(|q, k, v, layout, seen, out| {
+                // SAFETY: the CPU has the features the function is compiled for.
+                unsafe { attend_one_avx512(q, k, v, layout, seen, 0.125, out) }
+            });
+            return;
+        }
+        eprintln!(
+            "SKIPPED attention_compiled_for_avx512_gives_the_bits_of_a_scalar_reference: this CPU has no AVX-512"
+        );
     }
 
     #[test]

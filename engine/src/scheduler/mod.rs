@@ -269,6 +269,9 @@ pub struct SchedulerConfig {
     pub io_concurrency: usize,
     /// A load running longer than this fails (and its chunk is computed).
     pub load_timeout_secs: f64,
+    /// Planning's metadata lookups unanswered this long after planning began are given
+    /// up, their chunks computed (see [`PlanOptions::lookup_timeout_secs`]).
+    pub lookup_timeout_secs: f64,
     /// A load abandoned after this many times its expected duration counts as stalled
     /// (the request is flagged degraded).
     pub stall_factor: f64,
@@ -317,6 +320,7 @@ impl Default for SchedulerConfig {
             policy: Policy::Adaptive,
             io_concurrency: 4,
             load_timeout_secs: 10.0,
+            lookup_timeout_secs: plan::DEFAULT_LOOKUP_TIMEOUT_SECS,
             stall_factor: 4.0,
             // SmolLM2-135M on two CPU cores: ~350 tok/s near position 0, ~210 at 4k.
             compute_secs_per_token: 2.1e-3,

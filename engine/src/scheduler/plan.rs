@@ -4,6 +4,7 @@
 //! cache, and what the request's options allow, is made here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -84,10 +85,24 @@ pub struct PlanOptions {
     /// with a conversation's own history.
     #[serde(default = "yes")]
     pub write_back: bool,
+    /// Lookups still unanswered this many seconds after planning began are given up: their
+    /// chunks are planned as not stored (computed) and counted as timed out, so a store
+    /// that hangs costs a question this long, not the store client's own timeouts.
+    /// Not finite: no deadline.
+    #[serde(default = "default_lookup_timeout")]
+    pub lookup_timeout_secs: f64,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// Default of [`PlanOptions::lookup_timeout_secs`]: a metadata request answers in
+/// milliseconds from a store that works; a chunk computed instead costs about a second.
+pub const DEFAULT_LOOKUP_TIMEOUT_SECS: f64 = 1.0;
+
+fn default_lookup_timeout() -> f64 {
+    DEFAULT_LOOKUP_TIMEOUT_SECS
 }
 
 impl Default for PlanOptions {
@@ -99,6 +114,7 @@ impl Default for PlanOptions {
             chunk_context: Arc::from([]),
             cache_salt: None,
             write_back: true,
+            lookup_timeout_secs: DEFAULT_LOOKUP_TIMEOUT_SECS,
         }
     }
 }
@@ -125,6 +141,10 @@ pub struct LookupSummary {
     pub chunk_hits: usize,
     /// Lookups that failed (the store is down): those chunks are planned as computed.
     pub errors: usize,
+    /// Lookups given up at the planning deadline (the store hangs): those chunks are
+    /// planned as computed.
+    #[serde(default)]
+    pub timed_out: usize,
     /// Metadata requests sent to the store.
     pub requests: usize,
     /// Chunk caches were planned, but the prompt does not start with the context they were
@@ -141,7 +161,8 @@ const LOOKUP_CONCURRENCY: usize = 16;
 /// is stored, else (unless `exact`) its position-independent cache when one is stored, and
 /// names its prefix key as its write-back destination unless a cache is stored there. One
 /// metadata request per chunk when the chunk cache's status is known, two when it is not;
-/// none in compute-only mode. A failed lookup plans the chunk as computed and is counted.
+/// none in compute-only mode. A failed lookup, or one unanswered at the deadline
+/// ([`PlanOptions::lookup_timeout_secs`]), plans the chunk as computed and is counted.
 pub async fn plan<L: LoadBackend>(
     loader: &L,
     chunks: Vec<PromptChunk>,
@@ -154,10 +175,13 @@ pub async fn plan<L: LoadBackend>(
     );
     // Futures built up front (no closure inside the stream), so the planning future stays
     // `Send` for callers that spawn it.
+    let deadline = Duration::try_from_secs_f64(options.lookup_timeout_secs)
+        .ok()
+        .map(|timeout| tokio::time::Instant::now() + timeout);
     let lookups: Vec<_> = chunks
         .iter()
         .zip(&prefix_keys)
-        .map(|(chunk, prefix)| locate(loader, prefix, chunk, &options))
+        .map(|(chunk, prefix)| within(deadline, locate(loader, prefix, chunk, &options)))
         .collect();
     let found = futures::stream::iter(lookups)
         .buffered(LOOKUP_CONCURRENCY)
@@ -173,9 +197,13 @@ pub async fn plan<L: LoadBackend>(
             summary.requests += requests;
             let (stored, looked_up) = match found {
                 Ok(stored) => (stored, options.mode != Mode::ComputeOnly),
-                Err(error) => {
+                Err(LookupFailure::Failed(error)) => {
                     tracing::warn!(%error, "KV lookup failed; the chunk will be computed");
                     summary.errors += 1;
+                    (None, false)
+                }
+                Err(LookupFailure::TimedOut) => {
+                    summary.timed_out += 1;
                     (None, false)
                 }
             };
@@ -202,6 +230,13 @@ pub async fn plan<L: LoadBackend>(
             }
         })
         .collect::<Vec<_>>();
+    if summary.timed_out > 0 {
+        tracing::warn!(
+            timed_out = summary.timed_out,
+            secs = options.lookup_timeout_secs,
+            "KV lookups unanswered at the planning deadline; those chunks will be computed"
+        );
+    }
     spread_recompute(&mut chunks, options.recompute, &options.chunk_context);
     summary.other_context =
         summary.chunk_hits > 0 && !starts_with_context(&chunks, &options.chunk_context);
@@ -255,13 +290,38 @@ pub fn spread_recompute<K>(chunks: &mut [ChunkSpec<K>], recompute: Recompute, co
     }
 }
 
+/// Why a chunk's lookup found nothing to plan with.
+#[derive(Debug)]
+enum LookupFailure {
+    /// The store answered with an error.
+    Failed(String),
+    /// The store had not answered at the planning deadline.
+    TimedOut,
+}
+
+/// A chunk's lookup, and the metadata requests it took.
+type Located<K> = (Result<Option<StoredCache<K>>, LookupFailure>, usize);
+
+/// `lookup`, given up at `deadline` (one request counted: at least one was sent).
+async fn within<K>(
+    deadline: Option<tokio::time::Instant>,
+    lookup: impl Future<Output = Located<K>>,
+) -> Located<K> {
+    match deadline {
+        None => lookup.await,
+        Some(deadline) => tokio::time::timeout_at(deadline, lookup)
+            .await
+            .unwrap_or((Err(LookupFailure::TimedOut), 1)),
+    }
+}
+
 /// The cache one chunk loads, and the metadata requests it took to find out.
 async fn locate<L: LoadBackend>(
     loader: &L,
     prefix: &L::Key,
     chunk: &PromptChunk,
     options: &PlanOptions,
-) -> (Result<Option<StoredCache<L::Key>>, String>, usize) {
+) -> Located<L::Key> {
     if options.mode == Mode::ComputeOnly {
         return (Ok(None), 0);
     }
@@ -274,7 +334,7 @@ async fn locate<L: LoadBackend>(
             return (Ok(Some(stored)), 1);
         }
         Ok(false) => {}
-        Err(error) => return (Err(error), 1),
+        Err(error) => return (Err(LookupFailure::Failed(error)), 1),
     }
     if options.exact {
         return (Ok(None), 1);
@@ -285,7 +345,7 @@ async fn locate<L: LoadBackend>(
         ChunkCacheHint::Absent => (Ok(false), 1),
         ChunkCacheHint::Unknown => (loader.contains(&key).await, 2),
     };
-    let stored = stored.map(|stored| {
+    let stored = stored.map_err(LookupFailure::Failed).map(|stored| {
         stored.then_some(StoredCache {
             key,
             kind: CacheKind::Chunk,

@@ -128,6 +128,11 @@ impl Tokenizer {
         };
         let texts = read_tokens(gguf)?;
         let n = texts.len();
+        if n == 0 {
+            return Err(EngineError::Tokenizer(
+                "tokenizer.ggml.tokens is empty: a vocabulary of no tokens".into(),
+            ));
+        }
         let mut kinds = read_kinds(gguf, n)?;
         let mut token_to_id = TokenIds::with_capacity(n);
         for (id, t) in texts.iter().enumerate() {
@@ -374,17 +379,19 @@ fn read_tokens(gguf: &GgufFile) -> Result<Vec<String>> {
         .collect()
 }
 
-/// The token types. Without them llama.cpp takes every token for ordinary text (except a few
-/// it recognises by name), so control tokens and SentencePiece byte tokens would be encoded
-/// and decoded as their literal text; every converter writes them, so a file without them is
-/// refused rather than tokenized wrongly.
+/// The token types. A file without them is read as llama.cpp reads it: every token is
+/// ordinary text, except those its load-time rules recognise by text (the end-of-generation
+/// tokens and the undeclared special roles, [`special::apply_text_rules`]); other control
+/// tokens (`<s>`, `<|im_start|>`) and SentencePiece byte tokens are then encoded and decoded
+/// as their literal text, as llama.cpp does, and a warning says so.
 fn read_kinds(gguf: &GgufFile, n: usize) -> Result<Vec<TokenKind>> {
     const KEY: &str = "tokenizer.ggml.token_type";
     let Some(value) = gguf.metadata(KEY) else {
-        return Err(EngineError::Tokenizer(format!(
-            "the GGUF has no {KEY}: control tokens cannot be told from text without it \
-             (convert the model again with llama.cpp's convert_hf_to_gguf.py)"
-        )));
+        tracing::warn!(
+            "the GGUF has no {KEY}: every token is read as text except the end-of-generation \
+             ones (as llama.cpp reads it); control tokens in prompts are not recognised"
+        );
+        return Ok(vec![TokenKind::Normal; n]);
     };
     let Value::Array(types) = value else {
         return Err(metadata_error(KEY, "not an array"));

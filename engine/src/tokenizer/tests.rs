@@ -374,15 +374,19 @@ fn phi3_drops_whitespace_after_its_special_tokens() {
     );
 }
 
+/// As llama.cpp: without token types every token is text, except the ones its load-time
+/// rules recognise by text (`</s>` ends generation and becomes a control token); `<s>` is
+/// then an ordinary piece, so a prompt's `<s>` is its literal characters.
 #[test]
-fn a_file_without_token_types_is_refused() {
-    for model in ["llama", "gpt2"] {
-        let err = tokenizer(model, &spm_vocab(), vec![], false).unwrap_err();
-        assert!(
-            matches!(&err, EngineError::Tokenizer(m) if m.contains("token_type")),
-            "{model}: {err}"
-        );
-    }
+fn a_file_without_token_types_reads_tokens_as_text_except_the_end_of_generation_ones() {
+    let untyped = tokenizer("llama", &spm_vocab(), vec![], false).unwrap();
+    let typed = tokenizer("llama", &spm_vocab(), vec![], true).unwrap();
+    assert_eq!(untyped.encode("</s>", true).unwrap(), vec![2]);
+    assert!(untyped.is_end_of_generation(2));
+    assert_eq!(typed.encode("<s>", true).unwrap(), vec![1]);
+    let as_text = untyped.encode("<s>", true).unwrap();
+    assert!(!as_text.contains(&1), "{as_text:?}");
+    assert_eq!(untyped.encode("<s>", false).unwrap(), as_text);
 }
 
 #[test]

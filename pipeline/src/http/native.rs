@@ -107,6 +107,7 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Response {
         "index_error": health.index.as_ref().err(),
         "in_flight": health.in_flight,
         "scheduler": health.scheduler,
+        "chunk_caches": health.chunk_caches,
     });
     (status, Json(body)).into_response()
 }
