@@ -62,6 +62,10 @@ pub struct AskArgs {
     /// Print the answer, sources and breakdown as JSON.
     #[arg(long)]
     json: bool,
+    /// Longest wait, before exiting, for the chunks computed to be written back as prefix
+    /// caches (seconds; 0: none). What is still queued then is lost with the process.
+    #[arg(long, default_value_t = 10.0)]
+    write_back_wait_secs: f64,
 }
 
 pub fn run(args: AskArgs) -> anyhow::Result<()> {
@@ -79,15 +83,14 @@ pub fn run(args: AskArgs) -> anyhow::Result<()> {
             print_sources(&answer);
             println!("{}", breakdown_line(&answer));
         }
-        finish_write_backs(&pipeline).await;
+        finish_write_backs(&pipeline, args.write_back_wait_secs).await;
         Ok(())
     })
 }
 
-/// Waits for the chunks this process computed to be written back (each write is bounded by
-/// the scheduler's write-back timeout; the wait by two of them), saying so on stderr: a
-/// process that exits drops what is still queued.
-async fn finish_write_backs(pipeline: &Pipeline) {
+/// Waits up to `wait_secs` for the chunks this process computed to be written back, saying
+/// so on stderr: a process that exits drops what is still queued.
+async fn finish_write_backs(pipeline: &Pipeline, wait_secs: f64) {
     let stats = pipeline.scheduler_stats();
     let queued = stats.write_backs
         + stats.write_backs_skipped
@@ -96,9 +99,7 @@ async fn finish_write_backs(pipeline: &Pipeline) {
     if stats.write_back_pending_bytes == 0 && queued == 0 {
         return; // nothing was computed to write back
     }
-    let timeout = std::time::Duration::from_secs_f64(
-        2.0 * pipeline.config().scheduler.write_back_timeout_secs,
-    );
+    let timeout = std::time::Duration::try_from_secs_f64(wait_secs).unwrap_or_default();
     let mut said = None;
     let left = pipeline
         .finish_write_backs(timeout, |stats| {
@@ -146,12 +147,16 @@ fn breakdown_line(answer: &Answer) -> String {
         .meeting_point
         .map_or_else(|| "-".to_string(), |m| m.to_string());
     format!(
-        "{}: TTFT {:.2} s (retrieve {:.3} s, plan {:.3} s with {} lookups: {} prefix caches ({} of a repeated context) / {} chunk caches, prefill {:.2} s: {} chunks computed, {} loaded, {:.1} MB, {} tokens recomputed to blend chunk caches, meeting at {meeting}){}; {} tokens decoded in {:.2} s",
+        "{}: TTFT {:.2} s (retrieve {:.3} s, plan {:.3} s with {} lookups{}: {} prefix caches ({} of a repeated context) / {} chunk caches, prefill {:.2} s: {} chunks computed, {} loaded, {:.1} MB, {} tokens recomputed to blend chunk caches, meeting at {meeting}){}; {} tokens decoded in {:.2} s",
         p.mode,
         b.ttft_secs,
         b.embed_secs + b.search_secs,
         b.plan_secs + b.lookup_secs,
         b.lookups.requests,
+        match (b.lookups.timed_out, b.lookups.errors) {
+            (0, 0) => String::new(),
+            (t, e) => format!(" ({t} unanswered at the deadline, {e} failed)"),
+        },
         b.lookups.prefix_hits,
         b.lookups.repeated_context_hits,
         b.lookups.chunk_hits,
