@@ -68,6 +68,6 @@ export RAGCAKE_TEST_AZURITE_STORE="az://ragcake-test/kv azure_storage_use_emulat
 import os, boto3
 boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT"]).create_bucket(Bucket="ragcakegcs")
 PY
-export RAGCAKE_TEST_GCS_STORE="gs://ragcakegcs/kv google_base_url=$AWS_ENDPOINT google_bearer_token=ragcake"
+export RAGCAKE_TEST_GCS_STORE="gs://ragcakegcs/kv google_base_url=$AWS_ENDPOINT google_bearer_token=ragcake allow_http=true"
 
 echo "s3rver on :$s3rver_port, Azurite on :$azurite_port, GCS client on moto at $AWS_ENDPOINT"
