@@ -160,53 +160,42 @@ pub(crate) fn open_url_parts(
     let (scheme, prefix) =
         object_store::ObjectStoreScheme::parse(&parsed).map_err(|e| invalid(e.to_string()))?;
     let options: Vec<(String, String)> = options.into_iter().collect();
+    // The three cloud builders share no trait; each gets the same bounded client, then the
+    // environment's and the caller's options.
+    #[cfg(feature = "cloud")]
+    macro_rules! cloud_store {
+        ($builder:ty, $key:ty, $env_prefix:literal) => {{
+            let builder = <$builder>::new()
+                .with_url(url)
+                .with_client_options(client.client_options())
+                .with_retry(client.retry());
+            let builder = configure(builder, $env_prefix, options, |b, k: $key, v| {
+                b.with_config(k, v)
+            })
+            .map_err(invalid)?;
+            Arc::new(builder.build().map_err(|e| invalid(e.to_string()))?)
+        }};
+    }
     let store: Arc<dyn ObjectStore> = match scheme {
         object_store::ObjectStoreScheme::Memory => Arc::new(object_store::memory::InMemory::new()),
         #[cfg(feature = "cloud")]
-        object_store::ObjectStoreScheme::AmazonS3 => {
-            let builder = object_store::aws::AmazonS3Builder::new()
-                .with_url(url)
-                .with_client_options(client.client_options())
-                .with_retry(client.retry());
-            let builder = configure(
-                builder,
-                "aws_",
-                options,
-                |b, k: object_store::aws::AmazonS3ConfigKey, v| b.with_config(k, v),
-            )
-            .map_err(invalid)?;
-            Arc::new(builder.build().map_err(|e| invalid(e.to_string()))?)
-        }
+        object_store::ObjectStoreScheme::AmazonS3 => cloud_store!(
+            object_store::aws::AmazonS3Builder,
+            object_store::aws::AmazonS3ConfigKey,
+            "aws_"
+        ),
         #[cfg(feature = "cloud")]
-        object_store::ObjectStoreScheme::MicrosoftAzure => {
-            let builder = object_store::azure::MicrosoftAzureBuilder::new()
-                .with_url(url)
-                .with_client_options(client.client_options())
-                .with_retry(client.retry());
-            let builder = configure(
-                builder,
-                "azure_",
-                options,
-                |b, k: object_store::azure::AzureConfigKey, v| b.with_config(k, v),
-            )
-            .map_err(invalid)?;
-            Arc::new(builder.build().map_err(|e| invalid(e.to_string()))?)
-        }
+        object_store::ObjectStoreScheme::MicrosoftAzure => cloud_store!(
+            object_store::azure::MicrosoftAzureBuilder,
+            object_store::azure::AzureConfigKey,
+            "azure_"
+        ),
         #[cfg(feature = "cloud")]
-        object_store::ObjectStoreScheme::GoogleCloudStorage => {
-            let builder = object_store::gcp::GoogleCloudStorageBuilder::new()
-                .with_url(url)
-                .with_client_options(client.client_options())
-                .with_retry(client.retry());
-            let builder = configure(
-                builder,
-                "google_",
-                options,
-                |b, k: object_store::gcp::GoogleConfigKey, v| b.with_config(k, v),
-            )
-            .map_err(invalid)?;
-            Arc::new(builder.build().map_err(|e| invalid(e.to_string()))?)
-        }
+        object_store::ObjectStoreScheme::GoogleCloudStorage => cloud_store!(
+            object_store::gcp::GoogleCloudStorageBuilder,
+            object_store::gcp::GoogleConfigKey,
+            "google_"
+        ),
         other => return Err(invalid(format!("{other:?} stores are not supported"))),
     };
     Ok(OpenedStore {

@@ -208,15 +208,20 @@ pub fn s3_store_that_is_down() -> (Arc<dyn ObjectStore>, Path) {
 
 /// A real S3 client for the bucket `nowhere` at `endpoint`.
 pub fn s3_store_at(endpoint: &str) -> (Arc<dyn ObjectStore>, Path) {
-    let options = [
+    open_url("s3://nowhere/kv", s3_options(endpoint)).unwrap()
+}
+
+/// object_store options for an S3 client of `endpoint` over plain HTTP.
+pub fn s3_options(endpoint: &str) -> Vec<(String, String)> {
+    [
         ("aws_endpoint", endpoint),
         ("aws_allow_http", "true"),
         ("aws_region", "us-east-1"),
         ("aws_access_key_id", "x"),
         ("aws_secret_access_key", "x"),
     ]
-    .map(|(k, v)| (k.to_string(), v.to_string()));
-    open_url("s3://nowhere/kv", options).unwrap()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec()
 }
 
 /// A loopback server that accepts connections and never answers (a store that hangs), as

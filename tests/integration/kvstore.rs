@@ -631,14 +631,7 @@ fn store_requests_to_a_hung_or_refusing_server_fail_within_the_client_bound() {
             ("silent", crate::common::silent_server()),
             ("refused", "http://127.0.0.1:9".to_string()),
         ] {
-            let options = [
-                ("aws_endpoint", endpoint.as_str()),
-                ("aws_allow_http", "true"),
-                ("aws_region", "us-east-1"),
-                ("aws_access_key_id", "x"),
-                ("aws_secret_access_key", "x"),
-            ]
-            .map(|(k, v)| (k.to_string(), v.to_string()));
+            let options = crate::common::s3_options(&endpoint);
             let (backend, prefix) = open_url_with("s3://nowhere/kv", &client, options).unwrap();
             let store = store_over(backend, prefix);
             let key = CacheKey::chunk(&store.key_space(CacheKind::Chunk), &[], &[1, 2, 3]);
