@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{ChatMessage, ChatPiece, ChatTemplate};
+use crate::correction::{AttentionCalibration, AttentionCorrection};
 use crate::error::{EngineError, Result};
 use crate::generate::{GenerateParams, Generation, Sampler, generate};
 use crate::gguf::{GgufFile, LlmFingerprint};
@@ -128,6 +129,10 @@ pub struct Engine {
     template: ChatTemplate,
     fingerprint: LlmFingerprint,
     path: PathBuf,
+    /// Applied by the tokens after loaded chunk caches that ask for it
+    /// ([`Recompute::correct_attention`](crate::scheduler::Recompute)); the identity
+    /// until a calibration is loaded.
+    attention_correction: AttentionCorrection,
 }
 
 /// The result of [`Engine::complete`]: the generation and where the time went.
@@ -189,7 +194,72 @@ impl Engine {
             template,
             fingerprint,
             path,
+            attention_correction: AttentionCorrection::IDENTITY,
         })
+    }
+
+    /// Loads this model's attention calibration from `dir` (written by `ragcake
+    /// calibrate`, named by the fingerprint) when there is one; returns it. A file that is
+    /// malformed or names another model is an error, never applied.
+    pub fn load_calibration(&mut self, dir: &Path) -> Result<Option<AttentionCalibration>> {
+        let calibration = AttentionCalibration::load(dir, self.fingerprint)?;
+        if let Some(c) = &calibration {
+            self.attention_correction = c.correction;
+            tracing::info!(
+                temperature = c.correction.temperature,
+                scale = c.correction.scale,
+                "attention correction loaded"
+            );
+        }
+        Ok(calibration)
+    }
+
+    /// Sets the attention correction the tokens after loaded chunk caches apply.
+    pub fn set_attention_correction(&mut self, correction: AttentionCorrection) -> Result<()> {
+        correction.validate()?;
+        self.attention_correction = correction;
+        Ok(())
+    }
+
+    /// The attention correction the tokens after loaded chunk caches apply.
+    pub fn attention_correction(&self) -> AttentionCorrection {
+        self.attention_correction
+    }
+
+    /// [`ComputeBackend::compute_tail`] with an explicit correction of the tail's attention
+    /// to the chunks that ask for it (a calibration tries several on one loaded cache).
+    pub fn compute_tail_corrected(
+        &self,
+        cache: &mut KvCache,
+        tail: &[u32],
+        blends: &[BlendChunk],
+        correction: AttentionCorrection,
+    ) -> Result<(Tensor, usize)> {
+        let spans: Vec<std::ops::Range<usize>> = blends
+            .iter()
+            .filter(|b| b.recompute.correct_attention)
+            .map(|b| b.start..b.start + b.tokens.len())
+            .collect();
+        cache.correct_attention(&spans, correction)?;
+        let blends: Vec<Blend<'_>> = blends
+            .iter()
+            .filter_map(|b| {
+                let selection = b.recompute.selection(b.tokens.len())?;
+                Some(Blend {
+                    tokens: &b.tokens,
+                    offset: b.start,
+                    selection,
+                })
+            })
+            .collect();
+        if blends.is_empty() {
+            let logits = self.append(cache, tail, PREFILL_BATCH, true)?;
+            return Ok((logits.ok_or(EngineError::EmptyInput)?, 0));
+        }
+        let (logits, recomputed) =
+            self.model
+                .forward_blended(tail, cache, &blends, Logits::Last)?;
+        Ok((logits.ok_or(EngineError::EmptyInput)?, recomputed))
     }
 
     /// The model: forward passes at explicit positions, blending, decode steps.
@@ -426,25 +496,7 @@ impl ComputeBackend for Engine {
         tail: &[u32],
         blends: &[BlendChunk],
     ) -> Result<(Tensor, usize)> {
-        let blends: Vec<Blend<'_>> = blends
-            .iter()
-            .filter_map(|b| {
-                let selection = b.recompute.selection(b.tokens.len())?;
-                Some(Blend {
-                    tokens: &b.tokens,
-                    offset: b.start,
-                    selection,
-                })
-            })
-            .collect();
-        if blends.is_empty() {
-            let logits = self.append(cache, tail, PREFILL_BATCH, true)?;
-            return Ok((logits.ok_or(EngineError::EmptyInput)?, 0));
-        }
-        let (logits, recomputed) =
-            self.model
-                .forward_blended(tail, cache, &blends, Logits::Last)?;
-        Ok((logits.ok_or(EngineError::EmptyInput)?, recomputed))
+        self.compute_tail_corrected(cache, tail, blends, self.attention_correction)
     }
 
     fn layers(&self) -> usize {

@@ -342,6 +342,18 @@ impl LlmFingerprint {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// Parses [`LlmFingerprint::to_hex`]'s form (64 hex digits, either case).
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+            *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(Self(bytes))
+    }
+
     /// The first 16 hex digits, enough to tell models apart in logs and paths.
     pub fn short(&self) -> String {
         self.to_hex()[..16].to_string()

@@ -5,6 +5,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Storage, Tensor};
 
+use crate::correction::{AttentionCorrection, CorrectedKeys, LayerCorrection};
 use crate::error::{EngineError, Result};
 use crate::rope::LayerRopes;
 
@@ -164,6 +165,9 @@ pub struct KvCache {
     partial_layers: usize,
     capacity: usize,
     layers: Vec<LayerBuffer>,
+    /// Loaded position-independent chunk keys the tokens after them correct their
+    /// attention to ([`KvCache::correct_attention`]).
+    corrected: Option<CorrectedKeys>,
 }
 
 const MIN_CAPACITY: usize = 256;
@@ -181,7 +185,51 @@ impl KvCache {
             partial_layers: 0,
             capacity: 0,
             layers: Vec::new(),
+            corrected: None,
         }
+    }
+
+    /// From now on, every token appended (the question tail, the answer) attends to the
+    /// keys at `spans` — loaded position-independent chunk caches, below [`KvCache::len`] —
+    /// with `correction` (see [`crate::correction`]); a key recomputed in context later
+    /// ([`KvCache::write_rows`]) is an ordinary key from the layer it was recomputed at.
+    /// The identity or no spans clears any correction.
+    pub fn correct_attention(
+        &mut self,
+        spans: &[Range<usize>],
+        correction: AttentionCorrection,
+    ) -> Result<()> {
+        correction.validate()?;
+        if let Some(span) = spans.iter().find(|s| s.end > self.len || s.start > s.end) {
+            return Err(EngineError::KvMismatch(format!(
+                "chunk tokens {span:?} are not in a cache of {} tokens",
+                self.len
+            )));
+        }
+        if correction.is_identity() || spans.iter().all(|s| s.is_empty()) {
+            self.corrected = None;
+            return Ok(());
+        }
+        let mut keys = vec![false; self.len];
+        for span in spans {
+            keys[span.clone()].fill(true);
+        }
+        self.corrected = Some(CorrectedKeys {
+            correction,
+            queries_from: self.len,
+            layers: vec![keys; self.shape.n_layers],
+        });
+        Ok(())
+    }
+
+    /// The correction the tokens after the chunk caches apply, if any.
+    pub fn attention_correction(&self) -> Option<AttentionCorrection> {
+        self.corrected.as_ref().map(|c| c.correction)
+    }
+
+    /// What queries correct at `layer`; `None` when nothing is corrected there.
+    pub(crate) fn layer_correction(&self, layer: usize) -> Option<LayerCorrection<'_>> {
+        self.corrected.as_ref()?.layer(layer)
     }
 
     /// The cache's dimensions.
@@ -331,6 +379,15 @@ impl KvCache {
             buf.v
                 .slice_set(&v.narrow(1, row, run)?.contiguous()?, 1, indices[row])?;
             row += run;
+        }
+        // Recomputed in context: no longer a loaded chunk key at this layer.
+        if let Some(corrected) = &mut self.corrected {
+            let keys = &mut corrected.layers[layer];
+            for &i in indices {
+                if let Some(key) = keys.get_mut(i) {
+                    *key = false;
+                }
+            }
         }
         Ok((buf.k.narrow(1, 0, end)?, buf.v.narrow(1, 0, end)?))
     }
@@ -505,6 +562,14 @@ impl KvCache {
     /// buffers for reuse.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+        // Cut before the first correcting query: the tokens after the chunks are gone.
+        if self
+            .corrected
+            .as_ref()
+            .is_some_and(|c| self.len < c.queries_from)
+        {
+            self.corrected = None;
+        }
         self.partial = 0;
         self.partial_layers = 0;
     }

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod chat;
+pub mod correction;
 pub mod engine;
 pub mod error;
 pub mod generate;
@@ -30,6 +31,7 @@ mod test_util;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use chat::{ChatMessage, ChatPiece, ChatTemplate, Role};
+pub use correction::{AttentionCalibration, AttentionCorrection};
 pub use engine::{Completion, DTypeChoice, DeviceChoice, Engine, EngineConfig};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, GenerateParams, Generation, Sampler, Sampling};

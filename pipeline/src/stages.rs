@@ -405,6 +405,7 @@ impl Service<Prefilled> for Generate {
                 let options = &ask.request.options;
                 let params = GenerateParams {
                     max_tokens: options.max_tokens,
+                    ignore_eos: options.ignore_eos,
                     sampling: Sampling {
                         temperature: options.temperature,
                         top_p: options.top_p,

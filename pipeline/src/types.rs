@@ -17,6 +17,9 @@ pub struct AskOptions {
     pub top_k: usize,
     /// Upper bound on generated tokens.
     pub max_tokens: usize,
+    /// Decode on past the model's end-of-generation tokens, to `max_tokens` (vLLM's
+    /// `ignore_eos`): for load tests and benchmarks that need answers of a known length.
+    pub ignore_eos: bool,
     /// 0 = greedy; higher samples more freely.
     pub temperature: f64,
     /// Nucleus sampling threshold.
@@ -51,6 +54,7 @@ impl Default for AskOptions {
         Self {
             top_k: ragcake_retriever::DEFAULT_TOP_K,
             max_tokens: 128,
+            ignore_eos: false,
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,

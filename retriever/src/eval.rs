@@ -1,5 +1,7 @@
-//! Labelled questions and retrieval quality: which document answers each question, and
-//! recall@k of a retriever over them.
+//! Labelled questions and what is measured on them: which document answers each question
+//! and recall@k of a retriever over them; the split of a set into a calibration part and an
+//! evaluation part; and answer metrics (SQuAD-style normalised exact match and token F1, and
+//! whether an answer states the labelled fact).
 
 use std::path::Path;
 
@@ -21,6 +23,50 @@ pub struct LabelledQuestion {
     /// Whether the demo job asks it.
     #[serde(default)]
     pub demo: bool,
+}
+
+/// The part of a question set a question belongs to. Anything a benchmark chooses (a rule,
+/// a share, a temperature) is chosen on the calibration part and reported on the
+/// evaluation part, so no reported figure was tuned on the questions it is measured on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Questions parameters are chosen on.
+    Calibration,
+    /// Questions results are reported on.
+    Evaluation,
+}
+
+impl Split {
+    /// Both parts, calibration first.
+    pub const ALL: [Split; 2] = [Split::Calibration, Split::Evaluation];
+
+    /// The part's name, as in benchmark output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Calibration => "calibration",
+            Self::Evaluation => "evaluation",
+        }
+    }
+}
+
+/// Share of questions in the calibration part, by [`LabelledQuestion::split`].
+pub const CALIBRATION_SHARE: f64 = 0.4;
+
+impl LabelledQuestion {
+    /// The part this question belongs to: from a hash of its text, so a question keeps its
+    /// part when others are added or reordered, and about [`CALIBRATION_SHARE`] of a set
+    /// lands in calibration.
+    pub fn split(&self) -> Split {
+        let hash = blake3::hash(self.text.as_bytes());
+        let bytes = hash.as_bytes();
+        let draw = u16::from_le_bytes([bytes[0], bytes[1]]) as f64 / 65536.0;
+        if draw < CALIBRATION_SHARE {
+            Split::Calibration
+        } else {
+            Split::Evaluation
+        }
+    }
 }
 
 /// A set of labelled questions, read from TOML (`[[question]]` tables).
@@ -90,6 +136,68 @@ pub fn recall_at(first_hits: &[Option<usize>], ks: &[usize]) -> Vec<(usize, f64)
         .collect()
 }
 
+/// An answer normalised as SQuAD's evaluation does: lower case, punctuation removed,
+/// the articles "a", "an" and "the" dropped, whitespace collapsed; returned as its words.
+pub fn normalized_words(text: &str) -> Vec<String> {
+    let lower: String = text
+        .to_lowercase()
+        .chars()
+        .filter(|c| !c.is_ascii_punctuation() && !is_typographic_punctuation(*c))
+        .collect();
+    lower
+        .split_whitespace()
+        .filter(|w| !matches!(*w, "a" | "an" | "the"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Quotes, dashes and ellipses a model writes in place of their ASCII forms.
+fn is_typographic_punctuation(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2018}' | '\u{2019}' | '\u{201C}' | '\u{201D}' | '\u{2013}' | '\u{2014}' | '\u{2026}'
+    )
+}
+
+/// Whether `prediction` equals `label` after [`normalized_words`].
+pub fn exact_match(prediction: &str, label: &str) -> bool {
+    normalized_words(prediction) == normalized_words(label)
+}
+
+/// SQuAD's token F1 of `prediction` against `label`: the harmonic mean of the share of the
+/// prediction's words found in the label and of the label's words found in the prediction,
+/// each word counted as often as it occurs in both. 1 when both normalise to nothing.
+pub fn token_f1(prediction: &str, label: &str) -> f64 {
+    let (predicted, expected) = (normalized_words(prediction), normalized_words(label));
+    if predicted.is_empty() || expected.is_empty() {
+        return f64::from(u8::from(predicted.is_empty() && expected.is_empty()));
+    }
+    let mut remaining: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for word in &expected {
+        *remaining.entry(word).or_default() += 1;
+    }
+    let mut common = 0usize;
+    for word in &predicted {
+        if let Some(n) = remaining.get_mut(word.as_str()).filter(|n| **n > 0) {
+            *n -= 1;
+            common += 1;
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let precision = common as f64 / predicted.len() as f64;
+    let recall = common as f64 / expected.len() as f64;
+    2.0 * precision * recall / (precision + recall)
+}
+
+/// Whether `answer` states `fact`: the fact's normalised words appear in the answer's as a
+/// run of whole words, so "24" is not found in "240" nor "wind" in "windows".
+pub fn states_fact(answer: &str, fact: &str) -> bool {
+    let (words, fact) = (normalized_words(answer), normalized_words(fact));
+    !fact.is_empty() && words.windows(fact.len()).any(|w| w == fact.as_slice())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,10 +244,24 @@ mod tests {
     fn the_bundled_demo_questions_parse() {
         let path = package_dir().join("../demo/questions.toml");
         let set = QuestionSet::load(&path).unwrap();
-        assert!(set.questions.len() >= 20);
+        assert!(set.questions.len() >= 100);
+        let texts: std::collections::HashSet<_> = set.questions.iter().map(|q| &q.text).collect();
+        assert_eq!(texts.len(), set.questions.len(), "a question asked twice");
+        let calibration = set
+            .questions
+            .iter()
+            .filter(|q| q.split() == Split::Calibration)
+            .count();
+        // Both parts large enough to choose on and to report on.
+        assert!(
+            (30..=70).contains(&calibration),
+            "{calibration} in calibration"
+        );
         for q in &set.questions {
             let doc = package_dir().join("../demo/corpus").join(&q.doc);
             let text = std::fs::read_to_string(&doc).unwrap();
+            // A label is a span of its document; the span may cross a line break.
+            let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
             assert!(
                 text.contains(&q.answer),
                 "{}: answer {:?} not in {}",
@@ -148,5 +270,61 @@ mod tests {
                 q.doc
             );
         }
+    }
+
+    #[test]
+    fn normalisation_drops_case_punctuation_and_articles() {
+        assert_eq!(
+            normalized_words("The  Sula Grey, an old ferry!"),
+            ["sula", "grey", "old", "ferry"]
+        );
+        assert_eq!(normalized_words("It\u{2019}s 12,000."), ["its", "12000"]);
+        assert!(normalized_words("a the .").is_empty());
+    }
+
+    #[test]
+    fn exact_match_is_equality_after_normalisation() {
+        assert!(exact_match("The Sula Grey.", "Sula Grey"));
+        assert!(!exact_match("It is the Sula Grey.", "Sula Grey"));
+    }
+
+    #[test]
+    fn token_f1_counts_shared_words_once_per_occurrence() {
+        assert_eq!(token_f1("Sula Grey", "the Sula Grey"), 1.0);
+        assert_eq!(token_f1("ferry", "Sula Grey"), 0.0);
+        // 2 of 4 predicted words are labelled; 2 of 2 labelled words predicted.
+        let f1 = token_f1("it is Sula Grey", "Sula Grey");
+        assert!((f1 - 2.0 * 0.5 * 1.0 / 1.5).abs() < 1e-12, "{f1}");
+        // A repeated word matches only as often as the label has it.
+        let f1 = token_f1("grey grey", "grey");
+        assert!((f1 - 2.0 * 0.5 * 1.0 / 1.5).abs() < 1e-12, "{f1}");
+        assert_eq!(token_f1("", ""), 1.0);
+        assert_eq!(token_f1("", "x"), 0.0);
+    }
+
+    #[test]
+    fn a_fact_is_found_on_word_boundaries_only() {
+        assert!(states_fact("It costs 24 pounds.", "24 pounds"));
+        assert!(states_fact("The ticket is 24 Pounds", "24 pounds"));
+        assert!(!states_fact("It costs 240 pounds.", "24 pounds"));
+        assert!(!states_fact("The windows rattle.", "wind"));
+        assert!(!states_fact("pounds 24", "24 pounds"));
+        assert!(!states_fact("anything", ""));
+    }
+
+    #[test]
+    fn a_question_keeps_its_split_and_both_splits_occur() {
+        let question = |text: &str| LabelledQuestion {
+            text: text.into(),
+            doc: "a.md".into(),
+            answer: "x".into(),
+            demo: false,
+        };
+        let splits: Vec<Split> = (0..200)
+            .map(|i| question(&format!("question {i}?")).split())
+            .collect();
+        let calibration = splits.iter().filter(|s| **s == Split::Calibration).count();
+        assert!((50..=110).contains(&calibration), "{calibration} of 200");
+        assert_eq!(question("question 3?").split(), splits[3]);
     }
 }

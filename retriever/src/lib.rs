@@ -7,7 +7,8 @@
 //! - [`embedder`]: sentence embeddings (BERT, mean pooling, L2 normalised).
 //! - [`index`]: the [`VectorIndex`] trait, [`EdgeIndex`] and [`QdrantServerIndex`].
 //! - [`retrieve`]: question → ranked, ordered chunks with their cache status.
-//! - [`eval`]: labelled questions and recall@k.
+//! - [`eval`]: labelled questions, their calibration/evaluation split, recall@k and
+//!   answer metrics (exact match, token F1, the labelled fact stated).
 
 pub mod chunker;
 pub mod embedder;
@@ -19,7 +20,7 @@ pub mod retrieve;
 pub use chunker::{Chunker, DEFAULT_CHUNK_TOKENS, TextChunk, Tokenize};
 pub use embedder::Embedder;
 pub use error::{Result, RetrieverError};
-pub use eval::{LabelledQuestion, QuestionSet};
+pub use eval::{LabelledQuestion, QuestionSet, Split};
 pub use index::{
     ChunkId, EdgeIndex, IndexPoint, IndexedChunk, QdrantServerIndex, ScoredChunk, VectorIndex,
 };

@@ -3,14 +3,22 @@
 //! reference: its greedy answer, and its next-token distributions with that answer fed back),
 //! then filled from reused caches in each arm, which answers greedily and is fed the
 //! reference answer the same way. Per arm: teacher-forced top-1 agreement and mean KL
-//! divergence from the reference, first-token agreement, identical greedy answers, the
-//! expected fact found, the share of the naive→full gap closed, and TTFT.
+//! divergence from the reference, first-token agreement, identical greedy answers, token F1
+//! of the answer against the reference's, exact match and token F1 against the labelled
+//! answer and whether the answer states it, the share of the naive→full gap closed, and TTFT.
+//!
+//! The questions are split (by [`LabelledQuestion::split`]) into a calibration part and an
+//! evaluation part. The one thing this benchmark chooses — the cheapest rule and share that
+//! reach the agreement target — is chosen on the calibration part; every reported figure is
+//! the evaluation part's, with a bootstrap 95% interval over its questions. The calibration
+//! part's rows go to a file of their own, so the choice can be checked.
 //!
 //! Arms: full computation (timed through the scheduler); exact prefix caches of the
 //! reference stored in f16, bf16 and f32; the chunk caches the precompute job stored, loaded
 //! with each recomputation rule at each ratio (ratio 0: naive, used as loaded); and the
-//! default mode (bidirectional, the default recomputation). Each in the retrieval order and
-//! with the retrieved chunks shuffled.
+//! default mode (bidirectional, the default recomputation). The chunk-cache arms load from
+//! the configured store with the memory tier off, so every load is a store read. Optionally
+//! each with the retrieved chunks shuffled.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,14 +35,15 @@ use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path as StorePath;
 use ragcake::kvstore::{CacheKey, KvStore, StorageDtype};
 use ragcake::pipeline::{Pipeline, PipelineConfig, Prompt};
-use ragcake::retriever::{ChunkOrder, LabelledQuestion, QuestionSet, RetrieveOptions};
+use ragcake::retriever::eval::{exact_match, first_hit, states_fact, token_f1};
+use ragcake::retriever::{ChunkOrder, LabelledQuestion, QuestionSet, RetrieveOptions, Split};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
 use super::ask::LabelledCorpus;
-use super::report::{print_json, print_table, write_csv};
+use super::report::{Bootstrap, Interval, print_json, print_table, write_csv};
 use super::{ModelArgs, StoreArgs, plot};
 
 #[derive(Debug, Args)]
@@ -54,9 +63,16 @@ pub struct FidelityArgs {
     /// Only the first N questions.
     #[arg(long)]
     limit: Option<usize>,
-    /// Seed of the shuffled chunk order.
+    /// Seed of the shuffled chunk order and of the bootstrap.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Also measure every arm with the retrieved chunks shuffled (twice the time).
+    #[arg(long)]
+    shuffled: bool,
+    /// Teacher-forced top-1 agreement the chosen rule and share must reach on the
+    /// calibration part.
+    #[arg(long, default_value_t = 0.97)]
+    agreement_target: f64,
     /// Recomputation rules measured.
     #[arg(long, value_delimiter = ',', default_value = "deviation,leading,query")]
     rules: Vec<RecomputeRule>,
@@ -66,7 +82,8 @@ pub struct FidelityArgs {
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
-    /// CSV output (the plots go beside it as .png and _ttft.png).
+    /// CSV output, the evaluation part (the calibration part goes beside it as
+    /// _calibration.csv, the plots as .png, _ttft.png and _frontier.png).
     #[arg(long, default_value = "bench-results/fidelity.csv")]
     csv: PathBuf,
 }
@@ -104,7 +121,14 @@ impl Fill {
         match self {
             Self::Full => "full computation".into(),
             Self::ExactPrefix(d) => format!("exact prefix caches ({})", d.name()),
+            Self::Chunks(r) if r.ratio == 0.0 && r.correct_attention => {
+                "chunk caches, attention corrected".into()
+            }
             Self::Chunks(r) if r.ratio == 0.0 => "naive chunk caches".into(),
+            Self::Chunks(r) if r.correct_attention => format!(
+                "chunk caches, {} {:.2}, attention corrected",
+                r.rule, r.ratio
+            ),
             Self::Chunks(r) => format!("chunk caches, {} {:.2}", r.rule, r.ratio),
             Self::Int8Chunks(r) if r.ratio == 0.0 => "naive chunk caches (int8)".into(),
             Self::Int8Chunks(r) => format!("chunk caches (int8), {} {:.2}", r.rule, r.ratio),
@@ -127,6 +151,15 @@ impl Fill {
         }
     }
 
+    /// Whether the tail corrects its attention to the loaded chunks (APE).
+    fn corrected(self, engine_corrects: bool) -> bool {
+        match self {
+            Self::Chunks(r) | Self::Int8Chunks(r) => r.correct_attention && engine_corrects,
+            Self::Default => Recompute::default().correct_attention && engine_corrects,
+            Self::Full | Self::ExactPrefix(_) => false,
+        }
+    }
+
     fn ratio(self) -> f64 {
         match self {
             Self::Full => 1.0,
@@ -137,14 +170,27 @@ impl Fill {
     }
 }
 
-/// The arms of a run, in table order.
-fn arms(args: &FidelityArgs) -> Vec<Fill> {
+/// The arms of a run, in table order; with `correcting` (the model has a calibrated
+/// attention correction) each chunk-cache arm also with the correction.
+fn arms(args: &FidelityArgs, correcting: bool) -> Vec<Fill> {
     let mut arms = vec![Fill::Full];
     arms.extend(EXACT_DTYPES.map(Fill::ExactPrefix));
-    arms.push(Fill::Chunks(Recompute::NONE));
+    let corrections: &[bool] = if correcting { &[false, true] } else { &[false] };
+    for &correct_attention in corrections {
+        arms.push(Fill::Chunks(Recompute {
+            correct_attention,
+            ..Recompute::NONE
+        }));
+    }
     for &rule in &args.rules {
         for &ratio in args.ratios.iter().filter(|&&r| r > 0.0) {
-            arms.push(Fill::Chunks(Recompute { rule, ratio }));
+            for &correct_attention in corrections {
+                arms.push(Fill::Chunks(Recompute {
+                    rule,
+                    ratio,
+                    correct_attention,
+                }));
+            }
         }
     }
     arms.push(Fill::Default);
@@ -153,25 +199,53 @@ fn arms(args: &FidelityArgs) -> Vec<Fill> {
     arms
 }
 
-/// One arm's results over every question.
+/// One arm's results over the questions of one part, each figure with its bootstrap 95%
+/// interval over those questions (`_low`, `_high`).
 #[derive(Debug, Clone, Serialize)]
 struct ArmRow {
     name: String,
+    /// The part of the question set these figures come from.
+    split: &'static str,
     rule: &'static str,
     /// Share of each loaded chunk's tokens recomputed in context (1 for full computation).
     ratio: f64,
+    /// Whether the tail corrected its attention to the loaded chunks (APE, calibrated).
+    attention_corrected: bool,
     shuffled: bool,
+    /// The rule and share chosen on the calibration part (see `--agreement-target`).
+    chosen: bool,
+    /// Where its loads came from.
+    source: String,
+    questions: usize,
     /// Teacher-forced: the reference answer fed back, the arm's top-1 next token equals the
-    /// reference's.
+    /// reference's (pooled over positions).
     top1_agreement: f64,
+    top1_low: f64,
+    top1_high: f64,
     /// Mean KL(reference ‖ arm) of the next-token distributions over the same positions.
     kl_mean: f64,
+    kl_low: f64,
+    kl_high: f64,
     first_token_agreement: f64,
-    /// Greedy answers equal to the reference's.
-    identical_answers: usize,
-    /// Answers containing the labelled fact.
-    expected_found: usize,
-    /// (top-1 agreement − naive's) / (1 − naive's), within the same chunk order.
+    /// Share of greedy answers identical to the reference's.
+    identical_answers: f64,
+    /// Mean token F1 of the greedy answer against the reference's greedy answer.
+    f1_vs_full: f64,
+    f1_vs_full_low: f64,
+    f1_vs_full_high: f64,
+    /// Share of answers equal to the labelled answer after normalisation.
+    exact_match: f64,
+    exact_match_low: f64,
+    exact_match_high: f64,
+    /// Mean token F1 against the labelled answer.
+    f1_vs_label: f64,
+    f1_vs_label_low: f64,
+    f1_vs_label_high: f64,
+    /// Share of answers stating the labelled answer on word boundaries.
+    fact_stated: f64,
+    fact_stated_low: f64,
+    fact_stated_high: f64,
+    /// (top-1 agreement − naive's) / (1 − naive's), within the same part and chunk order.
     gap_closed: f64,
     /// Prompt tokens whose KV this request computed — chunks computed whole, tokens of
     /// loaded chunks recomputed, the preamble and the question — over prompt tokens.
@@ -180,34 +254,62 @@ struct ArmRow {
     blend_share: f64,
     /// Mean time to first token's logits, seconds.
     ttft_secs: f64,
+    ttft_low: f64,
+    ttft_high: f64,
+    /// Mean TTFT over full computation's mean TTFT on the same questions (paired).
+    ttft_vs_full: f64,
+    ttft_vs_full_low: f64,
+    ttft_vs_full_high: f64,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
-    questions: usize,
+    /// Questions in each part.
+    calibration_questions: usize,
+    evaluation_questions: usize,
+    /// Evaluation questions whose labelled document was among the retrieved chunks.
+    evaluation_retrieved: usize,
+    /// What was chosen on the calibration part, and its calibration agreement.
+    chosen: Option<Choice>,
+    /// The evaluation part's rows (the reported figures).
     arms: Vec<ArmRow>,
+    /// The calibration part's rows (what the choice was made on).
+    calibration: Vec<ArmRow>,
 }
 
-/// Sums over the questions of one arm.
+/// The rule and share chosen on the calibration part.
+#[derive(Debug, Clone, Serialize)]
+struct Choice {
+    name: String,
+    calibration_top1: f64,
+    /// Whether it reached the target there (else it is the best agreement found).
+    reached_target: bool,
+}
+
+/// One arm's measurements on one question in one chunk order.
 #[derive(Debug, Default, Clone)]
-struct Tally {
+struct Sample {
     positions: usize,
     top1: usize,
     kl: f64,
-    first_token: usize,
-    identical: usize,
-    found: usize,
+    first_token: bool,
+    identical: bool,
+    f1_vs_full: f64,
+    exact_match: bool,
+    f1_vs_label: f64,
+    fact_stated: bool,
     computed_tokens: usize,
     recomputed_tokens: usize,
     loaded_tokens: usize,
     prompt_tokens: usize,
     ttft: f64,
-    questions: usize,
 }
 
 /// The reference: full computation of one prompt.
 struct Reference {
     answer: Vec<u32>,
+    /// Its greedy answer's text.
+    text: String,
     /// Next-token log-probabilities at each teacher-forced position.
     log_probs: Vec<Vec<f32>>,
 }
@@ -215,17 +317,29 @@ struct Reference {
 pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
     for ratio in &args.ratios {
         Recompute {
-            rule: RecomputeRule::Deviation,
             ratio: *ratio,
+            ..Recompute::NONE
         }
         .validate()?;
     }
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.agreement_target),
+        "--agreement-target must lie in [0, 1]"
+    );
     let questions = QuestionSet::load(&args.labelled.questions)?;
     let mut config = PipelineConfig::default();
     // The arms must not leave prefix caches for each other.
     config.scheduler.write_back = false;
+    // Every chunk-cache load a store read: with the memory tier on, every arm after the
+    // first would load a question's chunk caches from RAM.
+    config.memory_tier_bytes = 0;
     let pipeline = super::build_pipeline(&args.model, &args.stores, config).await?;
     super::ask::ingest_corpus(&pipeline, &args.labelled.corpus).await?;
+    let store_source = args
+        .stores
+        .kv
+        .clone()
+        .unwrap_or_else(ragcake::paths::default_kv_url);
     let engine = pipeline.engine().clone();
     let chunk_context = pipeline.config().prompt.chunk_context(&engine)?;
     let scheduler_config = SchedulerConfig {
@@ -261,23 +375,29 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         ..GenerateParams::default()
     };
 
-    let arms = arms(&args);
+    let correcting = !engine.attention_correction().is_identity();
+    let arms = arms(&args, correcting);
     let chosen: Vec<&LabelledQuestion> = questions
         .questions
         .iter()
         .take(args.limit.unwrap_or(usize::MAX))
         .collect();
+    let orders = if args.shuffled { 2 } else { 1 };
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let mut tallies = vec![Tally::default(); arms.len() * 2];
+    // samples[order][arm][question]
+    let mut samples = vec![vec![Vec::with_capacity(chosen.len()); arms.len()]; orders];
+    let mut retrieved = Vec::with_capacity(chosen.len());
     for (n, q) in chosen.iter().enumerate() {
-        let prompt = retrieved_prompt(&pipeline, &q.text, args.top_k).await?;
+        let (prompt, doc_retrieved) = retrieved_prompt(&pipeline, q, args.top_k).await?;
+        retrieved.push(doc_retrieved);
         // The preamble stays first.
         let mut shuffled = prompt.clone();
         shuffled.chunks[1..].shuffle(&mut rng);
         store_chunk_caches(&engine, &int8, &chunk_context, &prompt).await?;
-        for (order, prompt) in [prompt, shuffled].into_iter().enumerate() {
+        for (order, prompt) in [prompt, shuffled].into_iter().take(orders).enumerate() {
             let exact_stores: Vec<&KvStore> = exact.iter().map(|(s, _)| &**s).collect();
             let reference = reference(&engine, &prompt, &params, &exact_stores).await?;
+            let mut row = vec![Sample::default(); arms.len()];
             // The arms take turns going first, so none always runs after the same one.
             for k in 0..arms.len() {
                 let i = (k + n) % arms.len();
@@ -320,34 +440,78 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
                         (&stored, request)
                     }
                 };
-                let tally = &mut tallies[order * arms.len() + i];
-                measure(&engine, scheduler, request, &reference, &params, q, tally).await?;
+                row[i] = measure(&engine, scheduler, request, &reference, &params, q).await?;
+            }
+            for (arm, sample) in row.into_iter().enumerate() {
+                samples[order][arm].push(sample);
             }
         }
         eprintln!("{}/{} questions", n + 1, chosen.len());
     }
-    let rows = rows(&arms, &tallies);
+    let sources: Vec<String> = arms
+        .iter()
+        .map(|fill| match fill {
+            Fill::Full => "-".to_string(),
+            Fill::ExactPrefix(_) | Fill::Int8Chunks(_) => "in-memory object store".to_string(),
+            Fill::Chunks(_) | Fill::Default => format!("{store_source} (memory tier off)"),
+        })
+        .collect();
+    let part = |split: Split| -> Vec<usize> {
+        (0..chosen.len())
+            .filter(|&i| chosen[i].split() == split)
+            .collect()
+    };
+    let (calibration_part, evaluation_part) = (part(Split::Calibration), part(Split::Evaluation));
+    let table = |split: Split, members: &[usize]| {
+        rows(
+            &arms, &sources, &samples, split, members, args.seed, correcting,
+        )
+    };
+    let mut calibration = table(Split::Calibration, &calibration_part);
+    let mut evaluation = table(Split::Evaluation, &evaluation_part);
+    let choice = choose(&arms, &calibration, args.agreement_target);
+    if let Some((index, _)) = &choice {
+        calibration[*index].chosen = true;
+        evaluation[*index].chosen = true;
+    }
     let report = Report {
-        questions: chosen.len(),
-        arms: rows,
+        calibration_questions: calibration_part.len(),
+        evaluation_questions: evaluation_part.len(),
+        evaluation_retrieved: evaluation_part.iter().filter(|&&i| retrieved[i]).count(),
+        chosen: choice.map(|(_, c)| c),
+        arms: evaluation,
+        calibration,
     };
     write_outputs(&args, &report)
 }
 
 /// Retrieves the chunks for `question` (in relevance order) and builds the prompt the
-/// pipeline would.
+/// pipeline would; also says whether the labelled document was among the chunks.
 async fn retrieved_prompt(
     pipeline: &Pipeline,
-    question: &str,
+    question: &LabelledQuestion,
     top_k: usize,
-) -> anyhow::Result<Prompt> {
+) -> anyhow::Result<(Prompt, bool)> {
     let options = RetrieveOptions {
         order: ChunkOrder::Relevance,
         ..RetrieveOptions::for_top_k(top_k)
     };
-    let retrieval = pipeline.retriever().retrieve(question, &options).await?;
+    let retrieval = pipeline
+        .retriever()
+        .retrieve(&question.text, &options)
+        .await?;
     let template = &pipeline.config().prompt;
-    Ok(template.prompt(pipeline.engine(), None, &[], question, &retrieval.chunks)?)
+    let prompt = template.prompt(
+        pipeline.engine(),
+        None,
+        &[],
+        &question.text,
+        &retrieval.chunks,
+    )?;
+    Ok((
+        prompt,
+        first_hit(&retrieval.chunks, &question.doc).is_some(),
+    ))
 }
 
 /// Computes `prompt` in full: the greedy answer and the teacher-forced distributions; also
@@ -382,6 +546,7 @@ async fn reference(
     let log_probs = teacher_forced(engine, &mut cache, &first, &generation.tokens)?;
     Ok(Reference {
         answer: generation.tokens,
+        text: generation.text,
         log_probs,
     })
 }
@@ -502,7 +667,7 @@ async fn store_chunk_caches(
     Ok(())
 }
 
-/// Runs one arm on one prompt and adds its agreement with the reference to `tally`.
+/// Runs one arm on one prompt and measures its agreement with the reference.
 async fn measure(
     engine: &Engine,
     scheduler: &Scheduler<Engine, KvStore>,
@@ -510,17 +675,19 @@ async fn measure(
     reference: &Reference,
     params: &GenerateParams,
     question: &LabelledQuestion,
-    tally: &mut Tally,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Sample> {
     let prompt_tokens =
         request.chunks.iter().map(|c| c.tokens.len()).sum::<usize>() + request.tail.len();
     let started = Instant::now();
     let filled = scheduler.prefill(request).await?;
-    tally.ttft += started.elapsed().as_secs_f64();
-    tally.computed_tokens += filled.report.tokens_computed + filled.report.tokens_recomputed;
-    tally.recomputed_tokens += filled.report.tokens_recomputed;
-    tally.loaded_tokens += filled.report.tokens_loaded;
-    tally.prompt_tokens += prompt_tokens;
+    let mut sample = Sample {
+        ttft: started.elapsed().as_secs_f64(),
+        computed_tokens: filled.report.tokens_computed + filled.report.tokens_recomputed,
+        recomputed_tokens: filled.report.tokens_recomputed,
+        loaded_tokens: filled.report.tokens_loaded,
+        prompt_tokens,
+        ..Sample::default()
+    };
     let mut cache = filled.cache;
     let prompt_len = cache.len();
     let generation = engine.generate(&mut cache, &filled.logits, params, |_| {
@@ -530,61 +697,198 @@ async fn measure(
     let log_probs = teacher_forced(engine, &mut cache, &filled.logits, &reference.answer)?;
     for (i, (p, q)) in reference.log_probs.iter().zip(&log_probs).enumerate() {
         let same = argmax(p) == argmax(q);
-        tally.top1 += usize::from(same);
+        sample.top1 += usize::from(same);
         if i == 0 {
-            tally.first_token += usize::from(same);
+            sample.first_token = same;
         }
-        tally.kl += kl(p, q);
-        tally.positions += 1;
+        sample.kl += kl(p, q);
+        sample.positions += 1;
     }
-    tally.identical += usize::from(generation.tokens == reference.answer);
-    tally.found += usize::from(generation.text.contains(&question.answer));
-    tally.questions += 1;
-    Ok(())
+    sample.identical = generation.tokens == reference.answer;
+    sample.f1_vs_full = token_f1(&generation.text, &reference.text);
+    sample.exact_match = exact_match(&generation.text, &question.answer);
+    sample.f1_vs_label = token_f1(&generation.text, &question.answer);
+    sample.fact_stated = states_fact(&generation.text, &question.answer);
+    Ok(sample)
 }
 
-fn rows(arms: &[Fill], tallies: &[Tally]) -> Vec<ArmRow> {
+/// The rows of one part (`members`: its questions' indices) for every chunk order and arm,
+/// with intervals from one bootstrap over those questions shared by every arm.
+fn rows(
+    arms: &[Fill],
+    sources: &[String],
+    samples: &[Vec<Vec<Sample>>],
+    split: Split,
+    members: &[usize],
+    seed: u64,
+    correcting: bool,
+) -> Vec<ArmRow> {
+    let bootstrap = Bootstrap::new(members.len(), seed);
+    let n = members.len();
     let mut rows = Vec::new();
-    for (order, group) in tallies.chunks(arms.len()).enumerate() {
-        let top1 = |t: &Tally| t.top1 as f64 / t.positions.max(1) as f64;
-        let naive = group
+    for (order, by_arm) in samples.iter().enumerate() {
+        // The part's samples of one arm, in `members` order.
+        let of =
+            |arm: usize| -> Vec<&Sample> { members.iter().map(|&q| &by_arm[arm][q]).collect() };
+        let ratio_of =
+            |xs: &[&Sample], idx: &[usize], num: fn(&Sample) -> f64, den: fn(&Sample) -> f64| {
+                let (a, b) = idx
+                    .iter()
+                    .fold((0.0, 0.0), |(a, b), &i| (a + num(xs[i]), b + den(xs[i])));
+                if b > 0.0 { a / b } else { f64::NAN }
+            };
+        let mean_of = |xs: &[&Sample], idx: &[usize], f: fn(&Sample) -> f64| {
+            idx.iter().map(|&i| f(xs[i])).sum::<f64>() / idx.len().max(1) as f64
+        };
+        let top1 = |s: &Sample| s.top1 as f64;
+        let positions = |s: &Sample| s.positions as f64;
+        let full = arms.iter().position(|f| *f == Fill::Full).map(of);
+        let naive = arms
             .iter()
-            .zip(arms)
-            .find(|(_, f)| **f == Fill::Chunks(Recompute::NONE))
-            .map_or(0.0, |(t, _)| top1(t));
-        for (t, &fill) in group.iter().zip(arms) {
+            .position(|f| *f == Fill::Chunks(Recompute::NONE))
+            .map(|i| ratio_of(&of(i), &(0..n).collect::<Vec<_>>(), top1, positions));
+        for (arm, &fill) in arms.iter().enumerate() {
+            let xs = of(arm);
+            let interval = |stat: &dyn Fn(&[usize]) -> f64| bootstrap.interval(n, stat);
+            let top1_agreement = interval(&|idx| ratio_of(&xs, idx, top1, positions));
+            let kl_mean = interval(&|idx| ratio_of(&xs, idx, |s| s.kl, positions));
+            let f1_vs_full = interval(&|idx| mean_of(&xs, idx, |s| s.f1_vs_full));
+            let exact = interval(&|idx| mean_of(&xs, idx, |s| f64::from(u8::from(s.exact_match))));
+            let f1_vs_label = interval(&|idx| mean_of(&xs, idx, |s| s.f1_vs_label));
+            let fact = interval(&|idx| mean_of(&xs, idx, |s| f64::from(u8::from(s.fact_stated))));
+            let ttft = interval(&|idx| mean_of(&xs, idx, |s| s.ttft));
+            let ttft_vs_full = match &full {
+                Some(full) => {
+                    interval(&|idx| mean_of(&xs, idx, |s| s.ttft) / mean_of(full, idx, |s| s.ttft))
+                }
+                None => Interval {
+                    value: f64::NAN,
+                    low: f64::NAN,
+                    high: f64::NAN,
+                },
+            };
+            let all: Vec<usize> = (0..n).collect();
             let shuffled = order == 1;
-            let n = t.questions.max(1) as f64;
             rows.push(ArmRow {
                 name: if shuffled {
                     format!("{}, shuffled", fill.name())
                 } else {
                     fill.name()
                 },
+                split: split.as_str(),
                 rule: fill.rule(),
                 ratio: fill.ratio(),
+                attention_corrected: fill.corrected(correcting),
                 shuffled,
-                top1_agreement: top1(t),
-                kl_mean: t.kl / t.positions.max(1) as f64,
-                first_token_agreement: t.first_token as f64 / n,
-                identical_answers: t.identical,
-                expected_found: t.found,
-                gap_closed: if naive < 1.0 {
-                    (top1(t) - naive) / (1.0 - naive)
-                } else {
-                    1.0
+                chosen: false,
+                source: sources[arm].clone(),
+                questions: n,
+                top1_agreement: top1_agreement.value,
+                top1_low: top1_agreement.low,
+                top1_high: top1_agreement.high,
+                kl_mean: kl_mean.value,
+                kl_low: kl_mean.low,
+                kl_high: kl_mean.high,
+                first_token_agreement: mean_of(&xs, &all, |s| f64::from(u8::from(s.first_token))),
+                identical_answers: mean_of(&xs, &all, |s| f64::from(u8::from(s.identical))),
+                f1_vs_full: f1_vs_full.value,
+                f1_vs_full_low: f1_vs_full.low,
+                f1_vs_full_high: f1_vs_full.high,
+                exact_match: exact.value,
+                exact_match_low: exact.low,
+                exact_match_high: exact.high,
+                f1_vs_label: f1_vs_label.value,
+                f1_vs_label_low: f1_vs_label.low,
+                f1_vs_label_high: f1_vs_label.high,
+                fact_stated: fact.value,
+                fact_stated_low: fact.low,
+                fact_stated_high: fact.high,
+                gap_closed: match naive {
+                    Some(naive) if naive < 1.0 => (top1_agreement.value - naive) / (1.0 - naive),
+                    _ => 1.0,
                 },
-                recomputed_share: t.computed_tokens as f64 / t.prompt_tokens.max(1) as f64,
-                blend_share: t.recomputed_tokens as f64 / t.loaded_tokens.max(1) as f64,
-                ttft_secs: t.ttft / n,
+                recomputed_share: ratio_of(
+                    &xs,
+                    &all,
+                    |s| s.computed_tokens as f64,
+                    |s| s.prompt_tokens as f64,
+                ),
+                blend_share: ratio_of(
+                    &xs,
+                    &all,
+                    |s| s.recomputed_tokens as f64,
+                    |s| s.loaded_tokens as f64,
+                )
+                .max(0.0),
+                ttft_secs: ttft.value,
+                ttft_low: ttft.low,
+                ttft_high: ttft.high,
+                ttft_vs_full: ttft_vs_full.value,
+                ttft_vs_full_low: ttft_vs_full.low,
+                ttft_vs_full_high: ttft_vs_full.high,
             });
         }
     }
     rows
 }
 
+/// The cheapest blended arm (least recomputation, then the higher agreement) whose
+/// teacher-forced agreement on the calibration part reaches `target`, in retrieval order;
+/// if none does, the one with the highest agreement. Its index in the rows, and what it is.
+fn choose(arms: &[Fill], calibration: &[ArmRow], target: f64) -> Option<(usize, Choice)> {
+    let candidates: Vec<usize> = (0..arms.len())
+        .filter(|&i| matches!(arms[i], Fill::Chunks(r) if r.ratio > 0.0))
+        .filter(|&i| calibration[i].top1_agreement.is_finite())
+        .collect();
+    let by_agreement = |a: &usize, b: &usize| {
+        calibration[*a]
+            .top1_agreement
+            .total_cmp(&calibration[*b].top1_agreement)
+    };
+    let reaching: Vec<usize> = candidates
+        .iter()
+        .copied()
+        .filter(|&i| calibration[i].top1_agreement >= target)
+        .collect();
+    let pick = if reaching.is_empty() {
+        candidates.iter().copied().max_by(by_agreement)
+    } else {
+        reaching.iter().copied().min_by(|a, b| {
+            calibration[*a]
+                .blend_share
+                .total_cmp(&calibration[*b].blend_share)
+                .then(by_agreement(b, a))
+        })
+    }?;
+    Some((
+        pick,
+        Choice {
+            name: calibration[pick].name.clone(),
+            calibration_top1: calibration[pick].top1_agreement,
+            reached_target: !reaching.is_empty(),
+        },
+    ))
+}
+
+/// What the printed table shows of a row: each figure with its interval.
+#[derive(Serialize)]
+struct Shown {
+    name: String,
+    top1_agreement: String,
+    f1_vs_full: String,
+    f1_vs_label: String,
+    fact_stated: String,
+    exact_match: f64,
+    blend_share: f64,
+    ttft_secs: f64,
+    ttft_vs_full: String,
+}
+
 fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
     write_csv(&args.csv, &report.arms)?;
+    let stem = args.csv.file_stem().unwrap_or_default().to_string_lossy();
+    let beside = |suffix: &str| args.csv.with_file_name(format!("{stem}{suffix}"));
+    write_csv(&beside("_calibration.csv"), &report.calibration)?;
     // One line per rule and chunk order, from the naive arm (ratio 0) up.
     let mut lines: Vec<(String, Vec<&ArmRow>)> = Vec::new();
     for shuffled in [false, true] {
@@ -592,11 +896,18 @@ fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
             let points: Vec<&ArmRow> = report
                 .arms
                 .iter()
-                .filter(|r| r.shuffled == shuffled && r.name.contains("chunk caches"))
-                .filter(|r| r.rule == rule || r.rule == "none")
+                .filter(|r| r.shuffled == shuffled && r.name.starts_with("chunk caches, "))
+                .filter(|r| r.rule == rule)
+                .chain(report.arms.iter().filter(|r| {
+                    r.shuffled == shuffled
+                        && r.name.starts_with("naive chunk caches")
+                        && !r.name.contains("int8")
+                }))
                 .collect();
             if points.len() > 1 {
                 let order = if shuffled { ", shuffled" } else { "" };
+                let mut points = points;
+                points.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
                 lines.push((format!("{rule}{order}"), points));
             }
         }
@@ -610,7 +921,12 @@ fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
             })
             .collect()
     };
-    let title = |what: &str| format!("{what}, {} questions", report.questions);
+    let title = |what: &str| {
+        format!(
+            "{what}, {} evaluation questions",
+            report.evaluation_questions
+        )
+    };
     plot::line_plot_or_warn(
         &args.csv.with_extension("png"),
         &title("Agreement with full computation"),
@@ -619,35 +935,110 @@ fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
         &series(|r| r.top1_agreement),
         false,
     );
-    let stem = args.csv.file_stem().unwrap_or_default().to_string_lossy();
     plot::line_plot_or_warn(
-        &args.csv.with_file_name(format!("{stem}_ttft.png")),
+        &beside("_ttft.png"),
         &title("Time to first token"),
         "share of each loaded chunk recomputed",
         "TTFT, seconds",
         &series(|r| r.ttft_secs),
         false,
     );
+    // The frontier a user chooses on: every arm, agreement with its interval against TTFT.
+    let mut groups: Vec<plot::IntervalSeries> = lines
+        .iter()
+        .map(|(name, rows)| plot::IntervalSeries {
+            name: name.clone(),
+            joined: true,
+            points: rows.iter().map(|r| frontier_point(r)).collect(),
+        })
+        .collect();
+    for row in report.arms.iter().filter(|r| {
+        !r.name.starts_with("chunk caches, ")
+            && !(r.name.starts_with("naive chunk caches") && !r.name.contains("int8"))
+    }) {
+        groups.push(plot::IntervalSeries {
+            name: row.name.clone(),
+            joined: false,
+            points: vec![frontier_point(row)],
+        });
+    }
+    plot::interval_plot_or_warn(
+        &beside("_frontier.png"),
+        &title("Agreement against TTFT"),
+        "TTFT over full computation's",
+        "teacher-forced top-1 agreement (95% interval)",
+        &groups,
+    );
     if args.json {
         return print_json(report);
     }
     println!(
-        "{} questions, greedy answers of {} tokens at most",
-        report.questions, args.max_tokens
+        "{} calibration and {} evaluation questions (labelled document retrieved for {} of \
+         them), greedy answers of {} tokens at most; figures are the evaluation part's, \
+         [95% bootstrap interval over its questions]",
+        report.calibration_questions,
+        report.evaluation_questions,
+        report.evaluation_retrieved,
+        args.max_tokens
     );
+    match &report.chosen {
+        Some(c) if c.reached_target => println!(
+            "chosen on the calibration part: {} (the least recomputation reaching top-1 \
+             agreement {}: {:.3} there)",
+            c.name, args.agreement_target, c.calibration_top1
+        ),
+        Some(c) => println!(
+            "no rule and share reached top-1 agreement {} on the calibration part; the best, \
+             chosen: {} ({:.3} there)",
+            args.agreement_target, c.name, c.calibration_top1
+        ),
+        None => {}
+    }
+    let shown: Vec<Shown> = report
+        .arms
+        .iter()
+        .map(|r| Shown {
+            name: if r.chosen {
+                format!("{} (chosen)", r.name)
+            } else {
+                r.name.clone()
+            },
+            top1_agreement: interval_text(r.top1_agreement, r.top1_low, r.top1_high),
+            f1_vs_full: interval_text(r.f1_vs_full, r.f1_vs_full_low, r.f1_vs_full_high),
+            f1_vs_label: interval_text(r.f1_vs_label, r.f1_vs_label_low, r.f1_vs_label_high),
+            fact_stated: interval_text(r.fact_stated, r.fact_stated_low, r.fact_stated_high),
+            exact_match: r.exact_match,
+            blend_share: r.blend_share,
+            ttft_secs: r.ttft_secs,
+            ttft_vs_full: interval_text(r.ttft_vs_full, r.ttft_vs_full_low, r.ttft_vs_full_high),
+        })
+        .collect();
     print_table(
-        &report.arms,
+        &shown,
         &[
             "name",
             "top1_agreement",
-            "kl_mean",
-            "first_token_agreement",
-            "identical_answers",
-            "expected_found",
-            "gap_closed",
-            "recomputed_share",
+            "f1_vs_full",
+            "f1_vs_label",
+            "fact_stated",
+            "exact_match",
             "blend_share",
             "ttft_secs",
+            "ttft_vs_full",
         ],
     )
+}
+
+fn interval_text(value: f64, low: f64, high: f64) -> String {
+    Interval { value, low, high }.show()
+}
+
+/// A row as a point of the frontier plot: (TTFT over full's, agreement, its interval).
+fn frontier_point(row: &ArmRow) -> plot::IntervalPoint {
+    plot::IntervalPoint {
+        x: row.ttft_vs_full,
+        y: row.top1_agreement,
+        low: row.top1_low,
+        high: row.top1_high,
+    }
 }

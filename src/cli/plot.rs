@@ -123,3 +123,122 @@ pub fn line_plot(
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+/// A point with a vertical interval.
+#[derive(Debug, Clone, Copy)]
+pub struct IntervalPoint {
+    pub x: f64,
+    pub y: f64,
+    /// The interval on y.
+    pub low: f64,
+    pub high: f64,
+}
+
+/// One group of points with intervals; `joined` draws a line through them in order.
+pub struct IntervalSeries {
+    pub name: String,
+    pub joined: bool,
+    pub points: Vec<IntervalPoint>,
+}
+
+/// [`interval_plot`], saying on stderr where the plot went or why there is none.
+pub fn interval_plot_or_warn(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[IntervalSeries],
+) {
+    match interval_plot(path, title, x_label, y_label, series) {
+        Ok(()) => eprintln!("plot written to {}", path.display()),
+        Err(e) => eprintln!("plot skipped: {e:#}"),
+    }
+}
+
+/// Draws every point of `series` with its interval as an error bar into a PNG at `path`;
+/// the y axis spans the intervals (not from 0), so close contenders stay apart.
+pub fn interval_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[IntervalSeries],
+) -> anyhow::Result<()> {
+    ensure_font()?;
+    let finite = |p: &&IntervalPoint| p.x.is_finite() && p.low.is_finite() && p.high.is_finite();
+    let points = || series.iter().flat_map(|s| s.points.iter()).filter(finite);
+    let (x_min, x_max) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+        (lo.min(p.x), hi.max(p.x))
+    });
+    let (y_min, y_max) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
+        (lo.min(p.low), hi.max(p.high))
+    });
+    anyhow::ensure!(x_min.is_finite() && y_min.is_finite(), "nothing to plot");
+    super::create_parent_dir(path)?;
+    let root = BitMapBackend::new(path, (1000, 640)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let x_pad = (x_max - x_min).max(0.1) * 0.05;
+    let y_pad = (y_max - y_min).max(0.01) * 0.08;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(
+            (x_min - x_pad)..(x_max + x_pad),
+            (y_min - y_pad)..(y_max + y_pad).min(1.0 + y_pad),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let colors = [
+        BLUE,
+        RED,
+        GREEN,
+        MAGENTA,
+        CYAN,
+        BLACK,
+        RGBColor(230, 140, 0),
+        RGBColor(120, 70, 160),
+        RGBColor(0, 130, 110),
+        RGBColor(150, 150, 150),
+        RGBColor(170, 60, 60),
+        RGBColor(60, 100, 170),
+    ];
+    for (i, s) in series.iter().enumerate() {
+        let color = colors[i % colors.len()];
+        let shown: Vec<IntervalPoint> = s.points.iter().filter(finite).copied().collect();
+        if s.joined {
+            chart.draw_series(LineSeries::new(
+                shown.iter().map(|p| (p.x, p.y)),
+                color.stroke_width(2),
+            ))?;
+        }
+        chart.draw_series(
+            shown
+                .iter()
+                .map(|p| ErrorBar::new_vertical(p.x, p.low, p.y, p.high, color.filled(), 8)),
+        )?;
+        chart
+            .draw_series(
+                shown
+                    .iter()
+                    .map(|p| Circle::new((p.x, p.y), 4, color.filled())),
+            )?
+            .label(s.name.as_str())
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

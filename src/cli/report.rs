@@ -42,6 +42,80 @@ pub fn percentile(xs: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
 }
 
+/// A point estimate with its 95% interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Interval {
+    pub value: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+impl Interval {
+    /// "0.953 [0.921, 0.978]".
+    pub fn show(self) -> String {
+        format!("{:.3} [{:.3}, {:.3}]", self.value, self.low, self.high)
+    }
+}
+
+/// Bootstrap resamples drawn by [`Bootstrap::new`]: enough for stable 2.5% and 97.5%
+/// percentiles, cheap beside any benchmark's own running time.
+pub const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// Percentile bootstrap over items (questions): the same resamples serve every statistic
+/// and every contender, so intervals of contenders measured on the same items are paired.
+pub struct Bootstrap {
+    /// Each resample: `items` indices drawn with replacement.
+    resamples: Vec<Vec<usize>>,
+}
+
+impl Bootstrap {
+    /// [`BOOTSTRAP_RESAMPLES`] resamples of `items` items, drawn from `seed`.
+    pub fn new(items: usize, seed: u64) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let resamples = (0..BOOTSTRAP_RESAMPLES)
+            .map(|_| {
+                (0..items)
+                    .map(|_| rng.random_range(0..items.max(1)))
+                    .collect()
+            })
+            .collect();
+        Self { resamples }
+    }
+
+    /// `statistic` of all items (each index once) with the 2.5% and 97.5% percentiles of
+    /// its value over the resamples. `statistic` receives the item indices to use.
+    pub fn interval(&self, items: usize, statistic: impl Fn(&[usize]) -> f64) -> Interval {
+        let all: Vec<usize> = (0..items).collect();
+        let value = statistic(&all);
+        if items == 0 {
+            return Interval {
+                value,
+                low: value,
+                high: value,
+            };
+        }
+        let draws: Vec<f64> = self
+            .resamples
+            .iter()
+            .map(|r| statistic(r))
+            .filter(|x| x.is_finite())
+            .collect();
+        if draws.is_empty() {
+            return Interval {
+                value,
+                low: value,
+                high: value,
+            };
+        }
+        Interval {
+            value,
+            low: percentile(&draws, 0.025),
+            high: percentile(&draws, 0.975),
+        }
+    }
+}
+
 /// Writes `rows` to `path` as CSV, one header line named after the row type's fields.
 pub fn write_csv<R: Serialize>(path: &Path, rows: &[R]) -> anyhow::Result<()> {
     super::create_parent_dir(path)?;
@@ -193,5 +267,29 @@ mod tests {
         let s = Stats::of(vec![3.0, 1.0, 2.0, 10.0]);
         assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 10.0));
         assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.5), 3.0);
+    }
+
+    #[test]
+    fn a_bootstrap_interval_holds_the_estimate_and_narrows_with_more_items() {
+        fn mean(xs: &[f64]) -> impl Fn(&[usize]) -> f64 + '_ {
+            move |idx: &[usize]| idx.iter().map(|&i| xs[i]).sum::<f64>() / idx.len() as f64
+        }
+        // Alternating 0/1 outcomes: mean 0.5, standard error 0.5/sqrt(n).
+        let few: Vec<f64> = (0..20).map(|i| (i % 2) as f64).collect();
+        let many: Vec<f64> = (0..500).map(|i| (i % 2) as f64).collect();
+        let narrow = Bootstrap::new(many.len(), 1).interval(many.len(), mean(&many));
+        let wide = Bootstrap::new(few.len(), 1).interval(few.len(), mean(&few));
+        for i in [narrow, wide] {
+            assert_eq!(i.value, 0.5);
+            assert!(i.low < 0.5 && 0.5 < i.high, "{i:?}");
+        }
+        // ±1.96 standard errors, within the bootstrap's own noise.
+        let half = (wide.high - wide.low) / 2.0;
+        assert!((half - 1.96 * 0.5 / 20f64.sqrt()).abs() < 0.06, "{wide:?}");
+        assert!(narrow.high - narrow.low < (wide.high - wide.low) / 3.0);
+        // A constant has no spread.
+        let ones = vec![1.0; 30];
+        let flat = Bootstrap::new(30, 2).interval(30, mean(&ones));
+        assert_eq!((flat.low, flat.high), (1.0, 1.0));
     }
 }

@@ -901,7 +901,7 @@ fn questions_that_time_out_mid_answer_stop_decoding_and_the_decode_limit_holds()
         let client = reqwest::Client::new();
         let url = format!("{base}/v1/chat/completions");
         // Started apart, so each gets its first token before its timeout and times out
-        // while its answer (up to 1000 tokens) is being decoded.
+        // while its answer (1000 tokens, past any end of generation) is being decoded.
         let asks = (0..3u32).map(|i| {
             let (client, url) = (client.clone(), url.clone());
             async move {
@@ -911,6 +911,8 @@ fn questions_that_time_out_mid_answer_stop_decoding_and_the_decode_limit_holds()
                     "model": "ragcake",
                     "messages": [{"role": "user", "content": QUESTION}],
                     "max_tokens": 1000,
+                    // The answer must still be decoding at the timeout, not end early.
+                    "ignore_eos": true,
                 });
                 post_raw(&client, &url, serde_json::to_vec(&body).unwrap()).await
             }

@@ -606,8 +606,8 @@ async fn planned_with_chunk_caches(
 
 fn deviation(ratio: f64) -> Recompute {
     Recompute {
-        rule: RecomputeRule::Deviation,
         ratio,
+        ..Recompute::NONE
     }
 }
 
@@ -629,7 +629,11 @@ fn chunk_caches_are_blended_with_the_tail_by_every_rule_and_recomputing_every_to
                 .into_iter()
                 .flat_map(|rule| [(rule, 0.2), (rule, 1.0)]),
         ) {
-            let recompute = Recompute { rule, ratio };
+            let recompute = Recompute {
+                rule,
+                ratio,
+                correct_attention: false,
+            };
             let (request, lookup) =
                 planned_with_chunk_caches(&store, &chunks, &tail, Mode::LoadOnly, recompute).await;
             assert_eq!(

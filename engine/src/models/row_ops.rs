@@ -8,6 +8,7 @@
 use std::ops::Range;
 
 use super::Activation;
+use crate::correction::LayerCorrection;
 use crate::rope::RopeStyle;
 
 /// `out[r] = x[r] / sqrt(mean(x[r]²) + eps) · weight` for every row of `x`.
@@ -85,14 +86,15 @@ pub(crate) fn attend_one(
     layout: KvLayout,
     seen: Range<usize>,
     scale: f32,
+    correction: Option<LayerCorrection<'_>>,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { attend_one_avx512(q, keys, values, layout, seen, scale, out) };
+        return unsafe { attend_one_avx512(q, keys, values, layout, seen, scale, correction, out) };
     }
-    attend_one_portable(q, keys, values, layout, seen, scale, out);
+    attend_one_portable(q, keys, values, layout, seen, scale, correction, out);
 }
 
 /// Whether the CPU runs AVX-512 code (checked once).
@@ -112,9 +114,10 @@ fn attend_one_avx512(
     layout: KvLayout,
     seen: Range<usize>,
     scale: f32,
+    correction: Option<LayerCorrection<'_>>,
     out: &mut [f32],
 ) {
-    attend_one_portable(q, keys, values, layout, seen, scale, out);
+    attend_one_portable(q, keys, values, layout, seen, scale, correction, out);
 }
 
 /// [`attend_one`]'s arithmetic, for whatever target it is inlined into.
@@ -126,6 +129,7 @@ fn attend_one_portable(
     layout: KvLayout,
     seen: Range<usize>,
     scale: f32,
+    correction: Option<LayerCorrection<'_>>,
     out: &mut [f32],
 ) {
     let KvLayout {
@@ -146,6 +150,16 @@ fn attend_one_portable(
             let key = &keys[base + t * head_dim..base + (t + 1) * head_dim];
             for (g, query) in queries.chunks_exact(head_dim).enumerate() {
                 scores[g * len + t] = dot(query, key) * scale;
+            }
+        }
+        // A decoded token comes after every chunk: its scores over loaded chunk keys are
+        // corrected (see `crate::correction`).
+        if let Some(c) = &correction {
+            for t in (0..len).filter(|&t| c.corrects(first + t)) {
+                for g in 0..group {
+                    let score = &mut scores[g * len + t];
+                    *score = *score * c.factor + c.offset;
+                }
             }
         }
         let mut totals = vec![0f32; group];
@@ -296,6 +310,7 @@ mod tests {
             layout,
             0..1,
             1.0,
+            None,
             &mut out,
         );
         assert_eq!(out, [3.0, -1.0, 3.0, -1.0]);
@@ -400,7 +415,7 @@ mod tests {
     #[test]
     fn portable_attention_gives_the_bits_of_a_scalar_reference() {
         check_against_reference(|q, k, v, layout, seen, out| {
-            attend_one_portable(q, k, v, layout, seen, 0.125, out)
+            attend_one_portable(q, k, v, layout, seen, 0.125, None, out)
         });
     }
 
@@ -412,7 +427,7 @@ mod tests {
         if has_avx512() {
             check_against_reference(|q, k, v, layout, seen, out| {
                 // SAFETY: the CPU has the features the function is compiled for.
-                unsafe { attend_one_avx512(q, k, v, layout, seen, 0.125, out) }
+                unsafe { attend_one_avx512(q, k, v, layout, seen, 0.125, None, out) }
             });
             return;
         }

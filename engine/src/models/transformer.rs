@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::row_ops;
 use super::{Activation, GateUpLayout, ModelConfig, QkvLayout};
+use crate::correction::LayerCorrection;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv::KvCache;
@@ -545,7 +546,8 @@ impl Transformer {
             let decode = block.decode.as_ref().filter(|_| quantized);
             let (q, k, v) = self.project_qkv(i, &x, &rows, cache, decode)?;
             let (keys, values) = cache.write_layer_at(i, offset, &k, &v)?;
-            x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, decode)?;
+            let correction = cache.layer_correction(i);
+            x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, decode, correction)?;
         }
         Ok(x)
     }
@@ -712,7 +714,8 @@ impl Transformer {
                 keys = keys.narrow(1, 0, end)?;
                 values = values.narrow(1, 0, end)?;
             }
-            x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, None)?;
+            let correction = cache.layer_correction(layer);
+            x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, None, correction)?;
         }
         cache.commit(tail.len());
         let recomputed = groups.iter().map(|g| g.rows.len()).sum();
@@ -748,7 +751,8 @@ impl Transformer {
             let probs = attention_probs(&q, &keys, &rows, scale, block.window)?;
             mass = (mass + probs.sum(0)?.narrow(0, 0, len)?)?;
             if layer < last {
-                x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, None)?;
+                // The probe ranks the chunk tokens by what the question reads uncorrected.
+                x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, None, None)?;
             }
         }
         let mass: Vec<f32> = mass.to_vec1()?;
@@ -856,9 +860,10 @@ impl Transformer {
         values: &Tensor,
         rows: &[usize],
         decode: Option<&DecodeWeights>,
+        correction: Option<LayerCorrection<'_>>,
     ) -> Result<Tensor> {
         let scale = self.config.attention_scale;
-        let attn = attention(q, keys, values, rows, scale, block.window)?;
+        let attn = attention(q, keys, values, rows, scale, block.window, correction)?;
         self.output_and_mlp(block, x, &attn, decode)
     }
 
@@ -942,7 +947,16 @@ impl Transformer {
                 let (q, k, v) =
                     self.rotated_qkv(layer, &qkv.narrow(0, i, 1)?, cache.base_position(), &row)?;
                 let (keys, values) = cache.write_layer(layer, &k, &v)?;
-                outputs.push(attention(&q, &keys, &values, &row, scale, block.window)?);
+                let correction = cache.layer_correction(layer);
+                outputs.push(attention(
+                    &q,
+                    &keys,
+                    &values,
+                    &row,
+                    scale,
+                    block.window,
+                    correction,
+                )?);
             }
             let attn = Tensor::cat(&outputs, 0)?;
             x = self.output_and_mlp(block, &x, &attn, decode)?;
@@ -1036,7 +1050,8 @@ impl Transformer {
                         capacity,
                     };
                     let seen = first_visible(own, block.window)..own + 1;
-                    row_ops::attend_one(query, keys, values, layout, seen, scale, out)
+                    let correction = cache.layer_correction(layer);
+                    row_ops::attend_one(query, keys, values, layout, seen, scale, correction, out)
                 })
             };
             if rows >= PARALLEL_ATTENTION_ROWS {
@@ -1185,6 +1200,7 @@ fn attention(
     rows: &[usize],
     scale: f64,
     window: Option<usize>,
+    correction: Option<LayerCorrection<'_>>,
 ) -> Result<Tensor> {
     let (t, nh, hd) = q.dims3()?;
     let nkv = keys.dim(0)?;
@@ -1219,14 +1235,54 @@ fn attention(
         } else {
             scores
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(vb.dtype())?;
+        let mut scores = scores.to_dtype(DType::F32)?;
+        if let Some((factor, offset)) =
+            correction.and_then(|c| score_correction(&c, block_rows, kv_start..kv_end, device))
+        {
+            scores = scores
+                .reshape((nkv, len, group, span))?
+                .broadcast_mul(&factor?)?
+                .broadcast_add(&offset?)?
+                .reshape((nkv, len * group, span))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vb.dtype())?;
         let out = probs.matmul(&vb)?; // [n_kv, len·group, hd]
         outputs.push(out.reshape((nkv, len, group, hd))?);
         s += len;
     }
     let out = Tensor::cat(&outputs, 1)?; // [n_kv, t, group, hd]
     Ok(out.transpose(0, 1)?.reshape((t, nh * hd))?)
+}
+
+/// `[rows, 1, keys.len()]` factors and offsets of the scores of the queries at the cache
+/// indices `rows` over `keys` under `correction` (1 and 0 where it does not apply); `None`
+/// when it applies nowhere in the block.
+fn score_correction(
+    correction: &LayerCorrection<'_>,
+    rows: &[usize],
+    keys: std::ops::Range<usize>,
+    device: &Device,
+) -> Option<(Result<Tensor>, Result<Tensor>)> {
+    let corrected: Vec<bool> = keys.clone().map(|k| correction.corrects(k)).collect();
+    if !rows.iter().any(|&r| correction.applies_to(r)) || !corrected.contains(&true) {
+        return None;
+    }
+    let span = corrected.len();
+    let mut factor = vec![1f32; rows.len() * span];
+    let mut offset = vec![0f32; rows.len() * span];
+    for (i, &row) in rows.iter().enumerate() {
+        if !correction.applies_to(row) {
+            continue;
+        }
+        for (j, _) in corrected.iter().enumerate().filter(|(_, c)| **c) {
+            factor[i * span + j] = correction.factor;
+            offset[i * span + j] = correction.offset;
+        }
+    }
+    let tensor = |values: Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(values, (rows.len(), 1, span), device)?)
+    };
+    Some((tensor(factor), tensor(offset)))
 }
 
 /// The first cache index the token at cache index `row` sees: 0 for global attention, the
@@ -1357,7 +1413,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (nkv, past + t, hd), &dev).unwrap();
         let scale = (hd as f64).powf(-0.5);
         let rows: Vec<usize> = (past..past + t).collect();
-        let got = attention(&q, &k, &v, &rows, scale, None).unwrap();
+        let got = attention(&q, &k, &v, &rows, scale, None, None).unwrap();
         // Reference: each query head against its KV head, full mask, no blocking.
         let expected = reference_attention(&q, &k, &v, &rows, None);
         let diff = crate::test_util::max_abs_diff(&got, &expected);
@@ -1413,7 +1469,7 @@ mod tests {
         let rows: Vec<usize> = (past..past + t).collect();
         // Windows shorter than a query block, longer than one, longer than the context.
         for window in [1, 7, 16, 300, 1000] {
-            let got = attention(&q, &k, &v, &rows, scale, Some(window)).unwrap();
+            let got = attention(&q, &k, &v, &rows, scale, Some(window), None).unwrap();
             let expected = reference_attention(&q, &k, &v, &rows, Some(window));
             let diff = crate::test_util::max_abs_diff(&got, &expected);
             assert!(diff < 1e-5, "window {window}: {diff}");
@@ -1423,14 +1479,14 @@ mod tests {
         let qs = Tensor::randn(0f32, 1.0, (scattered.len(), nh, hd), &dev).unwrap();
         for rows in [&scattered[..], &scattered[4..]] {
             let qs = qs.narrow(0, 5 - rows.len(), rows.len()).unwrap();
-            let got = attention(&qs, &k, &v, rows, scale, Some(16)).unwrap();
+            let got = attention(&qs, &k, &v, rows, scale, Some(16), None).unwrap();
             let expected = reference_attention(&qs, &k, &v, rows, Some(16));
             let diff = crate::test_util::max_abs_diff(&got, &expected);
             assert!(diff < 1e-5, "rows {rows:?}: {diff}");
         }
         // And the window changes the result: it is not global attention.
-        let global = attention(&q, &k, &v, &rows, scale, None).unwrap();
-        let local = attention(&q, &k, &v, &rows, scale, Some(16)).unwrap();
+        let global = attention(&q, &k, &v, &rows, scale, None, None).unwrap();
+        let local = attention(&q, &k, &v, &rows, scale, Some(16), None).unwrap();
         assert!(crate::test_util::max_abs_diff(&global, &local) > 0.1);
     }
 }

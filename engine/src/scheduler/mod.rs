@@ -191,6 +191,10 @@ pub struct Recompute {
     pub rule: RecomputeRule,
     /// Share of each loaded chunk's tokens, 0 to 1 (0: the chunk cache is used as loaded).
     pub ratio: f64,
+    /// Whether the tokens after the chunks apply the engine's calibrated attention
+    /// correction to the chunk's keys not recomputed ([`crate::correction`]; ordinary
+    /// attention when the model has no calibration).
+    pub correct_attention: bool,
 }
 
 impl Default for Recompute {
@@ -201,15 +205,17 @@ impl Default for Recompute {
         Self {
             rule: RecomputeRule::Query,
             ratio: 0.15,
+            correct_attention: true,
         }
     }
 }
 
 impl Recompute {
-    /// Chunk caches used as loaded.
+    /// Chunk caches used as loaded, with ordinary attention.
     pub const NONE: Recompute = Recompute {
         rule: RecomputeRule::Deviation,
         ratio: 0.0,
+        correct_attention: false,
     };
 
     /// Checks the ratio.

@@ -262,7 +262,8 @@ fn starts_with_context<K>(chunks: &[ChunkSpec<K>], context: &[u32]) -> bool {
 /// that need it (chunks with another kind of cache, or none, get none). A chunk cache right
 /// after the context it was computed after (the first chunk after the standard preamble)
 /// holds this prompt's own KV there, up to storage rounding: it needs none, and its share
-/// goes to the chunks after it, which never saw the chunks before them.
+/// goes to the chunks after it, which never saw the chunks before them. Only the chunks that
+/// need blending get the attention correction (the others are attended to as computed).
 pub fn spread_recompute<K>(chunks: &mut [ChunkSpec<K>], recompute: Recompute, context: &[u32]) {
     // Chunk 1 sits right after the context its cache was computed after.
     let after_context = starts_with_context(chunks, context);

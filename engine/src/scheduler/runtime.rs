@@ -441,10 +441,12 @@ where
 }
 
 /// How a chunk's loaded cache is blended in: only a position-independent chunk cache, and
-/// only when its ratio is not 0.
+/// only when some of its tokens are recomputed or the tail corrects its attention to it.
 fn blended<K>(chunk: &ChunkSpec<K>) -> Option<Recompute> {
-    (chunk.loads_chunk_cache() && chunk.recompute.tokens(chunk.tokens.len()) > 0)
-        .then_some(chunk.recompute)
+    let recompute = chunk.recompute;
+    (chunk.loads_chunk_cache()
+        && (recompute.tokens(chunk.tokens.len()) > 0 || recompute.correct_attention))
+        .then_some(recompute)
 }
 
 /// What the compute thread runs for a step, taken out of the state so the lock is free

@@ -85,6 +85,9 @@ pub(super) struct ChatBody {
     top_p: Option<f64>,
     #[serde(default)]
     seed: Option<u64>,
+    /// Decode to `max_tokens` past end-of-generation tokens (vLLM's field).
+    #[serde(default)]
+    ignore_eos: Option<bool>,
     #[serde(default)]
     n: Option<usize>,
     /// ragcake's own options (top_k, mode, exact, …), as in `/v1/ask`.
@@ -113,6 +116,9 @@ impl ChatBody {
         }
         if let Some(seed) = self.seed {
             options.seed = seed;
+        }
+        if let Some(ignore) = self.ignore_eos {
+            options.ignore_eos = ignore;
         }
         if self.cache_salt.is_some() {
             options.cache_salt = self.cache_salt;
