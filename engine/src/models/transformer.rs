@@ -1489,4 +1489,136 @@ mod tests {
         let local = attention(&q, &k, &v, &rows, scale, Some(16), None).unwrap();
         assert!(crate::test_util::max_abs_diff(&global, &local) > 0.1);
     }
+
+    /// The corrected attention of one query head, written apart from the kernels: the
+    /// three groups (the keys before the chunks and recomputed ones, the loaded chunk keys
+    /// at temperature `t`, the tail) each normalised alone, then merged by their
+    /// log-sum-exp, the chunk group's mass scaled by `s`.
+    fn merged_by_log_sum_exp(
+        scores: &[f64],
+        values: &[Vec<f64>],
+        chunk: &[bool],
+        t: f64,
+        s: f64,
+    ) -> Vec<f64> {
+        let groups: [Box<dyn Fn(usize) -> bool>; 2] =
+            [Box::new(|j| !chunk[j]), Box::new(|j| chunk[j])];
+        let mut total = 0.0;
+        let mut out = vec![0.0; values[0].len()];
+        for (g, member) in groups.iter().enumerate() {
+            let (temperature, mass) = if g == 1 { (t, s) } else { (1.0, 1.0) };
+            let keys: Vec<usize> = (0..scores.len()).filter(|&j| member(j)).collect();
+            let lse = keys
+                .iter()
+                .map(|&j| (scores[j] / temperature).exp())
+                .sum::<f64>()
+                .ln();
+            let weight = mass * lse.exp();
+            for &j in &keys {
+                let p = (scores[j] / temperature - lse).exp();
+                for (o, v) in out.iter_mut().zip(&values[j]) {
+                    *o += weight * p * v;
+                }
+            }
+            total += weight;
+        }
+        out.iter().map(|o| o / total).collect()
+    }
+
+    #[test]
+    fn corrected_attention_is_the_log_sum_exp_merge_of_its_groups_and_the_identity_changes_nothing()
+    {
+        let dev = Device::Cpu;
+        // Keys 0..4 a preamble, 4..20 loaded chunks (key 9 recomputed in context), 20..26
+        // the tail; queries 16..26: chunk rows (never corrected) and tail rows.
+        let (context, queries_from, nh, nkv, hd) = (26, 20, 2, 1, 8);
+        let rows: Vec<usize> = (16..context).collect();
+        let q = Tensor::randn(0f32, 1.0, (rows.len(), nh, hd), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (nkv, context, hd), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (nkv, context, hd), &dev).unwrap();
+        let scale = (hd as f64).powf(-0.5);
+        let mut keys = vec![false; queries_from];
+        keys[4..20].fill(true);
+        keys[9] = false;
+        let (t, s) = (0.7f32, 0.6f32);
+        let correction = LayerCorrection {
+            factor: 1.0 / t,
+            offset: s.ln(),
+            queries_from,
+            keys: &keys,
+        };
+        let plain = attention(&q, &k, &v, &rows, scale, None, None).unwrap();
+        let identity = LayerCorrection {
+            factor: 1.0,
+            offset: 0.0,
+            ..correction
+        };
+        let same = attention(&q, &k, &v, &rows, scale, None, Some(identity)).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let rows: Vec<Vec<f32>> = t.to_vec2().unwrap();
+            rows.concat().iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(bits(&plain), bits(&same));
+        let got: Vec<Vec<f32>> = attention(&q, &k, &v, &rows, scale, None, Some(correction))
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let plain: Vec<Vec<f32>> = plain.to_vec2().unwrap();
+        let qv: Vec<Vec<Vec<f32>>> = q.to_vec3().unwrap();
+        let kv: Vec<Vec<f32>> = k.get(0).unwrap().to_vec2().unwrap();
+        let vv: Vec<Vec<f64>> = v
+            .get(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|r| r.iter().map(|&x| x as f64).collect())
+            .collect();
+        for (i, &row) in rows.iter().enumerate() {
+            if row < queries_from {
+                assert_eq!(got[i], plain[i], "a chunk row is never corrected");
+                continue;
+            }
+            for h in 0..nh {
+                let seen = row + 1;
+                let scores: Vec<f64> = (0..seen)
+                    .map(|j| {
+                        let dot: f32 = qv[i][h].iter().zip(&kv[j]).map(|(a, b)| a * b).sum();
+                        dot as f64 * scale
+                    })
+                    .collect();
+                let chunk: Vec<bool> = (0..seen).map(|j| keys.get(j) == Some(&true)).collect();
+                let want = merged_by_log_sum_exp(&scores, &vv[..seen], &chunk, t as f64, s as f64);
+                for (d, w) in want.iter().enumerate() {
+                    let g = got[i][h * hd + d] as f64;
+                    assert!((g - w).abs() < 1e-4, "row {row} head {h}: {g} vs {w}");
+                }
+            }
+        }
+        // The decode kernel corrects the same way.
+        let row = context - 1;
+        let layout = row_ops::KvLayout {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            capacity: context,
+        };
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let query = flat(&q.get(rows.len() - 1).unwrap());
+        let mut out = vec![0f32; nh * hd];
+        let (kf, vf) = (flat(&k), flat(&v));
+        row_ops::attend_one(
+            &query,
+            &kf,
+            &vf,
+            layout,
+            0..row + 1,
+            scale as f32,
+            Some(correction),
+            &mut out,
+        );
+        for (a, b) in out.iter().zip(&got[rows.len() - 1]) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
 }
