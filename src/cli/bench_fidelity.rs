@@ -884,31 +884,41 @@ struct Shown {
     ttft_vs_full: String,
 }
 
+/// Whether a row is an f16 chunk-cache arm, drawn on its rule's line (at ratio 0, on every
+/// rule's line); the other arms are points of their own.
+fn on_a_line(row: &ArmRow) -> bool {
+    (row.name.starts_with("chunk caches, ") || row.name.starts_with("naive chunk caches"))
+        && !row.name.contains("int8")
+}
+
 fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
     write_csv(&args.csv, &report.arms)?;
     let stem = args.csv.file_stem().unwrap_or_default().to_string_lossy();
     let beside = |suffix: &str| args.csv.with_file_name(format!("{stem}{suffix}"));
     write_csv(&beside("_calibration.csv"), &report.calibration)?;
-    // One line per rule and chunk order, from the naive arm (ratio 0) up.
+    // One line per rule, chunk order and attention correction, from ratio 0 up, over the
+    // f16 chunk-cache arms.
     let mut lines: Vec<(String, Vec<&ArmRow>)> = Vec::new();
     for shuffled in [false, true] {
-        for rule in RecomputeRule::ALL.map(|r| r.as_str()) {
-            let points: Vec<&ArmRow> = report
-                .arms
-                .iter()
-                .filter(|r| r.shuffled == shuffled && r.name.starts_with("chunk caches, "))
-                .filter(|r| r.rule == rule)
-                .chain(report.arms.iter().filter(|r| {
-                    r.shuffled == shuffled
-                        && r.name.starts_with("naive chunk caches")
-                        && !r.name.contains("int8")
-                }))
-                .collect();
-            if points.len() > 1 {
-                let order = if shuffled { ", shuffled" } else { "" };
-                let mut points = points;
-                points.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
-                lines.push((format!("{rule}{order}"), points));
+        for corrected in [false, true] {
+            for rule in RecomputeRule::ALL.map(|r| r.as_str()) {
+                let mut points: Vec<&ArmRow> = report
+                    .arms
+                    .iter()
+                    .filter(|r| on_a_line(r) && r.shuffled == shuffled)
+                    .filter(|r| r.attention_corrected == corrected)
+                    .filter(|r| r.rule == rule || r.ratio == 0.0)
+                    .collect();
+                if points.len() > 1 {
+                    let order = if shuffled { ", shuffled" } else { "" };
+                    let correction = if corrected {
+                        ", attention corrected"
+                    } else {
+                        ""
+                    };
+                    points.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
+                    lines.push((format!("{rule}{correction}{order}"), points));
+                }
             }
         }
     }
@@ -952,10 +962,7 @@ fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
             points: rows.iter().map(|r| frontier_point(r)).collect(),
         })
         .collect();
-    for row in report.arms.iter().filter(|r| {
-        !r.name.starts_with("chunk caches, ")
-            && !(r.name.starts_with("naive chunk caches") && !r.name.contains("int8"))
-    }) {
+    for row in report.arms.iter().filter(|r| !on_a_line(r)) {
         groups.push(plot::IntervalSeries {
             name: row.name.clone(),
             joined: false,

@@ -52,10 +52,26 @@ pub fn line_plot_or_warn(
     series: &[Series],
     log_x: bool,
 ) {
-    match line_plot(path, title, x_label, y_label, series, log_x) {
+    say_where(
+        path,
+        line_plot(path, title, x_label, y_label, series, log_x),
+    );
+}
+
+/// Says on stderr where a plot went, or why there is none.
+fn say_where(path: &Path, drawn: anyhow::Result<()>) {
+    match drawn {
         Ok(()) => eprintln!("plot written to {}", path.display()),
         Err(e) => eprintln!("plot skipped: {e:#}"),
     }
+}
+
+/// The smallest and largest of `values` (infinities when there are none).
+fn span(values: impl Iterator<Item = (f64, f64)>) -> (f64, f64) {
+    values.fold(
+        (f64::INFINITY, f64::NEG_INFINITY),
+        |(lo, hi), (low, high)| (lo.min(low), hi.max(high)),
+    )
 }
 
 /// Draws `series` as lines with markers into a PNG at `path`; `log_x` for a log-scale x axis.
@@ -69,9 +85,7 @@ pub fn line_plot(
 ) -> anyhow::Result<()> {
     ensure_font()?;
     let points = || series.iter().flat_map(|s| s.points.iter());
-    let (x_min, x_max) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
-        (lo.min(p.0), hi.max(p.0))
-    });
+    let (x_min, x_max) = span(points().map(|p| (p.0, p.0)));
     let y_max = points().fold(0f64, |hi, p| hi.max(p.1)) * 1.1;
     anyhow::ensure!(x_min.is_finite() && y_max > 0.0, "nothing to plot");
     super::create_parent_dir(path)?;
@@ -149,10 +163,7 @@ pub fn interval_plot_or_warn(
     y_label: &str,
     series: &[IntervalSeries],
 ) {
-    match interval_plot(path, title, x_label, y_label, series) {
-        Ok(()) => eprintln!("plot written to {}", path.display()),
-        Err(e) => eprintln!("plot skipped: {e:#}"),
-    }
+    say_where(path, interval_plot(path, title, x_label, y_label, series));
 }
 
 /// Draws every point of `series` with its interval as an error bar into a PNG at `path`;
@@ -167,12 +178,8 @@ pub fn interval_plot(
     ensure_font()?;
     let finite = |p: &&IntervalPoint| p.x.is_finite() && p.low.is_finite() && p.high.is_finite();
     let points = || series.iter().flat_map(|s| s.points.iter()).filter(finite);
-    let (x_min, x_max) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
-        (lo.min(p.x), hi.max(p.x))
-    });
-    let (y_min, y_max) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
-        (lo.min(p.low), hi.max(p.high))
-    });
+    let (x_min, x_max) = span(points().map(|p| (p.x, p.x)));
+    let (y_min, y_max) = span(points().map(|p| (p.low, p.high)));
     anyhow::ensure!(x_min.is_finite() && y_min.is_finite(), "nothing to plot");
     super::create_parent_dir(path)?;
     let root = BitMapBackend::new(path, (1000, 640)).into_drawing_area();

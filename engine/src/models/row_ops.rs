@@ -72,6 +72,25 @@ pub(crate) struct KvLayout {
     pub capacity: usize,
 }
 
+/// How a query's attention scores are formed: `q·k` times `scale`, then, where a
+/// correction is given, corrected over the loaded chunk keys (see `crate::correction`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScoreRule<'a> {
+    pub scale: f32,
+    pub correction: Option<LayerCorrection<'a>>,
+}
+
+#[cfg(test)]
+impl ScoreRule<'_> {
+    /// Plain scaled scores.
+    pub fn scaled(scale: f32) -> Self {
+        Self {
+            scale,
+            correction: None,
+        }
+    }
+}
+
 /// Attention of one token's queries `q` (`[n_heads·head_dim]`) over the keys and values at
 /// the cache indices `seen` of one layer's buffers (all before it, or its sliding window);
 /// writes `[n_heads·head_dim]` into `out`. Query head `h` reads KV head
@@ -85,16 +104,15 @@ pub(crate) fn attend_one(
     values: &[f32],
     layout: KvLayout,
     seen: Range<usize>,
-    scale: f32,
-    correction: Option<LayerCorrection<'_>>,
+    scores: ScoreRule<'_>,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { attend_one_avx512(q, keys, values, layout, seen, scale, correction, out) };
+        return unsafe { attend_one_avx512(q, keys, values, layout, seen, scores, out) };
     }
-    attend_one_portable(q, keys, values, layout, seen, scale, correction, out);
+    attend_one_portable(q, keys, values, layout, seen, scores, out);
 }
 
 /// Whether the CPU runs AVX-512 code (checked once).
@@ -113,11 +131,10 @@ fn attend_one_avx512(
     values: &[f32],
     layout: KvLayout,
     seen: Range<usize>,
-    scale: f32,
-    correction: Option<LayerCorrection<'_>>,
+    scores: ScoreRule<'_>,
     out: &mut [f32],
 ) {
-    attend_one_portable(q, keys, values, layout, seen, scale, correction, out);
+    attend_one_portable(q, keys, values, layout, seen, scores, out);
 }
 
 /// [`attend_one`]'s arithmetic, for whatever target it is inlined into.
@@ -128,8 +145,7 @@ fn attend_one_portable(
     values: &[f32],
     layout: KvLayout,
     seen: Range<usize>,
-    scale: f32,
-    correction: Option<LayerCorrection<'_>>,
+    scores: ScoreRule<'_>,
     out: &mut [f32],
 ) {
     let KvLayout {
@@ -138,6 +154,7 @@ fn attend_one_portable(
         head_dim,
         capacity,
     } = layout;
+    let ScoreRule { scale, correction } = scores;
     let group = n_heads / n_kv_heads;
     let (first, len) = (seen.start, seen.end - seen.start);
     // The query heads of one KV head are handled together, so each key and value is read
@@ -309,8 +326,7 @@ mod tests {
             &values,
             layout,
             0..1,
-            1.0,
-            None,
+            ScoreRule::scaled(1.0),
             &mut out,
         );
         assert_eq!(out, [3.0, -1.0, 3.0, -1.0]);
@@ -415,7 +431,7 @@ mod tests {
     #[test]
     fn portable_attention_gives_the_bits_of_a_scalar_reference() {
         check_against_reference(|q, k, v, layout, seen, out| {
-            attend_one_portable(q, k, v, layout, seen, 0.125, None, out)
+            attend_one_portable(q, k, v, layout, seen, ScoreRule::scaled(0.125), out)
         });
     }
 
@@ -427,7 +443,7 @@ mod tests {
         if has_avx512() {
             check_against_reference(|q, k, v, layout, seen, out| {
                 // SAFETY: the CPU has the features the function is compiled for.
-                unsafe { attend_one_avx512(q, k, v, layout, seen, 0.125, None, out) }
+                unsafe { attend_one_avx512(q, k, v, layout, seen, ScoreRule::scaled(0.125), out) }
             });
             return;
         }

@@ -1050,8 +1050,11 @@ impl Transformer {
                         capacity,
                     };
                     let seen = first_visible(own, block.window)..own + 1;
-                    let correction = cache.layer_correction(layer);
-                    row_ops::attend_one(query, keys, values, layout, seen, scale, correction, out)
+                    let scores = row_ops::ScoreRule {
+                        scale,
+                        correction: cache.layer_correction(layer),
+                    };
+                    row_ops::attend_one(query, keys, values, layout, seen, scores, out)
                 })
             };
             if rows >= PARALLEL_ATTENTION_ROWS {
@@ -1613,8 +1616,10 @@ mod tests {
             &vf,
             layout,
             0..row + 1,
-            scale as f32,
-            Some(correction),
+            row_ops::ScoreRule {
+                scale: scale as f32,
+                correction: Some(correction),
+            },
             &mut out,
         );
         for (a, b) in out.iter().zip(&got[rows.len() - 1]) {
