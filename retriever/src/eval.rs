@@ -201,6 +201,7 @@ pub fn states_fact(answer: &str, fact: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ops::RangeInclusive;
 
     #[test]
     fn a_doc_matches_whole_path_segments_only() {
@@ -240,27 +241,36 @@ mod tests {
             .into()
     }
 
-    #[test]
-    fn the_bundled_demo_questions_parse() {
-        let path = package_dir().join("../demo/questions.toml");
+    /// Checks a bundled question set: at least `min` questions, none asked twice, both
+    /// parts large enough to choose on and to report on (`calibration` questions in the
+    /// first), and every label a span of its document (the span may cross a line break).
+    fn check_bundled_set(
+        questions: &str,
+        corpus: &str,
+        min: usize,
+        calibration: RangeInclusive<usize>,
+    ) {
+        let path = package_dir().join(questions);
         let set = QuestionSet::load(&path).unwrap();
-        assert!(set.questions.len() >= 100);
+        assert!(
+            set.questions.len() >= min,
+            "{} questions",
+            set.questions.len()
+        );
         let texts: std::collections::HashSet<_> = set.questions.iter().map(|q| &q.text).collect();
         assert_eq!(texts.len(), set.questions.len(), "a question asked twice");
-        let calibration = set
+        let in_calibration = set
             .questions
             .iter()
             .filter(|q| q.split() == Split::Calibration)
             .count();
-        // Both parts large enough to choose on and to report on.
         assert!(
-            (30..=70).contains(&calibration),
-            "{calibration} in calibration"
+            calibration.contains(&in_calibration),
+            "{in_calibration} in calibration"
         );
         for q in &set.questions {
-            let doc = package_dir().join("../demo/corpus").join(&q.doc);
+            let doc = package_dir().join(corpus).join(&q.doc);
             let text = std::fs::read_to_string(&doc).unwrap();
-            // A label is a span of its document; the span may cross a line break.
             let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
             assert!(
                 text.contains(&q.answer),
@@ -270,6 +280,21 @@ mod tests {
                 q.doc
             );
         }
+    }
+
+    #[test]
+    fn the_bundled_demo_questions_parse() {
+        check_bundled_set("../demo/questions.toml", "../demo/corpus", 100, 30..=70);
+    }
+
+    #[test]
+    fn the_bundled_licence_questions_parse_and_quote_their_licences() {
+        check_bundled_set(
+            "../demo/licences/questions.toml",
+            "../demo/licences/corpus",
+            60,
+            20..=45,
+        );
     }
 
     #[test]
