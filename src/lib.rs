@@ -16,13 +16,15 @@ pub use ragcake_retriever as retriever;
 /// A pipeline builder on the embedded defaults: the default LLM and embedder (fetched into
 /// the model cache on first use), the index [`paths::default_index_location`] and the KV
 /// store [`paths::default_kv_url`] (embedded Qdrant and a local directory unless
-/// `RAGCAKE_INDEX` or `RAGCAKE_KV` say otherwise). Any of them can still be replaced on the
-/// builder.
+/// `RAGCAKE_INDEX` or `RAGCAKE_KV` say otherwise), and the model's attention correction
+/// from [`paths::calibration_dir`] when `ragcake calibrate` wrote one. Any of them can still
+/// be replaced on the builder.
 pub fn default_pipeline_builder() -> Result<pipeline::PipelineBuilder, models::ModelsError> {
     let cache = models::ModelCache::default();
     Ok(pipeline::Pipeline::builder()
         .model_path(cache.fetch(&models::SMOLLM2)?.into_path())
         .embedder_dir(cache.fetch(&models::MINILM)?.into_path())
         .index_location(paths::default_index_location())
-        .kv_url(paths::default_kv_url()))
+        .kv_url(paths::default_kv_url())
+        .calibration_dir(Some(paths::calibration_dir())))
 }

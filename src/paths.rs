@@ -29,3 +29,11 @@ pub fn default_kv_url() -> String {
         )
     })
 }
+
+/// Where `ragcake calibrate` writes each model's attention correction, and where the
+/// engine looks for its model's: `RAGCAKE_CALIBRATION`, else `$RAGCAKE_HOME/calibration`.
+pub fn calibration_dir() -> std::path::PathBuf {
+    env("RAGCAKE_CALIBRATION")
+        .map(Into::into)
+        .unwrap_or_else(|| ragcake_home().join("calibration"))
+}

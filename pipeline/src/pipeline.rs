@@ -30,6 +30,7 @@ pub struct PipelineBuilder {
     embedder_dir: Option<PathBuf>,
     index_location: Option<String>,
     kv_url: Option<String>,
+    calibration_dir: Option<PathBuf>,
     engine: Option<Arc<Engine>>,
     embedder: Option<Arc<Embedder>>,
     index: Option<Arc<dyn VectorIndex>>,
@@ -73,6 +74,14 @@ impl PipelineBuilder {
         self
     }
 
+    /// Where `ragcake calibrate` wrote attention corrections (one file per model
+    /// fingerprint): the engine loaded from `model_path` applies its model's, if there is
+    /// one. An engine given already loaded keeps its own.
+    pub fn calibration_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.calibration_dir = dir;
+        self
+    }
+
     /// An engine already loaded (instead of `model_path`).
     pub fn engine(mut self, engine: Arc<Engine>) -> Self {
         self.engine = Some(engine);
@@ -108,7 +117,10 @@ impl PipelineBuilder {
             None => {
                 let path = self.model_path.ok_or_else(|| missing("model"))?;
                 let engine_config = self.engine_config;
-                let engine = blocking(move || Engine::load(&path, &engine_config)).await??;
+                let mut engine = blocking(move || Engine::load(&path, &engine_config)).await??;
+                if let Some(dir) = &self.calibration_dir {
+                    engine.load_calibration(dir)?;
+                }
                 Arc::new(engine)
             }
         };

@@ -218,10 +218,11 @@ impl PlanLayer {
         }
         let plan_secs = started.elapsed().as_secs_f64();
         let started = Instant::now();
+        let (recompute, exact) = request.options.blending();
         let options = PlanOptions {
             mode: request.options.mode,
-            exact: request.options.exact,
-            recompute: request.options.recompute,
+            exact,
+            recompute,
             chunk_context: self.chunk_context.clone(),
             cache_salt: request.options.cache_salt.as_deref().map(Arc::from),
             write_back: self.admission.admits(&request.history),

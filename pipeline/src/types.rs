@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use ragcake_engine::scheduler::{LookupSummary, Mode, PrefillReport, Recompute};
+use ragcake_engine::scheduler::{Fidelity, LookupSummary, Mode, PrefillReport, Recompute};
 use ragcake_engine::{ChatMessage, FinishReason};
 use ragcake_retriever::{CacheStatus, ChunkOrder};
 use serde::{Deserialize, Serialize};
@@ -42,11 +42,26 @@ pub struct AskOptions {
     /// its tokens are recomputed in context (`deviation`, `leading` or `query`) and what
     /// share (`ratio`, 0 to 1; 0 uses the caches as loaded). Not used with `exact`.
     pub recompute: Recompute,
+    /// A fidelity level instead of `exact` and `recompute`: `fast` (5% recomputed),
+    /// `balanced` (the default share, raised to what the loads pay for) or `exact` (exact
+    /// prefix caches only).
+    pub fidelity: Option<Fidelity>,
     /// Salts the keys of everything before the retrieved chunks (system prompt, history)
     /// and what follows them in the prompt: only requests with the same salt share those
     /// caches, and the breakdown reports only their hits (vLLM's `cache_salt`). With API
     /// keys configured, the key's own salt comes first, so a client cannot take another's.
     pub cache_salt: Option<String>,
+}
+
+impl AskOptions {
+    /// The recompute settings and whether only exact prefix caches load: the fidelity
+    /// level's when one is named, else `recompute` and `exact`.
+    pub fn blending(&self) -> (Recompute, bool) {
+        match self.fidelity {
+            Some(level) => level.settings(),
+            None => (self.recompute, self.exact),
+        }
+    }
 }
 
 impl Default for AskOptions {
@@ -63,6 +78,7 @@ impl Default for AskOptions {
             exact: false,
             prefer_cached_within: 0.0,
             recompute: Recompute::default(),
+            fidelity: None,
             cache_salt: None,
         }
     }

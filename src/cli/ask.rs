@@ -27,6 +27,11 @@ pub struct QuestionArgs {
     /// Load exact prefix caches only (never position-independent chunk caches).
     #[arg(long)]
     exact: bool,
+    /// How close to full computation: fast (5% of loaded chunk-cache tokens recomputed),
+    /// balanced (the default share, raised to what the loads pay for) or exact (as
+    /// `--exact`) [default: the default share and rule].
+    #[arg(long)]
+    fidelity: Option<ragcake::engine::scheduler::Fidelity>,
     /// Chunks in relevance order (default: cached chunks last, where the loader starts).
     #[arg(long)]
     relevance_order: bool,
@@ -39,6 +44,7 @@ impl QuestionArgs {
             max_tokens: self.max_tokens,
             mode: self.mode,
             exact: self.exact,
+            fidelity: self.fidelity,
             order: if self.relevance_order {
                 ChunkOrder::Relevance
             } else {

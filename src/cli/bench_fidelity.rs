@@ -15,8 +15,10 @@
 //!
 //! Arms: full computation (timed through the scheduler); exact prefix caches of the
 //! reference stored in f16, bf16 and f32; the chunk caches the precompute job stored, loaded
-//! with each recomputation rule at each ratio (ratio 0: naive, used as loaded); and the
-//! default mode (bidirectional, the default recomputation). The chunk-cache arms load from
+//! with each recomputation rule at each ratio (ratio 0: naive, used as loaded), each also
+//! with the calibrated attention correction when the model has one; and the fidelity levels
+//! `fast` and `balanced` (the default: bidirectional, the default share raised to what the
+//! loads pay for; `exact` is the exact prefix arms). The chunk-cache arms load from
 //! the configured store with the memory tier off, so every load is a store read. Optionally
 //! each with the retrieved chunks shuffled.
 
@@ -26,7 +28,7 @@ use std::time::Instant;
 
 use clap::Args;
 use ragcake::engine::scheduler::{
-    CacheKind, ChunkCacheHint, ChunkSpec, LoadBackend, Mode, PlanOptions, PrefillRequest,
+    CacheKind, ChunkCacheHint, ChunkSpec, Fidelity, LoadBackend, Mode, PlanOptions, PrefillRequest,
     PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, StoredCache, plan,
     spread_recompute,
 };
@@ -79,6 +81,12 @@ pub struct FidelityArgs {
     /// Recompute ratios measured for each rule (ratio 0, the naive arm, always runs).
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.15,0.25,0.5")]
     ratios: Vec<f64>,
+    /// Storage dtypes of the exact prefix cache arms.
+    #[arg(long, value_delimiter = ',', default_value = "f16,bf16,f32")]
+    exact_dtypes: Vec<StorageDtype>,
+    /// Leave out the int8 chunk-cache arms.
+    #[arg(long)]
+    no_int8: bool,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -101,16 +109,14 @@ enum Fill {
     Chunks(Recompute),
     /// The same with the chunk caches stored as int8 (computed as ingest computes them).
     Int8Chunks(Recompute),
-    /// What a request with default options gets: bidirectional, the default recomputation.
-    Default,
+    /// What a request at a fidelity level gets: bidirectional, the level's recomputation
+    /// (`balanced` is the default: its share raised to what the loads pay for).
+    Level(Fidelity),
 }
 
-/// The storage dtypes of the exact arms.
-const EXACT_DTYPES: [StorageDtype; 3] = [StorageDtype::F16, StorageDtype::Bf16, StorageDtype::F32];
-
-/// A dtype's place in [`EXACT_DTYPES`] (and among the exact stores).
-fn exact_index(dtype: StorageDtype) -> usize {
-    EXACT_DTYPES
+/// A dtype's place among the exact arms' dtypes (and the exact stores).
+fn exact_index(dtypes: &[StorageDtype], dtype: StorageDtype) -> usize {
+    dtypes
         .iter()
         .position(|&d| d == dtype)
         .expect("an exact arm's dtype")
@@ -132,11 +138,11 @@ impl Fill {
             Self::Chunks(r) => format!("chunk caches, {} {:.2}", r.rule, r.ratio),
             Self::Int8Chunks(r) if r.ratio == 0.0 => "naive chunk caches (int8)".into(),
             Self::Int8Chunks(r) => format!("chunk caches (int8), {} {:.2}", r.rule, r.ratio),
-            Self::Default => format!(
-                "default mode ({} {:.2})",
-                Recompute::default().rule,
-                Recompute::default().ratio
-            ),
+            Self::Level(level) => {
+                let (r, _) = level.settings();
+                let paid = if r.load_paid { "+, load-paid" } else { "" };
+                format!("{level} ({} {:.2}{paid})", r.rule, r.ratio)
+            }
         }
     }
 
@@ -147,7 +153,7 @@ impl Fill {
             Self::ExactPrefix(_) => "none",
             Self::Chunks(r) | Self::Int8Chunks(r) if r.ratio == 0.0 => "none",
             Self::Chunks(r) | Self::Int8Chunks(r) => r.rule.as_str(),
-            Self::Default => Recompute::default().rule.as_str(),
+            Self::Level(level) => level.settings().0.rule.as_str(),
         }
     }
 
@@ -155,7 +161,7 @@ impl Fill {
     fn corrected(self, engine_corrects: bool) -> bool {
         match self {
             Self::Chunks(r) | Self::Int8Chunks(r) => r.correct_attention && engine_corrects,
-            Self::Default => Recompute::default().correct_attention && engine_corrects,
+            Self::Level(level) => level.settings().0.correct_attention && engine_corrects,
             Self::Full | Self::ExactPrefix(_) => false,
         }
     }
@@ -165,7 +171,7 @@ impl Fill {
             Self::Full => 1.0,
             Self::ExactPrefix(_) => 0.0,
             Self::Chunks(r) | Self::Int8Chunks(r) => r.ratio,
-            Self::Default => Recompute::default().ratio,
+            Self::Level(level) => level.settings().0.ratio,
         }
     }
 }
@@ -174,7 +180,7 @@ impl Fill {
 /// attention correction) each chunk-cache arm also with the correction.
 fn arms(args: &FidelityArgs, correcting: bool) -> Vec<Fill> {
     let mut arms = vec![Fill::Full];
-    arms.extend(EXACT_DTYPES.map(Fill::ExactPrefix));
+    arms.extend(args.exact_dtypes.iter().copied().map(Fill::ExactPrefix));
     let corrections: &[bool] = if correcting { &[false, true] } else { &[false] };
     for &correct_attention in corrections {
         arms.push(Fill::Chunks(Recompute {
@@ -189,13 +195,16 @@ fn arms(args: &FidelityArgs, correcting: bool) -> Vec<Fill> {
                     rule,
                     ratio,
                     correct_attention,
+                    load_paid: false,
                 }));
             }
         }
     }
-    arms.push(Fill::Default);
+    arms.extend([Fidelity::Fast, Fidelity::Balanced].map(Fill::Level));
     // int8 chunk caches beside f16 ones: naive, and blended as the default blends.
-    arms.extend([Recompute::NONE, Recompute::default()].map(Fill::Int8Chunks));
+    if !args.no_int8 {
+        arms.extend([Recompute::NONE, Recompute::default()].map(Fill::Int8Chunks));
+    }
     arms
 }
 
@@ -306,12 +315,12 @@ struct Sample {
 }
 
 /// The reference: full computation of one prompt.
-struct Reference {
-    answer: Vec<u32>,
+pub(super) struct Reference {
+    pub(super) answer: Vec<u32>,
     /// Its greedy answer's text.
-    text: String,
+    pub(super) text: String,
     /// Next-token log-probabilities at each teacher-forced position.
-    log_probs: Vec<Vec<f32>>,
+    pub(super) log_probs: Vec<Vec<f32>>,
 }
 
 pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
@@ -352,7 +361,8 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         scheduler_config.clone(),
     );
     // One in-memory store of the reference's prefix caches per storage dtype.
-    let exact: Vec<(Arc<KvStore>, Scheduler<Engine, KvStore>)> = EXACT_DTYPES
+    let exact: Vec<(Arc<KvStore>, Scheduler<Engine, KvStore>)> = args
+        .exact_dtypes
         .iter()
         .map(|d| {
             let store = Arc::new(
@@ -405,7 +415,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
                 let (scheduler, request) = match fill {
                     Fill::Full => (&stored, computed(&prompt)),
                     Fill::ExactPrefix(dtype) => {
-                        let (store, scheduler) = &exact[exact_index(dtype)];
+                        let (store, scheduler) = &exact[exact_index(&args.exact_dtypes, dtype)];
                         let options = PlanOptions {
                             mode: Mode::LoadOnly,
                             exact: true,
@@ -429,13 +439,13 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
                             chunk_caches(&int8, &chunk_context, &prompt, Mode::LoadOnly, recompute);
                         (&int8_scheduler, request)
                     }
-                    Fill::Default => {
+                    Fill::Level(level) => {
                         let request = chunk_caches(
                             pipeline.kv(),
                             &chunk_context,
                             &prompt,
                             Mode::default(),
-                            Recompute::default(),
+                            level.settings().0,
                         );
                         (&stored, request)
                     }
@@ -453,7 +463,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         .map(|fill| match fill {
             Fill::Full => "-".to_string(),
             Fill::ExactPrefix(_) | Fill::Int8Chunks(_) => "in-memory object store".to_string(),
-            Fill::Chunks(_) | Fill::Default => format!("{store_source} (memory tier off)"),
+            Fill::Chunks(_) | Fill::Level(_) => format!("{store_source} (memory tier off)"),
         })
         .collect();
     let part = |split: Split| -> Vec<usize> {
@@ -487,7 +497,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
 
 /// Retrieves the chunks for `question` (in relevance order) and builds the prompt the
 /// pipeline would; also says whether the labelled document was among the chunks.
-async fn retrieved_prompt(
+pub(super) async fn retrieved_prompt(
     pipeline: &Pipeline,
     question: &LabelledQuestion,
     top_k: usize,
@@ -516,7 +526,7 @@ async fn retrieved_prompt(
 
 /// Computes `prompt` in full: the greedy answer and the teacher-forced distributions; also
 /// stores each chunk's prefix cache in each of `exact_stores` for the exact arms.
-async fn reference(
+pub(super) async fn reference(
     engine: &Engine,
     prompt: &Prompt,
     params: &GenerateParams,
@@ -553,7 +563,7 @@ async fn reference(
 
 /// Next-token log-probabilities after the prompt in `cache` (whose last logits are
 /// `first`) and after each token of `answer` fed in one pass.
-fn teacher_forced(
+pub(super) fn teacher_forced(
     engine: &Engine,
     cache: &mut KvCache,
     first: &Tensor,
@@ -580,7 +590,7 @@ fn log_softmax(mut row: Vec<f32>) -> Vec<f32> {
     row
 }
 
-fn argmax(row: &[f32]) -> usize {
+pub(super) fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
@@ -588,7 +598,7 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 /// KL(p ‖ q) of two log-probability rows.
-fn kl(p: &[f32], q: &[f32]) -> f64 {
+pub(super) fn kl(p: &[f32], q: &[f32]) -> f64 {
     p.iter()
         .zip(q)
         .map(|(&lp, &lq)| (lp as f64).exp() * (lp as f64 - lq as f64))
@@ -627,7 +637,7 @@ fn computed(prompt: &Prompt) -> PrefillRequest<CacheKey> {
 /// Every chunk whose position-independent cache the precompute job stored (after
 /// `context`) may load it, blended by `recompute`; the others are computed. No prefix
 /// cache is used (the store may hold some from earlier runs).
-fn chunk_caches(
+pub(super) fn chunk_caches(
     store: &KvStore,
     context: &[u32],
     prompt: &Prompt,

@@ -8,6 +8,7 @@ mod bench_retrieval;
 mod bench_serve;
 mod bench_ttft;
 mod bench_ttft_dtypes;
+mod calibrate;
 mod generate;
 mod ingest;
 mod kv;
@@ -52,6 +53,9 @@ enum Command {
     /// The main job on the embedded defaults: ingest the demo corpus, answer its questions
     /// compute-only and bidirectional, compare TTFT.
     Demo(ask::DemoArgs),
+    /// Choose the model's attention correction (APE temperature and scale) on the
+    /// calibration part of a labelled question set, and write it where the engine loads it.
+    Calibrate(calibrate::CalibrateArgs),
     /// The KV store: what it holds, and garbage collection.
     Kv {
         #[command(subcommand)]
@@ -83,6 +87,10 @@ pub struct ModelArgs {
     /// the prefill arithmetic).
     #[arg(long)]
     dense_decode: bool,
+    /// Ignore the attention correction `ragcake calibrate` wrote for this model (the tail
+    /// then attends to loaded chunk caches as ordinary attention does).
+    #[arg(long)]
+    no_attention_correction: bool,
 }
 
 impl ModelArgs {
@@ -107,9 +115,18 @@ impl ModelArgs {
         }
     }
 
+    /// Where the engine looks for its model's attention correction, unless told not to.
+    fn calibration_dir(&self) -> Option<PathBuf> {
+        (!self.no_attention_correction).then(ragcake::paths::calibration_dir)
+    }
+
     fn load(&self) -> anyhow::Result<Engine> {
         let path = self.model_path()?;
-        Ok(Engine::load(&path, &self.engine_config())?)
+        let mut engine = Engine::load(&path, &self.engine_config())?;
+        if let Some(dir) = self.calibration_dir() {
+            engine.load_calibration(&dir)?;
+        }
+        Ok(engine)
     }
 }
 
@@ -182,6 +199,7 @@ async fn build_pipeline(
     }
     let mut builder = ragcake::default_pipeline_builder()?
         .engine_config(model.engine_config())
+        .calibration_dir(model.calibration_dir())
         .config(config);
     if model.model.is_some() {
         // A path, or a model by name resolved (and fetched) here.
@@ -254,6 +272,7 @@ pub fn run() -> ExitCode {
         Command::Ask(args) => ask::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Demo(args) => ask::demo(args),
+        Command::Calibrate(args) => calibrate::run(args),
         Command::Kv { command } => kv::run(command),
         Command::Bench { command } => bench::run(command),
     };

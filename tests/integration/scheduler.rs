@@ -633,6 +633,7 @@ fn chunk_caches_are_blended_with_the_tail_by_every_rule_and_recomputing_every_to
                 rule,
                 ratio,
                 correct_attention: false,
+                load_paid: false,
             };
             let (request, lookup) =
                 planned_with_chunk_caches(&store, &chunks, &tail, Mode::LoadOnly, recompute).await;

@@ -22,7 +22,9 @@ mod transformer;
 
 use serde::Serialize;
 
-pub use transformer::{Blend, DECODE_MAX_TOKENS, Logits, Selection, Transformer};
+pub use transformer::{
+    Blend, DECODE_MAX_TOKENS, Logits, Selection, Transformer, early_probe_layers,
+};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;

@@ -628,10 +628,7 @@ impl Transformer {
             .iter()
             .map(|b| b.selection.plan(b.tokens.len()))
             .collect();
-        if blends
-            .iter()
-            .any(|b| matches!(b.selection, Selection::Attended(_)))
-        {
+        if blends.iter().any(|b| b.selection.attended()) {
             self.select_attended(blends, &mut groups, tail, cache)?;
         }
         let ids: Vec<u32> = blends
@@ -722,9 +719,10 @@ impl Transformer {
         Ok((x, recomputed))
     }
 
-    /// Fills the rows of the blends with [`Selection::Attended`]: their budgets pooled, the
-    /// tokens of those chunks that the `tail`, run over the cache as loaded, attends to most
-    /// (attention summed over its tokens, heads and every layer). The probe's keys and
+    /// Fills the rows of the blends with [`Selection::Attended`] or
+    /// [`Selection::AttendedEarly`]: their budgets pooled, the tokens of those chunks that
+    /// the `tail`, run over the cache as loaded, attends to most (attention summed over its
+    /// tokens, heads and every layer probed). The probe's keys and
     /// values of the tail are written after the cache but not committed: the blended pass
     /// overwrites them.
     fn select_attended(
@@ -744,8 +742,16 @@ impl Transformer {
         let rows: Vec<usize> = (len..len + tail.len()).collect();
         let scale = self.config.attention_scale;
         let mut mass = Tensor::zeros(len, DType::F32, &self.device)?;
-        let last = self.blocks.len() - 1;
-        for (layer, block) in self.blocks.iter().enumerate() {
+        let depth = if blends
+            .iter()
+            .any(|b| matches!(b.selection, Selection::Attended(_)))
+        {
+            self.blocks.len()
+        } else {
+            early_probe_layers(self.blocks.len())
+        };
+        let last = depth - 1;
+        for (layer, block) in self.blocks.iter().enumerate().take(depth) {
             let (q, k, v) = self.project_qkv(layer, &x, &rows, cache, None)?;
             let (keys, values) = cache.write_layer_at(layer, len, &k, &v)?;
             let probs = attention_probs(&q, &keys, &rows, scale, block.window)?;
@@ -759,14 +765,14 @@ impl Transformer {
         let budget: usize = blends
             .iter()
             .map(|b| match b.selection {
-                Selection::Attended(n) => n.min(b.tokens.len()),
+                Selection::Attended(n) | Selection::AttendedEarly(n) => n.min(b.tokens.len()),
                 _ => 0,
             })
             .sum();
         let mut candidates: Vec<(usize, usize)> = blends
             .iter()
             .enumerate()
-            .filter(|(_, b)| matches!(b.selection, Selection::Attended(_)))
+            .filter(|(_, b)| b.selection.attended())
             .flat_map(|(i, b)| (0..b.tokens.len()).map(move |r| (i, r)))
             .collect();
         candidates.sort_by(|&(a, ra), &(b, rb)| {
@@ -1132,6 +1138,16 @@ pub enum Selection {
     /// cache as loaded, and the `n` of every blend with this rule in the pass are pooled,
     /// so the chunks the question reads get the budget. Needs the question in the pass.
     Attended(usize),
+    /// The same, with the question's probe run over the first third of the layers only
+    /// ([`early_probe_layers`]): a third of the probe's cost, the tokens ranked by what the
+    /// question reads there. Pooled with `Attended` blends of the same pass (the probe then
+    /// runs every layer).
+    AttendedEarly(usize),
+}
+
+/// Layers the early query probe runs ([`Selection::AttendedEarly`]) in a model of `layers`.
+pub fn early_probe_layers(layers: usize) -> usize {
+    layers.div_ceil(3).max(1)
 }
 
 /// The tokens of one chunk a blend computes: the rows (token indices within the chunk)
@@ -1142,11 +1158,18 @@ struct RowPlan {
 }
 
 impl Selection {
+    /// Whether the question's probe chooses the tokens.
+    fn attended(&self) -> bool {
+        matches!(self, Self::Attended(_) | Self::AttendedEarly(_))
+    }
+
     /// The rows computed from the first layer of a chunk of `n` tokens, and their narrowing.
     fn plan(&self, n: usize) -> RowPlan {
         let (rows, narrowing) = match *self {
             Self::Leading(k) => ((0..k.min(n)).collect(), Vec::new()),
-            Self::Deviating(0) | Self::Attended(_) => (Vec::new(), Vec::new()),
+            Self::Deviating(0) | Self::Attended(_) | Self::AttendedEarly(_) => {
+                (Vec::new(), Vec::new())
+            }
             Self::Deviating(k) => ((0..n).collect(), vec![(1, (2 * k).min(n)), (2, k.min(n))]),
         };
         RowPlan { rows, narrowing }

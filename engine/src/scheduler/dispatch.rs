@@ -34,10 +34,10 @@ pub struct RequestShape {
     pub tail_tokens: usize,
     /// How this request fills its cache.
     pub mode: Mode,
-    /// Whether blending runs the question over the loaded caches first to choose the
-    /// tokens recomputed ([`crate::scheduler::RecomputeRule::Query`]): one more pass of
-    /// the tail, charged with the first blended chunk.
-    pub probes_tail: bool,
+    /// The pass of the question over the loaded caches that blending runs first to choose
+    /// the tokens recomputed ([`crate::scheduler::RecomputeRule::Query`]), as a share of
+    /// one pass of the tail (0: none); charged with the first blended chunk.
+    pub probe_share: f64,
     /// Layers of the model's cache. With two or more, a stored exact chunk may be filled
     /// split at a layer boundary (bottom layers computed, top layers loaded); 0 never splits.
     pub layers: usize,
@@ -55,8 +55,8 @@ impl RequestShape {
         tail_secs: impl FnOnce() -> f64,
     ) -> f64 {
         let share = self.chunks[chunk].recompute_share;
-        let probe = if share > 0.0 && blended_so_far == 0.0 && self.probes_tail {
-            tail_secs()
+        let probe = if share > 0.0 && blended_so_far == 0.0 && self.probe_share > 0.0 {
+            tail_secs() * self.probe_share
         } else {
             0.0
         };

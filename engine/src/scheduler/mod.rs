@@ -36,7 +36,10 @@ use crate::error::{EngineError, Result};
 use crate::generate::Sampler;
 
 pub use decode::{DecodeEvent, DecodeStream};
-pub use plan::{ChunkCacheHint, LookupSummary, PlanOptions, PromptChunk, plan, spread_recompute};
+pub use plan::{
+    ChunkCacheHint, LookupSummary, PlanOptions, PromptChunk, load_paid_share, plan,
+    spread_recompute,
+};
 pub use runtime::{Scheduler, SchedulerStats};
 
 /// How a request fills its cache.
@@ -144,14 +147,18 @@ pub enum RecomputeRule {
     /// The tokens the question attends to most over the loaded caches, the budget pooled
     /// across the request's chunks (query-aware, ProphetKV).
     Query,
+    /// The same, the question probed over the first third of the layers only (a third of
+    /// the probe's cost).
+    QueryEarly,
 }
 
 impl RecomputeRule {
     /// Every rule, in display order.
-    pub const ALL: [RecomputeRule; 3] = [
+    pub const ALL: [RecomputeRule; 4] = [
         RecomputeRule::Deviation,
         RecomputeRule::Leading,
         RecomputeRule::Query,
+        RecomputeRule::QueryEarly,
     ];
 
     /// The rule's name as written on the command line.
@@ -160,6 +167,19 @@ impl RecomputeRule {
             Self::Deviation => "deviation",
             Self::Leading => "leading",
             Self::Query => "query",
+            Self::QueryEarly => "query-early",
+        }
+    }
+
+    /// The question's probe pass this rule runs, as a share of one pass of the question
+    /// through every layer of a model of `layers` (0: no probe).
+    pub fn probe_share(&self, layers: usize) -> f64 {
+        match self {
+            Self::Query => 1.0,
+            Self::QueryEarly => {
+                crate::models::early_probe_layers(layers) as f64 / layers.max(1) as f64
+            }
+            Self::Deviation | Self::Leading => 0.0,
         }
     }
 }
@@ -176,7 +196,9 @@ impl FromStr for RecomputeRule {
         Self::ALL
             .into_iter()
             .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown recompute rule {s:?} (deviation, leading, query)"))
+            .ok_or_else(|| {
+                format!("unknown recompute rule {s:?} (deviation, leading, query, query-early)")
+            })
     }
 }
 
@@ -195,6 +217,12 @@ pub struct Recompute {
     /// correction to the chunk's keys not recomputed ([`crate::correction`]; ordinary
     /// attention when the model has no calibration).
     pub correct_attention: bool,
+    /// `ratio` is the least share: the scheduler raises it, per request, to the share whose
+    /// recomputation takes as long as the request's loads of those chunk caches take by its
+    /// measured rates (CacheBlend's loading controller; [`load_paid_share`]). Off unless
+    /// given, so a request naming a share gets that share.
+    #[serde(default)]
+    pub load_paid: bool,
 }
 
 impl Default for Recompute {
@@ -206,6 +234,7 @@ impl Default for Recompute {
             rule: RecomputeRule::Query,
             ratio: 0.15,
             correct_attention: true,
+            load_paid: true,
         }
     }
 }
@@ -216,6 +245,7 @@ impl Recompute {
         rule: RecomputeRule::Deviation,
         ratio: 0.0,
         correct_attention: false,
+        load_paid: false,
     };
 
     /// Checks the ratio.
@@ -245,6 +275,7 @@ impl Recompute {
             RecomputeRule::Deviation => crate::Selection::Deviating(n),
             RecomputeRule::Leading => crate::Selection::Leading(n),
             RecomputeRule::Query => crate::Selection::Attended(n),
+            RecomputeRule::QueryEarly => crate::Selection::AttendedEarly(n),
         })
     }
 
@@ -258,9 +289,74 @@ impl Recompute {
         }
         let layers = layers.max(1) as f64;
         match self.rule {
-            RecomputeRule::Leading | RecomputeRule::Query => self.ratio,
+            RecomputeRule::Leading | RecomputeRule::Query | RecomputeRule::QueryEarly => self.ratio,
             RecomputeRule::Deviation => (self.ratio + (1.0 + 2.0 * self.ratio) / layers).min(1.0),
         }
+    }
+}
+
+/// How close to full computation a request's answer is kept, as one word: the recompute
+/// settings and the caches it may load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fidelity {
+    /// The least recomputation: [`Fidelity::FAST_SHARE`] of the loaded chunk caches'
+    /// tokens, whatever the loads cost.
+    Fast,
+    /// The default ([`Recompute::default`]): its share, raised to what the loads pay for.
+    Balanced,
+    /// Exact prefix caches only: the logits differ from full computation by the storage
+    /// dtype's rounding.
+    Exact,
+}
+
+impl Fidelity {
+    /// Every level, in display order.
+    pub const ALL: [Fidelity; 3] = [Fidelity::Fast, Fidelity::Balanced, Fidelity::Exact];
+
+    /// The share `fast` recomputes.
+    pub const FAST_SHARE: f64 = 0.05;
+
+    /// The level's name as written on the command line and in requests.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Fast => "fast",
+            Self::Balanced => "balanced",
+            Self::Exact => "exact",
+        }
+    }
+
+    /// How a request at this level blends chunk caches, and whether it loads exact prefix
+    /// caches only.
+    pub fn settings(self) -> (Recompute, bool) {
+        match self {
+            Self::Fast => (
+                Recompute {
+                    ratio: Self::FAST_SHARE,
+                    load_paid: false,
+                    ..Recompute::default()
+                },
+                false,
+            ),
+            Self::Balanced => (Recompute::default(), false),
+            Self::Exact => (Recompute::NONE, true),
+        }
+    }
+}
+
+impl fmt::Display for Fidelity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Fidelity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown fidelity {s:?} (fast, balanced, exact)"))
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use super::dispatch::CostModel;
 use super::{
     CacheKind, ChunkSpec, LoadBackend, Mode, PrefillRequest, Recompute, StoredCache, WriteBack,
 };
@@ -291,6 +292,51 @@ pub fn spread_recompute<K>(chunks: &mut [ChunkSpec<K>], recompute: Recompute, co
     }
 }
 
+/// The share of the load-paid chunk caches' tokens (those whose [`Recompute::load_paid`]
+/// is set) whose recomputation takes, by `costs`, as long as loading those caches takes
+/// with `io_concurrency` loads in flight — less the query rules' probe of the tail (in a
+/// model of `layers`), which the same budget pays for. `starts` are the chunks' cache indices, `tail_start` the
+/// tail's. 0 when no chunk is load-paid; at most 1. What the loads pay for is compute the
+/// prompt needs anyway (a slow store buys more recomputation, a local one little): the
+/// tail's pass runs after the last load, so the recomputation adds to TTFT at most the time
+/// the loads took.
+pub fn load_paid_share<K>(
+    chunks: &[ChunkSpec<K>],
+    starts: &[usize],
+    tail: (usize, usize),
+    costs: &CostModel,
+    io_concurrency: usize,
+    layers: usize,
+) -> f64 {
+    let (tail_start, tail_tokens) = tail;
+    let (mut loads, mut compute, mut count, mut probe_share) = (0.0, 0.0, 0usize, 0.0f64);
+    for (chunk, &start) in chunks.iter().zip(starts) {
+        if !(chunk.loads_chunk_cache() && chunk.recompute.load_paid) {
+            continue;
+        }
+        loads += costs.load_secs(chunk.tokens.len());
+        compute += costs.compute_secs(chunk.tokens.len(), start);
+        count += 1;
+        probe_share = probe_share.max(chunk.recompute.rule.probe_share(layers));
+    }
+    if count == 0 || compute <= 0.0 {
+        return 0.0;
+    }
+    // Loads in flight together take about the longest of them: their sum over the slots.
+    let load_wall = loads / io_concurrency.clamp(1, count) as f64;
+    let probe = probe_share * costs.compute_secs(tail_tokens, tail_start);
+    ((load_wall - probe) / compute).clamp(0.0, 1.0)
+}
+
+/// Raises the recompute share of every load-paid chunk cache to `share` where it is lower.
+pub(crate) fn raise_load_paid<K>(chunks: &mut [ChunkSpec<K>], share: f64) {
+    for chunk in chunks {
+        if chunk.loads_chunk_cache() && chunk.recompute.load_paid {
+            chunk.recompute.ratio = chunk.recompute.ratio.max(share);
+        }
+    }
+}
+
 /// Why a chunk's lookup found nothing to plan with.
 #[derive(Debug)]
 enum LookupFailure {
@@ -353,4 +399,101 @@ async fn locate<L: LoadBackend>(
         })
     });
     (stored, requests)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scheduler::{RecomputeRule, SchedulerConfig};
+    use crate::scheduler::dispatch::{Dispatcher, chunk_starts};
+
+    /// A preamble computed, then `chunk caches` loaded with `recompute`, each of `tokens`.
+    fn chunks(tokens: usize, chunk_caches: usize, recompute: Recompute) -> Vec<ChunkSpec<u32>> {
+        let preamble = ChunkSpec {
+            tokens: vec![1; 16].into(),
+            stored: None,
+            write_back: None,
+            recompute: Recompute::NONE,
+        };
+        let loaded = (0..chunk_caches).map(|i| ChunkSpec {
+            tokens: vec![2; tokens].into(),
+            stored: Some(StoredCache {
+                key: i as u32,
+                kind: CacheKind::Chunk,
+            }),
+            write_back: None,
+            recompute,
+        });
+        std::iter::once(preamble).chain(loaded).collect()
+    }
+
+    /// Costs of 1 ms per computed token (no attention term) and `load` per loaded token.
+    fn costs(load: f64) -> CostModel {
+        Dispatcher::new(SchedulerConfig {
+            compute_secs_per_token: 1e-3,
+            compute_secs_per_token_per_position: 0.0,
+            load_secs_per_token: load,
+            ..SchedulerConfig::default()
+        })
+        .costs()
+        .clone()
+    }
+
+    fn share(chunks: &[ChunkSpec<u32>], costs: &CostModel, io: usize) -> f64 {
+        let starts = chunk_starts(chunks.iter().map(|c| c.tokens.len()));
+        load_paid_share(
+            chunks,
+            &starts,
+            (*starts.last().unwrap(), 10),
+            costs,
+            io,
+            30,
+        )
+    }
+
+    #[test]
+    fn the_share_the_loads_pay_for_is_their_time_over_the_compute_time() {
+        let leading = Recompute {
+            rule: RecomputeRule::Leading,
+            ratio: 0.05,
+            correct_attention: false,
+            load_paid: true,
+        };
+        let request = chunks(100, 4, leading);
+        // Loads of 0.2 ms a token, two at a time: 400 tokens in 40 ms of wall time, against
+        // 400 ms of compute: a tenth.
+        assert!((share(&request, &costs(2e-4), 2) - 0.1).abs() < 1e-9);
+        // A store ten times slower pays for all of it, and no more.
+        assert_eq!(share(&request, &costs(2e-2), 2), 1.0);
+        // The query rule's probe of the 10-token tail (10 ms) comes out of the same time.
+        let query = Recompute {
+            rule: RecomputeRule::Query,
+            ..leading
+        };
+        assert!((share(&chunks(100, 4, query), &costs(2e-4), 2) - 0.075).abs() < 1e-9);
+        // Nothing load-paid, nothing raised.
+        let fixed = Recompute {
+            load_paid: false,
+            ..leading
+        };
+        assert_eq!(share(&chunks(100, 4, fixed), &costs(2e-4), 2), 0.0);
+    }
+
+    #[test]
+    fn raising_to_the_paid_share_keeps_higher_shares_and_fixed_ones() {
+        let paid = Recompute {
+            ratio: 0.2,
+            load_paid: true,
+            ..Recompute::default()
+        };
+        let mut request = chunks(100, 2, paid);
+        request[2].recompute.load_paid = false;
+        raise_load_paid(&mut request, 0.1);
+        assert_eq!(request[1].recompute.ratio, 0.2);
+        raise_load_paid(&mut request, 0.3);
+        assert_eq!(request[1].recompute.ratio, 0.3);
+        // The fixed share and the computed preamble are left as they were.
+        assert_eq!(request[2].recompute.ratio, 0.2);
+        assert_eq!(request[0].recompute, Recompute::NONE);
+    }
 }

@@ -231,8 +231,28 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
 
     /// Fills a cache with the request's chunks and tail and returns it with the logits of
     /// the last token. Dropping the future cancels the request and frees what it held.
-    pub async fn prefill(&self, request: PrefillRequest<L::Key>) -> Result<Filled<C>> {
+    pub async fn prefill(&self, mut request: PrefillRequest<L::Key>) -> Result<Filled<C>> {
         let starts = check_request(&request, self.shared.compute.max_tokens())?;
+        if request.chunks.iter().any(|c| c.recompute.load_paid) {
+            let (costs, io_concurrency) = {
+                let state = self.shared.lock();
+                let dispatcher = &state.dispatcher;
+                (
+                    dispatcher.costs().clone(),
+                    dispatcher.config().io_concurrency,
+                )
+            };
+            let tail_start = starts.last().copied().unwrap_or(0);
+            let share = super::load_paid_share(
+                &request.chunks,
+                &starts,
+                (tail_start, request.tail.len()),
+                &costs,
+                io_concurrency,
+                self.shared.compute.layers(),
+            );
+            super::plan::raise_load_paid(&mut request.chunks, share);
+        }
         let shape = RequestShape {
             chunks: request
                 .chunks
@@ -246,10 +266,12 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                 .collect(),
             tail_tokens: request.tail.len(),
             mode: request.mode,
-            probes_tail: request
+            probe_share: request
                 .chunks
                 .iter()
-                .any(|c| blended(c).is_some_and(|r| r.rule == super::RecomputeRule::Query)),
+                .filter_map(blended)
+                .map(|r| r.rule.probe_share(self.shared.compute.layers()))
+                .fold(0.0, f64::max),
             layers: self.shared.compute.layers(),
         };
         let (reply, answer) = oneshot::channel();

@@ -55,7 +55,7 @@ fn blended_shape(
             .collect(),
         tail_tokens: 16,
         mode,
-        probes_tail: false,
+        probe_share: 0.0,
         layers: 30,
     }
 }
@@ -126,7 +126,7 @@ fn a_question_probe_costs_one_more_tail_pass_once_per_request() {
     let costs = costs(1e-3, 1e-4);
     let blended = blended_shape(8, |_| true, Mode::LoadOnly, 0.2);
     let probing = RequestShape {
-        probes_tail: true,
+        probe_share: 1.0,
         ..blended.clone()
     };
     let tail = blended.tail_tokens as f64 * 1e-3;

@@ -125,7 +125,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use ragcake_engine::scheduler::{Recompute, RecomputeRule};
+    use ragcake_engine::scheduler::{Fidelity, Recompute, RecomputeRule};
 
     use super::*;
 
@@ -144,6 +144,15 @@ mod tests {
         let ratio_only = json!({"recompute": {"ratio": 0.5}});
         let merged = merge_options(&defaults, Some(ratio_only)).unwrap();
         assert_eq!(merged.recompute.rule, Recompute::default().rule);
+        // A share named is the share used, not a floor the loads may raise.
+        assert!(Recompute::default().load_paid && !merged.recompute.load_paid);
+        let fast = merge_options(&defaults, Some(json!({"fidelity": "fast"}))).unwrap();
+        assert_eq!(fast.blending(), Fidelity::Fast.settings());
+        assert_eq!(fast.blending().0.ratio, Fidelity::FAST_SHARE);
+        let exact = merge_options(&defaults, Some(json!({"fidelity": "exact"}))).unwrap();
+        assert!(exact.blending().1);
+        assert_eq!(defaults.blending(), (Recompute::default(), false));
+        assert!(merge_options(&defaults, Some(json!({"fidelity": "perfect"}))).is_err());
         let unknown_rule = json!({"recompute": {"rule": "psychic"}});
         assert!(merge_options(&defaults, Some(unknown_rule)).is_err());
     }
