@@ -531,6 +531,7 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
         Selection::Deviating(share),
         Selection::Leading(share),
         Selection::Attended(share),
+        Selection::AttendedEarly(share),
     ] {
         let (blended, recomputed) = tail_logits_over_chunk_cache(&case, Some(selection));
         assert_eq!(recomputed, share, "{selection:?}");
@@ -545,6 +546,7 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
         Selection::Deviating(n),
         Selection::Leading(n),
         Selection::Attended(n),
+        Selection::AttendedEarly(n),
     ] {
         let (all, recomputed) = tail_logits_over_chunk_cache(&case, Some(selection));
         assert_eq!(recomputed, n);

@@ -496,4 +496,19 @@ mod tests {
         assert_eq!(request[2].recompute.ratio, 0.2);
         assert_eq!(request[0].recompute, Recompute::NONE);
     }
+
+    #[test]
+    fn the_early_query_probe_costs_a_third_of_the_full_one_and_the_others_none() {
+        assert_eq!(RecomputeRule::Query.probe_share(30), 1.0);
+        assert_eq!(RecomputeRule::QueryEarly.probe_share(30), 10.0 / 30.0);
+        // Never no layer at all, and a third rounded up.
+        assert_eq!(RecomputeRule::QueryEarly.probe_share(1), 1.0);
+        assert_eq!(RecomputeRule::QueryEarly.probe_share(18), 6.0 / 18.0);
+        assert_eq!(RecomputeRule::Leading.probe_share(30), 0.0);
+        assert_eq!(RecomputeRule::Deviation.probe_share(30), 0.0);
+        assert_eq!(
+            "query-early".parse::<RecomputeRule>(),
+            Ok(RecomputeRule::QueryEarly)
+        );
+    }
 }
