@@ -404,8 +404,8 @@ async fn locate<L: LoadBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::{RecomputeRule, SchedulerConfig};
     use crate::scheduler::dispatch::{Dispatcher, chunk_starts};
+    use crate::scheduler::{RecomputeRule, SchedulerConfig};
 
     /// A preamble computed, then `chunk caches` loaded with `recompute`, each of `tokens`.
     fn chunks(tokens: usize, chunk_caches: usize, recompute: Recompute) -> Vec<ChunkSpec<u32>> {
