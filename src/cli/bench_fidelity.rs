@@ -48,23 +48,31 @@ use super::ask::LabelledCorpus;
 use super::report::{Bootstrap, Interval, print_json, print_table, write_csv};
 use super::{ModelArgs, StoreArgs, plot};
 
+/// The model, stores and labelled questions a run over reference answers reads, and how
+/// its prompts and answers are built (shared by `bench fidelity` and `calibrate`).
+#[derive(Debug, Args)]
+pub(super) struct LabelledRun {
+    #[command(flatten)]
+    pub(super) model: ModelArgs,
+    #[command(flatten)]
+    pub(super) stores: StoreArgs,
+    #[command(flatten)]
+    pub(super) labelled: LabelledCorpus,
+    /// Chunks retrieved into each prompt.
+    #[arg(long, default_value_t = ragcake::retriever::DEFAULT_TOP_K)]
+    pub(super) top_k: usize,
+    /// Greedy tokens of each answer (the teacher-forced positions).
+    #[arg(long, default_value_t = 32)]
+    pub(super) max_tokens: usize,
+    /// Only the first N questions (of the calibration part, for `calibrate`).
+    #[arg(long)]
+    pub(super) limit: Option<usize>,
+}
+
 #[derive(Debug, Args)]
 pub struct FidelityArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    stores: StoreArgs,
-    #[command(flatten)]
-    labelled: LabelledCorpus,
-    /// Chunks retrieved into each prompt.
-    #[arg(long, default_value_t = ragcake::retriever::DEFAULT_TOP_K)]
-    top_k: usize,
-    /// Greedy tokens generated per answer.
-    #[arg(long, default_value_t = 32)]
-    max_tokens: usize,
-    /// Only the first N questions.
-    #[arg(long)]
-    limit: Option<usize>,
+    run: LabelledRun,
     /// Seed of the shuffled chunk order and of the bootstrap.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -335,16 +343,17 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         (0.0..=1.0).contains(&args.agreement_target),
         "--agreement-target must lie in [0, 1]"
     );
-    let questions = QuestionSet::load(&args.labelled.questions)?;
+    let questions = QuestionSet::load(&args.run.labelled.questions)?;
     let mut config = PipelineConfig::default();
     // The arms must not leave prefix caches for each other.
     config.scheduler.write_back = false;
     // Every chunk-cache load a store read: with the memory tier on, every arm after the
     // first would load a question's chunk caches from RAM.
     config.memory_tier_bytes = 0;
-    let pipeline = super::build_pipeline(&args.model, &args.stores, config).await?;
-    super::ask::ingest_corpus(&pipeline, &args.labelled.corpus).await?;
+    let pipeline = super::build_pipeline(&args.run.model, &args.run.stores, config).await?;
+    super::ask::ingest_corpus(&pipeline, &args.run.labelled.corpus).await?;
     let store_source = args
+        .run
         .stores
         .kv
         .clone()
@@ -381,7 +390,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
     );
     let int8_scheduler = Scheduler::start(engine.clone(), int8.clone(), scheduler_config.clone());
     let params = GenerateParams {
-        max_tokens: args.max_tokens,
+        max_tokens: args.run.max_tokens,
         ..GenerateParams::default()
     };
 
@@ -390,7 +399,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
     let chosen: Vec<&LabelledQuestion> = questions
         .questions
         .iter()
-        .take(args.limit.unwrap_or(usize::MAX))
+        .take(args.run.limit.unwrap_or(usize::MAX))
         .collect();
     let orders = if args.shuffled { 2 } else { 1 };
     let mut rng = StdRng::seed_from_u64(args.seed);
@@ -398,7 +407,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
     let mut samples = vec![vec![Vec::with_capacity(chosen.len()); arms.len()]; orders];
     let mut retrieved = Vec::with_capacity(chosen.len());
     for (n, q) in chosen.iter().enumerate() {
-        let (prompt, doc_retrieved) = retrieved_prompt(&pipeline, q, args.top_k).await?;
+        let (prompt, doc_retrieved) = retrieved_prompt(&pipeline, q, args.run.top_k).await?;
         retrieved.push(doc_retrieved);
         // The preamble stays first.
         let mut shuffled = prompt.clone();
@@ -996,7 +1005,7 @@ fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
         report.calibration_questions,
         report.evaluation_questions,
         report.evaluation_retrieved,
-        args.max_tokens
+        args.run.max_tokens
     );
     match &report.chosen {
         Some(c) if c.reached_target => println!(

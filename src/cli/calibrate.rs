@@ -22,30 +22,15 @@ use ragcake::pipeline::{PipelineConfig, Prompt};
 use ragcake::retriever::{QuestionSet, Split};
 use serde::Serialize;
 
-use super::ask::LabelledCorpus;
 use super::bench_fidelity::{
-    Reference, argmax, chunk_caches, kl, reference, retrieved_prompt, teacher_forced,
+    LabelledRun, Reference, argmax, chunk_caches, kl, reference, retrieved_prompt, teacher_forced,
 };
 use super::report::{print_table, write_csv};
-use super::{ModelArgs, StoreArgs};
 
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    stores: StoreArgs,
-    #[command(flatten)]
-    labelled: LabelledCorpus,
-    /// Chunks retrieved into each prompt.
-    #[arg(long, default_value_t = ragcake::retriever::DEFAULT_TOP_K)]
-    top_k: usize,
-    /// Greedy tokens of each reference answer (the teacher-forced positions).
-    #[arg(long, default_value_t = 32)]
-    max_tokens: usize,
-    /// Only the first N calibration questions.
-    #[arg(long)]
-    limit: Option<usize>,
+    run: LabelledRun,
     /// The recomputation rule blended with the correction [default: the default rule].
     #[arg(long)]
     rule: Option<RecomputeRule>,
@@ -131,32 +116,32 @@ async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
     for &s in &args.scales {
         AttentionCorrection::new(1.0, s)?;
     }
-    let questions = QuestionSet::load(&args.labelled.questions)?;
+    let questions = QuestionSet::load(&args.run.labelled.questions)?;
     let mut config = PipelineConfig::default();
     config.scheduler.write_back = false;
     config.memory_tier_bytes = 0;
     // The correction being calibrated is given explicitly; whatever file exists is ignored.
-    let mut model = args.model.clone();
+    let mut model = args.run.model.clone();
     model.no_attention_correction = true;
-    let pipeline = super::build_pipeline(&model, &args.stores, config).await?;
-    super::ask::ingest_corpus(&pipeline, &args.labelled.corpus).await?;
+    let pipeline = super::build_pipeline(&model, &args.run.stores, config).await?;
+    super::ask::ingest_corpus(&pipeline, &args.run.labelled.corpus).await?;
     let engine = pipeline.engine().clone();
     let context = pipeline.config().prompt.chunk_context(&engine)?;
     let params = GenerateParams {
-        max_tokens: args.max_tokens,
+        max_tokens: args.run.max_tokens,
         ..GenerateParams::default()
     };
     let calibration: Vec<_> = questions
         .questions
         .iter()
         .filter(|q| q.split() == Split::Calibration)
-        .take(args.limit.unwrap_or(usize::MAX))
+        .take(args.run.limit.unwrap_or(usize::MAX))
         .collect();
     anyhow::ensure!(!calibration.is_empty(), "no calibration questions");
 
     let mut cases = Vec::with_capacity(calibration.len());
     for (n, question) in calibration.iter().enumerate() {
-        let (prompt, _) = retrieved_prompt(&pipeline, question, args.top_k).await?;
+        let (prompt, _) = retrieved_prompt(&pipeline, question, args.run.top_k).await?;
         let reference = reference(&engine, &prompt, &params, &[]).await?;
         if let Some(case) = load_case(
             &engine,
@@ -246,9 +231,9 @@ async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
              top {} chunks, {} answer tokens, {}",
             recompute.rule,
             recompute.ratio,
-            args.top_k,
-            args.max_tokens,
-            args.labelled.questions.display()
+            args.run.top_k,
+            args.run.max_tokens,
+            args.run.labelled.questions.display()
         ),
         questions: cases.len(),
         kl_uncorrected: identity.kl_mean,
