@@ -326,6 +326,12 @@ impl CostModel {
         }
     }
 
+    /// Whether a load has finished: until then the load estimate is the configured prior,
+    /// a guess about the store.
+    pub fn loads_observed(&self) -> bool {
+        self.loads_seen > 0
+    }
+
     /// Expected seconds of one load of a `tokens`-token chunk from a healthy store (finished
     /// loads only).
     pub fn finished_load_secs(&self, tokens: usize) -> f64 {
@@ -341,7 +347,7 @@ impl CostModel {
         }
     }
 
-    fn observe_load(&mut self, tokens: usize, secs: f64) {
+    pub(crate) fn observe_load(&mut self, tokens: usize, secs: f64) {
         if tokens == 0 || !secs.is_finite() {
             return;
         }

@@ -296,7 +296,8 @@ pub fn spread_recompute<K>(chunks: &mut [ChunkSpec<K>], recompute: Recompute, co
 /// is set) whose recomputation takes, by `costs`, as long as loading those caches takes
 /// with `io_concurrency` loads in flight — less the query rules' probe of the tail (in a
 /// model of `layers`), which the same budget pays for. `starts` are the chunks' cache indices, `tail_start` the
-/// tail's. 0 when no chunk is load-paid; at most 1. What the loads pay for is compute the
+/// tail's. 0 when no chunk is load-paid, and until a load has finished (the prior load
+/// cost is a guess: a fresh service's first request keeps the floor); at most 1. What the loads pay for is compute the
 /// prompt needs anyway (a slow store buys more recomputation, a local one little): the
 /// tail's pass runs after the last load, so the recomputation adds to TTFT at most the time
 /// the loads took.
@@ -308,6 +309,9 @@ pub fn load_paid_share<K>(
     io_concurrency: usize,
     layers: usize,
 ) -> f64 {
+    if !costs.loads_observed() {
+        return 0.0;
+    }
     let (tail_start, tail_tokens) = tail;
     let (mut loads, mut compute, mut count, mut probe_share) = (0.0, 0.0, 0usize, 0.0f64);
     for (chunk, &start) in chunks.iter().zip(starts) {
@@ -427,8 +431,15 @@ mod tests {
         std::iter::once(preamble).chain(loaded).collect()
     }
 
-    /// Costs of 1 ms per computed token (no attention term) and `load` per loaded token.
+    /// Costs of 1 ms per computed token (no attention term) and `load` per loaded token,
+    /// one load of 100 tokens observed at that rate.
     fn costs(load: f64) -> CostModel {
+        let mut costs = unobserved_costs(load);
+        costs.observe_load(100, 100.0 * load);
+        costs
+    }
+
+    fn unobserved_costs(load: f64) -> CostModel {
         Dispatcher::new(SchedulerConfig {
             compute_secs_per_token: 1e-3,
             compute_secs_per_token_per_position: 0.0,
@@ -477,6 +488,8 @@ mod tests {
             ..leading
         };
         assert_eq!(share(&chunks(100, 4, fixed), &costs(2e-4), 2), 0.0);
+        // Before any load has finished the prior is a guess: the floor is kept.
+        assert_eq!(share(&request, &unobserved_costs(2e-2), 2), 0.0);
     }
 
     #[test]
