@@ -17,8 +17,9 @@ pub use ragcake_retriever as retriever;
 /// the model cache on first use), the index [`paths::default_index_location`] and the KV
 /// store [`paths::default_kv_url`] (embedded Qdrant and a local directory unless
 /// `RAGCAKE_INDEX` or `RAGCAKE_KV` say otherwise), and the model's attention correction
-/// from [`paths::calibration_dir`] when `ragcake calibrate` wrote one. Any of them can still
-/// be replaced on the builder.
+/// from [`paths::calibration_dir`] when `ragcake calibrate` wrote one, else the one bundled
+/// for it ([`engine::correction::BUNDLED`]). Any of them can still be replaced on the
+/// builder.
 pub fn default_pipeline_builder() -> Result<pipeline::PipelineBuilder, models::ModelsError> {
     let cache = models::ModelCache::default();
     Ok(pipeline::Pipeline::builder()

@@ -31,7 +31,8 @@ pub fn default_kv_url() -> String {
 }
 
 /// Where `ragcake calibrate` writes each model's attention correction, and where the
-/// engine looks for its model's: `RAGCAKE_CALIBRATION`, else `$RAGCAKE_HOME/calibration`.
+/// engine looks for its model's first (before the bundled ones): `RAGCAKE_CALIBRATION`,
+/// else `$RAGCAKE_HOME/calibration`.
 pub fn calibration_dir() -> std::path::PathBuf {
     env("RAGCAKE_CALIBRATION")
         .map(Into::into)

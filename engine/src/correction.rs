@@ -18,7 +18,10 @@
 //!
 //! `T` and `S` are properties of a model: `ragcake calibrate` chooses them by minimising
 //! the KL divergence from full computation on a calibration split of labelled questions
-//! and writes them, with the model's fingerprint, to a file the engine loads.
+//! and writes them, with the model's fingerprint, to a file the engine loads. The
+//! calibrations of the models ragcake fetches by name ship with it ([`BUNDLED`]), so a
+//! fresh installation corrects without calibrating first; a file `ragcake calibrate` wrote
+//! takes precedence.
 
 use std::path::{Path, PathBuf};
 
@@ -154,7 +157,30 @@ pub struct AttentionCalibration {
     pub kl_corrected: f64,
 }
 
+/// The calibrations that ship with ragcake, one per model it fetches by name (SmolLM2-135M
+/// Instruct, Gemma 3 270M), as `ragcake calibrate` wrote them on the calibration part of
+/// the demo questions (each file's `method` and `questions` say how).
+pub const BUNDLED: &[&str] = &[
+    include_str!("../calibrations/smollm2-135m-instruct.toml"),
+    include_str!("../calibrations/gemma3-270m.toml"),
+];
+
 impl AttentionCalibration {
+    /// The bundled calibration ([`BUNDLED`]) of `fingerprint`, if one ships.
+    pub fn bundled(fingerprint: LlmFingerprint) -> Result<Option<Self>> {
+        let hex = fingerprint.to_hex();
+        for text in BUNDLED {
+            let calibration: Self = toml::from_str(text).map_err(|e| {
+                EngineError::InvalidSetting(format!("a bundled attention calibration: {e}"))
+            })?;
+            if calibration.fingerprint == hex {
+                calibration.correction.validate()?;
+                return Ok(Some(calibration));
+            }
+        }
+        Ok(None)
+    }
+
     /// The file of `fingerprint`'s calibration in `dir`.
     pub fn path(dir: &Path, fingerprint: LlmFingerprint) -> PathBuf {
         dir.join(format!("{}.toml", fingerprint.to_hex()))
@@ -253,5 +279,27 @@ mod tests {
         std::fs::write(&path, "correction = 3").unwrap();
         assert!(AttentionCalibration::load(&dir, model).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_bundled_calibration_parses_is_in_range_and_names_one_model() {
+        let mut models = std::collections::HashSet::new();
+        for text in BUNDLED {
+            let calibration: AttentionCalibration = toml::from_str(text).unwrap();
+            calibration.correction.validate().unwrap();
+            let model = LlmFingerprint::from_hex(&calibration.fingerprint).unwrap();
+            assert!(
+                models.insert(model),
+                "two bundled calibrations for one model"
+            );
+            assert_eq!(
+                AttentionCalibration::bundled(model).unwrap(),
+                Some(calibration)
+            );
+        }
+        assert_eq!(
+            AttentionCalibration::bundled(LlmFingerprint([8; 32])).unwrap(),
+            None
+        );
     }
 }

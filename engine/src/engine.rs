@@ -54,7 +54,9 @@ pub struct EngineConfig {
     /// Keep quantized copies of the weights for decode steps (CPU only): the GGUF's own Q4_1
     /// blocks, 8-bit blocks for other types. Decode is bound by memory bandwidth, so this
     /// makes it several times faster; its logits differ from the dense f32 path by the 8-bit
-    /// rounding of activations (and of weights not stored in Q4_1). Prefill is unaffected.
+    /// rounding of activations (and of weights not stored in Q4_1). Prefill runs on the dense
+    /// weights either way; the query rules' probe, which only ranks the tokens a blend
+    /// recomputes, uses the quantized copies when they are kept.
     #[serde(default = "default_true")]
     pub quantized_decode: bool,
 }
@@ -199,15 +201,20 @@ impl Engine {
     }
 
     /// Loads this model's attention calibration from `dir` (written by `ragcake
-    /// calibrate`, named by the fingerprint) when there is one; returns it. A file that is
+    /// calibrate`, named by the fingerprint) when there is one, else the one bundled for it
+    /// ([`crate::correction::BUNDLED`]) when one ships; returns it. A file that is
     /// malformed or names another model is an error, never applied.
     pub fn load_calibration(&mut self, dir: &Path) -> Result<Option<AttentionCalibration>> {
-        let calibration = AttentionCalibration::load(dir, self.fingerprint)?;
+        let (calibration, source) = match AttentionCalibration::load(dir, self.fingerprint)? {
+            Some(c) => (Some(c), "calibration directory"),
+            None => (AttentionCalibration::bundled(self.fingerprint)?, "bundled"),
+        };
         if let Some(c) = &calibration {
             self.attention_correction = c.correction;
             tracing::info!(
                 temperature = c.correction.temperature,
                 scale = c.correction.scale,
+                source,
                 "attention correction loaded"
             );
         }

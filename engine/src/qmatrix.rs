@@ -409,8 +409,9 @@ impl Activations {
     }
 }
 
-/// Whether this CPU runs the AVX-512 VNNI kernels.
-fn vnni_available() -> bool {
+/// Whether this CPU runs the AVX-512 VNNI kernels (elsewhere the products run on a
+/// portable scalar loop, fast enough for a decode step's one row but not for many).
+pub(crate) fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx512f")

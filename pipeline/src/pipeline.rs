@@ -76,7 +76,8 @@ impl PipelineBuilder {
 
     /// Where `ragcake calibrate` wrote attention corrections (one file per model
     /// fingerprint): the engine loaded from `model_path` applies its model's, if there is
-    /// one. An engine given already loaded keeps its own.
+    /// one, else the one bundled for it, if one ships (`None`: no correction). An engine
+    /// given already loaded keeps its own.
     pub fn calibration_dir(mut self, dir: Option<PathBuf>) -> Self {
         self.calibration_dir = dir;
         self

@@ -35,7 +35,7 @@ use ragcake::engine::scheduler::{
 use ragcake::engine::{Engine, GenerateParams, KvCache, Logits, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path as StorePath;
-use ragcake::kvstore::{CacheKey, KvStore, StorageDtype};
+use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, throttled};
 use ragcake::pipeline::{Pipeline, PipelineConfig, Prompt};
 use ragcake::retriever::eval::{exact_match, first_hit, states_fact, token_f1};
 use ragcake::retriever::{ChunkOrder, LabelledQuestion, QuestionSet, RetrieveOptions, Split};
@@ -95,6 +95,11 @@ pub struct FidelityArgs {
     /// Leave out the int8 chunk-cache arms.
     #[arg(long)]
     no_int8: bool,
+    /// Read the stored chunk caches at this bandwidth per read, MB/s (0: as fast as the
+    /// store is): a slow store, where the loads take long enough for the `balanced` level's
+    /// load-paid share to rise above its floor.
+    #[arg(long, default_value_t = 0.0)]
+    throttle_mb_s: f64,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -343,6 +348,11 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         (0.0..=1.0).contains(&args.agreement_target),
         "--agreement-target must lie in [0, 1]"
     );
+    // Above 1 GB/s the throttle cannot wait per byte (it would read as unlimited).
+    anyhow::ensure!(
+        args.throttle_mb_s == 0.0 || (args.throttle_mb_s > 0.0 && args.throttle_mb_s < 1000.0),
+        "--throttle-mb-s must be 0 (none) or a bandwidth below 1000 MB/s"
+    );
     let questions = QuestionSet::load(&args.run.labelled.questions)?;
     let mut config = PipelineConfig::default();
     // The arms must not leave prefix caches for each other.
@@ -360,13 +370,34 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         .unwrap_or_else(ragcake::paths::default_kv_url);
     let engine = pipeline.engine().clone();
     let chunk_context = pipeline.config().prompt.chunk_context(&engine)?;
-    let scheduler_config = SchedulerConfig {
+    let mut scheduler_config = SchedulerConfig {
         write_back: false,
         ..SchedulerConfig::default()
     };
+    // The chunk-cache arms' store: the pipeline's, or the same objects read through a
+    // bandwidth limit.
+    let (chunk_store, store_source) = if args.throttle_mb_s > 0.0 {
+        let config = pipeline.config();
+        let (objects, prefix) =
+            ragcake::kvstore::open_url_with(&store_source, &config.store, Vec::new())?;
+        let throttle = Throttle {
+            bytes_per_second: Some(args.throttle_mb_s * 1e6),
+            ..Throttle::NONE
+        };
+        // A load slower than the scheduler's deadline would be abandoned and its chunk
+        // computed: the arm would measure computation, not the slow store it is about.
+        scheduler_config.load_timeout_secs = 600.0;
+        let store = KvStore::for_engine(throttled(objects, throttle), prefix, &engine)
+            .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
+            .with_storage_dtype_for(CacheKind::Chunk, config.chunk_cache_dtype);
+        let source = format!("{store_source} at {} MB/s per read", args.throttle_mb_s);
+        (Arc::new(store), source)
+    } else {
+        (pipeline.kv().clone(), store_source)
+    };
     let stored = Scheduler::start(
         engine.clone(),
-        pipeline.kv().clone(),
+        chunk_store.clone(),
         scheduler_config.clone(),
     );
     // One in-memory store of the reference's prefix caches per storage dtype.
@@ -435,7 +466,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
                     }
                     Fill::Chunks(recompute) => {
                         let request = chunk_caches(
-                            pipeline.kv(),
+                            &chunk_store,
                             &chunk_context,
                             &prompt,
                             Mode::LoadOnly,
@@ -450,7 +481,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
                     }
                     Fill::Level(level) => {
                         let request = chunk_caches(
-                            pipeline.kv(),
+                            &chunk_store,
                             &chunk_context,
                             &prompt,
                             Mode::default(),

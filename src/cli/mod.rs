@@ -84,11 +84,12 @@ pub struct ModelArgs {
     #[arg(long, env = "RAGCAKE_DTYPE")]
     dtype: Option<ragcake::engine::DTypeChoice>,
     /// Decode with the dense f32 weights instead of the quantized blocks (slower, bit-for-bit
-    /// the prefill arithmetic).
+    /// the prefill arithmetic); the query rules' probe then runs on them too.
     #[arg(long)]
     dense_decode: bool,
-    /// Ignore the attention correction `ragcake calibrate` wrote for this model (the tail
-    /// then attends to loaded chunk caches as ordinary attention does).
+    /// Ignore the model's attention correction — the one `ragcake calibrate` wrote, else the
+    /// one bundled for it (the tail then attends to loaded chunk caches as ordinary
+    /// attention does).
     #[arg(long)]
     no_attention_correction: bool,
 }

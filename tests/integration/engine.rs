@@ -475,9 +475,12 @@ fn blend_case() -> BlendCase {
 }
 
 /// The tail's logits after `preamble + first` computed and `second` loaded from its chunk
-/// cache, optionally blended with `selection`.
-fn tail_logits_over_chunk_cache(case: &BlendCase, selection: Option<Selection>) -> (Tensor, usize) {
-    let engine = dense_engine();
+/// cache, optionally blended with `selection`, on `engine`.
+fn tail_logits_over_chunk_cache(
+    engine: &Engine,
+    case: &BlendCase,
+    selection: Option<Selection>,
+) -> (Tensor, usize) {
     // The chunk cache: computed after the preamble alone, only its own tokens kept.
     let mut alone = engine.new_cache();
     engine.prefill(&mut alone, &case.preamble, 512).unwrap();
@@ -519,7 +522,7 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
     let full = logits(engine, &case.tail, &mut full_cache, Logits::All);
 
     let n = case.second.len();
-    let (naive, none) = tail_logits_over_chunk_cache(&case, None);
+    let (naive, none) = tail_logits_over_chunk_cache(engine, &case, None);
     assert_eq!(none, 0);
     let naive_kl = mean_kl(&full, &naive);
     assert!(
@@ -533,7 +536,7 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
         Selection::Attended(share),
         Selection::AttendedEarly(share),
     ] {
-        let (blended, recomputed) = tail_logits_over_chunk_cache(&case, Some(selection));
+        let (blended, recomputed) = tail_logits_over_chunk_cache(engine, &case, Some(selection));
         assert_eq!(recomputed, share, "{selection:?}");
         let kl = mean_kl(&full, &blended);
         assert!(
@@ -548,12 +551,42 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
         Selection::Attended(n),
         Selection::AttendedEarly(n),
     ] {
-        let (all, recomputed) = tail_logits_over_chunk_cache(&case, Some(selection));
+        let (all, recomputed) = tail_logits_over_chunk_cache(engine, &case, Some(selection));
         assert_eq!(recomputed, n);
         let diff = max_abs_diff(&all, &full);
         assert!(
             diff < LOGIT_TOLERANCE,
             "{selection:?}: max |Δlogit| = {diff}"
+        );
+    }
+}
+
+#[test]
+fn the_question_probe_on_the_quantized_decode_weights_keeps_the_dense_probes_fidelity() {
+    // The default engine keeps quantized decode weights and runs the question's probe on
+    // them (on CPUs with the VNNI kernels);
+    // the dense engine probes on the f32 weights. Both blend on the same f32 weights, so
+    // only the choice of tokens can differ, and it must keep what the dense choice keeps.
+    let case = blend_case();
+    let whole: Vec<u32> = [case.preamble.as_slice(), &case.first, &case.second].concat();
+    let mut full_cache = dense_engine().new_cache();
+    dense_engine()
+        .append(&mut full_cache, &whole, 512, false)
+        .unwrap();
+    let full = logits(dense_engine(), &case.tail, &mut full_cache, Logits::All);
+    let (naive, _) = tail_logits_over_chunk_cache(dense_engine(), &case, None);
+    let naive_kl = mean_kl(&full, &naive);
+    let share = case.second.len().div_ceil(5);
+    for selection in [Selection::Attended(share), Selection::AttendedEarly(share)] {
+        let (dense, _) = tail_logits_over_chunk_cache(dense_engine(), &case, Some(selection));
+        let (quantized, recomputed) =
+            tail_logits_over_chunk_cache(engine(), &case, Some(selection));
+        assert_eq!(recomputed, share, "{selection:?}");
+        let (dense_kl, quantized_kl) = (mean_kl(&full, &dense), mean_kl(&full, &quantized));
+        assert!(
+            quantized_kl < naive_kl && quantized_kl <= 1.25 * dense_kl + 1e-4,
+            "{selection:?}: KL {quantized_kl} with the quantized probe, {dense_kl} with \
+             the dense one, {naive_kl} naive"
         );
     }
 }

@@ -6,14 +6,16 @@ use std::ops::ControlFlow;
 
 use std::sync::Arc;
 
+use ragcake::engine::correction::AttentionCalibration;
 use ragcake::engine::scheduler::Mode;
-use ragcake::engine::{GenerateParams, Logits};
+use ragcake::engine::{Engine, EngineConfig, GenerateParams, Logits};
 use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::pipeline::{AskOptions, AskRequest, Pipeline, PipelineConfig};
 use ragcake::retriever::{EdgeIndex, VectorIndex};
 
 use crate::common::{
-    embedder, gemma3_engine, logits, max_abs, max_abs_diff, repo_dir, runtime, shared_gemma3_engine,
+    embedder, gemma3_engine, logits, max_abs, max_abs_diff, model_path, repo_dir, runtime,
+    shared_gemma3_engine,
 };
 
 /// The tolerance chunked prefill is held to on the default model (f32 sums in another order).
@@ -251,4 +253,22 @@ fn gemma3_answers_over_its_chunk_caches_and_a_repeat_loads_its_prefix_caches_exa
             "exact caches give the computed answer"
         );
     });
+}
+
+#[test]
+fn both_models_fetched_by_name_have_their_attention_calibration_bundled() {
+    // A wrong fingerprint in a bundled file would silently leave the correction off.
+    for engine in [crate::common::engine(), gemma3_engine()] {
+        let calibration = AttentionCalibration::bundled(engine.fingerprint())
+            .unwrap()
+            .unwrap_or_else(|| panic!("no bundled calibration for {}", engine.fingerprint()));
+        assert!(!calibration.correction.is_identity());
+    }
+    // A calibration directory without the model's file falls back to the bundled one.
+    let empty = std::env::temp_dir().join(format!("ragcake-no-calibration-{}", std::process::id()));
+    let mut engine = Engine::load(model_path(), &EngineConfig::default()).unwrap();
+    assert!(engine.attention_correction().is_identity());
+    let loaded = engine.load_calibration(&empty).unwrap().unwrap();
+    assert_eq!(engine.attention_correction(), loaded.correction);
+    assert!(!loaded.correction.is_identity());
 }

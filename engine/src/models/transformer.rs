@@ -57,7 +57,8 @@ struct Block {
 /// Quantized copies of a block's projections ([`QMatrix`]: the GGUF's Q4_1 blocks, 8-bit
 /// blocks for other types). Decode steps are bound by memory bandwidth, not arithmetic:
 /// reading 5 to 8 bits per weight instead of 32 makes them several times faster, while
-/// prefill keeps the dense f32 weights that its large products need.
+/// prefill keeps the dense f32 weights that its large products need. The question's probe,
+/// which only ranks tokens, uses them too ([`Transformer::probe_weights`]).
 struct DecodeWeights {
     /// The norms' weights and the biases as plain rows, for the slice-level decode path.
     attn_norm: Vec<f32>,
@@ -73,7 +74,8 @@ struct DecodeWeights {
     w_down: QMatrix,
 }
 
-/// Forward passes over at most this many tokens use the quantized decode weights.
+/// Forward passes over at most this many tokens use the quantized decode weights (and the
+/// query rules' probe, which only ranks tokens, however long the question).
 pub const DECODE_MAX_TOKENS: usize = 4;
 
 /// The output norm and projection of decode steps.
@@ -752,13 +754,14 @@ impl Transformer {
         };
         let last = depth - 1;
         for (layer, block) in self.blocks.iter().enumerate().take(depth) {
-            let (q, k, v) = self.project_qkv(layer, &x, &rows, cache, None)?;
+            let weights = self.probe_weights(block);
+            let (q, k, v) = self.project_qkv(layer, &x, &rows, cache, weights)?;
             let (keys, values) = cache.write_layer_at(layer, len, &k, &v)?;
             let probs = attention_probs(&q, &keys, &rows, scale, block.window)?;
             mass = (mass + probs.sum(0)?.narrow(0, 0, len)?)?;
             if layer < last {
                 // The probe ranks the chunk tokens by what the question reads uncorrected.
-                x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, None, None)?;
+                x = self.attend_and_mlp(block, &x, &q, &keys, &values, &rows, weights, None)?;
             }
         }
         let mass: Vec<f32> = mass.to_vec1()?;
@@ -785,6 +788,18 @@ impl Transformer {
             groups[i].rows.push(row);
         }
         Ok(())
+    }
+
+    /// The weights the question's probe ([`Transformer::select_attended`]) runs on: the
+    /// block's quantized decode copies where decode steps use them (f32 on the CPU) and the
+    /// CPU has the VNNI kernels that multiply many rows at once, else the dense ones. The
+    /// probe only ranks the chunk tokens, and a pass over a question's few tokens is bound
+    /// by reading the weights: the quantized copies are a quarter (8-bit) to an eighth (the
+    /// file's Q4_1 blocks) of the dense f32 bytes. Its keys and values are overwritten by
+    /// the blended pass, which runs on the dense weights as every prefill does.
+    fn probe_weights<'a>(&self, block: &'a Block) -> Option<&'a DecodeWeights> {
+        let fast = self.row_decode_head().is_some() && crate::qmatrix::vnni_available();
+        block.decode.as_ref().filter(|_| fast)
     }
 
     /// The first half of a block for tokens at the cache indices `rows`: their queries,
@@ -1135,8 +1150,9 @@ pub enum Selection {
     Deviating(usize),
     /// The tokens the question attends to most over the loaded caches (query-aware, as
     /// ProphetKV, arXiv 2602.02579), through every layer: the question is first run over the
-    /// cache as loaded, and the `n` of every blend with this rule in the pass are pooled,
-    /// so the chunks the question reads get the budget. Needs the question in the pass.
+    /// cache as loaded (on the quantized decode weights where the model keeps them: the
+    /// probe only ranks), and the `n` of every blend with this rule in the pass are pooled, so
+    /// the chunks the question reads get the budget. Needs the question in the pass.
     Attended(usize),
     /// The same, with the question's probe run over the first third of the layers only
     /// ([`early_probe_layers`]): a third of the probe's cost, the tokens ranked by what the
@@ -1249,26 +1265,39 @@ fn attention(
             .reshape((nkv, len * group, hd))?;
         let kb = keys.narrow(1, kv_start, span)?;
         let vb = values.narrow(1, kv_start, span)?;
-        let scores = qb.matmul(&kb.t()?)?;
+        let mut scores = qb.matmul(&kb.t()?)?.to_dtype(DType::F32)?;
         let masked = len > 1 || window.is_some_and(|w| span > w);
-        let scores = if masked {
-            let mask = attention_mask(block_rows, kv_start..kv_end, window, device)?
-                .to_dtype(scores.dtype())?;
-            scores
-                .reshape((nkv, len, group, span))?
-                .broadcast_add(&mask)?
-                .reshape((nkv, len * group, span))?
-        } else {
-            scores
+        let keys = kv_start..kv_end;
+        let corrected = correction.and_then(|c| score_correction(&c, block_rows, keys.clone()));
+        // Each `[len, 1, span]` term broadcast over the heads; the mask and the correction's
+        // offset are summed first, so the scores take one addition (a pass over them costs
+        // more than building the terms).
+        let per_row = |values: Vec<f32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(values, (len, 1, span), device)?)
         };
-        let mut scores = scores.to_dtype(DType::F32)?;
-        if let Some((factor, offset)) =
-            correction.and_then(|c| score_correction(&c, block_rows, kv_start..kv_end, device))
-        {
+        let (factor, offset) = match corrected {
+            Some(c) => (c.factor, Some(c.offset)),
+            None => (None, None),
+        };
+        if let Some(factor) = factor {
             scores = scores
                 .reshape((nkv, len, group, span))?
-                .broadcast_mul(&factor?)?
-                .broadcast_add(&offset?)?
+                .broadcast_mul(&per_row(factor)?)?
+                .reshape((nkv, len * group, span))?;
+        }
+        let added = match (masked, offset) {
+            (false, offset) => offset,
+            (true, None) => Some(mask_values(block_rows, keys, window)),
+            (true, Some(mut offset)) => {
+                let mask = mask_values(block_rows, keys, window);
+                offset.iter_mut().zip(mask).for_each(|(o, m)| *o += m);
+                Some(offset)
+            }
+        };
+        if let Some(added) = added {
+            scores = scores
+                .reshape((nkv, len, group, span))?
+                .broadcast_add(&per_row(added)?)?
                 .reshape((nkv, len * group, span))?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vb.dtype())?;
@@ -1280,35 +1309,45 @@ fn attention(
     Ok(out.transpose(0, 1)?.reshape((t, nh * hd))?)
 }
 
-/// `[rows, 1, keys.len()]` factors and offsets of the scores of the queries at the cache
-/// indices `rows` over `keys` under `correction` (1 and 0 where it does not apply); `None`
-/// when it applies nowhere in the block.
+/// What a correction does to the scores of the queries at the cache indices `rows` over
+/// `keys`, each row by `keys.len()` values: multiplied by `factor` (none at temperature 1,
+/// the calibrated case of both bundled models), then `offset` added (1 and 0 where it does
+/// not apply).
+struct ScoreCorrection {
+    factor: Option<Vec<f32>>,
+    offset: Vec<f32>,
+}
+
+/// The [`ScoreCorrection`] of `correction` for a block; `None` when it applies nowhere in
+/// the block.
 fn score_correction(
     correction: &LayerCorrection<'_>,
     rows: &[usize],
     keys: std::ops::Range<usize>,
-    device: &Device,
-) -> Option<(Result<Tensor>, Result<Tensor>)> {
+) -> Option<ScoreCorrection> {
     let corrected: Vec<bool> = keys.clone().map(|k| correction.corrects(k)).collect();
     if !rows.iter().any(|&r| correction.applies_to(r)) || !corrected.contains(&true) {
         return None;
     }
     let span = corrected.len();
-    let mut factor = vec![1f32; rows.len() * span];
+    let scaled = correction.factor != 1.0;
+    let mut factor = vec![1f32; if scaled { rows.len() * span } else { 0 }];
     let mut offset = vec![0f32; rows.len() * span];
     for (i, &row) in rows.iter().enumerate() {
         if !correction.applies_to(row) {
             continue;
         }
         for (j, _) in corrected.iter().enumerate().filter(|(_, c)| **c) {
-            factor[i * span + j] = correction.factor;
+            if scaled {
+                factor[i * span + j] = correction.factor;
+            }
             offset[i * span + j] = correction.offset;
         }
     }
-    let tensor = |values: Vec<f32>| -> Result<Tensor> {
-        Ok(Tensor::from_vec(values, (rows.len(), 1, span), device)?)
-    };
-    Some((tensor(factor), tensor(offset)))
+    Some(ScoreCorrection {
+        factor: scaled.then_some(factor),
+        offset,
+    })
 }
 
 /// The first cache index the token at cache index `row` sees: 0 for global attention, the
@@ -1356,6 +1395,13 @@ fn attention_mask(
     device: &Device,
 ) -> Result<Tensor> {
     let span = keys.end - keys.start;
+    let mask = mask_values(rows, keys, window);
+    Ok(Tensor::from_vec(mask, (rows.len(), 1, span), device)?)
+}
+
+/// The values of [`attention_mask`], row after row.
+fn mask_values(rows: &[usize], keys: std::ops::Range<usize>, window: Option<usize>) -> Vec<f32> {
+    let span = keys.end - keys.start;
     let mut mask = vec![0f32; rows.len() * span];
     for (i, &row) in rows.iter().enumerate() {
         let line = &mut mask[i * span..(i + 1) * span];
@@ -1364,7 +1410,7 @@ fn attention_mask(
         line[..first].fill(f32::NEG_INFINITY);
         line[last..].fill(f32::NEG_INFINITY);
     }
-    Ok(Tensor::from_vec(mask, (rows.len(), 1, span), device)?)
+    mask
 }
 
 /// The rotary tables of every layer of `config`: one per distinct base and scale.
