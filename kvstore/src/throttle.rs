@@ -26,7 +26,9 @@ impl Throttle {
     };
 }
 
-/// Wraps `inner` so reads take `latency` plus `bytes / bytes_per_second`.
+/// Wraps `inner` so reads take `latency` plus `bytes / bytes_per_second`. `inner` must
+/// answer reads with streams (memory, cloud stores): object_store's throttle panics on a
+/// local directory's file answers, so copy such objects into memory first.
 ///
 /// Built on object_store's `ThrottledStore`, whose per-byte wait has nanosecond resolution:
 /// bandwidths above 1 GB/s are treated as unlimited.

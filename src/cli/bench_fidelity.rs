@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
+use futures::TryStreamExt;
 use ragcake::engine::scheduler::{
     CacheKind, ChunkCacheHint, ChunkSpec, Fidelity, LoadBackend, Mode, PlanOptions, PrefillRequest,
     PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, StoredCache, plan,
@@ -35,6 +36,7 @@ use ragcake::engine::scheduler::{
 use ragcake::engine::{Engine, GenerateParams, KvCache, Logits, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path as StorePath;
+use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt};
 use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, throttled};
 use ragcake::pipeline::{Pipeline, PipelineConfig, Prompt};
 use ragcake::retriever::eval::{exact_match, first_hit, states_fact, token_f1};
@@ -380,6 +382,9 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         let config = pipeline.config();
         let (objects, prefix) =
             ragcake::kvstore::open_url_with(&store_source, &config.store, Vec::new())?;
+        // Copied into memory first: object_store's throttle reads streams only, and a
+        // local directory answers with files.
+        let objects = in_memory_copy(&objects, &prefix).await?;
         let throttle = Throttle {
             bytes_per_second: Some(args.throttle_mb_s * 1e6),
             ..Throttle::NONE
@@ -390,7 +395,10 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         let store = KvStore::for_engine(throttled(objects, throttle), prefix, &engine)
             .with_storage_dtype_for(CacheKind::Prefix, config.prefix_cache_dtype)
             .with_storage_dtype_for(CacheKind::Chunk, config.chunk_cache_dtype);
-        let source = format!("{store_source} at {} MB/s per read", args.throttle_mb_s);
+        let source = format!(
+            "{store_source}, copied to memory, at {} MB/s per read",
+            args.throttle_mb_s
+        );
         (Arc::new(store), source)
     } else {
         (pipeline.kv().clone(), store_source)
@@ -533,6 +541,20 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
         calibration,
     };
     write_outputs(&args, &report)
+}
+
+/// Every object of `store` under `prefix`, copied into a new in-memory store.
+async fn in_memory_copy(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &StorePath,
+) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    let memory = InMemory::new();
+    let objects: Vec<_> = store.list(Some(prefix)).try_collect().await?;
+    for object in objects {
+        let bytes = store.get(&object.location).await?.bytes().await?;
+        memory.put(&object.location, bytes.into()).await?;
+    }
+    Ok(Arc::new(memory))
 }
 
 /// Retrieves the chunks for `question` (in relevance order) and builds the prompt the
