@@ -564,8 +564,7 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
 #[test]
 fn the_question_probe_on_the_quantized_decode_weights_keeps_the_dense_probes_fidelity() {
     // The default engine keeps quantized decode weights and runs the question's probe on
-    // them (on CPUs with the VNNI kernels);
-    // the dense engine probes on the f32 weights. Both blend on the same f32 weights, so
+    // them (on CPUs with the VNNI kernels); the dense engine probes on the f32 weights. Both blend on the same f32 weights, so
     // only the choice of tokens can differ, and it must keep what the dense choice keeps.
     let case = blend_case();
     let whole: Vec<u32> = [case.preamble.as_slice(), &case.first, &case.second].concat();
