@@ -29,3 +29,8 @@ pub fn default_pipeline_builder() -> Result<pipeline::PipelineBuilder, models::M
         .kv_url(paths::default_kv_url())
         .calibration_dir(Some(paths::calibration_dir())))
 }
+
+/// The README's Rust snippets, compiled as doc tests so they keep up with the API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -13,7 +13,7 @@ use super::{ModelArgs, StoreArgs};
 /// flags (the last one set wins).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// TOML configuration file (`[http]` and `[pipeline]` tables; see README).
+    /// TOML configuration file (`[http]` and `[pipeline]` tables; see docs/ragcake.toml).
     #[arg(long, env = "RAGCAKE_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].

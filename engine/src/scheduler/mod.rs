@@ -228,7 +228,7 @@ pub struct Recompute {
 impl Default for Recompute {
     /// The query-aware rule at 15% of the chunk-cache tokens: on the demo questions the
     /// highest top-1 agreement and lowest KL of the three rules at 15% or less, in both
-    /// chunk orders (the README's fidelity figures give every rule and ratio).
+    /// chunk orders (docs/benchmarks.md gives every rule and ratio).
     fn default() -> Self {
         Self {
             rule: RecomputeRule::Query,
