@@ -12,6 +12,7 @@ pub use ragcake_ingest as ingest;
 pub use ragcake_kvstore as kvstore;
 pub use ragcake_pipeline as pipeline;
 pub use ragcake_retriever as retriever;
+pub use ragcake_scheduler as scheduler;
 
 /// A pipeline builder on the embedded defaults: the default LLM and embedder (fetched into
 /// the model cache on first use), the index [`paths::default_index_location`] and the KV

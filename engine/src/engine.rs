@@ -13,9 +13,9 @@ use crate::error::{EngineError, Result};
 use crate::generate::{GenerateParams, Generation, Sampler, generate};
 use crate::gguf::{GgufFile, LlmFingerprint};
 use crate::kv::{KvCache, KvRange, KvShape};
-use crate::models::{Blend, Logits, ModelConfig, Transformer, config_from_gguf};
-use crate::scheduler::{BlendChunk, ComputeBackend};
+use crate::models::{Blend, Logits, ModelConfig, Selection, Transformer, config_from_gguf};
 use crate::tokenizer::{Follows, Tokenizer};
+use ragcake_scheduler::{BlendChunk, ComputeBackend, Result as SchedulerResult, SchedulerError};
 
 /// Where the engine computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -132,7 +132,7 @@ pub struct Engine {
     fingerprint: LlmFingerprint,
     path: PathBuf,
     /// Applied by the tokens after loaded chunk caches that ask for it
-    /// ([`Recompute::correct_attention`](crate::scheduler::Recompute)); the identity
+    /// ([`Recompute::correct_attention`](ragcake_scheduler::Recompute)); the identity
     /// until a calibration is loaded.
     attention_correction: AttentionCorrection,
 }
@@ -251,7 +251,7 @@ impl Engine {
         let blends: Vec<Blend<'_>> = blends
             .iter()
             .filter_map(|b| {
-                let selection = b.recompute.selection(b.tokens.len())?;
+                let selection = Selection::for_recompute(&b.recompute, b.tokens.len())?;
                 Some(Blend {
                     tokens: &b.tokens,
                     offset: b.start,
@@ -468,6 +468,9 @@ impl Engine {
 /// Tokens per forward pass when the scheduler computes a chunk.
 pub const PREFILL_BATCH: usize = 512;
 
+/// The engine as the scheduler's compute back end: its errors travel as
+/// [`SchedulerError::Compute`], from which [`SchedulerError::compute_error`] recovers the
+/// [`EngineError`].
 impl ComputeBackend for Engine {
     type Cache = KvCache;
     type Kv = KvRange;
@@ -481,16 +484,22 @@ impl ComputeBackend for Engine {
         self.model.config().context_length
     }
 
-    fn compute(&self, cache: &mut KvCache, tokens: &[u32], logits: bool) -> Result<Option<Tensor>> {
+    fn compute(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        logits: bool,
+    ) -> SchedulerResult<Option<Tensor>> {
         self.append(cache, tokens, PREFILL_BATCH, logits)
+            .map_err(SchedulerError::compute)
     }
 
-    fn import(&self, cache: &mut KvCache, kv: &KvRange) -> Result<()> {
-        Engine::import(self, cache, kv)
+    fn import(&self, cache: &mut KvCache, kv: &KvRange) -> SchedulerResult<()> {
+        Engine::import(self, cache, kv).map_err(SchedulerError::compute)
     }
 
-    fn export(&self, cache: &KvCache, range: std::ops::Range<usize>) -> Result<KvRange> {
-        cache.export(range)
+    fn export(&self, cache: &KvCache, range: std::ops::Range<usize>) -> SchedulerResult<KvRange> {
+        cache.export(range).map_err(SchedulerError::compute)
     }
 
     fn kv_bytes(&self, kv: &KvRange) -> usize {
@@ -502,29 +511,46 @@ impl ComputeBackend for Engine {
         cache: &mut KvCache,
         tail: &[u32],
         blends: &[BlendChunk],
-    ) -> Result<(Tensor, usize)> {
+    ) -> SchedulerResult<(Tensor, usize)> {
         self.compute_tail_corrected(cache, tail, blends, self.attention_correction)
+            .map_err(SchedulerError::compute)
     }
 
     fn layers(&self) -> usize {
         self.model.config().kv_shape().n_layers
     }
 
-    fn compute_bottom(&self, cache: &mut KvCache, tokens: &[u32], layers: usize) -> Result<()> {
+    fn compute_bottom(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        layers: usize,
+    ) -> SchedulerResult<()> {
         self.append_bottom(cache, tokens, PREFILL_BATCH, layers)
+            .map_err(SchedulerError::compute)
     }
 
-    fn fill_top(&self, cache: &mut KvCache, kv: &KvRange, first_layer: usize) -> Result<()> {
-        Engine::fill_top(self, cache, kv, first_layer)
+    fn fill_top(
+        &self,
+        cache: &mut KvCache,
+        kv: &KvRange,
+        first_layer: usize,
+    ) -> SchedulerResult<()> {
+        Engine::fill_top(self, cache, kv, first_layer).map_err(SchedulerError::compute)
     }
 
-    fn decode(&self, caches: &mut [&mut KvCache], tokens: &[u32]) -> Result<Vec<Tensor>> {
-        let logits = self.model.decode_batch(tokens, caches)?;
-        (0..tokens.len()).map(|i| Ok(logits.get(i)?)).collect()
+    fn decode(&self, caches: &mut [&mut KvCache], tokens: &[u32]) -> SchedulerResult<Vec<Tensor>> {
+        let logits = self
+            .model
+            .decode_batch(tokens, caches)
+            .map_err(SchedulerError::compute)?;
+        (0..tokens.len())
+            .map(|i| logits.get(i).map_err(SchedulerError::compute))
+            .collect()
     }
 
-    fn sample(&self, sampler: &mut Sampler, logits: &Tensor) -> Result<u32> {
-        sampler.sample(logits)
+    fn sample(&self, sampler: &mut Sampler, logits: &Tensor) -> SchedulerResult<u32> {
+        crate::generate::sample(sampler, logits).map_err(SchedulerError::compute)
     }
 
     fn ends_generation(&self, token: u32) -> bool {

@@ -91,9 +91,9 @@ pub enum EngineError {
     /// An invalid sampling or generation setting.
     #[error("invalid generation setting: {0}")]
     InvalidSetting(String),
-    /// The prefill scheduler is shut down or could not run a request.
+    /// Sampling settings out of range, or a scheduler failure surfaced through the engine.
     #[error("scheduler: {0}")]
-    Scheduler(String),
+    Scheduler(#[from] ragcake_scheduler::SchedulerError),
     /// An error from the tensor library.
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -23,7 +23,6 @@ pub mod kv;
 pub mod models;
 pub mod qmatrix;
 pub mod rope;
-pub mod scheduler;
 pub mod tokenizer;
 
 #[cfg(test)]

@@ -14,7 +14,6 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ragcake_engine::scheduler::LoadBackend;
 use ragcake_engine::{Engine, KvRange};
 use ragcake_kvstore::{CacheKey, KvStore};
 use ragcake_pipeline::PromptTemplate;
@@ -22,6 +21,7 @@ use ragcake_retriever::{
     ChunkId, Chunker, DEFAULT_CHUNK_TOKENS, Embedder, IndexPoint, IndexedChunk, TextChunk,
     VectorIndex,
 };
+use ragcake_scheduler::LoadBackend;
 use serde::Serialize;
 
 use crate::error::{IngestError, Result};

@@ -3,7 +3,7 @@
 use ragcake_engine::LlmFingerprint;
 
 /// What a stored cache holds (the scheduler's kinds: prefix or chunk).
-pub use ragcake_engine::scheduler::CacheKind;
+pub use ragcake_scheduler::CacheKind;
 
 /// A cache key: a blake3 hash of the model fingerprint, the kind, (for prefix caches) the
 /// parent key or (for chunk caches) the context they were computed after, and the chunk's

@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use ragcake_engine::KvRange;
-use ragcake_engine::scheduler::{LoadBackend, LoadOutcome, MissReason};
+use ragcake_scheduler::{LoadBackend, LoadOutcome, MissReason};
 
 use crate::key::{CacheKey, CacheKind};
 use crate::store::{KvStore, Lookup};

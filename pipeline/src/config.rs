@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use ragcake_engine::scheduler::SchedulerConfig;
 use ragcake_engine::{ChatMessage, Role};
 use ragcake_kvstore::{StorageDtype, StoreClientConfig};
+use ragcake_scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PipelineError, Result};

@@ -15,6 +15,10 @@ pub enum PipelineError {
     /// The engine failed (tokenizing, prefill, generation).
     #[error(transparent)]
     Engine(#[from] ragcake_engine::EngineError),
+    /// The scheduler failed to prefill or decode (a shut-down scheduler, a restarted
+    /// worker, the model's own error inside [`ragcake_scheduler::SchedulerError::Compute`]).
+    #[error(transparent)]
+    Scheduler(#[from] ragcake_scheduler::SchedulerError),
     /// The KV store could not be opened.
     #[error(transparent)]
     KvStore(#[from] ragcake_kvstore::KvStoreError),

@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tower::{Layer, Service};
 
-use ragcake_engine::scheduler::SchedulerStats;
+use ragcake_scheduler::SchedulerStats;
 
 use crate::error::{BoxError, PipelineError};
 use crate::types::{Answer, Ask};
@@ -238,10 +238,10 @@ impl Metrics {
         self.bytes_loaded.inc_by(p.bytes_loaded);
         for miss in &p.misses {
             let reason = match miss.reason {
-                ragcake_engine::scheduler::MissReason::Absent => "absent",
-                ragcake_engine::scheduler::MissReason::Rejected(_) => "rejected",
-                ragcake_engine::scheduler::MissReason::StoreFailed(_) => "store_failed",
-                ragcake_engine::scheduler::MissReason::Stalled => "stalled",
+                ragcake_scheduler::MissReason::Absent => "absent",
+                ragcake_scheduler::MissReason::Rejected(_) => "rejected",
+                ragcake_scheduler::MissReason::StoreFailed(_) => "store_failed",
+                ragcake_scheduler::MissReason::Stalled => "stalled",
             };
             self.misses.get_or_create(&label("reason", reason)).inc();
         }

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use ragcake_engine::scheduler::SchedulerStats;
 use ragcake_engine::{Engine, EngineConfig};
 use ragcake_kvstore::{CacheKind, KvStore};
 use ragcake_retriever::{Embedder, Retriever, VectorIndex};
+use ragcake_scheduler::SchedulerStats;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tower::util::BoxCloneSyncService;
@@ -264,7 +264,7 @@ async fn check_chunk_caches(
     kv: &KvStore,
     context: &[u32],
 ) -> ChunkCacheCheck {
-    use ragcake_engine::scheduler::LoadBackend;
+    use ragcake_scheduler::LoadBackend;
     let looked_up_as = kv.storage_dtype(CacheKind::Chunk);
     let sample = async {
         let vector = retriever

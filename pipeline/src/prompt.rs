@@ -2,9 +2,9 @@
 //! prompt, history, the start of the user's message), the retrieved chunks' own tokens, and
 //! a tail (the question and the opening of the reply).
 
-use ragcake_engine::scheduler::PromptChunk;
 use ragcake_engine::{ChatMessage, ChatPiece, Engine, Follows, Role};
 use ragcake_retriever::RetrievedChunk;
+use ragcake_scheduler::PromptChunk;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;

@@ -12,12 +12,12 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use ragcake_engine::scheduler::{DecodeEvent, PlanOptions, PrefillRequest, Scheduler};
 use ragcake_engine::{
     Engine, FinishReason, GenerateParams, KvCache, Sampling, StreamDecoder, Tensor,
 };
 use ragcake_kvstore::{CacheKey, KvStore};
 use ragcake_retriever::{Retrieval, RetrieveOptions, Retriever};
+use ragcake_scheduler::{DecodeEvent, PlanOptions, PrefillRequest, Scheduler};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
@@ -186,7 +186,7 @@ impl PlanLayer {
             prompt: Arc::new(prompt),
             chunk_context,
             admission,
-            lookup_timeout_secs: ragcake_engine::scheduler::plan::DEFAULT_LOOKUP_TIMEOUT_SECS,
+            lookup_timeout_secs: ragcake_scheduler::plan::DEFAULT_LOOKUP_TIMEOUT_SECS,
         })
     }
 
@@ -229,7 +229,7 @@ impl PlanLayer {
             lookup_timeout_secs: self.lookup_timeout_secs,
         };
         let (plan, lookups) =
-            ragcake_engine::scheduler::plan(&*self.kv, prompt.chunks, prompt.tail, options).await;
+            ragcake_scheduler::plan(&*self.kv, prompt.chunks, prompt.tail, options).await;
         let sources = retrieval
             .chunks
             .into_iter()

@@ -2,9 +2,9 @@
 
 use std::time::Instant;
 
-use ragcake_engine::scheduler::{Fidelity, LookupSummary, Mode, PrefillReport, Recompute};
 use ragcake_engine::{ChatMessage, FinishReason};
 use ragcake_retriever::{CacheStatus, ChunkOrder};
+use ragcake_scheduler::{Fidelity, LookupSummary, Mode, PrefillReport, Recompute};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 

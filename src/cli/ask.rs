@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Args;
-use ragcake::engine::scheduler::Mode;
 use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::pipeline::{Answer, AskOptions, AskRequest, Pipeline, PipelineConfig};
 use ragcake::retriever::{ChunkOrder, QuestionSet};
+use ragcake::scheduler::Mode;
 
 use super::{ModelArgs, StoreArgs};
 
@@ -31,7 +31,7 @@ pub struct QuestionArgs {
     /// balanced (the default share, raised to what the loads pay for) or exact (as
     /// `--exact`) [default: the default share and rule].
     #[arg(long)]
-    fidelity: Option<ragcake::engine::scheduler::Fidelity>,
+    fidelity: Option<ragcake::scheduler::Fidelity>,
     /// Chunks in relevance order (default: cached chunks last, where the loader starts).
     #[arg(long)]
     relevance_order: bool,

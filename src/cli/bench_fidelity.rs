@@ -28,11 +28,6 @@ use std::time::Instant;
 
 use clap::Args;
 use futures::TryStreamExt;
-use ragcake::engine::scheduler::{
-    CacheKind, ChunkCacheHint, ChunkSpec, Fidelity, LoadBackend, Mode, PlanOptions, PrefillRequest,
-    PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, StoredCache, plan,
-    spread_recompute,
-};
 use ragcake::engine::{Engine, GenerateParams, KvCache, Logits, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path as StorePath;
@@ -41,6 +36,11 @@ use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, throttled};
 use ragcake::pipeline::{Pipeline, PipelineConfig, Prompt};
 use ragcake::retriever::eval::{exact_match, first_hit, states_fact, token_f1};
 use ragcake::retriever::{ChunkOrder, LabelledQuestion, QuestionSet, RetrieveOptions, Split};
+use ragcake::scheduler::{
+    CacheKind, ChunkCacheHint, ChunkSpec, Fidelity, LoadBackend, Mode, PlanOptions, PrefillRequest,
+    PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, StoredCache, plan,
+    spread_recompute,
+};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

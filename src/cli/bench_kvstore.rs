@@ -10,10 +10,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use clap::Args;
 use futures::{StreamExt, TryStreamExt};
-use ragcake::engine::scheduler::LoadBackend;
 use ragcake::engine::{Device, KvRange, Tensor};
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt};
 use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, format, open_url, throttled};
+use ragcake::scheduler::LoadBackend;
 use serde::Serialize;
 
 use super::ModelArgs;

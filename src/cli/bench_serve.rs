@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use futures::future::BoxFuture;
-use ragcake::engine::scheduler::dispatch::chunk_starts;
-use ragcake::engine::scheduler::{
-    DecodeEvent, LoadBackend, Mode, Policy, PromptChunk, Scheduler, SchedulerConfig, plan,
-};
 use ragcake::engine::{Engine, GenerateParams, KvCache, KvRange, TokenKind};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::{CacheKey, KvStore, Throttle, throttled};
+use ragcake::scheduler::dispatch::chunk_starts;
+use ragcake::scheduler::{
+    DecodeEvent, LoadBackend, Mode, Policy, PromptChunk, Scheduler, SchedulerConfig, plan,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;

@@ -11,20 +11,18 @@ use std::time::Instant;
 use clap::Args;
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use ragcake::engine::scheduler::bounds::{ChunkCosts, prefill_bounds};
-use ragcake::engine::scheduler::dispatch::chunk_starts;
-use ragcake::engine::scheduler::layer_split::{
-    LayerSplitConfig, choose_split, prefill_layer_split,
-};
-use ragcake::engine::scheduler::{
-    ComputeBackend, Filled, LoadBackend, Mode, Policy, PrefillReport, PrefillRequest, PromptChunk,
-    Scheduler, SchedulerConfig, plan,
-};
 use ragcake::engine::{Engine, KvRange, Tensor};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, open_url, throttled};
+use ragcake::scheduler::bounds::{ChunkCosts, prefill_bounds};
+use ragcake::scheduler::dispatch::chunk_starts;
+use ragcake::scheduler::layer_split::{LayerSplitConfig, choose_split, prefill_layer_split};
+use ragcake::scheduler::{
+    ComputeBackend, Filled, LoadBackend, Mode, Policy, PrefillReport, PrefillRequest, PromptChunk,
+    Scheduler, SchedulerConfig, plan,
+};
 use serde::Serialize;
 
 use super::bench::bench_tokens;
@@ -529,7 +527,9 @@ pub(super) async fn time_prefills<'a>(
     tail: &[u32],
     mode: Mode,
     repeats: usize,
-    prefill: impl Fn(PrefillRequest<CacheKey>) -> BoxFuture<'a, ragcake::engine::Result<Filled<Engine>>>,
+    prefill: impl Fn(
+        PrefillRequest<CacheKey>,
+    ) -> BoxFuture<'a, ragcake::scheduler::Result<Filled<Engine>>>,
 ) -> anyhow::Result<(Stats, Vec<PrefillReport>, Tensor)> {
     let (mut ttft, mut reports, mut logits) = (Vec::new(), Vec::new(), None);
     for _ in 0..repeats {

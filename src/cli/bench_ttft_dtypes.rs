@@ -5,12 +5,12 @@
 
 use std::sync::Arc;
 
-use ragcake::engine::scheduler::{LoadBackend, Mode, Scheduler};
 use ragcake::engine::{DType, Engine, KvRange, Tensor};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::{CacheKind, KvStore, StorageDtype};
+use ragcake::scheduler::{LoadBackend, Mode, Scheduler};
 use serde::Serialize;
 
 use super::bench_ttft::{bench_scheduler_config, throttled_view, time_prefills};

@@ -16,10 +16,10 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use ragcake::engine::scheduler::{BlendChunk, Mode, Recompute, RecomputeRule};
 use ragcake::engine::{AttentionCalibration, AttentionCorrection, Engine, GenerateParams};
 use ragcake::pipeline::{PipelineConfig, Prompt};
 use ragcake::retriever::{QuestionSet, Split};
+use ragcake::scheduler::{BlendChunk, Mode, Recompute, RecomputeRule};
 use serde::Serialize;
 
 use super::bench_fidelity::{

@@ -7,11 +7,11 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use ragcake::engine::correction::AttentionCalibration;
-use ragcake::engine::scheduler::Mode;
 use ragcake::engine::{Engine, EngineConfig, GenerateParams, Logits};
 use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::pipeline::{AskOptions, AskRequest, Pipeline, PipelineConfig};
 use ragcake::retriever::{EdgeIndex, VectorIndex};
+use ragcake::scheduler::Mode;
 
 use crate::common::{
     embedder, gemma3_engine, logits, max_abs, max_abs_diff, model_path, repo_dir, runtime,

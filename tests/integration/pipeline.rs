@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ragcake::engine::scheduler::{MissReason, Mode, SchedulerStats};
 use ragcake::engine::{ChatMessage, Role};
 use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::kvstore::{KvStore, StorageDtype, open_url};
@@ -18,6 +17,7 @@ use ragcake::pipeline::{
 use ragcake::retriever::{
     ChunkId, EdgeIndex, IndexPoint, IndexedChunk, RetrieverError, ScoredChunk, VectorIndex,
 };
+use ragcake::scheduler::{MissReason, Mode, SchedulerStats};
 
 use crate::common::{
     CountingStore, embedder, get_text, local_kv, runtime, s3_store_that_is_down,

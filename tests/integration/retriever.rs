@@ -8,7 +8,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
-use ragcake::engine::scheduler::LoadBackend;
 use ragcake::ingest::{Ingest, IngestConfig, IngestError, IngestSummary, Shard};
 use ragcake::kvstore::{CacheKey, CacheKind, KvStore, open_url};
 use ragcake::pipeline::PromptTemplate;
@@ -16,6 +15,7 @@ use ragcake::retriever::{
     CacheStatus, ChunkId, ChunkOrder, Chunker, EdgeIndex, IndexPoint, IndexedChunk,
     QdrantServerIndex, RetrieveOptions, Retriever, VectorIndex,
 };
+use ragcake::scheduler::LoadBackend;
 
 use crate::common::{
     embedder, engine, local_kv, max_abs, max_abs_diff, runtime, shared_dense_engine,

@@ -5,13 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ragcake::engine::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
-use ragcake::engine::scheduler::{
-    BlendChunk, CacheKind, ChunkSpec, ComputeBackend, DecodeEvent, DecodeStream, Filled,
-    LoadBackend, LookupSummary, MIN_PREFILL_PIECE, MissReason, Mode, PlanOptions, PrefillRequest,
-    PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, SchedulerStats, StoredCache,
-    plan, spread_recompute,
-};
 use ragcake::engine::{
     DType, DTypeChoice, Engine, EngineConfig, FinishReason, GenerateParams, KvCache, KvRange,
     Sampler, Tensor,
@@ -20,6 +13,13 @@ use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, throttled};
+use ragcake::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
+use ragcake::scheduler::{
+    BlendChunk, CacheKind, ChunkSpec, ComputeBackend, DecodeEvent, DecodeStream, Filled,
+    LoadBackend, LookupSummary, MIN_PREFILL_PIECE, MissReason, Mode, PlanOptions, PrefillRequest,
+    PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, SchedulerStats, StoredCache,
+    plan, spread_recompute,
+};
 
 use crate::common::{
     max_abs, max_abs_diff, mean_kl, model_path, prose_tokens, runtime, s3_store_at,
@@ -1028,18 +1028,18 @@ impl ComputeBackend for Faulty {
         cache: &mut KvCache,
         tokens: &[u32],
         logits: bool,
-    ) -> ragcake::engine::Result<Option<Tensor>> {
+    ) -> ragcake::scheduler::Result<Option<Tensor>> {
         Self::trip(&self.panic_in_compute, "prefill");
         ComputeBackend::compute(&*self.engine, cache, tokens, logits)
     }
-    fn import(&self, cache: &mut KvCache, kv: &KvRange) -> ragcake::engine::Result<()> {
+    fn import(&self, cache: &mut KvCache, kv: &KvRange) -> ragcake::scheduler::Result<()> {
         ComputeBackend::import(&*self.engine, cache, kv)
     }
     fn export(
         &self,
         cache: &KvCache,
         range: std::ops::Range<usize>,
-    ) -> ragcake::engine::Result<KvRange> {
+    ) -> ragcake::scheduler::Result<KvRange> {
         ComputeBackend::export(&*self.engine, cache, range)
     }
     fn kv_bytes(&self, kv: &KvRange) -> usize {
@@ -1050,8 +1050,8 @@ impl ComputeBackend for Faulty {
         cache: &mut KvCache,
         tail: &[u32],
         blends: &[BlendChunk],
-    ) -> ragcake::engine::Result<(Tensor, usize)> {
-        self.engine.compute_tail(cache, tail, blends)
+    ) -> ragcake::scheduler::Result<(Tensor, usize)> {
+        ComputeBackend::compute_tail(&*self.engine, cache, tail, blends)
     }
     fn layers(&self) -> usize {
         ComputeBackend::layers(&*self.engine)
@@ -1061,30 +1061,30 @@ impl ComputeBackend for Faulty {
         cache: &mut KvCache,
         tokens: &[u32],
         layers: usize,
-    ) -> ragcake::engine::Result<()> {
-        self.engine.compute_bottom(cache, tokens, layers)
+    ) -> ragcake::scheduler::Result<()> {
+        ComputeBackend::compute_bottom(&*self.engine, cache, tokens, layers)
     }
     fn fill_top(
         &self,
         cache: &mut KvCache,
         kv: &KvRange,
         first_layer: usize,
-    ) -> ragcake::engine::Result<()> {
+    ) -> ragcake::scheduler::Result<()> {
         ComputeBackend::fill_top(&*self.engine, cache, kv, first_layer)
     }
     fn decode(
         &self,
         caches: &mut [&mut KvCache],
         tokens: &[u32],
-    ) -> ragcake::engine::Result<Vec<Tensor>> {
+    ) -> ragcake::scheduler::Result<Vec<Tensor>> {
         Self::trip(&self.panic_in_decode, "decode");
         ComputeBackend::decode(&*self.engine, caches, tokens)
     }
-    fn sample(&self, sampler: &mut Sampler, logits: &Tensor) -> ragcake::engine::Result<u32> {
+    fn sample(&self, sampler: &mut Sampler, logits: &Tensor) -> ragcake::scheduler::Result<u32> {
         ComputeBackend::sample(&*self.engine, sampler, logits)
     }
     fn ends_generation(&self, token: u32) -> bool {
-        self.engine.ends_generation(token)
+        ComputeBackend::ends_generation(&*self.engine, token)
     }
     fn next_position(&self, cache: &KvCache) -> usize {
         cache.next_position()

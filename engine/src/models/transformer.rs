@@ -1161,10 +1161,25 @@ pub enum Selection {
     AttendedEarly(usize),
 }
 
-/// Layers the early query probe runs ([`Selection::AttendedEarly`]) in a model of `layers`.
-pub fn early_probe_layers(layers: usize) -> usize {
-    layers.div_ceil(3).max(1)
+impl Selection {
+    /// The selection a request's [`Recompute`](ragcake_scheduler::Recompute) setting makes
+    /// for a chunk of `tokens`; none when nothing is recomputed. The rules are the
+    /// scheduler's names for the selections (deviation, leading, query, query-early).
+    pub fn for_recompute(recompute: &ragcake_scheduler::Recompute, tokens: usize) -> Option<Self> {
+        use ragcake_scheduler::RecomputeRule;
+        let n = recompute.tokens(tokens);
+        (n > 0).then_some(match recompute.rule {
+            RecomputeRule::Deviation => Self::Deviating(n),
+            RecomputeRule::Leading => Self::Leading(n),
+            RecomputeRule::Query => Self::Attended(n),
+            RecomputeRule::QueryEarly => Self::AttendedEarly(n),
+        })
+    }
 }
+
+/// Layers the early query probe runs ([`Selection::AttendedEarly`]) in a model of `layers`:
+/// the scheduler's cost model counts the same layers.
+pub use ragcake_scheduler::early_probe_layers;
 
 /// The tokens of one chunk a blend computes: the rows (token indices within the chunk)
 /// still computed, and the layers at which they are narrowed to how many.

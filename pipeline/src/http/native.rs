@@ -125,7 +125,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use ragcake_engine::scheduler::{Fidelity, Recompute, RecomputeRule};
+    use ragcake_scheduler::{Fidelity, Recompute, RecomputeRule};
 
     use super::*;
 

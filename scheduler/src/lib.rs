@@ -11,13 +11,19 @@
 //! - [`sim`]: a discrete-event simulator of the same decisions with given costs.
 //! - [`Scheduler`]: the real thing, generic over a [`ComputeBackend`] (the engine) and a
 //!   [`LoadBackend`] (a KV store).
+//! - [`sampling`]: how a decoding sequence picks its tokens and when it ends.
+//!
+//! The crate knows no model and no store: the engine implements [`ComputeBackend`], the KV
+//! store [`LoadBackend`], so the decisions are tested here without either.
 
 pub mod bounds;
 pub mod decode;
 pub mod dispatch;
+pub mod error;
 pub mod layer_split;
 pub mod plan;
 mod runtime;
+pub mod sampling;
 pub mod sim;
 #[cfg(test)]
 mod tests;
@@ -32,15 +38,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{EngineError, Result};
-use crate::generate::Sampler;
-
 pub use decode::{DecodeEvent, DecodeStream};
+pub use error::{BackendError, Result, SchedulerError};
 pub use plan::{
     ChunkCacheHint, LookupSummary, PlanOptions, PromptChunk, load_paid_share, plan,
     spread_recompute,
 };
 pub use runtime::{Scheduler, SchedulerStats};
+pub use sampling::{FinishReason, GenerateParams, Sampler, Sampling};
 
 /// How a request fills its cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -176,12 +181,17 @@ impl RecomputeRule {
     pub fn probe_share(&self, layers: usize) -> f64 {
         match self {
             Self::Query => 1.0,
-            Self::QueryEarly => {
-                crate::models::early_probe_layers(layers) as f64 / layers.max(1) as f64
-            }
+            Self::QueryEarly => early_probe_layers(layers) as f64 / layers.max(1) as f64,
             Self::Deviation | Self::Leading => 0.0,
         }
     }
+}
+
+/// Layers the early query probe ([`RecomputeRule::QueryEarly`]) runs in a model of
+/// `layers`: the first third, so it costs a third of the probe and ranks tokens by what the
+/// question reads there.
+pub fn early_probe_layers(layers: usize) -> usize {
+    layers.div_ceil(3).max(1)
 }
 
 impl fmt::Display for RecomputeRule {
@@ -214,7 +224,7 @@ pub struct Recompute {
     /// Share of each loaded chunk's tokens, 0 to 1 (0: the chunk cache is used as loaded).
     pub ratio: f64,
     /// Whether the tokens after the chunks apply the engine's calibrated attention
-    /// correction to the chunk's keys not recomputed ([`crate::correction`]; ordinary
+    /// correction to the chunk's keys not recomputed (the engine's `correction`; ordinary
     /// attention when the model has no calibration).
     pub correct_attention: bool,
     /// `ratio` is the least share: the scheduler raises it, per request, to the share whose
@@ -253,7 +263,7 @@ impl Recompute {
         if self.ratio.is_finite() && (0.0..=1.0).contains(&self.ratio) {
             Ok(())
         } else {
-            Err(EngineError::InvalidSetting(format!(
+            Err(SchedulerError::InvalidSetting(format!(
                 "recompute ratio {} is not between 0 and 1",
                 self.ratio
             )))
@@ -266,17 +276,6 @@ impl Recompute {
             return 0;
         }
         ((self.ratio * tokens as f64).round() as usize).clamp(1, tokens)
-    }
-
-    /// The engine's selection for a chunk of `tokens`; none when nothing is recomputed.
-    pub fn selection(&self, tokens: usize) -> Option<crate::Selection> {
-        let n = self.tokens(tokens);
-        (n > 0).then_some(match self.rule {
-            RecomputeRule::Deviation => crate::Selection::Deviating(n),
-            RecomputeRule::Leading => crate::Selection::Leading(n),
-            RecomputeRule::Query => crate::Selection::Attended(n),
-            RecomputeRule::QueryEarly => crate::Selection::AttendedEarly(n),
-        })
     }
 
     /// Expected cost of blending one chunk, as a share of computing it whole, for a model of
@@ -565,7 +564,9 @@ pub struct ChunkTiming {
 }
 
 /// The compute side: a model that appends tokens to a cache, and imports/exports ranges.
-/// Called from the scheduler's one compute thread.
+/// Called from the scheduler's one compute thread. A back end reports its own failures as
+/// [`SchedulerError::Compute`] ([`SchedulerError::compute`]), so a caller can still recover
+/// the model's error ([`SchedulerError::compute_error`]).
 pub trait ComputeBackend: Send + Sync + 'static {
     /// A sequence's KV cache.
     type Cache: Send + 'static;
@@ -844,10 +845,12 @@ impl<C: ComputeBackend> fmt::Debug for Filled<C> {
 /// context. Returns the position of each chunk's first token, then the tail's.
 fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Vec<usize>> {
     if request.tail.is_empty() {
-        return Err(EngineError::EmptyInput);
+        return Err(SchedulerError::EmptyInput);
     }
     if request.chunks.iter().any(|c| c.tokens.is_empty()) {
-        return Err(EngineError::InvalidSetting("a chunk has no tokens".into()));
+        return Err(SchedulerError::InvalidSetting(
+            "a chunk has no tokens".into(),
+        ));
     }
     for chunk in &request.chunks {
         chunk.recompute.validate()?;
@@ -855,7 +858,7 @@ fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Ve
     let starts = dispatch::chunk_starts(request.chunks.iter().map(|c| c.tokens.len()));
     let needed = starts[starts.len() - 1] + request.tail.len();
     if needed > max_tokens {
-        return Err(EngineError::ContextOverflow {
+        return Err(SchedulerError::ContextOverflow {
             needed,
             max: max_tokens,
         });

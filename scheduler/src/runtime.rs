@@ -22,8 +22,8 @@ use super::{
     MissReason, PrefillRequest, Recompute, SchedulerConfig, check_request, in_context_chunks,
     load_within,
 };
-use crate::error::{EngineError, Result};
-use crate::generate::GenerateParams;
+use crate::error::{Result, SchedulerError};
+use crate::sampling::GenerateParams;
 
 /// Counters of a scheduler's life.
 #[derive(Debug, Default)]
@@ -278,7 +278,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
         let id = {
             let mut state = self.shared.lock();
             if state.shutdown {
-                return Err(EngineError::Scheduler("the scheduler is shut down".into()));
+                return Err(SchedulerError::ShutDown);
             }
             let now = self.shared.now();
             let id = state.dispatcher.admit(now, shape);
@@ -309,7 +309,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
         };
         let result = answer
             .await
-            .unwrap_or_else(|_| Err(EngineError::Scheduler("the scheduler stopped".into())));
+            .unwrap_or_else(|_| Err(SchedulerError::ShutDown));
         guard.armed = false;
         result
     }
@@ -337,7 +337,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             Advance::Continue(sequence) => {
                 let mut state = self.shared.lock();
                 if state.shutdown {
-                    sequence.fail(EngineError::Scheduler("the scheduler is shut down".into()));
+                    sequence.fail(SchedulerError::ShutDown);
                 } else {
                     state.decoding.push_back(*sequence);
                     drop(state);
@@ -517,9 +517,7 @@ where
             if let Some(mut active) = state.requests.remove(&id)
                 && let Some(reply) = active.reply.take()
             {
-                let _ = reply.send(Err(EngineError::Scheduler(format!(
-                    "the compute worker failed in this request's step ({what}) and was restarted"
-                ))));
+                let _ = reply.send(Err(SchedulerError::WorkerPanicked { panic: what }));
             }
         }
         drop(state);
@@ -538,13 +536,11 @@ where
         if state.shutdown {
             for (_, mut active) in state.requests.drain() {
                 if let Some(reply) = active.reply.take() {
-                    let _ = reply.send(Err(EngineError::Scheduler(
-                        "the scheduler is shut down".into(),
-                    )));
+                    let _ = reply.send(Err(SchedulerError::ShutDown));
                 }
             }
             for sequence in state.decoding.drain(..) {
-                sequence.fail(EngineError::Scheduler("the scheduler is shut down".into()));
+                sequence.fail(SchedulerError::ShutDown);
             }
             return;
         }
@@ -616,29 +612,28 @@ where
         let mut tokens_recomputed = 0;
         // Decode steps run between the pieces of a chunk: not this step's compute time.
         let mut decode_secs = 0.0;
-        let outcome =
-            match work {
-                Work::Import(Some(kv)) => compute.import(&mut cache, &kv).map(|()| None),
-                Work::FillTop(Some(kv), first_layer) => compute
-                    .fill_top(&mut cache, &kv, first_layer)
-                    .map(|()| None),
-                Work::Import(None) | Work::FillTop(None, _) => {
-                    Err(EngineError::KvMismatch("loaded chunk went missing".into()))
-                }
-                Work::Bottom(tokens, layers) => compute
-                    .compute_bottom(&mut cache, &tokens, layers)
-                    .map(|()| None),
-                Work::Compute(tokens) => {
-                    compute_beside_decoding(&shared, step, &mut cache, &tokens, &mut decode_secs)
-                        .map(|()| None)
-                }
-                Work::Tail(tokens, blends) => compute
+        let outcome = match work {
+            Work::Import(Some(kv)) => compute.import(&mut cache, &kv).map(|()| None),
+            Work::FillTop(Some(kv), first_layer) => compute
+                .fill_top(&mut cache, &kv, first_layer)
+                .map(|()| None),
+            Work::Import(None) | Work::FillTop(None, _) => Err(SchedulerError::LoadedChunkMissing),
+            Work::Bottom(tokens, layers) => compute
+                .compute_bottom(&mut cache, &tokens, layers)
+                .map(|()| None),
+            Work::Compute(tokens) => {
+                compute_beside_decoding(&shared, step, &mut cache, &tokens, &mut decode_secs)
+                    .map(|()| None)
+            }
+            Work::Tail(tokens, blends) => {
+                compute
                     .compute_tail(&mut cache, &tokens, &blends)
                     .map(|(logits, recomputed)| {
                         tokens_recomputed = recomputed;
                         Some(logits)
-                    }),
-            };
+                    })
+            }
+        };
         let secs = started.elapsed().as_secs_f64() - decode_secs;
 
         state = shared.lock();

@@ -408,8 +408,8 @@ async fn locate<L: LoadBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::dispatch::{Dispatcher, chunk_starts};
-    use crate::scheduler::{RecomputeRule, SchedulerConfig};
+    use crate::dispatch::{Dispatcher, chunk_starts};
+    use crate::{RecomputeRule, SchedulerConfig};
 
     /// A preamble computed, then `chunk caches` loaded with `recompute`, each of `tokens`.
     fn chunks(tokens: usize, chunk_caches: usize, recompute: Recompute) -> Vec<ChunkSpec<u32>> {

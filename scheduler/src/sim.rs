@@ -9,7 +9,7 @@ use super::dispatch::{
     ComputeStep, Dispatcher, LoadStep, NextCompute, RequestId, RequestShape, layer_share,
 };
 use super::{PrefillReport, SchedulerConfig};
-use crate::error::{EngineError, Result};
+use crate::error::{Result, SchedulerError};
 
 /// The simulated machine.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,7 +130,7 @@ pub fn simulate(
             dispatcher.load_done(now, step, result);
         }
     }
-    Err(EngineError::Scheduler(format!(
+    Err(SchedulerError::Simulation(format!(
         "simulation did not finish within {MAX_EVENTS} events"
     )))
 }
@@ -138,7 +138,7 @@ pub fn simulate(
 fn finish(reports: Vec<Option<PrefillReport>>, n: usize) -> Result<Vec<PrefillReport>> {
     let done: Vec<PrefillReport> = reports.into_iter().flatten().collect();
     if done.len() != n {
-        return Err(EngineError::Scheduler(format!(
+        return Err(SchedulerError::Simulation(format!(
             "{} of {n} simulated requests never finished",
             n - done.len()
         )));

@@ -7,8 +7,8 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::ComputeBackend;
-use crate::error::{EngineError, Result};
-use crate::generate::{FinishReason, GenerateParams, Sampler};
+use crate::error::{Result, SchedulerError};
+use crate::sampling::{FinishReason, GenerateParams, Sampler};
 
 /// What a decoding sequence reports, in order: its tokens, then how it ended.
 #[derive(Debug)]
@@ -25,7 +25,7 @@ pub enum DecodeEvent {
         decode_secs: f64,
     },
     /// A decode step failed; nothing follows.
-    Failed(EngineError),
+    Failed(SchedulerError),
 }
 
 /// The events of one sequence decoding in a [`super::Scheduler`]. Dropping it cancels the
@@ -154,7 +154,7 @@ impl<C: ComputeBackend> Decoding<C> {
     }
 
     /// Ends the sequence with `error`.
-    pub(crate) fn fail(self, error: EngineError) {
+    pub(crate) fn fail(self, error: SchedulerError) {
         let _ = self.events.send(DecodeEvent::Failed(error));
     }
 }
@@ -198,9 +198,7 @@ pub(crate) fn decode_step<C: ComputeBackend>(
         Err(error) => {
             tracing::warn!(%error, sequences = n, "decode step failed");
             for s in batch {
-                s.fail(EngineError::Scheduler(format!(
-                    "decode step failed: {error}"
-                )));
+                s.fail(error.clone());
             }
             let outcome = StepOutcome {
                 ended: n,

@@ -35,7 +35,7 @@ pub struct RequestShape {
     /// How this request fills its cache.
     pub mode: Mode,
     /// The pass of the question over the loaded caches that blending runs first to choose
-    /// the tokens recomputed ([`crate::scheduler::RecomputeRule::Query`]), as a share of
+    /// the tokens recomputed ([`crate::RecomputeRule::Query`]), as a share of
     /// one pass of the tail (0: none); charged with the first blended chunk.
     pub probe_share: f64,
     /// Layers of the model's cache. With two or more, a stored exact chunk may be filled

@@ -27,7 +27,7 @@ use super::{
     ComputeBackend, Filled, LoadBackend, LoadOutcome, Miss, MissReason, Mode, PrefillReport,
     PrefillRequest, check_request, in_context_chunks, load_within,
 };
-use crate::error::{EngineError, Result};
+use crate::error::{Result, SchedulerError};
 
 /// Where a layer-split prefill divides the work: chunks before `chunk` are computed in
 /// full (the cheap front: attention grows with position); from `chunk` on, each stored
@@ -109,14 +109,14 @@ where
 {
     check_request(&request, compute.max_tokens())?;
     if request.mode != Mode::Bidirectional {
-        return Err(EngineError::InvalidSetting(format!(
+        return Err(SchedulerError::InvalidSetting(format!(
             "a layer split is a bidirectional prefill, not {}",
             request.mode
         )));
     }
     let layers = compute.layers();
     if config.split.layer == 0 || config.split.layer >= layers {
-        return Err(EngineError::InvalidSetting(format!(
+        return Err(SchedulerError::InvalidSetting(format!(
             "split layer {} of {layers}: at least one layer is computed and one loaded",
             config.split.layer
         )));
@@ -168,7 +168,9 @@ where
         })
     };
     let (_, filled) = tokio::join!(reads, worker);
-    filled.map_err(|e| EngineError::Scheduler(format!("the compute thread failed: {e}")))?
+    filled.map_err(|e| SchedulerError::WorkerPanicked {
+        panic: e.to_string(),
+    })?
 }
 
 /// Sets the flag when dropped: a cancelled prefill stops its compute thread.
@@ -199,7 +201,7 @@ struct Filler<'a, C: ComputeBackend, S> {
 impl<C: ComputeBackend, S> Filler<'_, C, S> {
     fn check_cancelled(&self) -> Result<()> {
         if self.cancelled.load(Ordering::Relaxed) {
-            Err(EngineError::Scheduler("the request was cancelled".into()))
+            Err(SchedulerError::Cancelled)
         } else {
             Ok(())
         }
@@ -365,7 +367,7 @@ fn fill<C: ComputeBackend, S>(
     report.in_context_chunks = in_context_chunks(&request.chunks, &report.computed_chunks);
     Ok(Filled {
         cache: filler.cache,
-        logits: logits.ok_or(EngineError::EmptyInput)?,
+        logits: logits.ok_or(SchedulerError::EmptyInput)?,
         report,
     })
 }
