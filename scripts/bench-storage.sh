@@ -11,5 +11,5 @@ need python3 "install Python 3 with pip and venv"
 bench="${1:?usage: scripts/bench-storage.sh kvstore|ttft [ARGS]}"
 shift
 source scripts/s3-server.sh
-cargo build --release --quiet --bin ragcake
+cargo build --release --quiet -p ragcake-cli
 "$CARGO_TARGET_DIR/release/ragcake" bench "$bench" --s3-url "s3://ragcake-test/$bench" "$@"

@@ -18,5 +18,5 @@ if ! "$venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
     python3 -m venv "$venv"
     CMAKE_ARGS="$cmake_args" "$venv/bin/pip" install --quiet --no-cache-dir "llama-cpp-python==0.3.36"
 fi
-cargo build --release --quiet --bin ragcake
+cargo build --release --quiet -p ragcake-cli
 "$CARGO_TARGET_DIR/release/ragcake" bench prefill --llama-cpp-python "$venv/bin/python" "$@"

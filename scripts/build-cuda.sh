@@ -62,5 +62,5 @@ export CUDARC_CUDA_VERSION=13040
 export CUDA_COMPUTE_CAP=90
 nvcc --version | tail -2
 started=$(date +%s)
-cargo build --release --features cuda --bin ragcake --target-dir "$CARGO_TARGET_DIR/cuda"
+cargo build --release -p ragcake-cli --features cuda --target-dir "$CARGO_TARGET_DIR/cuda"
 echo "built $CARGO_TARGET_DIR/cuda/release/ragcake in $(( $(date +%s) - started )) s"

@@ -8,7 +8,7 @@ source scripts/env.sh
 need cargo "install Rust with rustup"
 need python3 "install Python 3 with pip (apt-get install python3 python3-pip)"
 
-cargo build --release --quiet --bin ragcake
+cargo build --release --quiet -p ragcake-cli
 ragcake="$CARGO_TARGET_DIR/release/ragcake"
 "$ragcake" models fetch
 exec "$ragcake" demo "$@"

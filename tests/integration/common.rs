@@ -356,3 +356,21 @@ pub async fn stored_bytes(store: &KvStore, key: &ragcake::kvstore::CacheKey) -> 
     let got = store.object_store().get(&store.path_of(key)).await.unwrap();
     got.bytes().await.unwrap().to_vec()
 }
+
+/// The `ragcake` binary (package `ragcake-cli`), built by `cargo test --workspace` into the
+/// target directory this test binary runs from.
+pub fn ragcake_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/integration-… → target/<profile>/ragcake
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join(format!("ragcake{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}

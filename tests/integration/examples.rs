@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 
 /// An example's executable, built by `cargo test` beside the package's binaries.
 fn example(name: &str) -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_ragcake"));
+    let bin = crate::common::ragcake_binary();
     let path = bin.parent().unwrap().join("examples").join(name);
     assert!(
         path.is_file(),
@@ -85,7 +85,7 @@ impl Drop for KillOnDrop {
 #[test]
 fn the_examples_and_the_cli_ingest_answer_and_serve_the_demo_corpus() {
     let data = tempfile::tempdir().unwrap();
-    let ragcake = Path::new(env!("CARGO_BIN_EXE_ragcake"));
+    let ragcake = &crate::common::ragcake_binary();
 
     // The batch job as library calls.
     let out = succeeded(
@@ -283,7 +283,7 @@ fn the_examples_and_the_cli_ingest_answer_and_serve_the_demo_corpus() {
 fn bench_serve_reports_every_contender_at_every_point_with_the_documented_fields() {
     let out_dir = tempfile::tempdir().unwrap();
     let csv = out_dir.path().join("serve.csv");
-    let output = command(Path::new(env!("CARGO_BIN_EXE_ragcake")), out_dir.path())
+    let output = command(&crate::common::ragcake_binary(), out_dir.path())
         .args(["bench", "serve", "--context", "64", "--chunk", "32"])
         .args(["--max-tokens", "3", "--requests", "3", "--loads", "4"])
         .args(["--streams", "2", "--bandwidths", "100"])
@@ -379,7 +379,7 @@ fn the_cli_answers_and_runs_the_demo_with_gemma3_by_name() {
     // default-mode answers over them, full computation beside them).
     let _ = crate::common::gemma3_path();
     let data = tempfile::tempdir().unwrap();
-    let ragcake = Path::new(env!("CARGO_BIN_EXE_ragcake"));
+    let ragcake = &crate::common::ragcake_binary();
     let out = succeeded(
         command(ragcake, data.path())
             .args([

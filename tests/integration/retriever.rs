@@ -633,7 +633,7 @@ fn an_ingest_killed_midway_completes_on_the_next_run_without_duplicates() {
         std::fs::write(path, format!("Document {i}. {}", PROSE.repeat(2))).unwrap();
     }
     let (index_dir, kv_dir) = (dir.path().join("index"), dir.path().join("kv"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ragcake"))
+    let mut child = Command::new(crate::common::ragcake_binary())
         .arg("ingest")
         .arg(&corpus)
         .args(["--chunk-tokens", "48", "--batch", "4", "--index"])

@@ -28,8 +28,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::bench::bench_tokens;
 use super::llama_server::{Completion, LlamaServer, LlamaServerConfig, TokenClock, find_binary};
+use super::prefill::bench_tokens;
 use super::report::{percentile, print_json, print_table, write_csv};
 use super::{ModelArgs, plot};
 
@@ -710,7 +710,7 @@ async fn serve_llama_server(
         model: setup.model_path.clone(),
         slots: args.slots,
         slot_context: (prompt_tokens + args.max_tokens).next_multiple_of(256),
-        threads: super::bench::threads(),
+        threads: super::prefill::threads(),
     };
     let server = Arc::new(LlamaServer::start(&config, Duration::from_secs(120)).await?);
     server

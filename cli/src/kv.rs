@@ -73,7 +73,7 @@ fn parse_kind(text: &str) -> Result<CacheKind, String> {
 
 /// Runs a `kv` command.
 pub fn run(command: KvCommand) -> anyhow::Result<()> {
-    super::tokio_runtime()?.block_on(async {
+    ragcake_bench::tokio_runtime()?.block_on(async {
         match command {
             KvCommand::Stats(args) => stats(args).await,
             KvCommand::Gc(args) => gc(args).await,

@@ -22,7 +22,7 @@ use ragcake::retriever::{QuestionSet, Split};
 use ragcake::scheduler::{BlendChunk, Mode, Recompute, RecomputeRule};
 use serde::Serialize;
 
-use super::bench_fidelity::{
+use super::fidelity::{
     LabelledRun, Reference, argmax, chunk_caches, kl, reference, retrieved_prompt, teacher_forced,
 };
 use super::report::{print_table, write_csv};
@@ -124,7 +124,7 @@ async fn calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
     let mut model = args.run.model.clone();
     model.no_attention_correction = true;
     let pipeline = super::build_pipeline(&model, &args.run.stores, config).await?;
-    super::ask::ingest_corpus(&pipeline, &args.run.labelled.corpus).await?;
+    super::labelled::ingest_corpus(&pipeline, &args.run.labelled.corpus).await?;
     let engine = pipeline.engine().clone();
     let context = pipeline.config().prompt.chunk_context(&engine)?;
     let params = GenerateParams {

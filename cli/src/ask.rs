@@ -1,16 +1,13 @@
 //! `ragcake ask "…"` and `ragcake demo`: questions answered through the pipeline, with the
 //! sources and the TTFT breakdown.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use clap::Args;
-use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::pipeline::{Answer, AskOptions, AskRequest, Pipeline, PipelineConfig};
 use ragcake::retriever::{ChunkOrder, QuestionSet};
 use ragcake::scheduler::Mode;
 
-use super::{ModelArgs, StoreArgs};
+use ragcake_bench::labelled::{LabelledCorpus, ingest_corpus};
+use ragcake_bench::{ModelArgs, StoreArgs, build_pipeline, tokio_runtime};
 
 /// Options of one question.
 #[derive(Debug, Clone, Args)]
@@ -75,9 +72,8 @@ pub struct AskArgs {
 }
 
 pub fn run(args: AskArgs) -> anyhow::Result<()> {
-    super::tokio_runtime()?.block_on(async {
-        let pipeline =
-            super::build_pipeline(&args.model, &args.stores, PipelineConfig::default()).await?;
+    tokio_runtime()?.block_on(async {
+        let pipeline = build_pipeline(&args.model, &args.stores, PipelineConfig::default()).await?;
         let answer = pipeline
             .ask(AskRequest::new(&args.question).with_options(args.options.options()))
             .await?;
@@ -177,17 +173,6 @@ fn breakdown_line(answer: &Answer) -> String {
     )
 }
 
-/// A corpus and its labelled questions.
-#[derive(Debug, Args)]
-pub struct LabelledCorpus {
-    /// The corpus, ingested first (nothing is redone when it is already there).
-    #[arg(long, default_value = "demo/corpus")]
-    pub corpus: PathBuf,
-    /// Its labelled questions (`[[question]]` tables with `text`, `doc`, `answer`).
-    #[arg(long, default_value = "demo/questions.toml")]
-    pub questions: PathBuf,
-}
-
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     #[command(flatten)]
@@ -206,13 +191,13 @@ pub struct DemoArgs {
 /// mode, over the chunk caches ingest stored — and then by full computation, printing both
 /// answers, whether they agree, where loaded caches came from, and TTFT.
 pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    super::tokio_runtime()?.block_on(async {
+    tokio_runtime()?.block_on(async {
         let questions = QuestionSet::load(&args.labelled.questions)?;
         // Nothing written back: every run meets its questions as new ones (a full
         // computation's prefix caches would make the next run's default answers replays).
         let mut config = PipelineConfig::default();
         config.scheduler.write_back = false;
-        let pipeline = super::build_pipeline(&args.model, &args.stores, config).await?;
+        let pipeline = build_pipeline(&args.model, &args.stores, config).await?;
         ingest_corpus(&pipeline, &args.labelled.corpus).await?;
 
         let chosen: Vec<_> = questions
@@ -276,34 +261,4 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<()> {
         );
         Ok(())
     })
-}
-
-/// Indexes `corpus` and stores its chunk caches with the pipeline's own engine, embedder,
-/// index and store (nothing is done twice: ingest is idempotent).
-pub(super) async fn ingest_corpus(
-    pipeline: &Pipeline,
-    corpus: &std::path::Path,
-) -> anyhow::Result<()> {
-    let retriever = pipeline.retriever();
-    let job = Ingest::new(
-        pipeline.engine().clone(),
-        retriever.embedder().clone(),
-        retriever.index().clone(),
-        Arc::clone(pipeline.kv()),
-        IngestConfig {
-            template: pipeline.config().prompt.clone(),
-            ..IngestConfig::default()
-        },
-    )?;
-    let summary = job.run(&[corpus.to_path_buf()], &|_| {}).await?;
-    println!(
-        "corpus {}: {} documents, {} chunks ({} indexed now, {} KV caches computed now, {:.1} s)\n",
-        corpus.display(),
-        summary.documents,
-        summary.chunks,
-        summary.chunks_indexed,
-        summary.kv_computed,
-        summary.secs
-    );
-    Ok(())
 }

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use ragcake::ingest::{Ingest, IngestConfig, IngestEvent, IngestSummary, Shard};
 use ragcake::pipeline::{PipelineConfig, ServiceConfig};
 
-use super::{ModelArgs, StoreArgs};
+use ragcake_bench::{ModelArgs, StoreArgs};
 
 #[derive(Debug, Args)]
 pub struct IngestArgs {
@@ -47,12 +47,12 @@ pub struct IngestArgs {
 }
 
 pub fn run(args: IngestArgs) -> anyhow::Result<()> {
-    super::tokio_runtime()?.block_on(ingest(args))
+    ragcake_bench::tokio_runtime()?.block_on(ingest(args))
 }
 
 async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let engine = Arc::new(args.model.load()?);
-    let embedder = Arc::new(super::load_embedder()?);
+    let embedder = Arc::new(ragcake_bench::load_embedder()?);
     let index = args.stores.open_index(embedder.dim()).await?;
     // The service's settings: its prompt template (chunk caches are computed after its
     // preamble) and how it stores chunk caches, both part of their keys.

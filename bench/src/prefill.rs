@@ -1,4 +1,5 @@
-//! `ragcake bench …`: performance measurements written as a table, JSON and CSV.
+//! `ragcake bench prefill`: prefill and decode tokens/s beside llama.cpp on the same GGUF,
+//! tokens and thread count.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
@@ -6,34 +7,12 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::Args;
 use ragcake::engine::Engine;
 use serde::Serialize;
 
 use super::report::{Stats, print_json, print_table, write_csv};
 use super::{ModelArgs, plot};
-
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Prefill tokens/s at several context lengths and decode tokens/s, beside llama.cpp on
-    /// the same GGUF, tokens and thread count.
-    Prefill(PrefillArgs),
-    /// Load throughput of a 4k-token context from each KV store backend, beside raw GETs.
-    Kvstore(super::bench_kvstore::KvstoreArgs),
-    /// TTFT of compute-only, load-only and bidirectional prefill across storage bandwidths,
-    /// beside the ideal split T* measured in the same run.
-    Ttft(super::bench_ttft::TtftArgs),
-    /// Poisson arrivals of cached, partly cached and uncached requests: throughput and
-    /// TTFT of the adaptive scheduler against FCFS compute-only, load-only, bidirectional.
-    Serve(super::bench_serve::ServeArgs),
-    /// Ingest throughput per stage, query latency and recall@k on the labelled demo
-    /// questions, on an index of a few thousand chunks.
-    Retrieval(super::bench_retrieval::RetrievalArgs),
-    /// Agreement with full computation of answers built on reused caches (exact prefix
-    /// caches per storage dtype, chunk caches blended by each rule at each ratio, the
-    /// default mode), in retrieval order and shuffled.
-    Fidelity(super::bench_fidelity::FidelityArgs),
-}
 
 #[derive(Debug, Args)]
 pub struct PrefillArgs {
@@ -115,27 +94,8 @@ impl Row {
     }
 }
 
-pub fn run(command: BenchCommand) -> anyhow::Result<()> {
-    match command {
-        BenchCommand::Prefill(args) => prefill(args),
-        BenchCommand::Kvstore(args) => {
-            super::tokio_runtime()?.block_on(super::bench_kvstore::run(args))
-        }
-        BenchCommand::Ttft(args) => super::tokio_runtime()?.block_on(super::bench_ttft::run(args)),
-        BenchCommand::Serve(args) => {
-            super::tokio_runtime()?.block_on(super::bench_serve::run(args))
-        }
-        BenchCommand::Retrieval(args) => {
-            super::tokio_runtime()?.block_on(super::bench_retrieval::run(args))
-        }
-        BenchCommand::Fidelity(args) => {
-            super::tokio_runtime()?.block_on(super::bench_fidelity::run(args))
-        }
-    }
-}
-
 /// Deterministic ordinary-vocabulary token ids (attention cost does not depend on content).
-pub(super) fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
+pub fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
     let vocab = engine.tokenizer().vocab_size() as u64;
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     (0..n)
@@ -154,14 +114,14 @@ pub(super) fn bench_tokens(engine: &Engine, n: usize) -> Vec<u32> {
         .collect()
 }
 
-pub(super) fn threads() -> usize {
+pub fn threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn prefill(mut args: PrefillArgs) -> anyhow::Result<()> {
+pub fn run(mut args: PrefillArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
     anyhow::ensure!(!args.contexts.is_empty(), "--contexts is empty");
     let model_path = args.model.model_path()?;

@@ -46,7 +46,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
-use super::ask::LabelledCorpus;
+use super::labelled::LabelledCorpus;
 use super::report::{Bootstrap, Interval, print_json, print_table, write_csv};
 use super::{ModelArgs, StoreArgs, plot};
 
@@ -363,7 +363,7 @@ pub async fn run(args: FidelityArgs) -> anyhow::Result<()> {
     // first would load a question's chunk caches from RAM.
     config.memory_tier_bytes = 0;
     let pipeline = super::build_pipeline(&args.run.model, &args.run.stores, config).await?;
-    super::ask::ingest_corpus(&pipeline, &args.run.labelled.corpus).await?;
+    super::labelled::ingest_corpus(&pipeline, &args.run.labelled.corpus).await?;
     let store_source = args
         .run
         .stores

@@ -25,9 +25,9 @@ use ragcake::scheduler::{
 };
 use serde::Serialize;
 
-use super::bench::bench_tokens;
-use super::bench_ttft_dtypes;
+use super::prefill::bench_tokens;
 use super::report::{Stats, print_json, print_table, write_csv};
+use super::ttft_dtypes;
 use super::{ModelArgs, plot};
 
 #[derive(Debug, Args)]
@@ -494,7 +494,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
         }
         if args.dtypes.len() > 1 {
             eprintln!("context {context}: storage dtypes {:?}", args.dtypes);
-            let context = bench_ttft_dtypes::Context {
+            let context = ttft_dtypes::Context {
                 engine: &engine,
                 chunks: &chunks,
                 tail: &tail,
@@ -502,7 +502,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
                 logits: &measured.logits,
             };
             dtype_rows.extend(
-                bench_ttft_dtypes::compare(
+                ttft_dtypes::compare(
                     &context,
                     &args.dtypes,
                     &args.bandwidths,
@@ -514,7 +514,7 @@ pub async fn run(args: TtftArgs) -> anyhow::Result<()> {
         }
     }
     if !dtype_rows.is_empty() {
-        bench_ttft_dtypes::write_outputs(&args.csv, &dtype_rows, args.json)?;
+        ttft_dtypes::write_outputs(&args.csv, &dtype_rows, args.json)?;
     }
     write_outputs(&args, &rows)
 }

