@@ -578,7 +578,7 @@ pub(super) async fn retrieved_prompt(
         None,
         &[],
         &question.text,
-        &retrieval.chunks,
+        ragcake::pipeline::retrieved_chunks(pipeline.engine(), &retrieval.chunks)?,
     )?;
     Ok((
         prompt,

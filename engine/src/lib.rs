@@ -21,6 +21,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kv;
 pub mod models;
+pub mod prompt;
 pub mod qmatrix;
 pub mod rope;
 pub mod tokenizer;
@@ -39,5 +40,6 @@ pub use kv::{KvCache, KvRange, KvShape};
 pub use models::{
     Blend, DECODE_MAX_TOKENS, Logits, ModelConfig, Selection, Transformer, config_from_gguf,
 };
+pub use prompt::{Prompt, PromptSegments, PromptTemplate};
 pub use rope::{LayerRopes, Rope, RopeStyle};
 pub use tokenizer::{Follows, StreamDecoder, TokenKind, Tokenizer};

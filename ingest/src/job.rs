@@ -14,9 +14,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ragcake_engine::PromptTemplate;
 use ragcake_engine::{Engine, KvRange};
 use ragcake_kvstore::{CacheKey, KvStore};
-use ragcake_pipeline::PromptTemplate;
 use ragcake_retriever::{
     ChunkId, Chunker, DEFAULT_CHUNK_TOKENS, Embedder, IndexPoint, IndexedChunk, TextChunk,
     VectorIndex,

@@ -11,8 +11,8 @@ use ragcake_scheduler::SchedulerConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PipelineError, Result};
-use crate::prompt::PromptTemplate;
 use crate::types::{AskOptions, AskRequest};
+use ragcake_engine::PromptTemplate;
 
 /// Settings of the HTTP server (the `[http]` table of the service's TOML file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -27,5 +27,6 @@ pub use config::{
 pub use error::{BoxError, PipelineError, Result};
 pub use metrics::Metrics;
 pub use pipeline::{ChunkCacheCheck, Health, Pipeline, PipelineBuilder, SchedulerHealth};
-pub use prompt::{Prompt, PromptTemplate};
+pub use prompt::retrieved_chunks;
+pub use ragcake_engine::{Prompt, PromptTemplate};
 pub use types::{Answer, Ask, AskOptions, AskRequest, Breakdown, CitedChunk, StreamEvent};

@@ -23,8 +23,8 @@ use tracing::Instrument;
 
 use crate::config::{RequestLimits, WriteBackAdmission};
 use crate::error::{BoxError, PipelineError};
-use crate::prompt::PromptTemplate;
 use crate::types::{Answer, Ask, Breakdown, CitedChunk, StreamEvent};
+use ragcake_engine::PromptTemplate;
 
 /// The prefill scheduler over the engine and the KV store.
 pub type EngineScheduler = Scheduler<Engine, KvStore>;
@@ -206,7 +206,7 @@ impl PlanLayer {
             request.system.as_deref(),
             &request.history,
             &request.question,
-            &retrieval.chunks,
+            crate::prompt::retrieved_chunks(&self.engine, &retrieval.chunks)?,
         )?;
         let prompt_tokens = prompt.tokens();
         let context = self.engine.context_length();
