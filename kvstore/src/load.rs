@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use ragcake_engine::KvRange;
-use ragcake_scheduler::{LoadBackend, LoadOutcome, MissReason};
+use ragcake_scheduler::{LoadBackend, LoadOutcome, MissReason, StoreError};
 
 use crate::key::{CacheKey, CacheKind};
 use crate::store::{KvStore, Lookup};
@@ -27,10 +27,10 @@ impl LoadBackend for KvStore {
         CacheKey::chunk(&self.key_space(CacheKind::Chunk), context, tokens)
     }
 
-    async fn contains(&self, key: &CacheKey) -> Result<bool, String> {
+    async fn contains(&self, key: &CacheKey) -> Result<bool, StoreError> {
         KvStore::contains(self, key)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(StoreError::backend)
     }
 
     async fn load(&self, key: &CacheKey, tokens: &[u32]) -> LoadOutcome<KvRange> {
@@ -46,11 +46,11 @@ impl LoadBackend for KvStore {
         outcome(self.get_layers(key, Some(tokens), layers).await)
     }
 
-    async fn store(&self, key: &CacheKey, tokens: &[u32], kv: KvRange) -> Result<(), String> {
+    async fn store(&self, key: &CacheKey, tokens: &[u32], kv: KvRange) -> Result<(), StoreError> {
         self.put(key, tokens, &kv)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(StoreError::backend)
     }
 }
 
@@ -65,6 +65,6 @@ fn outcome(lookup: crate::Result<Lookup>) -> LoadOutcome<KvRange> {
         Ok(Lookup::Rejected(reason)) => {
             LoadOutcome::Missing(MissReason::Rejected(reason.to_string()))
         }
-        Err(error) => LoadOutcome::Failed(error.to_string()),
+        Err(error) => LoadOutcome::Failed(StoreError::backend(error)),
     }
 }

@@ -604,7 +604,7 @@ impl Dispatcher {
                 // A failing store fails every later load too: compute the rest.
                 r.slots[step.chunk] = Slot::Pending;
                 r.loadable.iter_mut().for_each(|l| *l = false);
-                r.miss(step.chunk, MissReason::StoreFailed(error));
+                r.miss(step.chunk, MissReason::StoreFailed(error.to_string()));
                 LoadVerdict::Discard
             }
         }

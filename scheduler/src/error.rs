@@ -1,6 +1,7 @@
 //! The scheduler's error type.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A compute back end's error, shared: one failed decode step fails every sequence in it.
 pub type BackendError = Arc<dyn std::error::Error + Send + Sync + 'static>;
@@ -56,6 +57,39 @@ impl SchedulerError {
         match self {
             Self::Compute(error) => error.downcast_ref::<E>(),
             _ => None,
+        }
+    }
+}
+
+/// Why a KV store could not answer: its own error, or the deadline the scheduler gave it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The load back end failed (its own error, kept).
+    #[error("{0}")]
+    Backend(BackendError),
+    /// No answer within the scheduler's deadline.
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
+    /// The store is down (the simulator's failing store).
+    #[error("store unavailable")]
+    Unavailable,
+}
+
+impl StoreError {
+    /// Wraps a load back end's error.
+    pub fn backend(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Backend(Arc::new(error))
+    }
+}
+
+/// Equal when of the same kind with the same message: two failures of a store read the same.
+impl PartialEq for StoreError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Backend(a), Self::Backend(b)) => a.to_string() == b.to_string(),
+            (Self::TimedOut(a), Self::TimedOut(b)) => a == b,
+            (Self::Unavailable, Self::Unavailable) => true,
+            _ => false,
         }
     }
 }

@@ -292,7 +292,7 @@ impl<C: ComputeBackend, S> Filler<'_, C, S> {
                 ..
             }) => {
                 self.store_alive = false;
-                MissReason::StoreFailed(why)
+                MissReason::StoreFailed(why.to_string())
             }
             // The reads stopped after a failure: the store is down.
             None => {

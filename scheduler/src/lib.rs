@@ -39,7 +39,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use decode::{DecodeEvent, DecodeStream};
-pub use error::{BackendError, Result, SchedulerError};
+pub use error::{BackendError, Result, SchedulerError, StoreError};
 pub use plan::{
     ChunkCacheHint, LookupSummary, PlanOptions, PromptChunk, load_paid_share, plan,
     spread_recompute,
@@ -636,7 +636,7 @@ pub enum LoadOutcome<Kv = ()> {
     /// Nothing usable under the key.
     Missing(MissReason),
     /// The store failed.
-    Failed(String),
+    Failed(StoreError),
 }
 
 impl<Kv> LoadOutcome<Kv> {
@@ -728,7 +728,7 @@ pub trait LoadBackend: Send + Sync + 'static {
     fn contains(
         &self,
         key: &Self::Key,
-    ) -> impl Future<Output = std::result::Result<bool, String>> + Send;
+    ) -> impl Future<Output = std::result::Result<bool, StoreError>> + Send;
 
     /// Fetches and verifies the cache of `tokens` stored at `key`.
     fn load(
@@ -752,7 +752,7 @@ pub trait LoadBackend: Send + Sync + 'static {
         key: &Self::Key,
         tokens: &[u32],
         kv: Self::Kv,
-    ) -> impl Future<Output = std::result::Result<(), String>> + Send;
+    ) -> impl Future<Output = std::result::Result<(), StoreError>> + Send;
 }
 
 /// A loaded position-independent chunk cache to blend into the prompt.
@@ -884,5 +884,5 @@ async fn load_within<Kv>(
 ) -> LoadOutcome<Kv> {
     tokio::time::timeout(timeout, load)
         .await
-        .unwrap_or_else(|_| LoadOutcome::Failed(format!("timed out after {timeout:?}")))
+        .unwrap_or_else(|_| LoadOutcome::Failed(StoreError::TimedOut(timeout)))
 }

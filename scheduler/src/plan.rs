@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::dispatch::CostModel;
 use super::{
-    CacheKind, ChunkSpec, LoadBackend, Mode, PrefillRequest, Recompute, StoredCache, WriteBack,
+    CacheKind, ChunkSpec, LoadBackend, Mode, PrefillRequest, Recompute, StoreError, StoredCache,
+    WriteBack,
 };
 
 /// What the caller already knows of a chunk's position-independent cache, so planning need
@@ -345,7 +346,7 @@ pub(crate) fn raise_load_paid<K>(chunks: &mut [ChunkSpec<K>], share: f64) {
 #[derive(Debug)]
 enum LookupFailure {
     /// The store answered with an error.
-    Failed(String),
+    Failed(StoreError),
     /// The store had not answered at the planning deadline.
     TimedOut,
 }

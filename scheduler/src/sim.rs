@@ -3,12 +3,13 @@
 //! scheduling logic is tested exactly, and fast enough to sweep what-ifs.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use super::LoadOutcome;
 use super::dispatch::{
     ComputeStep, Dispatcher, LoadStep, NextCompute, RequestId, RequestShape, layer_share,
 };
-use super::{PrefillReport, SchedulerConfig};
+use super::{PrefillReport, SchedulerConfig, StoreError};
 use crate::error::{Result, SchedulerError};
 
 /// The simulated machine.
@@ -167,13 +168,13 @@ fn simulate_load(
         && end >= dies
     {
         let at = dies.max(now + costs.load_latency_secs).min(now + timeout);
-        return (at, step, LoadOutcome::Failed("store unavailable".into()));
+        return (at, step, LoadOutcome::Failed(StoreError::Unavailable));
     }
     if duration > timeout {
         return (
             now + timeout,
             step,
-            LoadOutcome::Failed(format!("timed out after {timeout}s")),
+            LoadOutcome::Failed(StoreError::TimedOut(Duration::from_secs_f64(timeout))),
         );
     }
     let bytes = (tokens * costs.bytes_per_token as f64).round() as u64;

@@ -301,7 +301,13 @@ fn a_load_that_times_out_raises_the_expected_load_time() {
     let step = dispatcher.next_load(0.0).expect("a stored chunk to load");
     let before = dispatcher.costs().load_secs(CHUNK);
     // The load gave up at the timeout: it would have taken at least that long.
-    dispatcher.load_done(5.0, step, LoadOutcome::Failed("timed out after 5s".into()));
+    dispatcher.load_done(
+        5.0,
+        step,
+        LoadOutcome::Failed(crate::StoreError::TimedOut(std::time::Duration::from_secs(
+            5,
+        ))),
+    );
     let after = dispatcher.costs().load_secs(CHUNK);
     assert!(
         before < 1.0 && after >= 5.0,

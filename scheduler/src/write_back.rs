@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{LoadBackend, WriteBack};
+use super::{LoadBackend, StoreError, WriteBack};
 
 /// Writers running at once: enough to overlap a store's latency, few enough that
 /// write-back does not compete with loads for the store.
@@ -118,7 +118,7 @@ impl<K: Send + Sync + 'static, Kv: Send + 'static> WriteBackQueue<K, Kv> {
 async fn write<L: LoadBackend>(
     loader: &L,
     job: Job<L::Key, L::Kv>,
-) -> std::result::Result<bool, String> {
+) -> std::result::Result<bool, StoreError> {
     let key = match job.dest {
         WriteBack::Store(key) => key,
         WriteBack::StoreIfAbsent(key) => {
