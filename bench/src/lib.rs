@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod fidelity;
 pub mod kvstore;
 pub mod labelled;
+pub mod layer_split;
 mod llama_server;
 pub mod plot;
 pub mod prefill;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::layer_split::{LayerSplitConfig, choose_split, prefill_layer_split};
 use clap::Args;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -18,7 +19,6 @@ use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, open_url, throttled};
 use ragcake::scheduler::bounds::{ChunkCosts, prefill_bounds};
 use ragcake::scheduler::dispatch::chunk_starts;
-use ragcake::scheduler::layer_split::{LayerSplitConfig, choose_split, prefill_layer_split};
 use ragcake::scheduler::{
     ComputeBackend, Filled, LoadBackend, Mode, Policy, PrefillReport, PrefillRequest, PromptChunk,
     Scheduler, SchedulerConfig, plan,

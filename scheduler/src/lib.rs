@@ -6,8 +6,6 @@
 //! - [`dispatch`]: the decisions, without threads or clocks (tested deterministically).
 //! - [`plan`]: a prompt's chunks → a [`PrefillRequest`]: which stored cache each chunk
 //!   loads (the load back end only says what is stored) and where it is written back.
-//! - [`layer_split`]: the layer dimension for one request (bottom layers computed while
-//!   the top layers load).
 //! - [`sim`]: a discrete-event simulator of the same decisions with given costs.
 //! - [`Scheduler`]: the real thing, generic over a [`ComputeBackend`] (the engine) and a
 //!   [`LoadBackend`] (a KV store).
@@ -20,7 +18,6 @@ pub mod bounds;
 pub mod decode;
 pub mod dispatch;
 pub mod error;
-pub mod layer_split;
 pub mod plan;
 mod runtime;
 pub mod sampling;
@@ -843,7 +840,7 @@ impl<C: ComputeBackend> fmt::Debug for Filled<C> {
 
 /// Checks a request before it is admitted: a tail, no empty chunk, and room in the
 /// context. Returns the position of each chunk's first token, then the tail's.
-fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Vec<usize>> {
+pub fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Vec<usize>> {
     if request.tail.is_empty() {
         return Err(SchedulerError::EmptyInput);
     }
@@ -868,7 +865,7 @@ fn check_request<S>(request: &PrefillRequest<S>, max_tokens: usize) -> Result<Ve
 
 /// How many leading chunks were filled in context: up to the first one loaded (not
 /// computed) from a position-independent chunk cache.
-fn in_context_chunks<K>(chunks: &[ChunkSpec<K>], computed: &[usize]) -> usize {
+pub fn in_context_chunks<K>(chunks: &[ChunkSpec<K>], computed: &[usize]) -> usize {
     chunks
         .iter()
         .enumerate()
@@ -878,7 +875,7 @@ fn in_context_chunks<K>(chunks: &[ChunkSpec<K>], computed: &[usize]) -> usize {
 
 /// A load that fails once it has run for `timeout` (a stalled store must not hold a
 /// request).
-async fn load_within<Kv>(
+pub async fn load_within<Kv>(
     timeout: Duration,
     load: impl Future<Output = LoadOutcome<Kv>>,
 ) -> LoadOutcome<Kv> {

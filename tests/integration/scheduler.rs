@@ -13,13 +13,13 @@ use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, throttled};
-use ragcake::scheduler::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 use ragcake::scheduler::{
     BlendChunk, CacheKind, ChunkSpec, ComputeBackend, DecodeEvent, DecodeStream, Filled,
     LoadBackend, LookupSummary, MIN_PREFILL_PIECE, MissReason, Mode, PlanOptions, PrefillRequest,
     PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, SchedulerStats, StoredCache,
     plan, spread_recompute,
 };
+use ragcake_bench::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 
 use crate::common::{
     max_abs, max_abs_diff, mean_kl, model_path, prose_tokens, runtime, s3_store_at,

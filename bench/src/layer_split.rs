@@ -11,7 +11,7 @@
 //! boundary divides the work finely. Loaded top layers of an exact prefix cache are the
 //! values computing them would give, so the result is exact.
 //!
-//! This runs one request at a time, beside the shared [`super::Scheduler`] rather than in
+//! This runs one request at a time, beside the shared [`ragcake::scheduler::Scheduler`] rather than in
 //! it: `ragcake bench ttft` measures it against chunk-level scheduling.
 
 use std::collections::{HashMap, VecDeque};
@@ -23,11 +23,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{
+use ragcake::scheduler::{
     ComputeBackend, Filled, LoadBackend, LoadOutcome, Miss, MissReason, Mode, PrefillReport,
-    PrefillRequest, check_request, in_context_chunks, load_within,
+    PrefillRequest, Result, SchedulerError, check_request, in_context_chunks, load_within,
 };
-use crate::error::{Result, SchedulerError};
 
 /// Where a layer-split prefill divides the work: chunks before `chunk` are computed in
 /// full (the cheap front: attention grows with position); from `chunk` on, each stored
