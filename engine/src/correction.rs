@@ -170,15 +170,24 @@ impl AttentionCalibration {
     pub fn bundled(fingerprint: LlmFingerprint) -> Result<Option<Self>> {
         let hex = fingerprint.to_hex();
         for text in BUNDLED {
-            let calibration: Self = toml::from_str(text).map_err(|e| {
-                EngineError::InvalidSetting(format!("a bundled attention calibration: {e}"))
-            })?;
+            let calibration = Self::parse(text, &"(bundled)")?;
             if calibration.fingerprint == hex {
-                calibration.correction.validate()?;
                 return Ok(Some(calibration));
             }
         }
         Ok(None)
+    }
+
+    /// Parses a calibration file's text and checks its correction is in range; `source`
+    /// names where the text came from in an error.
+    fn parse(text: &str, source: &dyn std::fmt::Display) -> Result<Self> {
+        let calibration: Self =
+            toml::from_str(text).map_err(|e| calibration_error(source, e.to_string()))?;
+        calibration
+            .correction
+            .validate()
+            .map_err(|e| calibration_error(source, e.to_string()))?;
+        Ok(calibration)
     }
 
     /// The file of `fingerprint`'s calibration in `dir`.
@@ -193,20 +202,15 @@ impl AttentionCalibration {
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(calibration_error(&path, e.to_string())),
+            Err(e) => return Err(calibration_error(&path.display(), e.to_string())),
         };
-        let calibration: Self =
-            toml::from_str(&text).map_err(|e| calibration_error(&path, e.to_string()))?;
+        let calibration = Self::parse(&text, &path.display())?;
         if calibration.fingerprint != fingerprint.to_hex() {
             return Err(calibration_error(
-                &path,
+                &path.display(),
                 format!("written for model {}", calibration.fingerprint),
             ));
         }
-        calibration
-            .correction
-            .validate()
-            .map_err(|e| calibration_error(&path, e.to_string()))?;
         Ok(Some(calibration))
     }
 
@@ -216,24 +220,22 @@ impl AttentionCalibration {
         let fingerprint = LlmFingerprint::from_hex(&self.fingerprint)
             .ok_or_else(|| EngineError::InvalidSetting("a malformed fingerprint".into()))?;
         let path = Self::path(dir, fingerprint);
-        let text =
-            toml::to_string_pretty(self).map_err(|e| calibration_error(&path, e.to_string()))?;
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| calibration_error(&path.display(), e.to_string()))?;
         let write = || -> std::io::Result<()> {
             std::fs::create_dir_all(dir)?;
             let temporary = path.with_extension("toml.partial");
             std::fs::write(&temporary, text)?;
             std::fs::rename(&temporary, &path)
         };
-        write().map_err(|e| calibration_error(&path, e.to_string()))?;
+        write().map_err(|e| calibration_error(&path.display(), e.to_string()))?;
         Ok(path)
     }
 }
 
-fn calibration_error(path: &Path, message: String) -> EngineError {
-    EngineError::InvalidSetting(format!(
-        "attention calibration {}: {message}",
-        path.display()
-    ))
+/// An error about the calibration from `source` (a file's path, or the bundled ones).
+fn calibration_error(source: &dyn std::fmt::Display, message: String) -> EngineError {
+    EngineError::InvalidSetting(format!("attention calibration {source}: {message}"))
 }
 
 #[cfg(test)]

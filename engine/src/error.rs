@@ -88,7 +88,8 @@ pub enum EngineError {
     /// A KV range does not fit the cache it is imported into, or a range request is out of bounds.
     #[error("KV cache: {0}")]
     KvMismatch(String),
-    /// An invalid sampling or generation setting.
+    /// An invalid generation, blending or correction setting (sampling settings are the
+    /// scheduler's: [`EngineError::Scheduler`]).
     #[error("invalid generation setting: {0}")]
     InvalidSetting(String),
     /// Sampling settings out of range, or a scheduler failure surfaced through the engine.

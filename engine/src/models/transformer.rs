@@ -1290,10 +1290,7 @@ fn attention(
         let per_row = |values: Vec<f32>| -> Result<Tensor> {
             Ok(Tensor::from_vec(values, (len, 1, span), device)?)
         };
-        let (factor, offset) = match corrected {
-            Some(c) => (c.factor, Some(c.offset)),
-            None => (None, None),
-        };
+        let (factor, offset) = corrected.map_or((None, None), |c| (c.factor, Some(c.offset)));
         if let Some(factor) = factor {
             scores = scores
                 .reshape((nkv, len, group, span))?
