@@ -22,7 +22,7 @@ use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::{CacheKey, KvStore, Throttle, throttled};
 use ragcake::scheduler::dispatch::chunk_starts;
 use ragcake::scheduler::{
-    DecodeEvent, LoadBackend, Mode, Policy, PromptChunk, Scheduler, SchedulerConfig, plan,
+    LoadBackend, Mode, Policy, PromptChunk, RequestEvent, Scheduler, SchedulerConfig, plan,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -670,24 +670,26 @@ async fn serve_ragcake(
                 .map(PromptChunk::from)
                 .collect();
             let (prefill, _) = plan(&*store, chunks, tail.to_vec(), mode.into()).await;
-            let filled = scheduler.prefill(prefill).await?;
-            let mut stream = scheduler.decode(filled.cache, &filled.logits, params)?;
+            let mut events = scheduler.submit(prefill, params)?;
+            let mut report = None;
             let mut clock = TokenClock::default();
             loop {
-                match stream.next().await {
-                    Some(DecodeEvent::Token(_)) => clock.tick(Instant::now()),
-                    Some(DecodeEvent::Finished { .. }) | None => break,
-                    Some(DecodeEvent::Failed(e)) => return Err(e.into()),
+                match events.next().await {
+                    Some(RequestEvent::Prefilled(filled)) => report = Some(filled),
+                    Some(RequestEvent::Token(_)) => clock.tick(Instant::now()),
+                    Some(RequestEvent::Finished { .. }) | None => break,
+                    Some(RequestEvent::Failed(e)) => return Err(e.into()),
                 }
             }
+            let report = report.context("no prefill report")?;
             let answer = clock.finish().context("no token generated")?;
             Ok(Served {
                 kind: request.kind,
                 sent,
                 answer,
-                chunks_computed: filled.report.chunks_computed,
-                chunks_loaded: filled.report.chunks_loaded,
-                loads_abandoned: filled.report.loads_abandoned,
+                chunks_computed: report.chunks_computed,
+                chunks_loaded: report.chunks_loaded,
+                loads_abandoned: report.loads_abandoned,
             })
         })
     });

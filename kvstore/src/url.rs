@@ -159,7 +159,10 @@ pub(crate) fn open_url_parts(
     client.validate()?;
     let (scheme, prefix) =
         object_store::ObjectStoreScheme::parse(&parsed).map_err(|e| invalid(e.to_string()))?;
+    #[cfg(feature = "cloud")]
     let options: Vec<(String, String)> = options.into_iter().collect();
+    #[cfg(not(feature = "cloud"))]
+    drop(options);
     // The three cloud builders share no trait; each gets the same bounded client, then the
     // environment's and the caller's options.
     #[cfg(feature = "cloud")]
@@ -172,7 +175,7 @@ pub(crate) fn open_url_parts(
             let builder = configure(builder, $env_prefix, options, |b, k: $key, v| {
                 b.with_config(k, v)
             })
-            .map_err(invalid)?;
+            .map_err(|key| invalid(format!("unknown store option {key}")))?;
             Arc::new(builder.build().map_err(|e| invalid(e.to_string()))?)
         }};
     }
@@ -207,14 +210,14 @@ pub(crate) fn open_url_parts(
 
 /// Applies the environment's variables with the backend's prefix (as the builders'
 /// `from_env` would: unknown ones skipped), then the explicit options (an unknown one is an
-/// error naming it).
+/// error naming it: the key is returned).
 #[cfg(feature = "cloud")]
 fn configure<B, K: std::str::FromStr>(
     mut builder: B,
     env_prefix: &str,
     options: Vec<(String, String)>,
     with: impl Fn(B, K, String) -> B,
-) -> std::result::Result<B, String> {
+) -> std::result::Result<B, UnknownOption> {
     for (key, value) in std::env::vars() {
         let key = key.to_ascii_lowercase();
         if key.starts_with(env_prefix)
@@ -227,10 +230,22 @@ fn configure<B, K: std::str::FromStr>(
         let known = key
             .to_ascii_lowercase()
             .parse::<K>()
-            .map_err(|_| format!("unknown store option {key:?}"))?;
+            .map_err(|_| UnknownOption(key.clone()))?;
         builder = with(builder, known, value);
     }
     Ok(builder)
+}
+
+/// A store option no backend of the URL's scheme knows.
+#[cfg(feature = "cloud")]
+#[derive(Debug)]
+struct UnknownOption(String);
+
+#[cfg(feature = "cloud")]
+impl std::fmt::Display for UnknownOption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
 }
 
 #[cfg(test)]

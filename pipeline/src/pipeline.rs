@@ -191,7 +191,7 @@ impl PipelineBuilder {
                 .with_lookup_timeout(config.scheduler.lookup_timeout_secs),
             )
             .layer(PrefillLayer::new(scheduler.clone()))
-            .service(Generate::new(engine.clone(), scheduler.clone()));
+            .service(Generate::new(engine.clone()));
         // Outside in: record metrics, refuse when the queue is full, bound the whole wait,
         // queue, bound the questions in flight.
         let service = ServiceBuilder::new()

@@ -13,18 +13,17 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 use ragcake_engine::{
-    Engine, FinishReason, GenerateParams, KvCache, Sampling, StreamDecoder, Tensor,
+    Engine, FinishReason, GenerateParams, PromptTemplate, Sampling, StreamDecoder,
 };
 use ragcake_kvstore::{CacheKey, KvStore};
 use ragcake_retriever::{Retrieval, RetrieveOptions, Retriever};
-use ragcake_scheduler::{DecodeEvent, PlanOptions, PrefillRequest, Scheduler};
+use ragcake_scheduler::{PlanOptions, PrefillRequest, RequestEvent, RequestStream, Scheduler};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::config::{RequestLimits, WriteBackAdmission};
 use crate::error::{BoxError, PipelineError};
-use crate::types::{Answer, Ask, Breakdown, CitedChunk, StreamEvent};
-use ragcake_engine::PromptTemplate;
+use crate::types::{Answer, Ask, AskOptions, Breakdown, CitedChunk, StreamEvent};
 
 /// The prefill scheduler over the engine and the KV store.
 pub type EngineScheduler = Scheduler<Engine, KvStore>;
@@ -286,23 +285,22 @@ impl Step<Retrieved> for PlanLayer {
     }
 }
 
-/// A question whose prompt cache is filled.
+/// A question whose prompt cache is filled, generating in the scheduler.
 #[derive(Debug)]
 pub struct Prefilled {
     /// The question.
     pub ask: Ask,
     /// The chunks in the prompt.
     pub sources: Vec<CitedChunk>,
-    /// The prompt's KV cache.
-    pub cache: KvCache,
-    /// The last prompt token's logits.
-    pub logits: Tensor,
+    /// The request's events after its prefill report: its tokens, then the end.
+    pub events: RequestStream,
     /// The timing so far (the prefill report included).
     pub breakdown: Breakdown,
 }
 
-/// Stage 3: fills the prompt's cache under the shared bidirectional scheduler (compute
-/// from the front, load from the back, across every request in flight).
+/// Stage 3: submits the question's planned prompt to the shared scheduler once (compute
+/// from the front, load from the back, across every request in flight; then the batched
+/// decode loop) and waits for its prefill report: the time to first token.
 #[derive(Clone)]
 pub struct PrefillLayer {
     scheduler: Arc<EngineScheduler>,
@@ -315,7 +313,7 @@ impl std::fmt::Debug for PrefillLayer {
 }
 
 impl PrefillLayer {
-    /// Prefill through `scheduler`.
+    /// Submit to `scheduler`.
     pub fn new(scheduler: Arc<EngineScheduler>) -> Self {
         Self { scheduler }
     }
@@ -328,6 +326,20 @@ impl<S> Layer<S> for PrefillLayer {
             step: self.clone(),
             inner,
         }
+    }
+}
+
+/// The generation settings a request asks for.
+fn generate_params(options: &AskOptions) -> GenerateParams {
+    GenerateParams {
+        max_tokens: options.max_tokens,
+        ignore_eos: options.ignore_eos,
+        sampling: Sampling {
+            temperature: options.temperature,
+            top_p: options.top_p,
+            seed: options.seed,
+        },
+        ..GenerateParams::default()
     }
 }
 
@@ -344,29 +356,36 @@ impl Step<Planned> for PrefillLayer {
                 request,
                 mut breakdown,
             } = planned;
-            let filled = scheduler.prefill(request).await?;
+            let mut events = scheduler.submit(request, generate_params(&ask.request.options))?;
+            let report = match events.next().await {
+                Some(RequestEvent::Prefilled(report)) => *report,
+                Some(RequestEvent::Failed(error)) => return Err(error.into()),
+                Some(_) | None => {
+                    return Err(PipelineError::Task(
+                        "the prefill ended without a report".into(),
+                    ));
+                }
+            };
             breakdown.ttft_secs = ask.started.elapsed().as_secs_f64();
-            breakdown.degraded |= filled.report.degraded;
-            breakdown.prefill = filled.report;
+            breakdown.degraded |= report.degraded;
+            breakdown.prefill = report;
             Ok(Prefilled {
                 ask,
                 sources,
-                cache: filled.cache,
-                logits: filled.logits,
+                events,
                 breakdown,
             })
         })
     }
 }
 
-/// Stage 4 (the innermost service): decodes the answer from the filled cache in the shared
-/// scheduler (every answer being generated advances one token per batched decode step,
-/// between prefill steps), streaming text pieces to a streaming ask. A request dropped or
-/// timed out stops decoding at the next step.
+/// Stage 4 (the innermost service): reads the answer's tokens as the shared scheduler
+/// generates them (every answer being generated advances one token per batched decode
+/// step, between prefill steps), streaming text pieces to a streaming ask. A request
+/// dropped or timed out stops decoding at the next step.
 #[derive(Clone)]
 pub struct Generate {
     engine: Arc<Engine>,
-    scheduler: Arc<EngineScheduler>,
 }
 
 impl std::fmt::Debug for Generate {
@@ -376,9 +395,9 @@ impl std::fmt::Debug for Generate {
 }
 
 impl Generate {
-    /// Generation in `scheduler`, detokenized with `engine`'s tokenizer.
-    pub fn new(engine: Arc<Engine>, scheduler: Arc<EngineScheduler>) -> Self {
-        Self { engine, scheduler }
+    /// Generation detokenized with `engine`'s tokenizer.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
     }
 }
 
@@ -393,30 +412,14 @@ impl Service<Prefilled> for Generate {
 
     fn call(&mut self, prefilled: Prefilled) -> Self::Future {
         let engine = self.engine.clone();
-        let scheduler = self.scheduler.clone();
         Box::pin(
             async move {
                 let Prefilled {
                     ask,
                     sources,
-                    cache,
-                    logits,
+                    mut events,
                     mut breakdown,
                 } = prefilled;
-                let options = &ask.request.options;
-                let params = GenerateParams {
-                    max_tokens: options.max_tokens,
-                    ignore_eos: options.ignore_eos,
-                    sampling: Sampling {
-                        temperature: options.temperature,
-                        top_p: options.top_p,
-                        seed: options.seed,
-                    },
-                    ..GenerateParams::default()
-                };
-                let mut events = scheduler
-                    .decode(cache, &logits, params)
-                    .map_err(PipelineError::from)?;
                 let tokenizer = engine.tokenizer();
                 let mut decoder = StreamDecoder::new();
                 let mut text = String::new();
@@ -424,7 +427,7 @@ impl Service<Prefilled> for Generate {
                 let started = Instant::now();
                 let finish_reason = loop {
                     match events.next().await {
-                        Some(DecodeEvent::Token(token)) => {
+                        Some(RequestEvent::Token(token)) => {
                             generated += 1;
                             let piece = decoder.push(tokenizer, token);
                             if piece.is_empty() {
@@ -438,11 +441,11 @@ impl Service<Prefilled> for Generate {
                                 break FinishReason::Cancelled;
                             }
                         }
-                        Some(DecodeEvent::Finished { reason, .. }) => break reason,
-                        Some(DecodeEvent::Failed(error)) => {
+                        Some(RequestEvent::Finished { reason, .. }) => break reason,
+                        Some(RequestEvent::Failed(error)) => {
                             return Err(PipelineError::from(error).into());
                         }
-                        None => {
+                        Some(RequestEvent::Prefilled(_)) | None => {
                             return Err(PipelineError::Task("decoding stopped".into()).into());
                         }
                     }

@@ -6,13 +6,16 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::ComputeBackend;
+use super::{ComputeBackend, PrefillReport};
 use crate::error::{Result, SchedulerError};
 use crate::sampling::{FinishReason, GenerateParams, Sampler};
 
-/// What a decoding sequence reports, in order: its tokens, then how it ended.
+/// What a request submitted to a [`super::Scheduler`] reports, in order: its prefill report
+/// ([`super::Scheduler::submit`] only), its tokens, then how it ended.
 #[derive(Debug)]
-pub enum DecodeEvent {
+pub enum RequestEvent {
+    /// The prompt's cache is filled (time to first token): where its chunks came from.
+    Prefilled(Box<PrefillReport>),
     /// The next generated token.
     Token(u32),
     /// Generation ended (the stop token, if any, is not sent).
@@ -24,26 +27,44 @@ pub enum DecodeEvent {
         /// Seconds from the first token to the end.
         decode_secs: f64,
     },
-    /// A decode step failed; nothing follows.
+    /// The prefill or a decode step failed; nothing follows.
     Failed(SchedulerError),
 }
 
-/// The events of one sequence decoding in a [`super::Scheduler`]. Dropping it cancels the
-/// generation: the sequence leaves at the next step and frees its place.
-#[derive(Debug)]
-pub struct DecodeStream {
-    pub(crate) events: mpsc::UnboundedReceiver<DecodeEvent>,
+/// The events of one request in a [`super::Scheduler`]. Dropping it cancels the request:
+/// a prefill in flight is abandoned (its loads aborted, its compute given to others), and a
+/// generation leaves at the next decode step.
+pub struct RequestStream {
+    pub(crate) events: mpsc::UnboundedReceiver<RequestEvent>,
+    /// Withdraws the request from the prefill queue (a no-op once its prefill is done).
+    pub(crate) cancel: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
-impl DecodeStream {
-    /// The next event; `None` after [`DecodeEvent::Finished`] or [`DecodeEvent::Failed`].
-    pub async fn next(&mut self) -> Option<DecodeEvent> {
+impl std::fmt::Debug for RequestStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestStream").finish_non_exhaustive()
+    }
+}
+
+impl RequestStream {
+    /// The next event; `None` after [`RequestEvent::Finished`] or [`RequestEvent::Failed`].
+    pub async fn next(&mut self) -> Option<RequestEvent> {
         self.events.recv().await
     }
 
-    /// [`DecodeStream::next`] for a caller outside async code.
-    pub fn blocking_next(&mut self) -> Option<DecodeEvent> {
+    /// [`RequestStream::next`] for a caller outside async code.
+    pub fn blocking_next(&mut self) -> Option<RequestEvent> {
         self.events.blocking_recv()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        // Closing the receiver first: a sequence already decoding sees it at its next step.
+        self.events.close();
+        if let Some(cancel) = self.cancel.take() {
+            cancel();
+        }
     }
 }
 
@@ -56,7 +77,7 @@ pub(crate) struct Decoding<C: ComputeBackend> {
     params: GenerateParams,
     produced: usize,
     started: Instant,
-    events: mpsc::UnboundedSender<DecodeEvent>,
+    events: mpsc::UnboundedSender<RequestEvent>,
 }
 
 /// A sequence's state after a token was sampled.
@@ -70,17 +91,17 @@ pub(crate) enum Advance<C: ComputeBackend> {
 }
 
 impl<C: ComputeBackend> Decoding<C> {
-    /// Starts decoding after a prefill: samples the first token from `logits`. The stream
-    /// gets the token (or the end) at once.
+    /// Starts decoding after a prefill: samples the first token from `logits` and sends it
+    /// (or the end) to `events` at once.
     pub(crate) fn start(
         compute: &C,
         cache: C::Cache,
         logits: &C::Logits,
         params: GenerateParams,
-    ) -> Result<(Advance<C>, DecodeStream)> {
+        events: mpsc::UnboundedSender<RequestEvent>,
+    ) -> Result<Advance<C>> {
         let mut sampler = Sampler::new(params.sampling.clone())?;
         let first = compute.sample(&mut sampler, logits)?;
-        let (events, receiver) = mpsc::unbounded_channel();
         let sequence = Self {
             cache,
             next: first,
@@ -90,10 +111,7 @@ impl<C: ComputeBackend> Decoding<C> {
             started: Instant::now(),
             events,
         };
-        Ok((
-            sequence.advance(compute, first),
-            DecodeStream { events: receiver },
-        ))
+        Ok(sequence.advance(compute, first))
     }
 
     /// Whether the reader went away (the sequence is dropped without another step).
@@ -115,7 +133,7 @@ impl<C: ComputeBackend> Decoding<C> {
             Some(FinishReason::Stop)
         } else {
             self.produced += 1;
-            if self.events.send(DecodeEvent::Token(token)).is_err() {
+            if self.events.send(RequestEvent::Token(token)).is_err() {
                 return Advance::Cancelled;
             } else if self.produced >= self.params.max_tokens {
                 // Ends now rather than after a step whose token nobody reads.
@@ -132,7 +150,7 @@ impl<C: ComputeBackend> Decoding<C> {
                 Advance::Continue(Box::new(self))
             }
             Some(reason) => {
-                let _ = self.events.send(DecodeEvent::Finished {
+                let _ = self.events.send(RequestEvent::Finished {
                     reason,
                     tokens: self.produced,
                     decode_secs: self.started.elapsed().as_secs_f64(),
@@ -155,7 +173,7 @@ impl<C: ComputeBackend> Decoding<C> {
 
     /// Ends the sequence with `error`.
     pub(crate) fn fail(self, error: SchedulerError) {
-        let _ = self.events.send(DecodeEvent::Failed(error));
+        let _ = self.events.send(RequestEvent::Failed(error));
     }
 }
 

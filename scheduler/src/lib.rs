@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use decode::{DecodeEvent, DecodeStream};
+pub use decode::{RequestEvent, RequestStream};
 pub use error::{BackendError, Result, SchedulerError, StoreError};
 pub use plan::{
     ChunkCacheHint, LookupSummary, PlanOptions, PromptChunk, load_paid_share, plan,

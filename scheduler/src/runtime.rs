@@ -9,9 +9,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use super::decode::{Advance, DecodeStream, Decoding, decode_step};
+use super::decode::{Advance, Decoding, RequestEvent, RequestStream, decode_step};
 use super::dispatch::{
     ChunkShape, ComputeStep, Dispatcher, LoadStep, LoadVerdict, NextCompute, RequestId,
     RequestShape,
@@ -23,7 +23,7 @@ use super::{
     load_within,
 };
 use crate::error::{Result, SchedulerError};
-use crate::sampling::GenerateParams;
+use crate::sampling::{GenerateParams, Sampler};
 
 /// Counters of a scheduler's life.
 #[derive(Debug, Default)]
@@ -135,7 +135,32 @@ struct Active<C: ComputeBackend, L: LoadBackend> {
     /// Chunks imported from loaded caches, in order (those from chunk caches are blended
     /// with the tail).
     imported: Vec<usize>,
-    reply: Option<oneshot::Sender<Result<Filled<C>>>>,
+    reply: Option<Reply<C>>,
+}
+
+/// Where a request's prefill goes when it is done.
+enum Reply<C: ComputeBackend> {
+    /// Back to a [`Scheduler::prefill`] caller, cache and logits.
+    Filled(oneshot::Sender<Result<Filled<C>>>),
+    /// Straight on to decoding in the compute loop ([`Scheduler::submit`]).
+    Generate {
+        params: GenerateParams,
+        events: mpsc::UnboundedSender<RequestEvent>,
+    },
+}
+
+impl<C: ComputeBackend> Reply<C> {
+    /// Tells the caller the request failed.
+    fn fail(self, error: SchedulerError) {
+        match self {
+            Reply::Filled(reply) => {
+                let _ = reply.send(Err(error));
+            }
+            Reply::Generate { events, .. } => {
+                let _ = events.send(RequestEvent::Failed(error));
+            }
+        }
+    }
 }
 
 /// Bidirectional prefill for many requests at once: one compute thread runs the engine, an
@@ -229,9 +254,48 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
         }
     }
 
+    /// Submits one question's prompt: fills its cache (bidirectional prefill, beside every
+    /// other request in flight) and generates from it with `params` in the shared decode
+    /// loop. The stream reports the prefill ([`RequestEvent::Prefilled`]), then the tokens,
+    /// then the end; the cache and logits never leave the scheduler. Dropping the stream
+    /// cancels the request wherever it is.
+    pub fn submit(
+        &self,
+        request: PrefillRequest<L::Key>,
+        params: GenerateParams,
+    ) -> Result<RequestStream> {
+        // Bad sampling settings fail here, before any prefill work.
+        Sampler::new(params.sampling.clone())?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        let id = self.admit(request, Reply::Generate { params, events })?;
+        let shared = self.shared.clone();
+        Ok(RequestStream {
+            events: receiver,
+            cancel: Some(Box::new(move || cancel_request(&shared, id))),
+        })
+    }
+
     /// Fills a cache with the request's chunks and tail and returns it with the logits of
-    /// the last token. Dropping the future cancels the request and frees what it held.
-    pub async fn prefill(&self, mut request: PrefillRequest<L::Key>) -> Result<Filled<C>> {
+    /// the last token, for a caller that works on the cache itself (a benchmark comparing
+    /// caches; [`Scheduler::submit`] is the one call of a question). Dropping the future
+    /// cancels the request and frees what it held.
+    pub async fn prefill(&self, request: PrefillRequest<L::Key>) -> Result<Filled<C>> {
+        let (reply, answer) = oneshot::channel();
+        let id = self.admit(request, Reply::Filled(reply))?;
+        let mut guard = CancelOnDrop {
+            shared: &self.shared,
+            id,
+            armed: true,
+        };
+        let result = answer
+            .await
+            .unwrap_or_else(|_| Err(SchedulerError::ShutDown));
+        guard.armed = false;
+        result
+    }
+
+    /// Checks and admits a request; its prefill ends in `reply`.
+    fn admit(&self, mut request: PrefillRequest<L::Key>, reply: Reply<C>) -> Result<RequestId> {
         let starts = check_request(&request, self.shared.compute.max_tokens())?;
         if request.chunks.iter().any(|c| c.recompute.load_paid) {
             let (costs, io_concurrency) = {
@@ -274,7 +338,6 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
                 .fold(0.0, f64::max),
             layers: self.shared.compute.layers(),
         };
-        let (reply, answer) = oneshot::channel();
         let id = {
             let mut state = self.shared.lock();
             if state.shutdown {
@@ -302,16 +365,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
             id
         };
         self.shared.wake.notify_all();
-        let mut guard = CancelOnDrop {
-            shared: &self.shared,
-            id,
-            armed: true,
-        };
-        let result = answer
-            .await
-            .unwrap_or_else(|_| Err(SchedulerError::ShutDown));
-        guard.armed = false;
-        result
+        Ok(id)
     }
 }
 
@@ -319,33 +373,20 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
     /// Generates from a filled cache (what [`Scheduler::prefill`] returned): the first token
     /// is sampled from `logits` at once, the next ones by batched decode steps that the
     /// compute thread runs for every decoding sequence between prefill steps. Tokens stream
-    /// through the returned [`DecodeStream`]; dropping it stops the generation.
+    /// through the returned [`RequestStream`]; dropping it stops the generation.
     pub fn decode(
         &self,
         cache: C::Cache,
         logits: &C::Logits,
         params: GenerateParams,
-    ) -> Result<DecodeStream> {
-        let (started, stream) = Decoding::start(&*self.shared.compute, cache, logits, params)?;
-        match started {
-            Advance::Done | Advance::Cancelled => {
-                self.shared
-                    .counters
-                    .decodes_finished
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Advance::Continue(sequence) => {
-                let mut state = self.shared.lock();
-                if state.shutdown {
-                    sequence.fail(SchedulerError::ShutDown);
-                } else {
-                    state.decoding.push_back(*sequence);
-                    drop(state);
-                    self.shared.wake.notify_all();
-                }
-            }
-        }
-        Ok(stream)
+    ) -> Result<RequestStream> {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let started = Decoding::start(&*self.shared.compute, cache, logits, params, events)?;
+        start_decoding(&self.shared, started);
+        Ok(RequestStream {
+            events: receiver,
+            cancel: None,
+        })
     }
 }
 
@@ -368,22 +409,56 @@ struct CancelOnDrop<'a, C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> {
 
 impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Drop for CancelOnDrop<'_, C, L> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if self.armed {
+            cancel_request(self.shared, self.id);
         }
-        let mut state = self.shared.lock();
-        if state.dispatcher.cancel(self.id).is_some() {
-            self.shared
+    }
+}
+
+/// Withdraws request `id` if its prefill is still in flight (nothing, once it is done).
+fn cancel_request<C, L>(shared: &Arc<Shared<C, L>>, id: RequestId)
+where
+    C: ComputeBackend,
+    L: LoadBackend<Kv = C::Kv>,
+{
+    let mut state = shared.lock();
+    let withdrawn = state.dispatcher.cancel(id).is_some();
+    if withdrawn {
+        shared.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+    if state.requests.remove(&id).is_none() && !withdrawn {
+        return;
+    }
+    state.abort_given_up_loads();
+    // Freed I/O slots and compute go to the others.
+    pump_loads(shared, &mut state);
+    drop(state);
+    shared.wake.notify_all();
+}
+
+/// Queues a sequence that goes on decoding in the compute loop, or counts its end.
+fn start_decoding<C, L>(shared: &Shared<C, L>, started: Advance<C>)
+where
+    C: ComputeBackend,
+    L: LoadBackend<Kv = C::Kv>,
+{
+    match started {
+        Advance::Done | Advance::Cancelled => {
+            shared
                 .counters
-                .cancelled
+                .decodes_finished
                 .fetch_add(1, Ordering::Relaxed);
         }
-        state.requests.remove(&self.id);
-        state.abort_given_up_loads();
-        // Freed I/O slots and compute go to the others.
-        pump_loads(self.shared, &mut state);
-        drop(state);
-        self.shared.wake.notify_all();
+        Advance::Continue(sequence) => {
+            let mut state = shared.lock();
+            if state.shutdown {
+                sequence.fail(SchedulerError::ShutDown);
+            } else {
+                state.decoding.push_back(*sequence);
+                drop(state);
+                shared.wake.notify_all();
+            }
+        }
     }
 }
 
@@ -517,7 +592,7 @@ where
             if let Some(mut active) = state.requests.remove(&id)
                 && let Some(reply) = active.reply.take()
             {
-                let _ = reply.send(Err(SchedulerError::WorkerPanicked { panic: what }));
+                reply.fail(SchedulerError::WorkerPanicked { panic: what });
             }
         }
         drop(state);
@@ -536,7 +611,7 @@ where
         if state.shutdown {
             for (_, mut active) in state.requests.drain() {
                 if let Some(reply) = active.reply.take() {
-                    let _ = reply.send(Err(SchedulerError::ShutDown));
+                    reply.fail(SchedulerError::ShutDown);
                 }
             }
             for sequence in state.decoding.drain(..) {
@@ -683,7 +758,7 @@ where
                 if let Some(mut active) = state.requests.remove(&step.request())
                     && let Some(reply) = active.reply.take()
                 {
-                    let _ = reply.send(Err(error));
+                    reply.fail(error);
                 }
             }
         }
@@ -857,12 +932,29 @@ fn finish_request<C, L>(
             }
         }
     }
-    if let Some(reply) = active.reply.take() {
-        let _ = reply.send(Ok(Filled {
-            cache,
-            logits,
-            report,
-        }));
+    match active.reply.take() {
+        Some(Reply::Filled(reply)) => {
+            let _ = reply.send(Ok(Filled {
+                cache,
+                logits,
+                report,
+            }));
+        }
+        Some(Reply::Generate { params, events })
+            if events
+                .send(RequestEvent::Prefilled(Box::new(report)))
+                .is_ok() =>
+        {
+            let failed = events.clone();
+            match Decoding::start(&*shared.compute, cache, &logits, params, events) {
+                Ok(started) => start_decoding(shared, started),
+                Err(error) => {
+                    let _ = failed.send(RequestEvent::Failed(error));
+                }
+            }
+        }
+        // The reader went away: nothing to decode for.
+        Some(Reply::Generate { .. }) | None => {}
     }
     if !jobs.is_empty() {
         shared.write_back.offer(jobs);

@@ -7,17 +7,17 @@ use std::time::Duration;
 
 use ragcake::engine::{
     DType, DTypeChoice, Engine, EngineConfig, FinishReason, GenerateParams, KvCache, KvRange,
-    Sampler, Tensor,
+    Sampler, Sampling, Tensor,
 };
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use ragcake::kvstore::{CacheKey, KvStore, StorageDtype, Throttle, throttled};
 use ragcake::scheduler::{
-    BlendChunk, CacheKind, ChunkSpec, ComputeBackend, DecodeEvent, DecodeStream, Filled,
-    LoadBackend, LookupSummary, MIN_PREFILL_PIECE, MissReason, Mode, PlanOptions, PrefillRequest,
-    PromptChunk, Recompute, RecomputeRule, Scheduler, SchedulerConfig, SchedulerStats, StoredCache,
-    plan, spread_recompute,
+    BlendChunk, CacheKind, ChunkSpec, ComputeBackend, Filled, LoadBackend, LookupSummary,
+    MIN_PREFILL_PIECE, MissReason, Mode, PlanOptions, PrefillRequest, PromptChunk, Recompute,
+    RecomputeRule, RequestEvent, RequestStream, Scheduler, SchedulerConfig, SchedulerStats,
+    StoredCache, plan, spread_recompute,
 };
 use ragcake_bench::layer_split::{LayerSplitConfig, SplitPoint, prefill_layer_split};
 
@@ -1127,7 +1127,7 @@ fn a_panic_in_a_step_fails_that_request_and_the_restarted_worker_serves_the_rest
         let mut finished = false;
         for _ in 0..100 {
             match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
-                Ok(Some(DecodeEvent::Token(_))) => {}
+                Ok(Some(RequestEvent::Token(_))) => {}
                 Ok(Some(_)) => finished = true,
                 Ok(None) => break,
                 Err(_) => panic!("a stream of a panicked decode step never ended"),
@@ -1178,21 +1178,22 @@ fn greedy(max_tokens: usize) -> GenerateParams {
 
 /// Reads a decode stream to its end after the `tokens` read from it already: all its
 /// tokens and how it finished.
-async fn read_to_end(mut stream: DecodeStream, mut tokens: Vec<u32>) -> (Vec<u32>, FinishReason) {
+async fn read_to_end(mut stream: RequestStream, mut tokens: Vec<u32>) -> (Vec<u32>, FinishReason) {
     for _ in 0..10_000 {
         match stream
             .next()
             .await
             .expect("a stream ends with Finished or Failed")
         {
-            DecodeEvent::Token(t) => tokens.push(t),
-            DecodeEvent::Finished {
+            RequestEvent::Token(t) => tokens.push(t),
+            RequestEvent::Finished {
                 reason, tokens: n, ..
             } => {
                 assert_eq!(n, tokens.len());
                 return (tokens, reason);
             }
-            DecodeEvent::Failed(error) => panic!("decode failed: {error}"),
+            RequestEvent::Failed(error) => panic!("decode failed: {error}"),
+            RequestEvent::Prefilled(report) => panic!("a second prefill report: {report:?}"),
         }
     }
     panic!("no end after 10000 events");
@@ -1223,11 +1224,11 @@ fn sequences_decoded_together_in_the_scheduler_get_the_greedy_tokens_they_get_al
         let mut early = Vec::new();
         for _ in 0..3 {
             match first.next().await {
-                Some(DecodeEvent::Token(t)) => early.push(t),
+                Some(RequestEvent::Token(t)) => early.push(t),
                 other => panic!("{other:?}"),
             }
         }
-        let others: Vec<DecodeStream> = prompts
+        let others: Vec<RequestStream> = prompts
             .map(|(cache, logits)| scheduler.decode(cache, &logits, greedy(TOKENS)).unwrap())
             .collect();
         let mut together = vec![];
@@ -1259,13 +1260,81 @@ fn sequences_decoded_together_in_the_scheduler_get_the_greedy_tokens_they_get_al
 }
 
 #[test]
+fn a_submitted_question_reports_its_prefill_then_streams_the_tokens_of_prefill_then_decode() {
+    runtime().block_on(async {
+        let store = memory_store(StorageDtype::F16);
+        let scheduler = scheduler(store.clone(), SchedulerConfig::default());
+        let (chunks, tail) = context();
+        let request = planned_as_stored(&chunks, &tail, Mode::ComputeOnly);
+        let done = scheduler.prefill(request).await.unwrap();
+        let stream = scheduler
+            .decode(done.cache, &done.logits, greedy(12))
+            .unwrap();
+        let want = read_to_end(stream, Vec::new()).await;
+
+        let request = planned_as_stored(&chunks, &tail, Mode::ComputeOnly);
+        let mut events = scheduler.submit(request, greedy(12)).unwrap();
+        let report = match events.next().await {
+            Some(RequestEvent::Prefilled(report)) => report,
+            other => panic!("the first event is the prefill report, not {other:?}"),
+        };
+        assert_eq!(report.chunks_computed, chunks.len(), "{report:?}");
+        assert_eq!(read_to_end(events, Vec::new()).await, want);
+        let stats = no_decoding_left(&scheduler).await;
+        assert_eq!(
+            (stats.completed, stats.decodes_finished),
+            (2, 2),
+            "{stats:?}"
+        );
+    });
+}
+
+#[test]
+fn dropping_a_submitted_stream_before_its_prefill_ends_withdraws_the_request() {
+    runtime().block_on(async {
+        let (chunks, tail) = context();
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let stalled = throttled(
+            inner,
+            Throttle {
+                bytes_per_second: None,
+                latency: Duration::from_secs(60),
+            },
+        );
+        let store = Arc::new(store_over(stalled, Path::default()));
+        let scheduler = scheduler(store, SchedulerConfig::default());
+        let request = planned_as_stored(&chunks, &tail, Mode::LoadOnly);
+        let mut events = scheduler.submit(request, greedy(8)).unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(200), events.next()).await;
+        assert!(
+            waited.is_err(),
+            "load-only on a stalled store cannot report in 200 ms"
+        );
+        drop(events);
+        let stats = scheduler.stats();
+        assert_eq!((stats.cancelled, stats.in_flight), (1, 0), "{stats:?}");
+        // Bad sampling settings are refused before any work.
+        let bad = GenerateParams {
+            sampling: Sampling {
+                temperature: -1.0,
+                ..Sampling::greedy()
+            },
+            ..greedy(8)
+        };
+        let request = planned_as_stored(&chunks, &tail, Mode::ComputeOnly);
+        assert!(scheduler.submit(request, bad).is_err());
+        assert_eq!(scheduler.stats().admitted, 1);
+    });
+}
+
+#[test]
 fn a_decode_stream_dropped_mid_answer_leaves_at_the_next_step_and_frees_its_place() {
     runtime().block_on(async {
         let scheduler = scheduler(memory_store(StorageDtype::F16), SchedulerConfig::default());
         let (cache, logits) = decode_prompts().remove(0);
         let mut stream = scheduler.decode(cache, &logits, greedy(1000)).unwrap();
         for _ in 0..2 {
-            assert!(matches!(stream.next().await, Some(DecodeEvent::Token(_))));
+            assert!(matches!(stream.next().await, Some(RequestEvent::Token(_))));
         }
         drop(stream);
         let stats = no_decoding_left(&scheduler).await;
@@ -1298,7 +1367,7 @@ async fn decode_steps_while_prefilling(config: SchedulerConfig) -> (u64, Vec<usi
     let mut cache = engine.new_cache();
     let logits = engine.prefill(&mut cache, &prose_tokens(100), 512).unwrap();
     let mut answer = scheduler.decode(cache, &logits, greedy(1000)).unwrap();
-    assert!(matches!(answer.next().await, Some(DecodeEvent::Token(_))));
+    assert!(matches!(answer.next().await, Some(RequestEvent::Token(_))));
 
     let (chunks, tail) = context();
     let want = reference_logits(&chunks, &tail);
