@@ -14,7 +14,7 @@ use std::sync::Arc;
 use ragcake::engine::{Engine, EngineConfig};
 use ragcake::ingest::{Ingest, IngestConfig, IngestEvent};
 use ragcake::kvstore::KvStore;
-use ragcake::models::{MINILM, ModelCache, SMOLLM2};
+use ragcake::model_cache::{MINILM, ModelCache, SMOLLM2};
 use ragcake::retriever::Embedder;
 
 #[tokio::main]

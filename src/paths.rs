@@ -1,7 +1,7 @@
 //! Where the embedded defaults keep their data: `RAGCAKE_INDEX` and `RAGCAKE_KV` when set,
 //! else under `$RAGCAKE_HOME/data`.
 
-use crate::models::ragcake_home;
+use crate::model_cache::ragcake_home;
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())

@@ -32,7 +32,7 @@ pub struct CalibrateArgs {
     #[command(flatten)]
     run: LabelledRun,
     /// The recomputation rule blended with the correction [default: the default rule].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::named::<RecomputeRule>())]
     rule: Option<RecomputeRule>,
     /// Its share of each loaded chunk's tokens [default: the default share].
     #[arg(long)]

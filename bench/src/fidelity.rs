@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use clap::Args;
 use futures::TryStreamExt;
-use ragcake::engine::{Engine, GenerateParams, KvCache, Logits, Tensor};
+use ragcake::engine::{Engine, GenerateParams, KvCache, ReturnLogits, Tensor};
 use ragcake::kvstore::object_store::memory::InMemory;
 use ragcake::kvstore::object_store::path::Path as StorePath;
 use ragcake::kvstore::object_store::{ObjectStore, ObjectStoreExt};
@@ -86,13 +86,13 @@ pub struct FidelityArgs {
     #[arg(long, default_value_t = 0.97)]
     agreement_target: f64,
     /// Recomputation rules measured.
-    #[arg(long, value_delimiter = ',', default_value = "deviation,leading,query")]
+    #[arg(long, value_delimiter = ',', default_value = "deviation,leading,query", value_parser = crate::named::<RecomputeRule>())]
     rules: Vec<RecomputeRule>,
     /// Recompute ratios measured for each rule (ratio 0, the naive arm, always runs).
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.15,0.25,0.5")]
     ratios: Vec<f64>,
     /// Storage dtypes of the exact prefix cache arms.
-    #[arg(long, value_delimiter = ',', default_value = "f16,bf16,f32")]
+    #[arg(long, value_delimiter = ',', default_value = "f16,bf16,f32", value_parser = crate::named::<StorageDtype>())]
     exact_dtypes: Vec<StorageDtype>,
     /// Leave out the int8 chunk-cache arms.
     #[arg(long)]
@@ -141,7 +141,7 @@ impl Fill {
     fn name(self) -> String {
         match self {
             Self::Full => "full computation".into(),
-            Self::ExactPrefix(d) => format!("exact prefix caches ({})", d.name()),
+            Self::ExactPrefix(d) => format!("exact prefix caches ({d})"),
             Self::Chunks(r) if r.ratio == 0.0 && r.correct_attention => {
                 "chunk caches, attention corrected".into()
             }
@@ -167,8 +167,8 @@ impl Fill {
             Self::Full => "all",
             Self::ExactPrefix(_) => "none",
             Self::Chunks(r) | Self::Int8Chunks(r) if r.ratio == 0.0 => "none",
-            Self::Chunks(r) | Self::Int8Chunks(r) => r.rule.as_str(),
-            Self::Level(level) => level.settings().0.rule.as_str(),
+            Self::Chunks(r) | Self::Int8Chunks(r) => r.rule.into(),
+            Self::Level(level) => level.settings().0.rule.into(),
         }
     }
 
@@ -635,7 +635,7 @@ pub(super) fn teacher_forced(
     if !answer.is_empty() {
         let all = engine
             .model()
-            .forward(answer, cache, Logits::All)?
+            .forward(answer, cache, ReturnLogits::All)?
             .ok_or_else(|| anyhow::anyhow!("no logits"))?;
         rows.extend(all.to_vec2::<f32>()?);
     }
@@ -847,7 +847,7 @@ fn rows(
                 } else {
                     fill.name()
                 },
-                split: split.as_str(),
+                split: split.into(),
                 rule: fill.rule(),
                 ratio: fill.ratio(),
                 attention_corrected: fill.corrected(correcting),
@@ -973,7 +973,7 @@ fn write_outputs(args: &FidelityArgs, report: &Report) -> anyhow::Result<()> {
     let mut lines: Vec<(String, Vec<&ArmRow>)> = Vec::new();
     for shuffled in [false, true] {
         for corrected in [false, true] {
-            for rule in RecomputeRule::ALL.map(|r| r.as_str()) {
+            for rule in RecomputeRule::ALL.map(<&str>::from) {
                 let mut points: Vec<&ArmRow> = report
                     .arms
                     .iter()

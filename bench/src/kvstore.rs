@@ -36,7 +36,7 @@ pub struct KvstoreArgs {
     #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Storage dtypes of the chunk caches, each measured on every backend.
-    #[arg(long, value_delimiter = ',', default_value = "f16,int8")]
+    #[arg(long, value_delimiter = ',', default_value = "f16,int8", value_parser = crate::named::<StorageDtype>())]
     dtypes: Vec<StorageDtype>,
     /// Also a local directory read at this many MB/s per request (a load-bound store).
     #[arg(long, default_value_t = 20.0)]
@@ -316,7 +316,7 @@ impl Contender {
         self.ours.push(ours_rate);
 
         // Decode alone (verify + tensors), on bytes already in memory.
-        let (model, shape) = (self.store.model(), self.store.shape());
+        let (model, shape) = (self.store.fingerprint(), self.store.shape());
         let t0 = Instant::now();
         for ((key, tokens), blob) in self.keys.iter().zip(&blobs) {
             let expected = format::Expectation {
@@ -347,7 +347,7 @@ impl Contender {
         );
         Row {
             backend: backend.to_string(),
-            dtype: self.dtype.name().to_string(),
+            dtype: self.dtype.to_string(),
             context: args.context,
             chunk: args.chunk,
             concurrency: args.concurrency,

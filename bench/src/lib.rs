@@ -21,8 +21,20 @@ mod ttft_dtypes;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use ragcake::engine::{DeviceChoice, Engine, EngineConfig};
-use ragcake::models::ModelCache;
+use ragcake::engine::{DTypeChoice, DeviceChoice, Engine, EngineConfig};
+use ragcake::model_cache::ModelCache;
+
+/// The command-line parser of a string-named enum: its names (the strum derive's, which
+/// serde uses too) are clap's possible values, so `--help` lists them and a wrong one is
+/// answered with the list.
+pub fn named<T>() -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: strum::VariantNames + std::str::FromStr + Clone + Send + Sync + 'static,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(T::VARIANTS).try_map(|name| name.parse::<T>())
+}
 
 /// The benchmarks, as `ragcake bench` names them.
 #[derive(Debug, Subcommand)]
@@ -72,8 +84,8 @@ pub struct ModelArgs {
     pub cuda: Option<usize>,
     /// Compute dtype of weights and KV cache: f32, f16 or bf16 [default: f32 on the CPU,
     /// bf16 on a GPU].
-    #[arg(long, env = "RAGCAKE_DTYPE")]
-    pub dtype: Option<ragcake::engine::DTypeChoice>,
+    #[arg(long, env = "RAGCAKE_DTYPE", value_parser = named::<DTypeChoice>())]
+    pub dtype: Option<DTypeChoice>,
     /// Decode with the dense f32 weights instead of the quantized blocks (slower, bit-for-bit
     /// the prefill arithmetic); the query rules' probe then runs on them too.
     #[arg(long)]
@@ -91,11 +103,11 @@ impl ModelArgs {
         match &self.model {
             // A file of that name wins over a model of that name.
             Some(path) if path.exists() => Ok(path.clone()),
-            Some(path) => match path.to_str().and_then(ragcake::models::named_llm) {
+            Some(path) => match path.to_str().and_then(ragcake::model_cache::named_llm) {
                 Some(llm) => fetched_llm(llm),
                 None => Ok(path.clone()),
             },
-            None => fetched(&ragcake::models::SMOLLM2),
+            None => fetched(&ragcake::model_cache::SMOLLM2),
         }
     }
 
@@ -211,12 +223,12 @@ pub async fn build_pipeline(
 
 /// The default embedder, fetched on first use.
 pub fn load_embedder() -> anyhow::Result<ragcake::retriever::Embedder> {
-    let dir = fetched(&ragcake::models::MINILM)?;
+    let dir = fetched(&ragcake::model_cache::MINILM)?;
     Ok(ragcake::retriever::Embedder::load(&dir)?)
 }
 
 /// The path of a default model package in the cache, fetched on first use.
-pub fn fetched(package: &ragcake::models::ModelPackage) -> anyhow::Result<PathBuf> {
+pub fn fetched(package: &ragcake::model_cache::ModelPackage) -> anyhow::Result<PathBuf> {
     let cache = ModelCache::default();
     if let Ok(path) = cache.require(package) {
         return Ok(path);
@@ -227,7 +239,7 @@ pub fn fetched(package: &ragcake::models::ModelPackage) -> anyhow::Result<PathBu
 }
 
 /// The path of a model fetched by name, fetched on first use.
-pub fn fetched_llm(llm: &ragcake::models::NamedLlm) -> anyhow::Result<PathBuf> {
+pub fn fetched_llm(llm: &ragcake::model_cache::NamedLlm) -> anyhow::Result<PathBuf> {
     let cache = ModelCache::default();
     if cache.has_llm(llm) {
         return Ok(cache.llm_path(llm));

@@ -199,7 +199,7 @@ pub fn find_binary(explicit: Option<&Path>) -> Option<PathBuf> {
     if let Some(path) = explicit {
         return Some(path.to_path_buf());
     }
-    let lib = ragcake::models::ragcake_home()
+    let lib = ragcake::model_cache::ragcake_home()
         .join("llama-server-venv")
         .join("lib");
     std::fs::read_dir(lib)

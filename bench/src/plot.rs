@@ -1,7 +1,7 @@
 //! PNG line plots for the benchmarks (plotters, text drawn with a system TrueType font).
 
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use plotters::prelude::*;
@@ -21,25 +21,29 @@ const FONT_CANDIDATES: [&str; 3] = [
 ];
 
 fn ensure_font() -> anyhow::Result<()> {
-    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    // Registered once; a missing font is remembered and reported to every caller.
+    static REGISTERED: OnceLock<Result<(), Arc<anyhow::Error>>> = OnceLock::new();
     REGISTERED
-        .get_or_init(|| {
-            let path = std::env::var("RAGCAKE_PLOT_FONT")
-                .ok()
-                .into_iter()
-                .chain(FONT_CANDIDATES.iter().map(|s| s.to_string()))
-                .find(|p| Path::new(p).is_file())
-                .ok_or("no TrueType font found (set RAGCAKE_PLOT_FONT)")?;
-            let bytes: &'static [u8] = Box::leak(
-                std::fs::read(&path)
-                    .map_err(|e| format!("{path}: {e}"))?
-                    .into_boxed_slice(),
-            );
-            register_font("sans-serif", FontStyle::Normal, bytes)
-                .map_err(|_| format!("{path} is not a usable font"))
-        })
+        .get_or_init(|| register_system_font().map_err(Arc::new))
         .clone()
-        .map_err(anyhow::Error::msg)
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+}
+
+/// Registers the first TrueType font found as plotters' sans-serif.
+fn register_system_font() -> anyhow::Result<()> {
+    let path = std::env::var("RAGCAKE_PLOT_FONT")
+        .ok()
+        .into_iter()
+        .chain(FONT_CANDIDATES.iter().map(|s| s.to_string()))
+        .find(|p| Path::new(p).is_file())
+        .context("no TrueType font found (set RAGCAKE_PLOT_FONT)")?;
+    let bytes: &'static [u8] = Box::leak(
+        std::fs::read(&path)
+            .with_context(|| path.clone())?
+            .into_boxed_slice(),
+    );
+    register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{path} is not a usable font"))
 }
 
 /// [`line_plot`], saying on stderr where the plot went or why there is none (a missing

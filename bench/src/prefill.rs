@@ -158,7 +158,7 @@ pub fn run(mut args: PrefillArgs) -> anyhow::Result<()> {
         None
     } else {
         let python = args.llama_cpp_python.clone().unwrap_or_else(|| {
-            ragcake::models::ragcake_home()
+            ragcake::model_cache::ragcake_home()
                 .join("venv-llama-cpp")
                 .join("bin")
                 .join("python")

@@ -169,7 +169,11 @@ pub async fn run(args: RetrievalArgs) -> anyhow::Result<()> {
             config,
         )
     };
-    let retriever = Retriever::new(embedder.clone(), index.clone(), Some(kv.model().to_hex()))?;
+    let retriever = Retriever::new(
+        embedder.clone(),
+        index.clone(),
+        Some(kv.fingerprint().to_hex()),
+    )?;
 
     let mut report = Report {
         ingest: Vec::new(),

@@ -55,7 +55,7 @@ pub struct TtftArgs {
     /// Also compare these storage dtypes of the stored caches at every bandwidth
     /// (load-only and bidirectional TTFT, bytes per token, agreement with full
     /// computation), written beside the CSV as `<name>-dtypes.csv`; e.g. `f32,f16,int8`.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = crate::named::<StorageDtype>())]
     dtypes: Vec<StorageDtype>,
     /// After each context's sweep, also measure the crossover: the per-read bandwidth
     /// where load-only is as fast as compute-only, interpolated (in 1/bandwidth) between the

@@ -4,10 +4,10 @@
 use clap::Args;
 use ragcake::pipeline::{Answer, AskOptions, AskRequest, Pipeline, PipelineConfig};
 use ragcake::retriever::{ChunkOrder, QuestionSet};
-use ragcake::scheduler::Mode;
+use ragcake::scheduler::{Fidelity, Mode};
 
 use ragcake_bench::labelled::{LabelledCorpus, ingest_corpus};
-use ragcake_bench::{ModelArgs, StoreArgs, build_pipeline, tokio_runtime};
+use ragcake_bench::{ModelArgs, StoreArgs, build_pipeline, named, tokio_runtime};
 
 /// Options of one question.
 #[derive(Debug, Clone, Args)]
@@ -18,8 +18,8 @@ pub struct QuestionArgs {
     /// Most tokens to generate.
     #[arg(long, default_value_t = AskOptions::default().max_tokens)]
     max_tokens: usize,
-    /// How the prompt cache is filled: compute-only, load-only, bidirectional.
-    #[arg(long, default_value_t = Mode::Bidirectional)]
+    /// How the prompt cache is filled.
+    #[arg(long, default_value_t = Mode::Bidirectional, value_parser = named::<Mode>())]
     mode: Mode,
     /// Load exact prefix caches only (never position-independent chunk caches).
     #[arg(long)]
@@ -27,8 +27,8 @@ pub struct QuestionArgs {
     /// How close to full computation: fast (5% of loaded chunk-cache tokens recomputed),
     /// balanced (the default share, raised to what the loads pay for) or exact (as
     /// `--exact`) [default: the default share and rule].
-    #[arg(long)]
-    fidelity: Option<ragcake::scheduler::Fidelity>,
+    #[arg(long, value_parser = named::<Fidelity>())]
+    fidelity: Option<Fidelity>,
     /// Chunks in relevance order (default: cached chunks last, where the loader starts).
     #[arg(long)]
     relevance_order: bool,
@@ -153,7 +153,7 @@ fn breakdown_line(answer: &Answer) -> String {
         p.mode,
         b.ttft_secs,
         b.embed_secs + b.search_secs,
-        b.plan_secs + b.lookup_secs,
+        b.prompt_secs + b.lookup_secs,
         b.lookups.requests,
         match (b.lookups.timed_out, b.lookups.errors) {
             (0, 0) => String::new(),

@@ -9,6 +9,7 @@ use ragcake::kvstore::lifecycle::{self, GcPolicy, GroupStats};
 use ragcake::kvstore::object_store::ObjectStore;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::{CacheKind, open_url};
+use ragcake_bench::named;
 
 /// `ragcake kv …`.
 #[derive(Debug, Subcommand)]
@@ -54,21 +55,18 @@ pub struct GcArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     older_than: Option<Duration>,
     /// Only caches of this kind.
-    #[arg(long, value_parser = parse_kind)]
+    #[arg(long, value_parser = named::<CacheKind>())]
     kind: Option<CacheKind>,
     /// Say what would be deleted, delete nothing.
     #[arg(long)]
     dry_run: bool,
 }
 
-fn parse_size(text: &str) -> Result<u64, String> {
+fn parse_size(text: &str) -> anyhow::Result<u64> {
     text.trim()
         .parse::<bytesize::ByteSize>()
         .map(|size| size.as_u64())
-}
-
-fn parse_kind(text: &str) -> Result<CacheKind, String> {
-    CacheKind::parse(text).ok_or_else(|| format!("{text:?} is neither prefix nor chunk"))
+        .map_err(anyhow::Error::msg)
 }
 
 /// Runs a `kv` command.

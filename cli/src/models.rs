@@ -1,7 +1,7 @@
 //! `ragcake models …`
 
 use clap::Subcommand;
-use ragcake::models::{DEFAULT_PACKAGES, FetchOutcome, LLMS, ModelCache, named_llm};
+use ragcake::model_cache::{DEFAULT_PACKAGES, FetchOutcome, LLMS, ModelCache, named_llm};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {

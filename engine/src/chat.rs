@@ -6,8 +6,21 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EngineError, Result};
 
 /// Who wrote a chat message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum Role {
     /// Instructions for the assistant.
     System,
@@ -15,17 +28,6 @@ pub enum Role {
     User,
     /// The model.
     Assistant,
-}
-
-impl Role {
-    /// The role's name as chat templates write it.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
 }
 
 /// One message of a conversation.
@@ -185,7 +187,7 @@ impl ChatTemplate {
                 .enumerate()
                 .map(|(i, m)| {
                     minijinja::context! {
-                        role => m.role.as_str(),
+                        role => <&str>::from(m.role),
                         content => format!("{MARK_OPEN}{i}{MARK_CLOSE}"),
                     }
                 })

@@ -13,7 +13,7 @@ use crate::error::{EngineError, Result};
 use crate::generate::{GenerateParams, Generation, Sampler, generate};
 use crate::gguf::{GgufFile, LlmFingerprint};
 use crate::kv::{KvCache, KvRange, KvShape};
-use crate::models::{Blend, Logits, ModelConfig, Selection, Transformer, config_from_gguf};
+use crate::models::{Blend, ModelConfig, ReturnLogits, Selection, Transformer, config_from_gguf};
 use crate::tokenizer::{Follows, Tokenizer};
 use ragcake_scheduler::{BlendChunk, ComputeBackend, Result as SchedulerResult, SchedulerError};
 
@@ -76,8 +76,21 @@ impl Default for EngineConfig {
 }
 
 /// Compute precision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum DTypeChoice {
     /// 32-bit float.
     F32,
@@ -88,10 +101,6 @@ pub enum DTypeChoice {
 }
 
 impl DTypeChoice {
-    /// Every choice, by name.
-    pub const ALL: [(Self, &'static str); 3] =
-        [(Self::F32, "f32"), (Self::F16, "f16"), (Self::Bf16, "bf16")];
-
     /// The dtype an engine on `device` computes in unless told: f32 on a CPU, bf16 on a GPU.
     pub fn default_for(device: &Device) -> Self {
         if device.is_cpu() {
@@ -99,17 +108,6 @@ impl DTypeChoice {
         } else {
             Self::Bf16
         }
-    }
-}
-
-impl std::str::FromStr for DTypeChoice {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Self::ALL
-            .iter()
-            .find(|(_, name)| *name == s)
-            .map(|(d, _)| *d)
-            .ok_or_else(|| format!("{s:?} is none of f32, f16, bf16"))
     }
 }
 
@@ -265,7 +263,7 @@ impl Engine {
         }
         let (logits, recomputed) =
             self.model
-                .forward_blended(tail, cache, &blends, Logits::Last)?;
+                .forward_blended(tail, cache, &blends, ReturnLogits::Last)?;
         Ok((logits.ok_or(EngineError::EmptyInput)?, recomputed))
     }
 
@@ -377,9 +375,9 @@ impl Engine {
         let chunks: Vec<&[u32]> = tokens.chunks(chunk_size).collect();
         for (i, chunk) in chunks.iter().enumerate() {
             let want = if last_logits && i + 1 == chunks.len() {
-                Logits::Last
+                ReturnLogits::Last
             } else {
-                Logits::None
+                ReturnLogits::None
             };
             logits = self.model.forward(chunk, cache, want)?;
         }

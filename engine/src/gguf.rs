@@ -42,7 +42,7 @@ impl GgufFile {
         };
         // Every count, length and size checked against the file first: candle's reader
         // trusts some (a zero alignment divides by zero, element counts can overflow).
-        check_layout(&mut reader, file_len).map_err(invalid)?;
+        check_layout(&mut reader, &path, file_len)?;
         reader.seek(SeekFrom::Start(0)).map_err(io_err)?;
         let content = Content::read(&mut reader).map_err(|e| invalid(e.to_string()))?;
         // Check all tensor extents up front: a truncated download must fail with a clear
@@ -384,56 +384,61 @@ const MAX_ARRAY_DEPTH: usize = 4;
 struct Cursor<'a, R> {
     inner: &'a mut R,
     left: u64,
+    /// The file, for errors.
+    path: &'a Path,
 }
 
 impl<R: Read> Cursor<'_, R> {
-    fn bytes<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
+    /// The error of a file whose structure is wrong.
+    fn invalid(&self, reason: String) -> EngineError {
+        EngineError::InvalidGguf {
+            path: self.path.to_path_buf(),
+            reason,
+        }
+    }
+
+    fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
         if self.left < N as u64 {
-            return Err(format!("the file ends inside {what}"));
+            return Err(self.invalid(format!("the file ends inside {what}")));
         }
         let mut buf = [0u8; N];
         self.inner
             .read_exact(&mut buf)
-            .map_err(|e| format!("reading {what}: {e}"))?;
+            .map_err(|e| self.invalid(format!("reading {what}: {e}")))?;
         self.left -= N as u64;
         Ok(buf)
     }
 
-    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+    fn u32(&mut self, what: &str) -> Result<u32> {
         self.bytes::<4>(what).map(u32::from_le_bytes)
     }
 
-    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+    fn u64(&mut self, what: &str) -> Result<u64> {
         self.bytes::<8>(what).map(u64::from_le_bytes)
     }
 
     /// Skips `n` bytes that must lie inside the file.
-    fn skip(&mut self, n: u64, what: &str) -> std::result::Result<(), String> {
+    fn skip(&mut self, n: u64, what: &str) -> Result<()> {
         if n > self.left {
-            return Err(format!("{what} runs {n} bytes past the end of the file"));
+            return Err(self.invalid(format!("{what} runs {n} bytes past the end of the file")));
         }
         let copied = std::io::copy(&mut self.inner.take(n), &mut std::io::sink())
-            .map_err(|e| format!("reading {what}: {e}"))?;
+            .map_err(|e| self.invalid(format!("reading {what}: {e}")))?;
         if copied != n {
-            return Err(format!("the file ends inside {what}"));
+            return Err(self.invalid(format!("the file ends inside {what}")));
         }
         self.left -= n;
         Ok(())
     }
 
     /// A length-prefixed string of at most `max` bytes, read (`keep`) or skipped.
-    fn string(
-        &mut self,
-        max: u64,
-        keep: bool,
-        what: &str,
-    ) -> std::result::Result<Option<String>, String> {
+    fn string(&mut self, max: u64, keep: bool, what: &str) -> Result<Option<String>> {
         let len = self.u64(what)?;
         if len > max.min(self.left) {
-            return Err(format!(
+            return Err(self.invalid(format!(
                 "{what} of {len} bytes (the file has {} left)",
                 self.left
-            ));
+            )));
         }
         if !keep {
             self.skip(len, what)?;
@@ -442,21 +447,16 @@ impl<R: Read> Cursor<'_, R> {
         let mut buf = vec![0u8; len as usize];
         self.inner
             .read_exact(&mut buf)
-            .map_err(|e| format!("reading {what}: {e}"))?;
+            .map_err(|e| self.invalid(format!("reading {what}: {e}")))?;
         self.left -= len;
         String::from_utf8(buf)
             .map(Some)
-            .map_err(|_| format!("{what} is not UTF-8"))
+            .map_err(|_| self.invalid(format!("{what} is not UTF-8")))
     }
 
     /// Skips one metadata value of type `ty`; returns it when it is an unsigned 32-bit
     /// integer (the one kind of value this check needs to know).
-    fn value(
-        &mut self,
-        ty: u32,
-        depth: usize,
-        what: &str,
-    ) -> std::result::Result<Option<u32>, String> {
+    fn value(&mut self, ty: u32, depth: usize, what: &str) -> Result<Option<u32>> {
         match ty {
             0 | 1 | 7 => self.skip(1, what)?,
             2 | 3 => self.skip(2, what)?,
@@ -468,35 +468,37 @@ impl<R: Read> Cursor<'_, R> {
             }
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(format!(
+                    return Err(self.invalid(format!(
                         "{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep"
-                    ));
+                    )));
                 }
                 let item = self.u32(what)?;
                 let n = self.u64(what)?;
                 match fixed_size(item) {
                     Some(size) => {
-                        let bytes = n
-                            .checked_mul(size)
-                            .ok_or_else(|| format!("{what}: an array of {n} items"))?;
+                        let bytes = n.checked_mul(size).ok_or_else(|| {
+                            self.invalid(format!("{what}: an array of {n} items"))
+                        })?;
                         self.skip(bytes, what)?;
                     }
                     None if item == 8 || item == 9 => {
                         // Each item takes at least 8 bytes on disk.
                         if n > self.left / 8 {
-                            return Err(format!(
+                            return Err(self.invalid(format!(
                                 "{what}: an array of {n} items in {} bytes",
                                 self.left
-                            ));
+                            )));
                         }
                         for _ in 0..n {
                             self.value(item, depth + 1, what)?;
                         }
                     }
-                    None => return Err(format!("{what}: unknown array item type {item}")),
+                    None => {
+                        return Err(self.invalid(format!("{what}: unknown array item type {item}")));
+                    }
                 }
             }
-            other => return Err(format!("{what}: unknown value type {other}")),
+            other => return Err(self.invalid(format!("{what}: unknown value type {other}"))),
         }
         Ok(None)
     }
@@ -518,28 +520,29 @@ fn fixed_size(ty: u32) -> Option<u64> {
 /// string and array inside the file, no key twice; `general.alignment` a power of two;
 /// tensor names unique, at most 4 dimensions, element counts that neither overflow nor
 /// exceed what the file's bytes can encode, data offsets aligned.
-fn check_layout<R: Read>(reader: &mut R, file_len: u64) -> std::result::Result<(), String> {
+fn check_layout<R: Read>(reader: &mut R, path: &Path, file_len: u64) -> Result<()> {
     let mut r = Cursor {
         inner: reader,
         left: file_len,
+        path,
     };
     let magic = r.bytes::<4>("the magic number")?;
     if &magic != b"GGUF" {
-        return Err(format!("not a GGUF file (magic {magic:02x?})"));
+        return Err(r.invalid(format!("not a GGUF file (magic {magic:02x?})")));
     }
     let version = r.u32("the version")?;
     if !GGUF_VERSIONS.contains(&version) {
-        return Err(format!(
+        return Err(r.invalid(format!(
             "GGUF version {version} (versions 2 and 3 are read)"
-        ));
+        )));
     }
     let tensor_count = r.u64("the tensor count")?;
     let kv_count = r.u64("the metadata count")?;
     // A key-value pair takes at least 13 bytes, a tensor description at least 24.
     if kv_count > r.left / 13 || tensor_count > r.left / 24 {
-        return Err(format!(
+        return Err(r.invalid(format!(
             "{tensor_count} tensors and {kv_count} metadata entries in a file of {file_len} bytes"
-        ));
+        )));
     }
     let mut keys = std::collections::HashSet::new();
     let mut alignment = 32u64;
@@ -552,11 +555,11 @@ fn check_layout<R: Read>(reader: &mut R, file_len: u64) -> std::result::Result<(
         if key == "general.alignment" {
             alignment = match value {
                 Some(a) if a.is_power_of_two() => a as u64,
-                _ => return Err("general.alignment is not a u32 power of two".into()),
+                _ => return Err(r.invalid("general.alignment is not a u32 power of two".into())),
             };
         }
         if !keys.insert(key.clone()) {
-            return Err(format!("metadata key {key} appears twice"));
+            return Err(r.invalid(format!("metadata key {key} appears twice")));
         }
     }
     let mut names = std::collections::HashSet::new();
@@ -566,30 +569,30 @@ fn check_layout<R: Read>(reader: &mut R, file_len: u64) -> std::result::Result<(
             .unwrap_or_default();
         let n_dims = r.u32(&name)?;
         if n_dims > 4 {
-            return Err(format!("tensor {name} has {n_dims} dimensions (at most 4)"));
+            return Err(r.invalid(format!("tensor {name} has {n_dims} dimensions (at most 4)")));
         }
         let mut elements = 1u64;
         for _ in 0..n_dims {
             let dim = r.u64(&name)?;
             elements = elements
                 .checked_mul(dim)
-                .ok_or_else(|| format!("tensor {name}: its dimensions overflow"))?;
+                .ok_or_else(|| r.invalid(format!("tensor {name}: its dimensions overflow")))?;
         }
         // No weight type takes less than one bit per element.
         if elements > file_len.saturating_mul(8) {
-            return Err(format!(
+            return Err(r.invalid(format!(
                 "tensor {name} of {elements} elements in a file of {file_len} bytes"
-            ));
+            )));
         }
         let _dtype = r.u32(&name)?;
         let offset = r.u64(&name)?;
         if !offset.is_multiple_of(alignment) {
-            return Err(format!(
+            return Err(r.invalid(format!(
                 "tensor {name}: data offset {offset} is not a multiple of the alignment {alignment}"
-            ));
+            )));
         }
         if !names.insert(name.clone()) {
-            return Err(format!("tensor {name} appears twice"));
+            return Err(r.invalid(format!("tensor {name} appears twice")));
         }
     }
     Ok(())

@@ -38,7 +38,7 @@ pub use generate::{FinishReason, GenerateParams, Generation, Sampler, Sampling};
 pub use gguf::{GgufFile, LlmFingerprint};
 pub use kv::{KvCache, KvRange, KvShape};
 pub use models::{
-    Blend, DECODE_MAX_TOKENS, Logits, ModelConfig, Selection, Transformer, config_from_gguf,
+    Blend, DECODE_MAX_TOKENS, ModelConfig, ReturnLogits, Selection, Transformer, config_from_gguf,
 };
 pub use prompt::{Prompt, PromptSegments, PromptTemplate};
 pub use rope::{LayerRopes, Rope, RopeStyle};

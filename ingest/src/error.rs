@@ -43,5 +43,33 @@ pub enum IngestError {
     Task(String),
 }
 
+/// Why a file is not a document: it is skipped, counted and listed, and the job goes on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotADocument {
+    /// It could not be read.
+    #[error("unreadable: {0}")]
+    Unreadable(#[source] std::sync::Arc<std::io::Error>),
+    /// It has no bytes.
+    #[error("empty")]
+    Empty,
+    /// Its first bytes hold a NUL: a binary file with a text name.
+    #[error("binary (contains NUL bytes)")]
+    Binary,
+    /// It is not UTF-8 text.
+    #[error("not UTF-8 (invalid byte at {valid_up_to})")]
+    NotUtf8 {
+        /// Where the first invalid byte is.
+        valid_up_to: usize,
+    },
+    /// It holds only whitespace.
+    #[error("only whitespace")]
+    OnlyWhitespace,
+}
+
+/// A `--shard` that is not `i/N` with `0 <= i < N`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("shard {0:?} is not i/N with 0 <= i < N")]
+pub struct BadShard(pub String);
+
 /// The ingest job's result type.
 pub type Result<T, E = IngestError> = std::result::Result<T, E>;

@@ -19,12 +19,12 @@ use ragcake_engine::{Engine, KvRange};
 use ragcake_kvstore::{CacheKey, KvStore};
 use ragcake_retriever::{
     ChunkId, Chunker, DEFAULT_CHUNK_TOKENS, Embedder, IndexPoint, IndexedChunk, TextChunk,
-    VectorIndex,
+    TokenizeError, VectorIndex,
 };
 use ragcake_scheduler::LoadBackend;
 use serde::Serialize;
 
-use crate::error::{IngestError, Result};
+use crate::error::{BadShard, IngestError, NotADocument, Result};
 
 /// File extensions read from directories (a file named on the command line is read
 /// whatever its extension).
@@ -55,9 +55,9 @@ impl Shard {
 }
 
 impl FromStr for Shard {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let err = || format!("shard {s:?} is not i/N with 0 <= i < N");
+    type Err = BadShard;
+    fn from_str(s: &str) -> std::result::Result<Self, BadShard> {
+        let err = || BadShard(s.to_string());
         let (i, n) = s.split_once('/').ok_or_else(err)?;
         let (index, count): (u32, u32) = (
             i.trim().parse().map_err(|_| err())?,
@@ -149,7 +149,7 @@ pub enum IngestEvent {
         /// Its size in bytes.
         bytes: u64,
         /// Why.
-        reason: String,
+        reason: NotADocument,
     },
 }
 
@@ -304,22 +304,19 @@ fn walk(dir: &Path, id_prefix: &str, out: &mut Vec<SourceFile>) -> Result<()> {
 }
 
 /// Reads a file as a document, or says why it is not one.
-pub fn read_document(path: &Path) -> std::result::Result<String, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("unreadable: {e}"))?;
+pub fn read_document(path: &Path) -> std::result::Result<String, NotADocument> {
+    let bytes = std::fs::read(path).map_err(|e| NotADocument::Unreadable(Arc::new(e)))?;
     if bytes.is_empty() {
-        return Err("empty".into());
+        return Err(NotADocument::Empty);
     }
     if bytes[..bytes.len().min(BINARY_SNIFF_BYTES)].contains(&0) {
-        return Err("binary (contains NUL bytes)".into());
+        return Err(NotADocument::Binary);
     }
-    let text = String::from_utf8(bytes).map_err(|e| {
-        format!(
-            "not UTF-8 (invalid byte at {})",
-            e.utf8_error().valid_up_to()
-        )
+    let text = String::from_utf8(bytes).map_err(|e| NotADocument::NotUtf8 {
+        valid_up_to: e.utf8_error().valid_up_to(),
     })?;
     if text.trim().is_empty() {
-        return Err("only whitespace".into());
+        return Err(NotADocument::OnlyWhitespace);
     }
     Ok(text)
 }
@@ -354,10 +351,10 @@ impl Ingest {
         kv: Arc<KvStore>,
         config: IngestConfig,
     ) -> Result<Self> {
-        if kv.model() != engine.fingerprint() {
+        if kv.fingerprint() != engine.fingerprint() {
             return Err(IngestError::InvalidSetting(format!(
                 "the KV store holds caches of model {}, the engine is {}",
-                kv.model().short(),
+                kv.fingerprint().short(),
                 engine.fingerprint().short()
             )));
         }
@@ -431,7 +428,7 @@ impl Ingest {
                     tracing::warn!(path = %file.path.display(), %reason, "skipping file");
                     summary
                         .skipped
-                        .push((file.path.display().to_string(), reason.clone()));
+                        .push((file.path.display().to_string(), reason.to_string()));
                     progress(IngestEvent::Skipped {
                         path: file.path.clone(),
                         bytes,
@@ -459,7 +456,7 @@ impl Ingest {
 
     fn chunk(&self, text: &str) -> Result<Vec<TextChunk>> {
         let tokenizer = self.engine.tokenizer();
-        let tokenize = |text: &str| tokenizer.encode(text, false).map_err(|e| e.to_string());
+        let tokenize = |text: &str| tokenizer.encode(text, false).map_err(TokenizeError::from);
         Ok(Chunker::new(&tokenize, self.config.chunk_tokens)?.split(text)?)
     }
 
@@ -694,24 +691,29 @@ mod tests {
             std::fs::write(&path, bytes).unwrap();
             path
         };
-        assert_eq!(read_document(&write("e.txt", b"")), Err("empty".into()));
-        assert!(
-            read_document(&write("b.txt", b"ab\0cd"))
-                .unwrap_err()
-                .starts_with("binary")
-        );
-        assert!(
-            read_document(&write("u.txt", b"ok \xff\xfe"))
-                .unwrap_err()
-                .starts_with("not UTF-8")
-        );
-        assert_eq!(
+        assert!(matches!(
+            read_document(&write("e.txt", b"")),
+            Err(NotADocument::Empty)
+        ));
+        assert!(matches!(
+            read_document(&write("b.txt", b"ab\0cd")),
+            Err(NotADocument::Binary)
+        ));
+        assert!(matches!(
+            read_document(&write("u.txt", b"ok \xff\xfe")),
+            Err(NotADocument::NotUtf8 { valid_up_to: 3 })
+        ));
+        assert!(matches!(
             read_document(&write("w.txt", b" \n\t")),
-            Err("only whitespace".into())
-        );
+            Err(NotADocument::OnlyWhitespace)
+        ));
+        assert!(matches!(
+            read_document(&dir.path().join("absent.txt")),
+            Err(NotADocument::Unreadable(_))
+        ));
         assert_eq!(
-            read_document(&write("g.md", b"# Title\n")),
-            Ok("# Title\n".into())
+            read_document(&write("g.md", b"# Title\n")).unwrap(),
+            "# Title\n"
         );
     }
 

@@ -8,7 +8,7 @@
 pub mod error;
 pub mod job;
 
-pub use error::{IngestError, Result};
+pub use error::{BadShard, IngestError, NotADocument, Result};
 pub use job::{
     Ingest, IngestConfig, IngestEvent, IngestSummary, Shard, SourceFile, TEXT_EXTENSIONS, discover,
     read_document,

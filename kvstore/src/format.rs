@@ -72,14 +72,28 @@ pub struct Expectation<'a> {
 
 pub(crate) fn dtype_name(dtype: DType) -> &'static str {
     match StorageDtype::from_dtype(dtype) {
-        Some(storage) => storage.name(),
+        Some(storage) => storage.into(),
         None => "other",
     }
 }
 
 /// How a blob stores keys and values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum StorageDtype {
     /// 32-bit floats: the computed cache bit for bit.
     F32,
@@ -94,21 +108,6 @@ pub enum StorageDtype {
 impl StorageDtype {
     /// Every storage dtype.
     pub const ALL: [Self; 4] = [Self::F32, Self::F16, Self::Bf16, Self::Int8];
-
-    /// Its name in metadata, keys and configuration.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Bf16 => "bf16",
-            Self::Int8 => "int8",
-        }
-    }
-
-    /// The storage dtype named `name`.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|d| d.name() == name)
-    }
 
     /// The float storage dtype of `dtype` (f32, f16, bf16), if it is one.
     pub fn from_dtype(dtype: DType) -> Option<Self> {
@@ -138,19 +137,6 @@ impl StorageDtype {
             Self::Bf16 => safetensors::Dtype::BF16,
             Self::Int8 => safetensors::Dtype::I8,
         }
-    }
-}
-
-impl std::str::FromStr for StorageDtype {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Self::parse(s).ok_or_else(|| format!("{s:?} is none of f32, f16, bf16, int8"))
-    }
-}
-
-impl std::fmt::Display for StorageDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -317,12 +303,12 @@ pub fn encode(
         ("format".into(), FORMAT.into()),
         ("format_version".into(), FORMAT_VERSION.into()),
         ("key".into(), key.to_hex()),
-        ("kind".into(), key.kind().as_str().into()),
+        ("kind".into(), key.kind().to_string()),
         ("model_fingerprint".into(), model.to_hex()),
         ("token_count".into(), range.len().to_string()),
         ("base_position".into(), range.base_position().to_string()),
         ("tokens_blake3".into(), hex(&tokens_hash(tokens))),
-        ("dtype".into(), dtype.name().into()),
+        ("dtype".into(), dtype.to_string()),
         ("n_layers".into(), shape.n_layers.to_string()),
         ("n_kv_heads".into(), shape.n_kv_heads.to_string()),
         ("head_dim".into(), shape.head_dim.to_string()),
@@ -419,8 +405,9 @@ pub fn check_meta(
             found: model.into(),
         });
     }
-    let kind = CacheKind::parse(field(meta, "kind")?)
-        .ok_or_else(|| RejectReason::Metadata("kind".into()))?;
+    let kind = field(meta, "kind")?
+        .parse::<CacheKind>()
+        .map_err(|_| RejectReason::Metadata("kind".into()))?;
     let key = CacheKey::from_hex(kind, field(meta, "key")?)
         .ok_or_else(|| RejectReason::Metadata("key".into()))?;
     if key != *expected.key {
@@ -443,8 +430,9 @@ pub fn check_meta(
         }
     }
     let dtype_str = field(meta, "dtype")?;
-    let dtype =
-        StorageDtype::parse(dtype_str).ok_or_else(|| RejectReason::Dtype(dtype_str.into()))?;
+    let dtype = dtype_str
+        .parse::<StorageDtype>()
+        .map_err(|_| RejectReason::Dtype(dtype_str.into()))?;
     let shape = KvShape {
         n_layers: number(meta, "n_layers")?,
         n_kv_heads: number(meta, "n_kv_heads")?,

@@ -19,7 +19,7 @@ impl std::fmt::Debug for CacheKey {
         write!(
             f,
             "CacheKey({}:{})",
-            self.kind.as_str(),
+            <&str>::from(self.kind),
             &self.to_hex()[..16]
         )
     }
@@ -112,7 +112,7 @@ impl CacheKey {
     /// `{kind}/{first 2 hex}/{64 hex}.safetensors`.
     pub fn object_name(&self) -> String {
         let h = self.to_hex();
-        format!("{}/{}/{}.safetensors", self.kind.as_str(), &h[..2], h)
+        format!("{}/{}/{}.safetensors", <&str>::from(self.kind), &h[..2], h)
     }
 
     /// Parses a key back from its kind and hex form.

@@ -46,7 +46,7 @@ pub(crate) fn parse_cache_path(location: &Path) -> Option<(String, CacheKey)> {
     }
     let [model, kind, fan, file] = [n - 4, n - 3, n - 2, n - 1].map(|i| parts[i].as_ref());
     let hex = file.strip_suffix(".safetensors")?;
-    let key = CacheKey::from_hex(CacheKind::parse(kind)?, hex)?;
+    let key = CacheKey::from_hex(kind.parse::<CacheKind>().ok()?, hex)?;
     let is_hex16 = model.len() == 16 && model.bytes().all(|b| b.is_ascii_hexdigit());
     (is_hex16 && hex.starts_with(fan)).then(|| (model.to_string(), key))
 }
@@ -100,7 +100,7 @@ pub fn summarize(objects: &[StoredObject], now: SystemTime) -> Vec<GroupStats> {
             .entry((order, model.clone(), kind.unwrap_or(0)))
             .or_insert_with(|| GroupStats {
                 model,
-                kind: object.kind().map(|k| k.as_str()),
+                kind: object.kind().map(<&str>::from),
                 objects: 0,
                 bytes: 0,
                 oldest_age_secs: 0,

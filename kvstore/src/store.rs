@@ -284,7 +284,7 @@ impl KvStore {
         for part in [
             format::dtype_name(self.compute_dtype),
             device,
-            storage.name(),
+            <&str>::from(storage),
         ] {
             hasher.update(part.as_bytes()).update(&[0]);
         }
@@ -338,7 +338,7 @@ impl KvStore {
     }
 
     /// The fingerprint of the model whose caches this store holds.
-    pub fn model(&self) -> LlmFingerprint {
+    pub fn fingerprint(&self) -> LlmFingerprint {
         self.model
     }
 

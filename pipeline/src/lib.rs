@@ -26,7 +26,9 @@ pub use config::{
 };
 pub use error::{BoxError, PipelineError, Result};
 pub use metrics::Metrics;
-pub use pipeline::{ChunkCacheCheck, Health, Pipeline, PipelineBuilder, SchedulerHealth};
+pub use pipeline::{
+    ChunkCacheCheck, Health, IndexHealth, Pipeline, PipelineBuilder, SchedulerHealth,
+};
 pub use prompt::retrieved_chunks;
 pub use ragcake_engine::{Prompt, PromptTemplate};
 pub use types::{Answer, Ask, AskOptions, AskRequest, Breakdown, CitedChunk, StreamEvent};

@@ -155,10 +155,10 @@ impl PipelineBuilder {
                 Arc::new(kv)
             }
         };
-        if kv.model() != engine.fingerprint() {
+        if kv.fingerprint() != engine.fingerprint() {
             return Err(PipelineError::Config(format!(
                 "the KV store is for model {}, the engine runs {}",
-                kv.model().short(),
+                kv.fingerprint().short(),
                 engine.fingerprint().short()
             )));
         }
@@ -316,9 +316,9 @@ async fn check_chunk_caches(
     let why = match check.recorded_as {
         Some(dtype) => format!(
             "they were stored as {} and this service looks for {} (set pipeline.chunk_cache_dtype = \"{}\", or ingest again)",
-            dtype.name(),
-            looked_up_as.name(),
-            dtype.name()
+            dtype,
+            looked_up_as,
+            dtype
         ),
         None => "they were computed after another preamble, in another compute dtype or on another kind of device (ingest again with this service's configuration)".into(),
     };
@@ -363,8 +363,8 @@ impl std::fmt::Debug for Pipeline {
 pub struct Health {
     /// Everything needed to answer is reachable.
     pub ok: bool,
-    /// Chunks in the index, or why it cannot be reached.
-    pub index: std::result::Result<usize, String>,
+    /// Whether the index answers.
+    pub index: IndexHealth,
     /// Questions being answered now.
     pub in_flight: u64,
     /// The scheduler: its compute worker, queue and write-back backlog.
@@ -372,6 +372,22 @@ pub struct Health {
     /// Whether the index's recorded chunk caches are the ones this service looks for
     /// (checked at start).
     pub chunk_caches: ChunkCacheCheck,
+}
+
+/// The index's part of [`Health`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexHealth {
+    /// It answers, holding this many chunks.
+    Up {
+        /// Chunks in the index.
+        chunks: usize,
+    },
+    /// It cannot be reached.
+    Down {
+        /// What the index said.
+        error: String,
+    },
 }
 
 /// The scheduler's part of [`Health`].
@@ -440,16 +456,15 @@ impl Pipeline {
 
     /// Whether the index answers, and how busy the pipeline is.
     pub async fn health(&self) -> Health {
-        let index = self
-            .parts
-            .retriever
-            .index()
-            .count()
-            .await
-            .map_err(|e| e.to_string());
+        let index = match self.parts.retriever.index().count().await {
+            Ok(chunks) => IndexHealth::Up { chunks },
+            Err(error) => IndexHealth::Down {
+                error: error.to_string(),
+            },
+        };
         let stats = self.parts.scheduler.stats();
         Health {
-            ok: index.is_ok() && stats.worker_alive,
+            ok: matches!(index, IndexHealth::Up { .. }) && stats.worker_alive,
             index,
             in_flight: stats.in_flight,
             scheduler: SchedulerHealth {

@@ -215,7 +215,7 @@ impl PlanLayer {
                 request.options.max_tokens
             )));
         }
-        let plan_secs = started.elapsed().as_secs_f64();
+        let prompt_secs = started.elapsed().as_secs_f64();
         let started = Instant::now();
         let (recompute, exact) = request.options.blending();
         let options = PlanOptions {
@@ -244,7 +244,7 @@ impl PlanLayer {
             embed_secs: retrieval.embed_secs,
             search_secs: retrieval.search_secs,
             lookup_secs: started.elapsed().as_secs_f64(),
-            plan_secs,
+            prompt_secs,
             prompt_tokens,
             lookups,
             degraded: lookups.errors + lookups.timed_out > 0,

@@ -144,10 +144,11 @@ pub struct Breakdown {
     pub embed_secs: f64,
     /// Searching the vector index.
     pub search_secs: f64,
-    /// Looking up what the store holds for the prompt's chunks (metadata only).
+    /// Planning the prefill: looking up what the store holds for the prompt's chunks
+    /// (metadata requests only).
     pub lookup_secs: f64,
     /// Building the prompt's token segments.
-    pub plan_secs: f64,
+    pub prompt_secs: f64,
     /// Prompt tokens (preamble, chunks and question).
     pub prompt_tokens: usize,
     /// Caches the plan found: exact prefix caches, position-independent chunk caches,

@@ -6,18 +6,22 @@ use std::ops::Range;
 
 use crate::error::{Result, RetrieverError};
 
+/// A tokenizer's own error, kept whole.
+pub type TokenizeError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The LLM's tokenizer as the chunker sees it: text in, token ids out (no special tokens).
-/// Any `Fn(&str) -> Result<Vec<u32>, String>` is one, so the retriever needs no engine.
+/// Any `Fn(&str) -> Result<Vec<u32>, TokenizeError>` is one, so the retriever needs no
+/// engine.
 pub trait Tokenize: Sync {
     /// The token ids of `text`.
-    fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, String>;
+    fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, TokenizeError>;
 }
 
 impl<F> Tokenize for F
 where
-    F: Fn(&str) -> std::result::Result<Vec<u32>, String> + Sync,
+    F: Fn(&str) -> std::result::Result<Vec<u32>, TokenizeError> + Sync,
 {
-    fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
+    fn tokenize(&self, text: &str) -> std::result::Result<Vec<u32>, TokenizeError> {
         self(text)
     }
 }

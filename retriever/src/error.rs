@@ -30,7 +30,7 @@ pub enum RetrieverError {
     },
     /// The LLM's tokenizer failed on a chunk's text.
     #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    Tokenizer(#[source] crate::chunker::TokenizeError),
     /// A file or directory could not be read.
     #[error("{path}: {source}")]
     Io {

@@ -28,8 +28,22 @@ pub struct LabelledQuestion {
 /// The part of a question set a question belongs to. Anything a benchmark chooses (a rule,
 /// a share, a temperature) is chosen on the calibration part and reported on the
 /// evaluation part, so no reported figure was tuned on the questions it is measured on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum Split {
     /// Questions parameters are chosen on.
     Calibration,
@@ -40,14 +54,6 @@ pub enum Split {
 impl Split {
     /// Both parts, calibration first.
     pub const ALL: [Split; 2] = [Split::Calibration, Split::Evaluation];
-
-    /// The part's name, as in benchmark output.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Calibration => "calibration",
-            Self::Evaluation => "evaluation",
-        }
-    }
 }
 
 /// Share of questions in the calibration part, by [`LabelledQuestion::split`].

@@ -17,7 +17,7 @@ pub mod eval;
 pub mod index;
 pub mod retrieve;
 
-pub use chunker::{Chunker, DEFAULT_CHUNK_TOKENS, TextChunk, Tokenize};
+pub use chunker::{Chunker, DEFAULT_CHUNK_TOKENS, TextChunk, Tokenize, TokenizeError};
 pub use embedder::Embedder;
 pub use error::{Result, RetrieverError};
 pub use eval::{LabelledQuestion, QuestionSet, Split};

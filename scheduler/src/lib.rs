@@ -29,7 +29,6 @@ mod write_back;
 use std::fmt;
 use std::future::Future;
 use std::ops::Range;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,8 +44,23 @@ pub use runtime::{Scheduler, SchedulerStats};
 pub use sampling::{FinishReason, GenerateParams, Sampler, Sampling};
 
 /// How a request fills its cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Mode {
     /// Compute every chunk; never read the store.
     ComputeOnly,
@@ -60,36 +74,26 @@ pub enum Mode {
 impl Mode {
     /// Every mode, in display order.
     pub const ALL: [Mode; 3] = [Mode::ComputeOnly, Mode::LoadOnly, Mode::Bidirectional];
-
-    /// The mode's name as written on the command line.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::ComputeOnly => "compute-only",
-            Self::LoadOnly => "load-only",
-            Self::Bidirectional => "bidirectional",
-        }
-    }
-}
-
-impl fmt::Display for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| format!("unknown mode {s:?} (compute-only, load-only, bidirectional)"))
-    }
 }
 
 /// How the shared compute worker and I/O pool are given out across requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Policy {
     /// One request at a time, in arrival order: the oldest request has the compute worker
     /// and the whole I/O pool to itself until its first token, as if it were alone (each
@@ -106,40 +110,23 @@ pub enum Policy {
     Adaptive,
 }
 
-impl Policy {
-    /// The policy's name as written on the command line.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::PerRequest => "per-request",
-            Self::Fcfs => "fcfs",
-            Self::Adaptive => "adaptive",
-        }
-    }
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Policy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "per-request" => Ok(Self::PerRequest),
-            "fcfs" => Ok(Self::Fcfs),
-            "adaptive" => Ok(Self::Adaptive),
-            _ => Err(format!(
-                "unknown policy {s:?} (adaptive, fcfs, per-request)"
-            )),
-        }
-    }
-}
-
 /// Which tokens of a loaded chunk cache are recomputed in context ("blending").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum RecomputeRule {
     /// The tokens whose keys and values deviate most from the loaded ones, found at the
     /// first layers and narrowed layer by layer (CacheBlend).
@@ -163,16 +150,6 @@ impl RecomputeRule {
         RecomputeRule::QueryEarly,
     ];
 
-    /// The rule's name as written on the command line.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Deviation => "deviation",
-            Self::Leading => "leading",
-            Self::Query => "query",
-            Self::QueryEarly => "query-early",
-        }
-    }
-
     /// The question's probe pass this rule runs, as a share of one pass of the question
     /// through every layer of a model of `layers` (0: no probe).
     pub fn probe_share(&self, layers: usize) -> f64 {
@@ -189,24 +166,6 @@ impl RecomputeRule {
 /// question reads there.
 pub fn early_probe_layers(layers: usize) -> usize {
     layers.div_ceil(3).max(1)
-}
-
-impl fmt::Display for RecomputeRule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for RecomputeRule {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown recompute rule {s:?} (deviation, leading, query, query-early)")
-            })
-    }
 }
 
 /// How a loaded position-independent chunk cache is blended into its prompt: which rule
@@ -293,8 +252,22 @@ impl Recompute {
 
 /// How close to full computation a request's answer is kept, as one word: the recompute
 /// settings and the caches it may load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Fidelity {
     /// The least recomputation: [`Fidelity::FAST_SHARE`] of the loaded chunk caches'
     /// tokens, whatever the loads cost.
@@ -313,15 +286,6 @@ impl Fidelity {
     /// The share `fast` recomputes.
     pub const FAST_SHARE: f64 = 0.05;
 
-    /// The level's name as written on the command line and in requests.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Fast => "fast",
-            Self::Balanced => "balanced",
-            Self::Exact => "exact",
-        }
-    }
-
     /// How a request at this level blends chunk caches, and whether it loads exact prefix
     /// caches only.
     pub fn settings(self) -> (Recompute, bool) {
@@ -337,22 +301,6 @@ impl Fidelity {
             Self::Balanced => (Recompute::default(), false),
             Self::Exact => (Recompute::NONE, true),
         }
-    }
-}
-
-impl fmt::Display for Fidelity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Fidelity {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown fidelity {s:?} (fast, balanced, exact)"))
     }
 }
 
@@ -648,8 +596,24 @@ impl<Kv> LoadOutcome<Kv> {
 }
 
 /// What a stored cache holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum CacheKind {
     /// KV of a chunk computed in context, after the chunks before it: exact, valid only
     /// after the same chain of chunks.
@@ -657,25 +621,6 @@ pub enum CacheKind {
     /// KV of a chunk computed on its own: position-independent (re-rotated to where it is
     /// placed), approximate (no attention to the chunks before it).
     Chunk,
-}
-
-impl CacheKind {
-    /// The name used in metadata and object paths.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Prefix => "prefix",
-            Self::Chunk => "chunk",
-        }
-    }
-
-    /// Parses [`CacheKind::as_str`]'s output.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "prefix" => Some(Self::Prefix),
-            "chunk" => Some(Self::Chunk),
-            _ => None,
-        }
-    }
 }
 
 /// The load side: where caches of chunks would be stored, whether they are, and the

@@ -6,11 +6,11 @@ use std::sync::{Arc, OnceLock};
 
 use futures::stream::BoxStream;
 
-use ragcake::engine::{Engine, EngineConfig, KvCache, Logits, Tensor};
+use ragcake::engine::{Engine, EngineConfig, KvCache, ReturnLogits, Tensor};
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{self as os, ObjectStore};
 use ragcake::kvstore::{KvStore, open_url};
-use ragcake::models::{MINILM, ModelCache, SMOLLM2};
+use ragcake::model_cache::{MINILM, ModelCache, SMOLLM2};
 use ragcake::retriever::Embedder;
 
 /// The repository root, read when the test runs (cargo sets it): a test binary that a
@@ -38,7 +38,7 @@ pub fn gemma3_path() -> PathBuf {
         return PathBuf::from(path);
     }
     let cache = ModelCache::default();
-    let llm = ragcake::models::named_llm("gemma3-270m").expect("a known model");
+    let llm = ragcake::model_cache::named_llm("gemma3-270m").expect("a known model");
     assert!(
         cache.has_llm(llm),
         "{} is not fetched (the test script fetches it: ragcake models fetch gemma3-270m)",
@@ -106,7 +106,7 @@ fn dense_engine_cell() -> &'static Arc<Engine> {
 }
 
 /// Runs `tokens` through `engine`'s model after `cache` and returns the requested logits.
-pub fn logits(engine: &Engine, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Tensor {
+pub fn logits(engine: &Engine, tokens: &[u32], cache: &mut KvCache, which: ReturnLogits) -> Tensor {
     engine
         .model()
         .forward(tokens, cache, which)

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 
 use ragcake::engine::{
     Blend, ChatMessage, Engine, EngineConfig, EngineError, GenerateParams, GgufFile, KvCache,
-    Logits, Role, Sampling, Selection, Tensor,
+    ReturnLogits, Role, Sampling, Selection, Tensor,
 };
 
 use crate::common::{
@@ -21,7 +21,7 @@ const LOGIT_TOLERANCE: f32 = 2e-3;
 fn one_shot_logits(tokens: &[u32]) -> Tensor {
     let engine = dense_engine();
     let mut cache = engine.new_cache();
-    logits(engine, tokens, &mut cache, Logits::All)
+    logits(engine, tokens, &mut cache, ReturnLogits::All)
 }
 
 #[test]
@@ -36,12 +36,12 @@ fn chunked_prefill_gives_the_same_logits_as_one_shot_prefill() {
         if prefix > 0 {
             engine
                 .model()
-                .forward(&tokens[..prefix], &mut cache, Logits::None)
+                .forward(&tokens[..prefix], &mut cache, ReturnLogits::None)
                 .unwrap();
         }
         let mut rows = Vec::new();
         for piece in tokens[prefix..].chunks(chunk) {
-            rows.push(logits(engine, piece, &mut cache, Logits::All));
+            rows.push(logits(engine, piece, &mut cache, ReturnLogits::All));
         }
         let chunked = Tensor::cat(&rows, 0).unwrap();
         let diff = max_abs_diff(
@@ -128,8 +128,8 @@ fn exported_and_imported_kv_continues_with_the_same_logits() {
     engine.import(&mut rebuilt, &tail).unwrap();
     assert_eq!(rebuilt.len(), 200);
 
-    let expected = logits(engine, &next, &mut original, Logits::All);
-    let got = logits(engine, &next, &mut rebuilt, Logits::All);
+    let expected = logits(engine, &next, &mut original, ReturnLogits::All);
+    let got = logits(engine, &next, &mut rebuilt, ReturnLogits::All);
     assert_eq!(
         max_abs_diff(&expected, &got),
         0.0,
@@ -153,8 +153,8 @@ fn kv_round_trip_through_f16_stays_close() {
     let mut rebuilt = engine.new_cache();
     engine.import(&mut rebuilt, &stored).unwrap();
     let q = engine.tokenizer().encode(" The keepers", false).unwrap();
-    let a = logits(engine, &q, &mut original, Logits::Last);
-    let b = logits(engine, &q, &mut rebuilt, Logits::Last);
+    let a = logits(engine, &q, &mut original, ReturnLogits::Last);
+    let b = logits(engine, &q, &mut rebuilt, ReturnLogits::Last);
     let diff = max_abs_diff(&a, &b);
     assert!(diff < 0.15, "f16 storage moved logits by {diff}");
     assert_eq!(argmax(&a), argmax(&b));
@@ -172,12 +172,12 @@ fn chunk_computed_at_zero_and_moved_to_p_has_the_keys_of_the_chunk_computed_at_p
         let mut at_zero = engine.model().new_cache(0);
         engine
             .model()
-            .forward(&chunk, &mut at_zero, Logits::None)
+            .forward(&chunk, &mut at_zero, ReturnLogits::None)
             .unwrap();
         let mut at_p = engine.model().new_cache(p);
         engine
             .model()
-            .forward(&chunk, &mut at_p, Logits::None)
+            .forward(&chunk, &mut at_p, ReturnLogits::None)
             .unwrap();
 
         let mut moved = engine.model().new_cache(p);
@@ -198,12 +198,12 @@ fn chunk_computed_at_zero_and_moved_to_p_has_the_keys_of_the_chunk_computed_at_p
     let mut at_zero = engine.model().new_cache(0);
     engine
         .model()
-        .forward(&chunk, &mut at_zero, Logits::None)
+        .forward(&chunk, &mut at_zero, ReturnLogits::None)
         .unwrap();
     let mut at_p = engine.model().new_cache(500);
     engine
         .model()
-        .forward(&chunk, &mut at_p, Logits::None)
+        .forward(&chunk, &mut at_p, ReturnLogits::None)
         .unwrap();
     let d = max_abs_diff(&at_zero.layer(0).unwrap().0, &at_p.layer(0).unwrap().0);
     assert!(d > 0.1, "keys at 0 and 500 should differ, max diff {d}");
@@ -306,7 +306,7 @@ fn empty_prompt_is_a_typed_error() {
         Err(EngineError::EmptyInput)
     ));
     assert!(matches!(
-        engine.model().forward(&[], &mut cache, Logits::Last),
+        engine.model().forward(&[], &mut cache, ReturnLogits::Last),
         Err(EngineError::EmptyInput)
     ));
     assert!(cache.is_empty());
@@ -334,7 +334,7 @@ fn token_ids_outside_the_vocabulary_are_rejected() {
     let mut cache = engine.new_cache();
     let vocab = engine.config().vocab_size as u32;
     assert!(matches!(
-        engine.model().forward(&[5, vocab + 3], &mut cache, Logits::Last),
+        engine.model().forward(&[5, vocab + 3], &mut cache, ReturnLogits::Last),
         Err(EngineError::TokenOutOfRange { id, .. }) if id == vocab + 3
     ));
 }
@@ -504,11 +504,11 @@ fn tail_logits_over_chunk_cache(
             };
             let (logits, recomputed) = engine
                 .model()
-                .forward_blended(&case.tail, &mut cache, &[blend], Logits::All)
+                .forward_blended(&case.tail, &mut cache, &[blend], ReturnLogits::All)
                 .unwrap();
             (logits.unwrap(), recomputed)
         }
-        None => (logits(engine, &case.tail, &mut cache, Logits::All), 0),
+        None => (logits(engine, &case.tail, &mut cache, ReturnLogits::All), 0),
     }
 }
 
@@ -519,7 +519,7 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
     let whole: Vec<u32> = [case.preamble.as_slice(), &case.first, &case.second].concat();
     let mut full_cache = engine.new_cache();
     engine.append(&mut full_cache, &whole, 512, false).unwrap();
-    let full = logits(engine, &case.tail, &mut full_cache, Logits::All);
+    let full = logits(engine, &case.tail, &mut full_cache, ReturnLogits::All);
 
     let n = case.second.len();
     let (naive, none) = tail_logits_over_chunk_cache(engine, &case, None);
@@ -531,10 +531,10 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
     );
     let share = n.div_ceil(5); // 20% of the chunk
     for selection in [
-        Selection::Deviating(share),
+        Selection::Deviation(share),
         Selection::Leading(share),
-        Selection::Attended(share),
-        Selection::AttendedEarly(share),
+        Selection::Query(share),
+        Selection::QueryEarly(share),
     ] {
         let (blended, recomputed) = tail_logits_over_chunk_cache(engine, &case, Some(selection));
         assert_eq!(recomputed, share, "{selection:?}");
@@ -546,10 +546,10 @@ fn blending_a_loaded_chunk_cache_brings_the_next_token_distribution_closer_to_fu
     }
     // Recomputing every token is full computation (up to the order of float sums).
     for selection in [
-        Selection::Deviating(n),
+        Selection::Deviation(n),
         Selection::Leading(n),
-        Selection::Attended(n),
-        Selection::AttendedEarly(n),
+        Selection::Query(n),
+        Selection::QueryEarly(n),
     ] {
         let (all, recomputed) = tail_logits_over_chunk_cache(engine, &case, Some(selection));
         assert_eq!(recomputed, n);
@@ -572,11 +572,16 @@ fn the_question_probe_on_the_quantized_decode_weights_keeps_the_dense_probes_fid
     dense_engine()
         .append(&mut full_cache, &whole, 512, false)
         .unwrap();
-    let full = logits(dense_engine(), &case.tail, &mut full_cache, Logits::All);
+    let full = logits(
+        dense_engine(),
+        &case.tail,
+        &mut full_cache,
+        ReturnLogits::All,
+    );
     let (naive, _) = tail_logits_over_chunk_cache(dense_engine(), &case, None);
     let naive_kl = mean_kl(&full, &naive);
     let share = case.second.len().div_ceil(5);
-    for selection in [Selection::Attended(share), Selection::AttendedEarly(share)] {
+    for selection in [Selection::Query(share), Selection::QueryEarly(share)] {
         let (dense, _) = tail_logits_over_chunk_cache(dense_engine(), &case, Some(selection));
         let (quantized, recomputed) =
             tail_logits_over_chunk_cache(engine(), &case, Some(selection));
@@ -599,7 +604,7 @@ fn blending_in_the_tail_pass_equals_blending_chunk_by_chunk_then_the_tail() {
     let filled = || two_chunk_caches(engine, &case);
     let offsets = case.chunk_offsets();
     for rule in [
-        Selection::Deviating as fn(usize) -> Selection,
+        Selection::Deviation as fn(usize) -> Selection,
         Selection::Leading,
     ] {
         let mut fused = filled();
@@ -614,7 +619,7 @@ fn blending_in_the_tail_pass_equals_blending_chunk_by_chunk_then_the_tail() {
             .collect();
         let (fused_logits, recomputed) = engine
             .model()
-            .forward_blended(&case.tail, &mut fused, &blends, Logits::All)
+            .forward_blended(&case.tail, &mut fused, &blends, ReturnLogits::All)
             .unwrap();
         let mut stepwise = filled();
         let mut expected = 0;
@@ -624,7 +629,7 @@ fn blending_in_the_tail_pass_equals_blending_chunk_by_chunk_then_the_tail() {
                 .recompute(blend.tokens, &mut stepwise, blend.offset, blend.selection)
                 .unwrap();
         }
-        let stepwise_logits = logits(engine, &case.tail, &mut stepwise, Logits::All);
+        let stepwise_logits = logits(engine, &case.tail, &mut stepwise, ReturnLogits::All);
         assert_eq!(recomputed, expected);
         assert_eq!(fused.len(), stepwise.len());
         let diff = max_abs_diff(&fused_logits.unwrap(), &stepwise_logits);
@@ -671,12 +676,12 @@ fn question_aware_selection_pools_the_budget_across_chunks_and_needs_the_questio
             .map(|((tokens, offset), n)| Blend {
                 tokens,
                 offset,
-                selection: Selection::Attended(n),
+                selection: Selection::Query(n),
             })
             .collect();
         let (logits, recomputed) = engine
             .model()
-            .forward_blended(&case.tail, &mut cache, &blends, Logits::All)
+            .forward_blended(&case.tail, &mut cache, &blends, ReturnLogits::All)
             .unwrap();
         (logits.unwrap(), recomputed)
     };
@@ -693,7 +698,7 @@ fn question_aware_selection_pools_the_budget_across_chunks_and_needs_the_questio
     let result =
         engine
             .model()
-            .recompute(&case.second, &mut cache, offsets[1], Selection::Attended(k));
+            .recompute(&case.second, &mut cache, offsets[1], Selection::Query(k));
     assert!(
         matches!(result, Err(EngineError::InvalidSetting(_))),
         "{result:?}"
@@ -739,7 +744,7 @@ fn a_batched_decode_step_gives_each_sequence_the_greedy_tokens_it_gets_alone() {
             .iter()
             .map(|prompt| {
                 let mut cache = engine.new_cache();
-                let last = logits(engine, prompt, &mut cache, Logits::Last);
+                let last = logits(engine, prompt, &mut cache, ReturnLogits::Last);
                 (cache, argmax(&last))
             })
             .collect()

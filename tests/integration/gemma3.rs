@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use ragcake::engine::correction::AttentionCalibration;
-use ragcake::engine::{Engine, EngineConfig, GenerateParams, Logits};
+use ragcake::engine::{Engine, EngineConfig, GenerateParams, ReturnLogits};
 use ragcake::ingest::{Ingest, IngestConfig};
 use ragcake::pipeline::{AskOptions, AskRequest, Pipeline, PipelineConfig};
 use ragcake::retriever::{EdgeIndex, VectorIndex};
@@ -120,8 +120,8 @@ fn gemma3_exported_and_imported_kv_continues_with_the_same_logits() {
     engine
         .import(&mut rebuilt, &original.export(300..700).unwrap())
         .unwrap();
-    let expected = logits(engine, &next, &mut original, Logits::All);
-    let got = logits(engine, &next, &mut rebuilt, Logits::All);
+    let expected = logits(engine, &next, &mut original, ReturnLogits::All);
+    let got = logits(engine, &next, &mut rebuilt, ReturnLogits::All);
     assert_eq!(max_abs_diff(&expected, &got), 0.0, "same KV, same logits");
 }
 
@@ -135,12 +135,12 @@ fn gemma3_chunk_moved_to_p_matches_it_computed_at_p_in_local_and_global_layers()
         let mut at_zero = engine.model().new_cache(0);
         engine
             .model()
-            .forward(&chunk, &mut at_zero, Logits::None)
+            .forward(&chunk, &mut at_zero, ReturnLogits::None)
             .unwrap();
         let mut at_p = engine.model().new_cache(p);
         engine
             .model()
-            .forward(&chunk, &mut at_p, Logits::None)
+            .forward(&chunk, &mut at_p, ReturnLogits::None)
             .unwrap();
         let mut moved = engine.model().new_cache(p);
         engine

@@ -5,7 +5,7 @@
 //! dtypes) runs on synthetic KV next to the store, in `kvstore/tests/conformance.rs`
 //! (`cargo test -p ragcake-kvstore`).
 
-use ragcake::engine::{DType, KvRange, Logits};
+use ragcake::engine::{DType, KvRange, ReturnLogits};
 use ragcake::kvstore::CacheKey;
 
 use crate::common::{engine, logits, max_abs_diff, prose_tokens, runtime, store_for};
@@ -39,8 +39,8 @@ fn stored_kv_continues_with_the_same_logits_as_the_original() {
             .unwrap();
         let mut from_store = engine.new_cache();
         engine.import(&mut from_store, &loaded).unwrap();
-        let a = logits(engine, &next, &mut reference, Logits::All);
-        let b = logits(engine, &next, &mut from_store, Logits::All);
+        let a = logits(engine, &next, &mut reference, ReturnLogits::All);
+        let b = logits(engine, &next, &mut from_store, ReturnLogits::All);
         assert_eq!(
             max_abs_diff(&a, &b),
             0.0,

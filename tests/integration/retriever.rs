@@ -13,7 +13,7 @@ use ragcake::kvstore::{CacheKey, CacheKind, KvStore, open_url};
 use ragcake::pipeline::PromptTemplate;
 use ragcake::retriever::{
     CacheStatus, ChunkId, ChunkOrder, Chunker, EdgeIndex, IndexPoint, IndexedChunk,
-    QdrantServerIndex, RetrieveOptions, Retriever, VectorIndex,
+    QdrantServerIndex, RetrieveOptions, Retriever, TokenizeError, VectorIndex,
 };
 use ragcake::scheduler::LoadBackend;
 
@@ -72,7 +72,7 @@ const PROSE: &str = "# Lighthouses\n\nThe history of the lighthouse is a history
 #[test]
 fn chunks_cover_the_text_respect_the_size_and_are_stable() {
     let tokenizer = engine().tokenizer();
-    let tokenize = |t: &str| tokenizer.encode(t, false).map_err(|e| e.to_string());
+    let tokenize = |t: &str| tokenizer.encode(t, false).map_err(TokenizeError::from);
     let text = PROSE.repeat(6) + &"x".repeat(3000) + " tail";
     for target in [16, 64, 256] {
         let chunker = Chunker::new(&tokenize, target).unwrap();
@@ -105,7 +105,7 @@ fn chunks_cover_the_text_respect_the_size_and_are_stable() {
 #[test]
 fn chunks_end_on_paragraph_and_sentence_borders_when_they_can() {
     let tokenizer = engine().tokenizer();
-    let tokenize = |t: &str| tokenizer.encode(t, false).map_err(|e| e.to_string());
+    let tokenize = |t: &str| tokenizer.encode(t, false).map_err(TokenizeError::from);
     let paragraph = "One sentence here. Another sentence follows it. ".repeat(3);
     let text = format!("{paragraph}\n\n{paragraph}\n\n{paragraph}");
     let per_paragraph = tokenizer.encode(&paragraph, false).unwrap().len();

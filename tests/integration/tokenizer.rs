@@ -113,7 +113,7 @@ fn gemma3() -> Option<(ragcake::engine::Tokenizer, Fixture)> {
     let path = std::env::var_os("RAGCAKE_GEMMA3_GGUF")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
-            ragcake::models::ragcake_home().join("models/gemma3-270m/gemma-3-270m-q4_k_m.gguf")
+            ragcake::model_cache::ragcake_home().join("models/gemma3-270m/gemma-3-270m-q4_k_m.gguf")
         });
     let fixture = crate::common::repo_dir().join("tests/fixtures/gemma3_tokens.json");
     for (needed, what) in [

@@ -23,7 +23,7 @@ mod transformer;
 use serde::Serialize;
 
 pub use transformer::{
-    Blend, DECODE_MAX_TOKENS, Logits, Selection, Transformer, early_probe_layers,
+    Blend, DECODE_MAX_TOKENS, ReturnLogits, Selection, Transformer, early_probe_layers,
 };
 
 use crate::error::{EngineError, Result};

