@@ -58,9 +58,6 @@ for feature in avx512f avx512vnni; do
         echo "SKIPPED on this CPU (no $feature): $test_name"
     fi
 done
-if [ -n "${QDRANT_URL:-}" ]; then
-    # The tests that need a server are ignored by default; here one runs.
-    cargo test --workspace -- --include-ignored
-else
-    cargo test --workspace
-fi
+# A test whose server, client or file is missing says "SKIPPED <name>: <why>" and fails
+# under CI (CI=true), so a CI run never passes a test that did not run.
+cargo test --workspace

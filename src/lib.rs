@@ -61,7 +61,11 @@ mod tests {
             assert_eq!(json, format!("\"{name}\""));
             assert_eq!(serde_json::from_str::<T>(&json).unwrap(), value);
         }
-        assert!(format!("{}-no-such-name", T::VARIANTS[0]).parse::<T>().is_err());
+        assert!(
+            format!("{}-no-such-name", T::VARIANTS[0])
+                .parse::<T>()
+                .is_err()
+        );
     }
 
     #[test]

@@ -519,24 +519,18 @@ fn memory_tier_serves_hits_and_evicts_by_bytes() {
 }
 
 /// The store a test server holds, from the variable scripts/test.sh sets when it starts the
-/// server: a URL, then object_store options as `key=value`, separated by spaces. Under CI a
-/// missing server fails the test; elsewhere the test says so and returns.
+/// server: a URL, then object_store options as `key=value`, separated by spaces. Without it
+/// the test is skipped ([`ragcake_test_support::skip`]: by name, and a failure under CI).
 ///
 /// The cloud backends' tests are compiled with the `cloud` feature only: `cargo test
 /// --workspace` (scripts/test.sh) turns it on through the root package's default features;
 /// `cargo test -p ragcake-kvstore` runs them with `--features cloud`.
 #[cfg(feature = "cloud")]
 fn store_from_env(variable: &str) -> Option<KvStore> {
-    let Ok(value) = std::env::var(variable) else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run every backend's conformance suite: run the tests through scripts/test.sh"
-        );
-        eprintln!(
-            "{variable} unset: this backend's conformance suite was not run (scripts/test.sh sets it)"
-        );
-        return None;
-    };
+    let value = ragcake_test_support::required_env(
+        variable,
+        "scripts/test.sh starts the server and sets it",
+    )?;
     let mut words = value.split_whitespace();
     let url = words.next().expect("a store URL");
     let options: Vec<(String, String)> = words

@@ -7,11 +7,15 @@ use std::sync::{Arc, OnceLock};
 use futures::stream::BoxStream;
 
 use ragcake::engine::{Engine, EngineConfig, KvCache, ReturnLogits, Tensor};
+use ragcake::kvstore::KvStore;
 use ragcake::kvstore::object_store::path::Path;
 use ragcake::kvstore::object_store::{self as os, ObjectStore};
-use ragcake::kvstore::{KvStore, open_url};
 use ragcake::model_cache::{MINILM, ModelCache, SMOLLM2};
 use ragcake::retriever::Embedder;
+
+pub use ragcake_test_support::{
+    max_abs, max_abs_diff, runtime, s3_store_at, s3_store_that_is_down, silent_server, stored_bytes,
+};
 
 /// The repository root, read when the test runs (cargo sets it): a test binary that a
 /// checkout elsewhere built into the shared target directory must not read that checkout.
@@ -131,13 +135,6 @@ pub fn prose_tokens(min_tokens: usize) -> Vec<u32> {
     tokens
 }
 
-/// Largest absolute element-wise difference of two tensors of equal shape.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let f32 = |t: &Tensor| t.to_dtype(ragcake::engine::DType::F32).unwrap();
-    max_abs(&(f32(a) - f32(b)).unwrap())
-}
-
 /// Mean KL divergence KL(p‖q) over the rows of two logit tensors (`[rows, vocab]`, or one
 /// `[vocab]` row).
 pub fn mean_kl(reference: &Tensor, other: &Tensor) -> f32 {
@@ -168,20 +165,6 @@ pub fn mean_kl(reference: &Tensor, other: &Tensor) -> f32 {
     kl.mean_all().unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// Largest absolute value of a tensor (for relative tolerances).
-pub fn max_abs(a: &Tensor) -> f32 {
-    a.to_dtype(ragcake::engine::DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// A KV store for the default model over the object store `url` names.
 pub fn store_for(url: &str) -> KvStore {
     KvStore::open_for_engine(url, Vec::new(), engine()).unwrap()
@@ -190,52 +173,6 @@ pub fn store_for(url: &str) -> KvStore {
 /// A KV store for the default model over `store`.
 pub fn store_over(store: Arc<dyn ObjectStore>, prefix: Path) -> KvStore {
     KvStore::for_engine(store, prefix, engine())
-}
-
-/// A two-thread tokio runtime, as on the target machines.
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A real S3 client pointed at a loopback port where nothing listens: a store that is down.
-pub fn s3_store_that_is_down() -> (Arc<dyn ObjectStore>, Path) {
-    s3_store_at("http://127.0.0.1:9")
-}
-
-/// A real S3 client for the bucket `nowhere` at `endpoint`.
-pub fn s3_store_at(endpoint: &str) -> (Arc<dyn ObjectStore>, Path) {
-    open_url("s3://nowhere/kv", s3_options(endpoint)).unwrap()
-}
-
-/// object_store options for an S3 client of `endpoint` over plain HTTP.
-pub fn s3_options(endpoint: &str) -> Vec<(String, String)> {
-    [
-        ("aws_endpoint", endpoint),
-        ("aws_allow_http", "true"),
-        ("aws_region", "us-east-1"),
-        ("aws_access_key_id", "x"),
-        ("aws_secret_access_key", "x"),
-    ]
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .to_vec()
-}
-
-/// A loopback server that accepts connections and never answers (a store that hangs), as
-/// an HTTP endpoint. It holds up to 256 connections, then stops accepting.
-pub fn silent_server() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let held: Vec<_> = listener.incoming().take(256).flatten().collect();
-        // Keep them open (unanswered) for as long as the tests run.
-        std::thread::park();
-        drop(held);
-    });
-    endpoint
 }
 
 /// The body of a GET of `url`, as text.
@@ -348,13 +285,6 @@ impl ObjectStore for CountingStore {
     async fn copy_opts(&self, from: &Path, to: &Path, options: os::CopyOptions) -> os::Result<()> {
         self.inner.copy_opts(from, to, options).await
     }
-}
-
-/// The bytes stored under `key` in `store`'s backend, read past the KV store.
-pub async fn stored_bytes(store: &KvStore, key: &ragcake::kvstore::CacheKey) -> Vec<u8> {
-    use ragcake::kvstore::object_store::ObjectStoreExt;
-    let got = store.object_store().get(&store.path_of(key)).await.unwrap();
-    got.bytes().await.unwrap().to_vec()
 }
 
 /// The `ragcake` binary (package `ragcake-cli`), built by `cargo test --workspace` into the

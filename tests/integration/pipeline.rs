@@ -121,7 +121,7 @@ async fn wait_for_write_backs(pipeline: &Pipeline, n: u64) {
     panic!("write-backs: {:?}", pipeline.scheduler_stats());
 }
 
-/// Waits (bounded: 15 s) until no write-back is pending.
+/// Waits (bounded: 15 s) until no write-back is pending; fails the test past the bound.
 async fn write_backs_drained(pipeline: &Pipeline) {
     for _ in 0..300 {
         if pipeline.scheduler_stats().write_back_pending_bytes == 0 {
@@ -129,6 +129,10 @@ async fn write_backs_drained(pipeline: &Pipeline) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    panic!(
+        "write-backs still pending after 15 s: {:?}",
+        pipeline.scheduler_stats()
+    );
 }
 
 #[test]
@@ -805,12 +809,10 @@ fn a_full_queue_sheds_with_429_and_retry_after_while_accepted_requests_are_all_a
 
 #[test]
 fn the_official_openai_python_client_talks_to_the_service() {
-    let Some(python) = std::env::var_os("RAGCAKE_TEST_OPENAI_PYTHON") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "RAGCAKE_TEST_OPENAI_PYTHON is not set (scripts/test.sh installs the client)"
-        );
-        eprintln!("not run: RAGCAKE_TEST_OPENAI_PYTHON is not set (scripts/test.sh sets it)");
+    let Some(python) = ragcake_test_support::required_env(
+        "RAGCAKE_TEST_OPENAI_PYTHON",
+        "scripts/test.sh installs the client and sets it",
+    ) else {
         return;
     };
     let corpus = demo_corpus();

@@ -274,9 +274,13 @@ fn embedded_qdrant_passes_the_index_conformance_suite() {
 }
 
 #[test]
-#[ignore = "needs a Qdrant server: QDRANT_URL (scripts/test.sh starts one from QDRANT_BIN)"]
 fn qdrant_server_passes_the_index_conformance_suite() {
-    let url = std::env::var("QDRANT_URL").expect("QDRANT_URL: the server this test runs against");
+    let Some(url) = ragcake_test_support::required_env(
+        "QDRANT_URL",
+        "scripts/test.sh starts a Qdrant server from QDRANT_BIN and sets it",
+    ) else {
+        return;
+    };
     runtime().block_on(async {
         let collection = format!("ragcake-test-{}", std::process::id());
         let index = QdrantServerIndex::connect(&url, &collection, 8)

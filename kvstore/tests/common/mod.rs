@@ -5,10 +5,14 @@
 
 use std::sync::Arc;
 
-use ragcake_engine::{DType, Device, KvRange, KvShape, LlmFingerprint, Tensor};
+use ragcake_engine::{Device, KvRange, KvShape, LlmFingerprint, Tensor};
+use ragcake_kvstore::KvStore;
 use ragcake_kvstore::object_store::ObjectStore;
 use ragcake_kvstore::object_store::path::Path;
-use ragcake_kvstore::{CacheKey, KvStore};
+
+pub use ragcake_test_support::{
+    max_abs, max_abs_diff, runtime, s3_options, silent_server, stored_bytes,
+};
 
 /// The synthetic model's fingerprint (any value no test uses as "another model").
 pub const MODEL: LlmFingerprint = LlmFingerprint([7; 32]);
@@ -94,70 +98,4 @@ pub fn store_for(url: &str) -> KvStore {
 /// A store of the synthetic model's caches over `store`.
 pub fn store_over(store: Arc<dyn ObjectStore>, prefix: Path) -> KvStore {
     KvStore::new(store, prefix, MODEL, SHAPE, Device::Cpu).with_max_tokens(CONTEXT)
-}
-
-/// A two-thread tokio runtime, as on the target machines.
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Largest absolute element-wise difference of two tensors of equal shape.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-    max_abs(&(f32(a) - f32(b)).unwrap())
-}
-
-/// Largest absolute value of a tensor (for relative tolerances).
-pub fn max_abs(a: &Tensor) -> f32 {
-    a.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// The bytes stored under `key` in `store`'s backend, read past the KV store.
-pub async fn stored_bytes(store: &KvStore, key: &CacheKey) -> Vec<u8> {
-    use ragcake_kvstore::object_store::ObjectStoreExt;
-    let got = store.object_store().get(&store.path_of(key)).await.unwrap();
-    got.bytes().await.unwrap().to_vec()
-}
-
-/// object_store options for an S3 client of `endpoint` over plain HTTP.
-#[cfg(feature = "cloud")]
-pub fn s3_options(endpoint: &str) -> Vec<(String, String)> {
-    [
-        ("aws_endpoint", endpoint),
-        ("aws_allow_http", "true"),
-        ("aws_region", "us-east-1"),
-        ("aws_access_key_id", "x"),
-        ("aws_secret_access_key", "x"),
-    ]
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .to_vec()
-}
-
-/// A loopback server that accepts connections and never answers (a store that hangs), as
-/// an HTTP endpoint. It holds up to 256 connections, then stops accepting.
-#[cfg(feature = "cloud")]
-pub fn silent_server() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        let held: Vec<_> = listener.incoming().take(256).flatten().collect();
-        // Keep them open (unanswered) for as long as the tests run.
-        std::thread::park();
-        drop(held);
-    });
-    endpoint
 }
