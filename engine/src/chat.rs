@@ -5,29 +5,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 
-/// Who wrote a chat message.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum Role {
-    /// Instructions for the assistant.
-    System,
-    /// The person asking.
-    User,
-    /// The model.
-    Assistant,
+ragcake_scheduler::named_enum! {
+    /// Who wrote a chat message.
+    pub enum Role in "lowercase" {
+        /// Instructions for the assistant.
+        System,
+        /// The person asking.
+        User,
+        /// The model.
+        Assistant,
+    }
 }
 
 /// One message of a conversation.

@@ -75,29 +75,16 @@ impl Default for EngineConfig {
     }
 }
 
-/// Compute precision.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum DTypeChoice {
-    /// 32-bit float.
-    F32,
-    /// 16-bit float.
-    F16,
-    /// bfloat16.
-    Bf16,
+ragcake_scheduler::named_enum! {
+    /// Compute precision.
+    pub enum DTypeChoice in "lowercase" {
+        /// 32-bit float.
+        F32,
+        /// 16-bit float.
+        F16,
+        /// bfloat16.
+        Bf16,
+    }
 }
 
 impl DTypeChoice {

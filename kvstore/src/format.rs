@@ -77,32 +77,18 @@ pub(crate) fn dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// How a blob stores keys and values.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum StorageDtype {
-    /// 32-bit floats: the computed cache bit for bit.
-    F32,
-    /// 16-bit floats.
-    F16,
-    /// bfloat16.
-    Bf16,
-    /// 8-bit integers with per-channel key and per-token value scales; decoded to f32.
-    Int8,
+ragcake_scheduler::named_enum! {
+    /// How a blob stores keys and values.
+    pub enum StorageDtype in "lowercase" {
+        /// 32-bit floats: the computed cache bit for bit.
+        F32,
+        /// 16-bit floats.
+        F16,
+        /// bfloat16.
+        Bf16,
+        /// 8-bit integers with per-channel key and per-token value scales; decoded to f32.
+        Int8,
+    }
 }
 
 impl StorageDtype {

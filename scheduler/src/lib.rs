@@ -43,32 +43,18 @@ pub use plan::{
 pub use runtime::{Scheduler, SchedulerStats};
 pub use sampling::{FinishReason, GenerateParams, Sampler, Sampling};
 
-/// How a request fills its cache.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum Mode {
-    /// Compute every chunk; never read the store.
-    ComputeOnly,
-    /// Load every stored chunk; compute only what is not stored, in order.
-    LoadOnly,
-    /// Compute from the front while loading from the back (the default).
-    #[default]
-    Bidirectional,
+named_enum! {
+    /// How a request fills its cache.
+    #[derive(Default)]
+    pub enum Mode in "kebab-case" {
+        /// Compute every chunk; never read the store.
+        ComputeOnly,
+        /// Load every stored chunk; compute only what is not stored, in order.
+        LoadOnly,
+        /// Compute from the front while loading from the back (the default).
+        #[default]
+        Bidirectional,
+    }
 }
 
 impl Mode {
@@ -76,69 +62,41 @@ impl Mode {
     pub const ALL: [Mode; 3] = [Mode::ComputeOnly, Mode::LoadOnly, Mode::Bidirectional];
 }
 
-/// How the shared compute worker and I/O pool are given out across requests.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Default,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum Policy {
-    /// One request at a time, in arrival order: the oldest request has the compute worker
-    /// and the whole I/O pool to itself until its first token, as if it were alone (each
-    /// request bidirectional, no coordination across requests). A baseline.
-    PerRequest,
-    /// First come, first served: the oldest request with runnable work gets the slot, so
-    /// the I/O pool loads ahead for later requests while the compute worker is busy.
-    Fcfs,
-    /// Compute goes first to work only it can do (uncached chunks, tails), stored chunks
-    /// get what is left; within each class, and for I/O, the highest response ratio
-    /// ((waiting + remaining) / remaining): the request closest to done first, aged by its
-    /// wait so that none starves.
-    #[default]
-    Adaptive,
+named_enum! {
+    /// How the shared compute worker and I/O pool are given out across requests.
+    #[derive(Default)]
+    pub enum Policy in "kebab-case" {
+        /// One request at a time, in arrival order: the oldest request has the compute worker
+        /// and the whole I/O pool to itself until its first token, as if it were alone (each
+        /// request bidirectional, no coordination across requests). A baseline.
+        PerRequest,
+        /// First come, first served: the oldest request with runnable work gets the slot, so
+        /// the I/O pool loads ahead for later requests while the compute worker is busy.
+        Fcfs,
+        /// Compute goes first to work only it can do (uncached chunks, tails), stored chunks
+        /// get what is left; within each class, and for I/O, the highest response ratio
+        /// ((waiting + remaining) / remaining): the request closest to done first, aged by its
+        /// wait so that none starves.
+        #[default]
+        Adaptive,
+    }
 }
 
-/// Which tokens of a loaded chunk cache are recomputed in context ("blending").
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum RecomputeRule {
-    /// The tokens whose keys and values deviate most from the loaded ones, found at the
-    /// first layers and narrowed layer by layer (CacheBlend).
-    Deviation,
-    /// The first tokens of each chunk (EPIC).
-    Leading,
-    /// The tokens the question attends to most over the loaded caches, the budget pooled
-    /// across the request's chunks (query-aware, ProphetKV).
-    Query,
-    /// The same, the question probed over the first third of the layers only (a third of
-    /// the probe's cost).
-    QueryEarly,
+named_enum! {
+    /// Which tokens of a loaded chunk cache are recomputed in context ("blending").
+    pub enum RecomputeRule in "kebab-case" {
+        /// The tokens whose keys and values deviate most from the loaded ones, found at the
+        /// first layers and narrowed layer by layer (CacheBlend).
+        Deviation,
+        /// The first tokens of each chunk (EPIC).
+        Leading,
+        /// The tokens the question attends to most over the loaded caches, the budget pooled
+        /// across the request's chunks (query-aware, ProphetKV).
+        Query,
+        /// The same, the question probed over the first third of the layers only (a third of
+        /// the probe's cost).
+        QueryEarly,
+    }
 }
 
 impl RecomputeRule {
@@ -250,33 +208,19 @@ impl Recompute {
     }
 }
 
-/// How close to full computation a request's answer is kept, as one word: the recompute
-/// settings and the caches it may load.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "kebab-case")]
-#[strum(serialize_all = "kebab-case")]
-pub enum Fidelity {
-    /// The least recomputation: [`Fidelity::FAST_SHARE`] of the loaded chunk caches'
-    /// tokens, whatever the loads cost.
-    Fast,
-    /// The default ([`Recompute::default`]): its share, raised to what the loads pay for.
-    Balanced,
-    /// Exact prefix caches only: the logits differ from full computation by the storage
-    /// dtype's rounding.
-    Exact,
+named_enum! {
+    /// How close to full computation a request's answer is kept, as one word: the recompute
+    /// settings and the caches it may load.
+    pub enum Fidelity in "kebab-case" {
+        /// The least recomputation: [`Fidelity::FAST_SHARE`] of the loaded chunk caches'
+        /// tokens, whatever the loads cost.
+        Fast,
+        /// The default ([`Recompute::default`]): its share, raised to what the loads pay for.
+        Balanced,
+        /// Exact prefix caches only: the logits differ from full computation by the storage
+        /// dtype's rounding.
+        Exact,
+    }
 }
 
 impl Fidelity {
@@ -595,32 +539,17 @@ impl<Kv> LoadOutcome<Kv> {
     }
 }
 
-/// What a stored cache holds.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    strum::Display,
-    strum::EnumString,
-    strum::IntoStaticStr,
-    strum::VariantNames,
-)]
-#[serde(rename_all = "lowercase")]
-#[strum(serialize_all = "lowercase")]
-pub enum CacheKind {
-    /// KV of a chunk computed in context, after the chunks before it: exact, valid only
-    /// after the same chain of chunks.
-    Prefix,
-    /// KV of a chunk computed on its own: position-independent (re-rotated to where it is
-    /// placed), approximate (no attention to the chunks before it).
-    Chunk,
+named_enum! {
+    /// What a stored cache holds.
+    #[derive(PartialOrd, Ord)]
+    pub enum CacheKind in "lowercase" {
+        /// KV of a chunk computed in context, after the chunks before it: exact, valid only
+        /// after the same chain of chunks.
+        Prefix,
+        /// KV of a chunk computed on its own: position-independent (re-rotated to where it is
+        /// placed), approximate (no attention to the chunks before it).
+        Chunk,
+    }
 }
 
 /// The load side: where caches of chunks would be stored, whether they are, and the
@@ -827,4 +756,30 @@ pub async fn load_within<Kv>(
     tokio::time::timeout(timeout, load)
         .await
         .unwrap_or_else(|_| LoadOutcome::Failed(StoreError::TimedOut(timeout)))
+}
+
+/// Declares a string-named enum of unit variants whose names, in `case` (`"kebab-case"`,
+/// `"lowercase"`), are one set for serde (configuration, HTTP bodies) and for strum's
+/// `Display`, `FromStr`, `&'static str` conversion and `VariantNames` (the command line,
+/// logs, metadata). Derives `Debug`, `Clone`, `Copy`, `PartialEq`, `Eq` and `Hash` too; more
+/// derives and docs go in the attributes. The invoking crate depends on serde and strum.
+#[macro_export]
+macro_rules! named_enum {
+    (
+        $(#[$attr:meta])*
+        $vis:vis enum $name:ident in $case:literal {
+            $($(#[$variant_attr:meta])* $variant:ident,)+
+        }
+    ) => {
+        $(#[$attr])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[derive(::serde::Serialize, ::serde::Deserialize)]
+        #[derive(::strum::Display, ::strum::EnumString, ::strum::IntoStaticStr)]
+        #[derive(::strum::VariantNames)]
+        #[serde(rename_all = $case)]
+        #[strum(serialize_all = $case)]
+        $vis enum $name {
+            $($(#[$variant_attr])* $variant,)+
+        }
+    };
 }
