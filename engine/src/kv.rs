@@ -606,17 +606,7 @@ mod tests {
     }
 
     fn rope() -> LayerRopes {
-        let rope = crate::rope::Rope::new(
-            crate::rope::RopeStyle::Interleaved,
-            4,
-            10_000.0,
-            None,
-            1.0,
-            64,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let rope = crate::rope::Rope::plain_f32(4, 64);
         LayerRopes::uniform(rope, SHAPE.n_layers)
     }
 

@@ -30,6 +30,22 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// A plain interleaved table in f32 on the CPU (θ 10,000, no scaling), for tests.
+    #[cfg(test)]
+    pub(crate) fn plain_f32(head_dim: usize, max_positions: usize) -> Self {
+        Self::new(
+            RopeStyle::Interleaved,
+            head_dim,
+            10_000.0,
+            None,
+            1.0,
+            max_positions,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .expect("a valid table")
+    }
+
     /// Builds tables for `head_dim`-wide heads with base `theta`, optional per-pair frequency
     /// factors (llama 3 style `rope_freqs`) and a linear position scale (positions are divided
     /// by `linear_scale`), pairing elements by `style`.
@@ -225,17 +241,7 @@ mod tests {
 
     #[test]
     fn shifting_composes_with_rotation() {
-        let rope = Rope::new(
-            RopeStyle::Interleaved,
-            8,
-            10_000.0,
-            None,
-            1.0,
-            512,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let rope = Rope::plain_f32(8, 512);
         let x = Tensor::randn(0f32, 1.0, (5, 2, 8), &Device::Cpu).unwrap();
         // Rotate for positions 10.. then shift by +300: same as rotating for 310...
         let at_10 = rope.apply(&x, 10).unwrap().transpose(0, 1).unwrap();
@@ -250,17 +256,7 @@ mod tests {
 
     #[test]
     fn scattered_positions_rotate_like_contiguous_ones() {
-        let rope = Rope::new(
-            RopeStyle::Interleaved,
-            8,
-            10_000.0,
-            None,
-            1.0,
-            64,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let rope = Rope::plain_f32(8, 64);
         let x = Tensor::randn(0f32, 1.0, (4, 2, 8), &Device::Cpu).unwrap();
         let contiguous = rope.apply(&x, 20).unwrap();
         let listed = rope.apply_at(&x, &[20, 21, 22, 23]).unwrap();
@@ -273,17 +269,7 @@ mod tests {
 
     #[test]
     fn position_zero_is_the_identity() {
-        let rope = Rope::new(
-            RopeStyle::Interleaved,
-            8,
-            10_000.0,
-            None,
-            1.0,
-            16,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let rope = Rope::plain_f32(8, 16);
         let x = Tensor::randn(0f32, 1.0, (1, 3, 8), &Device::Cpu).unwrap();
         assert!(max_diff(&rope.apply(&x, 0).unwrap(), &x) < 1e-6);
     }

@@ -304,3 +304,53 @@ pub fn ragcake_binary() -> PathBuf {
     );
     path
 }
+
+/// Logits of SmolLM2 and Gemma 3 span roughly ±30; f32 prefill in different chunkings
+/// reorders sums, so results agree to about 1e-4. 2e-3 is tight enough that any real mistake
+/// (a wrong position, a missing key, a mask off by one) shows up as differences of 0.1 or
+/// more.
+pub const LOGIT_TOLERANCE: f32 = 2e-3;
+
+/// Prefill of `tokens` in pieces of `piece` tokens ends with the logits of one pass.
+pub fn assert_prefill_in_pieces_matches_one_pass(engine: &Engine, tokens: &[u32], piece: usize) {
+    let mut one = engine.new_cache();
+    let reference = engine.prefill(&mut one, tokens, tokens.len()).unwrap();
+    let mut pieces = engine.new_cache();
+    let got = engine.prefill(&mut pieces, tokens, piece).unwrap();
+    let diff = max_abs_diff(&got, &reference);
+    assert!(diff < LOGIT_TOLERANCE, "max |Δlogit| = {diff}");
+}
+
+/// A cache of `tokens` exported in two ranges split at `split` and imported into a fresh
+/// cache continues with `next` to the same logits, bit for bit.
+pub fn assert_exported_and_imported_kv_continues_alike(
+    engine: &Engine,
+    tokens: &[u32],
+    split: usize,
+    next: &[u32],
+) {
+    let mut original = engine.new_cache();
+    engine.prefill(&mut original, tokens, 256).unwrap();
+    let head = original.export(0..split).unwrap();
+    let tail = original.export(split..tokens.len()).unwrap();
+    assert_eq!((head.base_position(), head.len()), (0, split));
+    assert_eq!(
+        (tail.base_position(), tail.len()),
+        (split, tokens.len() - split)
+    );
+    assert_eq!(
+        tail.bytes(),
+        tail.len() * engine.kv_shape().values_per_token() * 4
+    );
+    let mut rebuilt = engine.new_cache();
+    engine.import(&mut rebuilt, &head).unwrap();
+    engine.import(&mut rebuilt, &tail).unwrap();
+    assert_eq!(rebuilt.len(), tokens.len());
+    let expected = logits(engine, next, &mut original, ReturnLogits::All);
+    let got = logits(engine, next, &mut rebuilt, ReturnLogits::All);
+    assert_eq!(
+        max_abs_diff(&expected, &got),
+        0.0,
+        "same KV must give identical logits"
+    );
+}

@@ -10,13 +10,10 @@ use ragcake::engine::{
 };
 
 use crate::common::{
-    dense_engine, engine, logits, max_abs, max_abs_diff, mean_kl, model_path, prose_tokens,
+    LOGIT_TOLERANCE, assert_exported_and_imported_kv_continues_alike,
+    assert_prefill_in_pieces_matches_one_pass, dense_engine, engine, logits, max_abs, max_abs_diff,
+    mean_kl, model_path, prose_tokens,
 };
-
-/// Logits of SmolLM2 span roughly ±30; f32 prefill in different chunkings reorders sums, so
-/// results agree to about 1e-4. 2e-3 is tight enough that any real mistake (a wrong position,
-/// a missing key, a mask off by one) shows up as differences of 0.1 or more.
-const LOGIT_TOLERANCE: f32 = 2e-3;
 
 fn one_shot_logits(tokens: &[u32]) -> Tensor {
     let engine = dense_engine();
@@ -99,42 +96,13 @@ fn quantized_decode_steps_stay_close_to_dense_prefill() {
 #[test]
 fn long_context_prefill_in_chunks_matches_one_shot_at_the_end() {
     // Past several attention query blocks, so block boundaries and masks are exercised.
-    let engine = engine();
-    let tokens = prose_tokens(1100);
-    let mut one = engine.new_cache();
-    let reference = engine.prefill(&mut one, &tokens, tokens.len()).unwrap();
-    let mut chunked = engine.new_cache();
-    let logits = engine.prefill(&mut chunked, &tokens, 333).unwrap();
-    let diff = max_abs_diff(&logits, &reference);
-    assert!(diff < LOGIT_TOLERANCE, "max |Δlogit| = {diff}");
+    assert_prefill_in_pieces_matches_one_pass(engine(), &prose_tokens(1100), 333);
 }
 
 #[test]
 fn exported_and_imported_kv_continues_with_the_same_logits() {
-    let engine = engine();
-    let tokens = prose_tokens(200);
     let next = prose_tokens(210)[200..].to_vec();
-    let mut original = engine.new_cache();
-    engine.prefill(&mut original, &tokens, 64).unwrap();
-
-    // Export [0, 120) and [120, 200) separately and rebuild a fresh cache from them.
-    let head = original.export(0..120).unwrap();
-    let tail = original.export(120..200).unwrap();
-    assert_eq!((head.base_position(), head.len()), (0, 120));
-    assert_eq!((tail.base_position(), tail.len()), (120, 80));
-    assert_eq!(tail.bytes(), 80 * engine.kv_shape().values_per_token() * 4);
-    let mut rebuilt = engine.new_cache();
-    engine.import(&mut rebuilt, &head).unwrap();
-    engine.import(&mut rebuilt, &tail).unwrap();
-    assert_eq!(rebuilt.len(), 200);
-
-    let expected = logits(engine, &next, &mut original, ReturnLogits::All);
-    let got = logits(engine, &next, &mut rebuilt, ReturnLogits::All);
-    assert_eq!(
-        max_abs_diff(&expected, &got),
-        0.0,
-        "same KV must give identical logits"
-    );
+    assert_exported_and_imported_kv_continues_alike(engine(), &prose_tokens(200), 120, &next);
 }
 
 #[test]

@@ -14,12 +14,10 @@ use ragcake::retriever::{EdgeIndex, VectorIndex};
 use ragcake::scheduler::Mode;
 
 use crate::common::{
-    embedder, gemma3_engine, logits, max_abs, max_abs_diff, model_path, repo_dir, runtime,
+    assert_exported_and_imported_kv_continues_alike, assert_prefill_in_pieces_matches_one_pass,
+    embedder, gemma3_engine, max_abs, max_abs_diff, model_path, repo_dir, runtime,
     shared_gemma3_engine,
 };
-
-/// The tolerance chunked prefill is held to on the default model (f32 sums in another order).
-const LOGIT_TOLERANCE: f32 = 2e-3;
 
 fn prose(min_tokens: usize) -> Vec<u32> {
     const TEXT: &str = "The history of the lighthouse is a history of coastal trade. Before \
@@ -96,33 +94,13 @@ fn gemma3_completes_a_prompt_streaming_what_it_generates() {
 #[test]
 fn gemma3_prefill_in_chunks_across_the_window_matches_one_shot() {
     // 1,300 tokens: more than two windows, so local layers drop keys the global ones keep.
-    let engine = gemma3_engine();
-    let tokens = prose(1300);
-    let mut one = engine.new_cache();
-    let reference = engine.prefill(&mut one, &tokens, tokens.len()).unwrap();
-    let mut chunked = engine.new_cache();
-    let got = engine.prefill(&mut chunked, &tokens, 300).unwrap();
-    let diff = max_abs_diff(&got, &reference);
-    assert!(diff < LOGIT_TOLERANCE, "max |Δlogit| = {diff}");
+    assert_prefill_in_pieces_matches_one_pass(gemma3_engine(), &prose(1300), 300);
 }
 
 #[test]
 fn gemma3_exported_and_imported_kv_continues_with_the_same_logits() {
-    let engine = gemma3_engine();
-    let tokens = prose(700);
     let next = prose(710)[700..].to_vec();
-    let mut original = engine.new_cache();
-    engine.prefill(&mut original, &tokens, 256).unwrap();
-    let mut rebuilt = engine.new_cache();
-    engine
-        .import(&mut rebuilt, &original.export(0..300).unwrap())
-        .unwrap();
-    engine
-        .import(&mut rebuilt, &original.export(300..700).unwrap())
-        .unwrap();
-    let expected = logits(engine, &next, &mut original, ReturnLogits::All);
-    let got = logits(engine, &next, &mut rebuilt, ReturnLogits::All);
-    assert_eq!(max_abs_diff(&expected, &got), 0.0, "same KV, same logits");
+    assert_exported_and_imported_kv_continues_alike(gemma3_engine(), &prose(700), 300, &next);
 }
 
 #[test]

@@ -22,17 +22,7 @@ fn tokenizer_matches_reference_ids_on_every_fixture_text() {
         serde_json::from_str(include_str!("../fixtures/smollm2_tokens.json")).unwrap();
     assert!(fixture.cases.len() >= 20);
     let tokenizer = engine().tokenizer();
-    let mut failures = Vec::new();
-    for case in &fixture.cases {
-        let ids = tokenizer.encode(&case.text, case.parse_special).unwrap();
-        if ids != case.ids {
-            failures.push(format!(
-                "{:?} (special={}):\n  expected {:?}\n  got      {:?}",
-                case.text, case.parse_special, case.ids, ids
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_encodes_every_case(tokenizer, &fixture);
 }
 
 #[test]
@@ -140,17 +130,7 @@ fn sentencepiece_tokenizer_matches_reference_ids_on_every_gemma3_fixture_text() 
         return;
     };
     assert!(fixture.cases.len() >= 20);
-    let mut failures = Vec::new();
-    for case in &fixture.cases {
-        let ids = tokenizer.encode(&case.text, case.parse_special).unwrap();
-        if ids != case.ids {
-            failures.push(format!(
-                "{:?} (special={}):\n  expected {:?}\n  got      {:?}",
-                case.text, case.parse_special, case.ids, ids
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_encodes_every_case(&tokenizer, &fixture);
 }
 
 #[test]
@@ -194,4 +174,20 @@ fn gemma3_turns_are_special_tokens_that_end_generation() {
     }
     out += &decoder.finish();
     assert_eq!(out, text);
+}
+
+/// `tokenizer` gives every case of `fixture` its reference ids; the failures are listed
+/// together.
+fn assert_encodes_every_case(tokenizer: &ragcake::engine::Tokenizer, fixture: &Fixture) {
+    let mut failures = Vec::new();
+    for case in &fixture.cases {
+        let ids = tokenizer.encode(&case.text, case.parse_special).unwrap();
+        if ids != case.ids {
+            failures.push(format!(
+                "{:?} (special={}):\n  expected {:?}\n  got      {:?}",
+                case.text, case.parse_special, case.ids, ids
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
