@@ -72,11 +72,7 @@ pub struct QMatrix {
 
 impl std::fmt::Debug for QMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QMatrix")
-            .field("rows", &self.rows)
-            .field("cols", &self.cols)
-            .field("format", &self.format())
-            .finish()
+        write!(f, "QMatrix({}×{}, {})", self.rows, self.cols, self.format())
     }
 }
 

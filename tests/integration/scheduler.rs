@@ -442,20 +442,24 @@ fn a_corrupt_blob_is_recomputed_and_the_answer_is_unchanged() {
     });
 }
 
+/// A store whose every request takes a minute.
+fn stalled_store() -> Arc<KvStore> {
+    let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let stalled = throttled(
+        inner,
+        Throttle {
+            bytes_per_second: None,
+            latency: Duration::from_secs(60),
+        },
+    );
+    Arc::new(store_over(stalled, Path::default()))
+}
+
 #[test]
 fn a_cancelled_request_frees_its_resources() {
     runtime().block_on(async {
         let (chunks, tail) = context();
-        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let stalled = throttled(
-            inner,
-            Throttle {
-                bytes_per_second: None,
-                latency: Duration::from_secs(60),
-            },
-        );
-        let store = Arc::new(store_over(stalled, Path::default()));
-        let scheduler = scheduler(store, SchedulerConfig::default());
+        let scheduler = scheduler(stalled_store(), SchedulerConfig::default());
         let request = planned_as_stored(&chunks, &tail, Mode::LoadOnly);
         let gave_up =
             tokio::time::timeout(Duration::from_millis(200), scheduler.prefill(request)).await;
@@ -1293,16 +1297,7 @@ fn a_submitted_question_reports_its_prefill_then_streams_the_tokens_of_prefill_t
 fn dropping_a_submitted_stream_before_its_prefill_ends_withdraws_the_request() {
     runtime().block_on(async {
         let (chunks, tail) = context();
-        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let stalled = throttled(
-            inner,
-            Throttle {
-                bytes_per_second: None,
-                latency: Duration::from_secs(60),
-            },
-        );
-        let store = Arc::new(store_over(stalled, Path::default()));
-        let scheduler = scheduler(store, SchedulerConfig::default());
+        let scheduler = scheduler(stalled_store(), SchedulerConfig::default());
         let request = planned_as_stored(&chunks, &tail, Mode::LoadOnly);
         let mut events = scheduler.submit(request, greedy(8)).unwrap();
         let waited = tokio::time::timeout(Duration::from_millis(200), events.next()).await;

@@ -43,10 +43,7 @@ pub struct EdgeIndex {
 
 impl std::fmt::Debug for EdgeIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EdgeIndex")
-            .field("path", &self.path)
-            .field("dim", &self.dim)
-            .finish()
+        write!(f, "EdgeIndex({}, {} dims)", self.path.display(), self.dim)
     }
 }
 
