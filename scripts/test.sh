@@ -49,11 +49,11 @@ source scripts/qdrant-server.sh
 
 echo "== tests"
 # The SIMD kernels are checked against scalar references only where the CPU runs them.
-for feature in avx512f avx512vnni; do
+for feature in avx512f avx512_vnni; do
     if ! grep -qw "$feature" /proc/cpuinfo 2>/dev/null; then
         case $feature in
             avx512f) test_name=attention_compiled_for_avx512_gives_the_bits_of_a_scalar_reference ;;
-            avx512vnni) test_name=the_vnni_kernels_give_the_bits_of_a_scalar_reference ;;
+            avx512_vnni) test_name=the_vnni_kernels_give_the_bits_of_a_scalar_reference ;;
         esac
         echo "SKIPPED on this CPU (no $feature): $test_name"
     fi

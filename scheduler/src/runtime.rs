@@ -381,8 +381,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
         params: GenerateParams,
     ) -> Result<RequestStream> {
         let (events, receiver) = mpsc::unbounded_channel();
-        let started = Decoding::start(&*self.shared.compute, cache, logits, params, events)?;
-        start_decoding(&self.shared, started);
+        start_decoding(&self.shared, cache, logits, params, events)?;
         Ok(RequestStream {
             events: receiver,
             cancel: None,
@@ -436,13 +435,22 @@ where
     shared.wake.notify_all();
 }
 
-/// Queues a sequence that goes on decoding in the compute loop, or counts its end.
-fn start_decoding<C, L>(shared: &Shared<C, L>, started: Advance<C>)
+/// Samples a filled cache's first token and queues the sequence for the decode loop (or
+/// counts its end), under the state's lock: a reader who got the first token finds the
+/// sequence counted as decoding, never in between.
+fn start_decoding<C, L>(
+    shared: &Shared<C, L>,
+    cache: C::Cache,
+    logits: &C::Logits,
+    params: GenerateParams,
+    events: mpsc::UnboundedSender<RequestEvent>,
+) -> Result<()>
 where
     C: ComputeBackend,
     L: LoadBackend<Kv = C::Kv>,
 {
-    match started {
+    let mut state = shared.lock();
+    match Decoding::start(&*shared.compute, cache, logits, params, events)? {
         Advance::Done | Advance::Cancelled => {
             shared
                 .counters
@@ -450,7 +458,6 @@ where
                 .fetch_add(1, Ordering::Relaxed);
         }
         Advance::Continue(sequence) => {
-            let mut state = shared.lock();
             if state.shutdown {
                 sequence.fail(SchedulerError::ShutDown);
             } else {
@@ -460,6 +467,7 @@ where
             }
         }
     }
+    Ok(())
 }
 
 impl<C: ComputeBackend, L: LoadBackend> Shared<C, L> {
@@ -946,11 +954,8 @@ fn finish_request<C, L>(
                 .is_ok() =>
         {
             let failed = events.clone();
-            match Decoding::start(&*shared.compute, cache, &logits, params, events) {
-                Ok(started) => start_decoding(shared, started),
-                Err(error) => {
-                    let _ = failed.send(RequestEvent::Failed(error));
-                }
+            if let Err(error) = start_decoding(shared, cache, &logits, params, events) {
+                let _ = failed.send(RequestEvent::Failed(error));
             }
         }
         // The reader went away: nothing to decode for.
