@@ -12,6 +12,7 @@
 //! Adding a family is one file here (a `config` function reading its metadata) and one line
 //! in [`FAMILIES`].
 
+mod fused_attention;
 pub mod gemma3;
 pub mod llama;
 pub mod phi3;

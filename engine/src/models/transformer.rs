@@ -5,9 +5,10 @@
 //! targets are small. The KV cache is the engine's own [`KvCache`], so prefill can run over any
 //! token range at any position and caches can be exported and imported.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::fused_attention::{FusedAttention, KvHeads};
 use super::row_ops;
 use super::{Activation, GateUpLayout, ModelConfig, QkvLayout};
 use crate::correction::LayerCorrection;
@@ -1254,6 +1255,75 @@ fn attention(
     window: Option<usize>,
     correction: Option<LayerCorrection<'_>>,
 ) -> Result<Tensor> {
+    if let Some(out) = fused_cpu_attention(q, keys, values, rows, scale, window, correction)? {
+        return Ok(out);
+    }
+    blocked_attention(q, keys, values, rows, scale, window, correction)
+}
+
+/// [`attention`] by the fused kernel ([`FusedAttention`]) when the queries, keys and values
+/// are f32 on the CPU and each head's rows are contiguous; `None` otherwise.
+fn fused_cpu_attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    rows: &[usize],
+    scale: f64,
+    window: Option<usize>,
+    correction: Option<LayerCorrection<'_>>,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(f32_cpu(q) && f32_cpu(keys) && f32_cpu(values)) {
+        return Ok(None);
+    }
+    let (t, nh, hd) = q.dims3()?;
+    let nkv = keys.dim(0)?;
+    let queries = q.flatten_all()?.to_vec1::<f32>()?;
+    let (k_storage, k_layout) = keys.storage_and_layout();
+    let (v_storage, v_layout) = values.storage_and_layout();
+    let (Storage::Cpu(k), Storage::Cpu(v)) = (&*k_storage, &*v_storage) else {
+        return Ok(None);
+    };
+    let rows_contiguous = |layout: &candle_core::Layout| layout.stride()[1..] == [hd, 1];
+    if !(rows_contiguous(k_layout) && rows_contiguous(v_layout)) {
+        return Ok(None);
+    }
+    let out = FusedAttention {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: hd,
+        scale: scale as f32,
+        rows,
+        window,
+        correction,
+    }
+    .run(&queries, kv_heads(k, k_layout)?, kv_heads(v, v_layout)?);
+    Ok(Some(Tensor::from_vec(out, (t, nh * hd), q.device())?))
+}
+
+/// One layer's keys or values in `storage` as the fused kernel reads them.
+fn kv_heads<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> Result<KvHeads<'a>> {
+    Ok(KvHeads {
+        data: &storage.as_slice::<f32>()?[layout.start_offset()..],
+        head_stride: layout.stride()[0],
+    })
+}
+
+/// [`attention`] by tensor operations, query block by query block: the path of every
+/// device and dtype the fused kernel does not take.
+#[allow(clippy::too_many_arguments)]
+fn blocked_attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    rows: &[usize],
+    scale: f64,
+    window: Option<usize>,
+    correction: Option<LayerCorrection<'_>>,
+) -> Result<Tensor> {
     let (t, nh, hd) = q.dims3()?;
     let nkv = keys.dim(0)?;
     let group = nh / nkv;
@@ -1492,12 +1562,28 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (nkv, past + t, hd), &dev).unwrap();
         let scale = (hd as f64).powf(-0.5);
         let rows: Vec<usize> = (past..past + t).collect();
-        let got = attention(&q, &k, &v, &rows, scale, None, None).unwrap();
         // Reference: each query head against its KV head, full mask, no blocking.
         let expected = reference_attention(&q, &k, &v, &rows, None);
-        let diff = crate::test_util::max_abs_diff(&got, &expected);
-        assert!(diff < 1e-5, "{diff}");
+        for (name, path) in PATHS {
+            let got = path(&q, &k, &v, &rows, scale, None, None).unwrap();
+            let diff = crate::test_util::max_abs_diff(&got, &expected);
+            assert!(diff < 1e-5, "{name}: {diff}");
+        }
     }
+
+    /// The fused kernel (f32 on the CPU) and the blocked tensor path (every other device
+    /// and dtype): both are checked against the same references.
+    type AttentionPath = fn(
+        &Tensor,
+        &Tensor,
+        &Tensor,
+        &[usize],
+        f64,
+        Option<usize>,
+        Option<LayerCorrection<'_>>,
+    ) -> Result<Tensor>;
+    const PATHS: [(&str, AttentionPath); 2] =
+        [("fused", attention), ("blocked", blocked_attention)];
 
     /// Reference attention: each query head against its KV head over the whole cache, with
     /// the mask built position by position.
@@ -1548,20 +1634,24 @@ mod tests {
         let rows: Vec<usize> = (past..past + t).collect();
         // Windows shorter than a query block, longer than one, longer than the context.
         for window in [1, 7, 16, 300, 1000] {
-            let got = attention(&q, &k, &v, &rows, scale, Some(window), None).unwrap();
             let expected = reference_attention(&q, &k, &v, &rows, Some(window));
-            let diff = crate::test_util::max_abs_diff(&got, &expected);
-            assert!(diff < 1e-5, "window {window}: {diff}");
+            for (name, path) in PATHS {
+                let got = path(&q, &k, &v, &rows, scale, Some(window), None).unwrap();
+                let diff = crate::test_util::max_abs_diff(&got, &expected);
+                assert!(diff < 1e-5, "{name}, window {window}: {diff}");
+            }
         }
         // Scattered rows (a blend's selected tokens), one row alone (a decode step).
         let scattered = [3usize, 40, 41, 200, 389];
         let qs = Tensor::randn(0f32, 1.0, (scattered.len(), nh, hd), &dev).unwrap();
         for rows in [&scattered[..], &scattered[4..]] {
             let qs = qs.narrow(0, 5 - rows.len(), rows.len()).unwrap();
-            let got = attention(&qs, &k, &v, rows, scale, Some(16), None).unwrap();
             let expected = reference_attention(&qs, &k, &v, rows, Some(16));
-            let diff = crate::test_util::max_abs_diff(&got, &expected);
-            assert!(diff < 1e-5, "rows {rows:?}: {diff}");
+            for (name, path) in PATHS {
+                let got = path(&qs, &k, &v, rows, scale, Some(16), None).unwrap();
+                let diff = crate::test_util::max_abs_diff(&got, &expected);
+                assert!(diff < 1e-5, "{name}, rows {rows:?}: {diff}");
+            }
         }
         // And the window changes the result: it is not global attention.
         let global = attention(&q, &k, &v, &rows, scale, None, None).unwrap();
