@@ -548,17 +548,7 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 17;
-                state ^= state << 5;
-                (state as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_util::pseudo_random as values;
 
     fn dense(w: &[f32], x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         let n = x.len() / cols;

@@ -258,7 +258,11 @@ fn masked_max(scores: &mut [f32; KEY_TILE], lo: usize, hi: usize) -> f32 {
     for (c, chunk) in scores.chunks_exact_mut(LANES).enumerate() {
         for (l, (s, m)) in chunk.iter_mut().zip(lanes.iter_mut()).enumerate() {
             let j = c * LANES + l;
-            let v = if j >= lo && j < hi { *s } else { f32::NEG_INFINITY };
+            let v = if j >= lo && j < hi {
+                *s
+            } else {
+                f32::NEG_INFINITY
+            };
             *s = v;
             *m = if v > *m { v } else { *m };
         }
@@ -284,11 +288,7 @@ fn exp_and_sum(scores: &mut [f32; KEY_TILE], max: f32) -> f32 {
 
 /// [`tile_scores`] of two query rows at once: each key vector loaded once for both.
 #[inline(always)]
-fn tile_scores_pair(
-    queries: [&[f32]; 2],
-    transposed: &[f32],
-    scores: [&mut [f32; KEY_TILE]; 2],
-) {
+fn tile_scores_pair(queries: [&[f32]; 2], transposed: &[f32], scores: [&mut [f32; KEY_TILE]; 2]) {
     let mut first = [0f32; KEY_TILE];
     let mut second = [0f32; KEY_TILE];
     for ((&a, &b), keys) in queries[0]
@@ -390,15 +390,11 @@ mod tests {
         out
     }
 
+    /// Pseudo-random floats in [-2, 2): scores spread enough that the softmax is not flat.
     fn fill(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x as f32 / u32::MAX as f32) * 4.0 - 2.0
-            })
+        crate::test_util::pseudo_random(n, seed)
+            .into_iter()
+            .map(|v| v * 2.0)
             .collect()
     }
 
@@ -466,6 +462,12 @@ mod tests {
                 head_stride: capacity * hd,
             };
             let got = attention.run(&q, heads(&keys), heads(&values));
+            // The portable body (what a CPU without AVX-512 runs) gives the same numbers.
+            let tokens = 0..rows.len().min(QUERY_TILE);
+            let portable =
+                attention.task_portable(&q, heads(&keys), heads(&values), 0, tokens.clone());
+            let dispatched = attention.task(&q, heads(&keys), heads(&values), 0, tokens);
+            assert_eq!(portable, dispatched, "{nh} heads over {nkv}, hd {hd}");
             let want = reference(&attention, &q, &keys, &values, capacity);
             let worst = got
                 .iter()
