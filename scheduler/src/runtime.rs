@@ -23,7 +23,7 @@ use super::{
     load_within,
 };
 use crate::error::{Result, SchedulerError};
-use crate::sampling::{GenerateParams, Sampler};
+use crate::sampling::GenerateParams;
 
 /// Counters of a scheduler's life.
 #[derive(Debug, Default)]
@@ -265,7 +265,7 @@ impl<C: ComputeBackend, L: LoadBackend<Kv = C::Kv>> Scheduler<C, L> {
         params: GenerateParams,
     ) -> Result<RequestStream> {
         // Bad sampling settings fail here, before any prefill work.
-        Sampler::new(params.sampling.clone())?;
+        params.sampling.validate()?;
         let (events, receiver) = mpsc::unbounded_channel();
         let id = self.admit(request, Reply::Generate { params, events })?;
         let shared = self.shared.clone();

@@ -34,7 +34,8 @@ impl Sampling {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Refuses a temperature below 0 or not finite, and a `top_p` outside (0, 1].
+    pub(crate) fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(SchedulerError::InvalidSetting(format!(
                 "temperature {} must be a finite number ≥ 0",

@@ -92,7 +92,7 @@ impl FusedAttention<'_> {
         tokens: std::ops::Range<usize>,
     ) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
+        if super::row_ops::has_avx512() {
             // SAFETY: the CPU has the features the function is compiled for.
             return unsafe { self.task_avx512(q, keys, values, kv, tokens) };
         }
@@ -304,13 +304,6 @@ fn tile_scores_pair(queries: [&[f32]; 2], transposed: &[f32], scores: [&mut [f32
     let [s0, s1] = scores;
     *s0 = first;
     *s1 = second;
-}
-
-/// Whether the CPU runs AVX-512 code (checked once).
-#[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
-    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HAS.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
 }
 
 /// `e^x` for `x ≤ 0` (and `-∞`, which gives 0) without a branch or a library call, so a loop

@@ -115,9 +115,9 @@ pub(crate) fn attend_one(
     attend_one_portable(q, keys, values, layout, seen, scores, out);
 }
 
-/// Whether the CPU runs AVX-512 code (checked once).
+/// Whether the CPU runs AVX-512 code (checked once; the fused prefill attention asks too).
 #[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
+pub(super) fn has_avx512() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HAS.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
 }
